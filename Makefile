@@ -1,0 +1,30 @@
+# Two commands on a fresh machine with Python >= 3.10 and pip:  make demo  |  make test
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.robalign-installed
+# torch==2.13.0 is the CPU build on the CI machines; it is installed only when no torch is
+# importable, so an existing (e.g. CUDA) torch is kept.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(PY) -m robalign demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py Makefile | $(PY)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

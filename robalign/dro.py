@@ -1,0 +1,258 @@
+"""Exact KL-DRO over the whole effective batch: every micro-batch on every data-parallel rank.
+
+    L = λ · log( (1/N) Σ_i exp(a_i) ),   a_i = w_i·ℓ_i / λ,   ∂L/∂ℓ_i = w_i · softmax_i(a)
+
+The normaliser couples the batch, so a per-device (or per-micro-batch) log-mean-exp is a
+different objective. :func:`kl_dro` all-reduces ``max a`` and ``Σ exp(a − max)`` across a process
+group in the forward, so every rank sees the global loss and its backward needs no
+collective. :class:`KLDROAccumulator` extends the same normaliser across gradient-accumulation
+micro-batches by rescaling the gradients already accumulated whenever the running maximum or
+sum changes (the online-softmax trick applied to parameter gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import _validation as V
+
+__all__ = ["kl_dro", "kl_dro_with_stats", "DROStats", "KLDROAccumulator"]
+
+
+@dataclass(frozen=True)
+class DROStats:
+    """Global statistics of the DRO sample weights ``q_i = w_i·softmax_i(a)`` (detached).
+
+    ess: effective sample size ``(Σq)² / Σq²`` (N for uniform q, 1 when one sample dominates).
+    max_share: the largest ``q_i / Σq``.
+    num_samples: N, over all ranks (and micro-batches for the accumulator).
+    """
+
+    ess: float
+    max_share: float
+    num_samples: int
+
+
+def _is_weighted_mean(lam: float) -> bool:
+    return math.isinf(lam) and lam > 0
+
+
+def _world(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _check(where, losses, weights, lam, group):
+    V.check_tensor(where, "losses", losses, ndim=1, floating=True)
+    if losses.numel() == 0 and group is None:
+        V.fail(where, "`losses` is empty: the DRO loss of no sample is undefined")
+    if weights is not None:
+        V.check_tensor(where, "weights", weights, ndim=1, floating=True)
+        if weights.shape != losses.shape:
+            V.fail(where, f"`weights` must have the shape of `losses` {tuple(losses.shape)}, got {tuple(weights.shape)}")
+        V.check_same_device(where, losses=losses, weights=weights)
+        if not torch.compiler.is_compiling() and not bool(((weights >= 0) & torch.isfinite(weights)).all()):
+            V.fail(where, "`weights` must be finite and non-negative")
+    V.check_lam(where, lam)
+    if group is not None and not dist.is_initialized():
+        V.fail(where, "`group` was given but torch.distributed is not initialised", RuntimeError)
+
+
+class _BatchMoments:
+    """Per-call partial sums over the local samples, relative to a shift ``m``.
+
+    Holds (all detached) ``m = max a``, ``log max(w·e^a)``, and ``[Σe^{a−m}, n, Σw·e^{a−m},
+    Σw²·e^{2(a−m)}]``; :meth:`all_reduce` makes them global with one MAX and one SUM.
+    """
+
+    def __init__(self, a: torch.Tensor, w: torch.Tensor, group):
+        a = a.detach()
+        w = w.detach()
+        neg_inf = torch.tensor(-math.inf, dtype=a.dtype, device=a.device)
+        maxes = torch.stack([a.max() if a.numel() else neg_inf,
+                             (a + w.log()).max() if a.numel() else neg_inf])
+        if group is not None:
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+        self.m = maxes[0]
+        self.log_max_q = maxes[1]
+        e = torch.exp(a - self.m)
+        sums = torch.stack([e.sum(), a.new_tensor(float(a.numel())), (w * e).sum(), (w * e).square().sum()])
+        if group is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        self.sum_exp, self.count, self.sum_q, self.sum_q2 = sums.unbind()
+
+    def stats(self) -> DROStats:
+        return _stats(self.sum_q, self.sum_q2, self.log_max_q - self.m, self.count)
+
+
+def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
+    ess = float(sum_q * sum_q / sum_q2) if float(sum_q2) > 0 else 0.0
+    share = float(torch.exp(log_max_q) / sum_q) if float(sum_q) > 0 else 0.0
+    return DROStats(ess=ess, max_share=share, num_samples=int(count))
+
+
+def _scale_gradient(loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``loss`` unchanged in value, its gradient multiplied by ``scale``."""
+    return loss if scale == 1 else loss + (scale - 1) * (loss - loss.detach())
+
+
+def kl_dro_with_stats(losses, weights=None, *, lam=1.0, group=None, ddp_average=True):
+    """:func:`kl_dro` and the :class:`DROStats` of its sample weights, from the same collectives."""
+    where = "robalign.kl_dro"
+    _check(where, losses, weights, lam, group)
+    w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
+    wl = w * losses
+    if _is_weighted_mean(lam):
+        a = torch.zeros_like(wl)                                    # uniform softmax: plain mean
+        moments = _BatchMoments(a, w, group)
+        total = wl.sum()
+        if group is not None:
+            total = _with_global_value(total, group)
+        loss = total / moments.count
+    else:
+        a = wl / lam
+        moments = _BatchMoments(a, w, group)
+        local_sum = torch.exp(a - moments.m).sum()
+        # global Σ e^{a−m}: the value of the all-reduced sum, the gradient of the local one
+        sum_exp = local_sum + (moments.sum_exp - local_sum).detach()
+        loss = lam * (moments.m + torch.log(sum_exp) - torch.log(moments.count))
+    scale = _world(group) if ddp_average else 1
+    return _scale_gradient(loss, scale), moments.stats()
+
+
+def _with_global_value(local: torch.Tensor, group) -> torch.Tensor:
+    total = local.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return local + (total - local).detach()
+
+
+def kl_dro(losses, weights=None, *, lam: float = 1.0, group=None, ddp_average: bool = True) -> torch.Tensor:
+    """KL-DRO reduction of per-sample losses (DoRA, arXiv 2504.05831, Eq. 8):
+
+        L = λ · log( (1/N) Σ_i exp(w_i·ℓ_i / λ) ),     ∂L/∂ℓ_i = w_i · softmax_i(w·ℓ/λ)
+
+    Args:
+        losses: ``[n]`` per-sample losses ℓ of this rank (float).
+        weights: ``[n]`` non-negative weights w (default 1), e.g. :func:`dora_weights`.
+        lam: λ ≠ 0. ``float('inf')`` gives the weighted mean ``mean(w·ℓ)``; λ > 0 up-weights
+            hard samples (DoRA); λ < 0 is a soft minimum (Dr.DPO is λ = −β′).
+        group: a ``torch.distributed`` process group. With it, N and the softmax span every
+            rank's samples (one MAX and one SUM all-reduce of a few scalars in the forward;
+            none in the backward) and every rank returns the same global loss.
+        ddp_average: with a group, multiply this rank's gradient by the world size, so that
+            after DDP/FSDP average gradients over the ranks the result is the exact gradient
+            of the global loss. Pass False when gradients are summed across ranks instead.
+
+    Returns:
+        a scalar in the dtype of ``losses``.
+    """
+    return kl_dro_with_stats(losses, weights, lam=lam, group=group, ddp_average=ddp_average)[0]
+
+
+class KLDROAccumulator:
+    """Exact KL-DRO across gradient-accumulation micro-batches (and ranks).
+
+    Use it in place of ``kl_dro`` inside the accumulation loop::
+
+        acc = KLDROAccumulator(model.parameters(), lam=1.0, group=group)
+        for i, batch in enumerate(micro_batches):
+            with model.no_sync() if i < len(micro_batches) - 1 else nullcontext():
+                losses, weights = ...                  # per-sample, this micro-batch
+                acc(losses, weights).backward()
+        optimizer.step(); optimizer.zero_grad(); acc.reset()
+        acc.loss                                       # the full-batch DRO loss
+
+    After micro-batch j the parameters' ``.grad`` hold the exact gradient of the DRO loss of
+    micro-batches 1..j. Each call keeps a running global maximum ``m`` and sum ``S`` of
+    ``exp(a − m)``; when they change to ``(m', S')`` the gradients already accumulated are
+    multiplied by ``S·e^{m−m'}/S'`` (one pass over the gradients, skipped when the factor is 1),
+    and the returned surrogate back-propagates ``w_i·e^{a_i−m'}/S'`` to each ℓ_i. The
+    accumulator therefore owns the ``.grad`` of ``params`` between :meth:`reset` calls: add other
+    loss terms to ``losses`` rather than back-propagating them separately.
+
+    ``exact=False`` is the cheaper, documented approximation: each micro-batch gets its own
+    normaliser (the DRO loss of the micro-batch, divided by ``accumulation_steps``), with no
+    rescaling; it optimises a different objective whenever micro-batches differ.
+
+    ``ddp_average`` as in :func:`kl_dro`.
+    """
+
+    def __init__(self, params, *, lam: float = 1.0, group=None, ddp_average: bool = True,
+                 exact: bool = True, accumulation_steps: int | None = None):
+        V.check_lam("robalign.KLDROAccumulator", lam)
+        if not exact and not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            V.fail("robalign.KLDROAccumulator", "`accumulation_steps` (a positive int) is required with exact=False")
+        self.params = [p for p in params]
+        self.lam, self.group, self.ddp_average = lam, group, ddp_average
+        self.exact, self.accumulation_steps = exact, accumulation_steps
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new effective batch (call after ``optimizer.step()``)."""
+        self._m = None          # running max of a (global)
+        self._s = None          # running Σ e^{a − m}
+        self._n = 0.0
+        self._sum_q = self._sum_q2 = None
+        self._log_max_q = -math.inf
+        self._sum_wl = 0.0
+        self._approx_losses: list[float] = []
+        self.loss: float | None = None
+
+    @torch.no_grad()
+    def _rescale_grads(self, factor: float) -> None:
+        if factor == 1.0:
+            return
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    def __call__(self, losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Fold one micro-batch in; returns the surrogate to ``backward()``."""
+        where = "robalign.KLDROAccumulator"
+        _check(where, losses, weights, self.lam, self.group)
+        if not self.exact:
+            loss = kl_dro(losses, weights, lam=self.lam, group=self.group, ddp_average=self.ddp_average)
+            self._approx_losses.append(float(loss))
+            self.loss = sum(self._approx_losses) / len(self._approx_losses)
+            return loss / self.accumulation_steps
+        w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
+        wl = w * losses
+        a = torch.zeros_like(wl) if _is_weighted_mean(self.lam) else wl / self.lam
+        mom = _BatchMoments(a, w, self.group)
+        if self._m is None:
+            m, s, factor = mom.m, mom.sum_exp, 1.0
+            self._sum_q, self._sum_q2 = mom.sum_q, mom.sum_q2
+        else:
+            m = torch.maximum(self._m, mom.m)
+            old, new = torch.exp(self._m - m), torch.exp(mom.m - m)
+            s = self._s * old + mom.sum_exp * new
+            factor = float(self._s * old / s)
+            self._sum_q = self._sum_q * old + mom.sum_q * new
+            self._sum_q2 = self._sum_q2 * old ** 2 + mom.sum_q2 * new ** 2
+        self._rescale_grads(factor)
+        self._m, self._s = m, s
+        self._n += float(mom.count)
+        self._log_max_q = max(self._log_max_q, float(mom.log_max_q))
+        total_wl = wl.detach().sum()
+        if self.group is not None:
+            dist.all_reduce(total_wl, group=self.group)
+        self._sum_wl += float(total_wl)
+        if _is_weighted_mean(self.lam):
+            self.loss = self._sum_wl / self._n
+        else:
+            self.loss = float(self.lam * (m + torch.log(s) - math.log(self._n)))
+        # d surrogate / dℓ_i = w_i·e^{a_i − m}/S·(scale); the λ of the loss cancels the 1/λ of a
+        coeff = (w * torch.exp(a - m) / s).detach()
+        surrogate = (coeff * losses).sum()
+        scale = _world(self.group) if self.ddp_average else 1
+        return surrogate * scale
+
+    def stats(self) -> DROStats:
+        """Global :class:`DROStats` of the micro-batches folded in since :meth:`reset`."""
+        if self._m is None:
+            raise RuntimeError("robalign.KLDROAccumulator.stats: no micro-batch has been folded in since reset()")
+        return _stats(self._sum_q, self._sum_q2, torch.tensor(self._log_max_q) - self._m.cpu(),
+                      torch.tensor(self._n))

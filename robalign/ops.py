@@ -1,0 +1,109 @@
+"""The heavy ops: logits (or hidden states and the LM head) to per-sequence log-probabilities.
+
+Both validate their arguments here, once, then run on the backend chosen by
+:func:`robalign.backends.resolve`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as V
+from . import reference
+from .backends import resolve
+
+__all__ = ["sequence_logps", "linear_sequence_logps", "shift_labels"]
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of token log-probabilities.
+
+        logps[s]  = Σ_{t ∈ s, y_t ≠ ignore_index} ( z[t, y_t] − logsumexp_v z[t, v] )
+        counts[s] = |{t ∈ s : y_t ≠ ignore_index}|
+
+    Args:
+        logits: ``[S, T, V]`` padded, or ``[N, V]`` packed (with ``cu_seqlens``); float16,
+            bfloat16, float32 or float64, with any strides (views such as ``logits[:, :-1]``
+            are read in place when the last dimension is contiguous).
+        labels: ``[S, T]`` or ``[N]`` integer tokens aligned with ``logits`` (see
+            :func:`shift_labels` for Hugging Face style labels), or ``ignore_index``.
+        cu_seqlens: ``[S + 1]`` int32 offsets of the packed sequences (flash-attn style).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``; ``None`` reads
+            ``$ROBALIGN_BACKEND`` (default ``"auto"``).
+
+    Returns:
+        ``(logps, counts)``: ``[S]`` float32 (float64 for float64 logits), differentiable with
+        respect to ``logits``; ``[S]`` int64. An all-ignored sequence gives 0 and 0, and no
+        gradient.
+    """
+    where = "robalign.sequence_logps"
+    V.check_tensor(where, "logits", logits, ndim=(2, 3), floating=True)
+    V.check_tokens(where, "logits", logits, labels, cu_seqlens, "V")
+    V.check_same_device(where, logits=logits, labels=labels, cu_seqlens=cu_seqlens)
+    V.check_labels(where, labels, logits.shape[-1], ignore_index)
+    _, impl = resolve(where, backend, "sequence_logps", logits)
+    return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+
+
+def linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logps` of the logits ``z = hidden @ weightᵀ + bias``, computed without
+    holding the full ``[N, V]`` logits on the fused backends.
+
+    Args:
+        hidden: ``[S, T, H]`` or ``[N, H]`` (with ``cu_seqlens``).
+        weight: ``[V, H]``, the LM head; a plain tensor (gather FSDP shards before the call).
+        bias: optional ``[V]``.
+        labels, ignore_index, cu_seqlens, backend: as in :func:`sequence_logps`.
+
+    Returns:
+        ``(logps, counts)`` as :func:`sequence_logps`, differentiable with respect to
+        ``hidden``, ``weight`` and ``bias``.
+    """
+    where = "robalign.linear_sequence_logps"
+    V.check_tensor(where, "hidden", hidden, ndim=(2, 3), floating=True)
+    V.check_tensor(where, "weight", weight, ndim=2, floating=True)
+    V.check_tokens(where, "hidden", hidden, labels, cu_seqlens, "H")
+    if weight.shape[1] != hidden.shape[-1]:
+        V.fail(where, f"`weight` must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if bias is not None:
+        V.check_tensor(where, "bias", bias, ndim=1, floating=True)
+        if bias.shape[0] != weight.shape[0]:
+            V.fail(where, f"`bias` must be [V] with V = weight.shape[0] = {weight.shape[0]}, got {tuple(bias.shape)}")
+    V.check_same_device(where, hidden=hidden, weight=weight, bias=bias, labels=labels, cu_seqlens=cu_seqlens)
+    V.check_labels(where, labels, weight.shape[0], ignore_index)
+    _, impl = resolve(where, backend, "linear_sequence_logps", hidden)
+    return impl.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Hugging Face style labels (``labels[b, t]`` = ``input_ids[b, t]``) to aligned labels.
+
+        aligned[..., t] = labels[..., t + 1],   aligned[..., -1] = ignore_index
+
+    so that ``sequence_logps(logits, shift_labels(labels))`` scores ``logits[..., t]`` (the
+    prediction of token t + 1) without slicing, and so copying, the logits. Packed ``[N]``
+    labels with ``cu_seqlens`` ignore the last token of every segment.
+    """
+    where = "robalign.shift_labels"
+    V.check_tensor(where, "labels", labels, ndim=(1, 2), integer=True)
+    if cu_seqlens is not None:
+        if labels.dim() != 1:
+            V.fail(where, f"with `cu_seqlens`, `labels` must be packed [N], got shape {tuple(labels.shape)}")
+        V.check_cu_seqlens(where, cu_seqlens, labels.shape[0])
+    return reference.shift_labels(labels, ignore_index, cu_seqlens)

@@ -1,0 +1,25 @@
+"""Reference KL-DRO reduction (DoRA, arXiv 2504.05831, Eq. 8; Dr.DPO, arXiv 2407.07880).
+
+The dual of the worst case over a KL ball around the (weighted) empirical distribution:
+
+    L = λ · log( (1/N) Σ_i exp(w_i·ℓ_i / λ) )        ∂L/∂ℓ_i = w_i · softmax_i(w·ℓ / λ)
+
+λ → +∞ is the weighted mean ``mean(w·ℓ)``; λ > 0 up-weights hard samples; λ < 0 is a
+soft minimum (Dr.DPO is λ = −β′).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["kl_dro"]
+
+
+def kl_dro(losses: torch.Tensor, weights: torch.Tensor | None = None, lam: float = 1.0) -> torch.Tensor:
+    """``λ·log mean_i exp(w_i·ℓ_i/λ)`` over all N samples of ``losses`` ``[N]``; a scalar."""
+    weighted = losses if weights is None else weights * losses
+    if math.isinf(lam) and lam > 0:
+        return weighted.mean()
+    return lam * (torch.logsumexp(weighted / lam, dim=0) - math.log(weighted.numel()))

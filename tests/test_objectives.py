@@ -1,0 +1,107 @@
+"""Objectives against hand-computed values and each other."""
+
+import math
+
+import pytest
+import torch
+
+from robalign import objectives
+
+D = torch.float64
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=D)
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+PAIR = dict(logps=t([-1.0, -2.0]), ref_logps=t([-1.5, -1.5]))       # Δ = 1
+
+
+def test_dpo_and_cdpo():
+    assert objectives.dpo(**PAIR, beta=1.0).item() == pytest.approx(softplus(-1))
+    got = objectives.dpo(**PAIR, beta=1.0, label_smoothing=0.1).item()
+    assert got == pytest.approx(0.9 * softplus(-1) + 0.1 * softplus(1))
+
+
+def test_robust_dpo():
+    got = objectives.robust(**PAIR, beta=1.0, label_smoothing=0.1).item()
+    assert got == pytest.approx((0.9 * softplus(-1) - 0.1 * softplus(1)) / 0.8)
+    assert objectives.robust(**PAIR, beta=1.0).item() == pytest.approx(softplus(-1))
+
+
+def test_ipo_and_hinge():
+    assert objectives.ipo(**PAIR, beta=0.25).item() == pytest.approx((1 - 2) ** 2)
+    assert objectives.hinge(**PAIR, beta=0.5).item() == pytest.approx(0.5)
+    assert objectives.hinge(**PAIR, beta=2.0).item() == 0.0
+
+
+def test_simpo_is_length_normalised_and_reference_free():
+    got = objectives.simpo(t([-2.0, -8.0]), counts=torch.tensor([[2, 4]]), beta=2.0, gamma=0.5)
+    assert got.item() == pytest.approx(softplus(-1.5))
+
+
+def test_plackett_luce_hand_computed():
+    r = [1.0, 0.0, -1.0]
+    got = objectives.plackett_luce(t(r), t([0.0, 0.0, 0.0]), beta=1.0).item()
+    lse = lambda xs: math.log(sum(math.exp(x) for x in xs))
+    assert got == pytest.approx(-((1 - lse(r)) + (0 - lse(r[1:]))))
+
+
+def test_plackett_luce_k2_equals_dpo():
+    logps, ref = torch.randn(16, 2, dtype=D), torch.randn(16, 2, dtype=D)
+    torch.testing.assert_close(objectives.plackett_luce(logps, ref, beta=0.3), objectives.dpo(logps, ref, beta=0.3))
+
+
+@pytest.mark.parametrize("name", ["plackett_luce", "rrhf", "lire", "dpo", "simpo"])
+def test_scores_make_candidate_order_irrelevant(name):
+    k = 2 if objectives.is_pairwise(name) else 4
+    logps, ref = torch.randn(5, k, dtype=D), torch.randn(5, k, dtype=D)
+    counts, scores = torch.randint(1, 9, (5, k)), torch.randn(5, k, dtype=D)
+    perm = torch.randperm(k)
+    fn = objectives.get(name)
+    kw = dict(ref_logps=ref) if objectives.needs_reference(name) else {}
+    a = fn(logps, counts=counts, scores=scores, **kw)
+    kw = dict(ref_logps=ref[:, perm]) if objectives.needs_reference(name) else {}
+    b = fn(logps[:, perm], counts=counts[:, perm], scores=scores[:, perm], **kw)
+    torch.testing.assert_close(a, b)
+
+
+def test_rrhf_hand_computed():
+    counts, scores = torch.ones(1, 3, dtype=torch.long), t([3.0, 1.0, 2.0])
+    assert objectives.rrhf(t([-1.0, -3.0, -2.0]), counts=counts, scores=scores).item() == pytest.approx(1.0)
+    # ranking violations: p1 > p0 (2), p1 > p2 (1), p2 > p0 (1); best (index 0) NLL 3
+    assert objectives.rrhf(t([-3.0, -1.0, -2.0]), counts=counts, scores=scores).item() == pytest.approx(7.0)
+    # length normalisation
+    got = objectives.rrhf(t([-4.0, -3.0]), counts=torch.tensor([[4, 1]]), scores=t([1.0, 0.0]))
+    assert got.item() == pytest.approx(1.0)
+
+
+def test_lire_hand_computed():
+    assert objectives.lire(t([0.0, 0.0]), scores=t([0.0, 0.0])).item() == pytest.approx(-0.5)
+    got = objectives.lire(t([-2.0, -4.0]), scores=t([1.0, 0.0]), temperature=2.0).item()
+    p = [math.exp(-1) / (math.exp(-1) + math.exp(-2))]
+    q = [math.e / (math.e + 1)]
+    assert got == pytest.approx(-(p[0] * q[0] + (1 - p[0]) * (1 - q[0])))
+
+
+@pytest.mark.parametrize("name", objectives.NAMES)
+def test_gradcheck(name):
+    k = 2 if objectives.is_pairwise(name) else 3
+    logps = torch.randn(4, k, dtype=D, requires_grad=True)
+    ref = torch.randn(4, k, dtype=D)
+    counts = torch.randint(1, 6, (4, k))
+    scores = torch.randn(4, k, dtype=D)
+    fn = objectives.get(name)
+    kw = dict(ref_logps=ref) if objectives.needs_reference(name) else {}
+    assert torch.autograd.gradcheck(lambda x: fn(x, counts=counts, scores=scores, **kw), (logps,))
+
+
+def test_registry_flags():
+    assert objectives.needs_reference("dpo") and not objectives.needs_reference("simpo")
+    assert objectives.is_pairwise("ipo") and not objectives.is_pairwise("lire")
+    with pytest.raises(ValueError, match="unknown objective 'kto'"):
+        objectives.get("kto")
