@@ -215,7 +215,7 @@ class KLDROAccumulator:
         _check(where, losses, weights, self.lam, self.group)
         if not self.exact:
             loss = kl_dro(losses, weights, lam=self.lam, group=self.group, ddp_average=self.ddp_average)
-            self._approx_losses.append(float(loss))
+            self._approx_losses.append(float(loss.detach()))
             self.loss = sum(self._approx_losses) / len(self._approx_losses)
             return loss / self.accumulation_steps
         w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
