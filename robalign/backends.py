@@ -12,7 +12,6 @@ an error naming what is missing; it never falls back silently.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from types import ModuleType
@@ -47,7 +46,8 @@ def _triton_module(op: str, device: torch.device) -> ModuleType:
             "(set TRITON_INTERPRET=1 before importing triton)")
     if device.type not in ("cuda", "cpu"):
         raise BackendUnavailable(f"backend 'triton' runs on CUDA tensors, got a tensor on {device}")
-    module = importlib.import_module("robalign.kernels")
+    from . import kernels as module
+
     if not hasattr(module, op):
         raise BackendUnavailable(f"backend 'triton': robalign.kernels has no kernel for {op} yet")
     return module
@@ -57,7 +57,7 @@ def _cpp_module(op: str, device: torch.device) -> ModuleType:
     if device.type != "cpu":
         raise BackendUnavailable(f"backend 'cpp' runs on CPU tensors, got a tensor on {device}")
     try:
-        module = importlib.import_module("robalign.cpu")
+        from . import cpu as module
     except ImportError as err:
         raise BackendUnavailable(f"backend 'cpp' is not available: {err}") from err
     if not hasattr(module, op):
@@ -66,7 +66,9 @@ def _cpp_module(op: str, device: torch.device) -> ModuleType:
 
 
 def _reference_module(op: str, device: torch.device) -> ModuleType:
-    return importlib.import_module("robalign.reference")
+    from . import reference
+
+    return reference
 
 
 _PROVIDERS = {"triton": _triton_module, "cpp": _cpp_module, "reference": _reference_module}

@@ -25,16 +25,17 @@ __all__ = ["kl_dro", "kl_dro_with_stats", "DROStats", "KLDROAccumulator"]
 
 @dataclass(frozen=True)
 class DROStats:
-    """Global statistics of the DRO sample weights ``q_i = w_i·softmax_i(a)`` (detached).
+    """Global statistics of the DRO sample weights ``q_i = w_i·softmax_i(a)``: detached 0-dim
+    tensors (no device synchronisation until read, nothing for ``torch.compile`` to guard on).
 
     ess: effective sample size ``(Σq)² / Σq²`` (N for uniform q, 1 when one sample dominates).
     max_share: the largest ``q_i / Σq``.
     num_samples: N, over all ranks (and micro-batches for the accumulator).
     """
 
-    ess: float
-    max_share: float
-    num_samples: int
+    ess: torch.Tensor
+    max_share: torch.Tensor
+    num_samples: torch.Tensor
 
 
 def _is_weighted_mean(lam: float) -> bool:
@@ -89,9 +90,9 @@ class _BatchMoments:
 
 
 def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
-    ess = float(sum_q * sum_q / sum_q2) if float(sum_q2) > 0 else 0.0
-    share = float(torch.exp(log_max_q) / sum_q) if float(sum_q) > 0 else 0.0
-    return DROStats(ess=ess, max_share=share, num_samples=int(count))
+    ess = torch.where(sum_q2 > 0, sum_q * sum_q / sum_q2, 0.0)
+    share = torch.where(sum_q > 0, torch.exp(log_max_q) / sum_q, 0.0)
+    return DROStats(ess=ess, max_share=share, num_samples=count.round().long())
 
 
 def _scale_gradient(loss: torch.Tensor, scale: float) -> torch.Tensor:
@@ -254,5 +255,5 @@ class KLDROAccumulator:
         """Global :class:`DROStats` of the micro-batches folded in since :meth:`reset`."""
         if self._m is None:
             raise RuntimeError("robalign.KLDROAccumulator.stats: no micro-batch has been folded in since reset()")
-        return _stats(self._sum_q, self._sum_q2, torch.tensor(self._log_max_q) - self._m.cpu(),
-                      torch.tensor(self._n))
+        log_max_q = torch.tensor(self._log_max_q, dtype=self._m.dtype, device=self._m.device) - self._m
+        return _stats(self._sum_q, self._sum_q2, log_max_q, torch.tensor(self._n))

@@ -22,6 +22,7 @@ def sequence_logps(
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of token log-probabilities.
 
@@ -37,6 +38,11 @@ def sequence_logps(
         cu_seqlens: ``[S + 1]`` int32 offsets of the packed sequences (flash-attn style).
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``; ``None`` reads
             ``$ROBALIGN_BACKEND`` (default ``"auto"``).
+        inplace_backward: the kernel backends write the gradient into the logits buffer
+            instead of a new tensor, saving one ``[N, V]`` allocation. Safe only when nothing
+            else reads these logits after the backward (true when they come straight from the
+            LM head's matmul, whose backward needs its inputs, not its output); the reference
+            backend ignores it.
 
     Returns:
         ``(logps, counts)``: ``[S]`` float32 (float64 for float64 logits), differentiable with
@@ -48,8 +54,11 @@ def sequence_logps(
     V.check_tokens(where, "logits", logits, labels, cu_seqlens, "V")
     V.check_same_device(where, logits=logits, labels=labels, cu_seqlens=cu_seqlens)
     V.check_labels(where, labels, logits.shape[-1], ignore_index)
-    _, impl = resolve(where, backend, "sequence_logps", logits)
-    return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    name, impl = resolve(where, backend, "sequence_logps", logits)
+    if name == "reference":
+        return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
+                               inplace_backward=inplace_backward)
 
 
 def linear_sequence_logps(

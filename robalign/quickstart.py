@@ -62,7 +62,7 @@ def run(steps: int = 30, seed: int = 0, log=print) -> dict:
                       ref_logits=ref_logits, probs=probs, scores=scores)
         out.loss.backward()
         log(f"{name:<14} {k:>2} {out.loss.item():>9.4f} {policy.embed.weight.grad.norm().item():>10.3e} "
-            f"{policy.head.weight.grad.norm().item():>10.3e} {out.dro.ess:>8.2f}")
+            f"{policy.head.weight.grad.norm().item():>10.3e} {out.dro.ess.item():>8.2f}")
 
     loss_fn = DoRALoss("dpo", beta=0.5, lam=1.0, alpha=0.25)
     opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
@@ -81,6 +81,6 @@ def run(steps: int = 30, seed: int = 0, log=print) -> dict:
         history.append(out.loss.item())
         if step % max(1, steps // 5) == 0 or step == steps - 1:
             log(f"step {step:3d}  loss {out.loss.item():.4f}  reward acc {out.reward_accuracy.item():.2f}  "
-                f"margin {out.reward_margin.item():+.3f}  ESS {out.dro.ess:.1f}/{out.dro.num_samples}")
+                f"margin {out.reward_margin.item():+.3f}  ESS {out.dro.ess.item():.1f}/{out.dro.num_samples.item()}")
     log(f"trained {steps} steps in {time.perf_counter() - start:.1f}s: loss {history[0]:.4f} -> {history[-1]:.4f}")
     return {"loss_first": history[0], "loss_last": history[-1]}

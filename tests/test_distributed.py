@@ -112,9 +112,9 @@ def test_accumulated_micro_batches_on_two_ranks_give_the_full_batch_gradient(ran
         assert loss == pytest.approx(want_loss, rel=TOL[dtype]["rtol"])
         for got, ref in zip(got_grads, want):
             torch.testing.assert_close(got, ref, **TOL[dtype])
-        assert stats.num_samples == WORLD * PER_RANK
-        assert stats.ess == pytest.approx(want_stats.ess, rel=1e-5)
-        assert stats.max_share == pytest.approx(want_stats.max_share, rel=1e-5)
+        assert stats.num_samples.item() == WORLD * PER_RANK
+        assert stats.ess.item() == pytest.approx(want_stats.ess.item(), rel=1e-5)
+        assert stats.max_share.item() == pytest.approx(want_stats.max_share.item(), rel=1e-5)
 
 
 def test_per_rank_normaliser_would_differ():

@@ -96,6 +96,6 @@ def test_kl_dro_is_stable_for_large_losses():
 def test_dro_stats():
     losses = torch.zeros(5, dtype=torch.float64)
     _, stats = robalign.kl_dro_with_stats(losses, lam=1.0)
-    assert stats.ess == pytest.approx(5.0) and stats.max_share == pytest.approx(0.2) and stats.num_samples == 5
+    assert stats.ess.item() == pytest.approx(5.0) and stats.max_share.item() == pytest.approx(0.2) and stats.num_samples.item() == 5
     _, stats = robalign.kl_dro_with_stats(torch.tensor([0.0, 50.0], dtype=torch.float64), lam=1.0)
-    assert stats.ess == pytest.approx(1.0, abs=1e-6) and stats.max_share == pytest.approx(1.0)
+    assert stats.ess.item() == pytest.approx(1.0, abs=1e-6) and stats.max_share.item() == pytest.approx(1.0)

@@ -31,7 +31,7 @@ def sequence_index(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tup
         return seq_idx, num_seqs
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     num_seqs = lengths.numel()
-    seq_idx = torch.arange(num_seqs, device=labels.device).repeat_interleave(lengths)
+    seq_idx = torch.arange(num_seqs, device=labels.device).repeat_interleave(lengths, output_size=labels.numel())
     return seq_idx, num_seqs
 
 

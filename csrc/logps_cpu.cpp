@@ -1,0 +1,148 @@
+// CPU kernels of the logits path: per-row logsumexp and label logit (forward) and
+// coeff * (onehot - softmax) (backward), one pass over each row, float32 accumulation.
+// Logits are float32, bfloat16 or float16 (the Python side routes float64 to the reference).
+//
+// Rows are addressed through a [B, T, V] view whose last dimension is contiguous and whose
+// leading strides are free, so padded [S, T, V] logits, packed [N, V] logits (B = 1) and
+// strided views such as logits[:, :-1] are all read in place. Row n is (n / T, n % T).
+// Ignored rows (label == ignore_index) are never read.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <vector>
+
+// float32, bfloat16 and float16 logits.
+#define ROBALIGN_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__))
+
+namespace {
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+
+struct Rows {
+  int64_t T, V, stride0, stride1;
+  template <typename scalar_t>
+  const scalar_t* row(const scalar_t* base, int64_t n) const {
+    return base + (n / T) * stride0 + (n % T) * stride1;
+  }
+  template <typename scalar_t>
+  scalar_t* row(scalar_t* base, int64_t n) const {
+    return base + (n / T) * stride0 + (n % T) * stride1;
+  }
+};
+
+Rows rows_of(const Tensor& logits3d) {
+  return Rows{logits3d.size(1), logits3d.size(2), logits3d.stride(0), logits3d.stride(1)};
+}
+
+// A float32 view of one row: the row itself for float32, a converted thread-local copy else.
+template <typename scalar_t>
+const float* as_float(const scalar_t* row, int64_t V, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    buffer.resize(V);
+    at::vec::convert(row, buffer.data(), V);
+    return buffer.data();
+  }
+}
+
+float row_logsumexp(const float* x, int64_t V) {
+  const float max = at::vec::reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, V);
+  if (std::isinf(max)) return max;  // all -inf (or a +inf logit): the limit, not NaN
+  const float sum = at::vec::map_reduce_all<float>(
+      [max](Vec v) { return (v - Vec(max)).exp_u20(); },
+      [](Vec& a, Vec& b) { return a + b; }, x, V);
+  return max + std::log(sum);
+}
+
+int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
+}  // namespace
+
+// Forward: lse[n] = logsumexp_v z[n, v] and target[n] = z[n, y_n] for every scored row n of
+// the [B, T, V] view; both 0 for ignored rows. Also the per-chunk helper of the fused linear
+// CPU path (call it on a [1, C, V] chunk of logits).
+std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor& labels, int64_t ignore_index) {
+  TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1, "rows_lse_target: logits must be [B, T, V] with a contiguous last dimension");
+  const Rows r = rows_of(logits3d);
+  const int64_t N = logits3d.size(0) * r.T;
+  auto labels_c = labels.reshape({N}).to(at::kLong).contiguous();
+  auto opts = logits3d.options().dtype(at::kFloat);
+  Tensor lse = at::zeros({N}, opts);
+  Tensor target = at::zeros({N}, opts);
+  const int64_t* y = labels_c.data_ptr<int64_t>();
+  float* p_lse = lse.data_ptr<float>();
+  float* p_tgt = target.data_ptr<float>();
+  ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_lse_target", [&] {
+    const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer;
+      for (int64_t n = begin; n < end; ++n) {
+        if (y[n] == ignore_index) continue;
+        const scalar_t* row = r.row(base, n);
+        p_lse[n] = row_logsumexp(as_float(row, r.V, buffer), r.V);
+        p_tgt[n] = static_cast<float>(row[y[n]]);
+      }
+    });
+  });
+  return {lse, target};
+}
+
+// Backward: out[n, v] = coeff[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n])), 0 on ignored rows.
+// `out` is a [B, T, V] view with a contiguous last dimension; it may be the logits themselves
+// (in-place backward): each row is read whole before it is written.
+void rows_softmax_grad(const Tensor& logits3d, const Tensor& labels, const Tensor& lse, const Tensor& coeff,
+                       int64_t ignore_index, Tensor& out3d) {
+  TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1 && out3d.stride(2) == 1, "rows_softmax_grad: rows must be contiguous");
+  TORCH_CHECK(out3d.scalar_type() == logits3d.scalar_type() && out3d.sizes() == logits3d.sizes(), "rows_softmax_grad: out must match logits");
+  const Rows r = rows_of(logits3d);
+  const Rows ro = rows_of(out3d);
+  const int64_t N = logits3d.size(0) * r.T;
+  auto labels_c = labels.reshape({N}).to(at::kLong).contiguous();
+  auto lse_c = lse.to(at::kFloat).contiguous();
+  auto coeff_c = coeff.to(at::kFloat).contiguous();
+  const int64_t* y = labels_c.data_ptr<int64_t>();
+  const float* p_lse = lse_c.const_data_ptr<float>();
+  const float* p_coeff = coeff_c.const_data_ptr<float>();
+  ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_softmax_grad", [&] {
+    const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
+    scalar_t* out_base = out3d.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
+      std::vector<float> in_buffer, out_buffer;
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* out = ro.row(out_base, n);
+        const float g = (y[n] == ignore_index) ? 0.f : p_coeff[n];
+        if (g == 0.f) {
+          std::fill(out, out + r.V, scalar_t(0));
+          continue;
+        }
+        const scalar_t* row = r.row(base, n);
+        const float lse_n = p_lse[n];
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          at::vec::map([g, lse_n](Vec x) { return Vec(-g) * (x - Vec(lse_n)).exp_u20(); }, out, row, r.V);
+          out[y[n]] += g;
+        } else {
+          const float* x = as_float(row, r.V, in_buffer);
+          out_buffer.resize(r.V);
+          at::vec::map([g, lse_n](Vec v) { return Vec(-g) * (v - Vec(lse_n)).exp_u20(); }, out_buffer.data(), x, r.V);
+          out_buffer[y[n]] += g;
+          at::vec::convert(out_buffer.data(), out, r.V);
+        }
+      }
+    });
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "robalign C++ CPU kernels (see csrc/logps_cpu.cpp)";
+  m.def("rows_lse_target", &rows_lse_target, "per-row logsumexp and label logit of [B, T, V] logits");
+  m.def("rows_softmax_grad", &rows_softmax_grad, "coeff * (onehot - softmax) per row, into out (may alias logits)");
+}

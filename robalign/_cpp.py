@@ -1,0 +1,77 @@
+"""Loading the C++ CPU extension ``robalign._C`` (sources in csrc/).
+
+Order: the extension built by ``setup.py`` (``pip install --no-build-isolation .``); else a
+just-in-time build with ``torch.utils.cpp_extension.load`` into ``$ROBALIGN_BUILD_DIR``
+(default ``~/.cache/robalign/<torch version>``), announced by one line on stderr; else, when no
+compiler works, ``None`` with a one-time warning naming the fix (callers fall back to the
+reference). ``ROBALIGN_NO_JIT=1`` disables the just-in-time build.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+SOURCES = ("logps_cpu.cpp",)
+
+
+def csrc_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def compile_args() -> list[str]:
+    """-O3, plus AVX2/FMA vectors where the building CPU has them (``ROBALIGN_CPU_ARCH=generic``
+    turns that off, e.g. to build a wheel for other machines)."""
+    args = ["-O3"]
+    if os.environ.get("ROBALIGN_CPU_ARCH", "native") == "generic" or platform.machine() not in ("x86_64", "AMD64"):
+        return args
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return args
+    if " avx2" in flags and " fma" in flags and " f16c" in flags:
+        args += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return args
+
+
+def build_dir() -> Path:
+    import torch
+
+    default = Path.home() / ".cache" / "robalign" / f"torch-{torch.__version__.replace('+', '_')}"
+    return Path(os.environ.get("ROBALIGN_BUILD_DIR", default))
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """The extension module, or ``None`` (with a warning) when it cannot be had."""
+    try:
+        from . import _C  # type: ignore[attr-defined]
+
+        return _C
+    except ImportError:
+        pass
+    sources = [str(csrc_dir() / name) for name in SOURCES]
+    if os.environ.get("ROBALIGN_NO_JIT", "0") not in ("", "0") or not all(Path(s).is_file() for s in sources):
+        return _unavailable("the extension is not built and ROBALIGN_NO_JIT is set or csrc/ is missing")
+    from torch.utils import cpp_extension
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"robalign: building the C++ CPU extension in {directory} (once)", file=sys.stderr)
+    try:
+        return cpp_extension.load(name="robalign_C", sources=sources, extra_cflags=compile_args(),
+                                  build_directory=str(directory), verbose=False)
+    except Exception as err:  # a missing compiler, headers, ninja...
+        return _unavailable(f"building it failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")
+
+
+def _unavailable(reason: str):
+    warnings.warn(
+        f"robalign: the C++ CPU backend is unavailable ({reason}); CPU tensors use the slower "
+        "reference. Fix: install a C++ compiler and ninja, then `pip install --no-build-isolation .` "
+        "or let the first call build it.", RuntimeWarning, stacklevel=3)
+    return None

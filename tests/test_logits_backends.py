@@ -1,0 +1,146 @@
+"""Kernel backends of the logits path against the float64 reference, forward and gradient.
+
+Tolerances (float32 logits): the kernels accumulate in float32 and use a vectorised exp with
+≤ 20 ulp error (≈ 2.4e-6 relative), so per-sequence log-probs match to 1e-5 relative (the issue's
+bound) and each gradient element ``coeff·(onehot − softmax)`` to 1e-5 relative plus 1e-6·|coeff|.
+bfloat16 logits: the error against the float64 reference must stay within 2× PyTorch's own
+error when it computes the same thing in bfloat16 (log_softmax + gather + autograd).
+"""
+
+import pytest
+import torch
+
+import robalign
+from robalign import backends, reference
+from conftest import packed_from_padded, random_batch
+
+KERNEL_BACKENDS = ["cpp"]
+
+
+def run(backend, logits, labels, coeff, **kw):
+    z = logits.detach().clone().requires_grad_(True)
+    logps, counts = robalign.sequence_logps(z, labels, backend=backend, **kw)
+    (logps * coeff).sum().backward()
+    return logps, counts, z.grad
+
+
+def ref_run(logits, labels, coeff, **kw):
+    return run("reference", logits.double(), labels, coeff.double(), **kw)
+
+
+def assert_close_f32(got, want, coeff):
+    logps, counts, grad = got
+    rlogps, rcounts, rgrad = want
+    assert torch.equal(counts, rcounts)
+    torch.testing.assert_close(logps.double(), rlogps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), rgrad, rtol=1e-5, atol=1e-6 * coeff.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 7, 37), (2, 5, 1000), (4, 3, 2), (1, 9, 4099)])
+def test_padded_float32(backend, shape):
+    logits, labels = random_batch(*shape, dtype=torch.float32, all_ignored=(shape[0] - 1,))
+    coeff = torch.randn(shape[0]) * 2.5                       # grad_output ≠ 1, per sequence
+    got = run(backend, logits, labels, coeff)
+    assert got[0][-1].item() == 0 and got[1][-1].item() == 0 and (got[2][-1] == 0).all()
+    assert_close_f32(got, ref_run(logits, labels, coeff), coeff)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_packed_with_empty_segment(backend):
+    logits, labels = random_batch(4, 6, 53, dtype=torch.float32)
+    lengths = [6, 0, 3, 5]
+    z, y, cu = packed_from_padded(logits, labels, lengths)
+    coeff = torch.tensor([1.5, -2.0, 0.5, 3.0])
+    assert_close_f32(run(backend, z, y, coeff, cu_seqlens=cu), ref_run(z, y, coeff, cu_seqlens=cu), coeff)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_view_is_read_in_place(backend):
+    logits, labels = random_batch(3, 8, 41, dtype=torch.float32)
+    view, view_labels = logits[:, :-1], labels[:, 1:]        # non-contiguous rows, no copy
+    assert not view.is_contiguous()
+    coeff = torch.tensor([2.0, -1.0, 0.5])
+    assert_close_f32(run(backend, view, view_labels, coeff), ref_run(view, view_labels, coeff), coeff)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_pytorch_error(backend, dtype):
+    logits, labels = random_batch(4, 9, 301, dtype=dtype, all_ignored=(2,))
+    coeff = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    logps, _, grad = run(backend, logits, labels, coeff)
+    rlogps, _, rgrad = ref_run(logits, labels, coeff)
+    # PyTorch in the same dtype: log_softmax + gather + autograd, all in `dtype`
+    z = logits.detach().clone().requires_grad_(True)
+    mask = labels != -100
+    tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
+    torch_logps = tok.sum(-1)
+    (torch_logps * coeff.to(dtype)).sum().backward()
+    err = lambda a, b: (a.double() - b).norm().item()
+    assert err(logps, rlogps) <= 2 * err(torch_logps, rlogps) + 1e-6
+    assert err(grad, rgrad) <= 2 * err(z.grad, rgrad) + 1e-6
+    assert grad.dtype == dtype and (grad[2] == 0).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inplace_backward_writes_every_element_into_the_logits(backend):
+    logits, labels = random_batch(3, 6, 77, dtype=torch.float32, all_ignored=(1,))
+    coeff = torch.tensor([1.0, 2.0, -3.0])
+    base = logits.clone().requires_grad_(True)
+    buffer = base * 1.0                                       # a non-leaf, as an LM head's output
+    logps, _ = robalign.sequence_logps(buffer, labels, backend=backend, inplace_backward=True)
+    (logps * coeff).sum().backward()
+    _, _, want = ref_run(logits, labels, coeff)
+    torch.testing.assert_close(base.grad.double(), want, rtol=1e-5, atol=1e-5)
+    # the buffer now holds the gradient: a row left unwritten would still hold logits
+    torch.testing.assert_close(buffer.detach().double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_one_and_two_threads_agree_bitwise(backend):
+    logits, labels = random_batch(6, 11, 517, dtype=torch.float32)
+    coeff = torch.randn(6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(backend, logits, labels, coeff)
+        torch.set_num_threads(2)
+        two = run(backend, logits, labels, coeff)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_auto_picks_cpp_for_cpu_tensors():
+    assert backends.resolve("f", "auto", "sequence_logps", torch.zeros(1))[0] == "cpp"
+
+
+def test_cpp_rejects_float64_with_a_pointer_to_the_reference():
+    logits, labels = random_batch(2, 3, 5)
+    with pytest.raises(TypeError, match=r"backend 'cpp' takes float32/bfloat16/float16 logits, got torch.float64"):
+        robalign.sequence_logps(logits, labels, backend="cpp")
+
+
+def test_missing_extension_warns_with_the_fix():
+    from robalign import _cpp
+    with pytest.warns(RuntimeWarning, match=r"pip install --no-build-isolation"):
+        assert _cpp._unavailable("no compiler") is None
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_traces_the_cpp_op():
+    logits, labels = random_batch(4, 5, 33, dtype=torch.float32)
+    ref_logps = torch.randn(4)
+    loss_fn = robalign.DoRALoss("dpo", backend="cpp")
+
+    def step(z):
+        return loss_fn(logits=z, labels=labels, ref_logps=ref_logps).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z1 = logits.clone().requires_grad_(True)
+    z2 = logits.clone().requires_grad_(True)
+    compiled(z1).backward()
+    step(z2).backward()
+    torch.testing.assert_close(z1.grad, z2.grad)
