@@ -14,6 +14,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <vector>
 
 // float32, bfloat16 and float16 logits.
@@ -141,8 +145,28 @@ void rows_softmax_grad(const Tensor& logits3d, const Tensor& labels, const Tenso
   });
 }
 
+// An uninitialised tensor shaped like `like`, backed by transparent huge pages when it is large
+// (Linux, madvise mode): first touch of a fresh 500 MB gradient then costs ~250 page faults
+// instead of ~128k, which otherwise dominates the backward on CPU.
+Tensor empty_huge_like(const Tensor& like) {
+  constexpr int64_t kHuge = int64_t(1) << 21;
+  const int64_t nbytes = like.numel() * like.element_size();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (nbytes >= 4 * kHuge) {
+    const int64_t size = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* data = nullptr;
+    if (posix_memalign(&data, kHuge, size) == 0) {
+      madvise(data, size, MADV_HUGEPAGE);  // a hint: ignored where THP is off
+      return at::from_blob(data, like.sizes(), [](void* p) { std::free(p); }, like.options());
+    }
+  }
+#endif
+  return at::empty(like.sizes(), like.options());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "robalign C++ CPU kernels (see csrc/logps_cpu.cpp)";
   m.def("rows_lse_target", &rows_lse_target, "per-row logsumexp and label logit of [B, T, V] logits");
   m.def("rows_softmax_grad", &rows_softmax_grad, "coeff * (onehot - softmax) per row, into out (may alias logits)");
+  m.def("empty_huge_like", &empty_huge_like, "uninitialised contiguous tensor like `like`, on huge pages when large");
 }

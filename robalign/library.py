@@ -71,9 +71,13 @@ def _coeff(grad_logps: Tensor, seq_idx: Tensor) -> Tensor:
 @torch.library.custom_op("robalign::sequence_logps_bwd", mutates_args=())
 def _bwd(grad_logps: Tensor, logits: Tensor, labels: Tensor, seq_idx: Tensor, lse: Tensor, ignore_index: int,
          kernel: str) -> Tensor:
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    row_kernels(kernel).rows_softmax_grad(_as_rows(logits), labels, lse, _coeff(grad_logps, seq_idx),
-                                          ignore_index, _as_rows(grad))
+    kernels = row_kernels(kernel)
+    if kernel == "cpp":
+        grad = kernels.empty_huge_like(logits)
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    kernels.rows_softmax_grad(_as_rows(logits), labels, lse, _coeff(grad_logps, seq_idx), ignore_index,
+                              _as_rows(grad))
     return grad
 
 
