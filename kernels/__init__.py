@@ -1,7 +1,23 @@
 """robalign.kernels — Triton GPU kernels (installed from the top-level kernels/ folder).
 
-Each op follows one chain of names: ``_<op>_fwd_kernel`` (``@triton.jit``) → the launcher
-``<op>_fwd`` → the ``torch.library`` op → the public function in :mod:`robalign`. A public op
-name exported here is what :mod:`robalign.backends` looks for; none is exported until its
-kernels land, so forcing ``backend="triton"`` raises a clear error meanwhile.
+Each op follows one chain of names: ``_<op>_<fwd|bwd>_kernel`` (``@triton.jit``) → the launcher
+(allocates, builds the grid) → the ``torch.library`` operator in :mod:`robalign.library` → the
+public function in :mod:`robalign`. The functions exported here with a public op's name are
+what :mod:`robalign.backends` dispatches to for ``backend="triton"``.
+
+On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before
+triton is imported); that is how the test suite checks them on machines without a GPU.
 """
+
+from .logps import block_size, rows_lse_target, rows_softmax_grad
+
+
+def sequence_logps(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
+    """:func:`robalign.sequence_logps` with the Triton row kernels."""
+    from ..library import sequence_logps as run_op
+
+    return run_op(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="triton",
+                  inplace_backward=inplace_backward)
+
+
+__all__ = ["sequence_logps", "rows_lse_target", "rows_softmax_grad", "block_size"]

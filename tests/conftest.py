@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# The Triton kernels run on CPU tensors under Triton's interpreter, which must be chosen before
+# triton is imported. With a GPU the same tests run compiled on CUDA tensors instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -7,7 +15,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-def random_batch(num_seqs, seqlen, vocab, *, dtype=torch.float64, hole_rate=0.3, all_ignored=(), seed=0):
+def random_batch(num_seqs, seqlen, vocab, *, dtype=torch.float64, hole_rate=0.3, all_ignored=(), seed=0,
+                 device="cpu"):
     """Padded logits/labels with random ignore_index holes and some all-ignored rows."""
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(num_seqs, seqlen, vocab, generator=gen, dtype=torch.float64) * 3).to(dtype)
@@ -15,7 +24,7 @@ def random_batch(num_seqs, seqlen, vocab, *, dtype=torch.float64, hole_rate=0.3,
     labels[torch.rand(num_seqs, seqlen, generator=gen) < hole_rate] = -100
     for row in all_ignored:
         labels[row] = -100
-    return logits, labels
+    return logits.to(device), labels.to(device)
 
 
 def packed_from_padded(logits, labels, lengths):

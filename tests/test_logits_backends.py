@@ -14,18 +14,36 @@ import robalign
 from robalign import backends, reference
 from conftest import packed_from_padded, random_batch
 
-KERNEL_BACKENDS = ["cpp"]
+CUDA = torch.cuda.is_available()
+# (backend, device): the C++ kernels on CPU; the Triton kernels compiled on CUDA, or under
+# TRITON_INTERPRET=1 on CPU tensors where there is no GPU (conftest sets it).
+KERNEL_BACKENDS = [pytest.param(("cpp", "cpu"), id="cpp"),
+                   pytest.param(("triton", "cuda" if CUDA else "cpu"), id="triton-cuda" if CUDA else "triton-interpret")]
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every torch.empty float tensor starts as NaN, so an output element a kernel forgets to
+    write fails the comparison instead of passing on leftover memory."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
 
 
 def run(backend, logits, labels, coeff, **kw):
-    z = logits.detach().clone().requires_grad_(True)
-    logps, counts = robalign.sequence_logps(z, labels, backend=backend, **kw)
-    (logps * coeff).sum().backward()
-    return logps, counts, z.grad
+    name, device = backend
+    z = logits.detach().clone().to(device).requires_grad_(True)
+    logps, counts = robalign.sequence_logps(z, labels.to(device), backend=name, **kw)
+    (logps * coeff.to(device)).sum().backward()
+    return logps.cpu(), counts.cpu(), z.grad.cpu()
 
 
 def ref_run(logits, labels, coeff, **kw):
-    return run("reference", logits.double(), labels, coeff.double(), **kw)
+    return run(("reference", "cpu"), logits.double().cpu(), labels.cpu(), coeff.double(), **kw)
 
 
 def assert_close_f32(got, want, coeff):
@@ -37,7 +55,7 @@ def assert_close_f32(got, want, coeff):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", [(3, 7, 37), (2, 5, 1000), (4, 3, 2), (1, 9, 4099)])
+@pytest.mark.parametrize("shape", [(3, 7, 37), (2, 5, 1000), (4, 3, 2), (1, 9, 4099), (2, 2, 262144)])
 def test_padded_float32(backend, shape):
     logits, labels = random_batch(*shape, dtype=torch.float32, all_ignored=(shape[0] - 1,))
     coeff = torch.randn(shape[0]) * 2.5                       # grad_output ≠ 1, per sequence
@@ -52,7 +70,8 @@ def test_packed_with_empty_segment(backend):
     lengths = [6, 0, 3, 5]
     z, y, cu = packed_from_padded(logits, labels, lengths)
     coeff = torch.tensor([1.5, -2.0, 0.5, 3.0])
-    assert_close_f32(run(backend, z, y, coeff, cu_seqlens=cu), ref_run(z, y, coeff, cu_seqlens=cu), coeff)
+    got = run(backend, z, y, coeff, cu_seqlens=cu.to(backend[1]))
+    assert_close_f32(got, ref_run(z, y, coeff, cu_seqlens=cu), coeff)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -72,7 +91,7 @@ def test_low_precision_within_twice_pytorch_error(backend, dtype):
     logps, _, grad = run(backend, logits, labels, coeff)
     rlogps, _, rgrad = ref_run(logits, labels, coeff)
     # PyTorch in the same dtype: log_softmax + gather + autograd, all in `dtype`
-    z = logits.detach().clone().requires_grad_(True)
+    z = logits.detach().clone().requires_grad_(True)               # PyTorch's bf16 path, on CPU
     mask = labels != -100
     tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
     torch_logps = tok.sum(-1)
@@ -87,18 +106,19 @@ def test_low_precision_within_twice_pytorch_error(backend, dtype):
 def test_inplace_backward_writes_every_element_into_the_logits(backend):
     logits, labels = random_batch(3, 6, 77, dtype=torch.float32, all_ignored=(1,))
     coeff = torch.tensor([1.0, 2.0, -3.0])
-    base = logits.clone().requires_grad_(True)
+    name, device = backend
+    base = logits.clone().to(device).requires_grad_(True)
     buffer = base * 1.0                                       # a non-leaf, as an LM head's output
-    logps, _ = robalign.sequence_logps(buffer, labels, backend=backend, inplace_backward=True)
-    (logps * coeff).sum().backward()
+    logps, _ = robalign.sequence_logps(buffer, labels.to(device), backend=name, inplace_backward=True)
+    (logps * coeff.to(device)).sum().backward()
     _, _, want = ref_run(logits, labels, coeff)
-    torch.testing.assert_close(base.grad.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.grad.double().cpu(), want, rtol=1e-5, atol=1e-5)
     # the buffer now holds the gradient: a row left unwritten would still hold logits
-    torch.testing.assert_close(buffer.detach().double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buffer.detach().double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_one_and_two_threads_agree_bitwise(backend):
+def test_cpp_one_and_two_threads_agree_bitwise():
+    backend = ("cpp", "cpu")
     logits, labels = random_batch(6, 11, 517, dtype=torch.float32)
     coeff = torch.randn(6)
     threads = torch.get_num_threads()
@@ -129,16 +149,24 @@ def test_missing_extension_warns_with_the_fix():
         assert _cpp._unavailable("no compiler") is None
 
 
+COMPILE_CASES = [pytest.param(("cpp", "cpu"), id="cpp"),
+                 pytest.param(("triton", "cuda"), id="triton-cuda",
+                              marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: "
+                                     "torch.compile cannot trace a Triton op on CPU tensors under the interpreter")])]
+
+
 @pytest.mark.slow
-def test_torch_compile_fullgraph_traces_the_cpp_op():
-    logits, labels = random_batch(4, 5, 33, dtype=torch.float32)
-    ref_logps = torch.randn(4)
-    loss_fn = robalign.DoRALoss("dpo", backend="cpp")
+@pytest.mark.parametrize("backend", COMPILE_CASES)
+def test_torch_compile_fullgraph_traces_the_op(backend):
+    name, device = backend
+    logits, labels = random_batch(4, 5, 33, dtype=torch.float32, device=device)
+    ref_logps = torch.randn(4, device=device)
+    loss_fn = robalign.DoRALoss("dpo", backend=name)
 
     def step(z):
         return loss_fn(logits=z, labels=labels, ref_logps=ref_logps).loss
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     z1 = logits.clone().requires_grad_(True)
     z2 = logits.clone().requires_grad_(True)
     compiled(z1).backward()

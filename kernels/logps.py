@@ -1,0 +1,121 @@
+"""Triton kernels of the logits path: the same two row kernels as csrc/logps_cpu.cpp.
+
+    _rows_lse_target_fwd_kernel   lse[n] = logsumexp_v z[n, v], target[n] = z[n, y_n]
+    _rows_softmax_grad_bwd_kernel out[n, v] = coeff[n]·(onehot(y_n)[v] − exp(z[n, v] − lse[n]))
+
+Rows are addressed through a ``[B, T, V]`` view with a contiguous last dimension and free
+leading strides (row n is (n // T, n % T)), so padded, packed and strided inputs are read in
+place. One program handles one row, sweeping the vocabulary in blocks of ``BLOCK_V`` with an
+online logsumexp in float32. Ignored rows are not read: the forward's loop runs zero times for
+them, the backward stores zeros without loading.
+
+Bytes per token (V-wide rows of b bytes each element): forward reads the row once (V·b), the
+backward reads it once more and writes the gradient once (2·V·b); the saved state is one
+float32 LSE (4 bytes). The floor of forward+backward is 3·V·b bytes a token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["rows_lse_target", "rows_softmax_grad", "block_size"]
+
+MAX_BLOCK_V = 4096
+
+
+def block_size(vocab: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` by rule: the next power of two of V, capped, and a warp ladder."""
+    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    warps = 1 if block <= 256 else 2 if block <= 1024 else 4 if block <= 2048 else 8
+    return block, warps
+
+
+@triton.jit
+def _cast_rtne(x, dtype: tl.constexpr):
+    """float32 → ``dtype`` rounding to nearest even. For bfloat16 the rounding is done on the bits,
+    so the result is the same compiled on a GPU and under the interpreter (whose own float32 →
+    bfloat16 cast truncates)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "ignore_index"])
+def _rows_lse_target_fwd_kernel(
+    p_logits, p_labels, p_lse, p_target,
+    T, V, stride_b, stride_t, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    p_row = p_logits + (i_n // T) * stride_b + (i_n % T) * stride_t
+    label = tl.load(p_labels + i_n).to(tl.int64)
+    scored = label != ignore_index
+    v_end = tl.where(scored, V, 0)
+    b_max = -float("inf")
+    b_sum = 0.0
+    for v0 in range(0, v_end, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_z = tl.load(p_row + o_v, mask=m_v, other=-float("inf")).to(tl.float32)   # [BV]
+        new_max = tl.maximum(b_max, tl.max(b_z, axis=0))
+        b_sum = b_sum * tl.exp(b_max - new_max) + tl.sum(tl.exp(b_z - new_max), axis=0)
+        b_max = new_max
+    b_lse = tl.where(scored, b_max + tl.log(tl.where(scored, b_sum, 1.0)), 0.0)
+    b_target = tl.load(p_row + tl.where(scored, label, 0), mask=scored, other=0.0).to(tl.float32)
+    tl.store(p_lse + i_n, b_lse)
+    tl.store(p_target + i_n, b_target)
+
+
+@triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "out_stride_b", "out_stride_t", "ignore_index"])
+def _rows_softmax_grad_bwd_kernel(
+    p_logits, p_labels, p_lse, p_coeff, p_out,
+    T, V, stride_b, stride_t, out_stride_b, out_stride_t, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b, i_t = i_n // T, i_n % T
+    p_row = p_logits + i_b * stride_b + i_t * stride_t
+    p_out_row = p_out + i_b * out_stride_b + i_t * out_stride_t
+    label = tl.load(p_labels + i_n).to(tl.int64)
+    g = tl.where(label != ignore_index, tl.load(p_coeff + i_n), 0.0)
+    b_lse = tl.load(p_lse + i_n)
+    v_read = tl.where(g != 0.0, V, 0)                      # rows with no gradient are not read
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_z = tl.load(p_row + o_v, mask=o_v < v_read, other=-float("inf")).to(tl.float32)  # [BV]
+        b_grad = g * (tl.where(o_v == label, 1.0, 0.0) - tl.exp(b_z - b_lse))
+        tl.store(p_out_row + o_v, _cast_rtne(b_grad, p_out.dtype.element_ty), mask=m_v)
+
+
+def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """``(lse [N], target [N])`` float32 for the ``[B, T, V]`` view ``logits3d``."""
+    b, t, v = logits3d.shape
+    n = b * t
+    lse = torch.empty(n, dtype=torch.float32, device=logits3d.device)
+    target = torch.empty(n, dtype=torch.float32, device=logits3d.device)
+    if n == 0:
+        return lse, target
+    block, warps = block_size(v)
+    _rows_lse_target_fwd_kernel[(n,)](
+        logits3d, labels.reshape(n), lse, target, t, v, logits3d.stride(0), logits3d.stride(1), ignore_index,
+        BLOCK_V=block, num_warps=warps)
+    return lse, target
+
+
+def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d) -> None:
+    """Write ``coeff·(onehot − softmax)`` into ``out3d`` (may be ``logits3d`` itself)."""
+    b, t, v = logits3d.shape
+    n = b * t
+    if n == 0:
+        return
+    block, warps = block_size(v)
+    _rows_softmax_grad_bwd_kernel[(n,)](
+        logits3d, labels.reshape(n), lse, coeff.float().contiguous(), out3d, t, v,
+        logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), ignore_index,
+        BLOCK_V=block, num_warps=warps)
