@@ -9,7 +9,7 @@ On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`
 triton is imported); that is how the test suite checks them on machines without a GPU.
 """
 
-from .logps import block_size, rows_lse_target, rows_softmax_grad
+from .logps import block_size, empty_grad_like, rows_lse_target, rows_softmax_grad
 
 
 def sequence_logps(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
@@ -20,4 +20,14 @@ def sequence_logps(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplac
                   inplace_backward=inplace_backward)
 
 
-__all__ = ["sequence_logps", "rows_lse_target", "rows_softmax_grad", "block_size"]
+def sequence_logps_with_ref(logits, ref_logits, labels, *, ignore_index=-100, cu_seqlens=None,
+                            inplace_backward=False):
+    """:func:`robalign.sequence_logps_with_ref`: policy and reference rows in one launch."""
+    from ..library import sequence_logps as run_op
+
+    return run_op(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="triton",
+                  inplace_backward=inplace_backward, ref_logits=ref_logits)
+
+
+__all__ = ["sequence_logps", "sequence_logps_with_ref", "rows_lse_target", "rows_softmax_grad",
+           "empty_grad_like", "block_size"]

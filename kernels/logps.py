@@ -1,6 +1,7 @@
 """Triton kernels of the logits path: the same two row kernels as csrc/logps_cpu.cpp.
 
     _rows_lse_target_fwd_kernel   lse[n] = logsumexp_v z[n, v], target[n] = z[n, y_n]
+                                  (HAS_REF: also the reference model's token log-prob)
     _rows_softmax_grad_bwd_kernel out[n, v] = coeff[n]·(onehot(y_n)[v] − exp(z[n, v] − lse[n]))
 
 Rows are addressed through a ``[B, T, V]`` view with a contiguous last dimension and free
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rows_lse_target", "rows_softmax_grad", "block_size"]
+__all__ = ["rows_lse_target", "rows_softmax_grad", "empty_grad_like", "block_size"]
 
 MAX_BLOCK_V = 4096
 
@@ -45,30 +46,41 @@ def _cast_rtne(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
-@triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "ignore_index"])
-def _rows_lse_target_fwd_kernel(
-    p_logits, p_labels, p_lse, p_target,
-    T, V, stride_b, stride_t, ignore_index,
-    BLOCK_V: tl.constexpr,
-):
-    i_n = tl.program_id(0).to(tl.int64)
-    p_row = p_logits + (i_n // T) * stride_b + (i_n % T) * stride_t
-    label = tl.load(p_labels + i_n).to(tl.int64)
-    scored = label != ignore_index
+@triton.jit
+def _row_lse_target(p_row, label, scored, V, BLOCK_V: tl.constexpr):
+    """Online logsumexp of one row and its label logit, in float32; ``(0, 0)`` when not scored
+    (the loop then runs zero times: the row is not read)."""
     v_end = tl.where(scored, V, 0)
     b_max = -float("inf")
     b_sum = 0.0
     for v0 in range(0, v_end, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z = tl.load(p_row + o_v, mask=m_v, other=-float("inf")).to(tl.float32)   # [BV]
+        b_z = tl.load(p_row + o_v, mask=o_v < V, other=-float("inf")).to(tl.float32)   # [BV]
         new_max = tl.maximum(b_max, tl.max(b_z, axis=0))
         b_sum = b_sum * tl.exp(b_max - new_max) + tl.sum(tl.exp(b_z - new_max), axis=0)
         b_max = new_max
     b_lse = tl.where(scored, b_max + tl.log(tl.where(scored, b_sum, 1.0)), 0.0)
     b_target = tl.load(p_row + tl.where(scored, label, 0), mask=scored, other=0.0).to(tl.float32)
+    return b_lse, b_target
+
+
+@triton.heuristics({"HAS_REF": lambda args: args["p_ref"] is not None})
+@triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "ref_stride_b", "ref_stride_t", "ignore_index"])
+def _rows_lse_target_fwd_kernel(
+    p_logits, p_ref, p_labels, p_lse, p_target, p_ref_logp,
+    T, V, stride_b, stride_t, ref_stride_b, ref_stride_t, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_REF: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b, i_t = i_n // T, i_n % T
+    label = tl.load(p_labels + i_n).to(tl.int64)
+    scored = label != ignore_index
+    b_lse, b_target = _row_lse_target(p_logits + i_b * stride_b + i_t * stride_t, label, scored, V, BLOCK_V)
     tl.store(p_lse + i_n, b_lse)
     tl.store(p_target + i_n, b_target)
+    if HAS_REF:
+        r_lse, r_target = _row_lse_target(p_ref + i_b * ref_stride_b + i_t * ref_stride_t, label, scored, V, BLOCK_V)
+        tl.store(p_ref_logp + i_n, r_target - r_lse)
 
 
 @triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "out_stride_b", "out_stride_t", "ignore_index"])
@@ -93,19 +105,22 @@ def _rows_softmax_grad_bwd_kernel(
         tl.store(p_out_row + o_v, _cast_rtne(b_grad, p_out.dtype.element_ty), mask=m_v)
 
 
-def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """``(lse [N], target [N])`` float32 for the ``[B, T, V]`` view ``logits3d``."""
+def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: int, ref3d=None):
+    """``(lse [N], target [N], ref_token_logps [N] or None)`` in float32 for the ``[B, T, V]``
+    view ``logits3d``; with ``ref3d`` (a view of the same shape) the reference model's token
+    log-probs come from the same launch (0 on ignored rows)."""
     b, t, v = logits3d.shape
     n = b * t
-    lse = torch.empty(n, dtype=torch.float32, device=logits3d.device)
-    target = torch.empty(n, dtype=torch.float32, device=logits3d.device)
+    new = lambda: torch.empty(n, dtype=torch.float32, device=logits3d.device)
+    lse, target, ref_logp = new(), new(), None if ref3d is None else new()
     if n == 0:
-        return lse, target
+        return lse, target, ref_logp
     block, warps = block_size(v)
+    ref_strides = (0, 0) if ref3d is None else (ref3d.stride(0), ref3d.stride(1))
     _rows_lse_target_fwd_kernel[(n,)](
-        logits3d, labels.reshape(n), lse, target, t, v, logits3d.stride(0), logits3d.stride(1), ignore_index,
-        BLOCK_V=block, num_warps=warps)
-    return lse, target
+        logits3d, ref3d, labels.reshape(n), lse, target, ref_logp, t, v, logits3d.stride(0), logits3d.stride(1),
+        *ref_strides, ignore_index, BLOCK_V=block, num_warps=warps)
+    return lse, target, ref_logp
 
 
 def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d) -> None:
@@ -119,3 +134,8 @@ def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d) ->
         logits3d, labels.reshape(n), lse, coeff.float().contiguous(), out3d, t, v,
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), ignore_index,
         BLOCK_V=block, num_warps=warps)
+
+
+def empty_grad_like(logits: torch.Tensor) -> torch.Tensor:
+    """The gradient buffer of the out-of-place backward: contiguous, the shape of ``logits``."""
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)

@@ -11,13 +11,14 @@
 from . import backends, objectives, reference
 from .dro import DROStats, KLDROAccumulator, kl_dro, kl_dro_with_stats
 from .loss import DoRALoss, DoRAOutput
-from .ops import linear_sequence_logps, sequence_logps, shift_labels
+from .ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref, shift_labels
 from .weights import dora_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sequence_logps",
+    "sequence_logps_with_ref",
     "linear_sequence_logps",
     "shift_labels",
     "dora_weights",

@@ -1,18 +1,41 @@
 """The ``"cpp"`` backend: the heavy ops on CPU tensors through the C++ extension (csrc/).
 
-Importing this module loads (or builds once) the extension and raises ImportError when it
-cannot, which :mod:`robalign.backends` reports for a forced backend and skips under "auto".
+It provides the same row-kernel interface as :mod:`robalign.kernels` (``rows_lse_target``,
+``rows_softmax_grad``, ``empty_grad_like``) for :mod:`robalign.library`. Importing this module
+loads (or builds once) the extension and raises ImportError when it cannot, which
+:mod:`robalign.backends` reports for a forced backend and skips under "auto".
 """
 
 from __future__ import annotations
 
 from . import _cpp, library
 
-if _cpp.load() is None:
+_C = _cpp.load()
+if _C is None:
     raise ImportError("the C++ extension robalign._C could not be built or loaded")
+
+
+def rows_lse_target(logits3d, labels, ignore_index, ref3d=None):
+    """``(lse, target, ref_token_logps or None)``, as :func:`robalign.kernels.rows_lse_target`."""
+    lse, target = _C.rows_lse_target(logits3d, labels, ignore_index)
+    if ref3d is None:
+        return lse, target, None
+    ref_lse, ref_target = _C.rows_lse_target(ref3d, labels, ignore_index)
+    return lse, target, ref_target - ref_lse
+
+
+rows_softmax_grad = _C.rows_softmax_grad
+empty_grad_like = _C.empty_huge_like           # huge pages: far fewer first-touch page faults
 
 
 def sequence_logps(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
     """:func:`robalign.sequence_logps` with the C++ row kernels."""
     return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="cpp",
                                   inplace_backward=inplace_backward)
+
+
+def sequence_logps_with_ref(logits, ref_logits, labels, *, ignore_index=-100, cu_seqlens=None,
+                            inplace_backward=False):
+    """:func:`robalign.sequence_logps_with_ref` with the C++ row kernels."""
+    return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="cpp",
+                                  inplace_backward=inplace_backward, ref_logits=ref_logits)

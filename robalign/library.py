@@ -1,19 +1,23 @@
 """``torch.library`` operators of the logits path: one operator for every kernel backend.
 
     robalign::sequence_logps_fwd(logits, labels, seq_idx, num_seqs, ignore_index, kernel,
-                                 inplace_backward) -> (logps [S] f32, counts [S] i64, lse [N] f32)
+                                 inplace_backward, ref_logits?)
+        -> (logps [S] f32, counts [S] i64, lse [N] f32, ref_logps [S] f32, or [0] without ref_logits)
     robalign::sequence_logps_bwd(grad_logps, logits, labels, seq_idx, lse, ignore_index, kernel)
                                  -> grad_logits (the shape and dtype of logits)
     robalign::sequence_logps_bwd_inplace(...)  the same, written into ``logits``
 
-``kernel`` names the implementation of the per-row work: ``"cpp"`` (csrc/, CPU tensors) or
-``"triton"`` (robalign.kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
-Both provide ``rows_lse_target`` and ``rows_softmax_grad`` over a ``[B, T, V]`` view; the small
-per-sequence reductions are shared here. Autograd, ``torch.compile`` (through the fake
+``kernel`` names the implementation of the per-row work: ``"cpp"`` (robalign.cpu over csrc/,
+CPU tensors) or ``"triton"`` (robalign.kernels: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``). Both provide ``rows_lse_target``, ``rows_softmax_grad`` and
+``empty_grad_like`` over ``[B, T, V]`` views; the small per-sequence reductions are shared here.
+The reference model's log-probs (``ref_logits``) carry no gradient. Autograd, ``torch.compile`` (through the fake
 implementations) and FSDP see one operator.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -26,12 +30,9 @@ __all__ = ["sequence_logps", "row_kernels"]
 def row_kernels(kernel: str):
     """The module implementing ``rows_lse_target`` / ``rows_softmax_grad`` for ``kernel``."""
     if kernel == "cpp":
-        from . import _cpp
+        from . import cpu
 
-        module = _cpp.load()
-        if module is None:
-            raise RuntimeError("robalign: the C++ CPU extension is unavailable (see the warning above)")
-        return module
+        return cpu
     if kernel == "triton":
         from . import kernels
 
@@ -45,23 +46,31 @@ def _as_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _per_sequence(token_values: Tensor, seq_idx: Tensor, num_seqs: int) -> Tensor:
+    """Σ over each sequence's tokens, accumulated in float64, returned in float32."""
+    out = torch.zeros(num_seqs, dtype=torch.float64, device=token_values.device)
+    return out.index_add_(0, seq_idx, token_values.double()).float()
+
+
 @torch.library.custom_op("robalign::sequence_logps_fwd", mutates_args=())
 def _fwd(logits: Tensor, labels: Tensor, seq_idx: Tensor, num_seqs: int, ignore_index: int, kernel: str,
-         inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
-    lse, target = row_kernels(kernel).rows_lse_target(_as_rows(logits), labels, ignore_index)
+         inplace_backward: bool, ref_logits: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ref_rows = None if ref_logits is None else _as_rows(ref_logits)
+    lse, target, ref_token = row_kernels(kernel).rows_lse_target(_as_rows(logits), labels, ignore_index, ref_rows)
     scored = labels.reshape(-1) != ignore_index
-    token_logps = torch.where(scored, target - lse, 0.0)
-    logps = torch.zeros(num_seqs, dtype=torch.float64, device=logits.device)
-    logps = logps.index_add_(0, seq_idx, token_logps.double()).float()
+    logps = _per_sequence(torch.where(scored, target - lse, 0.0), seq_idx, num_seqs)
     counts = torch.zeros(num_seqs, dtype=torch.int64, device=logits.device).index_add_(0, seq_idx, scored.long())
-    return logps, counts, lse
+    ref_logps = logps.new_empty(0) if ref_token is None else \
+        _per_sequence(torch.where(scored, ref_token, 0.0), seq_idx, num_seqs)
+    return logps, counts, lse, ref_logps
 
 
 @_fwd.register_fake
-def _(logits, labels, seq_idx, num_seqs, ignore_index, kernel, inplace_backward):
+def _(logits, labels, seq_idx, num_seqs, ignore_index, kernel, inplace_backward, ref_logits):
     n = labels.numel()
     return (logits.new_empty(num_seqs, dtype=torch.float32), logits.new_empty(num_seqs, dtype=torch.int64),
-            logits.new_empty(n, dtype=torch.float32))
+            logits.new_empty(n, dtype=torch.float32),
+            logits.new_empty(0 if ref_logits is None else num_seqs, dtype=torch.float32))
 
 
 def _coeff(grad_logps: Tensor, seq_idx: Tensor) -> Tensor:
@@ -72,10 +81,7 @@ def _coeff(grad_logps: Tensor, seq_idx: Tensor) -> Tensor:
 def _bwd(grad_logps: Tensor, logits: Tensor, labels: Tensor, seq_idx: Tensor, lse: Tensor, ignore_index: int,
          kernel: str) -> Tensor:
     kernels = row_kernels(kernel)
-    if kernel == "cpp":
-        grad = kernels.empty_huge_like(logits)
-    else:
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = kernels.empty_grad_like(logits)
     kernels.rows_softmax_grad(_as_rows(logits), labels, lse, _coeff(grad_logps, seq_idx), ignore_index,
                               _as_rows(grad))
     return grad
@@ -101,12 +107,12 @@ def _(grad_logps, logits, labels, seq_idx, lse, ignore_index, kernel):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, seq_idx, _, ignore_index, kernel, inplace_backward = inputs
+    logits, labels, seq_idx, _, ignore_index, kernel, inplace_backward, _ = inputs
     ctx.save_for_backward(logits, labels, seq_idx, output[2])
     ctx.ignore_index, ctx.kernel, ctx.inplace_backward = ignore_index, kernel, inplace_backward
 
 
-def _backward(ctx, grad_logps, grad_counts, grad_lse):
+def _backward(ctx, grad_logps, grad_counts, grad_lse, grad_ref_logps):
     logits, labels, seq_idx, lse = ctx.saved_tensors
     if ctx.inplace_backward:
         torch.ops.robalign.sequence_logps_bwd_inplace(grad_logps, logits, labels, seq_idx, lse, ctx.ignore_index,
@@ -115,19 +121,22 @@ def _backward(ctx, grad_logps, grad_counts, grad_lse):
     else:
         grad = torch.ops.robalign.sequence_logps_bwd(grad_logps, logits, labels, seq_idx, lse, ctx.ignore_index,
                                                      ctx.kernel)
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, *, ignore_index: int, cu_seqlens: Tensor | None, kernel: str,
-                   inplace_backward: bool = False) -> tuple[Tensor, Tensor]:
-    """Run the operator; ``(logps, counts)`` as :func:`robalign.sequence_logps`."""
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"robalign.sequence_logps: backend {kernel!r} takes float32/bfloat16/float16 logits, "
-                        f"got {logits.dtype} (use backend='reference')")
+                   inplace_backward: bool = False, ref_logits: Tensor | None = None):
+    """Run the operator: ``(logps, counts)`` as :func:`robalign.sequence_logps`, or
+    ``(logps, ref_logps, counts)`` with ``ref_logits``."""
+    for name, t in (("logits", logits), ("ref_logits", ref_logits)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"robalign.sequence_logps: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, "
+                            f"got {t.dtype} (use backend='reference')")
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
-    logps, counts, _ = torch.ops.robalign.sequence_logps_fwd(logits, labels, seq_idx, num_seqs, ignore_index,
-                                                             kernel, inplace_backward)
-    return logps, counts
+    logps, counts, _, ref_logps = torch.ops.robalign.sequence_logps_fwd(
+        logits, labels, seq_idx, num_seqs, ignore_index, kernel, inplace_backward,
+        None if ref_logits is None else ref_logits.detach())
+    return (logps, counts) if ref_logits is None else (logps, ref_logps.detach(), counts)

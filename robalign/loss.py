@@ -10,7 +10,7 @@ from torch import nn
 from . import _validation as V
 from . import objectives as _objectives
 from .dro import DROStats, kl_dro_with_stats
-from .ops import linear_sequence_logps, sequence_logps
+from .ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
 from .weights import dora_weights
 
 __all__ = ["DoRALoss", "DoRAOutput"]
@@ -132,7 +132,13 @@ class DoRALoss(nn.Module):
             scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better.
         """
         where = "robalign.DoRALoss"
-        policy_logps, counts = self._logps(where, "", logits, hidden, weight, bias, labels, cu_seqlens)
+        if self.needs_reference and ref_logps is None and logits is not None and ref_logits is not None \
+                and hidden is None and ref_hidden is None:
+            # both logits in hand: one pass (one launch on the Triton backend) for policy and reference
+            policy_logps, ref_logps, counts = sequence_logps_with_ref(
+                logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
+        else:
+            policy_logps, counts = self._logps(where, "", logits, hidden, weight, bias, labels, cu_seqlens)
         num_seqs, k = policy_logps.shape[0], self.group_size
         if num_seqs % k:
             V.fail(where, f"`group_size`={k} must divide the number of sequences, got {num_seqs}")

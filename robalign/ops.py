@@ -12,7 +12,7 @@ from . import _validation as V
 from . import reference
 from .backends import resolve
 
-__all__ = ["sequence_logps", "linear_sequence_logps", "shift_labels"]
+__all__ = ["sequence_logps", "sequence_logps_with_ref", "linear_sequence_logps", "shift_labels"]
 
 
 def sequence_logps(
@@ -59,6 +59,43 @@ def sequence_logps(
         return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
                                inplace_backward=inplace_backward)
+
+
+def sequence_logps_with_ref(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logps` of the policy and, without gradient, of the reference model, on
+    the same labels; the Triton backend reads both in one launch.
+
+    Args:
+        logits, ref_logits: the policy's and the reference model's logits, same shape
+            (``[S, T, V]`` or packed ``[N, V]``); each may be float16, bfloat16 or float32.
+        labels, ignore_index, cu_seqlens, backend, inplace_backward: as in :func:`sequence_logps`.
+
+    Returns:
+        ``(logps, ref_logps, counts)``, each ``[S]``; only ``logps`` is differentiable.
+    """
+    where = "robalign.sequence_logps_with_ref"
+    V.check_tensor(where, "logits", logits, ndim=(2, 3), floating=True)
+    V.check_tensor(where, "ref_logits", ref_logits, ndim=(2, 3), floating=True)
+    if ref_logits.shape != logits.shape:
+        V.fail(where, f"`ref_logits` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(ref_logits.shape)}")
+    V.check_tokens(where, "logits", logits, labels, cu_seqlens, "V")
+    V.check_same_device(where, logits=logits, ref_logits=ref_logits, labels=labels, cu_seqlens=cu_seqlens)
+    V.check_labels(where, labels, logits.shape[-1], ignore_index)
+    name, impl = resolve(where, backend, "sequence_logps_with_ref", logits)
+    if name == "reference":
+        return impl.sequence_logps_with_ref(logits, ref_logits, labels, ignore_index=ignore_index,
+                                            cu_seqlens=cu_seqlens)
+    return impl.sequence_logps_with_ref(logits, ref_logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
+                                        inplace_backward=inplace_backward)
 
 
 def linear_sequence_logps(

@@ -139,7 +139,7 @@ def test_auto_picks_cpp_for_cpu_tensors():
 
 def test_cpp_rejects_float64_with_a_pointer_to_the_reference():
     logits, labels = random_batch(2, 3, 5)
-    with pytest.raises(TypeError, match=r"backend 'cpp' takes float32/bfloat16/float16 logits, got torch.float64"):
+    with pytest.raises(TypeError, match=r"backend 'cpp' takes float32/bfloat16/float16 `logits`, got torch.float64 \(use backend='reference'\)"):
         robalign.sequence_logps(logits, labels, backend="cpp")
 
 
@@ -172,3 +172,36 @@ def test_torch_compile_fullgraph_traces_the_op(backend):
     compiled(z1).backward()
     step(z2).backward()
     torch.testing.assert_close(z1.grad, z2.grad)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("ref_dtype", [torch.float32, torch.bfloat16])
+def test_policy_and_reference_in_one_pass(backend, ref_dtype):
+    name, device = backend
+    logits, labels = random_batch(4, 6, 97, dtype=torch.float32, all_ignored=(3,), device=device)
+    ref_logits = (torch.randn(4, 6, 97) * 2).to(ref_dtype).to(device)
+    z = logits.clone().requires_grad_(True)
+    logps, ref_logps, counts = robalign.sequence_logps_with_ref(z, ref_logits, labels, backend=name)
+    want_ref, _ = reference.sequence_logps(ref_logits.double().cpu(), labels.cpu())
+    torch.testing.assert_close(ref_logps.double().cpu(), want_ref, rtol=1e-5, atol=1e-5)
+    assert not ref_logps.requires_grad
+    coeff = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    (logps * coeff.to(device)).sum().backward()
+    assert_close_f32((logps.cpu(), counts.cpu(), z.grad.cpu()), ref_run(logits, labels, coeff), coeff)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dora_loss_on_the_kernel_backend_matches_reference(backend):
+    name, device = backend
+    logits, labels = random_batch(8, 5, 61, dtype=torch.float32, all_ignored=(2,), device=device)
+    ref_logits = torch.randn(8, 5, 61).to(device)
+    probs = torch.rand(8)
+    outs = []
+    for b, dev in ((name, device), ("reference", "cpu")):
+        z = logits.clone().to(dev).requires_grad_(True)
+        loss_fn = robalign.DoRALoss("dpo", beta=0.5, lam=0.7, alpha=0.3, backend=b)
+        out = loss_fn(logits=z, labels=labels.to(dev), ref_logits=ref_logits.to(dev), probs=probs.to(dev))
+        (3.0 * out.loss).backward()
+        outs.append((out.loss.detach().cpu().double(), z.grad.cpu().double()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)

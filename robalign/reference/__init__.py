@@ -7,11 +7,12 @@ check their arguments and then dispatch to a backend, with these as the fallback
 
 from . import objectives
 from .dro import kl_dro
-from .logps import linear_sequence_logps, sequence_logps, shift_labels
+from .logps import linear_sequence_logps, sequence_logps, sequence_logps_with_ref, shift_labels
 from .weights import dora_weights
 
 __all__ = [
     "sequence_logps",
+    "sequence_logps_with_ref",
     "linear_sequence_logps",
     "shift_labels",
     "dora_weights",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sequence_logps", "linear_sequence_logps", "shift_labels", "sequence_index"]
+__all__ = ["sequence_logps", "sequence_logps_with_ref", "linear_sequence_logps", "shift_labels", "sequence_index"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +72,14 @@ def sequence_logps(
     flat = logits.reshape(-1, vocab)
     dtype = _compute_dtype(logits.dtype)
     return _logps_from_logits(lambda mask: flat[mask].to(dtype), labels, ignore_index, cu_seqlens)
+
+
+def sequence_logps_with_ref(logits, ref_logits, labels, ignore_index=-100, cu_seqlens=None):
+    """``(logps, ref_logps, counts)``: :func:`sequence_logps` of both, the reference without gradient."""
+    logps, counts = sequence_logps(logits, labels, ignore_index, cu_seqlens)
+    with torch.no_grad():
+        ref_logps, _ = sequence_logps(ref_logits, labels, ignore_index, cu_seqlens)
+    return logps, ref_logps, counts
 
 
 def linear_sequence_logps(
