@@ -1,6 +1,7 @@
 """Install robalign; the top-level kernels/ folder becomes the subpackage robalign.kernels."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 from setuptools import setup
@@ -10,7 +11,10 @@ ROOT = Path(__file__).parent
 
 def cpp_extensions():
     """robalign._C from csrc/ when torch is importable at build time (pip install
-    --no-build-isolation); otherwise none, and the first call builds it just in time."""
+    --no-build-isolation); otherwise none, and the first call builds it just in time.
+    ROBALIGN_BUILD_EXT=0 skips it (e.g. on a GPU machine that only needs the Triton path)."""
+    if os.environ.get("ROBALIGN_BUILD_EXT", "1") == "0":
+        return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
