@@ -9,8 +9,9 @@ Providers, each measured in a fresh process (so peak resident memory is its own)
     cpp_inplace    the same, gradient written into the logits buffer
 
 Time is the median of --repeat runs after one warm-up; memory is the growth of the peak
-resident set (VmHWM, reset after the warm-up) over the resident set before the timed runs. Writes a JSON under benchmarks/results/ and prints a
-Markdown table with ratios against the naive path, all from this one run.
+resident set (VmHWM, reset after the warm-up) over the resident set before the timed runs.
+Writes a JSON under benchmarks/results/ and prints a Markdown table with ratios against the
+naive path, all from this one run.
 
     python benchmarks/cpu_logits.py [--tokens 4096] [--vocab 32000] [--repeat 5]
 """
@@ -18,33 +19,12 @@ Markdown table with ratios against the naive path, all from this one run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
-import gc
-import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
+
+import cpu_harness
 
 PROVIDERS = ("naive", "naive_thp", "naive_compile", "cpp", "cpp_inplace")
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024                      # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> float:
-    """Reset the peak resident set (VmHWM, Linux ≥ 4.0) and return the current one (MB)."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
 
 
 def naive_logps(logits, labels):
@@ -84,16 +64,7 @@ def measure(provider: str, tokens: int, vocab: int, repeat: int, seqlen: int = 5
         # work per element is the same, so the timing is unaffected.
         return torch.autograd.grad((logps * coeff).sum(), z)[0]
 
-    step()                                           # warm-up (and compilation)
-    baseline = _reset_peak_rss()                     # inputs and warm state, not the warm-up's peak
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        grad = step()
-        times.append(time.perf_counter() - start)
-        del grad
-    return {"provider": provider, "median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "peak_above_inputs_mb": max(0.0, _status_mb("VmHWM") - baseline)}
+    return cpu_harness.measure(provider, step, repeat)
 
 
 def main(argv=None) -> int:
@@ -110,36 +81,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    rows = []
-    for provider in args.providers.split(","):
-        cmd = [sys.executable, __file__, "--child", provider, "--tokens", str(args.tokens),
-               "--vocab", str(args.vocab), "--repeat", str(args.repeat)]
-        env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1") if provider == "naive_thp" else None
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  {provider}: {rows[-1]['median_s'] * 1e3:.0f} ms", file=sys.stderr)
-    naive = next(r for r in rows if r["provider"] == "naive")
+    rows = cpu_harness.run_providers(__file__, args.providers.split(","),
+                                     ["--tokens", args.tokens, "--vocab", args.vocab, "--repeat", args.repeat],
+                                     env_for=lambda p: {"THP_MEM_ALLOC_ENABLE": "1"} if p == "naive_thp" else None)
     logits_mb = args.tokens * args.vocab * 4 / 2**20
     print(f"\nforward+backward, N = {args.tokens} tokens, V = {args.vocab}, float32 logits "
-          f"({logits_mb:.0f} MB), {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
-    print("| provider | median time (ms) | speed-up vs naive | peak memory above inputs (MB) | memory vs naive |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['provider']} | {r['median_s'] * 1e3:.0f} | {naive['median_s'] / r['median_s']:.2f}× | "
-              f"{r['peak_above_inputs_mb']:.0f} | {r['peak_above_inputs_mb'] / max(naive['peak_above_inputs_mb'], 1):.2f} |")
-    record = {
-        "benchmark": "cpu_logits", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent).stdout.strip(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "tokens": args.tokens, "vocab": args.vocab, "dtype": "float32", "rows": rows,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"cpu_logits_N{args.tokens}_V{args.vocab}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
-    print(f"\nwrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+          f"({logits_mb:.0f} MB), {torch.get_num_threads()} threads, {platform.machine()}\n")
+    cpu_harness.print_table(rows)
+    path = cpu_harness.write_record(f"cpu_logits_N{args.tokens}_V{args.vocab}", {
+        "benchmark": "cpu_logits", "tokens": args.tokens, "vocab": args.vocab, "dtype": "float32", "rows": rows})
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -29,5 +29,13 @@ def sequence_logps_with_ref(logits, ref_logits, labels, *, ignore_index=-100, cu
                   inplace_backward=inplace_backward, ref_logits=ref_logits)
 
 
-__all__ = ["sequence_logps", "sequence_logps_with_ref", "rows_lse_target", "rows_softmax_grad",
+def linear_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
+    """:func:`robalign.linear_sequence_logps`: chunked cuBLAS matmuls with the Triton row kernels."""
+    from ..linear import linear_sequence_logps as run_op
+
+    return run_op(hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
+                  kernel="triton")
+
+
+__all__ = ["sequence_logps", "linear_sequence_logps", "sequence_logps_with_ref", "rows_lse_target", "rows_softmax_grad",
            "empty_grad_like", "block_size"]

@@ -46,7 +46,7 @@ def _as_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _per_sequence(token_values: Tensor, seq_idx: Tensor, num_seqs: int) -> Tensor:
+def per_sequence(token_values: Tensor, seq_idx: Tensor, num_seqs: int) -> Tensor:
     """Σ over each sequence's tokens, accumulated in float64, returned in float32."""
     out = torch.zeros(num_seqs, dtype=torch.float64, device=token_values.device)
     return out.index_add_(0, seq_idx, token_values.double()).float()
@@ -58,10 +58,10 @@ def _fwd(logits: Tensor, labels: Tensor, seq_idx: Tensor, num_seqs: int, ignore_
     ref_rows = None if ref_logits is None else _as_rows(ref_logits)
     lse, target, ref_token = row_kernels(kernel).rows_lse_target(_as_rows(logits), labels, ignore_index, ref_rows)
     scored = labels.reshape(-1) != ignore_index
-    logps = _per_sequence(torch.where(scored, target - lse, 0.0), seq_idx, num_seqs)
+    logps = per_sequence(torch.where(scored, target - lse, 0.0), seq_idx, num_seqs)
     counts = torch.zeros(num_seqs, dtype=torch.int64, device=logits.device).index_add_(0, seq_idx, scored.long())
     ref_logps = logps.new_empty(0) if ref_token is None else \
-        _per_sequence(torch.where(scored, ref_token, 0.0), seq_idx, num_seqs)
+        per_sequence(torch.where(scored, ref_token, 0.0), seq_idx, num_seqs)
     return logps, counts, lse, ref_logps
 
 

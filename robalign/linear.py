@@ -1,0 +1,144 @@
+"""The fused linear path: per-sequence log-probs from hidden states and the LM head, with no
+``[N, V]`` logits tensor — only one chunk of scored tokens' logits exists at a time.
+
+    forward   for each chunk c of scored tokens:  z_c = h_c @ Wᵀ (+ b)            [C, V]
+              lse_c, target_c = row kernel(z_c);  logp_t = target_t − lse_t;  save lse (4 B/token)
+    backward  for each chunk:  recompute z_c;  G_c = coeff·(onehot − softmax(z_c))  (in place)
+              grad_h[c] = G_c @ W;   grad_W += G_cᵀ @ h_c;   grad_b += Σ_t G_c[t]
+
+The matmuls are ATen's (cuBLAS / the CPU BLAS, float32 accumulation inside each product); the
+row work is the ``kernel``'s (``"cpp"`` or ``"triton"``, as in :mod:`robalign.library`).
+Backward recomputes the logits because the per-sequence coefficient (the DRO normaliser
+couples the whole batch) is only known after the forward. Prompt and padding tokens are
+skipped entirely. ``grad_W`` and ``grad_b`` accumulate across chunks in the weight's dtype:
+exact for float32; for bfloat16 one rounding per chunk, as Liger-Kernel does (a float32
+accumulator would double the memory of the largest gradient).
+
+Registered as ``robalign::linear_sequence_logps_fwd`` / ``_bwd``; the op takes a plain
+``weight`` tensor, so under FSDP the trainer passes the gathered LM head weight.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .library import per_sequence, row_kernels
+from .reference.logps import sequence_index
+
+__all__ = ["linear_sequence_logps", "chunk_tokens"]
+
+# Bytes of one chunk's logits, by device type; ROBALIGN_CHUNK_MB overrides.
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+
+
+def chunk_tokens(vocab: int, element_size: int, device: torch.device) -> int:
+    """Tokens per chunk: the most whose ``[C, V]`` logits fit the chunk budget, at least 1."""
+    budget = int(os.environ.get("ROBALIGN_CHUNK_MB", 0)) << 20 or CHUNK_BYTES.get(device.type, 64 << 20)
+    return max(1, budget // (vocab * element_size))
+
+
+def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return h_chunk @ weight.T if bias is None else torch.addmm(bias, h_chunk, weight.T)
+
+
+@torch.library.custom_op("robalign::linear_sequence_logps_fwd", mutates_args=())
+def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_idx: Tensor, num_seqs: int,
+         ignore_index: int, kernel: str, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    rows = row_kernels(kernel)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    scored = y != ignore_index
+    idx = scored.nonzero().squeeze(1)
+    lse = torch.zeros(y.numel(), dtype=torch.float32, device=h.device)
+    token_logps = torch.zeros_like(lse)
+    for start in range(0, idx.numel(), chunk):
+        i_c = idx[start:start + chunk]
+        z = _chunk_logits(h.index_select(0, i_c), weight, bias)                       # [C, V]
+        lse_c, target_c, _ = rows.rows_lse_target(z.unsqueeze(0), y.index_select(0, i_c), ignore_index)
+        lse.index_copy_(0, i_c, lse_c)
+        token_logps.index_copy_(0, i_c, target_c - lse_c)
+    counts = torch.zeros(num_seqs, dtype=torch.int64, device=h.device).index_add_(0, seq_idx, scored.long())
+    return per_sequence(token_logps, seq_idx, num_seqs), counts, lse
+
+
+@_fwd.register_fake
+def _(hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk):
+    return (hidden.new_empty(num_seqs, dtype=torch.float32), hidden.new_empty(num_seqs, dtype=torch.int64),
+            hidden.new_empty(labels.numel(), dtype=torch.float32))
+
+
+@torch.library.custom_op("robalign::linear_sequence_logps_bwd", mutates_args=())
+def _bwd(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_idx: Tensor,
+         lse: Tensor, ignore_index: int, kernel: str, chunk: int, need_hidden: bool, need_weight: bool,
+         need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    rows = row_kernels(kernel)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    coeff = grad_logps.float().index_select(0, seq_idx)
+    idx = ((y != ignore_index) & (coeff != 0)).nonzero().squeeze(1)
+    grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
+    grad_w = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
+    grad_b = torch.zeros_like(bias) if (need_bias and bias is not None) else weight.new_empty(0)
+    for start in range(0, idx.numel(), chunk):
+        i_c = idx[start:start + chunk]
+        h_c = h.index_select(0, i_c)
+        z = _chunk_logits(h_c, weight, bias).unsqueeze(0)                           # [1, C, V]
+        rows.rows_softmax_grad(z, y.index_select(0, i_c), lse.index_select(0, i_c), coeff.index_select(0, i_c),
+                               ignore_index, z)                                     # z becomes G
+        g = z.squeeze(0)
+        if need_hidden:
+            grad_h.index_copy_(0, i_c, g @ weight)
+        if need_weight:
+            grad_w.addmm_(g.T, h_c)
+        if grad_b.numel():
+            grad_b.add_(g.sum(0, dtype=torch.float32).to(grad_b.dtype))
+    return grad_h.reshape(hidden.shape) if need_hidden else grad_h, grad_w, grad_b
+
+
+@_bwd.register_fake
+def _(grad_logps, hidden, weight, bias, labels, seq_idx, lse, ignore_index, kernel, chunk, need_hidden, need_weight,
+      need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            torch.empty_like(bias) if (need_bias and bias is not None) else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, seq_idx, _, ignore_index, kernel, chunk = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, seq_idx, output[2])
+    ctx.ignore_index, ctx.kernel, ctx.chunk = ignore_index, kernel, chunk
+
+
+def _backward(ctx, grad_logps, grad_counts, grad_lse):
+    hidden, weight, bias, labels, seq_idx, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_h, grad_w, grad_b = torch.ops.robalign.linear_sequence_logps_bwd(
+        grad_logps, hidden, weight, bias, labels, seq_idx, lse, ctx.ignore_index, ctx.kernel, ctx.chunk,
+        need_h, need_w, need_b and bias is not None)
+    return (grad_h if need_h else None, grad_w if need_w else None,
+            grad_b if (need_b and bias is not None) else None, None, None, None, None, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
+                          cu_seqlens: Tensor | None, kernel: str) -> tuple[Tensor, Tensor]:
+    """Run the operator; ``(logps, counts)`` as :func:`robalign.linear_sequence_logps`."""
+    where = "robalign.linear_sequence_logps"
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{where}: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, got {t.dtype} "
+                            "(use backend='reference')")
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{where}: backend {kernel!r} needs `{name}` in the dtype of `hidden` ({hidden.dtype}), "
+                            f"got {t.dtype}")
+    seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
+    chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
+    logps, counts, _ = torch.ops.robalign.linear_sequence_logps_fwd(
+        hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk)
+    return logps, counts
