@@ -26,7 +26,13 @@ timeout 180 $PY -m pytest tests/test_logits_backends.py -k "triton" -p no:cachep
   | tee "$RESULTS/gpu_tests.log" || status=1
 
 # The logits-path sweep against the naive path and the copy-bandwidth floor.
-timeout 240 $PY benchmarks/gpu_logits.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu_logits.md" || status=1
+timeout 150 $PY benchmarks/gpu_logits.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu_logits.md" || status=1
+
+# The fused linear path against the naive path, the bare matmuls and Liger-Kernel (its wheel is
+# kept in benchmarks/wheels/: the GPU machine has no network).
+$PY -m pip install -q --no-deps --no-index --target /tmp/liger benchmarks/wheels/liger_kernel-*.whl \
+  && export PYTHONPATH=/tmp/liger${PYTHONPATH:+:$PYTHONPATH}
+timeout 150 $PY benchmarks/gpu_linear.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu_linear.md" || status=1
 
 if [ -n "${OUT:-}" ]; then cp "$RESULTS"/gpu_* "$OUT"/ 2>/dev/null; fi
 exit $status

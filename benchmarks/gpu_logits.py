@@ -17,18 +17,13 @@ script; its numbers are not the GPU's).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import robalign
+from gpu_harness import bench, copy_bandwidth, environment, peak_above, write_json
 
 VOCABS = (32000, 128256, 151936)
 TOKENS = (4096, 16384)
@@ -39,41 +34,6 @@ def naive_logps(logits, labels):
     mask = labels != -100
     lsm = torch.log_softmax(logits.float(), dim=-1)
     return (lsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
-
-
-def bench(fn, device) -> float:
-    """Median seconds of ``fn``."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a large device-to-device copy (read + write counted)."""
-    n = (1 << 30) if device == "cuda" else (1 << 26)
-    src = torch.randn(n // 4, device=device)
-    dst = torch.empty_like(src)
-    seconds = bench(lambda: dst.copy_(src), device)
-    return 2 * src.numel() * src.element_size() / seconds
-
-
-def peak_above(fn, device) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def run_case(tokens, vocab, device, dtype, bandwidth):
@@ -114,16 +74,6 @@ def run_case(tokens, vocab, device, dtype, bandwidth):
     return rows
 
 
-def environment(device) -> dict:
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,14 +99,9 @@ def main(argv=None) -> int:
             f"{r['peak_above_inputs_mb'] / max(naive['peak_above_inputs_mb'], 1e-9):.2f}"
         print(f"| {r['tokens']} | {r['vocab']} | {r['provider']} | {r['median_ms']:.2f} | {r['achieved_gbps']:.0f} | "
               f"{r['fraction_of_floor']:.2f} | {naive['median_ms'] / r['median_ms']:.2f}× | {mem} | {mem_ratio} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"gpu_logits_{env['device'].replace(' ', '_')}.json"
-    tmp = out / (name + ".tmp")
-    tmp.write_text(json.dumps({"benchmark": "gpu_logits", **env, "copy_bandwidth_gbps": bandwidth / 1e9,
-                               "rows": rows}, indent=2))
-    tmp.replace(out / name)
-    print(f"\nwrote {out / name}", file=sys.stderr)
+    path = write_json(Path(args.out), f"gpu_logits_{env['device'].replace(' ', '_')}",
+                      {"benchmark": "gpu_logits", **env, "copy_bandwidth_gbps": bandwidth / 1e9, "rows": rows})
+    print(f"\nwrote {path}", file=sys.stderr)
     return 0
 
 

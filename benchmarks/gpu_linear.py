@@ -1,0 +1,130 @@
+"""GPU benchmark of the fused linear path: log-probs from hidden states and the LM head,
+forward + backward (gradients of hidden and weight), bfloat16, H = 4096, V = 128256,
+16 sequences × {512, 1024, 2048} tokens.
+
+Providers:
+    naive          materialised logits (hidden @ Wᵀ, upcast to float32), log_softmax, gather, autograd
+    matmul_floor   the three bare matmuls alone (hidden @ Wᵀ, G @ W, Gᵀ @ hidden): the compute floor
+    robalign       chunked cuBLAS matmuls + Triton row kernels (recompute design: four matmul passes)
+    liger          Liger-Kernel's LigerFusedLinearDPOLoss, when liger_kernel is importable
+
+The matmul rate is measured in the same run (an 8192³ bfloat16 product); TFLOP/s count the
+three matmuls' 6·N·H·V FLOPs. Memory is the peak allocated above the inputs.
+
+    python benchmarks/gpu_linear.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import robalign
+from gpu_harness import bench, environment, matmul_rate, peak_above, write_json
+
+HIDDEN, VOCAB, SEQS = 4096, 128256, 16
+
+
+def naive(hidden, weight, labels):
+    z = (hidden @ weight.T).float()
+    tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (tok * (labels != -100)).sum(-1)
+
+
+def liger_step(hidden, weight, labels):
+    """Liger's chunked DPO loss on the same rows (chosen/rejected halves), no reference model."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    loss_fn = LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=False)
+
+    def step():
+        loss = loss_fn(weight, hidden, labels)
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        return torch.autograd.grad(loss, (hidden, weight))
+    return step
+
+
+def run_case(seqlen, device, dtype, rate, hidden_size, vocab):
+    torch.manual_seed(0)
+    tokens = SEQS * seqlen
+    hidden = torch.randn(SEQS, seqlen, hidden_size, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype) / hidden_size ** 0.5).requires_grad_(True)
+    labels = torch.randint(vocab, (SEQS, seqlen), device=device)
+    labels[:, : seqlen // 8] = -100
+    coeff = torch.randn(SEQS, device=device)
+    backend = "triton" if device == "cuda" else "cpp"
+    flops = 6 * tokens * hidden_size * vocab
+
+    def make(provider):
+        if provider == "matmul_floor":
+            g = torch.randn(tokens, vocab, device=device, dtype=dtype)
+            h, w = hidden.detach().reshape(tokens, hidden_size), weight.detach()
+            return lambda: (h @ w.T, g @ w, g.T @ h)
+        if provider == "liger":
+            return liger_step(hidden, weight, labels)
+
+        def step():
+            if provider == "naive":
+                logps = naive(hidden, weight, labels)
+            else:
+                logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend=backend)
+            return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
+        return step
+
+    rows = []
+    for provider in ("naive", "matmul_floor", "robalign", "liger"):
+        try:
+            step = make(provider)
+            seconds = bench(step, device)
+            memory = peak_above(step, device)
+        except Exception as err:  # liger missing or an API it does not have: say so in the table
+            print(f"  {provider}: skipped ({type(err).__name__}: {err})", file=sys.stderr)
+            continue
+        rows.append({"provider": provider, "tokens": tokens, "hidden": hidden_size, "vocab": vocab,
+                     "median_ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
+                     "fraction_of_matmul_rate": flops / seconds / rate, "peak_above_inputs_mb": memory})
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="16 × 1024 tokens only")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype, hidden_size, vocab, seqlens = torch.bfloat16, HIDDEN, VOCAB, (512, 1024, 2048)
+    if args.quick:
+        seqlens = (1024,)
+    if device == "cpu":                                      # smoke test of the script only
+        dtype, hidden_size, vocab, seqlens = torch.float32, 64, 2000, (32,)
+    rate = matmul_rate(device)
+    rows = [r for n in seqlens for r in run_case(n, device, dtype, rate, hidden_size, vocab)]
+    env = environment(device)
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
+          f"measured matmul rate {rate / 1e12:.0f} TFLOP/s\n")
+    print("| tokens | provider | time (ms) | TFLOP/s | time vs matmul floor | speed-up vs naive | peak MB above inputs | memory vs naive |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        same = [x for x in rows if x["tokens"] == r["tokens"]]
+        ref = {x["provider"]: x for x in same}
+        floor_ratio = f"{r['median_ms'] / ref['matmul_floor']['median_ms']:.2f}" if "matmul_floor" in ref else "n/a"
+        mem = r["peak_above_inputs_mb"]
+        naive_mem = ref.get("naive", {}).get("peak_above_inputs_mb")
+        mem_ratio = "n/a" if mem is None or not naive_mem else f"{mem / naive_mem:.3f}"
+        speed = f"{ref['naive']['median_ms'] / r['median_ms']:.2f}×" if "naive" in ref else "n/a"
+        print(f"| {r['tokens']} | {r['provider']} | {r['median_ms']:.1f} | {r['tflops']:.0f} | {floor_ratio} | {speed} | "
+              f"{'n/a' if mem is None else f'{mem:.0f}'} | {mem_ratio} |")
+    path = write_json(Path(args.out), f"gpu_linear_{env['device'].replace(' ', '_')}",
+                      {"benchmark": "gpu_linear", **env, "matmul_tflops": rate / 1e12, "rows": rows})
+    print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
