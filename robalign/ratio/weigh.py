@@ -1,0 +1,140 @@
+"""``robalign weigh``: a raw mixed-source preference file → the same file with ``probs`` and
+``weights``, a JSON calibration report and a PNG (reliability diagram, weight histogram).
+
+The mixture fractions are estimated from the data: α = n_target / n (responses), β_k = n_k / n,
+``class_ratio = n_target / n_synthetic`` of the classifier's training set; each response's
+weight is ``dora_weights(p, α, 1 − α, class_ratio)`` (= p/α with these estimates, in [0, 1/α]) and a
+sample's weight is the mean over its candidates. ``alpha`` overrides the estimate. Outputs are
+written to a temporary file and renamed, so a failure leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .classifier import cross_fit, expected_calibration_error
+from .data import read_preference_file
+from .features import embed, load_array, tfidf
+
+__all__ = ["weigh_file", "write_atomic"]
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _features(kind, texts, encoder, feature_array, progress):
+    if kind == "minilm":
+        return embed(texts, encoder, progress=progress)
+    if kind == "tfidf":
+        return tfidf(texts)
+    if kind == "array":
+        if feature_array is None:
+            raise ValueError("--features array needs --feature-array FILE.npy")
+        return load_array(feature_array, len(texts))
+    raise ValueError(f"unknown features {kind!r}; expected minilm, tfidf or array")
+
+
+def _plot(path: Path, probs, is_target, sample_weights, alpha):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    index = np.minimum((probs * 10).astype(int), 9)
+    means = [probs[index == b].mean() for b in range(10) if (index == b).any()]
+    fracs = [is_target[index == b].mean() for b in range(10) if (index == b).any()]
+    left.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    left.plot(means, fracs, "o-", label="classifier (cross-fitted)")
+    left.set(xlabel="predicted P(target)", ylabel="fraction from target", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    left.legend(loc="upper left")
+    right.hist(sample_weights, bins=30, color="tab:orange")
+    right.axvline(1 / alpha, color="grey", linestyle="--", label=f"1/α = {1 / alpha:.2f}")
+    right.set(xlabel="DoRA weight per sample", ylabel="samples", title="Weights")
+    right.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda h: fig.savefig(h, format="png", dpi=110))
+    plt.close(fig)
+
+
+def weigh_file(data, target_source: str, out, *, features: str = "minilm", encoder=None, feature_array=None,
+               folds: int = 5, calibration: str = "temperature", multiclass: bool = False, alpha: float | None = None,
+               report_dir=None, seed: int = 0, progress: bool = True) -> dict:
+    """Run the classifier stage on ``data`` and write ``out`` (and the report); returns the report."""
+    import torch
+
+    from ..weights import dora_weights
+
+    pref = read_preference_file(data, need_sources=True)
+    rows = pref.responses
+    sources = np.array(rows["source"])
+    groups = np.array(rows["sample"])
+    if target_source not in set(sources.tolist()):
+        raise ValueError(f"{pref.path}: no response has source {target_source!r} (--target-source); "
+                         f"sources found: {sorted(set(sources.tolist()))}")
+    if len(set(sources.tolist())) < 2:
+        raise ValueError(f"{pref.path}: the source field has one class only ({target_source!r}); "
+                         "the classifier needs target and synthetic responses")
+    feats = _features(features, rows["text"], encoder, feature_array, progress)
+    fit = cross_fit(feats, sources, target_source, groups, folds=folds, calibration=calibration,
+                    multiclass=multiclass, seed=seed)
+    is_target = (fit.y == 0).astype(float)
+    n_target = int(is_target.sum())
+    counts = {s: int((sources == s).sum()) for s in sorted(set(sources.tolist()))}
+    alpha_est = n_target / len(sources)
+    alpha_used = alpha_est if alpha is None else float(alpha)
+    class_ratio = n_target / (len(sources) - n_target)
+    # with β = 1 − α, dora_weights gives p/α when class_ratio = α/(1 − α) (the estimates here)
+    weights = dora_weights(torch.from_numpy(fit.probs), alpha_used, class_ratio=class_ratio).numpy()
+    sample_weights = np.zeros(len(pref.records))
+    np.add.at(sample_weights, groups, weights)
+    sample_weights /= np.bincount(groups)
+
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    report = {
+        "data": str(pref.path), "format": pref.format, "samples": len(pref.records), "responses": len(sources),
+        "target_source": target_source, "source_counts": counts, "features": features, "folds": folds,
+        "calibration": calibration, "multiclass": multiclass,
+        "alpha": alpha_used, "alpha_estimated": alpha_est, "alpha_from_probs": float(fit.probs.mean()),
+        "beta": {s: c / len(sources) for s, c in counts.items() if s != target_source},
+        "class_ratio": class_ratio,
+        "auc": float(roc_auc_score(is_target, fit.probs)), "brier": float(brier_score_loss(is_target, fit.probs)),
+        "ece": expected_calibration_error(fit.probs, is_target),
+        "ess": float(sample_weights.sum() ** 2 / (sample_weights ** 2).sum()),
+        "weight_min": float(sample_weights.min()), "weight_max": float(sample_weights.max()),
+        "weight_mean": float(sample_weights.mean()),
+    }
+    report["ess_fraction"] = report["ess"] / len(pref.records)
+
+    def write_records(handle):
+        for i, record in enumerate(pref.records):
+            sel = groups == i
+            order = np.argsort(np.array(rows["position"])[sel])
+            enriched = dict(record, probs=[round(float(p), 6) for p in fit.probs[sel][order]],
+                            weights=[round(float(w), 6) for w in weights[sel][order]],
+                            weight=round(float(sample_weights[i]), 6))
+            handle.write((json.dumps(enriched, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    write_atomic(Path(out), write_records)
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        write_atomic(report_dir / "weigh_report.json", lambda h: h.write(json.dumps(report, indent=2).encode()))
+        _plot(report_dir / "weigh_report.png", fit.probs, is_target, sample_weights, alpha_used)
+    return report
