@@ -29,6 +29,9 @@ def write_atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)                      # mkstemp's 0600 would surprise a user
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -58,12 +61,19 @@ def _plot(path: Path, probs, is_target, sample_weights, alpha):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     index = np.minimum((probs * 10).astype(int), 9)
-    means = [probs[index == b].mean() for b in range(10) if (index == b).any()]
-    fracs = [is_target[index == b].mean() for b in range(10) if (index == b).any()]
+    bins = [b for b in range(10) if (index == b).any()]
+    means = [probs[index == b].mean() for b in bins]
+    fracs = [is_target[index == b].mean() for b in bins]
+    sizes = [int((index == b).sum()) for b in bins]
     left.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    left.plot(means, fracs, "o-", label="classifier (cross-fitted)")
-    left.set(xlabel="predicted P(target)", ylabel="fraction from target", title="Reliability", xlim=(0, 1), ylim=(0, 1))
-    left.legend(loc="upper left")
+    left.plot(means, fracs, "-", color="tab:blue", alpha=0.5)
+    left.scatter(means, fracs, s=[20 + 200 * n / max(sizes) for n in sizes], color="tab:blue",
+                 label="classifier (cross-fitted); area ∝ responses")
+    for x, y, n in zip(means, fracs, sizes):
+        left.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    left.set(xlabel="predicted P(target)", ylabel="fraction from target", title="Reliability",
+             xlim=(-0.03, 1.05), ylim=(-0.03, 1.08))
+    left.legend(loc="lower right", fontsize=8)
     right.hist(sample_weights, bins=30, color="tab:orange")
     right.axvline(1 / alpha, color="grey", linestyle="--", label=f"1/α = {1 / alpha:.2f}")
     right.set(xlabel="DoRA weight per sample", ylabel="samples", title="Weights")
