@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .objectives import NAMES
+
 
 class UsageError(Exception):
     """A one-line, user-facing error: printed as ``robalign <cmd>: <message>``, exit status 2."""
@@ -52,6 +54,31 @@ def _cmd_weigh(args) -> int:
           f"ESS {report['ess']:.1f} ({report['ess_fraction']:.0%})")
     if args.report:
         print(f"report: {args.report}/weigh_report.json, {args.report}/weigh_report.png")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    try:
+        from .train import load_settings, run_training
+    except ImportError as err:
+        raise UsageError(f"needs the `train` extra: pip install 'robalign[train]' ({err})") from None
+    overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "alpha", "lr",
+                                               "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
+                                               "max_prompt_length", "seed", "resume")}
+    if args.lora:
+        overrides["lora"] = True
+    if args.no_dro_exact:
+        overrides["exact_dro"] = False
+    try:
+        settings = load_settings(args.config, **overrides)
+        summary = run_training(settings)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    first, last = summary["first_log"] or {}, summary["last_log"] or {}
+    print(f"trained {summary['steps']} steps in {summary['seconds']}s: loss {first.get('loss', float('nan')):.4f} -> "
+          f"{last.get('loss', float('nan')):.4f}, reward accuracy {first.get('rewards/accuracy', float('nan')):.2f} -> "
+          f"{last.get('rewards/accuracy', float('nan')):.2f}")
+    print(f"model: {summary['out']}/final  summary: {summary['out']}/summary.json")
     return 0
 
 
@@ -99,11 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     weigh.add_argument("--seed", type=int, default=0)
     weigh.set_defaults(func=_cmd_weigh)
 
-    train = sub.add_parser("train", help="train a causal LM with DoRA")
-    train.add_argument("--model")
-    train.add_argument("--data")
-    train.add_argument("--config")
-    train.set_defaults(func=_not_yet("train"))
+    train = sub.add_parser("train", help="train a causal LM with DoRA",
+                           description="Train a causal LM on a preference file with DoRA (or any robalign "
+                                       "objective). With no --model and --data: the embedded default.")
+    train.add_argument("--model", help="local Hugging Face model folder (default: the embedded tiny Llama)")
+    train.add_argument("--data", help="listwise or pairwise JSONL (default: the embedded toy preferences)")
+    train.add_argument("--out", help="output folder (default out/train)")
+    train.add_argument("--config", help="YAML file with the same settings (flags win)")
+    train.add_argument("--objective", choices=NAMES)
+    train.add_argument("--lam", type=float, help="DRO temperature λ (inf: weighted mean)")
+    train.add_argument("--alpha", type=float, help="target fraction α (needed with probs and no weights)")
+    train.add_argument("--beta", type=float, help="the objective's β")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--epochs", type=float)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int, help="samples per device per micro-batch")
+    train.add_argument("--grad-accum", type=int)
+    train.add_argument("--max-length", type=int)
+    train.add_argument("--max-prompt-length", type=int)
+    train.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
+    train.add_argument("--no-dro-exact", action="store_true",
+                       help="per-micro-batch DRO normaliser (the cheaper approximation)")
+    train.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint folder (default: latest)")
+    train.add_argument("--seed", type=int)
+    train.set_defaults(func=_cmd_train)
 
     bench = sub.add_parser("bench", help="run the benchmark suite")
     bench.add_argument("--quick", action="store_true")

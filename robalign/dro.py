@@ -214,11 +214,6 @@ class KLDROAccumulator:
         """Fold one micro-batch in; returns the surrogate to ``backward()``."""
         where = "robalign.KLDROAccumulator"
         _check(where, losses, weights, self.lam, self.group)
-        if not self.exact:
-            loss = kl_dro(losses, weights, lam=self.lam, group=self.group, ddp_average=self.ddp_average)
-            self._approx_losses.append(float(loss.detach()))
-            self.loss = sum(self._approx_losses) / len(self._approx_losses)
-            return loss / self.accumulation_steps
         w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
         wl = w * losses
         a = torch.zeros_like(wl) if _is_weighted_mean(self.lam) else wl / self.lam
@@ -233,10 +228,15 @@ class KLDROAccumulator:
             factor = float(self._s * old / s)
             self._sum_q = self._sum_q * old + mom.sum_q * new
             self._sum_q2 = self._sum_q2 * old ** 2 + mom.sum_q2 * new ** 2
-        self._rescale_grads(factor)
         self._m, self._s = m, s
         self._n += float(mom.count)
         self._log_max_q = max(self._log_max_q, float(mom.log_max_q))
+        if not self.exact:
+            loss = kl_dro(losses, weights, lam=self.lam, group=self.group, ddp_average=self.ddp_average)
+            self._approx_losses.append(float(loss.detach()))
+            self.loss = sum(self._approx_losses) / len(self._approx_losses)
+            return loss / self.accumulation_steps
+        self._rescale_grads(factor)
         total_wl = wl.detach().sum()
         if self.group is not None:
             dist.all_reduce(total_wl, group=self.group)

@@ -139,6 +139,17 @@ class DoRALoss(nn.Module):
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
         else:
             policy_logps, counts = self._logps(where, "", logits, hidden, weight, bias, labels, cu_seqlens)
+        if self.needs_reference and ref_logps is None:
+            with torch.no_grad():
+                ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_weight, ref_bias, labels,
+                                           cu_seqlens)
+        return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores)
+
+    def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None) -> DoRAOutput:
+        """The same loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
+        computed elsewhere, e.g. by a trainer that runs the model itself."""
+        where = "robalign.DoRALoss"
+        V.check_tensor(where, "policy_logps", policy_logps, ndim=1, floating=True)
         num_seqs, k = policy_logps.shape[0], self.group_size
         if num_seqs % k:
             V.fail(where, f"`group_size`={k} must divide the number of sequences, got {num_seqs}")
@@ -147,13 +158,10 @@ class DoRALoss(nn.Module):
         logratios = None
         if self.needs_reference:
             if ref_logps is None:
-                with torch.no_grad():
-                    ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_weight, ref_bias,
-                                               labels, cu_seqlens)
-            else:
-                V.check_tensor(where, "ref_logps", ref_logps, ndim=1, floating=True)
-                if ref_logps.shape[0] != num_seqs:
-                    V.fail(where, f"`ref_logps` must be [S] = [{num_seqs}], got {tuple(ref_logps.shape)}")
+                V.fail(where, "`ref_logps` is required: the objective compares with a reference model")
+            V.check_tensor(where, "ref_logps", ref_logps, ndim=1, floating=True)
+            if ref_logps.shape[0] != num_seqs:
+                V.fail(where, f"`ref_logps` must be [S] = [{num_seqs}], got {tuple(ref_logps.shape)}")
             logratios = policy_logps - ref_logps.detach().to(policy_logps.dtype)
 
         grouped = policy_logps.reshape(num_samples, k)

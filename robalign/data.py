@@ -1,0 +1,155 @@
+"""The training data pipeline: preference files → tokenised groups → group-major batches.
+
+A sample is a prompt with K candidate responses (pairs: chosen, then rejected). Each candidate
+becomes one row ``prompt tokens + response tokens + eos``; ``labels`` copy the response tokens
+and mask the prompt and padding with -100 (Hugging Face convention: labels at the positions of
+``input_ids``; the loss aligns them with :func:`robalign.shift_labels`).
+
+Truncation rules (counted, and reported by the trainer):
+    1. the prompt keeps its last ``max_prompt_length`` tokens (truncated from the left);
+    2. the response keeps its first ``max_length − len(prompt)`` tokens (truncated from the right,
+       the eos token included in the count).
+
+The prompt goes through the tokenizer's chat template when it has one (a single user turn with
+the generation prompt), else it is used as plain text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .ratio.data import read_preference_file
+
+__all__ = ["TokenizedGroup", "PreferenceDataset", "PreferenceCollator", "prepare_tokenizer", "tokenize_prompt"]
+
+
+def prepare_tokenizer(tokenizer, log=print):
+    """Give a tokenizer without a pad (or eos) token one, saying so; returns the tokenizer."""
+    if tokenizer.eos_token is None:
+        candidate = tokenizer.sep_token or tokenizer.cls_token
+        if candidate is None:
+            raise ValueError("the tokenizer has neither an eos nor a sep token to end responses with")
+        tokenizer.eos_token = candidate
+        log(f"robalign: the tokenizer has no eos token; using {candidate!r}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log(f"robalign: the tokenizer has no pad token; using eos {tokenizer.eos_token!r} (padding is masked)")
+    return tokenizer
+
+
+def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+@dataclass
+class TokenizedGroup:
+    """One sample: K rows of ``input_ids`` and ``labels`` (-100 on the prompt), and its metadata."""
+
+    input_ids: list
+    labels: list
+    scores: list
+    probs: list | None = None
+    weights: list | None = None
+    ref_logps: list | None = None
+    truncated: int = 0
+
+
+@dataclass
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Tokenised preference samples of one file; every sample has the same K."""
+
+    groups: list
+    group_size: int
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+    path: str = ""
+    fingerprint: str = ""
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, index):
+        return self.groups[index]
+
+    @classmethod
+    def from_file(cls, path, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256) -> PreferenceDataset:
+        """Read ``path`` (listwise or pairwise JSONL) and tokenise it with ``tokenizer``."""
+        import hashlib
+
+        if max_prompt_length >= max_length:
+            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+        pref = read_preference_file(path)
+        eos = tokenizer.eos_token_id
+        groups, cut_prompts, cut_responses, k_seen = [], 0, 0, None
+        for line_index, record in enumerate(pref.records):
+            if pref.format == "pairwise":
+                prompt, responses, scores = record["prompt"], [record["chosen"], record["rejected"]], [1.0, 0.0]
+            else:
+                prompt, responses = record.get("prompt", record.get("query")), record["responses"]
+                scores = [float(s) for s in record["scores"]]
+            if k_seen is None:
+                k_seen = len(responses)
+            elif len(responses) != k_seen:
+                raise ValueError(f"{path}: record {line_index + 1} has {len(responses)} responses, the first had "
+                                 f"{k_seen}; every sample of a training file needs the same number")
+            prompt_ids = tokenize_prompt(tokenizer, prompt)
+            if len(prompt_ids) > max_prompt_length:
+                prompt_ids = prompt_ids[-max_prompt_length:]
+                cut_prompts += 1
+            rows_ids, rows_labels, cut = [], [], 0
+            budget = max_length - len(prompt_ids)
+            for response in responses:
+                ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+                if len(ids) > budget:
+                    ids = ids[:budget]
+                    cut += 1
+                rows_ids.append(prompt_ids + ids)
+                rows_labels.append([-100] * len(prompt_ids) + ids)
+            cut_responses += cut
+            weights = record.get("weights")
+            groups.append(TokenizedGroup(rows_ids, rows_labels, scores, probs=record.get("probs"),
+                                         weights=weights, truncated=cut))
+        digest = hashlib.sha256(pref.path.read_bytes()).hexdigest()[:16]
+        fingerprint = f"{digest}-L{max_length}-P{max_prompt_length}-{tokenizer.__class__.__name__}-{len(tokenizer)}"
+        return cls(groups, k_seen, cut_prompts, cut_responses, str(pref.path), fingerprint)
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads a list of :class:`TokenizedGroup` into one group-major batch:
+
+        input_ids, attention_mask, labels   [B·K, T]   (labels: HF convention, -100 masked)
+        scores                              [B·K]      float32
+        probs / weights / ref_logps         [B·K]      when every sample has them
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    fields: tuple = field(default=("probs", "weights", "ref_logps"))
+
+    def __call__(self, groups):
+        rows_ids = [ids for g in groups for ids in g.input_ids]
+        rows_labels = [lab for g in groups for lab in g.labels]
+        width = max(len(r) for r in rows_ids)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows_ids), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows_ids), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(rows_ids), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows_ids, rows_labels)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention[i, : len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+                 "scores": torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)}
+        for name in self.fields:
+            values = [getattr(g, name) for g in groups]
+            if all(v is not None for v in values):
+                batch[name] = torch.tensor([x for v in values for x in v], dtype=torch.float32)
+        return batch

