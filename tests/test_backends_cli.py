@@ -45,7 +45,7 @@ def test_cli_unknown_subcommand_and_missing_file(capsys):
         main(["frobnicate"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
-    assert main(["weigh", "/no/such/file.jsonl"]) == 2
+    assert main(["weigh", "/no/such/file.jsonl", "--target-source", "human", "--out", "/tmp/x.jsonl"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "robalign weigh: no such file: /no/such/file.jsonl"
 
