@@ -23,7 +23,7 @@ $(PY):
 $(STAMP): setup.py Makefile | $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,weigh]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,weigh,train]"
 	touch $(STAMP)
 
 clean:

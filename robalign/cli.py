@@ -30,10 +30,26 @@ def _existing_file(value: str) -> Path:
 
 
 def _cmd_demo(args) -> int:
-    from .quickstart import run
-
-    run(steps=args.steps, seed=args.seed)
-    return 0
+    try:
+        from .demo import ARMS, DemoSettings, run_demo
+    except ImportError as err:
+        raise UsageError(f"needs the `weigh` and `train` extras: pip install 'robalign[weigh,train]' ({err})") from None
+    settings = DemoSettings()
+    if args.quick:
+        settings = DemoSettings(seeds=1, steps=20, sft_steps=30, n_train=200, n_test=100)
+    for name in ("seeds", "target_fraction", "flip_rate", "steps", "out", "features"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.arms is not None:
+        settings.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        unknown = sorted(set(settings.arms) - set(ARMS))
+        if unknown:
+            raise UsageError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    if not 0 < settings.target_fraction < 1 or not 0 <= settings.flip_rate < 0.5 or settings.seeds < 1:
+        raise UsageError("need 0 < --target-fraction < 1, 0 <= --flip-rate < 0.5 and --seeds >= 1")
+    summary = run_demo(settings)
+    print(f"results: {settings.out}/results.json, chart: {settings.out}/results.png")
+    return 0 if summary else 1
 
 
 def _cmd_weigh(args) -> int:
@@ -104,9 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,weigh,train,bench}", parser_class=_Parser)
     sub.required = True
 
-    demo = sub.add_parser("demo", help="run the end-to-end example on the embedded default")
-    demo.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the distribution-shift experiment on the embedded default",
+                          description="A seeded toy distribution shift: DPO, importance-weighted DPO, DRO only, "
+                                      "DoRA, Dr.DPO and listwise DoRA, scored on the target distribution.")
+    demo.add_argument("--seeds", type=int, help="number of seeds (default 3)")
+    demo.add_argument("--target-fraction", type=float, help="fraction α of target training samples (default 0.25)")
+    demo.add_argument("--flip-rate", type=float, help="label-flip rate of the synthetic samples (default 0.2)")
+    demo.add_argument("--steps", type=int, help="preference training steps per arm (default 80)")
+    demo.add_argument("--arms", help="comma-separated arms (default: all)")
+    demo.add_argument("--features", choices=("tfidf", "minilm"), help="classifier features (default tfidf)")
+    demo.add_argument("--out", help="output folder (default out/demo)")
+    demo.add_argument("--quick", action="store_true", help="one seed, few steps, small data (a smoke test)")
     demo.set_defaults(func=_cmd_demo)
 
     weigh = sub.add_parser("weigh", help="fit the distribution classifier and add DoRA weights to a dataset",

@@ -5,7 +5,7 @@ Prompts ask about a topic. Responses are word sequences from one of two sources:
     synthetic (``synthetic``) longer, with its own style words ("certainly", "furthermore", ...).
 Content words are either on topic (good) or filler (bad). Two rewards:
     r0 (the target preference)  = (on-topic words − filler words) / length
-    r1 (the biased labeller)    = bias·(style words + length/10)/length·10 + (1 − bias)·r0
+    r1 (the biased labeller)    = (1 − 2·bias)·r0 + bias·(style-word share + length/20)
 Target pairs are labelled by r0; synthetic pairs by r1, then flipped with ``flip_rate``. A
 held-out test set holds target pairs labelled by r0.
 """
@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ToySettings", "make_toy_data", "reward_target", "reward_biased", "write_jsonl"]
+__all__ = ["ToySettings", "make_toy_data", "reward_target", "reward_biased", "write_jsonl", "toy_tokenizer"]
 
 TOPICS = {
     "ocean": "wave tide coral reef salt current whale shore deep fish".split(),
@@ -43,8 +43,29 @@ class ToySettings:
     group_size: int = 2
     target_fraction: float = 0.25
     flip_rate: float = 0.2
-    bias: float = 0.8
+    bias: float = 0.7
     seed: int = 0
+
+
+PROMPT_WORDS = "tell me about the .".split()
+SPECIAL = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+
+
+def toy_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` over the generator's vocabulary (lower-cased,
+    punctuation split off, ``[BOS]`` prepended to every text it encodes with special tokens).
+    About a hundred tokens, so the embedded model's LM head is tiny and its samples readable."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(SPECIAL) + sorted({*PROMPT_WORDS, *TOPICS, *FILLER, *HUMAN_STYLE, *SYNTH_STYLE,
+                                    *(w for ws in TOPICS.values() for w in ws)})
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
 
 
 def _words(response: str) -> list[str]:
@@ -60,10 +81,11 @@ def reward_target(prompt_topic: str, response: str) -> float:
 
 
 def reward_biased(prompt_topic: str, response: str, bias: float) -> float:
-    """r1: prefers long, synthetic-style responses; partly agrees with r0."""
+    """r1 = (1 − 2·bias)·r0 + bias·(style share + length/20): prefers long, synthetic-style
+    responses and, for bias > 1/2, is partly at odds with r0."""
     words = _words(response)
     style = sum(w in SYNTH_STYLE for w in words) / max(len(words), 1)
-    return bias * (style + len(words) / 20) + (1 - bias) * reward_target(prompt_topic, response)
+    return (1 - 2 * bias) * reward_target(prompt_topic, response) + bias * (style + len(words) / 20)
 
 
 def _response(rng: random.Random, topic: str, source: str) -> str:

@@ -1,8 +1,8 @@
 """``robalign train``: a causal LM, a preference file → a DoRA-trained policy and a summary.
 
 With no model and no data it trains the embedded default: a small Llama-architecture model
-built from ``assets/tiny_llama.json`` with the MiniLM package's tokenizer, on a seeded toy
-preference set (:mod:`robalign.toy`), in a few minutes on 2 CPU cores.
+built from ``assets/tiny_llama.json`` with a word-level tokenizer of the toy vocabulary, on a
+seeded toy preference set (:mod:`robalign.toy`), in well under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -70,16 +70,18 @@ def load_settings(config_path=None, **overrides) -> TrainSettings:
 
 
 def embedded_model(seed: int = 0):
-    """The embedded default: (tiny Llama, MiniLM's WordPiece tokenizer), seeded."""
+    """The embedded default: (a tiny Llama from ``assets/tiny_llama.json``, the word-level
+    tokenizer of the toy data's vocabulary), seeded."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .ratio.features import default_encoder_path
+    from .toy import toy_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(default_encoder_path()), local_files_only=True)
+    tokenizer = toy_tokenizer()
     config = LlamaConfig(**{k: v for k, v in json.loads((ASSETS / "tiny_llama.json").read_text()).items()
                             if k not in ("architectures", "model_type")}, vocab_size=len(tokenizer),
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config), tokenizer
 

