@@ -31,6 +31,7 @@ class TrainSettings:
     alpha: float | None = None
     use_weights: bool = True
     exact_dro: bool = True
+    fused: bool = True
     lr: float = 5e-4
     optim: str = "adamw_torch"
     epochs: float = 1.0
@@ -147,7 +148,8 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         optim=settings.optim, lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
     )
     dora = DoRAConfig(objective=settings.objective, beta=settings.beta, lam=settings.lam, alpha=settings.alpha,
-                      use_weights=settings.use_weights, exact_dro=settings.exact_dro, shuffle=settings.shuffle,
+                      use_weights=settings.use_weights, exact_dro=settings.exact_dro, fused=settings.fused,
+                      shuffle=settings.shuffle,
                       objective_kwargs=dict(settings.objective_kwargs))
     trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, dora=dora)
     if dataset.truncated_prompts or dataset.truncated_responses:
