@@ -175,7 +175,7 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path)
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env,
                    capture_output=True, timeout=600)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-port", "29533", str(script), str(tmp_path / "two"), "2"],
+                             "--standalone", str(script), str(tmp_path / "two"), "2"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _params(tmp_path / "one"), _params(tmp_path / "two")
