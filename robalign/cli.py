@@ -98,14 +98,19 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def command(args) -> int:
-        for field in ("data", "config"):
-            value = getattr(args, field, None)
-            if value is not None:
-                _existing_file(value)
-        raise UsageError(f"`robalign {name}` is not available in robalign {_version()} yet")
-    return command
+def _cmd_bench(args) -> int:
+    import subprocess
+
+    suite = Path(__file__).resolve().parent.parent / "benchmarks" / "suite.py"
+    if not suite.is_file():
+        raise UsageError("the benchmark suite lives in the source checkout's benchmarks/ folder; "
+                         "run it from a clone installed with `pip install -e .`")
+    cmd = [sys.executable, str(suite), "--device", args.device, "--workload", args.workload]
+    if args.quick:
+        cmd.append("--quick")
+    if args.model:
+        cmd += ["--model", args.model]
+    return subprocess.run(cmd).returncode
 
 
 def _version() -> str:
@@ -175,9 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.set_defaults(func=_cmd_train)
 
-    bench = sub.add_parser("bench", help="run the benchmark suite")
-    bench.add_argument("--quick", action="store_true")
-    bench.set_defaults(func=_not_yet("bench"))
+    bench = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)",
+                           description="Speed and memory of both heavy ops against the naive path and the "
+                                       "measured limits; writes benchmarks/results/ and charts.")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--workload", default="logits,linear", help="comma-separated: logits, linear")
+    bench.add_argument("--model", help="model shape: small, llama3-8b, qwen2.5-7b, mistral-7b")
+    bench.add_argument("--quick", action="store_true", help="fewer token counts and repeats")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,37 @@
+"""The benchmark suite's plumbing: a tiny CPU sweep in fresh processes, its record and charts."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+@pytest.mark.slow
+def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
+    import cpu_harness
+    import suite
+    from plot import plot_suite
+
+    monkeypatch.setattr(suite, "CPU_PROVIDERS", {"logits": ("naive", "cpp"), "linear": ("naive", "cpp")})
+    monkeypatch.setattr(suite, "MODELS", {"tiny": (32, 2000)})
+    result = suite.run_cpu(["logits", "linear"], "tiny", (64, 128), 1)
+    assert len(result["rows"]) == 8
+    assert result["limits"]["copy_bandwidth_bytes_per_s"] > 1e8 and result["limits"]["matmul_flop_per_s"] > 1e8
+    for row in result["rows"]:
+        assert row["median_s"] > 0 and row["floor_s"] > 0 and 0 < row["fraction_of_floor"]
+    monkeypatch.setattr(cpu_harness, "RESULTS", tmp_path)
+    path = cpu_harness.write_record("suite_cpu", {"device": "cpu", "threads": 2, **result})
+    assert json.loads(path.read_text())["rows"][0]["workload"] == "logits"
+    charts = plot_suite(path)
+    assert [c.name for c in charts] == ["suite_cpu_linear.png", "suite_cpu_logits.png"]
+    assert all(c.stat().st_size > 5000 for c in charts)
+
+
+def test_bench_cli_rejects_an_unknown_workload():
+    from robalign.cli import main
+
+    assert main(["bench", "--workload", "nope"]) == 2
