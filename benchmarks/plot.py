@@ -23,16 +23,15 @@ def plot_suite(path) -> list[Path]:
     for workload in sorted({r["workload"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["workload"] == workload]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for provider in dict.fromkeys(r["provider"] for r in rows):
+        # the bare matmuls are the linear path's limit line, not a provider to compare memory with
+        for provider in dict.fromkeys(r["provider"] for r in rows if r["provider"] != "matmul_floor"):
             mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["tokens"])
             xs = [r["tokens"] for r in mine]
-            style = "-o" if provider.startswith(("cpp", "robalign", "triton")) else "--s" if provider == "matmul_floor" \
-                else "-^"
+            style = "-o" if provider.startswith(("cpp", "robalign", "triton")) else "-^"
             left.plot(xs, [r["median_s"] * 1e3 for r in mine], style, label=provider)
-            if provider != "matmul_floor":
-                right.plot(xs, [r["peak_above_inputs_mb"] for r in mine], style, label=provider)
+            right.plot(xs, [r["peak_above_inputs_mb"] for r in mine], style, label=provider)
         floors = sorted({(r["tokens"], r["floor_s"]) for r in rows})
-        limit = "bytes / copy bandwidth" if workload == "logits" else "FLOPs / matmul rate"
+        limit = "bytes / copy bandwidth" if workload == "logits" else "the three bare matmuls"
         left.plot([t for t, _ in floors], [f * 1e3 for t, f in floors], ":", color="black", label=f"limit ({limit})")
         left.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel="forward+backward time (ms)",
                  title=f"{workload} path: time")
