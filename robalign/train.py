@@ -172,6 +172,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     summary = {
         "out": str(out), "data": str(data), "model": settings.model or "embedded tiny Llama",
         "samples": len(dataset), "group_size": dataset.group_size, "steps": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
         "train_loss": result.training_loss, "seconds": round(time.perf_counter() - start, 1),
         "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
         "truncated_prompts": dataset.truncated_prompts, "truncated_responses": dataset.truncated_responses,

@@ -66,12 +66,20 @@ def _needs_plain_logits(model) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
+def _causal_lm(model):
+    """The Hugging Face causal LM inside DDP (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    inner = model.module if hasattr(model, "module") else model
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def policy_logps(model, batch, *, fused: bool = True, backend=None):
     """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
-    wrapped by DDP). The fused path captures the decoder's last hidden states with a forward
-    hook and runs the LM head through :func:`robalign.linear_sequence_logps`."""
+    wrapped by DDP or PEFT). The fused path captures the decoder's last hidden states with a
+    forward hook and runs the LM head through :func:`robalign.linear_sequence_logps`; the model
+    itself is still called (through its wrappers, so DDP and adapters work) with
+    ``logits_to_keep=1``."""
     labels = shift_labels(batch["labels"])
-    inner = model.module if hasattr(model, "module") else model
+    inner = _causal_lm(model)
     if not fused or _needs_plain_logits(inner):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return sequence_logps(logits, labels, backend=backend)
@@ -80,7 +88,8 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None):
     def keep(_module, _inputs, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    handle = inner.base_model.register_forward_hook(keep)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
+    handle = decoder.register_forward_hook(keep)
     try:
         kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)

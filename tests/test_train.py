@@ -164,22 +164,52 @@ run_training(TrainSettings(out=out, max_steps=3, batch_size=batch, grad_accum=2,
 """
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
-    """SGD, so a parameter moves by lr × its gradient and float32 reduction-order differences
-    stay float32-sized (Adam's m/√v would blow up the noise of parameters with ~0 gradient)."""
-    script = tmp_path / "train_script.py"
+# `accelerate launch` wraps torchrun on GPUs; on CPU its multi-process mode needs MPI (checked:
+# `--cpu --num_processes 2` runs a world of size 1), so torchrun is the CPU launcher tested here.
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    script = tmp / "train_script.py"
     script.write_text(DIST_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env,
-                   capture_output=True, timeout=600)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--standalone", str(script), str(tmp_path / "two"), "2"],
+    subprocess.run([sys.executable, str(script), str(tmp / "one"), "4"], check=True, env=env, capture_output=True,
+                   timeout=600)
+    return script, _params(tmp / "one")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, one_process_run, launcher):
+    """SGD, so a parameter moves by lr × its gradient and float32 reduction-order differences
+    stay float32-sized (Adam's m/√v would blow up the noise of parameters with ~0 gradient)."""
+    script, one = one_process_run
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(LAUNCHERS[launcher] + [str(script), str(tmp_path / "two"), "2"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = _params(tmp_path / "one"), _params(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    two = _params(tmp_path / "two")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
     initial = embedded_model(seed=0)[0].state_dict()
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3      # training moved them
+
+
+def test_lora_trains_only_the_adapters(tmp_path):
+    pytest.importorskip("peft", reason="--lora needs peft")
+    summary = run_training(_settings(tmp_path, "lora", lora=True, max_steps=4, save_steps=100, lr=1e-2),
+                           log=lambda *_: None)
+    assert summary["steps"] == 4
+    assert summary["last_log"]["rewards/accuracy"] >= 0.0
+    saved = list((tmp_path / "lora" / "final").glob("adapter_model.safetensors"))
+    assert saved, "a LoRA run saves the adapter"
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(saved[0]))
+    assert all("lora_" in k for k in adapter) and any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
