@@ -84,9 +84,6 @@ def write_record(name: str, record: dict) -> Path:
                                  cwd=Path(__file__).parent).stdout.strip(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), **record,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
-    return path
+    from gpu_harness import write_json
+
+    return write_json(RESULTS, name, record)

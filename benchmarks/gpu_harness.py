@@ -69,9 +69,9 @@ def environment(device) -> dict:
 
 
 def write_json(directory: Path, name: str, record: dict) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    """``directory/name.json``, written atomically (shared by the CPU and GPU benchmarks)."""
+    from robalign.ratio.weigh import write_atomic
+
+    path = Path(directory) / f"{name}.json"
+    write_atomic(path, lambda h: h.write(json.dumps(record, indent=2).encode()))
     return path

@@ -68,9 +68,6 @@ def run_case(tokens, vocab, device, dtype, bandwidth):
             "median_ms": seconds * 1e3, "achieved_gbps": floor_bytes / seconds / 1e9,
             "fraction_of_floor": floor_bytes / bandwidth / seconds, "peak_above_inputs_mb": peak_above(step, device),
         })
-    del logits
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

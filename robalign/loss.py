@@ -189,7 +189,7 @@ class DoRALoss(nn.Module):
                           reward_margin=(chosen - rejected).mean(), dro=stats)
 
     def _weights(self, where, probs, weights, num_seqs, losses):
-        num_samples, k = num_seqs // self.group_size, self.group_size
+        num_samples = num_seqs // self.group_size
         if probs is not None and weights is not None:
             V.fail(where, "pass `probs` or `weights`, not both")
         if probs is not None:

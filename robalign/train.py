@@ -98,12 +98,10 @@ def _load_model(settings: TrainSettings, log):
         raise FileNotFoundError(f"model path not found: {path} (a local folder; nothing is downloaded)")
     attn = "sdpa"
     if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
+        import importlib.util
 
+        if importlib.util.find_spec("flash_attn") is not None:
             attn = "flash_attention_2"
-        except ImportError:
-            pass
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, attn_implementation=attn)
     log(f"robalign: loaded {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

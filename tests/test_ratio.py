@@ -1,7 +1,6 @@
 """The classifier stage: cross-fitted calibrated probabilities, weights, report, bad input."""
 
 import json
-import math
 import random
 
 import numpy as np

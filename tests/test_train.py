@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
 
-import robalign  # noqa: E402
 from robalign import reference  # noqa: E402
 from robalign.data import PreferenceCollator, PreferenceDataset, prepare_tokenizer  # noqa: E402
 from robalign.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
