@@ -20,6 +20,8 @@ import torch
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 ENV_VAR = "ROBALIGN_BACKEND"
+# Looked up once at import: resolve() runs inside torch.compile traces, where importlib is opaque.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 class BackendUnavailable(RuntimeError):
@@ -38,7 +40,7 @@ def triton_interpret() -> bool:
 
 
 def _triton_module(op: str, device: torch.device) -> ModuleType:
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         raise BackendUnavailable("backend 'triton' needs the `triton` package: pip install triton")
     if device.type == "cpu" and not triton_interpret():
         raise BackendUnavailable(
