@@ -249,6 +249,11 @@ def _print_table(summary, log):
         verdict = "better" if d > 0 else "worse"
         log(f"\nDoRA vs DPO: {d:+.1f} points of target preference accuracy ({verdict} on the target "
             f"distribution); {summary['seconds']:.0f}s in all.")
+        dpo = arms["dpo"]["target_pref_acc_mean"]
+        parts = [f"{label} {100 * (arms[name]['target_pref_acc_mean'] - dpo):+.1f}"
+                 for name, label in (("iw_dpo", "weights alone"), ("dro_only", "DRO alone")) if name in arms]
+        if parts:
+            log("Ablations vs DPO (points): " + ", ".join(parts) + ".")
 
 
 def _plot(path, arms, settings):
