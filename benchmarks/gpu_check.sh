@@ -21,8 +21,9 @@ status=0
 # robalign from this checkout; the C++ extension is not needed for the GPU path (CI tests it).
 ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || status=1
 
-# CUDA tests: the Triton kernels compiled on CUDA tensors, and torch.compile of DoRALoss.
-timeout 180 $PY -m pytest tests/test_logits_backends.py -k "triton" -p no:cacheprovider -q 2>&1 \
+# CUDA tests: the Triton kernels compiled on CUDA tensors (logits and fused linear paths) and
+# torch.compile of DoRALoss.
+timeout 180 $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton" -p no:cacheprovider -q 2>&1 \
   | tee "$RESULTS/gpu_tests.log" || status=1
 
 # The logits-path sweep against the naive path and the copy-bandwidth floor.
