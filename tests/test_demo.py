@@ -55,3 +55,17 @@ def test_demo_bad_arguments():
 
     assert main(["demo", "--arms", "dpo,nope"]) == 2
     assert main(["demo", "--target-fraction", "1.5"]) == 2
+
+
+def test_demo_is_deterministic_for_a_seed(tmp_path):
+    from robalign.demo import DemoSettings, run_demo
+
+    def once(name):
+        settings = DemoSettings(seeds=1, steps=5, sft_steps=5, n_train=120, n_test=40, arms=["dpo", "dora"],
+                                out=str(tmp_path / name))
+        return run_demo(settings, log=lambda *_: None)["arms"]
+
+    first, second = once("a"), once("b")
+    for arm in first:
+        assert first[arm]["target_pref_acc"] == second[arm]["target_pref_acc"]
+        assert first[arm]["target_reward"] == second[arm]["target_reward"]
