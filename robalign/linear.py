@@ -61,6 +61,7 @@ def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
         lse_c, target_c, _ = rows.rows_lse_target(z.unsqueeze(0), y.index_select(0, i_c), ignore_index)
         lse.index_copy_(0, i_c, lse_c)
         token_logps.index_copy_(0, i_c, target_c - lse_c)
+        del z                           # free this chunk before the next one is allocated
     counts = torch.zeros(num_seqs, dtype=torch.int64, device=h.device).index_add_(0, seq_idx, scored.long())
     return per_sequence(token_logps, seq_idx, num_seqs), counts, lse
 
@@ -96,6 +97,7 @@ def _bwd(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tens
             grad_w.addmm_(g.T, h_c)
         if grad_b.numel():
             grad_b.add_(g.sum(0, dtype=torch.float32).to(grad_b.dtype))
+        del z, g                        # free this chunk before the next one is allocated
     return grad_h.reshape(hidden.shape) if need_hidden else grad_h, grad_w, grad_b
 
 
