@@ -205,3 +205,24 @@ def test_dora_loss_on_the_kernel_backend_matches_reference(backend):
         outs.append((out.loss.detach().cpu().double(), z.grad.cpu().double()))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the interpreter compiles nothing")
+def test_new_token_counts_and_strides_do_not_recompile():
+    from robalign.kernels import logps as triton_logps
+
+    def compiled_count():
+        caches = getattr(triton_logps._rows_lse_target_fwd_kernel, "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton version keeps its kernel cache elsewhere")
+        return sum(len(entry[0]) for entry in caches.values())
+
+    for tokens in (7, 33):                                     # warm: one compile for this V and dtype
+        logits, labels = random_batch(2, tokens, 1001, dtype=torch.bfloat16, device="cuda")
+        robalign.sequence_logps(logits, labels, backend="triton")
+    before = compiled_count()
+    for tokens in (5, 64, 129, 300):
+        logits, labels = random_batch(3, tokens, 1001, dtype=torch.bfloat16, device="cuda")
+        robalign.sequence_logps(logits[:, 1:], labels[:, 1:], backend="triton")     # strided too
+    assert compiled_count() == before
