@@ -209,14 +209,15 @@ def test_dora_loss_on_the_kernel_backend_matches_reference(backend):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the interpreter compiles nothing")
-def test_new_token_counts_and_strides_do_not_recompile():
+def test_triton_new_token_counts_and_strides_do_not_recompile():
     from robalign.kernels import logps as triton_logps
 
     def compiled_count():
         caches = getattr(triton_logps._rows_lse_target_fwd_kernel, "device_caches", None)
-        if caches is None:
+        try:
+            return sum(len(entry[0]) for entry in caches.values())
+        except (AttributeError, TypeError, IndexError, KeyError):
             pytest.skip("this Triton version keeps its kernel cache elsewhere")
-        return sum(len(entry[0]) for entry in caches.values())
 
     for tokens in (7, 33):                                     # warm: one compile for this V and dtype
         logits, labels = random_batch(2, tokens, 1001, dtype=torch.bfloat16, device="cuda")
