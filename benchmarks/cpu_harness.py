@@ -32,6 +32,20 @@ def reset_peak_rss() -> float:
     return status_mb("VmRSS")
 
 
+def parse_args(doc: str, providers, argv=None, **sizes):
+    """The CPU scripts' command line: ``--<size> N`` for each keyword (its value the default),
+    ``--repeat``, ``--providers`` and the hidden ``--child PROVIDER`` of a measuring process."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in sizes.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--providers", default=",".join(providers))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
 def measure(provider: str, step, repeat: int) -> dict:
     """In the child: one warm-up (and compilation), then ``repeat`` timed runs of ``step``; memory
     is the growth of the peak resident set over the resident set before the timed runs."""

@@ -11,7 +11,6 @@ Providers, each in a fresh process:
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 
@@ -51,14 +50,7 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = cpu_harness.parse_args(__doc__, PROVIDERS, argv, tokens=2048, hidden=512, vocab=32000)
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.hidden, args.vocab, args.repeat)))
         return 0

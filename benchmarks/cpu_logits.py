@@ -18,7 +18,6 @@ naive path, all from this one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 
@@ -68,13 +67,7 @@ def measure(provider: str, tokens: int, vocab: int, repeat: int, seqlen: int = 5
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = cpu_harness.parse_args(__doc__, PROVIDERS, argv, tokens=4096, vocab=32000)
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.vocab, args.repeat)))
         return 0

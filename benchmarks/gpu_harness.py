@@ -70,7 +70,7 @@ def environment(device) -> dict:
 
 def write_json(directory: Path, name: str, record: dict) -> Path:
     """``directory/name.json``, written atomically (shared by the CPU and GPU benchmarks)."""
-    from robalign.ratio.weigh import write_atomic
+    from robalign._io import write_atomic
 
     path = Path(directory) / f"{name}.json"
     write_atomic(path, lambda h: h.write(json.dumps(record, indent=2).encode()))

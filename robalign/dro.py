@@ -95,6 +95,14 @@ def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
     return DROStats(ess=ess, max_share=share, num_samples=count.round().long())
 
 
+def _scaled(losses, weights, lam):
+    """``(w, w·ℓ, a)``: weights (1 when None), weighted losses and the DRO exponents
+    ``a = w·ℓ/λ`` (all zero for the weighted mean, whose softmax is uniform)."""
+    w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
+    wl = w * losses
+    return w, wl, torch.zeros_like(wl) if _is_weighted_mean(lam) else wl / lam
+
+
 def _scale_gradient(loss: torch.Tensor, scale: float) -> torch.Tensor:
     """``loss`` unchanged in value, its gradient multiplied by ``scale``."""
     return loss if scale == 1 else loss + (scale - 1) * (loss - loss.detach())
@@ -104,18 +112,14 @@ def kl_dro_with_stats(losses, weights=None, *, lam=1.0, group=None, ddp_average=
     """:func:`kl_dro` and the :class:`DROStats` of its sample weights, from the same collectives."""
     where = "robalign.kl_dro"
     _check(where, losses, weights, lam, group)
-    w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
-    wl = w * losses
+    w, wl, a = _scaled(losses, weights, lam)
+    moments = _BatchMoments(a, w, group)
     if _is_weighted_mean(lam):
-        a = torch.zeros_like(wl)                                    # uniform softmax: plain mean
-        moments = _BatchMoments(a, w, group)
         total = wl.sum()
         if group is not None:
             total = _with_global_value(total, group)
         loss = total / moments.count
     else:
-        a = wl / lam
-        moments = _BatchMoments(a, w, group)
         local_sum = torch.exp(a - moments.m).sum()
         # global Σ e^{a−m}: the value of the all-reduced sum, the gradient of the local one
         sum_exp = local_sum + (moments.sum_exp - local_sum).detach()
@@ -214,9 +218,7 @@ class KLDROAccumulator:
         """Fold one micro-batch in; returns the surrogate to ``backward()``."""
         where = "robalign.KLDROAccumulator"
         _check(where, losses, weights, self.lam, self.group)
-        w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
-        wl = w * losses
-        a = torch.zeros_like(wl) if _is_weighted_mean(self.lam) else wl / self.lam
+        w, wl, a = _scaled(losses, weights, self.lam)
         mom = _BatchMoments(a, w, self.group)
         if self._m is None:
             m, s, factor = mom.m, mom.sum_exp, 1.0

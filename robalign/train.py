@@ -176,7 +176,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         "truncated_prompts": dataset.truncated_prompts, "truncated_responses": dataset.truncated_responses,
         "settings": dataclasses.asdict(settings),
     }
-    from .ratio.weigh import write_atomic
+    from ._io import write_atomic
 
     write_atomic(out / "summary.json", lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
     return summary

@@ -20,6 +20,7 @@ reference: the model DoRA starts from), batched and without gradient, and cached
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections import defaultdict
@@ -66,6 +67,12 @@ def _needs_plain_logits(model) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_class) -> bool:
+    """Whether a model class's forward accepts ``logits_to_keep`` (checked once per class)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def _causal_lm(model):
     """The Hugging Face causal LM inside DDP (``.module``) and PEFT (``get_base_model()``) wrappers."""
     inner = model.module if hasattr(model, "module") else model
@@ -91,7 +98,7 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None):
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
     handle = decoder.register_forward_hook(keep)
     try:
-        kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+        kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(inner)) else {}
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
     finally:
         handle.remove()

@@ -11,34 +11,16 @@ written to a temporary file and renamed, so a failure leaves no partial file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .._io import write_atomic
 from .classifier import cross_fit, expected_calibration_error
 from .data import read_preference_file
 from .features import embed, load_array, tfidf
 
-__all__ = ["weigh_file", "write_atomic"]
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(handle)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)                      # mkstemp's 0600 would surprise a user
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["weigh_file"]
 
 
 def _features(kind, texts, encoder, feature_array, progress):
