@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (under 6 minutes): the CUDA tests and the GPU benchmarks.
+# One prepared run for a lent GPU (about 6 minutes): the CUDA tests and the GPU benchmarks.
 # Results, with device name, versions and commit, go to benchmarks/results/ (and to $OUT when
-# the device tool sets it, so they come back):
+# the device tool sets it, after every stage, so a stage that runs out of time loses nothing):
 #   bash benchmarks/gpu_check.sh
+# Stages, each with its own time limit; a failing stage is reported and the next one runs:
+#   1. CUDA kernel tests: Triton and chunked-PyTorch backends on CUDA tensors, torch.compile
+#   2. the logits-path sweep (benchmarks/gpu_logits.py) against the copy-bandwidth floor
+#   3. the fused-linear sweep (benchmarks/gpu_linear.py) against the matmul floor and Liger-Kernel
+#   4. the training tests (tests/test_train.py) on CUDA: DoRATrainer with the Triton path
+# The GPU machine has no network: wheels of what it lacks (Liger-Kernel; datasets and its two
+# missing dependencies) are kept in benchmarks/wheels/ and installed only where not importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=benchmarks/results
@@ -10,30 +17,38 @@ mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 ROBALIGN_NO_JIT=1
 status=0
+sync_out() { if [ -n "${OUT:-}" ]; then cp "$RESULTS"/gpu_* "$OUT"/ 2>/dev/null; fi; return 0; }
+stage() {  # stage NAME SECONDS LOG COMMAND...
+  local name=$1 limit=$2 log=$3; shift 3
+  echo "== $name (limit ${limit}s) $(date -Iseconds)"
+  timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)"; status=1; }
+  sync_out
+}
 
 {
   echo "date: $(date -Iseconds)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$RESULTS/gpu_env.txt"
 
+SITE=/tmp/robalign_site
+for wheel in benchmarks/wheels/*.whl; do
+  pkg=$(basename "$wheel" | cut -d- -f1)
+  $PY -c "import $pkg" 2>/dev/null || $PY -m pip install -q --no-deps --no-index --target "$SITE" "$wheel"
+done
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+
 # robalign from this checkout; the C++ extension is not needed for the GPU path (CI tests it).
-ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || status=1
+ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+  || { echo "installing robalign failed"; sync_out; exit 1; }
 
-# CUDA tests: the Triton kernels compiled on CUDA tensors (logits and fused linear paths) and
-# torch.compile of DoRALoss.
-timeout 180 $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton" -p no:cacheprovider -q 2>&1 \
-  | tee "$RESULTS/gpu_tests.log" || status=1
-
-# The logits-path sweep against the naive path and the copy-bandwidth floor.
-timeout 150 $PY benchmarks/gpu_logits.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu_logits.md" || status=1
-
-# The fused linear path against the naive path, the bare matmuls and Liger-Kernel (its wheel is
-# kept in benchmarks/wheels/: the GPU machine has no network).
-$PY -m pip install -q --no-deps --no-index --target /tmp/liger benchmarks/wheels/liger_kernel-*.whl \
-  && export PYTHONPATH=/tmp/liger${PYTHONPATH:+:$PYTHONPATH}
-timeout 150 $PY benchmarks/gpu_linear.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu_linear.md" || status=1
-
-if [ -n "${OUT:-}" ]; then cp "$RESULTS"/gpu_* "$OUT"/ 2>/dev/null; fi
+stage "CUDA kernel tests" 150 gpu_tests.log \
+  $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton or torch" -p no:cacheprovider -q
+stage "logits sweep" 120 gpu_logits.md $PY benchmarks/gpu_logits.py --out "$RESULTS"
+stage "fused linear sweep" 170 gpu_linear.md $PY benchmarks/gpu_linear.py --out "$RESULTS"
+stage "training on CUDA" 100 gpu_train.log \
+  $PY -m pytest tests/test_train.py -m "not distributed" -p no:cacheprovider -p no:logging -q
 exit $status

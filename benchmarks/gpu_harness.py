@@ -14,19 +14,46 @@ from pathlib import Path
 import torch
 
 
-def bench(fn, device) -> float:
-    """Median seconds of ``fn``."""
+def bench(fn, device, min_repeats: int = 10) -> dict:
+    """Median, 20th and 80th percentile seconds of ``fn`` (CUDA events through
+    ``triton.testing.do_bench``, at least ``min_repeats`` timed runs, L2 flushed before each)."""
     if device == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        rep_ms = max(200.0, min_repeats * start.elapsed_time(end))
+        q = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"median_s": q[0] / 1e3, "p20_s": q[1] / 1e3, "p80_s": q[2] / 1e3}
     fn()
     times = []
     for _ in range(3):
-        start = time.perf_counter()
+        begin = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(time.perf_counter() - begin)
+    times.sort()
+    return {"median_s": statistics.median(times), "p20_s": times[0], "p80_s": times[-1]}
+
+
+def measure(fn, device) -> dict:
+    """Time (ms: median, p20, p80) and peak MiB above the inputs of ``fn``; ``{"error": ...}``
+    when it fails (out of memory, a provider's missing API), so one provider cannot end a sweep."""
+    try:
+        t = bench(fn, device)
+        peak = peak_above(fn, device)
+    except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        return {"error": f"{type(err).__name__}: {first}"}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"median_ms": t["median_s"] * 1e3, "p20_ms": t["p20_s"] * 1e3, "p80_ms": t["p80_s"] * 1e3,
+            "peak_above_inputs_mb": peak}
 
 
 def copy_bandwidth(device) -> float:
@@ -34,11 +61,12 @@ def copy_bandwidth(device) -> float:
     n = (1 << 30) if device == "cuda" else (1 << 26)
     src = torch.randn(n // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = bench(lambda: dst.copy_(src), device)
+    seconds = bench(lambda: dst.copy_(src), device)["median_s"]
     return 2 * src.numel() * src.element_size() / seconds
 
 
 def peak_above(fn, device) -> float | None:
+    """MiB allocated at the peak of ``fn`` above what was allocated before it (CUDA only)."""
     if device != "cuda":
         return None
     torch.cuda.synchronize()
@@ -55,7 +83,7 @@ def matmul_rate(device) -> float:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / bench(lambda: a @ b, device)
+    return 2 * n ** 3 / bench(lambda: a @ b, device)["median_s"]
 
 
 def environment(device) -> dict:

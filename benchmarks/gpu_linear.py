@@ -4,12 +4,16 @@ forward + backward (gradients of hidden and weight), bfloat16, H = 4096, V = 128
 
 Providers:
     naive          materialised logits (hidden @ Wᵀ, upcast to float32), log_softmax, gather, autograd
+    naive_compile  torch.compile of the naive path (one dynamic-shape compile for the sweep)
     matmul_floor   the three bare matmuls alone (hidden @ Wᵀ, G @ W, Gᵀ @ hidden): the compute floor
-    robalign       chunked cuBLAS matmuls + Triton row kernels (recompute design: four matmul passes)
+    torch          robalign's chunked path with its plain-PyTorch row kernels (the portable fallback)
+    triton         chunked cuBLAS matmuls + Triton row kernels (recompute design: four matmul passes)
     liger          Liger-Kernel's LigerFusedLinearDPOLoss, when liger_kernel is importable
 
 The matmul rate is measured in the same run (an 8192³ bfloat16 product); TFLOP/s count the
-three matmuls' 6·N·H·V FLOPs. Memory is the peak allocated above the inputs.
+three matmuls' 6·N·H·V FLOPs. Times are medians of ``triton.testing.do_bench`` (20th/80th
+percentiles in the JSON); memory is the peak allocated above the inputs. A provider that fails
+(the naive path runs out of memory at 16 × 2048 tokens) is reported as failed, not dropped.
 
     python benchmarks/gpu_linear.py [--quick] [--out DIR]
 """
@@ -23,15 +27,19 @@ from pathlib import Path
 import torch
 
 import robalign
-from gpu_harness import bench, environment, matmul_rate, peak_above, write_json
+from gpu_harness import environment, matmul_rate, measure, write_json
 
 HIDDEN, VOCAB, SEQS = 4096, 128256, 16
+PROVIDERS = ("naive", "naive_compile", "matmul_floor", "torch", "triton", "liger")
 
 
 def naive(hidden, weight, labels):
     z = (hidden @ weight.T).float()
     tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     return (tok * (labels != -100)).sum(-1)
+
+
+naive_compiled = torch.compile(naive, dynamic=True)
 
 
 def liger_step(hidden, weight, labels):
@@ -47,7 +55,7 @@ def liger_step(hidden, weight, labels):
     return step
 
 
-def run_case(seqlen, device, dtype, rate, hidden_size, vocab):
+def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers):
     torch.manual_seed(0)
     tokens = SEQS * seqlen
     hidden = torch.randn(SEQS, seqlen, hidden_size, device=device, dtype=dtype, requires_grad=True)
@@ -55,7 +63,6 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab):
     labels = torch.randint(vocab, (SEQS, seqlen), device=device)
     labels[:, : seqlen // 8] = -100
     coeff = torch.randn(SEQS, device=device)
-    backend = "triton" if device == "cuda" else "cpp"
     flops = 6 * tokens * hidden_size * vocab
 
     def make(provider):
@@ -67,28 +74,45 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab):
             return liger_step(hidden, weight, labels)
 
         def step():
-            if provider == "naive":
-                logps = naive(hidden, weight, labels)
+            if provider in ("naive", "naive_compile"):
+                logps = (naive if provider == "naive" else naive_compiled)(hidden, weight, labels)
             else:
-                logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend=backend)
+                logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)
             return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
         return step
 
     rows = []
-    for provider in ("naive", "matmul_floor", "robalign", "liger"):
+    for provider in providers:
         try:
             step = make(provider)
-            seconds = bench(step, device)
-            memory = peak_above(step, device)
-        except Exception as err:  # liger missing or an API it does not have: say so in the table
-            print(f"  {provider}: skipped ({type(err).__name__}: {err})", file=sys.stderr)
-            continue
-        rows.append({"provider": provider, "tokens": tokens, "hidden": hidden_size, "vocab": vocab,
-                     "median_ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
-                     "fraction_of_matmul_rate": flops / seconds / rate, "peak_above_inputs_mb": memory})
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        except ImportError as err:
+            row = {"error": f"not importable ({err})"}
+        else:
+            row = measure(step, device)
+        if "median_ms" in row:
+            seconds = row["median_ms"] / 1e3
+            row.update(tflops=flops / seconds / 1e12, fraction_of_matmul_rate=flops / seconds / rate)
+        rows.append({"provider": provider, "tokens": tokens, "hidden": hidden_size, "vocab": vocab, **row})
+        print(f"  {tokens} tokens {provider}: {row.get('median_ms', row.get('error'))}", file=sys.stderr)
     return rows
+
+
+def print_table(rows):
+    print("| tokens | provider | time (ms) | TFLOP/s | time vs matmul floor | speed-up vs naive | peak MB above inputs | "
+          "memory vs naive |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['tokens']} | {r['provider']} | failed: {r['error']} | | | | | |")
+            continue
+        ref = {x["provider"]: x for x in rows if x["tokens"] == r["tokens"] and "median_ms" in x}
+        floor_ratio = f"{r['median_ms'] / ref['matmul_floor']['median_ms']:.2f}" if "matmul_floor" in ref else "n/a"
+        mem = r["peak_above_inputs_mb"]
+        naive_mem = ref.get("naive", {}).get("peak_above_inputs_mb")
+        mem_ratio = "n/a" if mem is None or not naive_mem else f"{mem / naive_mem:.3f}"
+        speed = f"{ref['naive']['median_ms'] / r['median_ms']:.2f}×" if "naive" in ref else "n/a"
+        print(f"| {r['tokens']} | {r['provider']} | {r['median_ms']:.1f} | {r['tflops']:.0f} | {floor_ratio} | {speed} | "
+              f"{'n/a' if mem is None else f'{mem:.0f}'} | {mem_ratio} |")
 
 
 def main(argv=None) -> int:
@@ -103,23 +127,13 @@ def main(argv=None) -> int:
         seqlens = (1024,)
     if device == "cpu":                                      # smoke test of the script only
         dtype, hidden_size, vocab, seqlens = torch.float32, 64, 2000, (32,)
+    providers = PROVIDERS if device == "cuda" else ("naive", "matmul_floor", "torch", "cpp")
     rate = matmul_rate(device)
-    rows = [r for n in seqlens for r in run_case(n, device, dtype, rate, hidden_size, vocab)]
+    rows = [r for n in seqlens for r in run_case(n, device, dtype, rate, hidden_size, vocab, providers)]
     env = environment(device)
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
           f"measured matmul rate {rate / 1e12:.0f} TFLOP/s\n")
-    print("| tokens | provider | time (ms) | TFLOP/s | time vs matmul floor | speed-up vs naive | peak MB above inputs | memory vs naive |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        same = [x for x in rows if x["tokens"] == r["tokens"]]
-        ref = {x["provider"]: x for x in same}
-        floor_ratio = f"{r['median_ms'] / ref['matmul_floor']['median_ms']:.2f}" if "matmul_floor" in ref else "n/a"
-        mem = r["peak_above_inputs_mb"]
-        naive_mem = ref.get("naive", {}).get("peak_above_inputs_mb")
-        mem_ratio = "n/a" if mem is None or not naive_mem else f"{mem / naive_mem:.3f}"
-        speed = f"{ref['naive']['median_ms'] / r['median_ms']:.2f}×" if "naive" in ref else "n/a"
-        print(f"| {r['tokens']} | {r['provider']} | {r['median_ms']:.1f} | {r['tflops']:.0f} | {floor_ratio} | {speed} | "
-              f"{'n/a' if mem is None else f'{mem:.0f}'} | {mem_ratio} |")
+    print_table(rows)
     path = write_json(Path(args.out), f"gpu_linear_{env['device'].replace(' ', '_')}",
                       {"benchmark": "gpu_linear", **env, "matmul_tflops": rate / 1e12, "rows": rows})
     print(f"\nwrote {path}", file=sys.stderr)

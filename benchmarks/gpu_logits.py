@@ -1,12 +1,18 @@
 """GPU benchmark of the logits path: forward+backward of per-sequence log-probs, bfloat16.
 
-Providers: ``naive`` (float32 log_softmax + gather + autograd, as TRL does), ``robalign``
-(Triton, gradient in a new tensor) and ``robalign_inplace`` (gradient written into the logits).
+Providers:
+    naive            float32 log_softmax + gather + autograd, as TRL does
+    naive_compile    torch.compile of the naive path (one dynamic-shape compile for the sweep)
+    torch            robalign's chunked PyTorch backend (the portable fallback)
+    triton           robalign's Triton kernels, gradient in a new tensor
+    triton_inplace   the same, gradient written into the logits buffer
+
 The ceiling is measured in the same run: a device-to-device copy gives the bandwidth B
 (bytes read + written over time). The floor of forward+backward is one read of the logits in
 the forward, one read and one write in the backward: 3·N·V·2 bytes for bfloat16, so
-``floor = 3·N·V·2 / B`` and ``fraction of floor = floor / time``. Times are medians of
-``triton.testing.do_bench``; memory is the peak allocated above the inputs.
+``floor = 3·N·V·2 / B`` and ``fraction of floor = floor / time``. Times are medians (with the
+20th/80th percentiles in the JSON) of ``triton.testing.do_bench``; memory is the peak
+allocated above the inputs.
 
     python benchmarks/gpu_logits.py [--quick] [--out DIR]
 
@@ -23,11 +29,14 @@ from pathlib import Path
 import torch
 
 import robalign
-from gpu_harness import bench, copy_bandwidth, environment, peak_above, write_json
+from gpu_harness import copy_bandwidth, environment, measure, write_json
 
 VOCABS = (32000, 128256, 151936)
 TOKENS = (4096, 16384)
 SEQLEN = 1024
+
+
+PROVIDERS = ("naive", "naive_compile", "torch", "triton", "triton_inplace")
 
 
 def naive_logps(logits, labels):
@@ -36,7 +45,25 @@ def naive_logps(logits, labels):
     return (lsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
 
 
-def run_case(tokens, vocab, device, dtype, bandwidth):
+naive_compiled = torch.compile(naive_logps, dynamic=True)
+
+
+def make_step(provider, logits, labels, coeff):
+    z = logits.detach().requires_grad_(True)
+
+    def step():
+        if provider == "naive":
+            logps = naive_logps(z, labels)
+        elif provider == "naive_compile":
+            logps = naive_compiled(z, labels)
+        else:
+            logps, _ = robalign.sequence_logps(z, labels, backend=provider.removesuffix("_inplace"),
+                                               inplace_backward=provider.endswith("_inplace"))
+        return torch.autograd.grad((logps * coeff).sum(), z)[0]
+    return step
+
+
+def run_case(tokens, vocab, device, dtype, bandwidth, providers):
     torch.manual_seed(0)
     seqs = max(1, tokens // SEQLEN)
     seqlen = tokens // seqs
@@ -44,31 +71,33 @@ def run_case(tokens, vocab, device, dtype, bandwidth):
     labels = torch.randint(vocab, (seqs, seqlen), device=device)
     labels[:, : seqlen // 8] = -100                                     # the prompt
     coeff = torch.randn(seqs, device=device)
-    backend = "triton" if device == "cuda" else "cpp"
-
-    def make(provider):
-        z = logits.detach().requires_grad_(True)
-
-        def step():
-            if provider == "naive":
-                logps = naive_logps(z, labels)
-            else:
-                logps, _ = robalign.sequence_logps(z, labels, backend=backend,
-                                                   inplace_backward=provider == "robalign_inplace")
-            return torch.autograd.grad((logps * coeff).sum(), z)[0]
-        return step
-
     floor_bytes = 3 * tokens * vocab * logits.element_size()
     rows = []
-    for provider in ("naive", "robalign", "robalign_inplace"):
-        step = make(provider)
-        seconds = bench(step, device)
-        rows.append({
-            "provider": provider, "tokens": tokens, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
-            "median_ms": seconds * 1e3, "achieved_gbps": floor_bytes / seconds / 1e9,
-            "fraction_of_floor": floor_bytes / bandwidth / seconds, "peak_above_inputs_mb": peak_above(step, device),
-        })
+    for provider in providers:
+        row = {"provider": provider, "tokens": tokens, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
+               **measure(make_step(provider, logits, labels, coeff), device)}
+        if "median_ms" in row:
+            seconds = row["median_ms"] / 1e3
+            row.update(achieved_gbps=floor_bytes / seconds / 1e9, fraction_of_floor=floor_bytes / bandwidth / seconds)
+        rows.append(row)
+        print(f"  {tokens} × {vocab} {provider}: {row.get('median_ms', row.get('error'))}", file=sys.stderr)
     return rows
+
+
+def print_table(rows):
+    print("| tokens | vocab | provider | time (ms) | GB/s (floor bytes) | fraction of floor | speed-up vs naive | "
+          "peak MB above inputs | memory vs naive |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        naive = next(x for x in rows if x["provider"] == "naive" and x["tokens"] == r["tokens"] and x["vocab"] == r["vocab"])
+        if "error" in r:
+            print(f"| {r['tokens']} | {r['vocab']} | {r['provider']} | failed: {r['error']} | | | | | |")
+            continue
+        speed = f"{naive['median_ms'] / r['median_ms']:.2f}×" if "median_ms" in naive else "n/a"
+        mem, naive_mem = r["peak_above_inputs_mb"], naive.get("peak_above_inputs_mb")
+        mem_ratio = "n/a" if mem is None or not naive_mem else f"{mem / naive_mem:.2f}"
+        print(f"| {r['tokens']} | {r['vocab']} | {r['provider']} | {r['median_ms']:.2f} | {r['achieved_gbps']:.0f} | "
+              f"{r['fraction_of_floor']:.2f} | {speed} | {'n/a' if mem is None else f'{mem:.0f}'} | {mem_ratio} |")
 
 
 def main(argv=None) -> int:
@@ -83,19 +112,12 @@ def main(argv=None) -> int:
     if device == "cpu":
         vocabs, token_counts, dtype = (2048,), (512,), torch.float32
     bandwidth = copy_bandwidth(device)
-    rows = [r for v in vocabs for n in token_counts for r in run_case(n, v, device, dtype, bandwidth)]
+    providers = PROVIDERS if device == "cuda" else ("naive", "torch", "cpp", "cpp_inplace")
+    rows = [r for v in vocabs for n in token_counts for r in run_case(n, v, device, dtype, bandwidth, providers)]
     env = environment(device)
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
           f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
-    print("| tokens | vocab | provider | time (ms) | GB/s (floor bytes) | fraction of floor | speed-up vs naive | peak MB above inputs | memory vs naive |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        naive = next(x for x in rows if x["provider"] == "naive" and x["tokens"] == r["tokens"] and x["vocab"] == r["vocab"])
-        mem = "n/a" if r["peak_above_inputs_mb"] is None else f"{r['peak_above_inputs_mb']:.0f}"
-        mem_ratio = "n/a" if r["peak_above_inputs_mb"] is None else \
-            f"{r['peak_above_inputs_mb'] / max(naive['peak_above_inputs_mb'], 1e-9):.2f}"
-        print(f"| {r['tokens']} | {r['vocab']} | {r['provider']} | {r['median_ms']:.2f} | {r['achieved_gbps']:.0f} | "
-              f"{r['fraction_of_floor']:.2f} | {naive['median_ms'] / r['median_ms']:.2f}× | {mem} | {mem_ratio} |")
+    print_table(rows)
     path = write_json(Path(args.out), f"gpu_logits_{env['device'].replace(' ', '_')}",
                       {"benchmark": "gpu_logits", **env, "copy_bandwidth_gbps": bandwidth / 1e9, "rows": rows})
     print(f"\nwrote {path}", file=sys.stderr)

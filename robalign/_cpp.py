@@ -4,7 +4,7 @@ Order: the extension built by ``setup.py`` (``pip install --no-build-isolation .
 just-in-time build with ``torch.utils.cpp_extension.load`` into ``$ROBALIGN_BUILD_DIR``
 (default ``~/.cache/robalign/<torch version>``), announced by one line on stderr; else, when no
 compiler works, ``None`` with a one-time warning naming the fix (callers fall back to the
-reference). ``ROBALIGN_NO_JIT=1`` disables the just-in-time build.
+chunked PyTorch backend). ``ROBALIGN_NO_JIT=1`` disables the just-in-time build.
 """
 
 from __future__ import annotations
@@ -72,6 +72,6 @@ def load():
 def _unavailable(reason: str):
     warnings.warn(
         f"robalign: the C++ CPU backend is unavailable ({reason}); CPU tensors use the slower "
-        "reference. Fix: install a C++ compiler and ninja, then `pip install --no-build-isolation .` "
+        "chunked PyTorch backend. Fix: install a C++ compiler and ninja, then `pip install --no-build-isolation .` "
         "or let the first call build it.", RuntimeWarning, stacklevel=3)
     return None

@@ -3,8 +3,10 @@
     backend     device                      provided by
     "triton"    CUDA (CPU under TRITON_INTERPRET=1)   robalign.kernels
     "cpp"       CPU                         robalign._C (csrc/)
+    "torch"     any                         robalign.chunked (plain PyTorch, chunked over rows)
     "reference" any                         robalign.reference (plain PyTorch, autograd)
-    "auto"      the first available of the above for the tensor's device and dtype
+    "auto"      the first available of the above for the tensor's device and dtype:
+                CUDA triton → torch, CPU cpp → torch, other devices torch; other dtypes reference
 
 The default is ``$ROBALIGN_BACKEND`` or ``"auto"``. A forced backend that cannot run raises
 an error naming what is missing; it never falls back silently.
@@ -18,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("auto", "triton", "cpp", "reference")
+BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
 ENV_VAR = "ROBALIGN_BACKEND"
 # Looked up once at import: resolve() runs inside torch.compile traces, where importlib is opaque.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -67,14 +69,20 @@ def _cpp_module(op: str, device: torch.device) -> ModuleType:
     return module
 
 
+def _torch_module(op: str, device: torch.device) -> ModuleType:
+    from . import chunked as module
+
+    return module
+
+
 def _reference_module(op: str, device: torch.device) -> ModuleType:
     from . import reference
 
     return reference
 
 
-_PROVIDERS = {"triton": _triton_module, "cpp": _cpp_module, "reference": _reference_module}
-_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+_PROVIDERS = {"triton": _triton_module, "cpp": _cpp_module, "torch": _torch_module, "reference": _reference_module}
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -88,7 +96,7 @@ def resolve(where: str, backend: str | None, op: str, tensor: torch.Tensor) -> t
             return name, _PROVIDERS[name](op, tensor.device)
         except BackendUnavailable as err:
             raise BackendUnavailable(f"{where}: {err}") from None
-    order = _AUTO_ORDER.get(tensor.device.type, ("reference",))
+    order = _AUTO_ORDER.get(tensor.device.type, ("torch",))
     if tensor.dtype not in _KERNEL_DTYPES:
         order = ("reference",)
     for candidate in order:
@@ -96,4 +104,4 @@ def resolve(where: str, backend: str | None, op: str, tensor: torch.Tensor) -> t
             return candidate, _PROVIDERS[candidate](op, tensor.device)
         except BackendUnavailable:
             continue
-    raise AssertionError("unreachable: the reference backend is always available")
+    raise AssertionError("unreachable: the torch and reference backends are always available")

@@ -81,8 +81,9 @@ def _cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume")}
-    if args.lora:
-        overrides["lora"] = True
+    for flag in ("lora", "bf16"):
+        if getattr(args, flag):
+            overrides[flag] = True
     if args.no_dro_exact:
         overrides["exact_dro"] = False
     try:
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=int)
     train.add_argument("--max-prompt-length", type=int)
     train.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
+    train.add_argument("--bf16", action="store_true",
+                       help="bfloat16 mixed precision (autocast; the fused LM head runs in bfloat16)")
     train.add_argument("--no-dro-exact", action="store_true",
                        help="per-micro-batch DRO normaliser (the cheaper approximation)")
     train.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint folder (default: latest)")

@@ -8,8 +8,8 @@
     robalign::sequence_logps_bwd_inplace(...)  the same, written into ``logits``
 
 ``kernel`` names the implementation of the per-row work: ``"cpp"`` (robalign.cpu over csrc/,
-CPU tensors) or ``"triton"`` (robalign.kernels: CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``). Both provide ``rows_lse_target``, ``rows_softmax_grad`` and
+CPU tensors), ``"triton"`` (robalign.kernels: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) or ``"torch"`` (robalign.chunked: ATen operations, any device). Both provide ``rows_lse_target``, ``rows_softmax_grad`` and
 ``empty_grad_like`` over ``[B, T, V]`` views; the small per-sequence reductions are shared here.
 The reference model's log-probs (``ref_logits``) carry no gradient. Autograd, ``torch.compile`` (through the fake
 implementations) and FSDP see one operator.
@@ -37,6 +37,10 @@ def row_kernels(kernel: str):
         from . import kernels
 
         return kernels
+    if kernel == "torch":
+        from . import chunked
+
+        return chunked
     raise ValueError(f"robalign: unknown kernel {kernel!r}")
 
 

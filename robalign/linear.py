@@ -15,7 +15,9 @@ exact for float32; for bfloat16 one rounding per chunk, as Liger-Kernel does (a 
 accumulator would double the memory of the largest gradient).
 
 Registered as ``robalign::linear_sequence_logps_fwd`` / ``_bwd``; the op takes a plain
-``weight`` tensor, so under FSDP the trainer passes the gathered LM head weight.
+``weight`` tensor, so under FSDP the trainer passes the gathered LM head weight. Under
+``torch.autocast`` the inputs are cast to the autocast dtype first (what ``F.linear`` does), and
+the op runs with autocast off, so its backward recomputes exactly the forward's logits.
 """
 
 from __future__ import annotations
@@ -132,6 +134,11 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
                           cu_seqlens: Tensor | None, kernel: str) -> tuple[Tensor, Tensor]:
     """Run the operator; ``(logps, counts)`` as :func:`robalign.linear_sequence_logps`."""
     where = "robalign.linear_sequence_logps"
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):      # as F.linear would: the head runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"{where}: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, got {t.dtype} "
@@ -141,6 +148,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
                             f"got {t.dtype}")
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
-    logps, counts, _ = torch.ops.robalign.linear_sequence_logps_fwd(
-        hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk)
+    with torch.autocast(device_type, enabled=False):
+        logps, counts, _ = torch.ops.robalign.linear_sequence_logps_fwd(
+            hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk)
     return logps, counts

@@ -36,8 +36,8 @@ def sequence_logps(
         labels: ``[S, T]`` or ``[N]`` integer tokens aligned with ``logits`` (see
             :func:`shift_labels` for Hugging Face style labels), or ``ignore_index``.
         cu_seqlens: ``[S + 1]`` int32 offsets of the packed sequences (flash-attn style).
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``; ``None`` reads
-            ``$ROBALIGN_BACKEND`` (default ``"auto"``).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"`` (chunked PyTorch, any device)
+            or ``"reference"``; ``None`` reads ``$ROBALIGN_BACKEND`` (default ``"auto"``).
         inplace_backward: the kernel backends write the gradient into the logits buffer
             instead of a new tensor, saving one ``[N, V]`` allocation. Safe only when nothing
             else reads these logits after the backward (true when they come straight from the

@@ -40,6 +40,15 @@ def test_auto_uses_reference_for_float64():
     assert backends.resolve("f", "auto", "sequence_logps", torch.zeros(1, dtype=torch.float64))[0] == "reference"
 
 
+def test_auto_falls_back_to_chunked_torch_without_a_kernel(monkeypatch):
+    def unavailable(op, device):
+        raise backends.BackendUnavailable("no compiler")
+
+    monkeypatch.setitem(backends._PROVIDERS, "cpp", unavailable)
+    assert backends.resolve("f", "auto", "sequence_logps", torch.zeros(1))[0] == "torch"
+    assert backends.resolve("f", "auto", "linear_sequence_logps", torch.zeros(1, device="meta"))[0] == "torch"
+
+
 def test_cli_unknown_subcommand_and_missing_file(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])

@@ -19,7 +19,8 @@ from conftest import packed_from_padded
 
 CUDA = torch.cuda.is_available()
 BACKENDS = [pytest.param(("cpp", "cpu"), id="cpp"),
-            pytest.param(("triton", "cuda" if CUDA else "cpu"), id="triton-cuda" if CUDA else "triton-interpret")]
+            pytest.param(("triton", "cuda" if CUDA else "cpu"), id="triton-cuda" if CUDA else "triton-interpret"),
+            pytest.param(("torch", "cuda" if CUDA else "cpu"), id="torch-cuda" if CUDA else "torch-cpu")]
 
 
 def problem(s, t, h, v, *, dtype=torch.float32, bias=True, all_ignored=(), seed=0):
@@ -133,6 +134,30 @@ def test_dora_loss_with_hidden_states_matches_reference(backend, small_chunks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend, small_chunks):
+    """Under autocast, float32 leaves give what their bfloat16 casts give (as ``F.linear`` would),
+    and the gradients reach the float32 leaves."""
+    name, device = backend
+    hidden, weight, _, labels = problem(2, 5, 24, 1000, bias=False)
+    coeff = torch.tensor([1.5, -0.5])
+
+    def leaves():
+        return [x.float().to(device).requires_grad_(True) for x in (hidden, weight)]
+
+    h, w = leaves()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logps, _ = robalign.linear_sequence_logps(h, w, labels.to(device), backend=name)
+    (logps * coeff.to(device)).sum().backward()
+    h2, w2 = leaves()
+    want, _ = robalign.linear_sequence_logps(h2.bfloat16(), w2.bfloat16(), labels.to(device), backend=name)
+    (want * coeff.to(device)).sum().backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(logps, want, rtol=0, atol=0)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+
+
 def test_dtype_mismatch_is_a_clear_error():
     hidden, weight, _, labels = problem(2, 3, 8, 10, bias=False)
     with pytest.raises(TypeError, match=r"needs `weight` in the dtype of `hidden` \(torch.float32\), got torch.bfloat16"):
@@ -166,8 +191,8 @@ def test_cpu_chunked_path_peak_memory_is_below_one_logits_tensor():
     measurement sees a materialised path."""
     logits_mb = 2048 * 32000 * 4 / 2**20
     peaks = {}
-    for backend in ("cpp", "reference"):
+    for backend in ("cpp", "torch", "reference"):
         out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, backend], capture_output=True, text=True, check=True)
         peaks[backend] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-    assert peaks["cpp"] < logits_mb, peaks
+    assert peaks["cpp"] < logits_mb and peaks["torch"] < logits_mb, peaks
     assert peaks["reference"] > logits_mb, peaks

@@ -2,6 +2,7 @@
 with checkpoints and resume, exactness across gradient accumulation and across 2 processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -125,6 +126,15 @@ def test_end_to_end_checkpoints_and_resume(tmp_path):
     assert resumed["steps"] == 9
     with pytest.raises(FileNotFoundError, match="--resume: checkpoint folder not found"):
         run_training(_settings(tmp_path, "run", resume=str(tmp_path / "nope")), log=quiet)
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    """bfloat16 autocast (on CUDA when there is one, else on CPU): the fused head runs in
+    bfloat16 and the loss still falls."""
+    summary = run_training(_settings(tmp_path, "bf16", bf16=True, save_steps=100), log=lambda *_: None)
+    assert summary["steps"] == 6
+    first, last = summary["first_log"]["loss"], summary["last_log"]["loss"]
+    assert math.isfinite(last) and last < first
 
 
 def test_gradient_accumulation_is_exact(tmp_path):

@@ -1,0 +1,109 @@
+"""The ``"torch"`` backend: the heavy ops in plain PyTorch, chunked over rows, on any device.
+
+It provides the row-kernel interface of :mod:`robalign.kernels` and :mod:`robalign.cpu`
+(``rows_lse_target``, ``rows_softmax_grad``, ``empty_grad_like``) with ATen operations, so the
+same ``torch.library`` operators run where neither Triton nor the C++ extension does (a CUDA
+machine without Triton, a CPU without a compiler, other devices). The float32 temporaries are
+bounded by ``ROW_CHUNK_BYTES`` (rows of ``V`` float32 values at a time), never ``[N, V]``:
+
+    forward   per chunk of rows:  lse = logsumexp(float(z)),  target = z[y]
+    backward  per chunk of rows:  out = coeff·(onehot(y) − exp(float(z) − lse))   (out may be z)
+
+Compared with the fused kernels it reads each chunk of logits about twice as often (the
+float32 copy, then the reduction), so it is the portable fallback, not the fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from . import library, linear
+
+__all__ = ["rows_lse_target", "rows_softmax_grad", "empty_grad_like", "ROW_CHUNK_BYTES"]
+
+ROW_CHUNK_BYTES = 256 << 20          # float32 bytes of one chunk's temporaries
+
+
+def _row_chunks(*rows3d: Tensor) -> Iterator[tuple[int, list[Tensor]]]:
+    """``(first flat row, [C, V] views)`` covering the rows of same-shaped ``[B, T, V]`` views in
+    order, without copying strided input: chunks cross a ``B`` boundary only where every view's
+    rows are evenly spaced."""
+    b, t, v = rows3d[0].shape
+    per_chunk = max(1, ROW_CHUNK_BYTES // (4 * max(v, 1)))
+    if b * t == 0:
+        return
+    if b == 1 or all(x.stride(0) == t * x.stride(1) for x in rows3d):
+        flat = [x.reshape(b * t, v) for x in rows3d]
+        for start in range(0, b * t, per_chunk):
+            yield start, [x[start:start + per_chunk] for x in flat]
+        return
+    for i in range(b):
+        for start in range(0, t, per_chunk):
+            yield i * t + start, [x[i, start:start + per_chunk] for x in rows3d]
+
+
+def _lse_target(rows3d: Tensor, labels: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
+    n = labels.numel()
+    lse = torch.zeros(n, dtype=torch.float32, device=rows3d.device)
+    target = torch.zeros_like(lse)
+    for start, (z,) in _row_chunks(rows3d):
+        end = start + z.shape[0]
+        y, keep = labels[start:end], scored[start:end]
+        chunk_lse = torch.logsumexp(z.float(), dim=-1)
+        chunk_target = z.gather(-1, torch.where(keep, y, 0).unsqueeze(-1)).squeeze(-1).float()
+        lse[start:end] = torch.where(keep, chunk_lse, 0.0)
+        target[start:end] = torch.where(keep, chunk_target, 0.0)
+    return lse, target
+
+
+def rows_lse_target(logits3d: Tensor, labels: Tensor, ignore_index: int,
+                    ref3d: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``lse[n] = logsumexp_v z[n, v]``, ``target[n] = z[n, y_n]`` (float32 ``[N]``, 0 for ignored
+    rows) and, with ``ref3d``, the reference model's token log-probs ``ref_target − ref_lse``."""
+    y = labels.reshape(-1)
+    scored = y != ignore_index
+    lse, target = _lse_target(logits3d, y, scored)
+    if ref3d is None:
+        return lse, target, None
+    ref_lse, ref_target = _lse_target(ref3d, y, scored)
+    return lse, target, ref_target - ref_lse
+
+
+def rows_softmax_grad(logits3d: Tensor, labels: Tensor, lse: Tensor, coeff: Tensor, ignore_index: int,
+                      out3d: Tensor) -> None:
+    """``out[n, v] = coeff[n]·(onehot(y_n)[v] − exp(z[n, v] − lse[n]))``, zero rows where ``y_n`` is
+    ignored; ``out3d`` has the shape of ``logits3d`` and may be the same tensor."""
+    y = labels.reshape(-1)
+    c = torch.where(y != ignore_index, coeff.float(), 0.0)
+    for start, (z, out) in _row_chunks(logits3d, out3d):
+        end = start + z.shape[0]
+        c_chunk = c[start:end, None]
+        g = (z.float() - lse[start:end, None]).exp_().mul_(-c_chunk)
+        g.scatter_add_(-1, y[start:end].clamp(min=0).unsqueeze(-1), c_chunk)
+        out.copy_(g)
+
+
+def empty_grad_like(logits: Tensor) -> Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def sequence_logps(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
+    """:func:`robalign.sequence_logps` with the chunked PyTorch row kernels."""
+    return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="torch",
+                                  inplace_backward=inplace_backward)
+
+
+def sequence_logps_with_ref(logits, ref_logits, labels, *, ignore_index=-100, cu_seqlens=None,
+                            inplace_backward=False):
+    """:func:`robalign.sequence_logps_with_ref` with the chunked PyTorch row kernels."""
+    return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="torch",
+                                  inplace_backward=inplace_backward, ref_logits=ref_logits)
+
+
+def linear_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
+    """:func:`robalign.linear_sequence_logps`: chunked ATen matmuls with the chunked PyTorch row kernels."""
+    return linear.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                        cu_seqlens=cu_seqlens, kernel="torch")
