@@ -8,6 +8,7 @@
 #   2. the logits-path sweep (benchmarks/gpu_logits.py) against the copy-bandwidth floor
 #   3. the fused-linear sweep (benchmarks/gpu_linear.py) against the matmul floor and Liger-Kernel
 #   4. the training tests (tests/test_train.py) on CUDA: DoRATrainer with the Triton path
+# GPU_CHECK_STAGES picks stages (default "tests logits linear train").
 # The GPU machine has no network: wheels of what it lacks (Liger-Kernel; datasets and its two
 # missing dependencies) are kept in benchmarks/wheels/ and installed only where not importable.
 set -uo pipefail
@@ -18,8 +19,10 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 ROBALIGN_NO_JIT=1
 status=0
 sync_out() { if [ -n "${OUT:-}" ]; then cp "$RESULTS"/gpu_* "$OUT"/ 2>/dev/null; fi; return 0; }
-stage() {  # stage NAME SECONDS LOG COMMAND...
-  local name=$1 limit=$2 log=$3; shift 3
+STAGES=" ${GPU_CHECK_STAGES:-tests logits linear train} "
+stage() {  # stage KEY NAME SECONDS LOG COMMAND...
+  local key=$1 name=$2 limit=$3 log=$4; shift 4
+  [[ "$STAGES" == *" $key "* ]] || { echo "== $name skipped (GPU_CHECK_STAGES)"; return 0; }
   echo "== $name (limit ${limit}s) $(date -Iseconds)"
   timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$log"
   local rc=${PIPESTATUS[0]}
@@ -45,10 +48,10 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . \
   || { echo "installing robalign failed"; sync_out; exit 1; }
 
-stage "CUDA kernel tests" 150 gpu_tests.log \
+stage tests "CUDA kernel tests" 150 gpu_tests.log \
   $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton-cuda or torch-cuda or recompile" -p no:cacheprovider -q
-stage "logits sweep" 120 gpu_logits.md $PY benchmarks/gpu_logits.py --out "$RESULTS"
-stage "fused linear sweep" 170 gpu_linear.md $PY benchmarks/gpu_linear.py --out "$RESULTS"
-stage "training on CUDA" 100 gpu_train.log \
+stage logits "logits sweep" 120 gpu_logits.md $PY benchmarks/gpu_logits.py --out "$RESULTS"
+stage linear "fused linear sweep" 170 gpu_linear.md $PY benchmarks/gpu_linear.py --out "$RESULTS"
+stage train "training on CUDA" 100 gpu_train.log \
   $PY -m pytest tests/test_train.py -m "not distributed" -p no:cacheprovider -p no:logging -q
 exit $status

@@ -10,6 +10,12 @@ place. One program handles one row, sweeping the vocabulary in blocks of ``BLOCK
 online logsumexp in float32. Ignored rows are not read: the forward's loop runs zero times for
 them, the backward stores zeros without loading.
 
+Compilation: ``T`` (the token count) is not specialised, so new batch shapes reuse the compiled
+kernel. The strides are: Triton then knows when every row starts on a 16-element boundary and
+issues 16-byte vector loads and stores (on an H100 that took the bfloat16 backward from 3.26 to
+2.8 ms at 16384 × 128256, and the in-place one from 5.5 ms). A stride has three classes
+(1, a multiple of 16, other), so a shape change compiles at most once per class, never per T.
+
 Bytes per token (V-wide rows of b bytes each element): forward reads the row once (V·b), the
 backward reads it once more and writes the gradient once (2·V·b); the saved state is one
 float32 LSE (4 bytes). The floor of forward+backward is 3·V·b bytes a token.
@@ -65,7 +71,7 @@ def _row_lse_target(p_row, label, scored, V, BLOCK_V: tl.constexpr):
 
 
 @triton.heuristics({"HAS_REF": lambda args: args["p_ref"] is not None})
-@triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "ref_stride_b", "ref_stride_t", "ignore_index"])
+@triton.jit(do_not_specialize=["T", "ignore_index"])
 def _rows_lse_target_fwd_kernel(
     p_logits, p_ref, p_labels, p_lse, p_target, p_ref_logp,
     T, V, stride_b, stride_t, ref_stride_b, ref_stride_t, ignore_index,
@@ -83,7 +89,7 @@ def _rows_lse_target_fwd_kernel(
         tl.store(p_ref_logp + i_n, r_target - r_lse)
 
 
-@triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "out_stride_b", "out_stride_t", "ignore_index"])
+@triton.jit(do_not_specialize=["T", "ignore_index"])
 def _rows_softmax_grad_bwd_kernel(
     p_logits, p_labels, p_lse, p_coeff, p_out,
     T, V, stride_b, stride_t, out_stride_b, out_stride_t, ignore_index,

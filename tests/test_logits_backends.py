@@ -220,20 +220,32 @@ def test_dora_loss_on_the_kernel_backend_matches_reference(backend):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the interpreter compiles nothing")
 def test_triton_new_token_counts_and_strides_do_not_recompile():
+    """New token counts and strided views of the same alignment class reuse the compiled kernels
+    (V = 1024: every stride is a multiple of 16 elements, whatever T)."""
     from robalign.kernels import logps as triton_logps
 
     def compiled_count():
-        caches = getattr(triton_logps._rows_lse_target_fwd_kernel, "device_caches", None)
-        try:
-            return sum(len(entry[0]) for entry in caches.values())
-        except (AttributeError, TypeError, IndexError, KeyError):
-            pytest.skip("this Triton version keeps its kernel cache elsewhere")
+        total = 0
+        for kernel in (triton_logps._rows_lse_target_fwd_kernel, triton_logps._rows_softmax_grad_bwd_kernel):
+            while not hasattr(kernel, "device_caches") and hasattr(kernel, "fn"):     # @heuristics wraps it
+                kernel = kernel.fn
+            try:
+                total += sum(len(entry[0]) for entry in kernel.device_caches.values())
+            except (AttributeError, TypeError, IndexError, KeyError):
+                pytest.skip("this Triton version keeps its kernel cache elsewhere")
+        return total
 
-    for tokens in (7, 33):                                     # warm: one compile for this V and dtype
-        logits, labels = random_batch(2, tokens, 1001, dtype=torch.bfloat16, device="cuda")
-        robalign.sequence_logps(logits, labels, backend="triton")
+    def step(tokens, view):
+        logits, labels = random_batch(3, tokens, 1024, dtype=torch.bfloat16, device="cuda")
+        z = logits.requires_grad_(True)
+        z, y = (z[:, 1:], labels[:, 1:]) if view else (z, labels)
+        robalign.sequence_logps(z, y, backend="triton")[0].sum().backward()
+
+    step(7, False)
+    step(33, True)                                             # warm: one compile each
     before = compiled_count()
+    assert before > 0
     for tokens in (5, 64, 129, 300):
-        logits, labels = random_batch(3, tokens, 1001, dtype=torch.bfloat16, device="cuda")
-        robalign.sequence_logps(logits[:, 1:], labels[:, 1:], backend="triton")     # strided too
+        step(tokens, False)
+        step(tokens, True)
     assert compiled_count() == before
