@@ -8,6 +8,7 @@
 #   2. the logits-path sweep (benchmarks/gpu_logits.py) against the copy-bandwidth floor
 #   3. the fused-linear sweep (benchmarks/gpu_linear.py) against the matmul floor and Liger-Kernel
 #   4. the training tests (tests/test_train.py) on CUDA: DoRATrainer with the Triton path
+# ROBALIGN_COMMIT names the commit measured where the copy's .git is not this checkout's.
 # GPU_CHECK_STAGES picks stages (default "tests logits linear train").
 # The GPU machine has no network: wheels of what it lacks (Liger-Kernel; datasets and its two
 # missing dependencies) are kept in benchmarks/wheels/ and installed only where not importable.
@@ -32,7 +33,7 @@ stage() {  # stage KEY NAME SECONDS LOG COMMAND...
 
 {
   echo "date: $(date -Iseconds)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+  echo "commit: ${ROBALIGN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$RESULTS/gpu_env.txt"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -89,8 +90,8 @@ def matmul_rate(device) -> float:
 def environment(device) -> dict:
     import triton
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = os.environ.get("ROBALIGN_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
