@@ -50,9 +50,9 @@ ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-i
   || { echo "installing robalign failed"; sync_out; exit 1; }
 
 stage tests "CUDA kernel tests" 150 gpu_tests.log \
-  $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton-cuda or torch-cuda or recompile" -p no:cacheprovider -q
+  $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton-cuda or torch-cuda or recompile" -p no:cacheprovider
 stage logits "logits sweep" 120 gpu_logits.md $PY benchmarks/gpu_logits.py --out "$RESULTS"
 stage linear "fused linear sweep" 170 gpu_linear.md $PY benchmarks/gpu_linear.py --out "$RESULTS"
 stage train "training on CUDA" 100 gpu_train.log \
-  $PY -m pytest tests/test_train.py -m "not distributed" -p no:cacheprovider -p no:logging -q
+  $PY -m pytest tests/test_train.py -m "not distributed" -p no:cacheprovider -p no:logging
 exit $status

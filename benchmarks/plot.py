@@ -1,7 +1,13 @@
-"""Charts from a suite result: per workload, time and peak memory against tokens per batch,
-one line per provider, with the measured limit (the time floor) as a dashed line.
+"""Charts from benchmark results, one PNG per workload next to the JSON.
 
-    python benchmarks/plot.py results/suite_cpu.json
+    suite_cpu.json      per workload: time and peak memory against tokens per batch, one line per
+                        provider, the measured limit (the time floor) dashed
+    gpu_logits_*.json   per (tokens, V) case: the fraction of the copy-bandwidth floor reached and
+                        the peak memory, one bar per provider
+    gpu_linear_*.json   time and peak memory against tokens per batch, one line per provider, the
+                        three bare matmuls (the compute floor) dashed
+
+    python benchmarks/plot.py results/suite_cpu.json results/gpu_*.json
 """
 
 from __future__ import annotations
@@ -11,12 +17,94 @@ import sys
 from pathlib import Path
 
 
-def plot_suite(path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(out)
+    return out
+
+
+def plot(path) -> list[Path]:
+    """The charts of one result file, by its ``benchmark`` field."""
+    kind = json.loads(Path(path).read_text()).get("benchmark")
+    return {"gpu_logits": plot_gpu_logits, "gpu_linear": plot_gpu_linear}.get(kind, plot_suite)(path)
+
+
+def plot_gpu_logits(path) -> list[Path]:
+    plt = _pyplot()
+    path = Path(path)
+    result = json.loads(path.read_text())
+    rows = [r for r in result["rows"] if "median_ms" in r]
+    cases = list(dict.fromkeys((r["tokens"], r["vocab"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / len(providers)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, provider in enumerate(providers):
+        mine = {(r["tokens"], r["vocab"]): r for r in rows if r["provider"] == provider}
+        xs = [c + (i - (len(providers) - 1) / 2) * width for c in range(len(cases))]
+        left.bar(xs, [mine[c]["fraction_of_floor"] if c in mine else 0 for c in cases], width, label=provider)
+        right.bar(xs, [max(mine[c]["peak_above_inputs_mb"], 1) if c in mine else 0 for c in cases], width,
+                  label=provider)
+    labels = [f"N={n}\nV={v}" for n, v in cases]
+    left.axhline(1.0, color="black", linestyle=":", label="limit: 3·N·V·2 bytes / copy bandwidth")
+    left.set(ylabel="fraction of the bandwidth floor (higher is better)", ylim=(0, 1.05),
+             title="logits path, bfloat16, forward+backward: speed against the limit")
+    right.set(yscale="log", ylabel="peak MB above the inputs (in place: 0, drawn at 1)",
+              title="logits path: memory")
+    for ax in (left, right):
+        ax.set_xticks(range(len(cases)), labels, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}; "
+                 f"copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path.with_suffix(".png"))
+    plt.close(fig)
+    return [out]
+
+
+def plot_gpu_linear(path) -> list[Path]:
+    plt = _pyplot()
+    path = Path(path)
+    result = json.loads(path.read_text())
+    rows = [r for r in result["rows"] if "median_ms" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["tokens"])
+        xs = [r["tokens"] for r in mine]
+        if provider == "matmul_floor":
+            left.plot(xs, [r["median_ms"] for r in mine], ":", color="black", label="limit: the three bare matmuls")
+            continue
+        style = "-o" if provider in ("triton", "torch") else "-^"
+        left.plot(xs, [r["median_ms"] for r in mine], style, label=provider)
+        right.plot(xs, [r["peak_above_inputs_mb"] for r in mine], style, label=provider)
+    left.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel="forward+backward time (ms)",
+             title="fused linear path: time")
+    right.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel="peak MB above the inputs",
+              title="fused linear path: memory")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    first = result["rows"][0]
+    fig.suptitle(f"{result['device']}, H = {first['hidden']}, V = {first['vocab']}, bfloat16, commit {result['commit']}; "
+                 f"matmul rate {result['matmul_tflops']:.0f} TFLOP/s", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path.with_suffix(".png"))
+    plt.close(fig)
+    return [out]
+
+
+def plot_suite(path) -> list[Path]:
+    plt = _pyplot()
     path = Path(path)
     result = json.loads(path.read_text())
     written = []
@@ -44,15 +132,12 @@ def plot_suite(path) -> list[Path]:
         fig.suptitle(f"{result.get('device', '')} ({result.get('threads', '?')} threads), {shape}V = {rows[0]['vocab']}, "
                      f"commit {result.get('commit', '?')}", fontsize=9)
         fig.tight_layout()
-        out = path.with_name(f"{path.stem}_{workload}.png")
-        tmp = out.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(out)
+        written.append(_save(fig, path.with_name(f"{path.stem}_{workload}.png")))
         plt.close(fig)
-        written.append(out)
     return written
 
 
 if __name__ == "__main__":
-    for png in plot_suite(sys.argv[1]):
-        print(f"wrote {png}")
+    for arg in sys.argv[1:]:
+        for png in plot(arg):
+            print(f"wrote {png}")

@@ -80,7 +80,7 @@ def _cmd_train(args) -> int:
         raise UsageError(f"needs the `train` extra: pip install 'robalign[train]' ({err})") from None
     overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-                                               "max_prompt_length", "seed", "resume")}
+                                               "max_prompt_length", "seed", "resume", "fsdp", "deepspeed")}
     for flag in ("lora", "bf16"):
         if getattr(args, flag):
             overrides[flag] = True
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=int)
     train.add_argument("--max-prompt-length", type=int)
     train.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
+    train.add_argument("--fsdp", help="FSDP options for TrainingArguments, e.g. 'full_shard auto_wrap' "
+                                      "(fsdp_config in --config); launch with torchrun or accelerate")
+    train.add_argument("--deepspeed", help="DeepSpeed JSON config for TrainingArguments (ZeRO-3 heads use the logits path)")
     train.add_argument("--bf16", action="store_true",
                        help="bfloat16 mixed precision (autocast; the fused LM head runs in bfloat16)")
     train.add_argument("--no-dro-exact", action="store_true",

@@ -42,6 +42,9 @@ class TrainSettings:
     max_prompt_length: int = 32
     lora: bool = False
     bf16: bool = False
+    fsdp: str = ""
+    fsdp_config: dict = field(default_factory=dict)
+    deepspeed: str | None = None
     seed: int = 0
     logging_steps: int = 5
     save_steps: int = 50
@@ -144,7 +147,8 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         learning_rate=settings.lr, num_train_epochs=settings.epochs, max_steps=settings.max_steps,
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
         report_to=[], seed=settings.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-        optim=settings.optim, bf16=settings.bf16, lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
+        optim=settings.optim, bf16=settings.bf16, fsdp=settings.fsdp, fsdp_config=settings.fsdp_config or None,
+        deepspeed=settings.deepspeed, lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
     )
     dora = DoRAConfig(objective=settings.objective, beta=settings.beta, lam=settings.lam, alpha=settings.alpha,
                       use_weights=settings.use_weights, exact_dro=settings.exact_dro, fused=settings.fused,

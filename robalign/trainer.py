@@ -79,32 +79,73 @@ def _causal_lm(model):
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
+class _GatherBeforeBackward(torch.autograd.Function):
+    """Identity whose backward first gathers an FSDP2-sharded module's parameters: the fused op
+    saved the head's gathered weight, but FSDP re-gathers a module only when gradients reach the
+    module's own outputs, and the op's graph bypasses them."""
+
+    @staticmethod
+    def forward(ctx, module, x):
+        ctx.module = module
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module.unshard()
+        return None, grad
+
+
+def _zero3_partitioned(head) -> bool:
+    """DeepSpeed ZeRO-3 gathers a parameter only inside its module's forward and backward hooks;
+    the fused op would save a released weight, so such heads take the logits path."""
+    return head is None or hasattr(head.weight, "ds_id")
+
+
+def _is_fsdp2(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def policy_logps(model, batch, *, fused: bool = True, backend=None):
     """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
-    wrapped by DDP or PEFT). The fused path captures the decoder's last hidden states with a
-    forward hook and runs the LM head through :func:`robalign.linear_sequence_logps`; the model
-    itself is still called (through its wrappers, so DDP and adapters work) with
-    ``logits_to_keep=1``."""
+    wrapped by DDP, FSDP or PEFT).
+
+    The fused path calls the model (through its wrappers, so DDP, FSDP and adapters work) with
+    ``logits_to_keep=1``; a forward hook takes the decoder's last hidden states, and a second
+    hook, on the LM head, runs :func:`robalign.linear_sequence_logps` while the head's forward is
+    in progress — when FSDP has gathered its weight, before its own post-forward hook reshards
+    it — so the op always gets a full, plain weight and its gradient flows back through FSDP.
+    A head partitioned by DeepSpeed ZeRO-3 takes the logits path (``fused=False``) instead."""
     labels = shift_labels(batch["labels"])
     inner = _causal_lm(model)
-    if not fused or _needs_plain_logits(inner):
+    if not fused or _needs_plain_logits(inner) or _zero3_partitioned(inner.get_output_embeddings()):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return sequence_logps(logits, labels, backend=backend)
     captured = {}
 
-    def keep(_module, _inputs, output):
+    def keep_hidden(_module, _inputs, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+    def run_head(head, _inputs, _output):
+        logps, counts = linear_sequence_logps(captured["hidden"], head.weight, labels,
+                                              bias=getattr(head, "bias", None), backend=backend)
+        if _is_fsdp2(head) and torch.is_grad_enabled():     # sharded on its own: resharded after this
+            logps = _GatherBeforeBackward.apply(head, logps)
+        captured["result"] = logps, counts
+
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
-    handle = decoder.register_forward_hook(keep)
+    head = inner.get_output_embeddings()
+    handles = [decoder.register_forward_hook(keep_hidden), head.register_forward_hook(run_head, prepend=True)]
     try:
         kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(inner)) else {}
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
     finally:
-        handle.remove()
-    head = inner.get_output_embeddings()
-    return linear_sequence_logps(captured["hidden"], head.weight, labels, bias=getattr(head, "bias", None),
-                                 backend=backend)
+        for handle in handles:
+            handle.remove()
+    return captured["result"]
 
 
 class DoRATrainer(Trainer):

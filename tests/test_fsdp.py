@@ -1,0 +1,96 @@
+"""The fused linear path under FSDP2 (``fully_shard``; gloo, 2 processes on CPU).
+
+:func:`robalign.trainer.policy_logps` runs the LM head through ``linear_sequence_logps`` inside
+the head's forward, while FSDP has gathered its weight. Each rank trains on its half of the
+batch with ``DoRALoss(group=WORLD)``; the sharded gradients, gathered, must equal one process's
+gradient of the whole batch. Two wrappings: the head inside the root's FSDP group (kept
+gathered after the forward), and the head sharded on its own (resharded right after its
+forward: reading ``head.weight`` after the model's forward would see a shard).
+Tolerance: float32, 1e-5 relative (the two runs differ in summation order: per-rank sums and
+reduce-scatter against one batch).
+"""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from robalign import DoRALoss
+from robalign.train import embedded_model
+from robalign.trainer import policy_logps
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+WORLD, ROWS, T = 2, 8, 12          # ROWS per rank: 4 pairs
+WRAPPINGS = ("head_in_root", "head_sharded")
+
+
+def make_batch(vocab):
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, vocab, (WORLD * ROWS, T), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::3, -3:] = 0                                             # right padding on some rows
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100                                           # the prompt
+    ref = -torch.rand(WORLD * ROWS, generator=gen) * 10 - 20
+    weights = torch.rand(WORLD * ROWS // 2, generator=gen) * 2     # one per pair
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, ref, weights
+
+
+def dora_grads(model, batch, ref, weights, group=None):
+    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5, group=group)
+    logps, counts = policy_logps(model, batch)
+    out = loss_fn.from_logps(logps, counts, ref_logps=ref, weights=weights)
+    out.loss.backward()
+    return out.loss.detach()
+
+
+def full_grads(param):
+    g = param.grad
+    return (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+
+
+def _worker(rank, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = {}
+    for wrapping in WRAPPINGS:
+        model, _ = embedded_model(seed=0)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        if wrapping == "head_sharded":
+            fully_shard(model.lm_head, reshard_after_forward=True)
+        fully_shard(model)
+        batch, ref, weights = make_batch(model.config.vocab_size)
+        rows, pairs = slice(rank * ROWS, (rank + 1) * ROWS), slice(rank * ROWS // 2, (rank + 1) * ROWS // 2)
+        loss = dora_grads(model, {k: v[rows] for k, v in batch.items()}, ref[rows], weights[pairs],
+                          group=dist.group.WORLD)
+        results[wrapping] = (loss, {n: full_grads(p) for n, p in model.named_parameters()})
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, join=True)
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("wrapping", WRAPPINGS)
+def test_fsdp_sharded_gradients_equal_the_full_batch_gradient(rank_results, wrapping):
+    model, _ = embedded_model(seed=0)
+    batch, ref, weights = make_batch(model.config.vocab_size)
+    want_loss = dora_grads(model, batch, ref, weights)
+    want = {n: p.grad for n, p in model.named_parameters()}
+    assert want["lm_head.weight"].abs().max() > 0
+    for rank in range(WORLD):
+        loss, got = rank_results[rank][wrapping]
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
