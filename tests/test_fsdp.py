@@ -5,7 +5,9 @@ the head's forward, while FSDP has gathered its weight. Each rank trains on its 
 batch with ``DoRALoss(group=WORLD)``; the sharded gradients, gathered, must equal one process's
 gradient of the whole batch. Two wrappings: the head inside the root's FSDP group (kept
 gathered after the forward), and the head sharded on its own (resharded right after its
-forward: reading ``head.weight`` after the model's forward would see a shard).
+forward: reading ``head.weight`` after the model's forward would see a shard). A third case
+splits each rank's half into two micro-batches under ``KLDROAccumulator``: FSDP reduce-scatters
+after each backward and the accumulator rescales the sharded ``.grad``.
 Tolerance: float32, 1e-5 relative (the two runs differ in summation order: per-rank sums and
 reduce-scatter against one batch).
 """
@@ -18,14 +20,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from robalign import DoRALoss
+from robalign import DoRALoss, KLDROAccumulator
 from robalign.train import embedded_model
 from robalign.trainer import policy_logps
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD, ROWS, T = 2, 8, 12          # ROWS per rank: 4 pairs
-WRAPPINGS = ("head_in_root", "head_sharded")
+WRAPPINGS = ("head_in_root", "head_sharded", "accumulated")
+MICRO = 2
 
 
 def make_batch(vocab):
@@ -48,6 +51,19 @@ def dora_grads(model, batch, ref, weights, group=None):
     return out.loss.detach()
 
 
+def accumulated_grads(model, batch, ref, weights):
+    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5)
+    acc = KLDROAccumulator(model.parameters(), lam=0.5, group=dist.group.WORLD)
+    rows, pairs = ROWS // MICRO, ROWS // 2 // MICRO
+    for j in range(MICRO):
+        micro = {k: v[j * rows:(j + 1) * rows] for k, v in batch.items()}
+        logps, counts = policy_logps(model, micro)
+        out = loss_fn.from_logps(logps, counts, ref_logps=ref[j * rows:(j + 1) * rows],
+                                 weights=weights[j * pairs:(j + 1) * pairs])
+        acc(out.losses, out.weights).backward()
+    return torch.tensor(acc.loss)
+
+
 def full_grads(param):
     g = param.grad
     return (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
@@ -67,8 +83,11 @@ def _worker(rank, init_file, out_dir):
         fully_shard(model)
         batch, ref, weights = make_batch(model.config.vocab_size)
         rows, pairs = slice(rank * ROWS, (rank + 1) * ROWS), slice(rank * ROWS // 2, (rank + 1) * ROWS // 2)
-        loss = dora_grads(model, {k: v[rows] for k, v in batch.items()}, ref[rows], weights[pairs],
-                          group=dist.group.WORLD)
+        if wrapping == "accumulated":
+            loss = accumulated_grads(model, {k: v[rows] for k, v in batch.items()}, ref[rows], weights[pairs])
+        else:
+            loss = dora_grads(model, {k: v[rows] for k, v in batch.items()}, ref[rows], weights[pairs],
+                              group=dist.group.WORLD)
         results[wrapping] = (loss, {n: full_grads(p) for n, p in model.named_parameters()})
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
