@@ -4,6 +4,7 @@ forward + backward (gradients of hidden and weight).
 Providers, each in a fresh process:
     naive          materialised float32 logits = hidden @ Wᵀ, log_softmax, gather, autograd
     matmul_floor   the three bare matmuls alone (hidden @ Wᵀ, G @ W, Gᵀ @ hidden): the compute floor
+    torch          robalign's chunked path with the plain-PyTorch row kernels (the portable fallback)
     cpp            robalign's chunked path (ATen matmuls + C++ row kernels), one chunk of logits at a time
 
     python benchmarks/cpu_linear.py [--tokens 2048] [--hidden 512] [--vocab 32000] [--repeat 5]
@@ -16,7 +17,7 @@ import platform
 
 import cpu_harness
 
-PROVIDERS = ("naive", "matmul_floor", "cpp")
+PROVIDERS = ("naive", "matmul_floor", "torch", "cpp")
 
 
 def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: int) -> dict:
@@ -43,7 +44,7 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
             tok = torch.log_softmax(z.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
             logps = (tok * (labels != -100)).sum(-1)
         else:
-            logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend="cpp")
+            logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)
         return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
 
     return cpu_harness.measure(provider, step, repeat)

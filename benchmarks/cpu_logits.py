@@ -5,6 +5,7 @@ Providers, each measured in a fresh process (so peak resident memory is its own)
     naive_thp      the same with THP_MEM_ALLOC_ENABLE=1 (PyTorch's allocator on huge pages, as
                    robalign's C++ backend allocates its gradient), to show what that alone buys
     naive_compile  torch.compile of the naive path
+    torch          robalign's chunked PyTorch backend (the portable fallback)
     cpp            robalign's C++ backend
     cpp_inplace    the same, gradient written into the logits buffer
 
@@ -23,7 +24,7 @@ import platform
 
 import cpu_harness
 
-PROVIDERS = ("naive", "naive_thp", "naive_compile", "cpp", "cpp_inplace")
+PROVIDERS = ("naive", "naive_thp", "naive_compile", "torch", "cpp", "cpp_inplace")
 
 
 def naive_logps(logits, labels):
@@ -55,7 +56,8 @@ def measure(provider: str, tokens: int, vocab: int, repeat: int, seqlen: int = 5
 
     def step():
         if fn is None:
-            logps, _ = robalign.sequence_logps(z, labels, backend="cpp", inplace_backward=provider == "cpp_inplace")
+            logps, _ = robalign.sequence_logps(z, labels, backend=provider.removesuffix("_inplace"),
+                                               inplace_backward=provider.endswith("_inplace"))
         else:
             logps = fn(z, labels)
         # autograd.grad hands back the gradient without accumulating it into z.grad. The in-place

@@ -32,8 +32,8 @@ MODELS = {
     "qwen2.5-7b": (3584, 152064),
     "mistral-7b": (4096, 32768),
 }
-CPU_PROVIDERS = {"logits": ("naive", "naive_compile", "cpp", "cpp_inplace"),
-                 "linear": ("naive", "matmul_floor", "cpp")}
+CPU_PROVIDERS = {"logits": ("naive", "naive_compile", "torch", "cpp", "cpp_inplace"),
+                 "linear": ("naive", "matmul_floor", "torch", "cpp")}
 
 
 def cpu_limits(hidden: int, vocab: int, tokens: int) -> dict:

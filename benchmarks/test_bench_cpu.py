@@ -29,11 +29,12 @@ def _fwd_bwd(fn, logits, labels, coeff):
     return torch.autograd.grad((fn(z, labels) * coeff).sum(), z)[0]
 
 
-@pytest.mark.parametrize("provider", ["naive", "cpp", "reference"])
+@pytest.mark.parametrize("provider", ["naive", "cpp", "torch", "reference"])
 def test_logits_fwd_bwd(benchmark, batch, provider):
     fns = {
         "naive": naive_logps,
         "cpp": lambda z, y: robalign.sequence_logps(z, y, backend="cpp")[0],
+        "torch": lambda z, y: robalign.sequence_logps(z, y, backend="torch")[0],
         "reference": lambda z, y: robalign.sequence_logps(z, y, backend="reference")[0],
     }
     grad = benchmark(_fwd_bwd, fns[provider], *batch)

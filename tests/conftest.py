@@ -1,4 +1,6 @@
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -33,3 +35,23 @@ def packed_from_padded(logits, labels, lengths):
     parts_y = [labels[s, :n] for s, n in enumerate(lengths)]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     return torch.cat(parts_z), torch.cat(parts_y), cu
+
+
+def _gloo_rank(rank, worker, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(worker(rank), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(worker, world):
+    """Spawn ``world`` CPU processes in one gloo group; each runs ``worker(rank)`` (a module-level
+    function) and the returned objects come back, indexed by rank."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_rank, args=(worker, world, str(Path(tmp) / "init"), tmp), nprocs=world, join=True)
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]

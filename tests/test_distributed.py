@@ -7,17 +7,15 @@ sums over a few dozen samples).
 """
 
 import math
-import tempfile
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import robalign
+from conftest import run_on_gloo_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -48,8 +46,7 @@ def grads(model):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _worker(rank):
     group = dist.group.WORLD
     results = {}
     shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -68,15 +65,12 @@ def _worker(rank, init_file, out_dir):
                 with ddp.no_sync() if j < MICRO - 1 else nullcontext():
                     acc(per_sample_losses(ddp, xs[j], ys[j]), ws[j]).backward()
             results[("acc", dtype, lam)] = (acc.loss, grads(model), acc.stats())
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, join=True)
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_on_gloo_ranks(_worker, WORLD)
 
 
 def full_batch(dtype, lam):

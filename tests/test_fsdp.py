@@ -12,17 +12,15 @@ Tolerance: float32, 1e-5 relative (the two runs differ in summation order: per-r
 reduce-scatter against one batch).
 """
 
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from robalign import DoRALoss, KLDROAccumulator
 from robalign.train import embedded_model
 from robalign.trainer import policy_logps
+from conftest import run_on_gloo_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -69,10 +67,9 @@ def full_grads(param):
     return (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank):
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
     for wrapping in WRAPPINGS:
         model, _ = embedded_model(seed=0)
@@ -89,15 +86,12 @@ def _worker(rank, init_file, out_dir):
             loss = dora_grads(model, {k: v[rows] for k, v in batch.items()}, ref[rows], weights[pairs],
                               group=dist.group.WORLD)
         results[wrapping] = (loss, {n: full_grads(p) for n, p in model.named_parameters()})
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, join=True)
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_on_gloo_ranks(_worker, WORLD)
 
 
 @pytest.mark.parametrize("wrapping", WRAPPINGS)
