@@ -26,10 +26,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path) -> Path:
+def _save(fig, out: Path, title: str | None = None) -> Path:
+    """Title, lay out, write atomically and close ``fig``."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
     tmp.replace(out)
+    _pyplot().close(fig)
     return out
 
 
@@ -64,12 +69,9 @@ def plot_gpu_logits(path) -> list[Path]:
         ax.set_xticks(range(len(cases)), labels, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}; "
-                 f"copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s", fontsize=9)
-    fig.tight_layout()
-    out = _save(fig, path.with_suffix(".png"))
-    plt.close(fig)
-    return [out]
+    return [_save(fig, path.with_suffix(".png"),
+                  f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}; "
+                  f"copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s")]
 
 
 def plot_gpu_linear(path) -> list[Path]:
@@ -95,12 +97,9 @@ def plot_gpu_linear(path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     first = result["rows"][0]
-    fig.suptitle(f"{result['device']}, H = {first['hidden']}, V = {first['vocab']}, bfloat16, commit {result['commit']}; "
-                 f"matmul rate {result['matmul_tflops']:.0f} TFLOP/s", fontsize=9)
-    fig.tight_layout()
-    out = _save(fig, path.with_suffix(".png"))
-    plt.close(fig)
-    return [out]
+    return [_save(fig, path.with_suffix(".png"),
+                  f"{result['device']}, H = {first['hidden']}, V = {first['vocab']}, bfloat16, commit {result['commit']}; "
+                  f"matmul rate {result['matmul_tflops']:.0f} TFLOP/s")]
 
 
 def plot_suite(path) -> list[Path]:
@@ -129,11 +128,9 @@ def plot_suite(path) -> list[Path]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         shape = f"H = {rows[0]['hidden']}, " if workload == "linear" else ""
-        fig.suptitle(f"{result.get('device', '')} ({result.get('threads', '?')} threads), {shape}V = {rows[0]['vocab']}, "
-                     f"commit {result.get('commit', '?')}", fontsize=9)
-        fig.tight_layout()
-        written.append(_save(fig, path.with_name(f"{path.stem}_{workload}.png")))
-        plt.close(fig)
+        written.append(_save(fig, path.with_name(f"{path.stem}_{workload}.png"),
+                             f"{result.get('device', '')} ({result.get('threads', '?')} threads), {shape}"
+                             f"V = {rows[0]['vocab']}, commit {result.get('commit', '?')}"))
     return written
 
 

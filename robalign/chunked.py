@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import library, linear
+from . import library
 
 __all__ = ["rows_lse_target", "rows_softmax_grad", "empty_grad_like", "ROW_CHUNK_BYTES"]
 
@@ -90,20 +90,4 @@ def empty_grad_like(logits: Tensor) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def sequence_logps(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
-    """:func:`robalign.sequence_logps` with the chunked PyTorch row kernels."""
-    return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="torch",
-                                  inplace_backward=inplace_backward)
-
-
-def sequence_logps_with_ref(logits, ref_logits, labels, *, ignore_index=-100, cu_seqlens=None,
-                            inplace_backward=False):
-    """:func:`robalign.sequence_logps_with_ref` with the chunked PyTorch row kernels."""
-    return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="torch",
-                                  inplace_backward=inplace_backward, ref_logits=ref_logits)
-
-
-def linear_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
-    """:func:`robalign.linear_sequence_logps`: chunked ATen matmuls with the chunked PyTorch row kernels."""
-    return linear.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                        cu_seqlens=cu_seqlens, kernel="torch")
+sequence_logps, sequence_logps_with_ref, linear_sequence_logps = library.public_functions("torch")

@@ -8,7 +8,7 @@ loads (or builds once) the extension and raises ImportError when it cannot, whic
 
 from __future__ import annotations
 
-from . import _cpp, library, linear
+from . import _cpp, library
 
 _C = _cpp.load()
 if _C is None:
@@ -28,20 +28,4 @@ rows_softmax_grad = _C.rows_softmax_grad
 empty_grad_like = _C.empty_huge_like           # huge pages: far fewer first-touch page faults
 
 
-def sequence_logps(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
-    """:func:`robalign.sequence_logps` with the C++ row kernels."""
-    return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="cpp",
-                                  inplace_backward=inplace_backward)
-
-
-def sequence_logps_with_ref(logits, ref_logits, labels, *, ignore_index=-100, cu_seqlens=None,
-                            inplace_backward=False):
-    """:func:`robalign.sequence_logps_with_ref` with the C++ row kernels."""
-    return library.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel="cpp",
-                                  inplace_backward=inplace_backward, ref_logits=ref_logits)
-
-
-def linear_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
-    """:func:`robalign.linear_sequence_logps`: chunked ATen matmuls with the C++ row kernels."""
-    return linear.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                        cu_seqlens=cu_seqlens, kernel="cpp")
+sequence_logps, sequence_logps_with_ref, linear_sequence_logps = library.public_functions("cpp")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .reference.logps import sequence_index
 
-__all__ = ["sequence_logps", "row_kernels"]
+__all__ = ["sequence_logps", "row_kernels", "public_functions"]
 
 
 def row_kernels(kernel: str):
@@ -144,3 +144,29 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, ignore_index: int, cu_seql
         logits, labels, seq_idx, num_seqs, ignore_index, kernel, inplace_backward,
         None if ref_logits is None else ref_logits.detach())
     return (logps, counts) if ref_logits is None else (logps, ref_logps.detach(), counts)
+
+
+def public_functions(kernel: str):
+    """``(sequence_logps, sequence_logps_with_ref, linear_sequence_logps)`` run with ``kernel``'s
+    row kernels: what a kernel backend module exports for :mod:`robalign.backends`."""
+
+    def sequence_logps_(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
+        return sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel=kernel,
+                              inplace_backward=inplace_backward)
+
+    def sequence_logps_with_ref_(logits, ref_logits, labels, *, ignore_index=-100, cu_seqlens=None,
+                                 inplace_backward=False):
+        return sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel=kernel,
+                              inplace_backward=inplace_backward, ref_logits=ref_logits)
+
+    def linear_sequence_logps_(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
+        from .linear import linear_sequence_logps
+
+        return linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                     cu_seqlens=cu_seqlens, kernel=kernel)
+
+    sequence_logps_.__doc__ = f":func:`robalign.sequence_logps` with the {kernel!r} row kernels."
+    sequence_logps_with_ref_.__doc__ = f":func:`robalign.sequence_logps_with_ref` with the {kernel!r} row kernels."
+    linear_sequence_logps_.__doc__ = (f":func:`robalign.linear_sequence_logps`: chunked matmuls with the {kernel!r} "
+                                      "row kernels.")
+    return sequence_logps_, sequence_logps_with_ref_, linear_sequence_logps_
