@@ -9,7 +9,7 @@ On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`
 triton is imported); that is how the test suite checks them on machines without a GPU.
 """
 
-from ..library import public_functions
+from robalign.library import public_functions  # absolute: from the repo root `kernels` is also importable top-level
 from .logps import block_size, empty_grad_like, rows_lse_target, rows_softmax_grad
 
 

@@ -97,22 +97,40 @@ def test_frozen_head_gets_no_gradient(backend, small_chunks):
     torch.testing.assert_close(h.grad.cpu().double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bfloat16_within_twice_pytorch_error(backend, small_chunks):
-    args = problem(3, 6, 32, 500, dtype=torch.bfloat16, all_ignored=(2,))
-    coeff = torch.tensor([1.0, -2.0, 0.5])
-    got = run(backend, *args, coeff)
-    want = ref_run(*args, coeff)
-    # PyTorch in bfloat16: materialised logits, log_softmax, gather, autograd
+def assert_within_twice_pytorch_error(got, want, args, coeff):
+    """Each output's error against the float64 reference is at most twice that of PyTorch
+    computing the same thing in the inputs' dtype (materialised logits, log_softmax, gather,
+    autograd)."""
     leaves = [x.detach().clone().requires_grad_(True) for x in args[:3]]
     labels = args[3]
     z = leaves[0] @ leaves[1].T + leaves[2]
     tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
-    (tok.sum(-1) * coeff.bfloat16()).sum().backward()
+    (tok.sum(-1) * coeff.to(z.dtype)).sum().backward()
     torch_got = [tok.sum(-1).detach(), None, *[x.grad for x in leaves]]
     err = lambda a, b: (a.double() - b).norm().item()
     for i in (0, 2, 3, 4):
         assert err(got[i], want[i]) <= 2 * err(torch_got[i], want[i]) + 1e-6, f"output {i}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_within_twice_pytorch_error(backend, small_chunks):
+    args = problem(3, 6, 32, 500, dtype=torch.bfloat16, all_ignored=(2,))
+    coeff = torch.tensor([1.0, -2.0, 0.5])
+    assert_within_twice_pytorch_error(run(backend, *args, coeff), ref_run(*args, coeff), args, coeff)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_256k_vocabulary_float32_within_twice_pytorch_error(backend, small_chunks):
+    """V = 262144: ``grad_hidden = G @ W`` sums 262144 float32 products, so its rounding error
+    (3e-5 of its largest element here, for PyTorch's float32 as for ours) is above the 1e-5
+    that holds for V ≤ 32001; the bound is therefore PyTorch's own float32 error, as for
+    bfloat16. The log-probs still match to 1e-5."""
+    args = problem(3, 7, 8, 262144, bias=True, all_ignored=(1,))
+    coeff = torch.tensor([2.5, -1.0, 0.5])
+    got, want = run(backend, *args, coeff), ref_run(*args, coeff)
+    assert got[0][1] == 0 and got[1][1] == 0 and (got[2][1] == 0).all()
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    assert_within_twice_pytorch_error(got, want, args, coeff)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
