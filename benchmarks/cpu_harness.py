@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("fwdbwd", "fwd")
 
 
 def status_mb(field: str) -> float:
@@ -34,12 +35,15 @@ def reset_peak_rss() -> float:
 
 def parse_args(doc: str, providers, argv=None, **sizes):
     """The CPU scripts' command line: ``--<size> N`` for each keyword (its value the default),
-    ``--repeat``, ``--providers`` and the hidden ``--child PROVIDER`` of a measuring process."""
+    ``--mode``, ``--repeat``, ``--providers`` and the hidden ``--child PROVIDER`` of a measuring
+    process."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     for name, default in sizes.items():
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--mode", choices=MODES, default="fwdbwd",
+                        help="fwdbwd: forward+backward (training); fwd: forward under no_grad (reference log-probs)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--providers", default=",".join(providers))
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -6,9 +6,12 @@
 #   bash benchmarks/gpu_check.sh
 # Stages, each with its own time limit; a failing stage is reported and the next one runs:
 #   1. CUDA kernel tests: Triton and chunked-PyTorch backends on CUDA tensors, torch.compile
-#   2. the logits-path sweep (benchmarks/gpu_logits.py) against the copy-bandwidth floor
-#   3. the fused-linear sweep (benchmarks/gpu_linear.py) against the matmul floor and Liger-Kernel
+#   2. the logits-path sweep (benchmarks/gpu_logits.py) against the copy-bandwidth floor,
+#      forward+backward then forward alone
+#   3. the fused-linear sweep (benchmarks/gpu_linear.py) against the matmul floor and Liger-Kernel,
+#      forward+backward then forward alone
 #   4. the training tests (tests/test_train.py) on CUDA: DoRATrainer with the Triton path
+#   5. the charts of the JSON written (benchmarks/plot.py)
 # ROBALIGN_COMMIT names the commit measured where the copy's .git is not this checkout's.
 # GPU_CHECK_STAGES picks stages (default "tests logits linear train").
 # The GPU machine has no network: wheels of what it lacks (Liger-Kernel; datasets and its two
@@ -20,7 +23,11 @@ mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 ROBALIGN_NO_JIT=1
 status=0
-sync_out() { if [ -n "${OUT:-}" ]; then cp "$RESULTS"/gpu_* "$OUT"/ 2>/dev/null; fi; return 0; }
+# $OUT takes at most 8 files: the results travel as one tarball, rewritten after every stage.
+sync_out() {
+  if [ -n "${OUT:-}" ]; then (cd "$RESULTS" && tar -cf "$OUT/gpu_results.tar.tmp" gpu_* && mv "$OUT/gpu_results.tar.tmp" "$OUT/gpu_results.tar"); fi
+  return 0
+}
 STAGES=" ${GPU_CHECK_STAGES:-tests logits linear train} "
 stage() {  # stage KEY NAME SECONDS LOG COMMAND...
   local key=$1 name=$2 limit=$3 log=$4; shift 4
@@ -52,8 +59,13 @@ ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-i
 
 stage tests "CUDA kernel tests" 150 gpu_tests.log \
   $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton-cuda or torch-cuda or recompile" -p no:cacheprovider
-stage logits "logits sweep" 120 gpu_logits.md $PY benchmarks/gpu_logits.py --out "$RESULTS"
-stage linear "fused linear sweep" 170 gpu_linear.md $PY benchmarks/gpu_linear.py --out "$RESULTS"
+stage logits "logits sweep" 150 gpu_logits.md bash -c \
+  "$PY benchmarks/gpu_logits.py --out '$RESULTS' && $PY benchmarks/gpu_logits.py --mode fwd --out '$RESULTS'"
+stage linear "fused linear sweep" 200 gpu_linear.md bash -c \
+  "$PY benchmarks/gpu_linear.py --out '$RESULTS' && $PY benchmarks/gpu_linear.py --mode fwd --out '$RESULTS'"
 stage train "training on CUDA" 100 gpu_train.log \
   $PY -m pytest tests/test_train.py -m "not distributed" -p no:cacheprovider -p no:logging
+echo "== charts"
+$PY benchmarks/plot.py "$RESULTS"/gpu_logits_*.json "$RESULTS"/gpu_linear_*.json || status=1
+sync_out
 exit $status

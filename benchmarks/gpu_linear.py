@@ -15,7 +15,10 @@ three matmuls' 6·N·H·V FLOPs. Times are medians of ``triton.testing.do_bench`
 percentiles in the JSON); memory is the peak allocated above the inputs. A provider that fails
 (the naive path runs out of memory at 16 × 2048 tokens) is reported as failed, not dropped.
 
-    python benchmarks/gpu_linear.py [--quick] [--out DIR]
+    python benchmarks/gpu_linear.py [--quick] [--model NAME] [--mode fwdbwd|fwd] [--out DIR]
+
+``--mode fwd`` times the forward alone under ``no_grad`` (its floor is ``hidden @ Wᵀ``, 2·N·H·V
+FLOPs); ``--model`` takes H and V from benchmarks/shapes.py (default llama3-8b).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import torch
 
 import robalign
 from gpu_harness import environment, matmul_rate, measure, write_json
+from shapes import MODELS
 
-HIDDEN, VOCAB, SEQS = 4096, 128256, 16
+SEQS = 16
 PROVIDERS = ("naive", "naive_compile", "matmul_floor", "torch", "triton", "liger")
 
 
@@ -42,7 +46,7 @@ def naive(hidden, weight, labels):
 naive_compiled = torch.compile(naive, dynamic=True)
 
 
-def liger_step(hidden, weight, labels):
+def liger_step(hidden, weight, labels, mode):
     """Liger's chunked DPO loss on the same rows (chosen/rejected halves), no reference model."""
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -51,11 +55,11 @@ def liger_step(hidden, weight, labels):
     def step():
         loss = loss_fn(weight, hidden, labels)
         loss = loss[0] if isinstance(loss, tuple) else loss
-        return torch.autograd.grad(loss, (hidden, weight))
-    return step
+        return loss if mode == "fwd" else torch.autograd.grad(loss, (hidden, weight))
+    return torch.no_grad()(step) if mode == "fwd" else step
 
 
-def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers):
+def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="fwdbwd"):
     torch.manual_seed(0)
     tokens = SEQS * seqlen
     hidden = torch.randn(SEQS, seqlen, hidden_size, device=device, dtype=dtype, requires_grad=True)
@@ -63,23 +67,27 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers):
     labels = torch.randint(vocab, (SEQS, seqlen), device=device)
     labels[:, : seqlen // 8] = -100
     coeff = torch.randn(SEQS, device=device)
-    flops = 6 * tokens * hidden_size * vocab
+    flops = (6 if mode == "fwdbwd" else 2) * tokens * hidden_size * vocab
 
     def make(provider):
         if provider == "matmul_floor":
-            g = torch.randn(tokens, vocab, device=device, dtype=dtype)
             h, w = hidden.detach().reshape(tokens, hidden_size), weight.detach()
+            if mode == "fwd":
+                return lambda: h @ w.T
+            g = torch.randn(tokens, vocab, device=device, dtype=dtype)
             return lambda: (h @ w.T, g @ w, g.T @ h)
         if provider == "liger":
-            return liger_step(hidden, weight, labels)
+            return liger_step(hidden, weight, labels, mode)
 
         def step():
             if provider in ("naive", "naive_compile"):
                 logps = (naive if provider == "naive" else naive_compiled)(hidden, weight, labels)
             else:
                 logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)
+            if mode == "fwd":
+                return logps
             return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
-        return step
+        return torch.no_grad()(step) if mode == "fwd" else step
 
     rows = []
     for provider in providers:
@@ -92,7 +100,8 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers):
         if "median_ms" in row:
             seconds = row["median_ms"] / 1e3
             row.update(tflops=flops / seconds / 1e12, fraction_of_matmul_rate=flops / seconds / rate)
-        rows.append({"provider": provider, "tokens": tokens, "hidden": hidden_size, "vocab": vocab, **row})
+        rows.append({"provider": provider, "mode": mode, "tokens": tokens, "hidden": hidden_size, "vocab": vocab,
+                     **row})
         print(f"  {tokens} tokens {provider}: {row.get('median_ms', row.get('error'))}", file=sys.stderr)
     return rows
 
@@ -119,23 +128,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="16 × 1024 tokens only")
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b", help="H and V")
+    parser.add_argument("--mode", choices=("fwdbwd", "fwd"), default="fwdbwd")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     device = args.device
-    dtype, hidden_size, vocab, seqlens = torch.bfloat16, HIDDEN, VOCAB, (512, 1024, 2048)
+    (hidden_size, vocab), dtype, seqlens = MODELS[args.model], torch.bfloat16, (512, 1024, 2048)
     if args.quick:
         seqlens = (1024,)
     if device == "cpu":                                      # smoke test of the script only
         dtype, hidden_size, vocab, seqlens = torch.float32, 64, 2000, (32,)
     providers = PROVIDERS if device == "cuda" else ("naive", "matmul_floor", "torch", "cpp")
     rate = matmul_rate(device)
-    rows = [r for n in seqlens for r in run_case(n, device, dtype, rate, hidden_size, vocab, providers)]
+    rows = [r for n in seqlens for r in run_case(n, device, dtype, rate, hidden_size, vocab, providers, args.mode)]
     env = environment(device)
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
-          f"measured matmul rate {rate / 1e12:.0f} TFLOP/s\n")
+          f"measured matmul rate {rate / 1e12:.0f} TFLOP/s; "
+          f"{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}\n")
     print_table(rows)
-    path = write_json(Path(args.out), f"gpu_linear_{env['device'].replace(' ', '_')}",
-                      {"benchmark": "gpu_linear", **env, "matmul_tflops": rate / 1e12, "rows": rows})
+    suffix = ("" if args.model == "llama3-8b" else f"_{args.model}") + ("" if args.mode == "fwdbwd" else "_fwd")
+    path = write_json(Path(args.out), f"gpu_linear_{env['device'].replace(' ', '_')}{suffix}",
+                      {"benchmark": "gpu_linear", "mode": args.mode, "model": args.model, **env, "matmul_tflops": rate / 1e12, "rows": rows})
     print(f"\nwrote {path}", file=sys.stderr)
     return 0
 

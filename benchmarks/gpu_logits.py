@@ -14,7 +14,10 @@ the forward, one read and one write in the backward: 3·N·V·2 bytes for bfloat
 20th/80th percentiles in the JSON) of ``triton.testing.do_bench``; memory is the peak
 allocated above the inputs.
 
-    python benchmarks/gpu_logits.py [--quick] [--out DIR]
+    python benchmarks/gpu_logits.py [--quick] [--model NAME] [--mode fwdbwd|fwd] [--out DIR]
+
+``--mode fwd`` times the forward alone under ``no_grad`` (as reference log-probs are computed;
+floor ``N·V·2`` bytes); ``--model`` takes V from benchmarks/shapes.py instead of the sweep.
 
 ``--device cpu`` runs the same harness on the C++ backend at small shapes (a smoke test of the
 script; its numbers are not the GPU's).
@@ -30,6 +33,7 @@ import torch
 
 import robalign
 from gpu_harness import copy_bandwidth, environment, measure, write_json
+from shapes import MODELS
 
 VOCABS = (32000, 128256, 151936)
 TOKENS = (4096, 16384)
@@ -48,8 +52,8 @@ def naive_logps(logits, labels):
 naive_compiled = torch.compile(naive_logps, dynamic=True)
 
 
-def make_step(provider, logits, labels, coeff):
-    z = logits.detach().requires_grad_(True)
+def make_step(provider, logits, labels, coeff, mode="fwdbwd"):
+    z = logits.detach().requires_grad_(mode == "fwdbwd")
 
     def step():
         if provider == "naive":
@@ -59,11 +63,13 @@ def make_step(provider, logits, labels, coeff):
         else:
             logps, _ = robalign.sequence_logps(z, labels, backend=provider.removesuffix("_inplace"),
                                                inplace_backward=provider.endswith("_inplace"))
+        if mode == "fwd":
+            return logps
         return torch.autograd.grad((logps * coeff).sum(), z)[0]
-    return step
+    return torch.no_grad()(step) if mode == "fwd" else step
 
 
-def run_case(tokens, vocab, device, dtype, bandwidth, providers):
+def run_case(tokens, vocab, device, dtype, bandwidth, providers, mode="fwdbwd"):
     torch.manual_seed(0)
     seqs = max(1, tokens // SEQLEN)
     seqlen = tokens // seqs
@@ -71,11 +77,11 @@ def run_case(tokens, vocab, device, dtype, bandwidth, providers):
     labels = torch.randint(vocab, (seqs, seqlen), device=device)
     labels[:, : seqlen // 8] = -100                                     # the prompt
     coeff = torch.randn(seqs, device=device)
-    floor_bytes = 3 * tokens * vocab * logits.element_size()
+    floor_bytes = (3 if mode == "fwdbwd" else 1) * tokens * vocab * logits.element_size()
     rows = []
     for provider in providers:
         row = {"provider": provider, "tokens": tokens, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
-               **measure(make_step(provider, logits, labels, coeff), device)}
+               "mode": mode, **measure(make_step(provider, logits, labels, coeff, mode), device)}
         if "median_ms" in row:
             seconds = row["median_ms"] / 1e3
             row.update(achieved_gbps=floor_bytes / seconds / 1e9, fraction_of_floor=floor_bytes / bandwidth / seconds)
@@ -104,22 +110,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one vocabulary, one token count")
+    parser.add_argument("--model", choices=sorted(MODELS), help="sweep only this model's vocabulary")
+    parser.add_argument("--mode", choices=("fwdbwd", "fwd"), default="fwdbwd")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     device = args.device
     dtype = torch.bfloat16
     vocabs, token_counts = ((128256,), (16384,)) if args.quick else (VOCABS, TOKENS)
+    if args.model:
+        vocabs = (MODELS[args.model][1],)
     if device == "cpu":
         vocabs, token_counts, dtype = (2048,), (512,), torch.float32
     bandwidth = copy_bandwidth(device)
     providers = PROVIDERS if device == "cuda" else ("naive", "torch", "cpp", "cpp_inplace")
-    rows = [r for v in vocabs for n in token_counts for r in run_case(n, v, device, dtype, bandwidth, providers)]
+    if args.mode == "fwd":                       # in place changes only the backward
+        providers = tuple(p for p in providers if not p.endswith("_inplace"))
+    rows = [r for v in vocabs for n in token_counts
+            for r in run_case(n, v, device, dtype, bandwidth, providers, args.mode)]
     env = environment(device)
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
-          f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
+          f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+          f"{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}\n")
     print_table(rows)
-    path = write_json(Path(args.out), f"gpu_logits_{env['device'].replace(' ', '_')}",
-                      {"benchmark": "gpu_logits", **env, "copy_bandwidth_gbps": bandwidth / 1e9, "rows": rows})
+    suffix = (f"_{args.model}" if args.model else "") + ("" if args.mode == "fwdbwd" else "_fwd")
+    path = write_json(Path(args.out), f"gpu_logits_{env['device'].replace(' ', '_')}{suffix}",
+                      {"benchmark": "gpu_logits", "mode": args.mode, **env, "copy_bandwidth_gbps": bandwidth / 1e9, "rows": rows})
     print(f"\nwrote {path}", file=sys.stderr)
     return 0
 

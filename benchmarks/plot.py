@@ -1,7 +1,7 @@
 """Charts from benchmark results, one PNG per workload next to the JSON.
 
-    suite_cpu.json      per workload: time and peak memory against tokens per batch, one line per
-                        provider, the measured limit (the time floor) dashed
+    suite_cpu.json      per workload and mode: time and peak memory against tokens per batch, one
+                        line per provider, the measured limit (the time floor) dashed
     gpu_logits_*.json   per (tokens, V) case: the fraction of the copy-bandwidth floor reached and
                         the peak memory, one bar per provider
     gpu_linear_*.json   time and peak memory against tokens per batch, one line per provider, the
@@ -57,12 +57,14 @@ def plot_gpu_logits(path) -> list[Path]:
         mine = {(r["tokens"], r["vocab"]): r for r in rows if r["provider"] == provider}
         xs = [c + (i - (len(providers) - 1) / 2) * width for c in range(len(cases))]
         left.bar(xs, [mine[c]["fraction_of_floor"] if c in mine else 0 for c in cases], width, label=provider)
-        right.bar(xs, [max(mine[c]["peak_above_inputs_mb"], 1) if c in mine else 0 for c in cases], width,
+        right.bar(xs, [max(mine[c]["peak_above_inputs_mb"] or 0, 1) if c in mine else 0 for c in cases], width,
                   label=provider)
     labels = [f"N={n}\nV={v}" for n, v in cases]
-    left.axhline(1.0, color="black", linestyle=":", label="limit: 3·N·V·2 bytes / copy bandwidth")
+    what = "forward (no_grad)" if result.get("mode") == "fwd" else "forward+backward"
+    floor = "N·V·2" if result.get("mode") == "fwd" else "3·N·V·2"
+    left.axhline(1.0, color="black", linestyle=":", label=f"limit: {floor} bytes / copy bandwidth")
     left.set(ylabel="fraction of the bandwidth floor (higher is better)", ylim=(0, 1.05),
-             title="logits path, bfloat16, forward+backward: speed against the limit")
+             title=f"logits path, bfloat16, {what}: speed against the limit")
     right.set(yscale="log", ylabel="peak MB above the inputs (in place: 0, drawn at 1)",
               title="logits path: memory")
     for ax in (left, right):
@@ -84,15 +86,18 @@ def plot_gpu_linear(path) -> list[Path]:
         mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["tokens"])
         xs = [r["tokens"] for r in mine]
         if provider == "matmul_floor":
-            left.plot(xs, [r["median_ms"] for r in mine], ":", color="black", label="limit: the three bare matmuls")
+            label = "limit: the bare matmul" if result.get("mode") == "fwd" else "limit: the three bare matmuls"
+            left.plot(xs, [r["median_ms"] for r in mine], ":", color="black", label=label)
             continue
         style = "-o" if provider in ("triton", "torch") else "-^"
         left.plot(xs, [r["median_ms"] for r in mine], style, label=provider)
-        right.plot(xs, [r["peak_above_inputs_mb"] for r in mine], style, label=provider)
-    left.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel="forward+backward time (ms)",
-             title="fused linear path: time")
-    right.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel="peak MB above the inputs",
-              title="fused linear path: memory")
+        right.plot(xs, [r["peak_above_inputs_mb"] or float("nan") for r in mine], style, label=provider)
+    what = "forward (no_grad)" if result.get("mode") == "fwd" else "forward+backward"
+    left.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel=f"{what} time (ms)",
+             title=f"fused linear path, {what}: time")
+    measured_memory = any(r["peak_above_inputs_mb"] for r in rows)      # none on CPU (smoke runs)
+    right.set(xscale="log", yscale="log" if measured_memory else "linear", xlabel="tokens per batch",
+              ylabel="peak MB above the inputs", title=f"fused linear path, {what}: memory")
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -107,28 +112,32 @@ def plot_suite(path) -> list[Path]:
     path = Path(path)
     result = json.loads(path.read_text())
     written = []
-    for workload in sorted({r["workload"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["workload"] == workload]
+    for workload, mode in sorted({(r["workload"], r.get("mode", "fwdbwd")) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["workload"] == workload and r.get("mode", "fwdbwd") == mode]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         # the bare matmuls are the linear path's limit line, not a provider to compare memory with
         for provider in dict.fromkeys(r["provider"] for r in rows if r["provider"] != "matmul_floor"):
             mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["tokens"])
             xs = [r["tokens"] for r in mine]
-            style = "-o" if provider.startswith(("cpp", "robalign", "triton")) else "-^"
+            style = "-o" if provider.startswith(("cpp", "torch", "triton")) else "-^"
             left.plot(xs, [r["median_s"] * 1e3 for r in mine], style, label=provider)
             right.plot(xs, [r["peak_above_inputs_mb"] for r in mine], style, label=provider)
         floors = sorted({(r["tokens"], r["floor_s"]) for r in rows})
-        limit = "bytes / copy bandwidth" if workload == "logits" else "the three bare matmuls"
+        forward = mode == "fwd"
+        limit = "bytes / copy bandwidth" if workload == "logits" else \
+            ("the bare matmul" if forward else "the three bare matmuls")
         left.plot([t for t, _ in floors], [f * 1e3 for t, f in floors], ":", color="black", label=f"limit ({limit})")
-        left.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel="forward+backward time (ms)",
-                 title=f"{workload} path: time")
+        what = "forward (no_grad)" if forward else "forward+backward"
+        left.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel=f"{what} time (ms)",
+                 title=f"{workload} path, {what}: time")
         right.set(xscale="log", xlabel="tokens per batch", ylabel="peak memory above inputs (MB)",
-                  title=f"{workload} path: memory")
+                  title=f"{workload} path, {what}: memory")
         for ax in (left, right):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         shape = f"H = {rows[0]['hidden']}, " if workload == "linear" else ""
-        written.append(_save(fig, path.with_name(f"{path.stem}_{workload}.png"),
+        suffix = "_fwd" if forward else ""
+        written.append(_save(fig, path.with_name(f"{path.stem}_{workload}{suffix}.png"),
                              f"{result.get('device', '')} ({result.get('threads', '?')} threads), {shape}"
                              f"V = {rows[0]['vocab']}, commit {result.get('commit', '?')}"))
     return written

@@ -111,6 +111,8 @@ def _cmd_bench(args) -> int:
         cmd.append("--quick")
     if args.model:
         cmd += ["--model", args.model]
+    if args.mode:
+        cmd += ["--mode", args.mode]
     return subprocess.run(cmd).returncode
 
 
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--workload", default="logits,linear", help="comma-separated: logits, linear")
     bench.add_argument("--model", help="model shape: small, llama3-8b, qwen2.5-7b, mistral-7b")
+    bench.add_argument("--mode", help="comma-separated: fwdbwd (forward+backward), fwd (forward, no_grad); default both")
     bench.add_argument("--quick", action="store_true", help="fewer token counts and repeats")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -16,10 +16,15 @@ def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
     import suite
     from plot import plot_suite
 
-    monkeypatch.setattr(suite, "CPU_PROVIDERS", {"logits": ("naive", "cpp"), "linear": ("naive", "cpp")})
+    monkeypatch.setattr(suite, "CPU_PROVIDERS", {"logits": ("naive", "cpp", "cpp_inplace"),
+                                                 "linear": ("naive", "matmul_floor", "cpp")})
     monkeypatch.setattr(suite, "MODELS", {"tiny": (32, 2000)})
     result = suite.run_cpu(["logits", "linear"], "tiny", (64, 128), 1)
-    assert len(result["rows"]) == 8
+    # logits: 3 providers forward+backward, 2 forward (in place changes only the backward); linear: 3 and 3
+    assert len(result["rows"]) == 2 * (3 + 2 + 3 + 3)
+    fwd_floor = next(r for r in result["rows"] if r["workload"] == "linear" and r["mode"] == "fwd"
+                     and r["provider"] == "matmul_floor")
+    assert fwd_floor["fraction_of_floor"] == 1.0
     assert result["limits"]["copy_bandwidth_bytes_per_s"] > 1e8 and result["limits"]["matmul_flop_per_s"] > 1e8
     for row in result["rows"]:
         assert row["median_s"] > 0 and row["floor_s"] > 0 and 0 < row["fraction_of_floor"]
@@ -27,7 +32,8 @@ def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
     path = cpu_harness.write_record("suite_cpu", {"device": "cpu", "threads": 2, **result})
     assert json.loads(path.read_text())["rows"][0]["workload"] == "logits"
     charts = plot_suite(path)
-    assert [c.name for c in charts] == ["suite_cpu_linear.png", "suite_cpu_logits.png"]
+    assert [c.name for c in charts] == ["suite_cpu_linear_fwd.png", "suite_cpu_linear.png",
+                                        "suite_cpu_logits_fwd.png", "suite_cpu_logits.png"]
     assert all(c.stat().st_size > 5000 for c in charts)
 
 
