@@ -38,6 +38,11 @@ def _save(fig, out: Path, title: str | None = None) -> Path:
     return out
 
 
+def _read(path) -> tuple[Path, dict]:
+    path = Path(path)
+    return path, json.loads(path.read_text())
+
+
 def plot(path) -> list[Path]:
     """The charts of one result file, by its ``benchmark`` field."""
     kind = json.loads(Path(path).read_text()).get("benchmark")
@@ -46,8 +51,7 @@ def plot(path) -> list[Path]:
 
 def plot_gpu_logits(path) -> list[Path]:
     plt = _pyplot()
-    path = Path(path)
-    result = json.loads(path.read_text())
+    path, result = _read(path)
     rows = [r for r in result["rows"] if "median_ms" in r]
     cases = list(dict.fromkeys((r["tokens"], r["vocab"]) for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -78,8 +82,7 @@ def plot_gpu_logits(path) -> list[Path]:
 
 def plot_gpu_linear(path) -> list[Path]:
     plt = _pyplot()
-    path = Path(path)
-    result = json.loads(path.read_text())
+    path, result = _read(path)
     rows = [r for r in result["rows"] if "median_ms" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for provider in dict.fromkeys(r["provider"] for r in rows):
@@ -109,8 +112,7 @@ def plot_gpu_linear(path) -> list[Path]:
 
 def plot_suite(path) -> list[Path]:
     plt = _pyplot()
-    path = Path(path)
-    result = json.loads(path.read_text())
+    path, result = _read(path)
     written = []
     for workload, mode in sorted({(r["workload"], r.get("mode", "fwdbwd")) for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["workload"] == workload and r.get("mode", "fwdbwd") == mode]
