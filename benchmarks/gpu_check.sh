@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (205 s on an H100, under the 6-minute budget): the CUDA tests
-# and the GPU benchmarks.
+# One prepared run for a lent GPU: the CUDA tests and the GPU benchmarks (205 s on an H100 before
+# the forward-only sweeps were added, an estimated 4-5 minutes with them; the budget is 6).
 # Results, with device name, versions and commit, go to benchmarks/results/ (and to $OUT when
 # the device tool sets it, after every stage, so a stage that runs out of time loses nothing):
 #   bash benchmarks/gpu_check.sh
