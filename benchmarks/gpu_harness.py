@@ -57,6 +57,26 @@ def measure(fn, device) -> dict:
             "peak_above_inputs_mb": peak}
 
 
+def measure_providers(providers, make_step, device, label: str, derive) -> list[dict]:
+    """One row per provider: ``make_step(provider)`` timed by :func:`measure` (or the ImportError
+    of a provider that is not installed), plus ``derive(seconds)`` metrics when it ran."""
+    import sys
+
+    rows = []
+    for provider in providers:
+        try:
+            step = make_step(provider)
+        except ImportError as err:
+            row = {"error": f"not importable ({err})"}
+        else:
+            row = measure(step, device)
+        if "median_ms" in row:
+            row.update(derive(row["median_ms"] / 1e3))
+        rows.append({"provider": provider, **row})
+        print(f"  {label} {provider}: {row.get('median_ms', row.get('error'))}", file=sys.stderr)
+    return rows
+
+
 def copy_bandwidth(device) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     n = (1 << 30) if device == "cuda" else (1 << 26)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import robalign
-from gpu_harness import environment, matmul_rate, measure, write_json
+from gpu_harness import environment, matmul_rate, measure_providers, write_json
 from shapes import MODELS
 
 SEQS = 16
@@ -89,21 +89,9 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
             return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
         return torch.no_grad()(step) if mode == "fwd" else step
 
-    rows = []
-    for provider in providers:
-        try:
-            step = make(provider)
-        except ImportError as err:
-            row = {"error": f"not importable ({err})"}
-        else:
-            row = measure(step, device)
-        if "median_ms" in row:
-            seconds = row["median_ms"] / 1e3
-            row.update(tflops=flops / seconds / 1e12, fraction_of_matmul_rate=flops / seconds / rate)
-        rows.append({"provider": provider, "mode": mode, "tokens": tokens, "hidden": hidden_size, "vocab": vocab,
-                     **row})
-        print(f"  {tokens} tokens {provider}: {row.get('median_ms', row.get('error'))}", file=sys.stderr)
-    return rows
+    rows = measure_providers(providers, make, device, f"{tokens} tokens",
+                             lambda s: {"tflops": flops / s / 1e12, "fraction_of_matmul_rate": flops / s / rate})
+    return [{"mode": mode, "tokens": tokens, "hidden": hidden_size, "vocab": vocab, **r} for r in rows]
 
 
 def print_table(rows):

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import robalign
-from gpu_harness import copy_bandwidth, environment, measure, write_json
+from gpu_harness import copy_bandwidth, environment, measure_providers, write_json
 from shapes import MODELS
 
 VOCABS = (32000, 128256, 151936)
@@ -78,16 +78,12 @@ def run_case(tokens, vocab, device, dtype, bandwidth, providers, mode="fwdbwd"):
     labels[:, : seqlen // 8] = -100                                     # the prompt
     coeff = torch.randn(seqs, device=device)
     floor_bytes = (3 if mode == "fwdbwd" else 1) * tokens * vocab * logits.element_size()
-    rows = []
-    for provider in providers:
-        row = {"provider": provider, "tokens": tokens, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
-               "mode": mode, **measure(make_step(provider, logits, labels, coeff, mode), device)}
-        if "median_ms" in row:
-            seconds = row["median_ms"] / 1e3
-            row.update(achieved_gbps=floor_bytes / seconds / 1e9, fraction_of_floor=floor_bytes / bandwidth / seconds)
-        rows.append(row)
-        print(f"  {tokens} × {vocab} {provider}: {row.get('median_ms', row.get('error'))}", file=sys.stderr)
-    return rows
+    rows = measure_providers(providers, lambda p: make_step(p, logits, labels, coeff, mode), device,
+                             f"{tokens} × {vocab}",
+                             lambda s: {"achieved_gbps": floor_bytes / s / 1e9,
+                                        "fraction_of_floor": floor_bytes / bandwidth / s})
+    return [{"tokens": tokens, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""), "mode": mode, **r}
+            for r in rows]
 
 
 def print_table(rows):

@@ -83,7 +83,7 @@ def _reference_module(op: str, device: torch.device) -> ModuleType:
 
 _PROVIDERS = {"triton": _triton_module, "cpp": _cpp_module, "torch": _torch_module, "reference": _reference_module}
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)      # what the kernel backends take
 
 
 def resolve(where: str, backend: str | None, op: str, tensor: torch.Tensor) -> tuple[str, ModuleType]:
@@ -97,7 +97,7 @@ def resolve(where: str, backend: str | None, op: str, tensor: torch.Tensor) -> t
         except BackendUnavailable as err:
             raise BackendUnavailable(f"{where}: {err}") from None
     order = _AUTO_ORDER.get(tensor.device.type, ("torch",))
-    if tensor.dtype not in _KERNEL_DTYPES:
+    if tensor.dtype not in KERNEL_DTYPES:
         order = ("reference",)
     for candidate in order:
         try:

@@ -22,9 +22,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .backends import KERNEL_DTYPES
 from .reference.logps import sequence_index
 
-__all__ = ["sequence_logps", "row_kernels", "public_functions"]
+__all__ = ["sequence_logps", "row_kernels", "public_functions", "check_kernel_dtypes"]
 
 
 def row_kernels(kernel: str):
@@ -48,6 +49,14 @@ def _as_rows(t: Tensor) -> Tensor:
     """A ``[B, T, V]`` view with a contiguous last dimension (copying only if it is not)."""
     t = t if t.dim() == 3 else t.unsqueeze(0)
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_kernel_dtypes(where: str, kernel: str, **tensors: Tensor | None) -> None:
+    """The kernel backends take float32, bfloat16 and float16; anything else names the argument."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{where}: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, got {t.dtype} "
+                            "(use backend='reference')")
 
 
 def per_sequence(token_values: Tensor, seq_idx: Tensor, num_seqs: int) -> Tensor:
@@ -135,10 +144,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, ignore_index: int, cu_seql
                    inplace_backward: bool = False, ref_logits: Tensor | None = None):
     """Run the operator: ``(logps, counts)`` as :func:`robalign.sequence_logps`, or
     ``(logps, ref_logps, counts)`` with ``ref_logits``."""
-    for name, t in (("logits", logits), ("ref_logits", ref_logits)):
-        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"robalign.sequence_logps: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, "
-                            f"got {t.dtype} (use backend='reference')")
+    check_kernel_dtypes("robalign.sequence_logps", kernel, logits=logits, ref_logits=ref_logits)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     logps, counts, _, ref_logps = torch.ops.robalign.sequence_logps_fwd(
         logits, labels, seq_idx, num_seqs, ignore_index, kernel, inplace_backward,

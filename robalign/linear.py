@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .library import per_sequence, row_kernels
+from .library import check_kernel_dtypes, per_sequence, row_kernels
 from .reference.logps import sequence_index
 
 __all__ = ["linear_sequence_logps", "chunk_tokens"]
@@ -139,10 +139,8 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{where}: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, got {t.dtype} "
-                            "(use backend='reference')")
+    check_kernel_dtypes(where, kernel, hidden=hidden, weight=weight, bias=bias)
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != hidden.dtype:
             raise TypeError(f"{where}: backend {kernel!r} needs `{name}` in the dtype of `hidden` ({hidden.dtype}), "
                             f"got {t.dtype}")

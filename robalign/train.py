@@ -7,6 +7,7 @@ seeded toy preference set (:mod:`robalign.toy`), in well under a minute on 2 CPU
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -20,7 +21,8 @@ ASSETS = Path(__file__).parent / "assets"
 
 @dataclass
 class TrainSettings:
-    """Everything ``robalign train`` takes (a YAML config uses the same keys)."""
+    """Everything ``robalign train`` takes (a YAML config uses the same keys); the fields named
+    like :class:`robalign.trainer.DoRAConfig`'s are handed to it as they are."""
 
     out: str = "out/train"
     model: str | None = None
@@ -150,10 +152,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         optim=settings.optim, bf16=settings.bf16, fsdp=settings.fsdp, fsdp_config=settings.fsdp_config or None,
         deepspeed=settings.deepspeed, lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
     )
-    dora = DoRAConfig(objective=settings.objective, beta=settings.beta, lam=settings.lam, alpha=settings.alpha,
-                      use_weights=settings.use_weights, exact_dro=settings.exact_dro, fused=settings.fused,
-                      shuffle=settings.shuffle,
-                      objective_kwargs=dict(settings.objective_kwargs))
+    dora = DoRAConfig(**{f.name: copy.copy(getattr(settings, f.name)) for f in dataclasses.fields(DoRAConfig)})
     trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, dora=dora)
     if dataset.truncated_prompts or dataset.truncated_responses:
         log(f"robalign: truncated {dataset.truncated_prompts} prompts (from the left) and "

@@ -287,14 +287,15 @@ class DoRATrainer(Trainer):
             self._reset_pending = True
         return torch.tensor(increment, device=self.args.device)
 
+    _RECORDED = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "weights/mean",
+                 "weights/max")
+
     def _record(self, out) -> None:
-        m = self._metrics
-        m["rewards/accuracy"].append(float(out.reward_accuracy))
-        m["rewards/margin"].append(float(out.reward_margin))
-        m["rewards/chosen"].append(float(out.chosen_rewards.mean()))
-        m["rewards/rejected"].append(float(out.rejected_rewards.mean()))
-        m["weights/mean"].append(float(out.weights.mean()))
-        m["weights/max"].append(float(out.weights.max()))
+        values = torch.stack([t.detach().float() for t in (
+            out.reward_accuracy, out.reward_margin, out.chosen_rewards.mean(), out.rejected_rewards.mean(),
+            out.weights.mean(), out.weights.max())]).tolist()               # one device sync, not six
+        for name, value in zip(self._RECORDED, values):
+            self._metrics[name].append(value)
 
     def log(self, logs, *args, **kwargs):
         if self._metrics and "loss" in logs:
