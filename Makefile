@@ -20,7 +20,7 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.py Makefile | $(PY)
+$(STAMP): setup.py Makefile $(wildcard csrc/*.cpp) | $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,weigh,train]"

@@ -61,10 +61,16 @@ float row_logsumexp(const float* x, int64_t V) {
   const float max = at::vec::reduce_all<float>(
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, V);
   if (std::isinf(max)) return max;  // all -inf (or a +inf logit): the limit, not NaN
-  const float sum = at::vec::map_reduce_all<float>(
-      [max](Vec v) { return (v - Vec(max)).exp_u20(); },
-      [](Vec& a, Vec& b) { return a + b; }, x, V);
-  return max + std::log(sum);
+  // Blocks of kSumBlock elements are summed in float32 lanes, the block sums in double: one
+  // float32 accumulator over a whole 256k row would add up ~V/8 rounding errors per lane.
+  constexpr int64_t kSumBlock = 2048;
+  double sum = 0.0;
+  for (int64_t v0 = 0; v0 < V; v0 += kSumBlock) {
+    sum += at::vec::map_reduce_all<float>(
+        [max](Vec v) { return (v - Vec(max)).exp_u20(); },
+        [](Vec& a, Vec& b) { return a + b; }, x + v0, std::min(kSumBlock, V - v0));
+  }
+  return max + static_cast<float>(std::log(sum));
 }
 
 int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
@@ -130,6 +136,15 @@ void rows_softmax_grad(const Tensor& logits3d, const Tensor& labels, const Tenso
         }
         const scalar_t* row = r.row(base, n);
         const float lse_n = p_lse[n];
+        if (!std::isfinite(lse_n)) {
+          // A NaN or infinite logit: exp_u20 is exact only for finite arguments, so take the
+          // reference's limits with std::exp (exp(x - inf) = 0, exp(inf - inf) = exp(NaN) = NaN).
+          for (int64_t v = 0; v < r.V; ++v) {
+            const float x = static_cast<float>(row[v]);
+            out[v] = static_cast<scalar_t>(g * ((v == y[n] ? 1.f : 0.f) - std::exp(x - lse_n)));
+          }
+          continue;
+        }
         if constexpr (std::is_same_v<scalar_t, float>) {
           at::vec::map([g, lse_n](Vec x) { return Vec(-g) * (x - Vec(lse_n)).exp_u20(); }, out, row, r.V);
           out[y[n]] += g;

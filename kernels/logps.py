@@ -63,9 +63,15 @@ def _row_lse_target(p_row, label, scored, V, BLOCK_V: tl.constexpr):
         o_v = v0 + tl.arange(0, BLOCK_V)
         b_z = tl.load(p_row + o_v, mask=o_v < V, other=-float("inf")).to(tl.float32)   # [BV]
         new_max = tl.maximum(b_max, tl.max(b_z, axis=0))
-        b_sum = b_sum * tl.exp(b_max - new_max) + tl.sum(tl.exp(b_z - new_max), axis=0)
+        # an infinite running maximum (a block all -inf, or a +inf logit) is no shift: exp(-inf - -inf)
+        # would be NaN; with the shift 0 a -inf block adds 0 and a +inf logit makes the sum +inf
+        shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
+        b_sum = b_sum * tl.exp(b_max - shift) + tl.sum(tl.exp(b_z - shift), axis=0)
         b_max = new_max
-    b_lse = tl.where(scored, b_max + tl.log(tl.where(scored, b_sum, 1.0)), 0.0)
+    b_lse = b_max + tl.log(tl.where(scored, b_sum, 1.0))
+    # the row's limit, as torch.logsumexp: NaN if any logit is NaN, else +inf with a +inf logit
+    b_lse = tl.where(b_sum != b_sum, float("nan"), tl.where(b_max == float("inf"), float("inf"), b_lse))
+    b_lse = tl.where(scored, b_lse, 0.0)
     b_target = tl.load(p_row + tl.where(scored, label, 0), mask=scored, other=0.0).to(tl.float32)
     return b_lse, b_target
 
@@ -111,12 +117,19 @@ def _rows_softmax_grad_bwd_kernel(
         tl.store(p_out_row + o_v, _cast_rtne(b_grad, p_out.dtype.element_ty), mask=m_v)
 
 
+def _flat_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``[N]`` contiguous labels: the kernels read label n at ``p_labels + n`` (a strided view such as
+    ``labels[:, ::2]`` reshapes to a strided ``[N]`` view, which must be copied)."""
+    return labels.reshape(n).contiguous()
+
+
 def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: int, ref3d=None):
     """``(lse [N], target [N], ref_token_logps [N] or None)`` in float32 for the ``[B, T, V]``
     view ``logits3d``; with ``ref3d`` (a view of the same shape) the reference model's token
     log-probs come from the same launch (0 on ignored rows)."""
     b, t, v = logits3d.shape
     n = b * t
+    labels = _flat_labels(labels, n)
     new = lambda: torch.empty(n, dtype=torch.float32, device=logits3d.device)
     lse, target, ref_logp = new(), new(), None if ref3d is None else new()
     if n == 0:
@@ -124,7 +137,7 @@ def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: 
     block, warps = block_size(v)
     ref_strides = (0, 0) if ref3d is None else (ref3d.stride(0), ref3d.stride(1))
     _rows_lse_target_fwd_kernel[(n,)](
-        logits3d, ref3d, labels.reshape(n), lse, target, ref_logp, t, v, logits3d.stride(0), logits3d.stride(1),
+        logits3d, ref3d, labels, lse, target, ref_logp, t, v, logits3d.stride(0), logits3d.stride(1),
         *ref_strides, ignore_index, BLOCK_V=block, num_warps=warps)
     return lse, target, ref_logp
 
@@ -137,7 +150,7 @@ def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d) ->
         return
     block, warps = block_size(v)
     _rows_softmax_grad_bwd_kernel[(n,)](
-        logits3d, labels.reshape(n), lse, coeff.float().contiguous(), out3d, t, v,
+        logits3d, _flat_labels(labels, n), lse, coeff.float().contiguous(), out3d, t, v,
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), ignore_index,
         BLOCK_V=block, num_warps=warps)
 

@@ -82,8 +82,8 @@ def rows_softmax_grad(logits3d: Tensor, labels: Tensor, lse: Tensor, coeff: Tens
         end = start + z.shape[0]
         c_chunk = c[start:end, None]
         g = (z.float() - lse[start:end, None]).exp_().mul_(-c_chunk)
-        g.scatter_add_(-1, y[start:end].clamp(min=0).unsqueeze(-1), c_chunk)
-        out.copy_(g)
+        g.scatter_add_(-1, torch.where(c_chunk != 0, y[start:end, None], 0), c_chunk)
+        out.copy_(g.masked_fill_(c_chunk == 0, 0.0))     # rows with no gradient are 0, even if non-finite
 
 
 def empty_grad_like(logits: Tensor) -> Tensor:

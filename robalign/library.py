@@ -25,7 +25,7 @@ from torch import Tensor
 from .backends import KERNEL_DTYPES
 from .reference.logps import sequence_index
 
-__all__ = ["sequence_logps", "row_kernels", "public_functions", "check_kernel_dtypes"]
+__all__ = ["sequence_logps", "row_kernels", "public_functions", "check_kernel_dtypes", "flat_labels"]
 
 
 def row_kernels(kernel: str):
@@ -57,6 +57,12 @@ def check_kernel_dtypes(where: str, kernel: str, **tensors: Tensor | None) -> No
         if t is not None and t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{where}: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, got {t.dtype} "
                             "(use backend='reference')")
+
+
+def flat_labels(labels: Tensor) -> Tensor:
+    """``[N]`` contiguous int64 labels, what every row kernel reads: any integer dtype and any strides
+    are taken at the op boundary, once (a no-op for contiguous int64 labels)."""
+    return labels.reshape(-1).to(torch.int64).contiguous()
 
 
 def per_sequence(token_values: Tensor, seq_idx: Tensor, num_seqs: int) -> Tensor:
@@ -146,6 +152,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, ignore_index: int, cu_seql
     ``(logps, ref_logps, counts)`` with ``ref_logits``."""
     check_kernel_dtypes("robalign.sequence_logps", kernel, logits=logits, ref_logits=ref_logits)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
+    labels = flat_labels(labels)
     logps, counts, _, ref_logps = torch.ops.robalign.sequence_logps_fwd(
         logits, labels, seq_idx, num_seqs, ignore_index, kernel, inplace_backward,
         None if ref_logits is None else ref_logits.detach())

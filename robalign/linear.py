@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .library import check_kernel_dtypes, per_sequence, row_kernels
+from .library import check_kernel_dtypes, flat_labels, per_sequence, row_kernels
 from .reference.logps import sequence_index
 
 __all__ = ["linear_sequence_logps", "chunk_tokens"]
@@ -145,6 +145,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
             raise TypeError(f"{where}: backend {kernel!r} needs `{name}` in the dtype of `hidden` ({hidden.dtype}), "
                             f"got {t.dtype}")
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
+    labels = flat_labels(labels)
     chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
     with torch.autocast(device_type, enabled=False):
         logps, counts, _ = torch.ops.robalign.linear_sequence_logps_fwd(

@@ -37,7 +37,7 @@ def sequence_index(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tup
 
 def _logps_from_logits(logits_fn, labels, ignore_index, cu_seqlens):
     """Shared body: ``logits_fn(mask)`` returns the ``[M, V]`` logits of the M scored tokens."""
-    flat_labels = labels.reshape(-1)
+    flat_labels = labels.reshape(-1).long()                            # any integer dtype
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     mask = flat_labels != ignore_index
     z = logits_fn(mask)                                               # [M, V]
