@@ -14,6 +14,7 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _reads_values() -> bool:
@@ -55,6 +56,9 @@ def check_cu_seqlens(where, cu_seqlens, num_tokens):
 
 
 def check_labels(where, labels, vocab, ignore_index):
+    """``ignore_index`` (see :func:`check_ignore_index`), and every label a token id in [0, V) or
+    ``ignore_index``; labels of any integer dtype."""
+    check_ignore_index(where, ignore_index, vocab)
     if not _reads_values() or labels.numel() == 0:
         return
     valid = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
@@ -64,8 +68,11 @@ def check_labels(where, labels, vocab, ignore_index):
 
 
 def check_tokens(where, x_name, x, labels, cu_seqlens, feature_name):
-    """``x`` is ``[S, T, F]`` with ``labels`` ``[S, T]``, or ``[N, F]`` with ``[N]`` and cu_seqlens."""
+    """``x`` is ``[S, T, F]`` with ``labels`` ``[S, T]``, or ``[N, F]`` with ``[N]`` and cu_seqlens;
+    F ≥ 1."""
     check_tensor(where, "labels", labels, integer=True)
+    if x.shape[-1] == 0:
+        fail(where, f"`{x_name}` must have {feature_name} >= 1 (its last dimension), got shape {tuple(x.shape)}")
     if cu_seqlens is None:
         if x.dim() != 3 or labels.dim() != 2 or tuple(x.shape[:2]) != tuple(labels.shape):
             fail(where, f"padded input needs `{x_name}` [S, T, {feature_name}] and `labels` [S, T], got "
@@ -84,25 +91,56 @@ def check_probs(where, name, p):
 
 
 def check_number(where, name, value, *, low=None, high=None, low_open=False, high_open=False, allow_tensor=False):
-    """Check ``low (<|<=) value (<|<=) high`` for a number (or every element of a tensor)."""
+    """Check ``low (<|<=) value (<|<=) high`` for a number (or every element of a tensor), in the
+    value's own precision: a Python number is compared as a Python float (``beta=1e-300`` is
+    positive), a tensor in float64."""
     if isinstance(value, torch.Tensor) and allow_tensor:
-        values = value
+        if not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
+            fail(where, f"`{name}` must be a real tensor, got {value.dtype}", TypeError)
         if not _reads_values():
             return
+        values = value.detach().double()
+        is_nan = bool(torch.isnan(values).any())
+        lo_ok = low is None or bool((values > low).all() if low_open else (values >= low).all())
+        hi_ok = high is None or bool((values < high).all() if high_open else (values <= high).all())
+        shown = values.flatten()[:4].tolist()
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        values = torch.tensor(float(value))
+        try:
+            x = float(value)
+        except OverflowError:
+            fail(where, f"`{name}` must be a finite number, got an integer of {len(str(value))} digits")
+        is_nan = math.isnan(x)
+        lo_ok = low is None or (x > low if low_open else x >= low)
+        hi_ok = high is None or (x < high if high_open else x <= high)
+        shown = value
     else:
         fail(where, f"`{name}` must be a number, got {type(value).__name__}", TypeError)
-    if bool(torch.isnan(values).any()):
+    if is_nan:
         fail(where, f"`{name}` must not be NaN")
-    lo_ok = True if low is None else bool((values > low).all() if low_open else (values >= low).all())
-    hi_ok = True if high is None else bool((values < high).all() if high_open else (values <= high).all())
     if not (lo_ok and hi_ok):
         lo = "" if low is None else f"{'(' if low_open else '['}{low}"
         hi = "" if high is None else f"{high}{')' if high_open else ']'}"
         interval = f"{lo or '(-inf'}, {hi or 'inf)'}"
-        shown = value if not isinstance(value, torch.Tensor) else value.detach().flatten()[:4].tolist()
-        fail(where, f"`{name}` must lie in {interval}, got {shown}")
+        fail(where, f"`{name}` must lie in {interval}, got {shown!r}")
+
+
+def check_int(where, name, value, *, low=None):
+    """A Python (or NumPy) integer, not a bool, at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        fail(where, f"`{name}` must be an int, got {type(value).__name__}", TypeError)
+    if low is not None and value < low:
+        fail(where, f"`{name}` must be an int >= {low}, got {value}")
+
+
+def check_ignore_index(where, ignore_index, vocab):
+    """``ignore_index`` is an int64 below V: negative (the usual -100), or a token id in [0, V) that
+    the caller chooses to skip. A value >= V is no token and would index past a row."""
+    check_int(where, "ignore_index", ignore_index)
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        fail(where, f"`ignore_index` must fit in int64, got {ignore_index}")
+    if vocab is not None and ignore_index >= vocab:
+        fail(where, f"`ignore_index` must be negative (the usual -100) or a token id below V = {vocab}, "
+                    f"got {ignore_index}")
 
 
 def check_lam(where, lam):

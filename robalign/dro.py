@@ -63,15 +63,16 @@ def _check(where, losses, weights, lam, group):
 
 
 class _BatchMoments:
-    """Per-call partial sums over the local samples, relative to a shift ``m``.
+    """Per-call partial sums over the local samples, relative to a shift ``m``, in float64.
 
     Holds (all detached) ``m = max a``, ``log max(w·e^a)``, and ``[Σe^{a−m}, n, Σw·e^{a−m},
-    Σw²·e^{2(a−m)}]``; :meth:`all_reduce` makes them global with one MAX and one SUM.
+    Σw²·e^{2(a−m)}, Σexpm1(a−m)]``; :meth:`all_reduce` makes them global with one MAX and one SUM.
+    The last sum gives the value without cancellation (:func:`_log_mean_exp`).
     """
 
     def __init__(self, a: torch.Tensor, w: torch.Tensor, group):
-        a = a.detach()
-        w = w.detach()
+        a = a.detach().double()
+        w = w.detach().double()
         neg_inf = torch.tensor(-math.inf, dtype=a.dtype, device=a.device)
         maxes = torch.stack([a.max() if a.numel() else neg_inf,
                              (a + w.log()).max() if a.numel() else neg_inf])
@@ -79,14 +80,26 @@ class _BatchMoments:
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
         self.m = maxes[0]
         self.log_max_q = maxes[1]
-        e = torch.exp(a - self.m)
-        sums = torch.stack([e.sum(), a.new_tensor(float(a.numel())), (w * e).sum(), (w * e).square().sum()])
+        d = a - self.m
+        e = torch.exp(d)
+        sums = torch.stack([e.sum(), a.new_tensor(float(a.numel())), (w * e).sum(), (w * e).square().sum(),
+                            torch.expm1(d).sum()])
         if group is not None:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        self.sum_exp, self.count, self.sum_q, self.sum_q2 = sums.unbind()
+        self.sum_exp, self.count, self.sum_q, self.sum_q2, self.sum_expm1 = sums.unbind()
 
     def stats(self) -> DROStats:
         return _stats(self.sum_q, self.sum_q2, self.log_max_q - self.m, self.count)
+
+
+def _log_mean_exp(lam: float, m: torch.Tensor, sum_expm1: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``λ·log((1/n) Σ e^{a_i})`` as ``λ·m + λ·log1p(Σ expm1(a_i − m) / n)``, float64.
+
+    The plain form ``λ·(m + log Σe^{a−m} − log n)`` cancels catastrophically for large |λ| (the
+    log is ≈ 0, then multiplied by λ: float32 gives 0.0 for kl_dro([1, 2, 3], lam=1e9)); this one
+    keeps full relative precision and tends to the weighted mean as |λ| → ∞.
+    """
+    return lam * m + lam * torch.log1p(sum_expm1 / count)
 
 
 def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
@@ -97,8 +110,12 @@ def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
 
 def _scaled(losses, weights, lam):
     """``(w, w·ℓ, a)``: weights (1 when None), weighted losses and the DRO exponents
-    ``a = w·ℓ/λ`` (all zero for the weighted mean, whose softmax is uniform)."""
-    w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
+    ``a = w·ℓ/λ`` (all zero for the weighted mean, whose softmax is uniform), in at least
+    float32: float16 exponents overflow long before the loss does (kl_dro([100, 5000, 60000],
+    lam=0.5) fits float16, its exponents do not)."""
+    dtype = torch.promote_types(losses.dtype, torch.float32)
+    losses = losses.to(dtype)
+    w = torch.ones_like(losses) if weights is None else weights.to(dtype)
     wl = w * losses
     return w, wl, torch.zeros_like(wl) if _is_weighted_mean(lam) else wl / lam
 
@@ -118,14 +135,15 @@ def kl_dro_with_stats(losses, weights=None, *, lam=1.0, group=None, ddp_average=
         total = wl.sum()
         if group is not None:
             total = _with_global_value(total, group)
-        loss = total / moments.count
+        loss = total / moments.count.to(wl.dtype)
     else:
-        local_sum = torch.exp(a - moments.m).sum()
-        # global Σ e^{a−m}: the value of the all-reduced sum, the gradient of the local one
-        sum_exp = local_sum + (moments.sum_exp - local_sum).detach()
-        loss = lam * (moments.m + torch.log(sum_exp) - torch.log(moments.count))
+        # the value of the cancellation-free form; the gradient ∂L/∂ℓ_i = w_i·e^{a_i−m}/S with S the
+        # global Σ e^{a−m}, i.e. that of λ·(local Σ e^{a−m})/S with S held fixed
+        share = lam * torch.exp(a - moments.m.to(a.dtype)).sum() / moments.sum_exp.to(a.dtype)
+        value = _log_mean_exp(lam, moments.m, moments.sum_expm1, moments.count).to(a.dtype)
+        loss = value + (share - share.detach())
     scale = _world(group) if ddp_average else 1
-    return _scale_gradient(loss, scale), moments.stats()
+    return _scale_gradient(loss, scale).to(losses.dtype), moments.stats()
 
 
 def _with_global_value(local: torch.Tensor, group) -> torch.Tensor:
@@ -187,9 +205,14 @@ class KLDROAccumulator:
 
     def __init__(self, params, *, lam: float = 1.0, group=None, ddp_average: bool = True,
                  exact: bool = True, accumulation_steps: int | None = None):
-        V.check_lam("robalign.KLDROAccumulator", lam)
-        if not exact and not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-            V.fail("robalign.KLDROAccumulator", "`accumulation_steps` (a positive int) is required with exact=False")
+        where = "robalign.KLDROAccumulator"
+        V.check_lam(where, lam)
+        if not exact:
+            if accumulation_steps is None:
+                V.fail(where, "`accumulation_steps` (a positive int) is required with exact=False")
+            V.check_int(where, "accumulation_steps", accumulation_steps, low=1)
+        elif accumulation_steps is not None:
+            V.check_int(where, "accumulation_steps", accumulation_steps, low=1)
         self.params = [p for p in params]
         self.lam, self.group, self.ddp_average = lam, group, ddp_average
         self.exact, self.accumulation_steps = exact, accumulation_steps
@@ -200,7 +223,7 @@ class KLDROAccumulator:
         self._m = None          # running max of a (global)
         self._s = None          # running Σ e^{a − m}
         self._n = 0.0
-        self._sum_q = self._sum_q2 = None
+        self._sum_q = self._sum_q2 = self._sum_expm1 = None
         self._log_max_q = -math.inf
         self._sum_wl = 0.0
         self._approx_losses: list[float] = []
@@ -222,7 +245,7 @@ class KLDROAccumulator:
         mom = _BatchMoments(a, w, self.group)
         if self._m is None:
             m, s, factor = mom.m, mom.sum_exp, 1.0
-            self._sum_q, self._sum_q2 = mom.sum_q, mom.sum_q2
+            self._sum_q, self._sum_q2, self._sum_expm1 = mom.sum_q, mom.sum_q2, mom.sum_expm1
         else:
             m = torch.maximum(self._m, mom.m)
             old, new = torch.exp(self._m - m), torch.exp(mom.m - m)
@@ -230,6 +253,9 @@ class KLDROAccumulator:
             factor = float(self._s * old / s)
             self._sum_q = self._sum_q * old + mom.sum_q * new
             self._sum_q2 = self._sum_q2 * old ** 2 + mom.sum_q2 * new ** 2
+            # Σ expm1(a − m') = e^{m−m'}·Σ expm1(a − m) + n·expm1(m − m'), for both parts
+            self._sum_expm1 = (self._sum_expm1 * old + self._n * torch.expm1(self._m - m)
+                               + mom.sum_expm1 * new + mom.count * torch.expm1(mom.m - m))
         self._m, self._s = m, s
         self._n += float(mom.count)
         self._log_max_q = max(self._log_max_q, float(mom.log_max_q))
@@ -246,9 +272,9 @@ class KLDROAccumulator:
         if _is_weighted_mean(self.lam):
             self.loss = self._sum_wl / self._n
         else:
-            self.loss = float(self.lam * (m + torch.log(s) - math.log(self._n)))
+            self.loss = float(_log_mean_exp(self.lam, m, self._sum_expm1, torch.tensor(self._n, dtype=m.dtype)))
         # d surrogate / dℓ_i = w_i·e^{a_i − m}/S·(scale); the λ of the loss cancels the 1/λ of a
-        coeff = (w * torch.exp(a - m) / s).detach()
+        coeff = (w * torch.exp(a - m.to(a.dtype)) / s.to(a.dtype)).detach()
         surrogate = (coeff * losses).sum()
         scale = _world(self.group) if self.ddp_average else 1
         return surrogate * scale

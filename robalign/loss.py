@@ -73,6 +73,12 @@ class DoRALoss(nn.Module):
         V.check_lam(where, lam)
         if alpha is not None:
             V.check_number(where, "alpha", alpha, low=0, high=1, low_open=True)
+        if synthetic_fraction is not None:
+            V.check_number(where, "synthetic_fraction", synthetic_fraction, low=0, allow_tensor=True)
+        V.check_number(where, "class_ratio", class_ratio, low=0, low_open=True)
+        if class_ratio == float("inf"):
+            V.fail(where, "`class_ratio` must be finite")
+        V.check_int(where, "ignore_index", ignore_index)
         if not isinstance(group_size, int) or group_size < 2:
             V.fail(where, f"`group_size` must be an int ≥ 2 (candidates per sample), got {group_size!r}")
         if _objectives.is_pairwise(objective) and group_size != 2:
@@ -91,6 +97,7 @@ class DoRALoss(nn.Module):
         if unknown:
             V.fail(where, f"objective {objective!r} has no hyper-parameter {sorted(unknown)}; "
                           f"it takes {sorted(takes)}", TypeError)
+        _objectives.check_hyperparameters(objective, self.hparams, where)     # at construction, not first use
 
     def extra_repr(self) -> str:
         return f"objective={self.objective!r}, lam={self.lam}, alpha={self.alpha}, group_size={self.group_size}, hparams={self.hparams}"
@@ -132,6 +139,9 @@ class DoRALoss(nn.Module):
             scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better.
         """
         where = "robalign.DoRALoss"
+        given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
+        if ref_logps is not None and given:
+            V.fail(where, f"pass `ref_logps` or `{given[0]}`, not both (one source of reference log-probs)")
         if self.needs_reference and ref_logps is None and logits is not None and ref_logits is not None \
                 and hidden is None and ref_hidden is None:
             # both logits in hand: one pass (one launch on the Triton backend) for policy and reference
@@ -154,6 +164,17 @@ class DoRALoss(nn.Module):
         if num_seqs % k:
             V.fail(where, f"`group_size`={k} must divide the number of sequences, got {num_seqs}")
         num_samples = num_seqs // k
+        if counts is None:
+            if _objectives.needs_counts(self.objective) or not self.needs_reference:
+                V.fail(where, f"`counts` (scored tokens per sequence, [S]) is required: objective {self.objective!r} "
+                              "is length-normalised or its rewards are")
+        else:
+            V.check_tensor(where, "counts", counts, ndim=1)
+            if counts.is_floating_point() or counts.dtype == torch.bool or counts.is_complex():
+                V.fail(where, f"`counts` must be an integer tensor [S], got {counts.dtype}", TypeError)
+            if counts.shape[0] != num_seqs:
+                V.fail(where, f"`counts` must be [S] = [{num_seqs}] like `policy_logps`, got {tuple(counts.shape)}")
+            _objectives.check_counts(where, counts)
 
         logratios = None
         if self.needs_reference:
@@ -167,7 +188,7 @@ class DoRALoss(nn.Module):
         grouped = policy_logps.reshape(num_samples, k)
         ref_grouped = None if ref_logps is None or not self.needs_reference else \
             ref_logps.detach().to(policy_logps.dtype).reshape(num_samples, k)
-        counts_g = counts.reshape(num_samples, k)
+        counts_g = None if counts is None else counts.reshape(num_samples, k)
         scores_g = None if scores is None else self._per_row(where, "scores", scores, num_seqs).to(policy_logps.dtype)
         losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **self.hparams)
 
@@ -196,6 +217,7 @@ class DoRALoss(nn.Module):
             if self.alpha is None:
                 V.fail(where, "`probs` needs `alpha` (the target fraction of the training mixture) "
                               "set on DoRALoss(alpha=...)")
+            V.check_probs(where, "probs", probs)
             p = self._per_row(where, "probs", probs, num_seqs)
             w = dora_weights(p.to(losses.dtype), self.alpha, self.synthetic_fraction, class_ratio=self.class_ratio)
             return w.mean(-1)

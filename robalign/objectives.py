@@ -19,13 +19,15 @@ The formulas and papers are in each function's docstring; the math lives in
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 from . import _validation as V
 from .reference import objectives as _ref
 
-__all__ = list(_ref.OBJECTIVES) + ["get", "needs_reference", "is_pairwise", "hyperparameters", "NAMES"]
+__all__ = list(_ref.OBJECTIVES) + ["get", "needs_reference", "needs_counts", "is_pairwise", "hyperparameters",
+                                   "check_hyperparameters", "NAMES"]
 
 NAMES = tuple(_ref.OBJECTIVES)
 
@@ -61,18 +63,43 @@ def _check_name(name):
     return name
 
 
-def _check_group(where, name, t, shape):
+def needs_counts(name: str) -> bool:
+    """Whether objective ``name`` is length-normalised (needs the scored tokens per candidate)."""
+    return "counts" not in _ref.OBJECTIVES[_check_name(name)][0].__kwdefaults__
+
+
+def check_hyperparameters(name: str, hparams: dict, where: str | None = None) -> None:
+    """Every key of ``hparams`` is a hyper-parameter of objective ``name`` and lies in its range."""
+    where = where or f"robalign.objectives.{name}"
+    takes = hyperparameters(name)
+    for key, value in hparams.items():
+        if key not in takes:
+            V.fail(where, f"unknown hyper-parameter `{key}`; objective {name!r} takes {sorted(takes)}", TypeError)
+        low, high, low_open, high_open = _RANGES[key]
+        V.check_number(where, key, value, low=low, high=high, low_open=low_open, high_open=high_open)
+        if not math.isfinite(value):
+            V.fail(where, f"`{key}` must be finite, got {value}")
+
+
+def _check_group(where, name, t, shape, *, floating=False):
     if t is None:
         return
-    V.check_tensor(where, name, t)
+    V.check_tensor(where, name, t, floating=floating)
+    if not floating and not (t.is_floating_point() or t.dtype in V._INTEGER_DTYPES):
+        V.fail(where, f"`{name}` must be a real (integer or floating) tensor, got {t.dtype}", TypeError)
     if tuple(t.shape) != shape:
         V.fail(where, f"`{name}` must have the shape of `logps` {shape}, got {tuple(t.shape)}")
 
 
+def check_counts(where, counts):
+    """Token counts are non-negative (read only outside torch.compile traces)."""
+    if counts is not None and not torch.compiler.is_compiling() and bool((counts < 0).any()):
+        V.fail(where, f"`counts` must be non-negative token counts, got {counts.min().item()}")
+
+
 def _public(name):
     ref_fn, uses_ref, pairwise = _ref.OBJECTIVES[name]
-    length_normalised = "counts" not in ref_fn.__kwdefaults__
-    takes = hyperparameters(name)
+    length_normalised = needs_counts(name)
 
     @functools.wraps(ref_fn)
     def objective(logps, ref_logps=None, *, counts=None, scores=None, **hparams):
@@ -81,20 +108,19 @@ def _public(name):
         shape = tuple(logps.shape)
         if pairwise and shape[1] != 2:
             V.fail(where, f"`logps` must be [B, 2] (chosen, rejected) for a pairwise objective, got {shape}")
+        if shape[1] < 2:
+            V.fail(where, f"`logps` must be [B, K] with K >= 2 candidates to compare, got {shape}")
         if uses_ref and ref_logps is None:
             V.fail(where, "`ref_logps` is required: this objective compares with a reference model")
         if length_normalised and counts is None:
             V.fail(where, "`counts` (tokens per candidate) is required: this objective is length-normalised")
-        _check_group(where, "ref_logps", ref_logps, shape)
+        _check_group(where, "ref_logps", ref_logps, shape, floating=True)
         _check_group(where, "counts", counts, shape)
         _check_group(where, "scores", scores, shape)
+        check_counts(where, counts)
         if scores is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
             V.fail(where, "`scores` must be finite")
-        for key, value in hparams.items():
-            if key not in takes:
-                V.fail(where, f"unknown hyper-parameter `{key}`; this objective takes {sorted(takes)}", TypeError)
-            low, high, low_open, high_open = _RANGES[key]
-            V.check_number(where, key, value, low=low, high=high, low_open=low_open, high_open=high_open)
+        check_hyperparameters(name, hparams, where)
         return ref_fn(logps, ref_logps, counts=counts, scores=scores, **hparams)
 
     return objective

@@ -125,6 +125,8 @@ def linear_sequence_logps(
     V.check_tensor(where, "hidden", hidden, ndim=(2, 3), floating=True)
     V.check_tensor(where, "weight", weight, ndim=2, floating=True)
     V.check_tokens(where, "hidden", hidden, labels, cu_seqlens, "H")
+    if weight.shape[0] == 0:
+        V.fail(where, f"`weight` must be [V, H] with V >= 1, got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         V.fail(where, f"`weight` must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
     if bias is not None:
@@ -148,6 +150,7 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100, *, cu_seqlens: 
     """
     where = "robalign.shift_labels"
     V.check_tensor(where, "labels", labels, ndim=(1, 2), integer=True)
+    V.check_ignore_index(where, ignore_index, None)
     if cu_seqlens is not None:
         if labels.dim() != 1:
             V.fail(where, f"with `cu_seqlens`, `labels` must be packed [N], got shape {tuple(labels.shape)}")

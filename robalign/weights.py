@@ -38,4 +38,14 @@ def dora_weights(probs, alpha, beta=None, *, class_ratio: float = 1.0) -> torch.
     V.check_number(where, "class_ratio", class_ratio, low=0, low_open=True)
     if class_ratio == float("inf"):
         V.fail(where, "`class_ratio` must be finite")
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if isinstance(value, torch.Tensor):
+            try:
+                torch.broadcast_shapes(probs.shape, value.shape)
+            except RuntimeError:
+                V.fail(where, f"`{name}` of shape {tuple(value.shape)} does not broadcast to `probs` "
+                              f"{tuple(probs.shape)}")
+            if tuple(torch.broadcast_shapes(probs.shape, value.shape)) != tuple(probs.shape):
+                V.fail(where, f"`{name}` of shape {tuple(value.shape)} would change the shape of `probs` "
+                              f"{tuple(probs.shape)}; the weights have one entry per probability")
     return reference.dora_weights(probs, alpha, beta, class_ratio)

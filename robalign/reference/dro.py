@@ -22,4 +22,8 @@ def kl_dro(losses: torch.Tensor, weights: torch.Tensor | None = None, lam: float
     weighted = losses if weights is None else weights * losses
     if math.isinf(lam) and lam > 0:
         return weighted.mean()
-    return lam * (torch.logsumexp(weighted / lam, dim=0) - math.log(weighted.numel()))
+    a = weighted / lam
+    m = a.max().detach()
+    # = λ·(logsumexp(a) − log N), written λ·m + λ·log1p(mean(expm1(a − m))) so that large |λ|
+    # (a ≈ 0, the log ≈ 0, then times λ) does not cancel; it tends to mean(w·ℓ) as |λ| → ∞
+    return lam * m + lam * torch.log1p(torch.expm1(a - m).mean())
