@@ -65,6 +65,9 @@ def _cmd_weigh(args) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise UsageError(str(err).splitlines()[0]) from None
     print(f"wrote {args.out}: {report['samples']} samples, {report['responses']} responses")
+    if report["duplicates"]:
+        print(f"found {report['duplicates']} duplicate responses; samples sharing one were kept in the same "
+              f"cross-fitting fold ({report['fold_groups']} groups)")
     print(f"AUC {report['auc']:.3f}  Brier {report['brier']:.3f}  ECE {report['ece']:.3f}  "
           f"alpha {report['alpha']:.3f} (from probs {report['alpha_from_probs']:.3f})  "
           f"ESS {report['ess']:.1f} ({report['ess_fraction']:.0%})")
@@ -113,6 +116,10 @@ def _cmd_bench(args) -> int:
         cmd += ["--model", args.model]
     if args.mode:
         cmd += ["--mode", args.mode]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    cmd += ["--out", str(out.resolve())]
     return subprocess.run(cmd).returncode
 
 
@@ -190,12 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)",
                            description="Speed and memory of both heavy ops against the naive path and the "
-                                       "measured limits; writes benchmarks/results/ and charts.")
+                                       "measured limits; writes a JSON record and charts into --out.")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--workload", default="logits,linear", help="comma-separated: logits, linear")
     bench.add_argument("--model", help="model shape: small, llama3-8b, qwen2.5-7b, mistral-7b")
     bench.add_argument("--mode", help="comma-separated: fwdbwd (forward+backward), fwd (forward, no_grad); default both")
     bench.add_argument("--quick", action="store_true", help="fewer token counts and repeats")
+    bench.add_argument("--out", default="robalign-bench",
+                       help="folder for the JSON record and charts (default ./robalign-bench); the committed "
+                            "records are rewritten only with --out benchmarks/results")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,8 +1,8 @@
 """Cross-fitted, calibrated probabilities that a response comes from the target distribution.
 
 Every response's probability comes from a model that did not train on it: responses are split
-into K folds by sample (the candidates of one prompt stay together, so a shared prompt cannot
-leak), a logistic regression is fitted on K − 1 folds and scores the held-out fold. Calibration
+into K folds by group (the candidates of one prompt stay together, so a shared prompt cannot
+leak, and so do samples with identical responses, :func:`content_groups`), a logistic regression is fitted on K − 1 folds and scores the held-out fold. Calibration
 is cross-fitted too: fold k's scores are mapped by a calibrator fitted on the other folds'
 out-of-fold scores.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CALIBRATIONS", "CrossFit", "cross_fit", "expected_calibration_error"]
+__all__ = ["CALIBRATIONS", "CrossFit", "content_groups", "cross_fit", "expected_calibration_error"]
 
 CALIBRATIONS = ("temperature", "platt", "isotonic")
 
@@ -88,7 +88,8 @@ def cross_fit(features, sources, target: str, groups, *, folds: int = 5, calibra
 
     Args:
         features: ``[n, D]`` dense or sparse features. sources: ``[n]`` source names.
-        target: the target source's name. groups: ``[n]`` sample ids (folds never split a sample).
+        target: the target source's name. groups: ``[n]`` group ids (folds never split a group), e.g.
+            from :func:`content_groups`.
         folds: K ≥ 2. calibration: one of :data:`CALIBRATIONS`. multiclass: one class per source.
 
     Raises ValueError when a class is missing or there are fewer than two samples per fold.
@@ -96,6 +97,8 @@ def cross_fit(features, sources, target: str, groups, *, folds: int = 5, calibra
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
 
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; expected one of {', '.join(CALIBRATIONS)}")
     sources = np.asarray(sources)
     groups = np.asarray(groups)
     names = sorted(set(sources.tolist()) - {target})
@@ -117,7 +120,9 @@ def cross_fit(features, sources, target: str, groups, *, folds: int = 5, calibra
             raise ValueError("a training fold lacks a class: use fewer folds or more data per source")
         model = LogisticRegression(C=C, max_iter=2000).fit(features[train], y[train])
         if multiclass:
-            scores[test] = model.decision_function(features[test])
+            logits = model.decision_function(features[test])
+            # with two classes scikit-learn returns the logit of class 1 alone: [n], not [n, 2]
+            scores[test] = logits if logits.ndim == 2 else np.stack([np.zeros_like(logits), logits], axis=1)
         else:
             # decision_function is the logit of class 1 (synthetic); the target's logit is its negative
             scores[test] = -model.decision_function(features[test])
@@ -126,6 +131,35 @@ def cross_fit(features, sources, target: str, groups, *, folds: int = 5, calibra
         others = np.concatenate([t for j, (_, t) in enumerate(split) if j != k])
         probs[test] = _Calibrator(calibration).fit(scores[others], y[others])(scores[test])
     return CrossFit(probs=np.clip(probs, 0.0, 1.0), classes=classes, y=y, scores=scores)
+
+
+def content_groups(samples, texts) -> tuple[np.ndarray, int]:
+    """Fold groups that keep identical content together: ``(group id per response, duplicates)``.
+
+    Responses of one sample share a group (their prompt is shared), and so does every sample
+    holding a response whose text (prompt and response) is identical to one in another sample,
+    transitively (union-find). Folds split by these groups, so no response is scored by a model
+    that trained on an identical copy of it. ``duplicates`` counts the responses whose text
+    appeared earlier in the file.
+    """
+    samples = np.asarray(samples)
+    parent = list(range(int(samples.max()) + 1 if len(samples) else 0))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_seen, duplicates = {}, 0
+    for sample, text in zip(samples.tolist(), texts):
+        if text in first_seen:
+            duplicates += 1
+            a, b = root(sample), root(first_seen[text])
+            parent[max(a, b)] = min(a, b)
+        else:
+            first_seen[text] = sample
+    return np.array([root(s) for s in samples.tolist()]), duplicates
 
 
 def expected_calibration_error(probs, is_target, bins: int = 10) -> float:

@@ -63,8 +63,15 @@ def _numbers(path, line, obj, field, k, *, low=None, high=None):
         _fail(path, line, f"field `{field}` must be a list of {k} numbers (one per response), got "
                           f"{len(values) if isinstance(values, list) else type(values).__name__}")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             _fail(path, line, f"field `{field}` must hold finite numbers, got {v!r}")
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:                      # an integer too large for a float (JSON allows it)
+            finite = False
+        if not finite:
+            shown = repr(v) if len(repr(v)) <= 24 else f"an integer of {len(str(v))} digits"
+            _fail(path, line, f"field `{field}` must hold finite numbers, got {shown}")
         if (low is not None and v < low) or (high is not None and v > high):
             _fail(path, line, f"field `{field}` must lie in [{low}, {high}], got {v!r}")
     return [float(v) for v in values]
@@ -116,8 +123,13 @@ def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     records, rows, fmt = [], [], None
-    with path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line, raw_bytes in enumerate(handle, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                _fail(path, line, f"not valid UTF-8 (byte 0x{raw_bytes[err.start]:02x} at column {err.start + 1}); "
+                                  "save the file as UTF-8")
             if not raw.strip():
                 continue
             try:

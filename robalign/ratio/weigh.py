@@ -11,12 +11,13 @@ written to a temporary file and renamed, so a failure leaves no partial file.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from .._io import write_atomic
-from .classifier import cross_fit, expected_calibration_error
+from .classifier import CALIBRATIONS, content_groups, cross_fit, expected_calibration_error
 from .data import read_preference_file
 from .features import embed, load_array, tfidf
 
@@ -65,18 +66,57 @@ def _plot(path: Path, probs, is_target, sample_weights, alpha):
     plt.close(fig)
 
 
+def _writable_file(what: str, path: Path) -> None:
+    """``path`` can be created or replaced as a file: not a folder, under a folder we may write."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} {path}: no permission to write in {parent}")
+
+
+def _check_arguments(data, out, report_dir, features, folds, calibration, alpha):
+    """Every argument and output path, before any work (nothing is read, fitted or written yet)."""
+    if Path(out).resolve() == Path(data).resolve():
+        raise ValueError(f"--out {out} is the input file; write the weighted file elsewhere")
+    _writable_file("--out", Path(out))
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        if report_dir.exists() and not report_dir.is_dir():
+            raise ValueError(f"--report {report_dir} is a file; give a folder for weigh_report.json and .png")
+        for name in ("weigh_report.json", "weigh_report.png"):
+            _writable_file("--report", report_dir / name)
+    if features not in ("minilm", "tfidf", "array"):
+        raise ValueError(f"unknown features {features!r}; expected minilm, tfidf or array")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"--folds must be an int >= 2, got {folds!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; expected one of {', '.join(CALIBRATIONS)}")
+    if alpha is not None and not 0 < alpha <= 1:
+        raise ValueError(f"--alpha must lie in (0, 1], got {alpha}")
+
+
 def weigh_file(data, target_source: str, out, *, features: str = "minilm", encoder=None, feature_array=None,
                folds: int = 5, calibration: str = "temperature", multiclass: bool = False, alpha: float | None = None,
                report_dir=None, seed: int = 0, progress: bool = True) -> dict:
-    """Run the classifier stage on ``data`` and write ``out`` (and the report); returns the report."""
+    """Run the classifier stage on ``data`` and write ``out`` (and the report); returns the report.
+
+    Folds keep identical content together (:func:`robalign.ratio.classifier.content_groups`); the
+    report counts the duplicate responses found (``duplicates``)."""
     import torch
 
     from ..weights import dora_weights
 
+    _check_arguments(data, out, report_dir, features, folds, calibration, alpha)
     pref = read_preference_file(data, need_sources=True)
     rows = pref.responses
     sources = np.array(rows["source"])
-    groups = np.array(rows["sample"])
+    samples = np.array(rows["sample"])
+    groups, duplicates = content_groups(samples, rows["text"])
     if target_source not in set(sources.tolist()):
         raise ValueError(f"{pref.path}: no response has source {target_source!r} (--target-source); "
                          f"sources found: {sorted(set(sources.tolist()))}")
@@ -95,14 +135,15 @@ def weigh_file(data, target_source: str, out, *, features: str = "minilm", encod
     # with β = 1 − α, dora_weights gives p/α when class_ratio = α/(1 − α) (the estimates here)
     weights = dora_weights(torch.from_numpy(fit.probs), alpha_used, class_ratio=class_ratio).numpy()
     sample_weights = np.zeros(len(pref.records))
-    np.add.at(sample_weights, groups, weights)
-    sample_weights /= np.bincount(groups)
+    np.add.at(sample_weights, samples, weights)
+    sample_weights /= np.bincount(samples)
 
     from sklearn.metrics import brier_score_loss, roc_auc_score
 
     report = {
         "data": str(pref.path), "format": pref.format, "samples": len(pref.records), "responses": len(sources),
-        "target_source": target_source, "source_counts": counts, "features": features, "folds": folds,
+        "target_source": target_source, "source_counts": counts, "duplicates": duplicates,
+        "fold_groups": int(len(np.unique(groups))), "features": features, "folds": folds,
         "calibration": calibration, "multiclass": multiclass,
         "alpha": alpha_used, "alpha_estimated": alpha_est, "alpha_from_probs": float(fit.probs.mean()),
         "beta": {s: c / len(sources) for s, c in counts.items() if s != target_source},
@@ -117,7 +158,7 @@ def weigh_file(data, target_source: str, out, *, features: str = "minilm", encod
 
     def write_records(handle):
         for i, record in enumerate(pref.records):
-            sel = groups == i
+            sel = samples == i
             order = np.argsort(np.array(rows["position"])[sel])
             enriched = dict(record, probs=[round(float(p), 6) for p in fit.probs[sel][order]],
                             weights=[round(float(w), 6) for w in weights[sel][order]],
