@@ -57,7 +57,6 @@ class TokenizedGroup:
     probs: list | None = None
     weights: list | None = None
     ref_logps: list | None = None
-    truncated: int = 0
 
 
 @dataclass
@@ -69,7 +68,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
     truncated_prompts: int = 0
     truncated_responses: int = 0
     path: str = ""
-    fingerprint: str = ""
 
     def __len__(self):
         return len(self.groups)
@@ -80,8 +78,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
     @classmethod
     def from_file(cls, path, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256) -> PreferenceDataset:
         """Read ``path`` (listwise or pairwise JSONL) and tokenise it with ``tokenizer``."""
-        import hashlib
-
         if max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
         pref = read_preference_file(path)
@@ -113,11 +109,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 rows_labels.append([-100] * len(prompt_ids) + ids)
             cut_responses += cut
             weights = record.get("weights")
-            groups.append(TokenizedGroup(rows_ids, rows_labels, scores, probs=record.get("probs"),
-                                         weights=weights, truncated=cut))
-        digest = hashlib.sha256(pref.path.read_bytes()).hexdigest()[:16]
-        fingerprint = f"{digest}-L{max_length}-P{max_prompt_length}-{tokenizer.__class__.__name__}-{len(tokenizer)}"
-        return cls(groups, k_seen, cut_prompts, cut_responses, str(pref.path), fingerprint)
+            groups.append(TokenizedGroup(rows_ids, rows_labels, scores, probs=record.get("probs"), weights=weights))
+        return cls(groups, k_seen, cut_prompts, cut_responses, str(pref.path))
 
 
 @dataclass

@@ -55,25 +55,114 @@ class TrainSettings:
     objective_kwargs: dict = field(default_factory=dict)
 
 
+# kind and range of every setting; a YAML value of another type is refused with its key named
+_BOOL = ("use_weights", "exact_dro", "fused", "lora", "bf16", "shuffle")
+_OPTIONAL_STR = ("model", "data", "deepspeed", "resume")
+_POSITIVE_INT = ("batch_size", "grad_accum", "max_prompt_length", "logging_steps", "save_steps")
+_POSITIVE_FLOAT = ("beta", "lr", "epochs")
+
+
+def check_settings(settings: TrainSettings, where: str = "settings") -> None:
+    """Every field of ``settings`` has its type and lies in its range; ``where`` prefixes the
+    message (a config file's path). Raises ValueError naming the key."""
+    import math
+    import numbers
+
+    from . import objectives
+
+    def bad(key, expected):
+        value = getattr(settings, key)
+        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} of {len(str(value))} characters"
+        raise ValueError(f"{where}: `{key}` must be {expected}, got {shown}")
+
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def is_real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    for key in _BOOL:
+        if not isinstance(getattr(settings, key), bool):
+            bad(key, "true or false")
+    for key in ("out", "objective", "optim", "fsdp"):
+        if not isinstance(getattr(settings, key), str):
+            bad(key, "a string")
+    for key in _OPTIONAL_STR:
+        if getattr(settings, key) is not None and not isinstance(getattr(settings, key), str):
+            bad(key, "a string (a path)")
+    for key in _POSITIVE_INT:
+        if not is_int(getattr(settings, key)) or getattr(settings, key) < 1:
+            bad(key, "an integer >= 1")
+    if not is_int(settings.max_length) or settings.max_length <= settings.max_prompt_length:
+        bad("max_length", f"an integer above max_prompt_length ({settings.max_prompt_length})")
+    if not is_int(settings.max_steps) or not (settings.max_steps == -1 or settings.max_steps >= 1):
+        bad("max_steps", "-1 (train for `epochs`) or an integer >= 1")
+    if not is_int(settings.seed) or settings.seed < 0:
+        bad("seed", "an integer >= 0")
+    for key in _POSITIVE_FLOAT:
+        value = getattr(settings, key)
+        if not is_real(value) or not math.isfinite(value) or value <= 0:
+            bad(key, "a finite number > 0")
+    if not is_real(settings.lam) or math.isnan(settings.lam) or settings.lam == 0 or settings.lam == -math.inf:
+        bad("lam", "a non-zero number (inf for the weighted mean)")
+    if settings.alpha is not None and (not is_real(settings.alpha) or not 0 < settings.alpha <= 1):
+        bad("alpha", "a number in (0, 1]")
+    if settings.objective not in objectives.NAMES:
+        bad("objective", f"one of {', '.join(objectives.NAMES)}")
+    for key in ("fsdp_config", "objective_kwargs"):
+        if not isinstance(getattr(settings, key), dict):
+            bad(key, "a mapping (key: value)")
+    try:
+        objectives.check_hyperparameters(settings.objective, settings.objective_kwargs, where=where)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: `objective_kwargs`: {str(err).split(': ', 1)[-1]}") from None
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``5e-4`` as a float (YAML 1.2; YAML 1.1 reads it as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
 def load_settings(config_path=None, **overrides) -> TrainSettings:
-    """Settings from a YAML file (optional) with ``overrides`` (non-None values) on top."""
+    """Settings from a YAML file (optional) with ``overrides`` (non-None values) on top, checked
+    (:func:`check_settings`); errors name the file and the key."""
     values = {}
+    where = "settings"
     if config_path is not None:
         import yaml
 
         path = Path(config_path)
+        where = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not valid UTF-8") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of setting: value")
         known = {f.name for f in dataclasses.fields(TrainSettings)}
-        unknown = sorted(set(loaded) - known)
+        unknown = sorted(str(k) for k in set(loaded) - known)
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainSettings(**values)
+    settings = TrainSettings(**values)
+    check_settings(settings, where)
+    return settings
 
 
 def embedded_model(seed: int = 0):
@@ -100,16 +189,18 @@ def _load_model(settings: TrainSettings, log):
     if settings.model is None:
         return embedded_model(settings.seed)
     path = Path(settings.model)
-    if not path.exists():
-        raise FileNotFoundError(f"model path not found: {path} (a local folder; nothing is downloaded)")
     attn = "sdpa"
     if torch.cuda.is_available():
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is not None:
             attn = "flash_attention_2"
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, attn_implementation=attn)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, attn_implementation=attn)
+    except Exception as err:  # a loader's error on a user's folder: name the folder, keep its first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--model {path}: could not load the model or its tokenizer ({first})") from None
     log(f"robalign: loaded {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"attention: {attn})")
     return model, tokenizer
@@ -130,7 +221,18 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     from .data import PreferenceDataset, prepare_tokenizer
     from .trainer import DoRAConfig, DoRATrainer
 
+    from .checkpoints import check_model_folder, resolve_resume
+
+    check_settings(settings)
     out = Path(settings.out)
+    # every file is checked before anything is loaded
+    if settings.model is not None:
+        if not Path(settings.model).is_dir():
+            raise FileNotFoundError(f"model path not found: {settings.model} (a local folder; nothing is downloaded)")
+        check_model_folder(Path(settings.model))
+    if settings.data is not None and not Path(settings.data).is_file():
+        raise FileNotFoundError(f"--data: no such file: {settings.data}")
+    resume = None if settings.resume is None else resolve_resume(out, settings.resume, log)
     model, tokenizer = _load_model(settings, log)
     prepare_tokenizer(tokenizer, log)
     data = Path(settings.data) if settings.data is not None else _embedded_data(out, settings.seed)
@@ -158,11 +260,10 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         log(f"robalign: truncated {dataset.truncated_prompts} prompts (from the left) and "
             f"{dataset.truncated_responses} responses (from the right) to max_length={settings.max_length}")
     start = time.perf_counter()
-    resume = settings.resume
-    if resume is not None and resume != "latest" and not Path(resume).is_dir():
-        raise FileNotFoundError(f"--resume: checkpoint folder not found: {resume}")
+    if resume is not None:
+        log(f"robalign: resuming from {resume}")
     try:
-        result = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+        result = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     except (RuntimeError, ValueError, KeyError) as err:
         if resume is not None:
             raise ValueError(f"--resume {resume}: the checkpoint does not fit this model or run "
@@ -174,7 +275,8 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     summary = {
         "out": str(out), "data": str(data), "model": settings.model or "embedded tiny Llama",
         "samples": len(dataset), "group_size": dataset.group_size, "steps": trainer.state.global_step,
-        "world_size": trainer.args.world_size,
+        "world_size": trainer.args.world_size, "resumed_from": None if resume is None else str(resume),
+        "reference_cache": trainer.reference_cache,
         "train_loss": result.training_loss, "seconds": round(time.perf_counter() - start, 1),
         "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
         "truncated_prompts": dataset.truncated_prompts, "truncated_responses": dataset.truncated_responses,

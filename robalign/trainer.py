@@ -15,7 +15,7 @@ equals the full-batch gradient; the reported ``loss`` is the full-batch DRO loss
 
 Reference log-probs are computed once before training with the initial policy (the usual
 reference: the model DoRA starts from), batched and without gradient, and cached in
-``output_dir`` keyed by the model and data fingerprints; or pass ``ref_model``.
+``output_dir`` keyed by the reference model's weights and the tokenised data; or pass ``ref_model``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from ._io import write_atomic
 from .data import PreferenceCollator
 from .dro import KLDROAccumulator
 from .loss import DoRALoss
@@ -172,8 +173,8 @@ class DoRATrainer(Trainer):
         self._reset_pending = True
         self._last_loss = 0.0
         self._metrics = defaultdict(list)
-        self.truncation = {"prompts": getattr(dataset, "truncated_prompts", 0),
-                           "responses": getattr(dataset, "truncated_responses", 0)}
+        self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
+        self.reference_cache = None
 
     # -- data ---------------------------------------------------------------------------------
     def _get_train_sampler(self, *args, **kwargs):
@@ -182,24 +183,52 @@ class DoRATrainer(Trainer):
         return super()._get_train_sampler(*args, **kwargs)
 
     # -- reference log-probs -----------------------------------------------------------------
-    def _ref_cache_path(self) -> Path:
-        model = self.accelerator.unwrap_model(self.model) if self.ref_model is None else self.ref_model
-        config = getattr(model, "config", None)
-        key = hashlib.sha256(f"{config.to_json_string() if config else ''}|{getattr(model, 'name_or_path', '')}"
-                             f"|{getattr(self.train_dataset, 'fingerprint', '')}".encode()).hexdigest()[:16]
-        return Path(self.args.output_dir) / f"ref_logps-{key}.pt"
+    def _ref_cache_path(self, model) -> Path:
+        """The cache file of the reference log-probs: keyed on everything that determines them —
+        the reference model's weights and buffers (names, dtypes, shapes, bytes), the tokenised
+        rows of the dataset, and the log-prob path — never on names that can point at new weights."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in list(model.state_dict().items()):
+            t = tensor.detach()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for group in self.train_dataset.groups:
+            digest.update(repr((group.input_ids, group.labels)).encode())
+        digest.update(f"fused={self.dora.fused}".encode())
+        return Path(self.args.output_dir) / f"ref_logps-{digest.hexdigest()}.pt"
+
+    def _read_ref_cache(self, path: Path, rows: int):
+        """The cached ``[rows]`` float32 log-probs, or None (with the reason in ``reference_cache``)."""
+        if not path.is_file():
+            return None
+        try:
+            values = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # any damage: the cache is rebuilt, never trusted
+            self.reference_cache = f"recomputed: {path.name} was unreadable ({type(err).__name__})"
+            return None
+        if not (isinstance(values, torch.Tensor) and values.dtype == torch.float32 and values.shape == (rows,)
+                and bool(torch.isfinite(values).all())):
+            self.reference_cache = f"recomputed: {path.name} did not hold {rows} finite float32 log-probs"
+            return None
+        return values
 
     def compute_reference_logps(self, batch_size: int | None = None, progress: bool = True) -> None:
-        """Fill every sample's ``ref_logps`` (no gradient), from the cache when it matches."""
+        """Fill every sample's ``ref_logps`` (no gradient), from the cache when it matches.
+        ``reference_cache`` then says what happened: ``"used <file>"``, ``"computed"`` or
+        ``"recomputed: <why>"`` (a damaged cache file is rebuilt, never trusted)."""
         from tqdm.auto import tqdm
 
         dataset = self.train_dataset
         if all(g.ref_logps is not None for g in dataset.groups):
+            self.reference_cache = "given with the data"
             return
-        path = self._ref_cache_path()
-        if path.is_file():
-            values = torch.load(path)
+        model = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
+        path = self._ref_cache_path(model)
+        values = self._read_ref_cache(path, len(dataset) * dataset.group_size)
+        if values is not None:
+            self.reference_cache = f"used {path.name}"
         else:
+            self.reference_cache = self.reference_cache or "computed"
             model = self.ref_model if self.ref_model is not None else self.model
             model = model.to(self.args.device)
             was_training = model.training
@@ -217,20 +246,42 @@ class DoRATrainer(Trainer):
             values = torch.cat(values)
             model.train(was_training)
             if self.is_world_process_zero():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save(values, tmp)
-                tmp.replace(path)
+                write_atomic(path, lambda handle: torch.save(values, handle))
         k = dataset.group_size
         for i, group in enumerate(dataset.groups):
             group.ref_logps = values[i * k:(i + 1) * k].tolist()
 
+    _STATE_KEY = "robalign.DoRATrainer"
+
     def train(self, *args, **kwargs):
+        """``Trainer.train``; its ``training_loss`` is the mean full-batch loss over every optimizer
+        step of the run, those before a resume included (the Trainer's own averages only the steps
+        since the resume)."""
+        from transformers.trainer_utils import TrainOutput
+
         from . import objectives
 
         if objectives.needs_reference(self.dora.objective):
             self.compute_reference_logps()
-        return super().train(*args, **kwargs)
+        self._loss_total = None
+        result = super().train(*args, **kwargs)
+        total, steps = self._loss_total or (0.0, 0)
+        if not steps:
+            return result
+        metrics = dict(result.metrics or {}, train_loss=total / steps)
+        return TrainOutput(result.global_step, total / steps, metrics)
+
+    def _save_checkpoint(self, model, trial):
+        total, steps = self._loss_total or (0.0, 0)
+        self.state.stateful_callbacks[self._STATE_KEY] = {"loss_total": total, "loss_steps": steps}
+        return super()._save_checkpoint(model, trial)
+
+    def _count_step_loss(self, loss: float) -> None:
+        if self._loss_total is None:        # first step of this train() call: a resume restored the state
+            saved = self.state.stateful_callbacks.get(self._STATE_KEY, {})
+            self._loss_total = (float(saved.get("loss_total", 0.0)), int(saved.get("loss_steps", 0)))
+        total, steps = self._loss_total
+        self._loss_total = (total + loss, steps + 1)
 
     # -- the loss -----------------------------------------------------------------------------
     def _group(self):
@@ -281,6 +332,7 @@ class DoRATrainer(Trainer):
         increment = self._acc.loss - self._last_loss
         self._last_loss = self._acc.loss
         if self.accelerator.sync_gradients:
+            self._count_step_loss(self._acc.loss)
             stats = self._acc.stats()
             self._metrics["dro/ess"].append(float(stats.ess))
             self._metrics["dro/max_share"].append(float(stats.max_share))
