@@ -1,6 +1,7 @@
 """Shared harness of the CPU benchmarks: one fresh process per provider, median time, peak
 resident memory above the inputs, a Markdown table of ratios against the naive provider, and
-an atomically written JSON record under benchmarks/results/."""
+an atomically written JSON record in ``--out`` (default ``./robalign-bench`` under the current
+folder; the committed records in benchmarks/results/ are rewritten only when ``--out`` names it)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = "robalign-bench"                               # relative to the current folder
 MODES = ("fwdbwd", "fwd")
 
 
@@ -45,6 +46,9 @@ def parse_args(doc: str, providers, argv=None, **sizes):
     parser.add_argument("--mode", choices=MODES, default="fwdbwd",
                         help="fwdbwd: forward+backward (training); fwd: forward under no_grad (reference log-probs)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"folder for the JSON record (default ./{DEFAULT_OUT}; benchmarks/results to update "
+                             "the committed records)")
     parser.add_argument("--providers", default=",".join(providers))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -93,15 +97,23 @@ def print_table(rows, extra_columns=()) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def write_record(name: str, record: dict) -> Path:
+def git_commit() -> dict:
+    """``{"commit": short hash, "dirty": uncommitted changes to tracked files}`` of this checkout
+    (a dirty record measured code that no commit holds)."""
+    here = Path(__file__).parent
+    run = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=here).stdout.strip()
+    return {"commit": run("rev-parse", "--short", "HEAD"),
+            "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+
+
+def write_record(name: str, record: dict, out) -> Path:
+    """``out/name.json`` with date, commit, versions and machine."""
     import torch
 
     record = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent).stdout.strip(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), **git_commit(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), **record,
     }
     from gpu_harness import write_json
 
-    return write_json(RESULTS, name, record)
+    return write_json(Path(out), name, record)

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     suffix = "" if args.mode == "fwdbwd" else "_fwd"
     path = cpu_harness.write_record(f"cpu_linear_N{args.tokens}_H{args.hidden}_V{args.vocab}{suffix}", {
         "benchmark": "cpu_linear", "mode": args.mode, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
-        "dtype": "float32", "rows": rows})
+        "dtype": "float32", "rows": rows}, args.out)
     print(f"\nwrote {path}")
     return 0
 

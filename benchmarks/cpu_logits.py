@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     suffix = "" if args.mode == "fwdbwd" else "_fwd"
     path = cpu_harness.write_record(f"cpu_logits_N{args.tokens}_V{args.vocab}{suffix}", {
         "benchmark": "cpu_logits", "mode": args.mode, "tokens": args.tokens, "vocab": args.vocab, "dtype": "float32",
-        "rows": rows})
+        "rows": rows}, args.out)
     print(f"\nwrote {path}")
     return 0
 

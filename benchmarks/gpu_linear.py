@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="16 × 1024 tokens only")
     parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b", help="H and V")
     parser.add_argument("--mode", choices=("fwdbwd", "fwd"), default="fwdbwd")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default="robalign-bench", help="folder for the JSON record (default ./robalign-bench)")
     args = parser.parse_args(argv)
     device = args.device
     (hidden_size, vocab), dtype, seqlens = MODELS[args.model], torch.bfloat16, (512, 1024, 2048)

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one vocabulary, one token count")
     parser.add_argument("--model", choices=sorted(MODELS), help="sweep only this model's vocabulary")
     parser.add_argument("--mode", choices=("fwdbwd", "fwd"), default="fwdbwd")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default="robalign-bench", help="folder for the JSON record (default ./robalign-bench)")
     args = parser.parse_args(argv)
     device = args.device
     dtype = torch.bfloat16

@@ -16,8 +16,9 @@ run. The floor of the logits workload is 3·N·V·b bytes (forward: N·V·b) ove
 bandwidth (a large memory copy, read + write); the floor of the linear workload is the time of
 its bare matmuls (the ``matmul_floor`` provider: hidden @ Wᵀ, G @ W, Gᵀ @ hidden at the same N;
 forward: hidden @ Wᵀ), which on this BLAS runs faster per FLOP than a square product, so it is
-the honest compute limit. Writes results/suite_<device>.json and, through plot.py, one PNG per
-workload and mode.
+the honest compute limit. Writes ``<out>/suite_<device>.json`` (``--out``, default
+``./robalign-bench``; ``--out benchmarks/results`` rewrites the committed record) and, through
+plot.py, one PNG per workload and mode beside it.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), help="shape (default: small on CPU)")
     parser.add_argument("--mode", default=",".join(MODES), help="comma-separated: fwdbwd, fwd")
     parser.add_argument("--quick", action="store_true", help="two token counts, three repeats")
+    parser.add_argument("--out", default=cpu_harness.DEFAULT_OUT,
+                        help=f"folder for the JSON record and charts (default ./{cpu_harness.DEFAULT_OUT}; "
+                             "benchmarks/results updates the committed records)")
     args = parser.parse_args(argv)
     workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
     unknown = sorted(set(workloads) - {"logits", "linear"})
@@ -123,6 +127,7 @@ def main(argv=None) -> int:
             for mode in modes:
                 cmd = [sys.executable, str(HERE / f"gpu_{workload}.py"), "--mode", mode]
                 cmd += (["--quick"] if args.quick else []) + (["--model", args.model] if args.model else [])
+                cmd += ["--out", args.out]
                 code |= subprocess.run(cmd).returncode
         return code
     import torch
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
     tokens = (512, 1024) if args.quick else (512, 1024, 2048, 4096)
     result = run_cpu(workloads, model, tokens, 3 if args.quick else 5, modes)
     result.update({"benchmark": "suite", "device": "cpu", "model": model, "threads": torch.get_num_threads()})
-    path = cpu_harness.write_record("suite_cpu", result)
+    path = cpu_harness.write_record("suite_cpu", result, args.out)
     print(f"\nwrote {path}")
     from plot import plot_suite
 

@@ -28,8 +28,8 @@ def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
     assert result["limits"]["copy_bandwidth_bytes_per_s"] > 1e8 and result["limits"]["matmul_flop_per_s"] > 1e8
     for row in result["rows"]:
         assert row["median_s"] > 0 and row["floor_s"] > 0 and 0 < row["fraction_of_floor"]
-    monkeypatch.setattr(cpu_harness, "RESULTS", tmp_path)
-    path = cpu_harness.write_record("suite_cpu", {"device": "cpu", "threads": 2, **result})
+    path = cpu_harness.write_record("suite_cpu", {"device": "cpu", "threads": 2, **result}, tmp_path)
+    assert set(json.loads(path.read_text())) >= {"commit", "dirty", "date", "torch"}
     assert json.loads(path.read_text())["rows"][0]["workload"] == "logits"
     charts = plot_suite(path)
     assert [c.name for c in charts] == ["suite_cpu_linear_fwd.png", "suite_cpu_linear.png",
@@ -41,3 +41,31 @@ def test_bench_cli_rejects_an_unknown_workload():
     from robalign.cli import main
 
     assert main(["bench", "--workload", "nope"]) == 2
+
+
+def test_the_suite_writes_into_out_never_into_the_committed_records(tmp_path, monkeypatch):
+    """``robalign bench`` / suite.py write where --out says (default ./robalign-bench); the
+    committed records in benchmarks/results are untouched."""
+    import suite
+
+    committed = {p.name: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*")}
+    canned = {"limits": {"copy_bandwidth_bytes_per_s": 1e10, "matmul_flop_per_s": 1e11},
+              "rows": [{"workload": "logits", "mode": "fwdbwd", "tokens": 64, "vocab": 100, "hidden": 8,
+                        "provider": p, "median_s": t, "min_s": t, "max_s": t, "peak_above_inputs_mb": 1.0}
+                       for p, t in (("naive", 2e-3), ("cpp", 1e-3))]}
+    monkeypatch.setattr(suite, "run_cpu", lambda *args, **kwargs: suite.derive_floors(canned))
+    monkeypatch.chdir(tmp_path)
+    assert suite.main(["--workload", "logits", "--mode", "fwdbwd", "--quick"]) == 0
+    assert (tmp_path / "robalign-bench" / "suite_cpu.json").is_file()
+    assert suite.main(["--workload", "logits", "--mode", "fwdbwd", "--out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "suite_cpu.json").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*")} == committed
+
+
+def test_bench_cli_refuses_a_file_as_out(tmp_path, capsys):
+    from robalign.cli import main
+
+    target = tmp_path / "f.json"
+    target.write_text("{}")
+    assert main(["bench", "--out", str(target)]) == 2
+    assert capsys.readouterr().err.strip() == f"robalign bench: --out {target} is a file; give a folder"
