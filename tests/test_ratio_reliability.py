@@ -10,11 +10,12 @@ pytest.importorskip("sklearn", reason="the classifier stage needs the `weigh` ex
 
 from robalign.cli import main  # noqa: E402
 from robalign.ratio import DataError, weigh_file  # noqa: E402
-from robalign.ratio.classifier import content_groups  # noqa: E402
 from test_ratio import write_dataset  # noqa: E402
 
 
 def test_content_groups_join_samples_with_identical_responses():
+    from robalign.ratio.classifier import content_groups
+
     samples = np.array([0, 0, 1, 1, 2, 2, 3, 3])
     texts = ["p\n\na", "p\n\nb", "q\n\nc", "q\n\nd", "r\n\nb", "r\n\ne", "p\n\nb", "s\n\nf"]
     groups, duplicates = content_groups(samples, texts)
