@@ -10,7 +10,7 @@ ROOT = Path(__file__).parent
 
 
 def cpp_extensions():
-    """robalign._C from csrc/ when torch is importable at build time (pip install
+    """robalign.ops._C from csrc/ when torch is importable at build time (pip install
     --no-build-isolation); otherwise none, and the first call builds it just in time.
     ROBALIGN_BUILD_EXT=0 skips it (e.g. on a GPU machine that only needs the Triton path)."""
     if os.environ.get("ROBALIGN_BUILD_EXT", "1") == "0":
@@ -19,11 +19,11 @@ def cpp_extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    spec = importlib.util.spec_from_file_location("robalign_cpp", ROOT / "robalign" / "_cpp.py")
+    spec = importlib.util.spec_from_file_location("robalign_cpp", ROOT / "robalign" / "ops" / "_cpp.py")
     cpp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpp)
     sources = [f"csrc/{name}" for name in cpp.SOURCES]
-    ext = CppExtension("robalign._C", sources, extra_compile_args=cpp.compile_args())
+    ext = CppExtension("robalign.ops._C", sources, extra_compile_args=cpp.compile_args())
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -36,8 +36,10 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["robalign", "robalign.reference", "robalign.ratio", "robalign.kernels"],
+    packages=["robalign", "robalign.reference", "robalign.ops", "robalign.losses", "robalign.app",
+              "robalign.app.ratio", "robalign.kernels"],
     package_dir={"robalign.kernels": "kernels"},
+    package_data={"robalign.app": ["assets/*.json"]},
     # A range, never a bare "torch": the Makefile installs the CPU build first where none is
     # importable, and a satisfied range installs nothing more.
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "ninja"],
@@ -50,5 +52,5 @@ setup(
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
-    entry_points={"console_scripts": ["robalign = robalign.cli:main"]},
+    entry_points={"console_scripts": ["robalign = robalign.app.cli:main"]},
 )

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import robalign
-from robalign import backends
-from robalign.cli import main
+from robalign.app.cli import main
+from robalign.ops import registry as backends
 
 
 def test_reference_backend_forced_and_by_env(monkeypatch):
@@ -17,7 +17,7 @@ def test_reference_backend_forced_and_by_env(monkeypatch):
     want = robalign.reference.sequence_logps(z, y)
     torch.testing.assert_close(robalign.sequence_logps(z, y, backend="reference"), want)
     monkeypatch.setenv("ROBALIGN_BACKEND", "reference")
-    assert backends.resolve("f", None, "sequence_logps", z)[0] == "reference"
+    assert backends.resolve("f", None, z).name == "reference"
     torch.testing.assert_close(robalign.sequence_logps(z, y), want)
 
 
@@ -38,16 +38,48 @@ def test_forced_triton_on_cpu_without_interpreter_says_so(monkeypatch):
 
 
 def test_auto_uses_reference_for_float64():
-    assert backends.resolve("f", "auto", "sequence_logps", torch.zeros(1, dtype=torch.float64))[0] == "reference"
+    assert backends.resolve("f", "auto", torch.zeros(1, dtype=torch.float64)).name == "reference"
 
 
 def test_auto_falls_back_to_chunked_torch_without_a_kernel(monkeypatch):
-    def unavailable(op, device):
-        raise backends.BackendUnavailable("no compiler")
+    import dataclasses
 
-    monkeypatch.setitem(backends._PROVIDERS, "cpp", unavailable)
-    assert backends.resolve("f", "auto", "sequence_logps", torch.zeros(1))[0] == "torch"
-    assert backends.resolve("f", "auto", "linear_sequence_logps", torch.zeros(1, device="meta"))[0] == "torch"
+    no_compiler = dataclasses.replace(backends.BACKENDS["cpp"], missing=lambda device: "no compiler")
+    monkeypatch.setitem(backends.BACKENDS, "cpp", no_compiler)
+    assert backends.resolve("f", "auto", torch.zeros(1)).name == "torch"
+    assert backends.resolve("f", "auto", torch.zeros(1, device="meta")).name == "torch"
+    with pytest.raises(backends.BackendUnavailable, match=r"f: no compiler"):
+        backends.resolve("f", "cpp", torch.zeros(1))
+
+
+def test_every_backend_module_named_by_the_registry_has_the_one_signature():
+    """Each entry's ops module exports the three ops with the same keyword arguments, and each
+    row-kernel module the three row functions: what makes a backend one module plus one entry."""
+    import inspect
+
+    for entry in backends.BACKENDS.values():
+        ops = entry.load_ops()
+        for op, args in (("sequence_logps", {"ignore_index", "cu_seqlens", "inplace_backward", "kernel"}),
+                         ("sequence_logps_with_ref", {"ignore_index", "cu_seqlens", "inplace_backward", "kernel"}),
+                         ("linear_sequence_logps", {"bias", "ignore_index", "cu_seqlens", "kernel"})):
+            params = inspect.signature(getattr(ops, op)).parameters
+            assert {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == args, (entry.name, op)
+        if entry.rows is not None and entry.unavailable(torch.device("cpu")) is None:
+            rows = entry.load_rows()
+            assert all(callable(getattr(rows, f)) for f in ("rows_lse_target", "rows_softmax_grad", "empty_grad_like"))
+
+
+def test_old_module_paths_still_import_with_a_deprecation_warning():
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=r"`robalign.trainer` moved to `robalign.app.trainer`"):
+        old = importlib.import_module("robalign.trainer")
+    import robalign.app.trainer as new
+
+    assert old is new and new.__spec__.name == "robalign.app.trainer"
+    import robalign.objectives                                   # a permanent public name, no warning
+
+    assert robalign.objectives is robalign.losses.objectives
 
 
 def test_cli_unknown_subcommand_and_missing_file(capsys):

@@ -38,7 +38,7 @@ def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
 
 
 def test_bench_cli_rejects_an_unknown_workload():
-    from robalign.cli import main
+    from robalign.app.cli import main
 
     assert main(["bench", "--workload", "nope"]) == 2
 
@@ -63,7 +63,7 @@ def test_the_suite_writes_into_out_never_into_the_committed_records(tmp_path, mo
 
 
 def test_bench_cli_refuses_a_file_as_out(tmp_path, capsys):
-    from robalign.cli import main
+    from robalign.app.cli import main
 
     target = tmp_path / "f.json"
     target.write_text("{}")

@@ -1,6 +1,6 @@
 """The fused linear path under FSDP2 (``fully_shard``; gloo, 2 processes on CPU).
 
-:func:`robalign.trainer.policy_logps` runs the LM head through ``linear_sequence_logps`` inside
+:func:`robalign.app.trainer.policy_logps` runs the LM head through ``linear_sequence_logps`` inside
 the head's forward, while FSDP has gathered its weight. Each rank trains on its half of the
 batch with ``DoRALoss(group=WORLD)``; the sharded gradients, gathered, must equal one process's
 gradient of the whole batch. Two wrappings: the head inside the root's FSDP group (kept
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from robalign import DoRALoss, KLDROAccumulator
-from robalign.train import embedded_model
-from robalign.trainer import policy_logps
+from robalign.app.train import embedded_model
+from robalign.app.trainer import policy_logps
 from conftest import run_on_gloo_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

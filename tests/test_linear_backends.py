@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import robalign
-from robalign import linear
+from robalign.ops import linear
 from conftest import packed_from_padded
 
 CUDA = torch.cuda.is_available()

@@ -37,7 +37,7 @@ SETTINGS = settings(max_examples=300 if THOROUGH else 30, deadline=None, derando
 @pytest.fixture(autouse=True)
 def small_row_chunks(monkeypatch):
     """Several row chunks in the chunked PyTorch backend, as in test_logits_backends."""
-    from robalign import chunked
+    from robalign.ops import chunked
 
     monkeypatch.setattr(chunked, "ROW_CHUNK_BYTES", 1 << 10)
 

@@ -8,13 +8,13 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the classifier stage needs the `weigh` extra (scikit-learn)")
 
-from robalign.cli import main  # noqa: E402
-from robalign.ratio import DataError, weigh_file  # noqa: E402
+from robalign.app.cli import main  # noqa: E402
+from robalign.app.ratio import DataError, weigh_file  # noqa: E402
 from test_ratio import write_dataset  # noqa: E402
 
 
 def test_content_groups_join_samples_with_identical_responses():
-    from robalign.ratio.classifier import content_groups
+    from robalign.app.ratio.classifier import content_groups
 
     samples = np.array([0, 0, 1, 1, 2, 2, 3, 3])
     texts = ["p\n\na", "p\n\nb", "q\n\nc", "q\n\nd", "r\n\nb", "r\n\ne", "p\n\nb", "s\n\nf"]

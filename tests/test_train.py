@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
 
 from robalign import reference  # noqa: E402
-from robalign.data import PreferenceCollator, PreferenceDataset, prepare_tokenizer  # noqa: E402
-from robalign.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
+from robalign.app.data import PreferenceCollator, PreferenceDataset, prepare_tokenizer  # noqa: E402
+from robalign.app.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def test_listwise_and_collator(tmp_path, tokenizer):
 def test_trainer_loss_and_gradients_equal_the_reference_composition(tmp_path, tokenizer):
     from transformers import TrainingArguments
 
-    from robalign.trainer import DoRAConfig, DoRATrainer
+    from robalign.app.trainer import DoRAConfig, DoRATrainer
 
     model, _ = embedded_model(seed=3)
     model = model.double()
@@ -153,7 +153,7 @@ def test_gradient_accumulation_is_exact(tmp_path):
 
 
 def test_bad_inputs(tmp_path, capsys):
-    from robalign.cli import main
+    from robalign.app.cli import main
 
     assert main(["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")]) == 2
     assert "model path not found" in capsys.readouterr().err
@@ -168,7 +168,7 @@ def test_bad_inputs(tmp_path, capsys):
 
 DIST_SCRIPT = r"""
 import sys, torch
-from robalign.train import TrainSettings, run_training
+from robalign.app.train import TrainSettings, run_training
 out, batch = sys.argv[1], int(sys.argv[2])
 run_training(TrainSettings(out=out, max_steps=3, batch_size=batch, grad_accum=2, lam=0.5, lr=0.5, optim="sgd",
                            shuffle=False, save_steps=100, logging_steps=1), log=lambda *_: None)

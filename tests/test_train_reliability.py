@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
 
-from robalign.cli import main  # noqa: E402
-from robalign.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
+from robalign.app.cli import main  # noqa: E402
+from robalign.app.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
 
 QUIET = lambda *_: None  # noqa: E731
 

@@ -7,7 +7,7 @@
               grad_h[c] = G_c @ W;   grad_W += G_cᵀ @ h_c;   grad_b += Σ_t G_c[t]
 
 The matmuls are ATen's (cuBLAS / the CPU BLAS, float32 accumulation inside each product); the
-row work is the ``kernel``'s (``"cpp"`` or ``"triton"``, as in :mod:`robalign.library`).
+row work is the ``kernel``'s (``"cpp"``, ``"triton"`` or ``"torch"``, as in :mod:`robalign.ops.library`).
 Backward recomputes the logits because the per-sequence coefficient (the DRO normaliser
 couples the whole batch) is only known after the forward. Prompt and padding tokens are
 skipped entirely. ``grad_W`` and ``grad_b`` accumulate across chunks in the weight's dtype:
@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..reference.logps import sequence_index
 from .library import check_kernel_dtypes, flat_labels, per_sequence, row_kernels
-from .reference.logps import sequence_index
 
 __all__ = ["linear_sequence_logps", "chunk_tokens"]
 

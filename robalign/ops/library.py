@@ -7,10 +7,12 @@
                                  -> grad_logits (the shape and dtype of logits)
     robalign::sequence_logps_bwd_inplace(...)  the same, written into ``logits``
 
-``kernel`` names the implementation of the per-row work: ``"cpp"`` (robalign.cpu over csrc/,
-CPU tensors), ``"triton"`` (robalign.kernels: CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``) or ``"torch"`` (robalign.chunked: ATen operations, any device). Both provide ``rows_lse_target``, ``rows_softmax_grad`` and
-``empty_grad_like`` over ``[B, T, V]`` views; the small per-sequence reductions are shared here.
+``kernel`` names the backend whose row kernels do the per-row work (its registry entry,
+:mod:`robalign.ops.registry`): ``"cpp"`` (robalign.ops.cpu over csrc/, CPU tensors),
+``"triton"`` (robalign.kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
+``"torch"`` (robalign.ops.chunked: ATen operations, any device). Each provides
+``rows_lse_target``, ``rows_softmax_grad`` and ``empty_grad_like`` over ``[B, T, V]`` views; the
+small per-sequence reductions are shared here.
 The reference model's log-probs (``ref_logits``) carry no gradient. Autograd, ``torch.compile`` (through the fake
 implementations) and FSDP see one operator.
 """
@@ -22,27 +24,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import KERNEL_DTYPES
-from .reference.logps import sequence_index
+from ..reference.logps import sequence_index
+from .registry import get
 
-__all__ = ["sequence_logps", "row_kernels", "public_functions", "check_kernel_dtypes", "flat_labels"]
+__all__ = ["sequence_logps", "sequence_logps_with_ref", "row_kernels", "check_kernel_dtypes", "flat_labels"]
 
 
 def row_kernels(kernel: str):
-    """The module implementing ``rows_lse_target`` / ``rows_softmax_grad`` for ``kernel``."""
-    if kernel == "cpp":
-        from . import cpu
-
-        return cpu
-    if kernel == "triton":
-        from . import kernels
-
-        return kernels
-    if kernel == "torch":
-        from . import chunked
-
-        return chunked
-    raise ValueError(f"robalign: unknown kernel {kernel!r}")
+    """The module implementing ``rows_lse_target`` / ``rows_softmax_grad`` for backend ``kernel``."""
+    return get(kernel).load_rows()
 
 
 def _as_rows(t: Tensor) -> Tensor:
@@ -52,9 +42,10 @@ def _as_rows(t: Tensor) -> Tensor:
 
 
 def check_kernel_dtypes(where: str, kernel: str, **tensors: Tensor | None) -> None:
-    """The kernel backends take float32, bfloat16 and float16; anything else names the argument."""
+    """Each tensor is in a dtype backend ``kernel`` serves (its registry entry); else an error naming it."""
+    entry = get(kernel)
     for name, t in tensors.items():
-        if t is not None and t.dtype not in KERNEL_DTYPES:
+        if t is not None and not entry.serves(t.dtype):
             raise TypeError(f"{where}: backend {kernel!r} takes float32/bfloat16/float16 `{name}`, got {t.dtype} "
                             "(use backend='reference')")
 
@@ -146,10 +137,10 @@ def _backward(ctx, grad_logps, grad_counts, grad_lse, grad_ref_logps):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, *, ignore_index: int, cu_seqlens: Tensor | None, kernel: str,
-                   inplace_backward: bool = False, ref_logits: Tensor | None = None):
-    """Run the operator: ``(logps, counts)`` as :func:`robalign.sequence_logps`, or
-    ``(logps, ref_logps, counts)`` with ``ref_logits``."""
+def _run(logits: Tensor, labels: Tensor, ignore_index: int, cu_seqlens: Tensor | None, kernel: str,
+         inplace_backward: bool, ref_logits: Tensor | None):
+    """Run the operator with ``kernel``'s row kernels: ``(logps, counts)`` as
+    :func:`robalign.sequence_logps`, or ``(logps, ref_logps, counts)`` with ``ref_logits``."""
     check_kernel_dtypes("robalign.sequence_logps", kernel, logits=logits, ref_logits=ref_logits)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     labels = flat_labels(labels)
@@ -159,27 +150,13 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, ignore_index: int, cu_seql
     return (logps, counts) if ref_logits is None else (logps, ref_logps.detach(), counts)
 
 
-def public_functions(kernel: str):
-    """``(sequence_logps, sequence_logps_with_ref, linear_sequence_logps)`` run with ``kernel``'s
-    row kernels: what a kernel backend module exports for :mod:`robalign.backends`."""
+def sequence_logps(logits: Tensor, labels: Tensor, *, ignore_index: int, cu_seqlens: Tensor | None,
+                   inplace_backward: bool = False, kernel: str) -> tuple[Tensor, Tensor]:
+    """:func:`robalign.sequence_logps` with ``kernel``'s row kernels."""
+    return _run(logits, labels, ignore_index, cu_seqlens, kernel, inplace_backward, None)
 
-    def sequence_logps_(logits, labels, *, ignore_index=-100, cu_seqlens=None, inplace_backward=False):
-        return sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel=kernel,
-                              inplace_backward=inplace_backward)
 
-    def sequence_logps_with_ref_(logits, ref_logits, labels, *, ignore_index=-100, cu_seqlens=None,
-                                 inplace_backward=False):
-        return sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, kernel=kernel,
-                              inplace_backward=inplace_backward, ref_logits=ref_logits)
-
-    def linear_sequence_logps_(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
-        from .linear import linear_sequence_logps
-
-        return linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                     cu_seqlens=cu_seqlens, kernel=kernel)
-
-    sequence_logps_.__doc__ = f":func:`robalign.sequence_logps` with the {kernel!r} row kernels."
-    sequence_logps_with_ref_.__doc__ = f":func:`robalign.sequence_logps_with_ref` with the {kernel!r} row kernels."
-    linear_sequence_logps_.__doc__ = (f":func:`robalign.linear_sequence_logps`: chunked matmuls with the {kernel!r} "
-                                      "row kernels.")
-    return sequence_logps_, sequence_logps_with_ref_, linear_sequence_logps_
+def sequence_logps_with_ref(logits: Tensor, ref_logits: Tensor, labels: Tensor, *, ignore_index: int,
+                            cu_seqlens: Tensor | None, inplace_backward: bool = False, kernel: str):
+    """:func:`robalign.sequence_logps_with_ref`: both in one pass, the reference without gradient."""
+    return _run(logits, labels, ignore_index, cu_seqlens, kernel, inplace_backward, ref_logits)

@@ -1,14 +1,14 @@
 """The ``"cpp"`` backend: the heavy ops on CPU tensors through the C++ extension (csrc/).
 
 It provides the same row-kernel interface as :mod:`robalign.kernels` (``rows_lse_target``,
-``rows_softmax_grad``, ``empty_grad_like``) for :mod:`robalign.library`. Importing this module
+``rows_softmax_grad``, ``empty_grad_like``) for :mod:`robalign.ops.library`. Importing this module
 loads (or builds once) the extension and raises ImportError when it cannot, which
-:mod:`robalign.backends` reports for a forced backend and skips under "auto".
+:mod:`robalign.ops.registry` reports for a forced backend and skips under "auto".
 """
 
 from __future__ import annotations
 
-from . import _cpp, library
+from . import _cpp
 
 _C = _cpp.load()
 if _C is None:
@@ -27,5 +27,3 @@ def rows_lse_target(logits3d, labels, ignore_index, ref3d=None):
 rows_softmax_grad = _C.rows_softmax_grad
 empty_grad_like = _C.empty_huge_like           # huge pages: far fewer first-touch page faults
 
-
-sequence_logps, sequence_logps_with_ref, linear_sequence_logps = library.public_functions("cpp")

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from . import _validation as V
-from .reference import objectives as _ref
+from .. import _validation as V
+from ..reference import objectives as _ref
 
 __all__ = list(_ref.OBJECTIVES) + ["get", "needs_reference", "needs_counts", "is_pairwise", "hyperparameters",
                                    "check_hyperparameters", "NAMES"]

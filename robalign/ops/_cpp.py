@@ -1,4 +1,4 @@
-"""Loading the C++ CPU extension ``robalign._C`` (sources in csrc/).
+"""Loading the C++ CPU extension ``robalign.ops._C`` (sources in csrc/).
 
 Order: the extension built by ``setup.py`` (``pip install --no-build-isolation .``); else a
 just-in-time build with ``torch.utils.cpp_extension.load`` into ``$ROBALIGN_BUILD_DIR``
@@ -20,7 +20,7 @@ SOURCES = ("logps_cpu.cpp",)
 
 
 def csrc_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "csrc"
+    return Path(__file__).resolve().parents[2] / "csrc"
 
 
 def compile_args() -> list[str]:

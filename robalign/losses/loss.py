@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _validation as V
+from .. import _validation as V
 from . import objectives as _objectives
 from .dro import DROStats, kl_dro_with_stats
-from .ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
+from ..ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
 from .weights import dora_weights
 
 __all__ = ["DoRALoss", "DoRAOutput"]

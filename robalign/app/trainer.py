@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
-from ._io import write_atomic
+from .._io import write_atomic
 from .data import PreferenceCollator
-from .dro import KLDROAccumulator
-from .loss import DoRALoss
-from .ops import linear_sequence_logps, sequence_logps, shift_labels
+from ..losses.dro import KLDROAccumulator
+from ..losses.loss import DoRALoss
+from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 
 __all__ = ["DoRAConfig", "DoRATrainer", "policy_logps"]
 
@@ -259,7 +259,7 @@ class DoRATrainer(Trainer):
         since the resume)."""
         from transformers.trainer_utils import TrainOutput
 
-        from . import objectives
+        from ..losses import objectives
 
         if objectives.needs_reference(self.dora.objective):
             self.compute_reference_logps()

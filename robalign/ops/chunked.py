@@ -1,6 +1,6 @@
 """The ``"torch"`` backend: the heavy ops in plain PyTorch, chunked over rows, on any device.
 
-It provides the row-kernel interface of :mod:`robalign.kernels` and :mod:`robalign.cpu`
+It provides the row-kernel interface of :mod:`robalign.kernels` and :mod:`robalign.ops.cpu`
 (``rows_lse_target``, ``rows_softmax_grad``, ``empty_grad_like``) with ATen operations, so the
 same ``torch.library`` operators run where neither Triton nor the C++ extension does (a CUDA
 machine without Triton, a CPU without a compiler, other devices). The float32 temporaries are
@@ -20,7 +20,6 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import library
 
 __all__ = ["rows_lse_target", "rows_softmax_grad", "empty_grad_like", "ROW_CHUNK_BYTES"]
 
@@ -89,5 +88,3 @@ def rows_softmax_grad(logits3d: Tensor, labels: Tensor, lse: Tensor, coeff: Tens
 def empty_grad_like(logits: Tensor) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-
-sequence_logps, sequence_logps_with_ref, linear_sequence_logps = library.public_functions("torch")

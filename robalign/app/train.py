@@ -68,7 +68,7 @@ def check_settings(settings: TrainSettings, where: str = "settings") -> None:
     import math
     import numbers
 
-    from . import objectives
+    from ..losses import objectives
 
     def bad(key, expected):
         value = getattr(settings, key)
@@ -282,7 +282,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         "truncated_prompts": dataset.truncated_prompts, "truncated_responses": dataset.truncated_responses,
         "settings": dataclasses.asdict(settings),
     }
-    from ._io import write_atomic
+    from .._io import write_atomic
 
     write_atomic(out / "summary.json", lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
     return summary

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _validation as V
-from . import reference
+from .. import _validation as V
+from .. import reference
 
 __all__ = ["dora_weights"]
 

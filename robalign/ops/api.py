@@ -1,16 +1,16 @@
 """The heavy ops: logits (or hidden states and the LM head) to per-sequence log-probabilities.
 
-Both validate their arguments here, once, then run on the backend chosen by
-:func:`robalign.backends.resolve`.
+Each validates its arguments here, once, then runs the ops module of the backend chosen by
+:func:`robalign.ops.registry.resolve` — the same call for every backend, the reference included.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _validation as V
-from . import reference
-from .backends import resolve
+from .. import _validation as V
+from .. import reference
+from .registry import resolve
 
 __all__ = ["sequence_logps", "sequence_logps_with_ref", "linear_sequence_logps", "shift_labels"]
 
@@ -54,11 +54,9 @@ def sequence_logps(
     V.check_tokens(where, "logits", logits, labels, cu_seqlens, "V")
     V.check_same_device(where, logits=logits, labels=labels, cu_seqlens=cu_seqlens)
     V.check_labels(where, labels, logits.shape[-1], ignore_index)
-    name, impl = resolve(where, backend, "sequence_logps", logits)
-    if name == "reference":
-        return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    return impl.sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
-                               inplace_backward=inplace_backward)
+    entry = resolve(where, backend, logits)
+    return entry.load_ops().sequence_logps(logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
+                                           inplace_backward=inplace_backward, kernel=entry.name)
 
 
 def sequence_logps_with_ref(
@@ -90,12 +88,10 @@ def sequence_logps_with_ref(
     V.check_tokens(where, "logits", logits, labels, cu_seqlens, "V")
     V.check_same_device(where, logits=logits, ref_logits=ref_logits, labels=labels, cu_seqlens=cu_seqlens)
     V.check_labels(where, labels, logits.shape[-1], ignore_index)
-    name, impl = resolve(where, backend, "sequence_logps_with_ref", logits)
-    if name == "reference":
-        return impl.sequence_logps_with_ref(logits, ref_logits, labels, ignore_index=ignore_index,
-                                            cu_seqlens=cu_seqlens)
-    return impl.sequence_logps_with_ref(logits, ref_logits, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
-                                        inplace_backward=inplace_backward)
+    entry = resolve(where, backend, logits)
+    return entry.load_ops().sequence_logps_with_ref(logits, ref_logits, labels, ignore_index=ignore_index,
+                                                    cu_seqlens=cu_seqlens, inplace_backward=inplace_backward,
+                                                    kernel=entry.name)
 
 
 def linear_sequence_logps(
@@ -135,8 +131,9 @@ def linear_sequence_logps(
             V.fail(where, f"`bias` must be [V] with V = weight.shape[0] = {weight.shape[0]}, got {tuple(bias.shape)}")
     V.check_same_device(where, hidden=hidden, weight=weight, bias=bias, labels=labels, cu_seqlens=cu_seqlens)
     V.check_labels(where, labels, weight.shape[0], ignore_index)
-    _, impl = resolve(where, backend, "linear_sequence_logps", hidden)
-    return impl.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    entry = resolve(where, backend, hidden)
+    return entry.load_ops().linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                                  cu_seqlens=cu_seqlens, kernel=entry.name)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import _validation as V
+from .. import _validation as V
 
 __all__ = ["kl_dro", "kl_dro_with_stats", "DROStats", "KLDROAccumulator"]
 

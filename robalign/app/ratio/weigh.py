@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import write_atomic
+from ..._io import write_atomic
 from .classifier import CALIBRATIONS, content_groups, cross_fit, expected_calibration_error
 from .data import read_preference_file
 from .features import embed, load_array, tfidf
@@ -109,7 +109,7 @@ def weigh_file(data, target_source: str, out, *, features: str = "minilm", encod
     report counts the duplicate responses found (``duplicates``)."""
     import torch
 
-    from ..weights import dora_weights
+    from ...losses.weights import dora_weights
 
     _check_arguments(data, out, report_dir, features, folds, calibration, alpha)
     pref = read_preference_file(data, need_sources=True)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .objectives import NAMES
+from ..losses.objectives import NAMES
 
 
 class UsageError(Exception):
@@ -105,7 +105,7 @@ def _cmd_train(args) -> int:
 def _cmd_bench(args) -> int:
     import subprocess
 
-    suite = Path(__file__).resolve().parent.parent / "benchmarks" / "suite.py"
+    suite = Path(__file__).resolve().parents[2] / "benchmarks" / "suite.py"
     if not suite.is_file():
         raise UsageError("the benchmark suite lives in the source checkout's benchmarks/ folder; "
                          "run it from a clone installed with `pip install -e .`")
@@ -124,7 +124,7 @@ def _cmd_bench(args) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

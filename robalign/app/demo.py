@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .data import PreferenceCollator, PreferenceDataset, prepare_tokenizer
-from .loss import DoRALoss
+from ..losses.loss import DoRALoss
 from .toy import ToySettings, make_toy_data, reward_target, write_jsonl
 from .trainer import policy_logps
 
@@ -214,7 +214,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
     }
     if "dpo" in arms and "dora" in arms:
         summary["dora_minus_dpo_points"] = 100 * (arms["dora"]["target_pref_acc_mean"] - arms["dpo"]["target_pref_acc_mean"])
-    from ._io import write_atomic
+    from .._io import write_atomic
 
     write_atomic(out / "results.json", lambda h: h.write(json.dumps(summary, indent=2).encode()))
     _plot(out / "results.png", arms, settings)
@@ -262,7 +262,7 @@ def _plot(path, arms, settings):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._io import write_atomic
+    from .._io import write_atomic
 
     names = list(arms)
     means = [100 * arms[n]["target_pref_acc_mean"] for n in names]
