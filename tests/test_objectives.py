@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import robalign
 from robalign import objectives
 
 D = torch.float64
@@ -105,3 +106,28 @@ def test_registry_flags():
     assert objectives.is_pairwise("ipo") and not objectives.is_pairwise("lire")
     with pytest.raises(ValueError, match="unknown objective 'kto'"):
         objectives.get("kto")
+
+
+def test_a_registered_objective_is_usable_everywhere_at_once():
+    """Adding an objective is one decorated function: the public wrapper (with its range
+    checks), DoRALoss and the settings check all read the one registry."""
+    from robalign.reference.objectives import OBJECTIVES, Param, objective
+
+    @objective(reference=True, pairwise=True, beta=Param(0.5, low=0, low_open=True))
+    def sigmoid_margin_test(logps, ref_logps, *, counts=None, scores=None, beta=0.5):
+        """ℓ = −log σ(β·Δ)·2 (a test objective)."""
+        ratios = logps - ref_logps
+        return -2 * torch.nn.functional.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1]))
+
+    try:
+        x, ref = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+        torch.testing.assert_close(objectives.get("sigmoid_margin_test")(x, ref), 2 * objectives.dpo(x, ref, beta=0.5))
+        with pytest.raises(ValueError, match=r"`beta` must lie in \(0, inf\)"):
+            objectives.sigmoid_margin_test(x, ref, beta=-1.0)
+        loss = robalign.DoRALoss("sigmoid_margin_test", beta=0.5, lam=float("inf"))
+        out = loss.from_logps(x.reshape(-1), torch.ones(6, dtype=torch.long), ref_logps=ref.reshape(-1))
+        torch.testing.assert_close(out.loss, 2 * objectives.dpo(x, ref, beta=0.5).mean())
+        with pytest.raises(TypeError, match=r"default"):
+            objective(reference=False, pairwise=True, beta=Param(1.0))(lambda logps, ref_logps=None, *, beta=2.0: logps)
+    finally:
+        OBJECTIVES.pop("sigmoid_margin_test", None)

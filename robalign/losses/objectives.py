@@ -2,18 +2,20 @@
 
 All share one signature, ``fn(logps, ref_logps=None, *, counts=None, scores=None, **hparams)``,
 on group-major ``[B, K]`` tensors (K candidates per sample; for pairs K = 2, chosen first).
-The formulas and papers are in each function's docstring; the math lives in
-:mod:`robalign.reference.objectives` and these wrappers validate the arguments first.
+The formulas and papers are in each function's docstring. The math, and what each objective
+needs, live in one place: the ``@objective`` registry of :mod:`robalign.reference.objectives`.
+Every registered objective appears here as a function of the same name that validates its
+arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and then calls it.
 
-    name            reference model   K        hyper-parameters
-    dpo             yes               2        beta, label_smoothing (cDPO)
-    robust          yes               2        beta, label_smoothing (flip rate ε < 1/2)
-    ipo             yes               2        beta
-    hinge           yes               2        beta
-    simpo           no                2        beta, gamma
-    plackett_luce   yes               any      beta
-    rrhf            no                any      sft_weight
-    lire            no                any      temperature
+    name            reference model   K        length-normalised   hyper-parameters
+    dpo             yes               2        no                  beta, label_smoothing (cDPO)
+    robust          yes               2        no                  beta, label_smoothing (flip rate ε < 1/2)
+    ipo             yes               2        no                  beta
+    hinge           yes               2        no                  beta
+    simpo           no                2        yes                 beta, gamma
+    plackett_luce   yes               any      no                  beta
+    rrhf            no                any      yes                 sft_weight
+    lire            no                any      no                  temperature
 """
 
 from __future__ import annotations
@@ -26,57 +28,47 @@ import torch
 from .. import _validation as V
 from ..reference import objectives as _ref
 
-__all__ = list(_ref.OBJECTIVES) + ["get", "needs_reference", "needs_counts", "is_pairwise", "hyperparameters",
-                                   "check_hyperparameters", "NAMES"]
-
 NAMES = tuple(_ref.OBJECTIVES)
+__all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "hyperparameters",
+           "check_hyperparameters", "check_counts", "NAMES"]
 
-# hyper-parameter -> (low, high, low_open, high_open)
-_RANGES = {
-    "beta": (0, None, True, False),
-    "label_smoothing": (0, 0.5, False, True),
-    "gamma": (None, None, False, False),
-    "sft_weight": (0, None, False, False),
-    "temperature": (0, None, True, False),
-}
+
+def spec(name: str) -> _ref.Objective:
+    """The registry entry of objective ``name`` (what it needs, its hyper-parameters)."""
+    if name not in _ref.OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(NAMES)}")
+    return _ref.OBJECTIVES[name]
 
 
 def needs_reference(name: str) -> bool:
     """Whether objective ``name`` uses reference-model log-probabilities."""
-    return _ref.OBJECTIVES[_check_name(name)][1]
-
-
-def is_pairwise(name: str) -> bool:
-    """Whether objective ``name`` takes exactly two candidates per sample."""
-    return _ref.OBJECTIVES[_check_name(name)][2]
-
-
-def hyperparameters(name: str) -> dict:
-    """The hyper-parameters of objective ``name`` and their defaults."""
-    defaults = _ref.OBJECTIVES[_check_name(name)][0].__kwdefaults__
-    return {k: v for k, v in defaults.items() if k not in ("counts", "scores")}
-
-
-def _check_name(name):
-    if name not in _ref.OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(NAMES)}")
-    return name
+    return spec(name).reference
 
 
 def needs_counts(name: str) -> bool:
     """Whether objective ``name`` is length-normalised (needs the scored tokens per candidate)."""
-    return "counts" not in _ref.OBJECTIVES[_check_name(name)][0].__kwdefaults__
+    return spec(name).counts
+
+
+def is_pairwise(name: str) -> bool:
+    """Whether objective ``name`` takes exactly two candidates per sample."""
+    return spec(name).pairwise
+
+
+def hyperparameters(name: str) -> dict:
+    """The hyper-parameters of objective ``name`` and their defaults."""
+    return {key: param.default for key, param in spec(name).params.items()}
 
 
 def check_hyperparameters(name: str, hparams: dict, where: str | None = None) -> None:
     """Every key of ``hparams`` is a hyper-parameter of objective ``name`` and lies in its range."""
     where = where or f"robalign.objectives.{name}"
-    takes = hyperparameters(name)
+    params = spec(name).params
     for key, value in hparams.items():
-        if key not in takes:
-            V.fail(where, f"unknown hyper-parameter `{key}`; objective {name!r} takes {sorted(takes)}", TypeError)
-        low, high, low_open, high_open = _RANGES[key]
-        V.check_number(where, key, value, low=low, high=high, low_open=low_open, high_open=high_open)
+        if key not in params:
+            V.fail(where, f"unknown hyper-parameter `{key}`; objective {name!r} takes {sorted(params)}", TypeError)
+        p = params[key]
+        V.check_number(where, key, value, low=p.low, high=p.high, low_open=p.low_open, high_open=p.high_open)
         if not math.isfinite(value):
             V.fail(where, f"`{key}` must be finite, got {value}")
 
@@ -97,22 +89,19 @@ def check_counts(where, counts):
         V.fail(where, f"`counts` must be non-negative token counts, got {counts.min().item()}")
 
 
-def _public(name):
-    ref_fn, uses_ref, pairwise = _ref.OBJECTIVES[name]
-    length_normalised = needs_counts(name)
-
-    @functools.wraps(ref_fn)
+def _public(entry: _ref.Objective):
+    @functools.wraps(entry.fn)
     def objective(logps, ref_logps=None, *, counts=None, scores=None, **hparams):
-        where = f"robalign.objectives.{name}"
+        where = f"robalign.objectives.{entry.name}"
         V.check_tensor(where, "logps", logps, ndim=2, floating=True)
         shape = tuple(logps.shape)
-        if pairwise and shape[1] != 2:
+        if entry.pairwise and shape[1] != 2:
             V.fail(where, f"`logps` must be [B, 2] (chosen, rejected) for a pairwise objective, got {shape}")
         if shape[1] < 2:
             V.fail(where, f"`logps` must be [B, K] with K >= 2 candidates to compare, got {shape}")
-        if uses_ref and ref_logps is None:
+        if entry.reference and ref_logps is None:
             V.fail(where, "`ref_logps` is required: this objective compares with a reference model")
-        if length_normalised and counts is None:
+        if entry.counts and counts is None:
             V.fail(where, "`counts` (tokens per candidate) is required: this objective is length-normalised")
         _check_group(where, "ref_logps", ref_logps, shape, floating=True)
         _check_group(where, "counts", counts, shape)
@@ -120,22 +109,27 @@ def _public(name):
         check_counts(where, counts)
         if scores is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
             V.fail(where, "`scores` must be finite")
-        check_hyperparameters(name, hparams, where)
-        return ref_fn(logps, ref_logps, counts=counts, scores=scores, **hparams)
+        check_hyperparameters(entry.name, hparams, where)
+        return entry.fn(logps, ref_logps, counts=counts, scores=scores, **hparams)
 
     return objective
 
 
+_PUBLIC: dict = {}
+
+
 def get(name: str):
-    """The public objective called ``name``."""
-    return globals()[_check_name(name)]
+    """The public (validating) objective called ``name``, also for one registered after import."""
+    entry = spec(name)
+    if _PUBLIC.get(name, (None,))[0] is not entry:
+        _PUBLIC[name] = (entry, _public(entry))
+    return _PUBLIC[name][1]
 
 
-dpo = _public("dpo")
-robust = _public("robust")
-ipo = _public("ipo")
-hinge = _public("hinge")
-simpo = _public("simpo")
-plackett_luce = _public("plackett_luce")
-rrhf = _public("rrhf")
-lire = _public("lire")
+def __getattr__(name: str):
+    if name in _ref.OBJECTIVES:
+        return get(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+globals().update({name: get(name) for name in NAMES})

@@ -9,14 +9,76 @@ Every objective takes the same arguments so that :class:`robalign.DoRALoss` can 
                        already in preference order, best first (for pairs: chosen, rejected)
 
 For pairs, write ``Δ = (logp_c − ref_c) − (logp_r − ref_r)`` for the log-ratio margin.
+
+Each objective is registered where it is written, with what it needs and its hyper-parameters'
+defaults and ranges (``@objective``, read into :data:`OBJECTIVES`); the public, validating
+functions of :mod:`robalign.objectives`, DoRALoss, the trainer and the command line all read that
+one registry. Adding an objective is one decorated function here plus its test.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo", "robust", "ipo", "hinge", "simpo", "plackett_luce", "rrhf", "lire", "OBJECTIVES"]
+__all__ = ["dpo", "robust", "ipo", "hinge", "simpo", "plackett_luce", "rrhf", "lire", "OBJECTIVES", "Objective",
+           "Param", "objective"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A hyper-parameter: its default and the interval it must lie in (``None``: unbounded)."""
+
+    default: float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What an objective needs, read by the public wrappers, DoRALoss, the trainer and the CLI.
+
+    reference: uses reference-model log-probs. counts: length-normalised (needs the scored
+    tokens per candidate). pairwise: exactly 2 candidates (else any K ≥ 2). scores: ``"order"``
+    when scores only put the candidates in order, ``"values"`` when their values enter the loss.
+    params: the hyper-parameters with their defaults and ranges.
+    """
+
+    name: str
+    fn: Callable
+    reference: bool
+    counts: bool
+    pairwise: bool
+    scores: str
+    params: dict = field(default_factory=dict)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def objective(*, reference: bool, pairwise: bool, counts: bool = False, scores: str = "order", **params: Param):
+    """Register the decorated function as an objective (one function, one place). The function's
+    keyword defaults must be the ``params``' defaults."""
+
+    def register(fn):
+        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY and k not in ("counts", "scores")}
+        if defaults != {k: p.default for k, p in params.items()}:
+            raise TypeError(f"objective {fn.__name__}: keyword defaults {defaults} differ from its params {params}")
+        OBJECTIVES[fn.__name__] = Objective(fn.__name__, fn, reference, counts, pairwise, scores, dict(params))
+        return fn
+
+    return register
+
+
+BETA = Param(0.1, low=0, low_open=True)
+SMOOTHING = Param(0.0, low=0, high=0.5, high_open=True)
 
 
 def rank_scores(scores: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -44,6 +106,7 @@ def _length_normalised(logps, counts):
     return logps / counts.clamp(min=1).to(logps.dtype)
 
 
+@objective(reference=True, pairwise=True, beta=BETA, label_smoothing=SMOOTHING)
 def dpo(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoothing=0.0):
     """DPO, sigmoid loss (Rafailov et al. 2023, arXiv 2305.18290), with cDPO smoothing ε:
 
@@ -53,6 +116,7 @@ def dpo(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoothing
     return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
 
 
+@objective(reference=True, pairwise=True, beta=BETA, label_smoothing=SMOOTHING)
 def robust(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoothing=0.0):
     """Robust DPO for preference labels flipped with rate ε < 1/2 (Chowdhury et al. 2024,
     arXiv 2403.00409), an unbiased estimate of the clean DPO loss:
@@ -64,16 +128,19 @@ def robust(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smooth
     return (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
 
 
+@objective(reference=True, pairwise=True, beta=BETA)
 def ipo(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     """IPO (Azar et al. 2023, arXiv 2310.12036), τ = β:  ℓ = (Δ − 1/(2β))²."""
     return (_pair_margin(logps, ref_logps, scores) - 1 / (2 * beta)) ** 2
 
 
+@objective(reference=True, pairwise=True, beta=BETA)
 def hinge(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     """Hinge / SLiC-HF loss (Zhao et al. 2023, arXiv 2305.10425):  ℓ = max(0, 1 − β·Δ)."""
     return F.relu(1 - beta * _pair_margin(logps, ref_logps, scores))
 
 
+@objective(reference=False, pairwise=True, counts=True, beta=Param(2.0, low=0, low_open=True), gamma=Param(0.5))
 def simpo(logps, ref_logps=None, *, counts, scores=None, beta=2.0, gamma=0.5):
     """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free and length-normalised:
 
@@ -83,6 +150,7 @@ def simpo(logps, ref_logps=None, *, counts, scores=None, beta=2.0, gamma=0.5):
     return -F.logsigmoid(beta * (avg[:, 0] - avg[:, 1]) - gamma)
 
 
+@objective(reference=True, pairwise=False, beta=BETA)
 def plackett_luce(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     """Listwise DPO under the Plackett–Luce model (Rafailov et al. 2023, Appendix A.3).
 
@@ -97,6 +165,7 @@ def plackett_luce(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     return -(r - tail_lse).sum(-1)
 
 
+@objective(reference=False, pairwise=False, counts=True, scores="values", sft_weight=Param(1.0, low=0))
 def rrhf(logps, ref_logps=None, *, counts, scores=None, sft_weight=1.0):
     """RRHF (Yuan et al. 2023, arXiv 2304.05302), reference-free.
 
@@ -115,6 +184,7 @@ def rrhf(logps, ref_logps=None, *, counts, scores=None, sft_weight=1.0):
     return rank - sft_weight * p.gather(-1, best).squeeze(-1)
 
 
+@objective(reference=False, pairwise=False, scores="values", temperature=Param(2.0, low=0, low_open=True))
 def lire(logps, ref_logps=None, *, counts=None, scores=None, temperature=2.0):
     """LIRE, listwise reward enhancement (Zhu et al. 2024, arXiv 2405.13516), reference-free:
 
@@ -122,16 +192,3 @@ def lire(logps, ref_logps=None, *, counts=None, scores=None, temperature=2.0):
     """
     target = torch.softmax(rank_scores(scores, logps), dim=-1)
     return -(torch.softmax(logps / temperature, dim=-1) * target).sum(-1)
-
-
-# name -> (function, needs a reference model, pairwise only)
-OBJECTIVES = {
-    "dpo": (dpo, True, True),
-    "robust": (robust, True, True),
-    "ipo": (ipo, True, True),
-    "hinge": (hinge, True, True),
-    "simpo": (simpo, False, True),
-    "plackett_luce": (plackett_luce, True, False),
-    "rrhf": (rrhf, False, False),
-    "lire": (lire, False, False),
-}
