@@ -17,7 +17,8 @@ Three layers, each importing only the ones below it:
 from . import _compat, reference
 from .losses import objectives
 from .losses.dro import DROStats, KLDROAccumulator, kl_dro, kl_dro_with_stats
-from .losses.loss import DoRALoss, DoRAOutput
+from .losses.loss import DoRALoss, DoRAOutput, DoRASamples
+from .losses.reductions import KLDRO, Reduction
 from .losses.weights import dora_weights
 from .ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref, shift_labels
 from .ops import registry as backends
@@ -38,6 +39,9 @@ __all__ = [
     "DROStats",
     "DoRALoss",
     "DoRAOutput",
+    "DoRASamples",
+    "Reduction",
+    "KLDRO",
     "objectives",
     "reference",
     "backends",

@@ -2,7 +2,7 @@
 
 :func:`robalign.app.trainer.policy_logps` runs the LM head through ``linear_sequence_logps`` inside
 the head's forward, while FSDP has gathered its weight. Each rank trains on its half of the
-batch with ``DoRALoss(group=WORLD)``; the sharded gradients, gathered, must equal one process's
+batch with ``DoRALoss(process_group=WORLD)``; the sharded gradients, gathered, must equal one process's
 gradient of the whole batch. Two wrappings: the head inside the root's FSDP group (kept
 gathered after the forward), and the head sharded on its own (resharded right after its
 forward: reading ``head.weight`` after the model's forward would see a shard). A third case
@@ -42,7 +42,7 @@ def make_batch(vocab):
 
 
 def dora_grads(model, batch, ref, weights, group=None):
-    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5, group=group)
+    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5, process_group=group)
     logps, counts = policy_logps(model, batch)
     out = loss_fn.from_logps(logps, counts, ref_logps=ref, weights=weights)
     out.loss.backward()

@@ -144,7 +144,7 @@ def test_dora_loss_with_hidden_states_matches_reference(backend, small_chunks):
         h = hidden.clone().to(dev).requires_grad_(True)
         w = weight.clone().to(dev).requires_grad_(True)
         out = robalign.DoRALoss("dpo", beta=0.5, alpha=0.4, backend=b)(
-            hidden=h, weight=w, labels=labels.to(dev), ref_hidden=ref_hidden.to(dev), ref_weight=weight.to(dev),
+            hidden=h, head_weight=w, labels=labels.to(dev), ref_hidden=ref_hidden.to(dev), ref_head_weight=weight.to(dev),
             probs=probs.to(dev))
         (2.0 * out.loss).backward()
         outs.append([out.loss.detach().cpu().double(), h.grad.cpu().double(), w.grad.cpu().double()])

@@ -44,7 +44,7 @@ def test_fused_linear_input_and_precomputed_ref_logps():
     weight = torch.randn(11, 8, dtype=D, requires_grad=True)
     labels = torch.randint(11, (4, 6))
     ref_logps = torch.randn(4, dtype=D)
-    out = robalign.DoRALoss("dpo")(hidden=hidden, weight=weight, labels=labels, ref_logps=ref_logps)
+    out = robalign.DoRALoss("dpo")(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref_logps)
     logps, _ = reference.linear_sequence_logps(hidden, weight, labels)
     losses = reference.objectives.dpo(logps.reshape(2, 2), ref_logps.reshape(2, 2), beta=0.1)
     torch.testing.assert_close(out.loss, reference.kl_dro(losses, lam=1.0))
@@ -94,3 +94,61 @@ def test_objective_kwargs_reach_the_objective():
     logps, _ = reference.sequence_logps(logits, labels)
     want = reference.objectives.dpo(logps.reshape(1, 2), ref_logps.reshape(1, 2), beta=0.1, label_smoothing=0.2)
     torch.testing.assert_close(a.losses, want)
+
+
+def _batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logps = torch.randn(8, generator=gen, dtype=torch.float64)
+    ref = torch.randn(8, generator=gen, dtype=torch.float64)
+    return logps, torch.full((8,), 5), ref, torch.rand(4, generator=gen, dtype=torch.float64) + 0.1
+
+
+def test_reduction_object_and_lam_shorthand_agree():
+    logps, counts, ref, w = _batch()
+    a = robalign.DoRALoss("dpo", lam=0.5).from_logps(logps, counts, ref_logps=ref, weights=w)
+    b = robalign.DoRALoss("dpo", reduction=robalign.KLDRO(0.5)).from_logps(logps, counts, ref_logps=ref, weights=w)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    assert robalign.DoRALoss("dpo", reduction=robalign.KLDRO(0.5)).lam == 0.5
+    with pytest.raises(ValueError, match=r"pass `lam` or `reduction`, not both"):
+        robalign.DoRALoss("dpo", lam=0.5, reduction=robalign.KLDRO(0.5))
+
+
+def test_per_sample_then_reduce_is_from_logps():
+    logps, counts, ref, w = _batch(1)
+    loss_fn = robalign.DoRALoss("dpo", lam=0.7)
+    samples = loss_fn.per_sample(logps, counts, ref_logps=ref, weights=w)
+    loss, _ = loss_fn.reduction.reduce(samples.losses, samples.weights)
+    torch.testing.assert_close(loss, loss_fn.from_logps(logps, counts, ref_logps=ref, weights=w).loss)
+
+
+def test_a_new_reduction_is_one_class():
+    """An ambiguity set plugs in as one Reduction subclass: here the weighted worst sample."""
+    from robalign.losses.dro import DROStats
+
+    class WorstCase(robalign.Reduction):
+        name = "worst"
+
+        def reduce(self, losses, weights=None, *, group=None, ddp_average=True):
+            x = losses if weights is None else weights * losses
+            one = torch.ones(())
+            return x.max(), DROStats(ess=one, max_share=one, num_samples=torch.tensor(x.numel()))
+
+        def accumulator(self, params, **kwargs):
+            raise NotImplementedError
+
+    logps, counts, ref, w = _batch(2)
+    out = robalign.DoRALoss("dpo", reduction=WorstCase()).from_logps(logps, counts, ref_logps=ref, weights=w)
+    torch.testing.assert_close(out.loss, (out.losses * w).max())
+
+
+def test_release_01_argument_names_still_work_with_a_warning():
+    hidden, weight = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    labels, ref = torch.randint(5, (2, 3)), torch.zeros(2, dtype=torch.float64)
+    want = robalign.DoRALoss("dpo")(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref).loss
+    with pytest.warns(DeprecationWarning, match=r"`weight` is now `head_weight`"):
+        got = robalign.DoRALoss("dpo")(hidden=hidden, weight=weight, labels=labels, ref_logps=ref).loss
+    torch.testing.assert_close(got, want)
+    with pytest.warns(DeprecationWarning, match=r"`group` is now `process_group`"):
+        assert robalign.DoRALoss("dpo", group=None).process_group is None
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['heads'\]"):
+        robalign.DoRALoss("dpo")(hidden=hidden, heads=weight, labels=labels, ref_logps=ref)

@@ -113,7 +113,7 @@ def test_dora_loss_errors():
         robalign.DoRALoss(alpha=2.0)
     with pytest.raises(ValueError, match=r"pass exactly one of `logits` or `hidden`"):
         robalign.DoRALoss()(labels=y, ref_logps=ref)
-    with pytest.raises(ValueError, match=r"`hidden` needs `weight`"):
+    with pytest.raises(ValueError, match=r"`hidden` needs `head_weight`"):
         robalign.DoRALoss()(hidden=torch.randn(4, 3, 2, dtype=D), labels=y, ref_logps=ref)
     with pytest.raises(ValueError, match=r"pass exactly one of `ref_logits` or `ref_hidden`"):
         robalign.DoRALoss()(logits=z, labels=y)

@@ -6,8 +6,9 @@ Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robali
     hidden = the model's last hidden states        (the model runs with logits_to_keep=1, so
                                                     no [rows, T, V] logits tensor is made)
     logps  = linear_sequence_logps(hidden, lm_head)  the fused linear path
-    ℓ, w   = DoRALoss(...).losses, .weights          objective and DoRA weights per sample
-    KLDROAccumulator(ℓ, w).backward()                exact DRO over the whole effective batch
+    ℓ, w   = DoRALoss(...).per_sample(...)           objective and DoRA weights per sample
+    accumulator(ℓ, w).backward()                     the reduction (KL-DRO), exact over the whole
+                                                     effective batch
 
 The accumulator keeps the DRO normaliser of the effective batch (all micro-batches of the
 optimizer step, on all ranks) and rescales the gradients already accumulated, so the update
@@ -33,7 +34,6 @@ from transformers import Trainer
 
 from .._io import write_atomic
 from .data import PreferenceCollator
-from ..losses.dro import KLDROAccumulator
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 
@@ -168,6 +168,11 @@ class DoRATrainer(Trainer):
         self.args.remove_unused_columns = False
         dataset = self.train_dataset
         self.group_size = getattr(dataset, "group_size", 2)
+        d = self.dora
+        # built once: the objective, weights and reduction of every micro-batch (the process group is
+        # the reduction's argument, read per call, so a group set up after construction is seen)
+        self.loss_fn = DoRALoss(d.objective, beta=d.beta, lam=d.lam, alpha=d.alpha, group_size=self.group_size,
+                                **d.objective_kwargs)
         self.ref_model = ref_model
         self._acc = None
         self._reset_pending = True
@@ -289,25 +294,22 @@ class DoRATrainer(Trainer):
             return dist.group.WORLD
         return None
 
-    def _loss_fn(self) -> DoRALoss:
-        d = self.dora
-        return DoRALoss(d.objective, beta=d.beta, lam=d.lam, alpha=d.alpha, group_size=self.group_size,
-                        group=self._group(), **d.objective_kwargs)
-
-    def dora_outputs(self, model, inputs):
-        """The :class:`robalign.DoRAOutput` of one collated micro-batch."""
+    def dora_samples(self, model, inputs):
+        """The :class:`robalign.DoRASamples` (per-sample losses, weights, rewards) of one collated
+        micro-batch; the reduction runs once, in the accumulator (training) or in compute_loss."""
         logps, counts = policy_logps(model, inputs, fused=self.dora.fused)
         weights = probs = None
         if self.dora.use_weights:
             weights = inputs.get("weights")
             probs = inputs.get("probs") if weights is None else None
-        return self._loss_fn().from_logps(logps, counts, ref_logps=inputs.get("ref_logps"), probs=probs, weights=weights,
-                                  scores=inputs.get("scores"))
+        return self.loss_fn.per_sample(logps, counts, ref_logps=inputs.get("ref_logps"), probs=probs,
+                                       weights=weights, scores=inputs.get("scores"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The micro-batch DRO loss (used for evaluation; training goes through the accumulator)."""
-        out = self.dora_outputs(model, inputs)
-        return (out.loss, out) if return_outputs else out.loss
+        """The micro-batch's reduced loss (used for evaluation; training goes through the accumulator)."""
+        samples = self.dora_samples(model, inputs)
+        loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group())
+        return (loss, samples) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -315,15 +317,15 @@ class DoRATrainer(Trainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         if self._acc is None:
-            steps = self.args.gradient_accumulation_steps
-            self._acc = KLDROAccumulator([p for p in model.parameters() if p.requires_grad], lam=self.dora.lam,
-                                         group=self._group(), exact=self.dora.exact_dro, accumulation_steps=steps)
+            self._acc = self.loss_fn.reduction.accumulator(
+                [p for p in model.parameters() if p.requires_grad], group=self._group(), exact=self.dora.exact_dro,
+                accumulation_steps=self.args.gradient_accumulation_steps)
         if self._reset_pending:
             self._acc.reset()
             self._last_loss = 0.0
             self._reset_pending = False
         with self.compute_loss_context_manager():
-            out = self.dora_outputs(model, inputs)
+            out = self.dora_samples(model, inputs)
         surrogate = self._acc(out.losses, out.weights)
         self.accelerator.backward(surrogate)
         self._record(out)

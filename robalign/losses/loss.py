@@ -1,35 +1,56 @@
-"""``DoRALoss``: sequence log-probabilities → base objective → DoRA weights → KL-DRO."""
+"""``DoRALoss``: sequence log-probabilities → base objective → DoRA weights → a reduction.
+
+Two parts, separately callable: :meth:`DoRALoss.per_sample` gives what is per sample (losses ℓ,
+weights w, log-ratios, rewards); the :class:`~robalign.losses.reductions.Reduction` (KL-DRO by
+default) turns ℓ and w into the trained scalar, exactly over ranks (``reduce``) or micro-batches
+(``accumulator``). :meth:`from_logps` and :meth:`forward` compose both.
+"""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import _validation as V
-from . import objectives as _objectives
-from .dro import DROStats, kl_dro_with_stats
 from ..ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
+from . import objectives as _objectives
+from .dro import DROStats
+from .reductions import KLDRO, Reduction
 from .weights import dora_weights
 
-__all__ = ["DoRALoss", "DoRAOutput"]
+__all__ = ["DoRALoss", "DoRAOutput", "DoRASamples"]
+
+# names of release 0.1, accepted for one release with a DeprecationWarning
+_RENAMED_INIT = {"group": "process_group"}
+_RENAMED_FORWARD = {"weight": "head_weight", "bias": "head_bias", "ref_weight": "ref_head_weight",
+                    "ref_bias": "ref_head_bias"}
+
+
+def _take_renamed(where, kwargs: dict, renamed: dict) -> dict:
+    """Pop the old names out of ``kwargs`` (warning once each) and return them under the new names."""
+    moved = {}
+    for old, new in renamed.items():
+        if old in kwargs:
+            warnings.warn(f"{where}: `{old}` is now `{new}`; the old name goes away in the next release",
+                          DeprecationWarning, stacklevel=3)
+            moved[new] = kwargs.pop(old)
+    return moved
 
 
 @dataclass
-class DoRAOutput:
-    """What :class:`DoRALoss` returns. B samples of K candidates, S = B·K sequences.
+class DoRASamples:
+    """The per-sample part of :class:`DoRALoss`. B samples of K candidates, S = B·K sequences.
 
-    loss: the scalar to ``backward()``. losses ``[B]``: the base objective per sample.
-    weights ``[B]``: the DoRA weight per sample (1 without probs or weights).
-    policy_logps ``[S]``; logratios ``[S]`` (``None`` for reference-free objectives).
-    chosen_rewards / rejected_rewards ``[B]``: implicit rewards (β·logratio, or β·logp/|y|
-    without a reference) of the best and worst candidate; reward_accuracy and reward_margin:
-    their batch mean comparison. dro: :class:`robalign.DROStats` of the DRO weights.
-    The reward statistics are detached.
+    losses ``[B]``: the base objective per sample. weights ``[B]``: the DoRA weight per sample
+    (1 without probs or weights). policy_logps ``[S]``; logratios ``[S]`` (``None`` for
+    reference-free objectives). chosen_rewards / rejected_rewards ``[B]``: implicit rewards
+    (β·logratio, or β·logp/|y| without a reference) of the best and worst candidate;
+    reward_accuracy and reward_margin: their batch mean comparison. The rewards are detached.
     """
 
-    loss: torch.Tensor
     losses: torch.Tensor
     weights: torch.Tensor
     policy_logps: torch.Tensor
@@ -38,7 +59,15 @@ class DoRAOutput:
     rejected_rewards: torch.Tensor
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
-    dro: DROStats
+
+
+@dataclass
+class DoRAOutput(DoRASamples):
+    """What :class:`DoRALoss` returns: :class:`DoRASamples` and the reduction's ``loss`` (the scalar
+    to ``backward()``) and ``dro`` (:class:`robalign.DROStats` of the reduction's sample weights)."""
+
+    loss: torch.Tensor = None
+    dro: DROStats = None
 
 
 class DoRALoss(nn.Module):
@@ -46,31 +75,46 @@ class DoRALoss(nn.Module):
 
         ℓ_i = objective(logp_policy, logp_ref)_i          per sample i (K candidates)
         w_i = mean_k dora_weights(p_ik, α, β_mix, class_ratio)
-        L   = λ · log( (1/N) Σ_i exp(w_i·ℓ_i/λ) )           over the whole batch (and ``group``)
+        L   = reduction(ℓ, w)      default KL-DRO: λ · log( (1/N) Σ_i exp(w_i·ℓ_i/λ) ) over the
+                                   whole batch (and every rank of ``process_group``)
 
     Args:
         objective: a name from :mod:`robalign.objectives`.
         beta: the objective's β (ignored by objectives without one: rrhf, lire).
-        lam: the DRO temperature λ (``float('inf')``: weighted mean; < 0: soft minimum).
+        lam: the KL-DRO temperature λ (``float('inf')``: weighted mean; < 0: soft minimum);
+            default 1. Shorthand for ``reduction=KLDRO(lam)``.
         alpha: the target fraction α of the training mixture; required with ``probs``.
         synthetic_fraction: the mixture's β (default ``1 − α``); a number or a tensor per
             candidate position.
         class_ratio: ``n_target / n_source`` of the classifier's training set.
         group_size: K, the candidates per sample (rows are group-major).
         ignore_index: label value of unscored tokens.
-        group, ddp_average: the process group of the DRO normaliser (see :func:`robalign.kl_dro`).
+        reduction: a :class:`~robalign.losses.reductions.Reduction` (instead of ``lam``).
+        process_group, ddp_average: the process group whose ranks share the reduction's batch
+            (see :func:`robalign.kl_dro`); ``group`` is the 0.1 name of ``process_group``.
         backend: backend of the heavy op (see :func:`robalign.sequence_logps`).
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
 
-    def __init__(self, objective: str = "dpo", beta: float = 0.1, lam: float = 1.0, alpha=None,
+    def __init__(self, objective: str = "dpo", beta: float = 0.1, lam: float | None = None, alpha=None,
                  synthetic_fraction=None, class_ratio: float = 1.0, group_size: int = 2,
-                 ignore_index: int = -100, *, group=None, ddp_average: bool = True,
-                 backend: str | None = None, **objective_kwargs):
+                 ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
+                 ddp_average: bool = True, backend: str | None = None, **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
+        renamed = _take_renamed(where, objective_kwargs, _RENAMED_INIT)
+        process_group = renamed.get("process_group", process_group)
         self.objective_fn = _objectives.get(objective)
-        V.check_lam(where, lam)
+        if reduction is None:
+            if lam is not None:
+                V.check_lam(where, lam)
+            reduction = KLDRO(1.0 if lam is None else lam)
+        elif lam is not None:
+            V.fail(where, "pass `lam` or `reduction`, not both (`lam` is short for reduction=KLDRO(lam))")
+        elif not isinstance(reduction, Reduction):
+            V.fail(where, f"`reduction` must be a robalign.losses.reductions.Reduction, got {type(reduction).__name__}",
+                   TypeError)
+        self.reduction = reduction
         if alpha is not None:
             V.check_number(where, "alpha", alpha, low=0, high=1, low_open=True)
         if synthetic_fraction is not None:
@@ -84,10 +128,10 @@ class DoRALoss(nn.Module):
         if _objectives.is_pairwise(objective) and group_size != 2:
             V.fail(where, f"objective {objective!r} is pairwise: `group_size` must be 2, got {group_size}")
         self.objective = objective
-        self.beta, self.lam, self.alpha = beta, lam, alpha
+        self.beta, self.alpha = beta, alpha
         self.synthetic_fraction, self.class_ratio = synthetic_fraction, class_ratio
         self.group_size, self.ignore_index = group_size, ignore_index
-        self.group, self.ddp_average, self.backend = group, ddp_average, backend
+        self.process_group, self.ddp_average, self.backend = process_group, ddp_average, backend
         self.needs_reference = _objectives.needs_reference(objective)
         takes = _objectives.hyperparameters(objective)
         self.hparams = dict(objective_kwargs)
@@ -99,18 +143,24 @@ class DoRALoss(nn.Module):
                           f"it takes {sorted(takes)}", TypeError)
         _objectives.check_hyperparameters(objective, self.hparams, where)     # at construction, not first use
 
-    def extra_repr(self) -> str:
-        return f"objective={self.objective!r}, lam={self.lam}, alpha={self.alpha}, group_size={self.group_size}, hparams={self.hparams}"
+    @property
+    def lam(self) -> float | None:
+        """λ of a KL-DRO reduction (``None`` for another reduction)."""
+        return getattr(self.reduction, "lam", None)
 
-    def _logps(self, where, prefix, logits, hidden, weight, bias, labels, cu_seqlens):
+    def extra_repr(self) -> str:
+        return (f"objective={self.objective!r}, reduction={self.reduction!r}, alpha={self.alpha}, "
+                f"group_size={self.group_size}, hparams={self.hparams}")
+
+    def _logps(self, where, prefix, logits, hidden, head_weight, head_bias, labels, cu_seqlens):
         if (logits is None) == (hidden is None):
-            V.fail(where, f"pass exactly one of `{prefix}logits` or `{prefix}hidden` (with `{prefix}weight`)")
+            V.fail(where, f"pass exactly one of `{prefix}logits` or `{prefix}hidden` (with `{prefix}head_weight`)")
         if logits is not None:
             return sequence_logps(logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
                                   backend=self.backend)
-        if weight is None:
-            V.fail(where, f"`{prefix}hidden` needs `{prefix}weight` (the LM head, [V, H])")
-        return linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+        if head_weight is None:
+            V.fail(where, f"`{prefix}hidden` needs `{prefix}head_weight` (the LM head's weight, [V, H])")
+        return linear_sequence_logps(hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index,
                                      cu_seqlens=cu_seqlens, backend=self.backend)
 
     def _per_row(self, where, name, t, num_seqs):
@@ -122,42 +172,65 @@ class DoRALoss(nn.Module):
             return t
         V.fail(where, f"`{name}` must be [S] = [{num_seqs}] or [B, K] = [{num_seqs // k}, {k}], got {tuple(t.shape)}")
 
-    def forward(self, *, labels, logits=None, hidden=None, weight=None, bias=None, ref_logps=None,
-                ref_logits=None, ref_hidden=None, ref_weight=None, ref_bias=None, probs=None,
-                weights=None, scores=None, cu_seqlens=None) -> DoRAOutput:
+    def forward(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
+                ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
+                weights=None, scores=None, cu_seqlens=None, **renamed) -> DoRAOutput:
         """Compute the loss of one batch of S = B·K sequences, rows group-major.
+
+        The policy's log-probs come from ``logits``, or from ``hidden`` and the LM head
+        (``head_weight``, ``head_bias``) through the fused linear path; the reference's from
+        exactly one of ``ref_logps``, ``ref_logits``, or ``ref_hidden`` with ``ref_head_weight``
+        (``ref_head_bias``), without gradient. With both ``logits`` and ``ref_logits`` one pass
+        reads the two (one launch on the Triton backend).
 
         Args:
             labels: ``[S, T]`` (or ``[N]`` packed with ``cu_seqlens``), aligned with the logits.
             logits: ``[S, T, V]`` / ``[N, V]`` policy logits; or ``hidden`` ``[S, T, H]`` /
-                ``[N, H]`` with ``weight`` ``[V, H]`` (and ``bias``) for the fused linear path.
+                ``[N, H]`` with ``head_weight`` ``[V, H]`` (and ``head_bias`` ``[V]``).
             ref_logps: ``[S]`` precomputed reference log-probs; or ``ref_logits``, or
-                ``ref_hidden`` with ``ref_weight`` (and ``ref_bias``), evaluated without gradient.
+                ``ref_hidden`` with ``ref_head_weight`` (and ``ref_head_bias``).
             probs: ``[S]`` or ``[B, K]`` classifier probabilities P(target | candidate).
             weights: ``[B]`` per-sample or ``[S]``/``[B, K]`` per-candidate weights (instead of
                 ``probs``).
             scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better.
+
+        ``weight``, ``bias``, ``ref_weight``, ``ref_bias`` are the 0.1 names of the head arguments.
         """
         where = "robalign.DoRALoss"
+        moved = _take_renamed(where, renamed, _RENAMED_FORWARD)
+        if renamed:
+            V.fail(where, f"unexpected argument(s) {sorted(renamed)}", TypeError)
+        head_weight, head_bias = moved.get("head_weight", head_weight), moved.get("head_bias", head_bias)
+        ref_head_weight = moved.get("ref_head_weight", ref_head_weight)
+        ref_head_bias = moved.get("ref_head_bias", ref_head_bias)
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
         if ref_logps is not None and given:
             V.fail(where, f"pass `ref_logps` or `{given[0]}`, not both (one source of reference log-probs)")
         if self.needs_reference and ref_logps is None and logits is not None and ref_logits is not None \
                 and hidden is None and ref_hidden is None:
-            # both logits in hand: one pass (one launch on the Triton backend) for policy and reference
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
         else:
-            policy_logps, counts = self._logps(where, "", logits, hidden, weight, bias, labels, cu_seqlens)
+            policy_logps, counts = self._logps(where, "", logits, hidden, head_weight, head_bias, labels, cu_seqlens)
         if self.needs_reference and ref_logps is None:
             with torch.no_grad():
-                ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_weight, ref_bias, labels,
-                                           cu_seqlens)
+                ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
+                                           labels, cu_seqlens)
         return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores)
 
     def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None) -> DoRAOutput:
-        """The same loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
-        computed elsewhere, e.g. by a trainer that runs the model itself."""
+        """The loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
+        computed elsewhere: :meth:`per_sample`, then the reduction over the batch (and ranks)."""
+        samples = self.per_sample(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights,
+                                  scores=scores)
+        loss, stats = self.reduction.reduce(samples.losses, samples.weights, group=self.process_group,
+                                            ddp_average=self.ddp_average)
+        return DoRAOutput(**vars(samples), loss=loss, dro=stats)
+
+    def per_sample(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None,
+                   scores=None) -> DoRASamples:
+        """The per-sample losses, weights, log-ratios and rewards of one batch, before any
+        reduction: what a reduction's accumulator takes micro-batch by micro-batch."""
         where = "robalign.DoRALoss"
         V.check_tensor(where, "policy_logps", policy_logps, ndim=1, floating=True)
         num_seqs, k = policy_logps.shape[0], self.group_size
@@ -186,15 +259,11 @@ class DoRALoss(nn.Module):
             logratios = policy_logps - ref_logps.detach().to(policy_logps.dtype)
 
         grouped = policy_logps.reshape(num_samples, k)
-        ref_grouped = None if ref_logps is None or not self.needs_reference else \
-            ref_logps.detach().to(policy_logps.dtype).reshape(num_samples, k)
+        ref_grouped = None if logratios is None else ref_logps.detach().to(policy_logps.dtype).reshape(num_samples, k)
         counts_g = None if counts is None else counts.reshape(num_samples, k)
         scores_g = None if scores is None else self._per_row(where, "scores", scores, num_seqs).to(policy_logps.dtype)
         losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **self.hparams)
-
         sample_weights = self._weights(where, probs, weights, num_seqs, losses)
-        loss, stats = kl_dro_with_stats(losses, sample_weights, lam=self.lam, group=self.group,
-                                        ddp_average=self.ddp_average)
 
         with torch.no_grad():
             beta = self.hparams.get("beta", self.beta)
@@ -204,10 +273,9 @@ class DoRALoss(nn.Module):
                 order = torch.sort(scores_g, dim=-1, descending=True, stable=True).indices
                 rewards = rewards.gather(-1, order)
             chosen, rejected = rewards[:, 0], rewards[:, -1]
-        return DoRAOutput(loss=loss, losses=losses, weights=sample_weights, policy_logps=policy_logps,
-                          logratios=logratios, chosen_rewards=chosen, rejected_rewards=rejected,
-                          reward_accuracy=(chosen > rejected).float().mean(),
-                          reward_margin=(chosen - rejected).mean(), dro=stats)
+        return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
+                           chosen_rewards=chosen, rejected_rewards=rejected,
+                           reward_accuracy=(chosen > rejected).float().mean(), reward_margin=(chosen - rejected).mean())
 
     def _weights(self, where, probs, weights, num_seqs, losses):
         num_samples = num_seqs // self.group_size
