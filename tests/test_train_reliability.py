@@ -179,3 +179,16 @@ def test_files_are_checked_before_the_model_loads(tmp_path, capsys):
     code, err = cli(capsys, "--out", tmp_path / "o", "--resume")
     assert code == 2 and err == f"robalign train: --resume: no checkpoint-N folder in {tmp_path / 'o'}"
     assert json.dumps(err)                                         # one line, printable
+
+
+def test_one_configuration_for_the_trainer_and_the_command_line():
+    """TrainSettings is a DoRAConfig (no copied fields), and both are checked by one function."""
+    import dataclasses
+
+    from robalign.app.config import DoRAConfig, check_settings
+
+    assert issubclass(TrainSettings, DoRAConfig)
+    names = [f.name for f in dataclasses.fields(TrainSettings)]
+    assert len(names) == len(set(names)) and set(f.name for f in dataclasses.fields(DoRAConfig)) <= set(names)
+    with pytest.raises(ValueError, match=r"DoRATrainer\(dora=...\): `lam` must be a non-zero number"):
+        check_settings(DoRAConfig(lam=0), "DoRATrainer(dora=...)")

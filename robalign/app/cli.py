@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from ..losses.objectives import NAMES
+from .ratio.classifier import CALIBRATIONS
+from .ratio.features import FEATURES
 
 
 class UsageError(Exception):
@@ -154,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     weigh.add_argument("data", help="listwise or pairwise JSONL file with a source per response")
     weigh.add_argument("--target-source", required=True, help="the source value of the target (human) data")
     weigh.add_argument("--out", required=True, help="output JSONL: the input plus `probs`, `weights`, `weight`")
-    weigh.add_argument("--features", choices=("minilm", "tfidf", "array"), default="minilm")
+    weigh.add_argument("--features", choices=FEATURES, default="minilm")
     weigh.add_argument("--encoder", help="local Hugging Face encoder folder (default: the shipped MiniLM)")
     weigh.add_argument("--feature-array", help="with --features array: an .npy file, one row per response")
     weigh.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")
-    weigh.add_argument("--calibration", choices=("temperature", "platt", "isotonic"), default="temperature")
+    weigh.add_argument("--calibration", choices=CALIBRATIONS, default="temperature")
     weigh.add_argument("--multiclass", action="store_true", help="one class per source instead of target vs rest")
     weigh.add_argument("--alpha", type=float, help="override the estimated target fraction α")
     weigh.add_argument("--report", help="folder for weigh_report.json and weigh_report.png")

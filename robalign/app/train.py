@@ -2,167 +2,21 @@
 
 With no model and no data it trains the embedded default: a small Llama-architecture model
 built from ``assets/tiny_llama.json`` with a word-level tokenizer of the toy vocabulary, on a
-seeded toy preference set (:mod:`robalign.toy`), in well under a minute on 2 CPU cores.
+seeded toy preference set (:mod:`robalign.app.toy`), in well under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .config import TrainSettings, check_settings, load_settings
 
 __all__ = ["TrainSettings", "run_training", "load_settings", "embedded_model"]
 
 ASSETS = Path(__file__).parent / "assets"
-
-
-@dataclass
-class TrainSettings:
-    """Everything ``robalign train`` takes (a YAML config uses the same keys); the fields named
-    like :class:`robalign.trainer.DoRAConfig`'s are handed to it as they are."""
-
-    out: str = "out/train"
-    model: str | None = None
-    data: str | None = None
-    objective: str = "dpo"
-    beta: float = 0.1
-    lam: float = 1.0
-    alpha: float | None = None
-    use_weights: bool = True
-    exact_dro: bool = True
-    fused: bool = True
-    lr: float = 5e-4
-    optim: str = "adamw_torch"
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 2
-    max_length: int = 64
-    max_prompt_length: int = 32
-    lora: bool = False
-    bf16: bool = False
-    fsdp: str = ""
-    fsdp_config: dict = field(default_factory=dict)
-    deepspeed: str | None = None
-    seed: int = 0
-    logging_steps: int = 5
-    save_steps: int = 50
-    resume: str | None = None
-    shuffle: bool = True
-    objective_kwargs: dict = field(default_factory=dict)
-
-
-# kind and range of every setting; a YAML value of another type is refused with its key named
-_BOOL = ("use_weights", "exact_dro", "fused", "lora", "bf16", "shuffle")
-_OPTIONAL_STR = ("model", "data", "deepspeed", "resume")
-_POSITIVE_INT = ("batch_size", "grad_accum", "max_prompt_length", "logging_steps", "save_steps")
-_POSITIVE_FLOAT = ("beta", "lr", "epochs")
-
-
-def check_settings(settings: TrainSettings, where: str = "settings") -> None:
-    """Every field of ``settings`` has its type and lies in its range; ``where`` prefixes the
-    message (a config file's path). Raises ValueError naming the key."""
-    import math
-    import numbers
-
-    from ..losses import objectives
-
-    def bad(key, expected):
-        value = getattr(settings, key)
-        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} of {len(str(value))} characters"
-        raise ValueError(f"{where}: `{key}` must be {expected}, got {shown}")
-
-    def is_int(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    def is_real(v):
-        return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-    for key in _BOOL:
-        if not isinstance(getattr(settings, key), bool):
-            bad(key, "true or false")
-    for key in ("out", "objective", "optim", "fsdp"):
-        if not isinstance(getattr(settings, key), str):
-            bad(key, "a string")
-    for key in _OPTIONAL_STR:
-        if getattr(settings, key) is not None and not isinstance(getattr(settings, key), str):
-            bad(key, "a string (a path)")
-    for key in _POSITIVE_INT:
-        if not is_int(getattr(settings, key)) or getattr(settings, key) < 1:
-            bad(key, "an integer >= 1")
-    if not is_int(settings.max_length) or settings.max_length <= settings.max_prompt_length:
-        bad("max_length", f"an integer above max_prompt_length ({settings.max_prompt_length})")
-    if not is_int(settings.max_steps) or not (settings.max_steps == -1 or settings.max_steps >= 1):
-        bad("max_steps", "-1 (train for `epochs`) or an integer >= 1")
-    if not is_int(settings.seed) or settings.seed < 0:
-        bad("seed", "an integer >= 0")
-    for key in _POSITIVE_FLOAT:
-        value = getattr(settings, key)
-        if not is_real(value) or not math.isfinite(value) or value <= 0:
-            bad(key, "a finite number > 0")
-    if not is_real(settings.lam) or math.isnan(settings.lam) or settings.lam == 0 or settings.lam == -math.inf:
-        bad("lam", "a non-zero number (inf for the weighted mean)")
-    if settings.alpha is not None and (not is_real(settings.alpha) or not 0 < settings.alpha <= 1):
-        bad("alpha", "a number in (0, 1]")
-    if settings.objective not in objectives.NAMES:
-        bad("objective", f"one of {', '.join(objectives.NAMES)}")
-    for key in ("fsdp_config", "objective_kwargs"):
-        if not isinstance(getattr(settings, key), dict):
-            bad(key, "a mapping (key: value)")
-    try:
-        objectives.check_hyperparameters(settings.objective, settings.objective_kwargs, where=where)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: `objective_kwargs`: {str(err).split(': ', 1)[-1]}") from None
-
-
-def _yaml_loader():
-    """PyYAML's safe loader, reading ``5e-4`` as a float (YAML 1.2; YAML 1.1 reads it as a string)."""
-    import re
-
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-    return Loader
-
-
-def load_settings(config_path=None, **overrides) -> TrainSettings:
-    """Settings from a YAML file (optional) with ``overrides`` (non-None values) on top, checked
-    (:func:`check_settings`); errors name the file and the key."""
-    values = {}
-    where = "settings"
-    if config_path is not None:
-        import yaml
-
-        path = Path(config_path)
-        where = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not valid UTF-8") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config must be a mapping of setting: value")
-        known = {f.name for f in dataclasses.fields(TrainSettings)}
-        unknown = sorted(str(k) for k in set(loaded) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    settings = TrainSettings(**values)
-    check_settings(settings, where)
-    return settings
 
 
 def embedded_model(seed: int = 0):
@@ -219,7 +73,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     from transformers import TrainingArguments
 
     from .data import PreferenceDataset, prepare_tokenizer
-    from .trainer import DoRAConfig, DoRATrainer
+    from .trainer import DoRATrainer
 
     from .checkpoints import check_model_folder, resolve_resume
 
@@ -254,8 +108,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         optim=settings.optim, bf16=settings.bf16, fsdp=settings.fsdp, fsdp_config=settings.fsdp_config or None,
         deepspeed=settings.deepspeed, lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
     )
-    dora = DoRAConfig(**{f.name: copy.copy(getattr(settings, f.name)) for f in dataclasses.fields(DoRAConfig)})
-    trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, dora=dora)
+    trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, dora=settings)
     if dataset.truncated_prompts or dataset.truncated_responses:
         log(f"robalign: truncated {dataset.truncated_prompts} prompts (from the left) and "
             f"{dataset.truncated_responses} responses (from the right) to max_length={settings.max_length}")

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import inspect
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,34 +32,12 @@ import torch.distributed as dist
 from transformers import Trainer
 
 from .._io import write_atomic
+from .config import DoRAConfig, check_settings
 from .data import PreferenceCollator
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 
 __all__ = ["DoRAConfig", "DoRATrainer", "policy_logps"]
-
-
-@dataclass
-class DoRAConfig:
-    """The alignment settings; ``transformers.TrainingArguments`` holds the optimisation ones.
-
-    objective, beta, lam: as :class:`robalign.DoRALoss`. alpha: the target fraction, needed only
-    when the data carries ``probs`` and no ``weights``. use_weights: use the data's ``weights``
-    (from ``robalign weigh``) or ``probs``; False trains without DoRA weights.
-    exact_dro: the exact accumulator (False: the per-micro-batch approximation).
-    fused: the fused linear path (False: materialise logits, for models whose logits are not
-    ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). shuffle: shuffle the training samples.
-    """
-
-    objective: str = "dpo"
-    beta: float = 0.1
-    lam: float = 1.0
-    alpha: float | None = None
-    use_weights: bool = True
-    exact_dro: bool = True
-    fused: bool = True
-    shuffle: bool = True
-    objective_kwargs: dict = field(default_factory=dict)
 
 
 def _needs_plain_logits(model) -> bool:
@@ -160,6 +137,7 @@ class DoRATrainer(Trainer):
 
     def __init__(self, *args, dora: DoRAConfig | None = None, ref_model=None, **kwargs):
         self.dora = dora or DoRAConfig()
+        check_settings(self.dora, "DoRATrainer(dora=...)")
         tokenizer = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None:
             pad = tokenizer.pad_token_id if tokenizer is not None else 0

@@ -1,6 +1,6 @@
 """Reading preference files for the classifier stage, with errors that name file, line and field.
 
-Two formats, one JSON object a line (DESIGN.md):
+Two formats, one JSON object a line (README, "The classifier stage"):
     listwise   ``prompt`` (or ``query``), ``responses`` [K], ``scores`` [K], optional ``sources`` [K],
                ``probs`` [K]
     pairwise   ``prompt``, ``chosen``, ``rejected``, and ``chosen_source``/``rejected_source`` or one

@@ -19,7 +19,7 @@ import numpy as np
 from ..._io import write_atomic
 from .classifier import CALIBRATIONS, content_groups, cross_fit, expected_calibration_error
 from .data import read_preference_file
-from .features import embed, load_array, tfidf
+from .features import FEATURES, embed, load_array, tfidf
 
 __all__ = ["weigh_file"]
 
@@ -29,11 +29,7 @@ def _features(kind, texts, encoder, feature_array, progress):
         return embed(texts, encoder, progress=progress)
     if kind == "tfidf":
         return tfidf(texts)
-    if kind == "array":
-        if feature_array is None:
-            raise ValueError("--features array needs --feature-array FILE.npy")
-        return load_array(feature_array, len(texts))
-    raise ValueError(f"unknown features {kind!r}; expected minilm, tfidf or array")
+    return load_array(feature_array, len(texts))
 
 
 def _plot(path: Path, probs, is_target, sample_weights, alpha):
@@ -79,7 +75,7 @@ def _writable_file(what: str, path: Path) -> None:
         raise ValueError(f"{what} {path}: no permission to write in {parent}")
 
 
-def _check_arguments(data, out, report_dir, features, folds, calibration, alpha):
+def _check_arguments(data, out, report_dir, features, feature_array, folds, calibration, alpha):
     """Every argument and output path, before any work (nothing is read, fitted or written yet)."""
     if Path(out).resolve() == Path(data).resolve():
         raise ValueError(f"--out {out} is the input file; write the weighted file elsewhere")
@@ -90,8 +86,10 @@ def _check_arguments(data, out, report_dir, features, folds, calibration, alpha)
             raise ValueError(f"--report {report_dir} is a file; give a folder for weigh_report.json and .png")
         for name in ("weigh_report.json", "weigh_report.png"):
             _writable_file("--report", report_dir / name)
-    if features not in ("minilm", "tfidf", "array"):
-        raise ValueError(f"unknown features {features!r}; expected minilm, tfidf or array")
+    if features not in FEATURES:
+        raise ValueError(f"unknown features {features!r}; expected one of {', '.join(FEATURES)}")
+    if features == "array" and feature_array is None:
+        raise ValueError("--features array needs --feature-array FILE.npy")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"--folds must be an int >= 2, got {folds!r}")
     if calibration not in CALIBRATIONS:
@@ -111,7 +109,7 @@ def weigh_file(data, target_source: str, out, *, features: str = "minilm", encod
 
     from ...losses.weights import dora_weights
 
-    _check_arguments(data, out, report_dir, features, folds, calibration, alpha)
+    _check_arguments(data, out, report_dir, features, feature_array, folds, calibration, alpha)
     pref = read_preference_file(data, need_sources=True)
     rows = pref.responses
     sources = np.array(rows["source"])

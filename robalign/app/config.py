@@ -1,0 +1,164 @@
+"""The one configuration of training: :class:`DoRAConfig` (the alignment settings that
+:class:`~robalign.app.trainer.DoRATrainer` reads) and :class:`TrainSettings` (those plus the run:
+model, data, optimisation, output), which is what ``robalign train`` and its YAML config take —
+one set of keys, one check (:func:`check_settings`) naming the key (and the file) of a bad value.
+Light on purpose: nothing heavy is imported here, so the command line can check a config before
+it loads torch or transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DoRAConfig", "TrainSettings", "check_settings", "load_settings"]
+
+
+@dataclass
+class DoRAConfig:
+    """The alignment settings; ``transformers.TrainingArguments`` holds the optimisation ones.
+
+    objective, beta, lam: as :class:`robalign.DoRALoss`. alpha: the target fraction, needed only
+    when the data carries ``probs`` and no ``weights``. use_weights: use the data's ``weights``
+    (from ``robalign weigh``) or ``probs``; False trains without DoRA weights.
+    exact_dro: the exact accumulator (False: the per-micro-batch approximation).
+    fused: the fused linear path (False: materialise logits, for models whose logits are not
+    ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). shuffle: shuffle the training samples.
+    objective_kwargs: the objective's other hyper-parameters.
+    """
+
+    objective: str = "dpo"
+    beta: float = 0.1
+    lam: float = 1.0
+    alpha: float | None = None
+    use_weights: bool = True
+    exact_dro: bool = True
+    fused: bool = True
+    shuffle: bool = True
+    objective_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainSettings(DoRAConfig):
+    """Everything ``robalign train`` takes (a YAML config uses the same keys): the alignment
+    settings of :class:`DoRAConfig`, which the trainer reads from this object as they are, and
+    the run's."""
+
+    out: str = "out/train"
+    model: str | None = None
+    data: str | None = None
+    lr: float = 5e-4
+    optim: str = "adamw_torch"
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 2
+    max_length: int = 64
+    max_prompt_length: int = 32
+    lora: bool = False
+    bf16: bool = False
+    fsdp: str = ""
+    fsdp_config: dict = field(default_factory=dict)
+    deepspeed: str | None = None
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 50
+    resume: str | None = None
+
+
+def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
+    """Every field of ``settings`` (a :class:`DoRAConfig` or :class:`TrainSettings`) has its type
+    and lies in its range; ``where`` prefixes the message (a config file's path). Raises
+    ValueError naming the key."""
+    import math
+    import numbers
+
+    from ..losses import objectives
+
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def is_real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    positive_int = (lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    positive_float = (lambda v: is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0")
+    flag = (lambda v: isinstance(v, bool), "true or false")
+    text = (lambda v: isinstance(v, str), "a string")
+    path = (lambda v: v is None or isinstance(v, str), "a string (a path)")
+    mapping = (lambda v: isinstance(v, dict), "a mapping (key: value)")
+    prompt = getattr(settings, "max_prompt_length", 0)
+    rules = {
+        "objective": (lambda v: v in objectives.NAMES, f"one of {', '.join(objectives.NAMES)}"),
+        "beta": positive_float, "lr": positive_float, "epochs": positive_float,
+        "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
+                "a non-zero number (inf for the weighted mean)"),
+        "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
+        "use_weights": flag, "exact_dro": flag, "fused": flag, "shuffle": flag, "lora": flag, "bf16": flag,
+        "objective_kwargs": mapping, "fsdp_config": mapping,
+        "out": text, "optim": text, "fsdp": text,
+        "model": path, "data": path, "deepspeed": path, "resume": path,
+        "batch_size": positive_int, "grad_accum": positive_int, "max_prompt_length": positive_int,
+        "logging_steps": positive_int, "save_steps": positive_int,
+        "max_length": (lambda v: is_int(v) and v > prompt, f"an integer above max_prompt_length ({prompt})"),
+        "max_steps": (lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (train for `epochs`) or an integer >= 1"),
+        "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    }
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        ok, expected = rules[f.name]
+        if not ok(value):
+            shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} of {len(str(value))} characters"
+            raise ValueError(f"{where}: `{f.name}` must be {expected}, got {shown}")
+    try:
+        objectives.check_hyperparameters(settings.objective, settings.objective_kwargs, where=where)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: `objective_kwargs`: {str(err).split(': ', 1)[-1]}") from None
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``5e-4`` as a float (YAML 1.2; YAML 1.1 reads it as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
+def load_settings(config_path=None, **overrides) -> TrainSettings:
+    """Settings from a YAML file (optional) with ``overrides`` (non-None values) on top, checked
+    (:func:`check_settings`); errors name the file and the key."""
+    values = {}
+    where = "settings"
+    if config_path is not None:
+        import yaml
+
+        path = Path(config_path)
+        where = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not valid UTF-8") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config must be a mapping of setting: value")
+        known = {f.name for f in dataclasses.fields(TrainSettings)}
+        unknown = sorted(str(k) for k in set(loaded) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = TrainSettings(**values)
+    check_settings(settings, where)
+    return settings
