@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor&
         if (y[n] == ignore_index) continue;
         const scalar_t* row = r.row(base, n);
         p_lse[n] = row_logsumexp(as_float(row, r.V, buffer), r.V);
-        p_tgt[n] = static_cast<float>(row[y[n]]);
+        // a label outside [0, V) (queued as an error by a lazy value check) is never read: NaN
+        p_tgt[n] = (y[n] >= 0 && y[n] < r.V) ? static_cast<float>(row[y[n]]) : std::nanf("");
       }
     });
   });
@@ -136,6 +137,10 @@ void rows_softmax_grad(const Tensor& logits3d, const Tensor& labels, const Tenso
         }
         const scalar_t* row = r.row(base, n);
         const float lse_n = p_lse[n];
+        if (y[n] < 0 || y[n] >= r.V) {  // an invalid label: its log-prob is NaN, so is its gradient
+          std::fill(out, out + r.V, scalar_t(std::nanf("")));
+          continue;
+        }
         if (!std::isfinite(lse_n)) {
           // A NaN or infinite logit: exp_u20 is exact only for finite arguments, so take the
           // reference's limits with std::exp (exp(x - inf) = 0, exp(inf - inf) = exp(NaN) = NaN).

@@ -72,7 +72,10 @@ def _row_lse_target(p_row, label, scored, V, BLOCK_V: tl.constexpr):
     # the row's limit, as torch.logsumexp: NaN if any logit is NaN, else +inf with a +inf logit
     b_lse = tl.where(b_sum != b_sum, float("nan"), tl.where(b_max == float("inf"), float("inf"), b_lse))
     b_lse = tl.where(scored, b_lse, 0.0)
-    b_target = tl.load(p_row + tl.where(scored, label, 0), mask=scored, other=0.0).to(tl.float32)
+    # a label outside [0, V) (queued as an error by a lazy value check) is never read: NaN
+    in_range = (label >= 0) & (label < V)
+    b_target = tl.load(p_row + tl.where(scored & in_range, label, 0), mask=scored & in_range, other=0.0)
+    b_target = tl.where(scored & ~in_range, float("nan"), b_target.to(tl.float32))
     return b_lse, b_target
 
 

@@ -1,24 +1,80 @@
 """Argument checks shared by the public functions. Kernels assume what these establish.
 
-Every message names the function, the argument and what was expected. Checks that read
-tensor values (label ranges, probabilities in [0, 1], monotone ``cu_seqlens``) synchronise
-with the device once per call; they are skipped while ``torch.compile`` traces, where a
-data-dependent branch would break the graph.
+Every message names the function, the argument and what was expected. Checks of shapes, dtypes
+and numbers cost nothing; checks that read tensor *values* (label ranges, probabilities in
+[0, 1], monotone ``cu_seqlens``, finite weights) run in one of two modes:
+
+    "eager"  (default) read at once: a synchronisation per check, and the message names the
+             offending value
+    "lazy"   queued on the device with no synchronisation; :func:`raise_pending` (called where
+             the caller synchronises anyway, e.g. the trainer once per optimizer step) reads them
+             all at once and raises the first that failed. The kernels never read out of bounds
+             meanwhile: a label outside [0, V) gives a NaN log-prob.
+
+Set the mode with ``$ROBALIGN_CHECKS`` or :func:`value_checks`. Value checks are skipped while
+``torch.compile`` traces, where a data-dependent branch would break the graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 
 import torch
 
+MODES = ("eager", "lazy")
+_state = {"mode": None}
+_pending: list = []                # (device bool tensor, message) of lazy checks not yet read
+
+
+def checks_mode() -> str:
+    if _state["mode"] is None:
+        mode = os.environ.get("ROBALIGN_CHECKS", "eager").strip().lower() or "eager"
+        if mode not in MODES:
+            raise ValueError(f"environment variable ROBALIGN_CHECKS={mode!r} must be one of {MODES}")
+        _state["mode"] = mode
+    return _state["mode"]
+
+
+@contextlib.contextmanager
+def value_checks(mode: str):
+    """Run value checks ``"eager"`` or ``"lazy"`` inside the block (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"robalign.value_checks: `mode` must be one of {MODES}, got {mode!r}")
+    previous = checks_mode()
+    _state["mode"] = mode
+    try:
+        yield
+    finally:
+        _state["mode"] = previous
+
+
+def raise_pending() -> None:
+    """Read every queued lazy check (one synchronisation) and raise the first that failed."""
+    if not _pending:
+        return
+    checks = list(_pending)
+    _pending.clear()
+    results = torch.stack([ok.to(checks[0][0].device) for ok, _ in checks]).tolist()
+    for ok, (_, message) in zip(results, checks):
+        if not ok:
+            raise ValueError(message)
+
+
+def check_values(where: str, ok: torch.Tensor, message, exc: type[Exception] = ValueError) -> None:
+    """Require every element of the bool tensor ``ok``. Eager: read now and raise
+    ``message()`` (a callable, free to read values for its text); lazy: queue it, no sync."""
+    if torch.compiler.is_compiling():
+        return
+    if checks_mode() == "lazy":
+        _pending.append((ok.all(), f"{where}: {message(lazy=True)}"))
+    elif not bool(ok.all()):
+        fail(where, message(lazy=False), exc)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _reads_values() -> bool:
-    return not torch.compiler.is_compiling()
 
 
 def fail(where: str, message: str, exc: type[Exception] = ValueError):
@@ -47,24 +103,21 @@ def check_cu_seqlens(where, cu_seqlens, num_tokens):
     check_tensor(where, "cu_seqlens", cu_seqlens, ndim=1, integer=True)
     if cu_seqlens.numel() < 2:
         fail(where, f"`cu_seqlens` must hold at least 2 offsets (S + 1 for S sequences), got {cu_seqlens.numel()}")
-    if _reads_values():
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens:
-            fail(where, f"`cu_seqlens` must start at 0 and end at the number of tokens {num_tokens}, "
-                        f"got {int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            fail(where, "`cu_seqlens` must be non-decreasing")
+    ends = torch.stack([cu_seqlens[0], cu_seqlens[-1] - num_tokens])
+    check_values(where, ends == 0, lambda lazy: f"`cu_seqlens` must start at 0 and end at the number of tokens "
+                 f"{num_tokens}" + ("" if lazy else f", got {int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}"))
+    check_values(where, cu_seqlens[1:] >= cu_seqlens[:-1], lambda lazy: "`cu_seqlens` must be non-decreasing")
 
 
 def check_labels(where, labels, vocab, ignore_index):
     """``ignore_index`` (see :func:`check_ignore_index`), and every label a token id in [0, V) or
     ``ignore_index``; labels of any integer dtype."""
     check_ignore_index(where, ignore_index, vocab)
-    if not _reads_values() or labels.numel() == 0:
+    if labels.numel() == 0:
         return
     valid = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
-    if not bool(valid.all()):
-        bad = labels[~valid][0].item()
-        fail(where, f"`labels` must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {bad}")
+    check_values(where, valid, lambda lazy: f"`labels` must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
+                 + ("" if lazy else f", found {labels[~valid][0].item()}"))
 
 
 def check_tokens(where, x_name, x, labels, cu_seqlens, feature_name):
@@ -86,24 +139,28 @@ def check_tokens(where, x_name, x, labels, cu_seqlens, feature_name):
 
 def check_probs(where, name, p):
     check_tensor(where, name, p, floating=True)
-    if _reads_values() and not bool(((p >= 0) & (p <= 1)).all()):
-        fail(where, f"`{name}` must be finite probabilities in [0, 1]")
+    check_values(where, (p >= 0) & (p <= 1), lambda lazy: f"`{name}` must be finite probabilities in [0, 1]")
 
 
 def check_number(where, name, value, *, low=None, high=None, low_open=False, high_open=False, allow_tensor=False):
     """Check ``low (<|<=) value (<|<=) high`` for a number (or every element of a tensor), in the
     value's own precision: a Python number is compared as a Python float (``beta=1e-300`` is
     positive), a tensor in float64."""
+    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+    interval = f"{lo or '(-inf'}, {hi or 'inf)'}"
     if isinstance(value, torch.Tensor) and allow_tensor:
         if not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
             fail(where, f"`{name}` must be a real tensor, got {value.dtype}", TypeError)
-        if not _reads_values():
-            return
         values = value.detach().double()
-        is_nan = bool(torch.isnan(values).any())
-        lo_ok = low is None or bool((values > low).all() if low_open else (values >= low).all())
-        hi_ok = high is None or bool((values < high).all() if high_open else (values <= high).all())
-        shown = values.flatten()[:4].tolist()
+        ok = ~torch.isnan(values)
+        if low is not None:
+            ok &= (values > low) if low_open else (values >= low)
+        if high is not None:
+            ok &= (values < high) if high_open else (values <= high)
+        check_values(where, ok, lambda lazy: f"`{name}` must lie in {interval} and not be NaN"
+                     + ("" if lazy else f", got {values.flatten()[:4].tolist()}"))
+        return
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         try:
             x = float(value)
@@ -118,9 +175,6 @@ def check_number(where, name, value, *, low=None, high=None, low_open=False, hig
     if is_nan:
         fail(where, f"`{name}` must not be NaN")
     if not (lo_ok and hi_ok):
-        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-        interval = f"{lo or '(-inf'}, {hi or 'inf)'}"
         fail(where, f"`{name}` must lie in {interval}, got {shown!r}")
 
 

@@ -251,20 +251,22 @@ class DoRATrainer(Trainer):
         total, steps = self._loss_total or (0.0, 0)
         if not steps:
             return result
-        metrics = dict(result.metrics or {}, train_loss=total / steps)
-        return TrainOutput(result.global_step, total / steps, metrics)
+        mean = float(total) / steps
+        metrics = dict(result.metrics or {}, train_loss=mean)
+        return TrainOutput(result.global_step, mean, metrics)
 
     def _save_checkpoint(self, model, trial):
         total, steps = self._loss_total or (0.0, 0)
-        self.state.stateful_callbacks[self._STATE_KEY] = {"loss_total": total, "loss_steps": steps}
+        self.state.stateful_callbacks[self._STATE_KEY] = {"loss_total": float(total), "loss_steps": steps}
         return super()._save_checkpoint(model, trial)
 
-    def _count_step_loss(self, loss: float) -> None:
+    def _count_step_loss(self, loss: torch.Tensor) -> None:
         if self._loss_total is None:        # first step of this train() call: a resume restored the state
             saved = self.state.stateful_callbacks.get(self._STATE_KEY, {})
-            self._loss_total = (float(saved.get("loss_total", 0.0)), int(saved.get("loss_steps", 0)))
+            self._loss_total = (torch.tensor(float(saved.get("loss_total", 0.0)), dtype=torch.float64),
+                                int(saved.get("loss_steps", 0)))
         total, steps = self._loss_total
-        self._loss_total = (total + loss, steps + 1)
+        self._loss_total = (total.to(loss.device) + loss.detach(), steps + 1)
 
     # -- the loss -----------------------------------------------------------------------------
     def _group(self):
@@ -300,7 +302,7 @@ class DoRATrainer(Trainer):
                 accumulation_steps=self.args.gradient_accumulation_steps)
         if self._reset_pending:
             self._acc.reset()
-            self._last_loss = 0.0
+            self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
             self._reset_pending = False
         with self.compute_loss_context_manager():
             out = self.dora_samples(model, inputs)
@@ -309,29 +311,37 @@ class DoRATrainer(Trainer):
         self._record(out)
         # Trainer sums what training_step returns over the micro-batches of an optimizer step:
         # returning the increments of the running full-batch loss makes that sum the final loss.
-        increment = self._acc.loss - self._last_loss
-        self._last_loss = self._acc.loss
+        # Everything stays on the device: a micro-batch reads no value on the host.
+        loss_value = self._acc.loss_value.to(self._last_loss.device)
+        increment = loss_value - self._last_loss
+        self._last_loss = loss_value
         if self.accelerator.sync_gradients:
-            self._count_step_loss(self._acc.loss)
+            self._count_step_loss(loss_value)
             stats = self._acc.stats()
-            self._metrics["dro/ess"].append(float(stats.ess))
-            self._metrics["dro/max_share"].append(float(stats.max_share))
+            self._metrics["dro/ess"].append(stats.ess.detach().float())
+            self._metrics["dro/max_share"].append(stats.max_share.detach().float())
             self._reset_pending = True
-        return torch.tensor(increment, device=self.args.device)
+        return increment.float()
 
     _RECORDED = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "weights/mean",
                  "weights/max")
 
     def _record(self, out) -> None:
-        values = torch.stack([t.detach().float() for t in (
-            out.reward_accuracy, out.reward_margin, out.chosen_rewards.mean(), out.rejected_rewards.mean(),
-            out.weights.mean(), out.weights.max())]).tolist()               # one device sync, not six
-        for name, value in zip(self._RECORDED, values):
-            self._metrics[name].append(value)
+        for name, value in zip(self._RECORDED, (
+                out.reward_accuracy, out.reward_margin, out.chosen_rewards.mean(), out.rejected_rewards.mean(),
+                out.weights.mean(), out.weights.max())):
+            self._metrics[name].append(value.detach().float())
 
     def log(self, logs, *args, **kwargs):
+        """The Trainer's logs plus the DoRA metrics averaged since the last log (one device read
+        for all of them), after the lazy value checks queued since then."""
+        from .. import _validation
+
+        _validation.raise_pending()
         if self._metrics and "loss" in logs:
-            for key, values in self._metrics.items():
-                logs[key] = sum(values) / len(values)
+            names = list(self._metrics)
+            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._metrics[n]]).mean()
+                                 for n in names]).tolist()
+            logs.update(zip(names, means))
             self._metrics.clear()
         return super().log(logs, *args, **kwargs)

@@ -55,8 +55,8 @@ def _check(where, losses, weights, lam, group):
         if weights.shape != losses.shape:
             V.fail(where, f"`weights` must have the shape of `losses` {tuple(losses.shape)}, got {tuple(weights.shape)}")
         V.check_same_device(where, losses=losses, weights=weights)
-        if not torch.compiler.is_compiling() and not bool(((weights >= 0) & torch.isfinite(weights)).all()):
-            V.fail(where, "`weights` must be finite and non-negative")
+        V.check_values(where, (weights >= 0) & torch.isfinite(weights),
+                       lambda lazy: "`weights` must be finite and non-negative")
     V.check_lam(where, lam)
     if group is not None and not dist.is_initialized():
         V.fail(where, "`group` was given but torch.distributed is not initialised", RuntimeError)
@@ -73,7 +73,7 @@ class _BatchMoments:
     def __init__(self, a: torch.Tensor, w: torch.Tensor, group):
         a = a.detach().double()
         w = w.detach().double()
-        neg_inf = torch.tensor(-math.inf, dtype=a.dtype, device=a.device)
+        neg_inf = torch.full((), -math.inf, dtype=a.dtype, device=a.device)
         maxes = torch.stack([a.max() if a.numel() else neg_inf,
                              (a + w.log()).max() if a.numel() else neg_inf])
         if group is not None:
@@ -82,7 +82,7 @@ class _BatchMoments:
         self.log_max_q = maxes[1]
         d = a - self.m
         e = torch.exp(d)
-        sums = torch.stack([e.sum(), a.new_tensor(float(a.numel())), (w * e).sum(), (w * e).square().sum(),
+        sums = torch.stack([e.sum(), torch.full((), a.numel(), dtype=a.dtype, device=a.device), (w * e).sum(), (w * e).square().sum(),
                             torch.expm1(d).sum()])
         if group is not None:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
@@ -222,57 +222,63 @@ class KLDROAccumulator:
         """Start a new effective batch (call after ``optimizer.step()``)."""
         self._m = None          # running max of a (global)
         self._s = None          # running Σ e^{a − m}
-        self._n = 0.0
-        self._sum_q = self._sum_q2 = self._sum_expm1 = None
-        self._log_max_q = -math.inf
-        self._sum_wl = 0.0
-        self._approx_losses: list[float] = []
-        self.loss: float | None = None
+        self._n = None          # samples so far; these statistics are 0-dim float64 device tensors
+        self._sum_q = self._sum_q2 = self._sum_expm1 = self._log_max_q = None
+        self._sum_wl = None
+        self._approx_losses: list[torch.Tensor] = []
+        self.loss_value: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> float | None:
+        """The full-batch loss of the micro-batches folded in so far (reading it synchronises;
+        ``loss_value`` is the same as a device tensor)."""
+        return None if self.loss_value is None else float(self.loss_value)
 
     @torch.no_grad()
-    def _rescale_grads(self, factor: float) -> None:
-        if factor == 1.0:
-            return
+    def _rescale_grads(self, factor: torch.Tensor) -> None:
         for p in self.params:
             if p.grad is not None:
-                p.grad.mul_(factor)
+                p.grad.mul_(factor.to(p.grad.device, p.grad.dtype))
 
     def __call__(self, losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Fold one micro-batch in; returns the surrogate to ``backward()``."""
+        """Fold one micro-batch in; returns the surrogate to ``backward()``. No host
+        synchronisation: every running statistic stays on the device."""
         where = "robalign.KLDROAccumulator"
         _check(where, losses, weights, self.lam, self.group)
         w, wl, a = _scaled(losses, weights, self.lam)
         mom = _BatchMoments(a, w, self.group)
         if self._m is None:
-            m, s, factor = mom.m, mom.sum_exp, 1.0
+            m, s, factor = mom.m, mom.sum_exp, None
             self._sum_q, self._sum_q2, self._sum_expm1 = mom.sum_q, mom.sum_q2, mom.sum_expm1
+            self._n, self._log_max_q = mom.count, mom.log_max_q
         else:
             m = torch.maximum(self._m, mom.m)
             old, new = torch.exp(self._m - m), torch.exp(mom.m - m)
             s = self._s * old + mom.sum_exp * new
-            factor = float(self._s * old / s)
+            factor = self._s * old / s
             self._sum_q = self._sum_q * old + mom.sum_q * new
             self._sum_q2 = self._sum_q2 * old ** 2 + mom.sum_q2 * new ** 2
             # Σ expm1(a − m') = e^{m−m'}·Σ expm1(a − m) + n·expm1(m − m'), for both parts
             self._sum_expm1 = (self._sum_expm1 * old + self._n * torch.expm1(self._m - m)
                                + mom.sum_expm1 * new + mom.count * torch.expm1(mom.m - m))
+            self._n = self._n + mom.count
+            self._log_max_q = torch.maximum(self._log_max_q, mom.log_max_q)
         self._m, self._s = m, s
-        self._n += float(mom.count)
-        self._log_max_q = max(self._log_max_q, float(mom.log_max_q))
         if not self.exact:
             loss = kl_dro(losses, weights, lam=self.lam, group=self.group, ddp_average=self.ddp_average)
-            self._approx_losses.append(float(loss.detach()))
-            self.loss = sum(self._approx_losses) / len(self._approx_losses)
+            self._approx_losses.append(loss.detach().double())
+            self.loss_value = torch.stack(self._approx_losses).mean()
             return loss / self.accumulation_steps
-        self._rescale_grads(factor)
-        total_wl = wl.detach().sum()
+        if factor is not None:
+            self._rescale_grads(factor)
+        total_wl = wl.detach().double().sum()
         if self.group is not None:
             dist.all_reduce(total_wl, group=self.group)
-        self._sum_wl += float(total_wl)
+        self._sum_wl = total_wl if self._sum_wl is None else self._sum_wl + total_wl
         if _is_weighted_mean(self.lam):
-            self.loss = self._sum_wl / self._n
+            self.loss_value = self._sum_wl / self._n
         else:
-            self.loss = float(_log_mean_exp(self.lam, m, self._sum_expm1, torch.tensor(self._n, dtype=m.dtype)))
+            self.loss_value = _log_mean_exp(self.lam, m, self._sum_expm1, self._n)
         # d surrogate / dℓ_i = w_i·e^{a_i − m}/S·(scale); the λ of the loss cancels the 1/λ of a
         coeff = (w * torch.exp(a - m.to(a.dtype)) / s.to(a.dtype)).detach()
         surrogate = (coeff * losses).sum()
@@ -283,5 +289,4 @@ class KLDROAccumulator:
         """Global :class:`DROStats` of the micro-batches folded in since :meth:`reset`."""
         if self._m is None:
             raise RuntimeError("robalign.KLDROAccumulator.stats: no micro-batch has been folded in since reset()")
-        log_max_q = torch.tensor(self._log_max_q, dtype=self._m.dtype, device=self._m.device) - self._m
-        return _stats(self._sum_q, self._sum_q2, log_max_q, torch.tensor(self._n))
+        return _stats(self._sum_q, self._sum_q2, self._log_max_q - self._m, self._n)

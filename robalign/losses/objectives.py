@@ -84,9 +84,10 @@ def _check_group(where, name, t, shape, *, floating=False):
 
 
 def check_counts(where, counts):
-    """Token counts are non-negative (read only outside torch.compile traces)."""
-    if counts is not None and not torch.compiler.is_compiling() and bool((counts < 0).any()):
-        V.fail(where, f"`counts` must be non-negative token counts, got {counts.min().item()}")
+    """Token counts are non-negative (a value check: eager or lazy, see robalign._validation)."""
+    if counts is not None:
+        V.check_values(where, counts >= 0, lambda lazy: "`counts` must be non-negative token counts"
+                       + ("" if lazy else f", got {counts.min().item()}"))
 
 
 def _public(entry: _ref.Objective):
@@ -107,8 +108,8 @@ def _public(entry: _ref.Objective):
         _check_group(where, "counts", counts, shape)
         _check_group(where, "scores", scores, shape)
         check_counts(where, counts)
-        if scores is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
-            V.fail(where, "`scores` must be finite")
+        if scores is not None:
+            V.check_values(where, torch.isfinite(scores), lambda lazy: "`scores` must be finite")
         check_hyperparameters(entry.name, hparams, where)
         return entry.fn(logps, ref_logps, counts=counts, scores=scores, **hparams)
 

@@ -51,10 +51,11 @@ def _lse_target(rows3d: Tensor, labels: Tensor, scored: Tensor) -> tuple[Tensor,
     for start, (z,) in _row_chunks(rows3d):
         end = start + z.shape[0]
         y, keep = labels[start:end], scored[start:end]
+        in_range = (y >= 0) & (y < z.shape[-1])             # else NaN, never an out-of-bounds read
         chunk_lse = torch.logsumexp(z.float(), dim=-1)
-        chunk_target = z.gather(-1, torch.where(keep, y, 0).unsqueeze(-1)).squeeze(-1).float()
+        chunk_target = z.gather(-1, torch.where(keep & in_range, y, 0).unsqueeze(-1)).squeeze(-1).float()
         lse[start:end] = torch.where(keep, chunk_lse, 0.0)
-        target[start:end] = torch.where(keep, chunk_target, 0.0)
+        target[start:end] = torch.where(keep, torch.where(in_range, chunk_target, float("nan")), 0.0)
     return lse, target
 
 
@@ -77,11 +78,13 @@ def rows_softmax_grad(logits3d: Tensor, labels: Tensor, lse: Tensor, coeff: Tens
     ignored; ``out3d`` has the shape of ``logits3d`` and may be the same tensor."""
     y = labels.reshape(-1)
     c = torch.where(y != ignore_index, coeff.float(), 0.0)
+    valid = (y >= 0) & (y < logits3d.shape[-1])
     for start, (z, out) in _row_chunks(logits3d, out3d):
         end = start + z.shape[0]
         c_chunk = c[start:end, None]
         g = (z.float() - lse[start:end, None]).exp_().mul_(-c_chunk)
-        g.scatter_add_(-1, torch.where(c_chunk != 0, y[start:end, None], 0), c_chunk)
+        g.scatter_add_(-1, torch.where((c_chunk != 0) & valid[start:end, None], y[start:end, None], 0),
+                       torch.where(valid[start:end, None], c_chunk, float("nan")))
         out.copy_(g.masked_fill_(c_chunk == 0, 0.0))     # rows with no gradient are 0, even if non-finite
 
 

@@ -121,6 +121,11 @@ def shift_labels(
     aligned = torch.full_like(labels, ignore_index)
     aligned[..., :-1] = labels[..., 1:]
     if cu_seqlens is not None:
+        # the last token of every segment; an empty first segment (end −1) marks the extra slot N,
+        # so no boolean indexing (a host synchronisation) is needed
+        n = labels.shape[0]
         ends = cu_seqlens[1:].long() - 1
-        aligned[ends[ends >= 0]] = ignore_index
+        is_end = torch.zeros(n + 1, dtype=torch.bool, device=labels.device)
+        is_end.index_fill_(0, torch.where(ends >= 0, ends, n), True)
+        aligned = aligned.masked_fill(is_end[:n], ignore_index)
     return aligned
