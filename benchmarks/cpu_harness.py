@@ -36,16 +36,21 @@ def reset_peak_rss() -> float:
 
 def parse_args(doc: str, providers, argv=None, **sizes):
     """The CPU scripts' command line: ``--<size> N`` for each keyword (its value the default),
-    ``--mode``, ``--repeat``, ``--providers`` and the hidden ``--child PROVIDER`` of a measuring
-    process."""
+    ``--masked`` and ``--padding`` (fractions of each sequence that are prompt, masked at its start,
+    and padding, masked at its end), ``--mode``, ``--repeat``, ``--rounds``, ``--providers`` and the
+    hidden ``--child PROVIDER`` of a measuring process."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     for name, default in sizes.items():
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--masked", type=float, default=0.125, help="prompt fraction of each sequence (default 1/8)")
+    parser.add_argument("--padding", type=float, default=0.0, help="padding fraction at the end of each sequence")
     parser.add_argument("--mode", choices=MODES, default="fwdbwd",
                         help="fwdbwd: forward+backward (training); fwd: forward under no_grad (reference log-probs)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per process")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of one fresh process per provider, interleaved across providers")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"folder for the JSON record (default ./{DEFAULT_OUT}; benchmarks/results to update "
                              "the committed records)")
@@ -54,9 +59,39 @@ def parse_args(doc: str, providers, argv=None, **sizes):
     return parser.parse_args(argv)
 
 
-def measure(provider: str, step, repeat: int) -> dict:
-    """In the child: one warm-up (and compilation), then ``repeat`` timed runs of ``step``; memory
-    is the growth of the peak resident set over the resident set before the timed runs."""
+def sequence_mask(num_seqs: int, seqlen: int, masked: float, padding: float):
+    """``[S, T]`` bool: True on the scored tokens — each sequence's first ``masked·T`` tokens are
+    prompt and its last ``padding·T`` are padding, as in a real preference batch."""
+    import torch
+
+    start, end = round(masked * seqlen), seqlen - round(padding * seqlen)
+    if not 0 <= start < end <= seqlen:
+        raise SystemExit(f"--masked {masked} and --padding {padding} leave no scored token in {seqlen}")
+    mask = torch.zeros(num_seqs, seqlen, dtype=torch.bool)
+    mask[:, start:end] = True
+    return mask
+
+
+def gate(provider: str, got, want, rtol=1e-4, atol=1e-5) -> str | None:
+    """The correctness gate before timing: each output of the provider against the float64
+    reference (a short message when one differs, else None)."""
+    import torch
+
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = g.detach().double()
+        if g.shape != w.shape or not torch.allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(w.abs().max()))):
+            err = (g - w).abs().max().item() if g.shape == w.shape else f"shape {tuple(g.shape)}"
+            return f"failed the correctness gate: output {i} differs from the float64 reference by {err}"
+    return None
+
+
+def measure(provider: str, step, repeat: int, check=None) -> dict:
+    """In the child: the correctness gate (``check()`` returns an error or None), one warm-up (and
+    compilation), then ``repeat`` timed runs of ``step``; memory is the growth of the peak resident
+    set over the resident set before the timed runs."""
+    error = check() if check is not None else None
+    if error:
+        return {"provider": provider, "error": error}
     step()
     baseline = reset_peak_rss()
     times = []
@@ -65,32 +100,52 @@ def measure(provider: str, step, repeat: int) -> dict:
         result = step()
         times.append(time.perf_counter() - start)
         del result
-    return {"provider": provider, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "peak_above_inputs_mb": max(0.0, status_mb("VmHWM") - baseline)}
+    return {"provider": provider, "times_s": times, "peak_above_inputs_mb": max(0.0, status_mb("VmHWM") - baseline)}
 
 
-def run_providers(script: str, providers, child_args, env_for=None) -> list[dict]:
-    """Run ``script --child PROVIDER child_args...`` once per provider; collect its JSON line."""
+def run_providers(script: str, providers, child_args, env_for=None, rounds: int = 1) -> list[dict]:
+    """Run ``script --child PROVIDER child_args...`` in a fresh process per provider, ``rounds``
+    times, the providers interleaved within each round (so a slow minute of a shared machine hits
+    them all); a row gives the median of all timed runs and the spread of the rounds' medians."""
+    runs: dict[str, list[dict]] = {p: [] for p in providers}
+    for _ in range(rounds):
+        for provider in providers:
+            env = env_for(provider) if env_for else None
+            cmd = [sys.executable, script, "--child", provider, *map(str, child_args)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env=None if env is None else dict(os.environ, **env))
+            runs[provider].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
-    for provider in providers:
-        env = env_for(provider) if env_for else None
-        cmd = [sys.executable, script, "--child", provider, *map(str, child_args)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                             env=None if env is None else dict(os.environ, **env))
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for provider, results in runs.items():
+        failed = next((r for r in results if "error" in r), None)
+        if failed:
+            rows.append({"provider": provider, "error": failed["error"]})
+            print(f"  {provider}: {failed['error']}", file=sys.stderr)
+            continue
+        times = [t for r in results for t in r["times_s"]]
+        medians = [statistics.median(r["times_s"]) for r in results]
+        rows.append({"provider": provider, "median_s": statistics.median(times), "min_s": min(times),
+                     "max_s": max(times), "round_medians_s": medians, "rounds": len(results),
+                     "peak_above_inputs_mb": max(r["peak_above_inputs_mb"] for r in results),
+                     **{k: v for k, v in results[0].items() if k not in ("provider", "times_s", "peak_above_inputs_mb")}})
         print(f"  {provider}: {rows[-1]['median_s'] * 1e3:.0f} ms", file=sys.stderr)
     return rows
 
 
-def print_table(rows, extra_columns=()) -> None:
-    """Markdown table with time and memory ratios against the ``naive`` row."""
-    naive = next(r for r in rows if r["provider"] == "naive")
-    head = ["provider", "median time (ms)", "time vs naive", "peak memory above inputs (MB)", "memory vs naive",
-            *(name for name, _ in extra_columns)]
+def print_table(rows, extra_columns=(), baseline: str = "naive") -> None:
+    """Markdown table with time and memory ratios against the ``baseline`` row; a provider that
+    failed its correctness gate (or could not run) is a row that says so."""
+    naive = next(r for r in rows if r["provider"] == baseline and "error" not in r)
+    head = ["provider", "median time (ms)", "min–max (ms)", f"time vs {baseline}", "peak memory above inputs (MB)",
+            f"memory vs {baseline}", *(name for name, _ in extra_columns)]
     print("| " + " | ".join(head) + " |")
     print("| --- |" + " ---: |" * (len(head) - 1))
     for r in rows:
-        cells = [r["provider"], f"{r['median_s'] * 1e3:.0f}", f"{r['median_s'] / naive['median_s']:.2f}",
+        if "error" in r:
+            print(f"| {r['provider']} | {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        cells = [r["provider"], f"{r['median_s'] * 1e3:.0f}", f"{r['min_s'] * 1e3:.0f}–{r['max_s'] * 1e3:.0f}",
+                 f"{r['median_s'] / naive['median_s']:.2f}",
                  f"{r['peak_above_inputs_mb']:.0f}",
                  f"{r['peak_above_inputs_mb'] / max(naive['peak_above_inputs_mb'], 1):.2f}",
                  *(fn(r) for _, fn in extra_columns)]

@@ -1,13 +1,23 @@
 """CPU benchmark of the fused linear path: log-probs from hidden states and the LM head,
 forward + backward (gradients of hidden and weight).
 
-Providers, each in a fresh process:
-    naive          materialised float32 logits = hidden @ Wᵀ, log_softmax, gather, autograd
-    matmul_floor   the three bare matmuls alone (hidden @ Wᵀ, G @ W, Gᵀ @ hidden): the compute floor
-    torch          robalign's chunked path with the plain-PyTorch row kernels (the portable fallback)
-    cpp            robalign's chunked path (ATen matmuls + C++ row kernels), one chunk of logits at a time
+Providers, each in fresh processes, interleaved:
+    naive                materialised float32 logits = hidden @ Wᵀ, log_softmax, gather, autograd
+    trl_fused            TRL 1.16's fused LM head (trl.kernels.ChunkedLogProbFunction, called as its
+                         add_fused_lm_head does: every position on a CPU, the scored ones only
+                         where Triton runs): what TRL's DPO trainer runs today (the baseline)
+    matmul_floor         the three bare matmuls over all N tokens (hidden @ Wᵀ, G @ W, Gᵀ @ hidden)
+    matmul_floor_scored  the same over the M scored tokens only: the work that must be done
+    torch                robalign's chunked path with the plain-PyTorch row kernels (the portable fallback)
+    cpp                  robalign's chunked path (ATen matmuls + C++ row kernels), one chunk at a time
 
-    python benchmarks/cpu_linear.py [--tokens 2048] [--hidden 512] [--vocab 32000] [--mode fwdbwd|fwd] [--repeat 5]
+Every provider first passes a correctness gate (log-probs and ``grad_hidden`` of the first
+sequence, ``grad_weight`` of the whole batch, against float64) or is reported as failed. Both
+floors are reported: a provider that skips prompt and padding tokens can beat the all-token
+floor, never the scored one.
+
+    python benchmarks/cpu_linear.py [--tokens 2048] [--hidden 512] [--vocab 32000] [--masked 0.125]
+                                    [--padding 0] [--mode fwdbwd|fwd] [--repeat 5] [--rounds 2] [--out DIR]
 
 ``--mode fwd`` times the forward alone under ``no_grad``; its matmul floor is ``hidden @ Wᵀ``.
 """
@@ -19,68 +29,113 @@ import platform
 
 import cpu_harness
 
-PROVIDERS = ("naive", "matmul_floor", "torch", "cpp")
+PROVIDERS = ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp")
+SEQLEN = 512
 
 
-def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: int, mode: str = "fwdbwd") -> dict:
+def trl_fused_logps(hidden, weight, labels):
+    """TRL 1.16's fused LM head as ``add_fused_lm_head`` calls it (trl/trainer/utils.py)."""
+    import torch
+    from trl.kernels.chunked_logprob import _use_triton
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+    mask = labels != -100
+    compact = _use_triton(hidden.device)
+    h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+    y = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
+    per_token = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+    per_token = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token) if compact else \
+        per_token.view(mask.shape).masked_fill(~mask, 0)
+    return per_token.sum(-1)
+
+
+def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: int, mode: str = "fwdbwd",
+            masked: float = 0.125, padding: float = 0.0) -> dict:
     import torch
 
     import robalign
 
     torch.manual_seed(0)
-    seqs = max(1, tokens // 512)
-    hidden = torch.randn(seqs, tokens // seqs, hidden_size, requires_grad=True)
+    seqs = max(1, tokens // SEQLEN)
+    seqlen = tokens // seqs
+    hidden = torch.randn(seqs, seqlen, hidden_size, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size) / hidden_size ** 0.5).requires_grad_(True)
-    labels = torch.randint(vocab, (seqs, tokens // seqs))
-    labels[:, :64] = -100
+    labels = torch.randint(vocab, (seqs, seqlen))
+    labels[~cpu_harness.sequence_mask(seqs, seqlen, masked, padding)] = -100
+    scored = int((labels != -100).sum())
     coeff = torch.randn(seqs)
-    grad_logits = torch.randn(tokens, vocab) if provider == "matmul_floor" and mode == "fwdbwd" else None
+    if provider == "trl_fused":
+        try:
+            import trl.kernels.chunked_logprob  # noqa: F401
+        except ImportError as err:
+            return {"provider": provider, "error": f"not importable ({err})", "scored_tokens": scored}
 
-    def step():
-        if provider == "matmul_floor":
-            h = hidden.detach().reshape(tokens, hidden_size)
-            w = weight.detach()
-            if mode == "fwd":
-                return h @ w.T
-            return h @ w.T, grad_logits @ w, grad_logits.T @ h
+    def logps_of(h, w, y):
         if provider == "naive":
-            z = hidden @ weight.T
-            tok = torch.log_softmax(z.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-            logps = (tok * (labels != -100)).sum(-1)
-        else:
-            logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)
-        if mode == "fwd":
-            return logps
-        return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
+            z = h @ w.T
+            tok = torch.log_softmax(z.float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+            return (tok * (y != -100)).sum(-1)
+        if provider == "trl_fused":
+            return trl_fused_logps(h, w, y)
+        return robalign.linear_sequence_logps(h, w, y, backend=provider)[0]
 
-    return cpu_harness.measure(provider, torch.no_grad()(step) if mode == "fwd" else step, repeat)
+    def run(h, w, y, c):
+        logps = logps_of(h, w, y)
+        if mode == "fwd":
+            return (logps,)
+        return (logps, *torch.autograd.grad((logps * c).sum(), (h, w)))
+
+    def check():
+        h, w = hidden.detach()[:1].clone(), weight.detach().clone()
+        want_h, want_w = h.double().requires_grad_(True), w.double().requires_grad_(True)
+        want_logps, _ = robalign.reference.linear_sequence_logps(want_h, want_w, labels[:1])
+        want = (want_logps.detach(),) if mode == "fwd" else \
+            (want_logps.detach(), *torch.autograd.grad((want_logps * coeff[:1].double()).sum(), (want_h, want_w)))
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            got = run(h.requires_grad_(mode == "fwdbwd"), w.requires_grad_(mode == "fwdbwd"), labels[:1], coeff[:1])
+        return cpu_harness.gate(provider, got, want)
+
+    if provider.startswith("matmul_floor"):
+        rows = tokens if provider == "matmul_floor" else scored
+        h, w = hidden.detach().reshape(tokens, hidden_size)[:rows].contiguous(), weight.detach()
+        grad_logits = torch.randn(rows, vocab) if mode == "fwdbwd" else None
+        step = (lambda: h @ w.T) if mode == "fwd" else (lambda: (h @ w.T, grad_logits @ w, grad_logits.T @ h))
+        return {**cpu_harness.measure(provider, step, repeat), "scored_tokens": scored}
+    step = lambda: run(hidden, weight, labels, coeff)  # noqa: E731
+    row = cpu_harness.measure(provider, torch.no_grad()(step) if mode == "fwd" else step, repeat, check)
+    return {**row, "scored_tokens": scored}
 
 
 def main(argv=None) -> int:
     args = cpu_harness.parse_args(__doc__, PROVIDERS, argv, tokens=2048, hidden=512, vocab=32000)
     if args.child:
-        print(json.dumps(measure(args.child, args.tokens, args.hidden, args.vocab, args.repeat, args.mode)))
+        print(json.dumps(measure(args.child, args.tokens, args.hidden, args.vocab, args.repeat, args.mode,
+                                 args.masked, args.padding)))
         return 0
 
     import torch
 
     rows = cpu_harness.run_providers(__file__, args.providers.split(","),
                                      ["--tokens", args.tokens, "--hidden", args.hidden, "--vocab", args.vocab,
-                                      "--repeat", args.repeat, "--mode", args.mode])
-    floor = next((r for r in rows if r["provider"] == "matmul_floor"), None)
+                                      "--repeat", args.repeat, "--mode", args.mode, "--masked", args.masked,
+                                      "--padding", args.padding], rounds=args.rounds)
+    ok = {r["provider"]: r for r in rows if "error" not in r}
     matmuls = 3 if args.mode == "fwdbwd" else 1
-    flops = matmuls * 2 * args.tokens * args.hidden * args.vocab
-    print(f"\n{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}, N = {args.tokens} tokens, H = {args.hidden}, V = {args.vocab}, float32 "
-          f"(logits would be {args.tokens * args.vocab * 4 / 2**20:.0f} MB), {torch.get_num_threads()} threads, "
+    print(f"\n{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}, N = {args.tokens} tokens "
+          f"(prompt {args.masked:.3g}, padding {args.padding:.3g} of each), H = {args.hidden}, V = {args.vocab}, "
+          f"float32 (logits would be {args.tokens * args.vocab * 4 / 2**20:.0f} MB), {torch.get_num_threads()} threads, "
           f"{platform.machine()}\n")
-    extra = [(f"GFLOP/s ({matmuls} matmul{'s' * (matmuls > 1)})", lambda r: f"{flops / r['median_s'] / 1e9:.0f}")]
-    if floor:
-        extra.append(("time vs matmul floor", lambda r: f"{r['median_s'] / floor['median_s']:.2f}"))
-    cpu_harness.print_table(rows, extra)
+    extra = []
+    for floor, label in (("matmul_floor", "all tokens"), ("matmul_floor_scored", "scored tokens")):
+        if floor in ok:
+            extra.append((f"time vs bare matmuls, {label}", lambda r, f=ok[floor]: f"{r['median_s'] / f['median_s']:.2f}"))
+    cpu_harness.print_table(rows, extra, baseline="trl_fused" if "trl_fused" in ok else "naive")
+    print(f"\n(the floors: {matmuls} bare matmul{'s' * (matmuls > 1)} over all {args.tokens} tokens, and over the "
+          f"{next(iter(ok.values()))['scored_tokens'] if ok else '?'} scored ones)")
     suffix = "" if args.mode == "fwdbwd" else "_fwd"
     path = cpu_harness.write_record(f"cpu_linear_N{args.tokens}_H{args.hidden}_V{args.vocab}{suffix}", {
         "benchmark": "cpu_linear", "mode": args.mode, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
-        "dtype": "float32", "rows": rows}, args.out)
+        "dtype": "float32", "masked": args.masked, "padding": args.padding, "rows": rows}, args.out)
     print(f"\nwrote {path}")
     return 0
 

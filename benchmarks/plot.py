@@ -114,21 +114,26 @@ def plot_suite(path) -> list[Path]:
     plt = _pyplot()
     path, result = _read(path)
     written = []
+    sweep_mask = (result["rows"][0].get("masked", 0.125), result["rows"][0].get("padding", 0.0))
     for workload, mode in sorted({(r["workload"], r.get("mode", "fwdbwd")) for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["workload"] == workload and r.get("mode", "fwdbwd") == mode]
+        # the token sweep (the first mask); the masked sweep is in the tables
+        rows = [r for r in result["rows"] if r["workload"] == workload and r.get("mode", "fwdbwd") == mode
+                and "error" not in r and (r.get("masked", 0.125), r.get("padding", 0.0)) == sweep_mask]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        # the bare matmuls are the linear path's limit line, not a provider to compare memory with
-        for provider in dict.fromkeys(r["provider"] for r in rows if r["provider"] != "matmul_floor"):
+        # the bare matmuls are the linear path's limit lines, not providers to compare memory with
+        for provider in dict.fromkeys(r["provider"] for r in rows if not r["provider"].startswith("matmul_floor")):
             mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["tokens"])
             xs = [r["tokens"] for r in mine]
             style = "-o" if provider.startswith(("cpp", "torch", "triton")) else "-^"
             left.plot(xs, [r["median_s"] * 1e3 for r in mine], style, label=provider)
             right.plot(xs, [r["peak_above_inputs_mb"] for r in mine], style, label=provider)
-        floors = sorted({(r["tokens"], r["floor_s"]) for r in rows})
         forward = mode == "fwd"
         limit = "bytes / copy bandwidth" if workload == "logits" else \
             ("the bare matmul" if forward else "the three bare matmuls")
-        left.plot([t for t, _ in floors], [f * 1e3 for t, f in floors], ":", color="black", label=f"limit ({limit})")
+        for key, style, label in (("floor_all_s", ":", "all tokens"), ("floor_scored_s", "--", "scored tokens")):
+            floors = sorted({(r["tokens"], r[key]) for r in rows if key in r})
+            left.plot([t for t, _ in floors], [f * 1e3 for t, f in floors], style, color="black",
+                      label=f"limit, {label} ({limit})")
         what = "forward (no_grad)" if forward else "forward+backward"
         left.set(xscale="log", yscale="log", xlabel="tokens per batch", ylabel=f"{what} time (ms)",
                  title=f"{workload} path, {what}: time")

@@ -12,11 +12,16 @@ reference log-probs are computed):
 
 CPU: every (workload, provider, N) is measured in a fresh process (median time, peak resident
 memory above the inputs; cpu_logits.py / cpu_linear.py); the limits are measured in the same
-run. The floor of the logits workload is 3·N·V·b bytes (forward: N·V·b) over the copy
-bandwidth (a large memory copy, read + write); the floor of the linear workload is the time of
-its bare matmuls (the ``matmul_floor`` provider: hidden @ Wᵀ, G @ W, Gᵀ @ hidden at the same N;
-forward: hidden @ Wᵀ), which on this BLAS runs faster per FLOP than a square product, so it is
-the honest compute limit. Writes ``<out>/suite_<device>.json`` (``--out``, default
+run. Two floors per row: over all N tokens, and over the M scored ones (prompt and padding are
+masked; the work that must be done). The logits workload's are 3·N·V·b and 3·M·V·b bytes
+(forward: one read) over the copy bandwidth (a large memory copy, read + write); the linear
+workload's are the times of its bare matmuls over N and over M rows (``matmul_floor``,
+``matmul_floor_scored``: hidden @ Wᵀ, G @ W, Gᵀ @ hidden; forward: hidden @ Wᵀ), which on this
+BLAS run faster per FLOP than a square product, so they are the honest compute limits. The
+baseline is what TRL users run today (TRL 1.16: ``selective_log_softmax`` on logits, its fused
+LM head on hidden states); the token sweep masks 1/8 of each sequence, and at one token count
+the masked sweep runs 0, 1/2, and 1/4 prompt + 1/4 padding too. Every provider passes a
+correctness gate before it is timed. Writes ``<out>/suite_<device>.json`` (``--out``, default
 ``./robalign-bench``; ``--out benchmarks/results`` rewrites the committed record) and, through
 plot.py, one PNG per workload and mode beside it.
 """
@@ -31,9 +36,13 @@ import cpu_harness
 from shapes import MODELS
 
 HERE = Path(__file__).resolve().parent
-CPU_PROVIDERS = {"logits": ("naive", "naive_compile", "torch", "cpp", "cpp_inplace"),
-                 "linear": ("naive", "matmul_floor", "torch", "cpp")}
+CPU_PROVIDERS = {"logits": ("naive", "trl", "naive_compile", "torch", "cpp", "cpp_inplace"),
+                 "linear": ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp")}
+BASELINES = {"logits": "trl", "linear": "trl_fused"}          # what TRL users run today
 MODES = ("fwdbwd", "fwd")
+# (prompt fraction, padding fraction) of each sequence: the token sweep runs at the first; the
+# masked sweep (at one token count) at all of them
+MASKS = ((0.125, 0.0), (0.0, 0.0), (0.5, 0.0), (0.25, 0.25))
 
 
 def providers_for(workload: str, mode: str) -> tuple:
@@ -68,36 +77,54 @@ def cpu_limits(hidden: int, vocab: int, tokens: int) -> dict:
     return {"copy_bandwidth_bytes_per_s": bandwidth, "matmul_flop_per_s": rate}
 
 
-def run_cpu(workloads, model, tokens, repeat, modes=MODES):
+def run_cpu(workloads, model, tokens, repeat, modes=MODES, masks=MASKS, masked_sweep_tokens=None, rounds=2):
+    """Every (workload, mode): the token sweep at the first mask, then the other masks at
+    ``masked_sweep_tokens``; each case's providers in fresh, interleaved processes."""
     hidden, vocab = MODELS[model]
     limits = cpu_limits(hidden, vocab, max(tokens))
+    masked_sweep_tokens = masked_sweep_tokens or tokens[len(tokens) // 2]
+    cases = [(n, masks[0]) for n in tokens] + [(masked_sweep_tokens, m) for m in masks[1:]]
     rows = []
     for workload in workloads:
         script = HERE / f"cpu_{workload}.py"
         for mode in modes:
-            for n in tokens:
-                args = ["--tokens", n, "--vocab", vocab, "--repeat", repeat, "--mode", mode]
+            for n, (masked, padding) in cases:
+                args = ["--tokens", n, "--vocab", vocab, "--repeat", repeat, "--mode", mode, "--masked", masked,
+                        "--padding", padding]
                 if workload == "linear":
                     args += ["--hidden", hidden]
-                measured = cpu_harness.run_providers(str(script), providers_for(workload, mode), args)
-                rows += [{"workload": workload, "mode": mode, "tokens": n, "hidden": hidden, "vocab": vocab, **r}
-                         for r in measured]
+                measured = cpu_harness.run_providers(str(script), providers_for(workload, mode), args, rounds=rounds)
+                rows += [{"workload": workload, "mode": mode, "tokens": n, "hidden": hidden, "vocab": vocab,
+                          "masked": masked, "padding": padding, **r} for r in measured]
     return derive_floors({"limits": limits, "rows": rows})
 
 
+def _same_case(a, b) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("workload", "mode", "tokens", "masked", "padding"))
+
+
 def derive_floors(result: dict) -> dict:
-    """Add ``floor_s`` and ``fraction_of_floor`` to every row, from the limits of the same run."""
+    """Both floors of every row, from the limits and the bare matmuls of the same run:
+    ``floor_all_s`` counts every token, ``floor_scored_s`` only the scored ones (the work that must
+    be done); ``fraction_of_floor_*`` is floor / time (1.0 = at the limit)."""
     limits = result["limits"]
     for r in result["rows"]:
+        if "error" in r:
+            continue
         passes = 3 if r.get("mode", "fwdbwd") == "fwdbwd" else 1     # logits reads/writes, or matmuls
+        scored = r.get("scored_tokens", r["tokens"])
         if r["workload"] == "logits":
-            r["floor_s"] = passes * r["tokens"] * r["vocab"] * 4 / limits["copy_bandwidth_bytes_per_s"]
+            per_token = passes * r["vocab"] * 4 / limits["copy_bandwidth_bytes_per_s"]
+            r["floor_all_s"], r["floor_scored_s"] = r["tokens"] * per_token, scored * per_token
         else:
-            bare = [x for x in result["rows"] if x["workload"] == "linear" and x["tokens"] == r["tokens"]
-                    and x.get("mode") == r.get("mode") and x["provider"] == "matmul_floor"]
-            r["floor_s"] = bare[0]["median_s"] if bare else \
-                passes * 2 * r["tokens"] * r["hidden"] * r["vocab"] / limits["matmul_flop_per_s"]
-        r["fraction_of_floor"] = r["floor_s"] / r["median_s"]
+            for key, provider, n in (("floor_all_s", "matmul_floor", r["tokens"]),
+                                     ("floor_scored_s", "matmul_floor_scored", scored)):
+                bare = [x for x in result["rows"] if x["workload"] == "linear" and _same_case(x, r)
+                        and x["provider"] == provider and "error" not in x]
+                r[key] = bare[0]["median_s"] if bare else \
+                    passes * 2 * n * r["hidden"] * r["vocab"] / limits["matmul_flop_per_s"]
+        r["fraction_of_floor_all"] = r["floor_all_s"] / r["median_s"]
+        r["fraction_of_floor_scored"] = r["floor_scored_s"] / r["median_s"]
     return result
 
 
@@ -134,7 +161,7 @@ def main(argv=None) -> int:
 
     model = args.model or "small"
     tokens = (512, 1024) if args.quick else (512, 1024, 2048, 4096)
-    result = run_cpu(workloads, model, tokens, 3 if args.quick else 5, modes)
+    result = run_cpu(workloads, model, tokens, 3 if args.quick else 5, modes, rounds=1 if args.quick else 2)
     result.update({"benchmark": "suite", "device": "cpu", "model": model, "threads": torch.get_num_threads()})
     path = cpu_harness.write_record("suite_cpu", result, args.out)
     print(f"\nwrote {path}")
@@ -150,15 +177,20 @@ def _print_summary(result):
     limits = result["limits"]
     print(f"\nCPU limits measured now: copy {limits['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"float32 matmul {limits['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s; model shape {result['model']}\n")
-    print("| workload | mode | tokens | provider | time (ms) | time vs naive | peak MB above inputs | memory vs naive | "
-          "fraction of floor |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| workload | mode | tokens | prompt/pad | provider | time (ms) | time vs TRL | memory vs TRL | "
+          "of floor, all tokens | of floor, scored tokens |")
+    print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in result["rows"]:
-        naive = next(x for x in result["rows"] if x["workload"] == r["workload"] and x["tokens"] == r["tokens"]
-                     and x.get("mode") == r.get("mode") and x["provider"] == "naive")
-        print(f"| {r['workload']} | {r.get('mode', 'fwdbwd')} | {r['tokens']} | {r['provider']} | {r['median_s'] * 1e3:.0f} | "
-              f"{r['median_s'] / naive['median_s']:.2f} | {r['peak_above_inputs_mb']:.0f} | "
-              f"{r['peak_above_inputs_mb'] / max(naive['peak_above_inputs_mb'], 1):.2f} | {r['fraction_of_floor']:.2f} |")
+        case = f"{r['masked']:g}/{r['padding']:g}"
+        if "error" in r:
+            print(f"| {r['workload']} | {r['mode']} | {r['tokens']} | {case} | {r['provider']} | {r['error']} | | | | |")
+            continue
+        base = next((x for x in result["rows"] if _same_case(x, r) and x["provider"] == BASELINES[r["workload"]]
+                     and "error" not in x), None)
+        vs = lambda key: "n/a" if base is None else f"{r[key] / max(base[key], 1e-9):.2f}"  # noqa: E731
+        print(f"| {r['workload']} | {r['mode']} | {r['tokens']} | {case} | {r['provider']} | {r['median_s'] * 1e3:.0f} | "
+              f"{vs('median_s')} | {vs('peak_above_inputs_mb')} | {r['fraction_of_floor_all']:.2f} | "
+              f"{r['fraction_of_floor_scored']:.2f} |")
 
 
 if __name__ == "__main__":

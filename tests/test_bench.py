@@ -16,18 +16,24 @@ def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
     import suite
     from plot import plot_suite
 
-    monkeypatch.setattr(suite, "CPU_PROVIDERS", {"logits": ("naive", "cpp", "cpp_inplace"),
-                                                 "linear": ("naive", "matmul_floor", "cpp")})
+    monkeypatch.setattr(suite, "CPU_PROVIDERS", {"logits": ("naive", "trl", "cpp", "cpp_inplace"),
+                                                 "linear": ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored",
+                                                            "cpp")})
     monkeypatch.setattr(suite, "MODELS", {"tiny": (32, 2000)})
-    result = suite.run_cpu(["logits", "linear"], "tiny", (64, 128), 1)
-    # logits: 3 providers forward+backward, 2 forward (in place changes only the backward); linear: 3 and 3
-    assert len(result["rows"]) == 2 * (3 + 2 + 3 + 3)
-    fwd_floor = next(r for r in result["rows"] if r["workload"] == "linear" and r["mode"] == "fwd"
-                     and r["provider"] == "matmul_floor")
-    assert fwd_floor["fraction_of_floor"] == 1.0
-    assert result["limits"]["copy_bandwidth_bytes_per_s"] > 1e8 and result["limits"]["matmul_flop_per_s"] > 1e8
+    result = suite.run_cpu(["logits", "linear"], "tiny", (1024,), 1, masks=((0.125, 0.0), (0.25, 0.25)), rounds=1)
+    # per mask: logits 4 providers forward+backward, 3 forward (in place changes only the backward);
+    # linear 5 and 5
+    assert len(result["rows"]) == 2 * (4 + 3 + 5 + 5)
     for row in result["rows"]:
-        assert row["median_s"] > 0 and row["floor_s"] > 0 and 0 < row["fraction_of_floor"]
+        assert "error" not in row, row                     # every provider passed its correctness gate
+        assert row["scored_tokens"] == (896 if row["masked"] == 0.125 else 512)
+        assert row["median_s"] > 0 and row["floor_scored_s"] > 0 and row["floor_all_s"] > 0
+        if row["workload"] == "logits":                    # bytes over bandwidth: exactly proportional
+            assert row["floor_scored_s"] / row["floor_all_s"] == pytest.approx(row["scored_tokens"] / 1024)
+    fwd_floor = next(r for r in result["rows"] if r["workload"] == "linear" and r["mode"] == "fwd"
+                     and r["provider"] == "matmul_floor_scored" and r["masked"] == 0.25)
+    assert fwd_floor["fraction_of_floor_scored"] == 1.0
+    assert result["limits"]["copy_bandwidth_bytes_per_s"] > 1e8 and result["limits"]["matmul_flop_per_s"] > 1e8
     path = cpu_harness.write_record("suite_cpu", {"device": "cpu", "threads": 2, **result}, tmp_path)
     assert set(json.loads(path.read_text())) >= {"commit", "dirty", "date", "torch"}
     assert json.loads(path.read_text())["rows"][0]["workload"] == "logits"
@@ -51,8 +57,9 @@ def test_the_suite_writes_into_out_never_into_the_committed_records(tmp_path, mo
     committed = {p.name: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*")}
     canned = {"limits": {"copy_bandwidth_bytes_per_s": 1e10, "matmul_flop_per_s": 1e11},
               "rows": [{"workload": "logits", "mode": "fwdbwd", "tokens": 64, "vocab": 100, "hidden": 8,
-                        "provider": p, "median_s": t, "min_s": t, "max_s": t, "peak_above_inputs_mb": 1.0}
-                       for p, t in (("naive", 2e-3), ("cpp", 1e-3))]}
+                        "masked": 0.125, "padding": 0.0, "scored_tokens": 56, "provider": p, "median_s": t,
+                        "min_s": t, "max_s": t, "peak_above_inputs_mb": 1.0}
+                       for p, t in (("trl", 2e-3), ("cpp", 1e-3))]}
     monkeypatch.setattr(suite, "run_cpu", lambda *args, **kwargs: suite.derive_floors(canned))
     monkeypatch.chdir(tmp_path)
     assert suite.main(["--workload", "logits", "--mode", "fwdbwd", "--quick"]) == 0
