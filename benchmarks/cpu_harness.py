@@ -135,7 +135,12 @@ def run_providers(script: str, providers, child_args, env_for=None, rounds: int 
 def print_table(rows, extra_columns=(), baseline: str = "naive") -> None:
     """Markdown table with time and memory ratios against the ``baseline`` row; a provider that
     failed its correctness gate (or could not run) is a row that says so."""
-    naive = next(r for r in rows if r["provider"] == baseline and "error" not in r)
+    ok = [r for r in rows if "error" not in r]
+    naive = next((r for r in ok if r["provider"] == baseline), ok[0] if ok else None)
+    if naive is None:
+        print("every provider failed:", "; ".join(f"{r['provider']}: {r['error']}" for r in rows))
+        return
+    baseline = naive["provider"]
     head = ["provider", "median time (ms)", "min–max (ms)", f"time vs {baseline}", "peak memory above inputs (MB)",
             f"memory vs {baseline}", *(name for name, _ in extra_columns)]
     print("| " + " | ".join(head) + " |")

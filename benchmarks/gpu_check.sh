@@ -1,49 +1,58 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU: the CUDA tests and the GPU benchmarks (205 s on an H100 before
-# the forward-only sweeps were added, an estimated 4-5 minutes with them; the budget is 6).
-# Results, with device name, versions and commit, go to benchmarks/results/ (and to $OUT when
-# the device tool sets it, after every stage, so a stage that runs out of time loses nothing):
+# The one prepared run for a lent GPU (H100 or H200), version 2: what has never been measured
+# first, every stage writing its results as it finishes, the whole under 8 minutes.
 #   bash benchmarks/gpu_check.sh
-# Stages, each with its own time limit; a failing stage is reported and the next one runs:
-#   1. CUDA kernel tests: Triton and chunked-PyTorch backends on CUDA tensors, torch.compile
-#   2. the logits-path sweep (benchmarks/gpu_logits.py) against the copy-bandwidth floor,
-#      forward+backward then forward alone
-#   3. the fused-linear sweep (benchmarks/gpu_linear.py) against the matmul floor and Liger-Kernel,
-#      forward+backward then forward alone
-#   4. the training tests (tests/test_train.py) on CUDA: DoRATrainer with the Triton path
-#   5. the charts of the JSON written (benchmarks/plot.py)
-# ROBALIGN_COMMIT names the commit measured where the copy's .git is not this checkout's.
-# GPU_CHECK_STAGES picks stages (default "tests logits linear train").
-# The GPU machine has no network: wheels of what it lacks (Liger-Kernel; datasets and its two
-# missing dependencies) are kept in benchmarks/wheels/ and installed only where not importable.
+# Results, each naming device, versions and commit (with a dirty flag), go to
+# benchmarks/results/ and, after every stage, into $OUT/gpu_results.tar when the device tool sets
+# $OUT — a run cut off by its time limit still returns what it measured.
+# Stages, in order (GPU_CHECK_STAGES picks some; each has its own limit and the run stops
+# starting new ones once BUDGET seconds, default 450, are spent):
+#   linear   the honest fused-linear sweep: both floors (all and scored tokens), prompt and padding
+#            fractions 1/8, 0, 1/2, 1/4 + 1/4, against TRL's fused head, Liger (DPO with a
+#            reference model, chunk 1 and 4; fused linear cross-entropy) and Cut Cross-Entropy
+#   logits   the logits path at 4096 and 16384 × 128256 with host µs per call, TRL's
+#            selective_log_softmax as the baseline, sequence_logps_with_ref, the masked sweep
+#   fwd      the forward-only headline shapes (how reference log-probs are computed)
+#   packed   packed input (cu_seqlens)
+#   long     long sequences: 8 × 8192 tokens
+#   models   Qwen2.5-7B and Mistral-7B shapes (logits and linear)
+#   chunks   the fused linear path's chunk size, by the rule and at fixed budgets
+#   tests    CUDA tests: kernels, reliability, property test, sync-free step under
+#            torch.cuda.set_sync_debug_mode("error"), torch.compile, no recompilation
+#   charts   the charts of the JSON written
+# ROBALIGN_COMMIT (and ROBALIGN_DIRTY=1) name the commit measured where the copy's .git is not
+# this checkout's. The machine has no network: wheels of what it lacks (TRL, accelerate,
+# Liger-Kernel, Cut Cross-Entropy, datasets and two of its dependencies) are in
+# benchmarks/wheels/ and installed, without dependencies, only where not importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-450}
 export PYTHONUNBUFFERED=1 ROBALIGN_NO_JIT=1
 status=0
-# $OUT takes at most 8 files: the results travel as one tarball, rewritten after every stage.
-sync_out() {
+sync_out() {       # $OUT takes at most 8 files: one tarball, rewritten after every stage
   if [ -n "${OUT:-}" ]; then (cd "$RESULTS" && tar -cf "$OUT/gpu_results.tar.tmp" gpu_* && mv "$OUT/gpu_results.tar.tmp" "$OUT/gpu_results.tar"); fi
   return 0
 }
-STAGES=" ${GPU_CHECK_STAGES:-tests logits linear train} "
-stage() {  # stage KEY NAME SECONDS LOG COMMAND...
-  local key=$1 name=$2 limit=$3 log=$4; shift 4
-  [[ "$STAGES" == *" $key "* ]] || { echo "== $name skipped (GPU_CHECK_STAGES)"; return 0; }
-  echo "== $name (limit ${limit}s) $(date -Iseconds)"
+STAGES=" ${GPU_CHECK_STAGES:-linear logits fwd packed long models chunks tests charts} "
+stage() {  # stage KEY SECONDS LOG COMMAND...
+  local key=$1 limit=$2 log=$3; shift 3
+  [[ "$STAGES" == *" $key "* ]] || { echo "== $key skipped (GPU_CHECK_STAGES)"; return 0; }
+  if [ "$SECONDS" -ge "$BUDGET" ]; then echo "== $key skipped: ${SECONDS}s of the ${BUDGET}s budget spent"; status=1; return 0; fi
+  echo "== $key (limit ${limit}s, at ${SECONDS}s) $(date -Iseconds)"
   timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$log"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)"; status=1; }
+  [ "$rc" -eq 0 ] || { echo "== $key FAILED (exit $rc)"; status=1; }
   sync_out
 }
 
 {
   echo "date: $(date -Iseconds)"
-  echo "commit: ${ROBALIGN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')}"
+  echo "commit: ${ROBALIGN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}$( [ "${ROBALIGN_DIRTY:-0}" = 1 ] || ! git diff --quiet 2>/dev/null && echo ' (with uncommitted changes)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  $PY -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$RESULTS/gpu_env.txt"
 
 SITE=/tmp/robalign_site
@@ -52,20 +61,34 @@ for wheel in benchmarks/wheels/*.whl; do
   $PY -c "import $pkg" 2>/dev/null || $PY -m pip install -q --no-deps --no-index --target "$SITE" "$wheel"
 done
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import trl, liger_kernel, cut_cross_entropy; print('trl', trl.__version__, 'liger', liger_kernel.__version__ if hasattr(liger_kernel, '__version__') else '0.8.5', 'cce', cut_cross_entropy.__version__)" \
+  2>&1 | tee -a "$RESULTS/gpu_env.txt"
 
 # robalign from this checkout; the C++ extension is not needed for the GPU path (CI tests it).
 ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . \
   || { echo "installing robalign failed"; sync_out; exit 1; }
 
-stage tests "CUDA kernel tests" 150 gpu_tests.log \
-  $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py -k "triton-cuda or torch-cuda or recompile" -p no:cacheprovider
-stage logits "logits sweep" 150 gpu_logits.md bash -c \
-  "$PY benchmarks/gpu_logits.py --out '$RESULTS' && $PY benchmarks/gpu_logits.py --mode fwd --out '$RESULTS'"
-stage linear "fused linear sweep" 200 gpu_linear.md bash -c \
-  "$PY benchmarks/gpu_linear.py --out '$RESULTS' && $PY benchmarks/gpu_linear.py --mode fwd --out '$RESULTS'"
-stage train "training on CUDA" 100 gpu_train.log \
-  $PY -m pytest tests/test_train.py -m "not distributed" -p no:cacheprovider -p no:logging
-echo "== charts"
-$PY benchmarks/plot.py "$RESULTS"/gpu_logits_*.json "$RESULTS"/gpu_linear_*.json || status=1
-sync_out
+G="$PY benchmarks"
+stage linear 170 gpu_linear.md $G/gpu_linear.py --out "$RESULTS"
+stage logits 110 gpu_logits.md $G/gpu_logits.py --model llama3-8b --tokens 4096,16384 --out "$RESULTS"
+stage fwd 60 gpu_fwd.md bash -c "$G/gpu_logits.py --mode fwd --quick --masks 0.125/0 --out '$RESULTS' && \
+  $G/gpu_linear.py --mode fwd --quick --masks 0.125/0 --out '$RESULTS'"
+stage packed 30 gpu_packed.md $G/gpu_logits.py --packed --quick --masks 0.125/0 --providers torch,triton,triton_inplace --out "$RESULTS"
+stage long 40 gpu_long.md $G/gpu_logits.py --tokens 65536 --seqlen 8192 --model llama3-8b --masks 0.125/0 \
+  --providers trl,triton,triton_inplace,triton_with_ref --out "$RESULTS"
+stage models 80 gpu_models.md bash -c "for m in qwen2.5-7b mistral-7b; do \
+  $G/gpu_logits.py --quick --model \$m --masks 0.125/0 --out '$RESULTS' && \
+  $G/gpu_linear.py --quick --model \$m --masks 0.125/0 --providers trl_fused,matmul_floor_scored,triton,liger_dpo_c1 --out '$RESULTS' || exit 1; done"
+stage chunks 50 gpu_linear_chunk_sizes.log bash -c "for mb in rule 256 1024 4096; do echo \"ROBALIGN_CHUNK_MB=\$mb\"; \
+  if [ \$mb = rule ]; then unset ROBALIGN_CHUNK_MB; else export ROBALIGN_CHUNK_MB=\$mb; fi; \
+  $G/gpu_linear.py --quick --masks 0.125/0 --providers matmul_floor_scored,triton --out /tmp/chunks_\$mb | grep -E '^\\| [0-9]'; done"
+stage tests 120 gpu_tests.log $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py \
+  tests/test_kernel_reliability.py tests/test_property_backends.py tests/test_sync_free.py \
+  -k "triton-cuda or torch-cuda or recompile or property or sync" -p no:cacheprovider
+if [[ "$STAGES" == *" charts "* ]]; then
+  echo "== charts"
+  $PY benchmarks/plot.py "$RESULTS"/gpu_logits_*.json "$RESULTS"/gpu_linear_*.json || status=1
+  sync_out
+fi
+echo "== done in ${SECONDS}s (budget ${BUDGET}s; the device tool's limit is 8 minutes)"
 exit $status

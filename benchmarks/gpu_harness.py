@@ -40,11 +40,28 @@ def bench(fn, device, min_repeats: int = 10) -> dict:
     return {"median_s": statistics.median(times), "p20_s": times[0], "p80_s": times[-1]}
 
 
+def host_seconds(fn, device, calls: int = 10) -> float:
+    """Seconds the host spends in one call of ``fn`` without waiting for the device: the host work
+    (checks, allocations, launches, and any synchronisation) that a fast kernel cannot hide."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = (time.perf_counter() - start) / calls
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return seconds
+
+
 def measure(fn, device) -> dict:
-    """Time (ms: median, p20, p80) and peak MiB above the inputs of ``fn``; ``{"error": ...}``
-    when it fails (out of memory, a provider's missing API), so one provider cannot end a sweep."""
+    """Time (ms: median, p20, p80), host µs per call and peak MiB above the inputs of ``fn``;
+    ``{"error": ...}`` when it fails (out of memory, a provider's missing API), so one provider
+    cannot end a sweep."""
     try:
         t = bench(fn, device)
+        host = host_seconds(fn, device)
         peak = peak_above(fn, device)
     except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
         if device == "cuda":
@@ -54,22 +71,34 @@ def measure(fn, device) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"median_ms": t["median_s"] * 1e3, "p20_ms": t["p20_s"] * 1e3, "p80_ms": t["p80_s"] * 1e3,
-            "peak_above_inputs_mb": peak}
+            "host_us": host * 1e6, "peak_above_inputs_mb": peak}
 
 
-def measure_providers(providers, make_step, device, label: str, derive) -> list[dict]:
-    """One row per provider: ``make_step(provider)`` timed by :func:`measure` (or the ImportError
-    of a provider that is not installed), plus ``derive(seconds)`` metrics when it ran."""
+def gate(got, want, rtol, atol) -> str | None:
+    """The correctness gate before timing: each output against the reference, or a message."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.detach().double().cpu(), w.detach().double().cpu()
+        if g.shape != w.shape or not torch.allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(w.abs().max()))):
+            err = (g - w).abs().max().item() if g.shape == w.shape else f"shape {tuple(g.shape)}"
+            return f"failed the correctness gate: output {i} differs from the reference by {err}"
+    return None
+
+
+def measure_providers(providers, make_step, device, label: str, derive, check=None) -> list[dict]:
+    """One row per provider: ``check(provider)`` (the correctness gate: an error message or None),
+    then ``make_step(provider)`` timed by :func:`measure` (or the ImportError of a provider that is
+    not installed), plus ``derive(seconds)`` metrics when it ran."""
     import sys
 
     rows = []
     for provider in providers:
         try:
-            step = make_step(provider)
+            error = None if check is None else check(provider)
+            step = None if error else make_step(provider)
         except ImportError as err:
             row = {"error": f"not importable ({err})"}
         else:
-            row = measure(step, device)
+            row = {"error": error} if error else measure(step, device)
         if "median_ms" in row:
             row.update(derive(row["median_ms"] / 1e3))
         rows.append({"provider": provider, **row})
@@ -110,9 +139,12 @@ def matmul_rate(device) -> float:
 def environment(device) -> dict:
     import triton
 
-    commit = os.environ.get("ROBALIGN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+    here = Path(__file__).parent
+    git = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
+    commit = os.environ.get("ROBALIGN_COMMIT") or git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if "ROBALIGN_COMMIT" not in os.environ else \
+        os.environ.get("ROBALIGN_DIRTY", "0") == "1"
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit, "dirty": dirty,
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
 

@@ -3,22 +3,35 @@ forward + backward (gradients of hidden and weight), bfloat16, H = 4096, V = 128
 16 sequences × {512, 1024, 2048} tokens.
 
 Providers:
-    naive          materialised logits (hidden @ Wᵀ, upcast to float32), log_softmax, gather, autograd
-    naive_compile  torch.compile of the naive path (one dynamic-shape compile for the sweep)
-    matmul_floor   the three bare matmuls alone (hidden @ Wᵀ, G @ W, Gᵀ @ hidden): the compute floor
-    torch          robalign's chunked path with its plain-PyTorch row kernels (the portable fallback)
-    triton         chunked cuBLAS matmuls + Triton row kernels (recompute design: four matmul passes)
-    liger          Liger-Kernel's LigerFusedLinearDPOLoss, when liger_kernel is importable
+    naive                materialised logits (hidden @ Wᵀ, upcast to float32), log_softmax, gather, autograd
+    naive_compile        torch.compile of the naive path (one dynamic-shape compile for the sweep)
+    trl_fused            TRL 1.16's fused LM head (trl.kernels.ChunkedLogProbFunction, called as its
+                         add_fused_lm_head does: on a Triton device only the scored tokens) — the
+                         baseline: what TRL's DPO trainer runs today
+    matmul_floor         the three bare matmuls over all N tokens (hidden @ Wᵀ, G @ W, Gᵀ @ hidden)
+    matmul_floor_scored  the same over the M scored tokens: the work that must be done
+    torch                robalign's chunked path with its plain-PyTorch row kernels (the portable fallback)
+    triton               chunked cuBLAS matmuls + Triton row kernels (recompute design: four matmul passes)
+    liger_dpo_c1/_c4     Liger-Kernel's LigerFusedLinearDPOLoss with a reference model as TRL builds one
+                         (reference hidden states and head, no gradient), chunk_size 1 and 4 pairs
+    liger_flce           Liger-Kernel's fused linear cross-entropy, per token (reduction="none")
+    cce                  Apple's Cut Cross-Entropy, per token (reduction="none")
 
-The matmul rate is measured in the same run (an 8192³ bfloat16 product); TFLOP/s count the
-three matmuls' 6·N·H·V FLOPs. Times are medians of ``triton.testing.do_bench`` (20th/80th
-percentiles in the JSON); memory is the peak allocated above the inputs. A provider that fails
-(the naive path runs out of memory at 16 × 2048 tokens) is reported as failed, not dropped.
+Prompt (``--masks``) and padding are masked as in real preference batches; robalign skips
+those tokens, so every row reports its time against both floors, and a lead over a provider
+that computes every position comes (partly) from skipping them — compare on scored tokens.
+Every provider passes a correctness gate (log-probs of the first sequence against float64, its
+gradient too where the provider returns per-sequence log-probs) before it is timed. The matmul
+rate is measured in the same run; times are medians of ``triton.testing.do_bench`` (20th/80th
+percentiles in the JSON), ``host_us`` the host time of one call; memory is the peak allocated
+above the inputs. A provider that fails is reported as failed, not dropped.
 
-    python benchmarks/gpu_linear.py [--quick] [--model NAME] [--mode fwdbwd|fwd] [--out DIR]
+    python benchmarks/gpu_linear.py [--quick] [--model NAME] [--mode fwdbwd|fwd] [--masks sweep|P/PAD]
+                                    [--providers a,b] [--out DIR]
 
-``--mode fwd`` times the forward alone under ``no_grad`` (its floor is ``hidden @ Wᵀ``, 2·N·H·V
-FLOPs); ``--model`` takes H and V from benchmarks/shapes.py (default llama3-8b).
+``--mode fwd`` times the forward alone under ``no_grad`` (inputs detached, so no provider takes a
+gradient path; its floor is ``hidden @ Wᵀ``, 2·N·H·V FLOPs); ``--model`` takes H and V from
+benchmarks/shapes.py (default llama3-8b).
 """
 
 from __future__ import annotations
@@ -30,11 +43,13 @@ from pathlib import Path
 import torch
 
 import robalign
-from gpu_harness import environment, matmul_rate, measure_providers, write_json
+from gpu_harness import environment, gate, matmul_rate, measure_providers, write_json
 from shapes import MODELS
 
 SEQS = 16
-PROVIDERS = ("naive", "naive_compile", "matmul_floor", "torch", "triton", "liger")
+PROVIDERS = ("naive", "naive_compile", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "triton",
+             "liger_dpo_c1", "liger_dpo_c4", "liger_flce", "cce")
+MASKS = ((0.125, 0.0), (0.0, 0.0), (0.5, 0.0), (0.25, 0.25))
 
 
 def naive(hidden, weight, labels):
@@ -46,69 +61,134 @@ def naive(hidden, weight, labels):
 naive_compiled = torch.compile(naive, dynamic=True)
 
 
-def liger_step(hidden, weight, labels, mode):
-    """Liger's chunked DPO loss on the same rows (chosen/rejected halves), no reference model."""
+def trl_fused(hidden, weight, labels):
+    """TRL 1.16's fused LM head as add_fused_lm_head calls it (trl/trainer/utils.py)."""
+    from trl.kernels.chunked_logprob import _use_triton
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+    mask = labels != -100
+    compact = _use_triton(hidden.device)
+    h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+    y = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
+    tok = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+    tok = tok.new_zeros(mask.shape).masked_scatter(mask, tok) if compact else tok.view(mask.shape).masked_fill(~mask, 0)
+    return tok.sum(-1)
+
+
+def per_token_logps(provider, hidden, weight, labels):
+    """Per-sequence log-probs from a per-token cross-entropy provider (Liger FLCE, CCE)."""
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if provider == "liger_flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        tok = -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, h, y)
+    else:
+        from cut_cross_entropy import linear_cross_entropy
+
+        tok = -linear_cross_entropy(h, weight, y, reduction="none")
+    return (tok.view(labels.shape).float() * (labels != -100)).sum(-1)
+
+
+def liger_step(hidden, weight, labels, ref_hidden, mode, chunk_size):
+    """Liger's chunked DPO loss on the same rows (chosen/rejected halves) with a reference model
+    as TRL builds one: the reference's hidden states and a frozen copy of the head."""
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-    loss_fn = LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=False)
+    loss_fn = LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=True, chunk_size=chunk_size)
+    ref_weight = weight.detach().clone()
 
     def step():
-        loss = loss_fn(weight, hidden, labels)
+        loss = loss_fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)
         loss = loss[0] if isinstance(loss, tuple) else loss
         return loss if mode == "fwd" else torch.autograd.grad(loss, (hidden, weight))
     return torch.no_grad()(step) if mode == "fwd" else step
 
 
-def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="fwdbwd"):
+def logps_of(provider, hidden, weight, labels):
+    if provider in ("naive", "naive_compile"):
+        return (naive if provider == "naive" else naive_compiled)(hidden, weight, labels)
+    if provider == "trl_fused":
+        return trl_fused(hidden, weight, labels)
+    if provider in ("liger_flce", "cce"):
+        return per_token_logps(provider, hidden, weight, labels)
+    return robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)[0]
+
+
+def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="fwdbwd", masked=0.125, padding=0.0):
     torch.manual_seed(0)
     tokens = SEQS * seqlen
-    hidden = torch.randn(SEQS, seqlen, hidden_size, device=device, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype) / hidden_size ** 0.5).requires_grad_(True)
+    hidden = torch.randn(SEQS, seqlen, hidden_size, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
+    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype) / hidden_size ** 0.5) \
+        .requires_grad_(mode == "fwdbwd")
+    ref_hidden = torch.randn(SEQS, seqlen, hidden_size, device=device, dtype=dtype)
     labels = torch.randint(vocab, (SEQS, seqlen), device=device)
-    labels[:, : seqlen // 8] = -100
+    labels[:, : round(masked * seqlen)] = -100
+    labels[:, seqlen - round(padding * seqlen):] = -100
+    scored = int((labels != -100).sum())
     coeff = torch.randn(SEQS, device=device)
-    flops = (6 if mode == "fwdbwd" else 2) * tokens * hidden_size * vocab
+    passes = 3 if mode == "fwdbwd" else 1
 
     def make(provider):
-        if provider == "matmul_floor":
-            h, w = hidden.detach().reshape(tokens, hidden_size), weight.detach()
+        if provider.startswith("matmul_floor"):
+            rows = tokens if provider == "matmul_floor" else scored
+            h, w = hidden.detach().reshape(tokens, hidden_size)[:rows], weight.detach()
             if mode == "fwd":
                 return lambda: h @ w.T
-            g = torch.randn(tokens, vocab, device=device, dtype=dtype)
+            g = torch.randn(rows, vocab, device=device, dtype=dtype)
             return lambda: (h @ w.T, g @ w, g.T @ h)
-        if provider == "liger":
-            return liger_step(hidden, weight, labels, mode)
+        if provider.startswith("liger_dpo"):
+            return liger_step(hidden, weight, labels, ref_hidden, mode, int(provider.rsplit("c", 1)[1]))
 
         def step():
-            if provider in ("naive", "naive_compile"):
-                logps = (naive if provider == "naive" else naive_compiled)(hidden, weight, labels)
-            else:
-                logps, _ = robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)
+            logps = logps_of(provider, hidden, weight, labels)
             if mode == "fwd":
                 return logps
             return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
         return torch.no_grad()(step) if mode == "fwd" else step
 
-    rows = measure_providers(providers, make, device, f"{tokens} tokens",
-                             lambda s: {"tflops": flops / s / 1e12, "fraction_of_matmul_rate": flops / s / rate})
-    return [{"mode": mode, "tokens": tokens, "hidden": hidden_size, "vocab": vocab, **r} for r in rows]
+    def check(provider):
+        if provider.startswith(("matmul_floor", "liger_dpo")):
+            return None                       # not log-prob providers: a floor, and a loss (checked against TRL in tests)
+        h = hidden.detach()[:1].clone().requires_grad_(mode == "fwdbwd")
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            logps = logps_of(provider, h, weight.detach(), labels[:1])
+            got = (logps,) if mode == "fwd" else (logps, torch.autograd.grad(logps.sum(), h)[0])
+        want_h = hidden.detach()[:1].double().requires_grad_(True)
+        want, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:1])
+        want_all = (want,) if mode == "fwd" else (want, torch.autograd.grad(want.sum(), want_h)[0])
+        # bfloat16 head: the logits of a bfloat16 matmul carry ~2⁻⁸ relative error each
+        return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+
+    def derive(s):
+        return {"tflops_scored": passes * 2 * scored * hidden_size * vocab / s / 1e12,
+                "fraction_of_matmul_rate_scored": passes * 2 * scored * hidden_size * vocab / s / rate}
+
+    rows = measure_providers(providers, make, device, f"{tokens} tokens ({masked:g}/{padding:g})", derive, check)
+    floors = {r["provider"]: r["median_ms"] for r in rows if r["provider"].startswith("matmul_floor") and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r:
+            r.update({f"vs_{k}": r["median_ms"] / v for k, v in floors.items()})
+    return [{"mode": mode, "tokens": tokens, "scored_tokens": scored, "masked": masked, "padding": padding,
+             "hidden": hidden_size, "vocab": vocab, **r} for r in rows]
 
 
-def print_table(rows):
-    print("| tokens | provider | time (ms) | TFLOP/s | time vs matmul floor | speed-up vs naive | peak MB above inputs | "
-          "memory vs naive |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+def print_table(rows, baseline="trl_fused"):
+    print("| tokens | scored | provider | time (ms) | host µs | time vs bare matmuls, all tokens | vs bare matmuls, "
+          f"scored | speed-up vs {baseline} | peak MB above inputs | memory vs {baseline} |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['tokens']} | {r['provider']} | failed: {r['error']} | | | | | |")
+            print(f"| {r['tokens']} | {r['scored_tokens']} | {r['provider']} | failed: {r['error']} | | | | | | |")
             continue
-        ref = {x["provider"]: x for x in rows if x["tokens"] == r["tokens"] and "median_ms" in x}
-        floor_ratio = f"{r['median_ms'] / ref['matmul_floor']['median_ms']:.2f}" if "matmul_floor" in ref else "n/a"
-        mem = r["peak_above_inputs_mb"]
-        naive_mem = ref.get("naive", {}).get("peak_above_inputs_mb")
-        mem_ratio = "n/a" if mem is None or not naive_mem else f"{mem / naive_mem:.3f}"
-        speed = f"{ref['naive']['median_ms'] / r['median_ms']:.2f}×" if "naive" in ref else "n/a"
-        print(f"| {r['tokens']} | {r['provider']} | {r['median_ms']:.1f} | {r['tflops']:.0f} | {floor_ratio} | {speed} | "
+        same = [x for x in rows if all(x[k] == r[k] for k in ("tokens", "masked", "padding")) and "median_ms" in x]
+        base = next((x for x in same if x["provider"] == baseline), None) or \
+            next((x for x in same if x["provider"] == "naive"), None)
+        fmt = lambda key: f"{r[key]:.2f}" if key in r else "n/a"  # noqa: E731
+        speed = "n/a" if base is None else f"{base['median_ms'] / r['median_ms']:.2f}×"
+        mem, base_mem = r["peak_above_inputs_mb"], None if base is None else base.get("peak_above_inputs_mb")
+        mem_ratio = "n/a" if mem is None or not base_mem else f"{mem / base_mem:.3f}"
+        print(f"| {r['tokens']} | {r['scored_tokens']} | {r['provider']} | {r['median_ms']:.1f} | {r['host_us']:.0f} | "
+              f"{fmt('vs_matmul_floor')} | {fmt('vs_matmul_floor_scored')} | {speed} | "
               f"{'n/a' if mem is None else f'{mem:.0f}'} | {mem_ratio} |")
 
 
@@ -118,6 +198,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="16 × 1024 tokens only")
     parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b", help="H and V")
     parser.add_argument("--mode", choices=("fwdbwd", "fwd"), default="fwdbwd")
+    parser.add_argument("--masks", default="sweep",
+                        help="'sweep' (1/8 prompt over the token sweep, then 0, 1/2 and 1/4 + 1/4 padding at "
+                             "16 × 1024) or one 'PROMPT/PADDING'")
+    parser.add_argument("--providers", help="comma-separated subset of the providers")
     parser.add_argument("--out", default="robalign-bench", help="folder for the JSON record (default ./robalign-bench)")
     args = parser.parse_args(argv)
     device = args.device
@@ -126,17 +210,27 @@ def main(argv=None) -> int:
         seqlens = (1024,)
     if device == "cpu":                                      # smoke test of the script only
         dtype, hidden_size, vocab, seqlens = torch.float32, 64, 2000, (32,)
-    providers = PROVIDERS if device == "cuda" else ("naive", "matmul_floor", "torch", "cpp")
+    providers = PROVIDERS if device == "cuda" else ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored",
+                                                    "torch", "cpp")
+    if args.providers:
+        providers = tuple(p for p in args.providers.split(",") if p)
+    if args.masks == "sweep":
+        middle = seqlens[len(seqlens) // 2]
+        cases = [(n, MASKS[0]) for n in seqlens] + [(middle, m) for m in MASKS[1:]]
+    else:
+        cases = [(n, tuple(float(x) for x in args.masks.split("/"))) for n in seqlens]
     rate = matmul_rate(device)
-    rows = [r for n in seqlens for r in run_case(n, device, dtype, rate, hidden_size, vocab, providers, args.mode)]
+    rows = [r for n, (masked, padding) in cases
+            for r in run_case(n, device, dtype, rate, hidden_size, vocab, providers, args.mode, masked, padding)]
     env = environment(device)
-    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
-          f"measured matmul rate {rate / 1e12:.0f} TFLOP/s; "
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
+          f"{' (dirty)' if env['dirty'] else ''}; measured matmul rate {rate / 1e12:.0f} TFLOP/s; "
           f"{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}\n")
     print_table(rows)
     suffix = ("" if args.model == "llama3-8b" else f"_{args.model}") + ("" if args.mode == "fwdbwd" else "_fwd")
     path = write_json(Path(args.out), f"gpu_linear_{env['device'].replace(' ', '_')}{suffix}",
-                      {"benchmark": "gpu_linear", "mode": args.mode, "model": args.model, **env, "matmul_tflops": rate / 1e12, "rows": rows})
+                      {"benchmark": "gpu_linear", "mode": args.mode, "model": args.model, **env,
+                       "matmul_tflops": rate / 1e12, "rows": rows})
     print(f"\nwrote {path}", file=sys.stderr)
     return 0
 

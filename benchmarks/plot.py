@@ -52,7 +52,8 @@ def plot(path) -> list[Path]:
 def plot_gpu_logits(path) -> list[Path]:
     plt = _pyplot()
     path, result = _read(path)
-    rows = [r for r in result["rows"] if "median_ms" in r]
+    rows = [r for r in result["rows"] if "median_ms" in r and (r.get("masked", 0.125), r.get("padding", 0.0)) == (
+        result["rows"][0].get("masked", 0.125), result["rows"][0].get("padding", 0.0))]
     cases = list(dict.fromkeys((r["tokens"], r["vocab"]) for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     width = 0.8 / len(providers)
@@ -60,13 +61,14 @@ def plot_gpu_logits(path) -> list[Path]:
     for i, provider in enumerate(providers):
         mine = {(r["tokens"], r["vocab"]): r for r in rows if r["provider"] == provider}
         xs = [c + (i - (len(providers) - 1) / 2) * width for c in range(len(cases))]
-        left.bar(xs, [mine[c]["fraction_of_floor"] if c in mine else 0 for c in cases], width, label=provider)
+        frac = lambda r: r.get("fraction_of_floor_scored", r.get("fraction_of_floor", 0))  # noqa: E731
+        left.bar(xs, [frac(mine[c]) if c in mine else 0 for c in cases], width, label=provider)
         right.bar(xs, [max(mine[c]["peak_above_inputs_mb"] or 0, 1) if c in mine else 0 for c in cases], width,
                   label=provider)
     labels = [f"N={n}\nV={v}" for n, v in cases]
     what = "forward (no_grad)" if result.get("mode") == "fwd" else "forward+backward"
-    floor = "N·V·2" if result.get("mode") == "fwd" else "3·N·V·2"
-    left.axhline(1.0, color="black", linestyle=":", label=f"limit: {floor} bytes / copy bandwidth")
+    floor = "M·V·2" if result.get("mode") == "fwd" else "3·M·V·2"
+    left.axhline(1.0, color="black", linestyle=":", label=f"limit: {floor} bytes / copy bandwidth (M scored tokens)")
     left.set(ylabel="fraction of the bandwidth floor (higher is better)", ylim=(0, 1.05),
              title=f"logits path, bfloat16, {what}: speed against the limit")
     right.set(yscale="log", ylabel="peak MB above the inputs (in place: 0, drawn at 1)",
@@ -83,14 +85,18 @@ def plot_gpu_logits(path) -> list[Path]:
 def plot_gpu_linear(path) -> list[Path]:
     plt = _pyplot()
     path, result = _read(path)
-    rows = [r for r in result["rows"] if "median_ms" in r]
+    first_mask = (result["rows"][0].get("masked", 0.125), result["rows"][0].get("padding", 0.0))
+    rows = [r for r in result["rows"] if "median_ms" in r
+            and (r.get("masked", 0.125), r.get("padding", 0.0)) == first_mask]       # the token sweep
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for provider in dict.fromkeys(r["provider"] for r in rows):
         mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["tokens"])
         xs = [r["tokens"] for r in mine]
-        if provider == "matmul_floor":
-            label = "limit: the bare matmul" if result.get("mode") == "fwd" else "limit: the three bare matmuls"
-            left.plot(xs, [r["median_ms"] for r in mine], ":", color="black", label=label)
+        if provider.startswith("matmul_floor"):
+            which = "scored tokens" if provider.endswith("_scored") else "all tokens"
+            label = f"limit, {which}: the {'bare matmul' if result.get('mode') == 'fwd' else 'three bare matmuls'}"
+            left.plot(xs, [r["median_ms"] for r in mine], "--" if provider.endswith("_scored") else ":",
+                      color="black", label=label)
             continue
         style = "-o" if provider in ("triton", "torch") else "-^"
         left.plot(xs, [r["median_ms"] for r in mine], style, label=provider)

@@ -206,11 +206,30 @@ print(json.dumps({"peak_mb": status('VmHWM') - base}))
 def test_cpu_chunked_path_peak_memory_is_below_one_logits_tensor():
     """Peak resident growth of forward+backward, in a fresh process, against the size of one
     [N, V] float32 logits tensor (250 MB here); the reference is measured too, to show that the
-    measurement sees a materialised path."""
+    measurement sees a materialised path. The chunk is pinned at 64 MiB (524 tokens of 2048): the
+    rule's default on CPU, 1024 tokens, would be half of this small batch."""
+    import os
+
     logits_mb = 2048 * 32000 * 4 / 2**20
     peaks = {}
+    env = dict(os.environ, ROBALIGN_CHUNK_MB="64")
     for backend in ("cpp", "torch", "reference"):
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, backend], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, backend], capture_output=True, text=True, check=True,
+                             env=env)
         peaks[backend] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
     assert peaks["cpp"] < logits_mb and peaks["torch"] < logits_mb, peaks
     assert peaks["reference"] > logits_mb, peaks
+
+
+def test_chunk_rule(monkeypatch):
+    """Tokens per chunk by rule: the device's target (enough rows for the matmuls to run at their
+    rate), fewer when the chunk's logits would pass the memory cap; ROBALIGN_CHUNK_MB overrides."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("ROBALIGN_CHUNK_MB", raising=False)
+    assert linear.chunk_tokens(32000, 4, cpu) == 1024
+    assert linear.chunk_tokens(128256, 4, cpu) == 1024                  # 513 MB: under the 512 MiB cap
+    assert linear.chunk_tokens(262144, 4, cpu) == 512                   # capped by memory
+    assert linear.chunk_tokens(128256, 2, cuda) == 4096
+    assert linear.chunk_tokens(10 ** 9, 4, cpu) == 1                    # at least one token
+    monkeypatch.setenv("ROBALIGN_CHUNK_MB", "64")
+    assert linear.chunk_tokens(32000, 4, cpu) == 524
