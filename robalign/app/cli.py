@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..losses.objectives import NAMES
 from .ratio.classifier import CALIBRATIONS
+from .config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings
 from .ratio.features import FEATURES
 
 
@@ -63,7 +64,9 @@ def _cmd_weigh(args) -> int:
     try:
         report = weigh_file(args.data, args.target_source, args.out, features=args.features, encoder=args.encoder,
                             feature_array=args.feature_array, folds=args.folds, calibration=args.calibration,
-                            multiclass=args.multiclass, alpha=args.alpha, report_dir=args.report, seed=args.seed)
+                            multiclass=args.multiclass, alpha=args.alpha, report_dir=args.report, seed=args.seed,
+                            weight_floor=args.weight_floor, temper=args.temper, target_ess=args.target_ess,
+                            log=lambda line: print(line, file=sys.stderr))
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise UsageError(str(err).splitlines()[0]) from None
     print(f"wrote {args.out}: {report['samples']} samples, {report['responses']} responses")
@@ -72,7 +75,8 @@ def _cmd_weigh(args) -> int:
               f"cross-fitting fold ({report['fold_groups']} groups)")
     print(f"AUC {report['auc']:.3f}  Brier {report['brier']:.3f}  ECE {report['ece']:.3f}  "
           f"alpha {report['alpha']:.3f} (from probs {report['alpha_from_probs']:.3f})  "
-          f"ESS {report['ess']:.1f} ({report['ess_fraction']:.0%})")
+          f"ESS {report['ess']:.1f} ({report['ess_fraction']:.0%}; {report['ess_fraction_unguarded']:.0%} before the "
+          f"guards: floor {report['weight_floor']:g}, γ {report['temper']:.2f})")
     if args.report:
         print(f"report: {args.report}/weigh_report.json, {args.report}/weigh_report.png")
     return 0
@@ -85,7 +89,8 @@ def _cmd_train(args) -> int:
         raise UsageError(f"needs the `train` extra: pip install 'robalign[train]' ({err})") from None
     overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-                                               "max_prompt_length", "seed", "resume", "fsdp", "deepspeed")}
+                                               "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
+                                               "logging_steps")}
     for flag in ("lora", "bf16"):
         if getattr(args, flag):
             overrides[flag] = True
@@ -163,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     weigh.add_argument("--calibration", choices=CALIBRATIONS, default="temperature")
     weigh.add_argument("--multiclass", action="store_true", help="one class per source instead of target vs rest")
     weigh.add_argument("--alpha", type=float, help="override the estimated target fraction α")
+    weigh.add_argument("--weight-floor", type=float, default=0.01,
+                       help="no response weighs less than this (an average one weighs 1; default 0.01)")
+    weigh.add_argument("--temper", type=float, default=1.0, help="weights to the power γ in (0, 1] (default 1)")
+    weigh.add_argument("--target-ess", type=float,
+                       help="temper just enough for this effective-sample-size fraction, e.g. 0.5")
     weigh.add_argument("--report", help="folder for weigh_report.json and weigh_report.png")
     weigh.add_argument("--seed", type=int, default=0)
     weigh.set_defaults(func=_cmd_weigh)
@@ -174,17 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="listwise or pairwise JSONL (default: the embedded toy preferences)")
     train.add_argument("--out", help="output folder (default out/train)")
     train.add_argument("--config", help="YAML file with the same settings (flags win)")
-    train.add_argument("--objective", choices=NAMES)
-    train.add_argument("--lam", type=float, help="DRO temperature λ (inf: weighted mean)")
+    d, by_model, embedded = TrainSettings(), MODEL_DEFAULTS, EMBEDDED_DEFAULTS
+
+    def per_model(key, what):
+        return f"{what} (default {by_model[key]:g} for --model, {embedded[key]:g} for the embedded default)"
+
+    train.add_argument("--objective", choices=NAMES, help=f"the base objective (default {d.objective})")
+    train.add_argument("--lam", type=float, help=f"DRO temperature λ; inf: the weighted mean (default {d.lam:g})")
     train.add_argument("--alpha", type=float, help="target fraction α (needed with probs and no weights)")
-    train.add_argument("--beta", type=float, help="the objective's β")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--epochs", type=float)
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--batch-size", type=int, help="samples per device per micro-batch")
-    train.add_argument("--grad-accum", type=int)
-    train.add_argument("--max-length", type=int)
-    train.add_argument("--max-prompt-length", type=int)
+    train.add_argument("--beta", type=float, help=f"the objective's β (default {d.beta:g})")
+    train.add_argument("--lr", type=float, help=per_model("lr", "learning rate"))
+    train.add_argument("--epochs", type=float, help=f"passes over the data (default {d.epochs:g})")
+    train.add_argument("--max-steps", type=int, help="optimizer steps, overriding --epochs (default: -1, by epochs)")
+    train.add_argument("--batch-size", type=int, help=per_model("batch_size", "samples per device per micro-batch"))
+    train.add_argument("--grad-accum", type=int, help=per_model("grad_accum", "micro-batches per optimizer step"))
+    train.add_argument("--max-length", type=int, help=per_model("max_length", "tokens per row, prompt included"))
+    train.add_argument("--max-prompt-length", type=int, help=per_model("max_prompt_length", "prompt tokens kept"))
+    train.add_argument("--logging-steps", type=int,
+                       help=f"log every N optimizer steps; the first and last are always logged (default {d.logging_steps})")
     train.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
     train.add_argument("--fsdp", help="FSDP options for TrainingArguments, e.g. 'full_shard auto_wrap' "
                                       "(fsdp_config in --config); launch with torchrun or accelerate")

@@ -12,7 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DoRAConfig", "TrainSettings", "check_settings", "load_settings"]
+__all__ = ["DoRAConfig", "TrainSettings", "MODEL_DEFAULTS", "EMBEDDED_DEFAULTS", "check_settings", "describe",
+           "load_settings", "resolve_defaults"]
 
 
 @dataclass
@@ -39,23 +40,32 @@ class DoRAConfig:
     objective_kwargs: dict = field(default_factory=dict)
 
 
+# Settings whose sensible value depends on the model: a real model (``--model``) gets the usual
+# values for DPO-style fine-tuning of a 1–8B model (TRL's DPO default learning rate, an effective
+# batch of 32 sequences pairs, 1024-token rows); the embedded 0.1M-parameter default its own.
+MODEL_DEFAULTS = {"lr": 1e-6, "batch_size": 4, "grad_accum": 8, "max_length": 1024, "max_prompt_length": 512}
+EMBEDDED_DEFAULTS = {"lr": 5e-4, "batch_size": 8, "grad_accum": 2, "max_length": 64, "max_prompt_length": 32}
+
+
 @dataclass
 class TrainSettings(DoRAConfig):
     """Everything ``robalign train`` takes (a YAML config uses the same keys): the alignment
     settings of :class:`DoRAConfig`, which the trainer reads from this object as they are, and
-    the run's."""
+    the run's. ``None`` in a field of :data:`MODEL_DEFAULTS` means "the default for this model"
+    (:func:`resolve_defaults`): :data:`MODEL_DEFAULTS` with ``--model``, else
+    :data:`EMBEDDED_DEFAULTS`."""
 
     out: str = "out/train"
     model: str | None = None
     data: str | None = None
-    lr: float = 5e-4
+    lr: float | None = None
     optim: str = "adamw_torch"
     epochs: float = 1.0
     max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 2
-    max_length: int = 64
-    max_prompt_length: int = 32
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    max_length: int | None = None
+    max_prompt_length: int | None = None
     lora: bool = False
     bf16: bool = False
     fsdp: str = ""
@@ -65,6 +75,19 @@ class TrainSettings(DoRAConfig):
     logging_steps: int = 5
     save_steps: int = 50
     resume: str | None = None
+
+
+def resolve_defaults(settings: TrainSettings) -> TrainSettings:
+    """``settings`` with every ``None`` of :data:`MODEL_DEFAULTS`'s fields filled for its model."""
+    defaults = MODEL_DEFAULTS if settings.model is not None else EMBEDDED_DEFAULTS
+    return dataclasses.replace(settings, **{k: v for k, v in defaults.items() if getattr(settings, k) is None})
+
+
+def describe(settings: TrainSettings) -> str:
+    """One line of the settings that shape a run, for the log at its start."""
+    keys = ("objective", "beta", "lam", "lr", "batch_size", "grad_accum", "max_length", "max_prompt_length",
+            "epochs", "max_steps", "seed")
+    return "robalign: settings " + ", ".join(f"{k}={getattr(settings, k)}" for k in keys)
 
 
 def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
@@ -88,7 +111,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
     text = (lambda v: isinstance(v, str), "a string")
     path = (lambda v: v is None or isinstance(v, str), "a string (a path)")
     mapping = (lambda v: isinstance(v, dict), "a mapping (key: value)")
-    prompt = getattr(settings, "max_prompt_length", 0)
+    prompt = getattr(settings, "max_prompt_length", 0) or 0
     rules = {
         "objective": (lambda v: v in objectives.NAMES, f"one of {', '.join(objectives.NAMES)}"),
         "beta": positive_float, "lr": positive_float, "epochs": positive_float,
@@ -159,6 +182,6 @@ def load_settings(config_path=None, **overrides) -> TrainSettings:
             raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    settings = TrainSettings(**values)
+    settings = resolve_defaults(TrainSettings(**values))
     check_settings(settings, where)
     return settings

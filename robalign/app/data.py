@@ -72,6 +72,18 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.groups)
 
+    def unknown_share(self, unk_token_id) -> float:
+        """The fraction of the tokens (prompts and responses) that are the tokenizer's unknown
+        token: high when a tokenizer does not cover the data's vocabulary."""
+        if unk_token_id is None:
+            return 0.0
+        total = unknown = 0
+        for group in self.groups:
+            for ids in group.input_ids:
+                total += len(ids)
+                unknown += sum(1 for t in ids if t == unk_token_id)
+        return unknown / max(total, 1)
+
     def __getitem__(self, index):
         return self.groups[index]
 

@@ -12,11 +12,12 @@ import json
 import time
 from pathlib import Path
 
-from .config import TrainSettings, check_settings, load_settings
+from .config import TrainSettings, check_settings, describe, load_settings, resolve_defaults
 
 __all__ = ["TrainSettings", "run_training", "load_settings", "embedded_model"]
 
 ASSETS = Path(__file__).parent / "assets"
+UNKNOWN_WARN, UNKNOWN_REFUSE = 0.02, 0.5       # shares of unknown tokens: warn, and refuse on the embedded default
 
 
 def embedded_model(seed: int = 0):
@@ -77,7 +78,9 @@ def run_training(settings: TrainSettings, log=print) -> dict:
 
     from .checkpoints import check_model_folder, resolve_resume
 
+    settings = resolve_defaults(settings)
     check_settings(settings)
+    log(describe(settings))
     out = Path(settings.out)
     # every file is checked before anything is loaded
     if settings.model is not None:
@@ -92,6 +95,13 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     data = Path(settings.data) if settings.data is not None else _embedded_data(out, settings.seed)
     dataset = PreferenceDataset.from_file(data, tokenizer, max_length=settings.max_length,
                                           max_prompt_length=settings.max_prompt_length)
+    unknown = dataset.unknown_share(getattr(tokenizer, "unk_token_id", None))
+    if unknown > UNKNOWN_REFUSE and settings.model is None:
+        raise ValueError(f"--data {data}: {unknown:.0%} of its tokens are unknown to the embedded default's toy "
+                         "tokenizer, which knows only the toy vocabulary; train your own model with --model PATH")
+    if unknown > UNKNOWN_WARN:
+        log(f"robalign: WARNING: {unknown:.1%} of the data's tokens are the tokenizer's unknown token "
+            f"({getattr(tokenizer, 'unk_token', None)!r}): the model cannot tell those words apart")
     if settings.lora:
         try:
             from peft import LoraConfig, get_peft_model
@@ -103,7 +113,8 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         output_dir=str(out), per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=max(settings.batch_size, 8), gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.lr, num_train_epochs=settings.epochs, max_steps=settings.max_steps,
-        logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
+        logging_steps=settings.logging_steps, logging_first_step=True, save_steps=settings.save_steps,
+        save_total_limit=2,
         report_to=[], seed=settings.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
         optim=settings.optim, bf16=settings.bf16, fsdp=settings.fsdp, fsdp_config=settings.fsdp_config or None,
         deepspeed=settings.deepspeed, lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,

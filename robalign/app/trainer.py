@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .._io import write_atomic
 from .config import DoRAConfig, check_settings
@@ -126,6 +126,16 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None):
     return captured["result"]
 
 
+class _LogLastStep(TrainerCallback):
+    """Log the last optimizer step too, so a run shorter than (or not a multiple of) the logging
+    interval still reports where it ended (``logging_first_step`` reports where it began)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
 class DoRATrainer(Trainer):
     """A ``transformers.Trainer`` for preference data with exact KL-DRO.
 
@@ -144,6 +154,7 @@ class DoRATrainer(Trainer):
             kwargs["data_collator"] = PreferenceCollator(pad_token_id=pad)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
+        self.add_callback(_LogLastStep())
         dataset = self.train_dataset
         self.group_size = getattr(dataset, "group_size", 2)
         d = self.dora

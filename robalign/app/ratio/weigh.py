@@ -75,7 +75,8 @@ def _writable_file(what: str, path: Path) -> None:
         raise ValueError(f"{what} {path}: no permission to write in {parent}")
 
 
-def _check_arguments(data, out, report_dir, features, feature_array, folds, calibration, alpha):
+def _check_arguments(data, out, report_dir, features, feature_array, folds, calibration, alpha, weight_floor=0.0,
+                     temper=1.0, target_ess=None):
     """Every argument and output path, before any work (nothing is read, fitted or written yet)."""
     if Path(out).resolve() == Path(data).resolve():
         raise ValueError(f"--out {out} is the input file; write the weighted file elsewhere")
@@ -96,20 +97,64 @@ def _check_arguments(data, out, report_dir, features, feature_array, folds, cali
         raise ValueError(f"unknown calibration {calibration!r}; expected one of {', '.join(CALIBRATIONS)}")
     if alpha is not None and not 0 < alpha <= 1:
         raise ValueError(f"--alpha must lie in (0, 1], got {alpha}")
+    if not 0 <= weight_floor < 1:
+        raise ValueError(f"--weight-floor must lie in [0, 1), got {weight_floor}")
+    if not 0 < temper <= 1:
+        raise ValueError(f"--temper must lie in (0, 1], got {temper}")
+    if target_ess is not None and not 0 < target_ess <= 1:
+        raise ValueError(f"--target-ess must lie in (0, 1], got {target_ess}")
+
+
+WEIGHT_FLOOR = 0.01       # default guard: no response weighs less than 1 % of an average one
+WARN_ESS = 0.5            # warn when the weights' ESS falls below this fraction of the samples
+
+
+def _ess_fraction(sample_weights) -> float:
+    return float(sample_weights.sum() ** 2 / (sample_weights ** 2).sum() / len(sample_weights))
+
+
+def guard_weights(weights, samples, *, floor: float, temper: float, target_ess: float | None):
+    """The standard guards of importance weighting, on the per-response density ratios:
+
+        w ← w^γ        tempering (γ = ``temper`` ∈ (0, 1]; with ``target_ess``, the largest γ whose
+                        sample weights reach that effective-sample-size fraction, by bisection)
+        w ← max(w, f)  a floor (``floor`` ≥ 0): no response is dropped entirely
+
+    Returns ``(weights, γ used)``."""
+    import numpy as np
+
+    def apply(gamma):
+        w = np.maximum(np.power(weights, gamma), floor)
+        per_sample = np.zeros(samples.max() + 1)
+        np.add.at(per_sample, samples, w)
+        return w, per_sample / np.bincount(samples)
+
+    gamma = temper
+    if target_ess is not None and _ess_fraction(apply(gamma)[1]) < target_ess:
+        low, high = 0.0, gamma                       # γ = 0 gives equal weights: ESS 100 %
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if _ess_fraction(apply(mid)[1]) >= target_ess else (low, mid)
+        gamma = low
+    return apply(gamma)[0], gamma
 
 
 def weigh_file(data, target_source: str, out, *, features: str = "minilm", encoder=None, feature_array=None,
                folds: int = 5, calibration: str = "temperature", multiclass: bool = False, alpha: float | None = None,
-               report_dir=None, seed: int = 0, progress: bool = True) -> dict:
+               report_dir=None, seed: int = 0, progress: bool = True, weight_floor: float = WEIGHT_FLOOR,
+               temper: float = 1.0, target_ess: float | None = None, log=print) -> dict:
     """Run the classifier stage on ``data`` and write ``out`` (and the report); returns the report.
 
     Folds keep identical content together (:func:`robalign.ratio.classifier.content_groups`); the
-    report counts the duplicate responses found (``duplicates``)."""
+    report counts the duplicate responses found (``duplicates``). The weights pass the guards of
+    :func:`guard_weights` (default: a floor of 1 % of an average weight, no tempering), and a
+    warning with the fix is logged when their effective sample size falls below half the samples."""
     import torch
 
     from ...losses.weights import dora_weights
 
-    _check_arguments(data, out, report_dir, features, feature_array, folds, calibration, alpha)
+    _check_arguments(data, out, report_dir, features, feature_array, folds, calibration, alpha, weight_floor, temper,
+                     target_ess)
     pref = read_preference_file(data, need_sources=True)
     rows = pref.responses
     sources = np.array(rows["source"])
@@ -131,10 +176,19 @@ def weigh_file(data, target_source: str, out, *, features: str = "minilm", encod
     alpha_used = alpha_est if alpha is None else float(alpha)
     class_ratio = n_target / (len(sources) - n_target)
     # with β = 1 − α, dora_weights gives p/α when class_ratio = α/(1 − α) (the estimates here)
-    weights = dora_weights(torch.from_numpy(fit.probs), alpha_used, class_ratio=class_ratio).numpy()
+    raw = dora_weights(torch.from_numpy(fit.probs), alpha_used, class_ratio=class_ratio).numpy()
+    raw_samples = np.zeros(len(pref.records))
+    np.add.at(raw_samples, samples, raw)
+    raw_ess = _ess_fraction(raw_samples / np.bincount(samples))
+    weights, gamma = guard_weights(raw, samples, floor=weight_floor, temper=temper, target_ess=target_ess)
     sample_weights = np.zeros(len(pref.records))
     np.add.at(sample_weights, samples, weights)
     sample_weights /= np.bincount(samples)
+    if _ess_fraction(sample_weights) < WARN_ESS:
+        log(f"robalign weigh: WARNING: the weights' effective sample size is {_ess_fraction(sample_weights):.0%} of "
+            f"the samples (before the guards {raw_ess:.0%}): a few samples carry the training. The classifier "
+            f"separates the sources sharply (many weights near {weight_floor:g}); to keep more of the data, raise "
+            "--weight-floor (e.g. 0.1), temper with --temper 0.5, or ask for --target-ess 0.5")
 
     from sklearn.metrics import brier_score_loss, roc_auc_score
 
@@ -148,6 +202,7 @@ def weigh_file(data, target_source: str, out, *, features: str = "minilm", encod
         "class_ratio": class_ratio,
         "auc": float(roc_auc_score(is_target, fit.probs)), "brier": float(brier_score_loss(is_target, fit.probs)),
         "ece": expected_calibration_error(fit.probs, is_target),
+        "weight_floor": weight_floor, "temper": gamma, "target_ess": target_ess, "ess_fraction_unguarded": raw_ess,
         "ess": float(sample_weights.sum() ** 2 / (sample_weights ** 2).sum()),
         "weight_min": float(sample_weights.min()), "weight_max": float(sample_weights.max()),
         "weight_mean": float(sample_weights.mean()),

@@ -1,0 +1,96 @@
+"""A new user's traps: settings that suit the user's model, weights that collapse, data the
+tokenizer cannot read, and a short run that still reports where it began and ended."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
+
+from robalign.app.cli import main  # noqa: E402
+from robalign.app.config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings, resolve_defaults  # noqa: E402
+from robalign.app.train import embedded_model, run_training  # noqa: E402
+
+QUIET = lambda *_: None  # noqa: E731
+
+
+def test_defaults_follow_the_model():
+    """The embedded default's toy settings are never applied to a user's model."""
+    mine = resolve_defaults(TrainSettings(model="some/folder"))
+    toy = resolve_defaults(TrainSettings())
+    assert {k: getattr(mine, k) for k in MODEL_DEFAULTS} == MODEL_DEFAULTS
+    assert {k: getattr(toy, k) for k in EMBEDDED_DEFAULTS} == EMBEDDED_DEFAULTS
+    assert resolve_defaults(TrainSettings(model="m", lr=3e-6)).lr == 3e-6          # what the user says wins
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "learning rate (default 1e-06 for --model, 0.0005 for the embedded default)" in text
+    assert "tokens per row, prompt included (default 1024 for --model, 64 for the embedded default)" in text
+
+
+def test_a_run_prints_its_settings_and_logs_its_first_and_last_step(tmp_path):
+    logs = []
+    summary = run_training(TrainSettings(out=str(tmp_path / "o"), max_steps=3, logging_steps=50, save_steps=100),
+                           log=logs.append)
+    assert any(line.startswith("robalign: settings objective=dpo") and "lr=0.0005" in line for line in logs)
+    assert summary["first_log"]["step"] == 1 and summary["last_log"]["step"] == 3
+    assert math.isfinite(summary["first_log"]["loss"]) and math.isfinite(summary["last_log"]["loss"])
+
+
+def test_data_the_embedded_tokenizer_cannot_read_is_refused(tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Quelle est la capitale numéro {i} ?", "chosen": "Paris, évidemment.",
+                                        "rejected": "Je ne sais vraiment pas."}) + "\n" for i in range(20)))
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "of its tokens are unknown to the embedded default's toy tokenizer" in err and "--model" in err
+
+
+def test_a_model_whose_tokenizer_misses_words_gets_a_warning(tmp_path):
+    folder = tmp_path / "model"
+    model, tokenizer = embedded_model(0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "tell me about trees", "chosen": "tree leaf moss zyzzyva",
+                                        "rejected": "thing stuff"}) + "\n" for _ in range(8)))
+    logs = []
+    run_training(TrainSettings(out=str(tmp_path / "o"), model=str(folder), data=str(data), max_steps=1,
+                               batch_size=4, grad_accum=1, max_length=32, max_prompt_length=16, save_steps=100),
+                 log=logs.append)
+    assert any("WARNING" in line and "unknown token" in line for line in logs)
+
+
+def test_weight_guards():
+    from robalign.app.ratio.weigh import _ess_fraction, guard_weights
+
+    samples = np.arange(10)
+    raw = np.array([3.0, 3.0, 3.0] + [1e-73] * 7)                 # separable sources: 7 of 10 weigh nothing
+    floored, gamma = guard_weights(raw, samples, floor=0.01, temper=1.0, target_ess=None)
+    assert floored.min() == 0.01 and gamma == 1.0
+    tempered, gamma = guard_weights(raw, samples, floor=0.0, temper=1.0, target_ess=0.5)
+    assert 0 < gamma < 1 and _ess_fraction(tempered) >= 0.5 - 1e-6
+    assert _ess_fraction(guard_weights(raw, samples, floor=0.0, temper=1.0, target_ess=None)[0]) < 0.31
+
+
+def test_weigh_warns_when_the_weights_collapse(tmp_path, capsys):
+    from test_ratio import write_dataset
+
+    data = write_dataset(tmp_path / "mix.jsonl", n=200, alpha=0.3)      # separable sources
+    code = main(["weigh", str(data), "--target-source", "human", "--out", str(tmp_path / "w.jsonl"),
+                 "--features", "tfidf", "--weight-floor", "0"])
+    captured = capsys.readouterr()
+    assert code == 0 and "WARNING: the weights' effective sample size is" in captured.err
+    assert "--target-ess 0.5" in captured.err
+    code = main(["weigh", str(data), "--target-source", "human", "--out", str(tmp_path / "g.jsonl"),
+                 "--features", "tfidf", "--target-ess", "0.6"])
+    captured = capsys.readouterr()
+    assert code == 0 and "WARNING" not in captured.err
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    w = np.array([r["weight"] for r in rows])
+    assert w.sum() ** 2 / (w ** 2).sum() / len(w) >= 0.59
