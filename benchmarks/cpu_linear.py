@@ -28,25 +28,10 @@ import json
 import platform
 
 import cpu_harness
+from peers import trl_fused_logps
 
 PROVIDERS = ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp")
 SEQLEN = 512
-
-
-def trl_fused_logps(hidden, weight, labels):
-    """TRL 1.16's fused LM head as ``add_fused_lm_head`` calls it (trl/trainer/utils.py)."""
-    import torch
-    from trl.kernels.chunked_logprob import _use_triton
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
-
-    mask = labels != -100
-    compact = _use_triton(hidden.device)
-    h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
-    y = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
-    per_token = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
-    per_token = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token) if compact else \
-        per_token.view(mask.shape).masked_fill(~mask, 0)
-    return per_token.sum(-1)
 
 
 def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: int, mode: str = "fwdbwd",

@@ -32,27 +32,10 @@ import json
 import platform
 
 import cpu_harness
+from peers import naive_logps, trl_logps
 
 PROVIDERS = ("naive", "trl", "naive_thp", "naive_compile", "torch", "cpp", "cpp_inplace")
 SEQLEN = 512
-
-
-def naive_logps(logits, labels):
-    import torch
-
-    mask = labels != -100
-    lsm = torch.log_softmax(logits.float(), dim=-1)
-    tok = lsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok * mask).sum(-1)
-
-
-def trl_logps(logits, labels):
-    """What TRL 1.16's DPO trainer does with materialised logits: selective_log_softmax, then the
-    masked sum per sequence."""
-    from trl.trainer.utils import selective_log_softmax
-
-    mask = labels != -100
-    return selective_log_softmax(logits, labels.clamp(min=0), row_mask=mask).sum(-1)
 
 
 def provider_fn(provider: str):

@@ -44,6 +44,7 @@ import torch
 
 import robalign
 from gpu_harness import environment, gate, matmul_rate, measure_providers, write_json
+from peers import trl_fused_logps
 from shapes import MODELS
 
 SEQS = 16
@@ -59,20 +60,6 @@ def naive(hidden, weight, labels):
 
 
 naive_compiled = torch.compile(naive, dynamic=True)
-
-
-def trl_fused(hidden, weight, labels):
-    """TRL 1.16's fused LM head as add_fused_lm_head calls it (trl/trainer/utils.py)."""
-    from trl.kernels.chunked_logprob import _use_triton
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
-
-    mask = labels != -100
-    compact = _use_triton(hidden.device)
-    h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
-    y = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
-    tok = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
-    tok = tok.new_zeros(mask.shape).masked_scatter(mask, tok) if compact else tok.view(mask.shape).masked_fill(~mask, 0)
-    return tok.sum(-1)
 
 
 def per_token_logps(provider, hidden, weight, labels):
@@ -108,7 +95,7 @@ def logps_of(provider, hidden, weight, labels):
     if provider in ("naive", "naive_compile"):
         return (naive if provider == "naive" else naive_compiled)(hidden, weight, labels)
     if provider == "trl_fused":
-        return trl_fused(hidden, weight, labels)
+        return trl_fused_logps(hidden, weight, labels)
     if provider in ("liger_flce", "cce"):
         return per_token_logps(provider, hidden, weight, labels)
     return robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)[0]

@@ -41,6 +41,7 @@ import torch
 
 import robalign
 from gpu_harness import copy_bandwidth, environment, gate, measure_providers, write_json
+from peers import naive_logps, trl_logps
 from shapes import MODELS
 
 VOCABS = (32000, 128256, 151936)
@@ -52,21 +53,7 @@ MASKS = ((0.125, 0.0), (0.0, 0.0), (0.5, 0.0), (0.25, 0.25))     # (prompt, padd
 PROVIDERS = ("naive", "trl", "naive_compile", "torch", "triton", "triton_inplace", "triton_with_ref")
 
 
-def naive_logps(logits, labels):
-    mask = labels != -100
-    lsm = torch.log_softmax(logits.float(), dim=-1)
-    return (lsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
-
-
 naive_compiled = torch.compile(naive_logps, dynamic=True)
-
-
-def trl_logps(logits, labels):
-    """TRL 1.16's DPO trainer on materialised logits: selective_log_softmax, masked sum."""
-    from trl.trainer.utils import selective_log_softmax
-
-    mask = labels != -100
-    return selective_log_softmax(logits, labels.clamp(min=0), row_mask=mask).sum(-1)
 
 
 def logps_fn(provider, ref_logits, cu_seqlens):

@@ -1,0 +1,39 @@
+"""What the benchmarks compare against, shared by the CPU and GPU scripts: the naive path and
+TRL 1.16's current code paths (the baseline: what TRL users run today), each returning
+per-sequence log-probs ``[S]`` from ``[S, T, V]`` logits or ``[S, T, H]`` hidden states."""
+
+from __future__ import annotations
+
+import torch
+
+
+def naive_logps(logits, labels):
+    """float32 log_softmax + gather + masked sum (TRL before selective_log_softmax)."""
+    mask = labels != -100
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    return (lsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+
+
+def trl_logps(logits, labels):
+    """TRL 1.16's DPO trainer on materialised logits: selective_log_softmax (its fused Triton
+    kernel where it applies), then the masked sum per sequence."""
+    from trl.trainer.utils import selective_log_softmax
+
+    mask = labels != -100
+    return selective_log_softmax(logits, labels.clamp(min=0), row_mask=mask).sum(-1)
+
+
+def trl_fused_logps(hidden, weight, labels):
+    """TRL 1.16's fused LM head (trl.kernels.ChunkedLogProbFunction) as ``add_fused_lm_head``
+    calls it (trl/trainer/utils.py): the scored tokens only where Triton runs, every position
+    elsewhere."""
+    from trl.kernels.chunked_logprob import _use_triton
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+    mask = labels != -100
+    compact = _use_triton(hidden.device)
+    h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+    y = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
+    tok = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+    tok = tok.new_zeros(mask.shape).masked_scatter(mask, tok) if compact else tok.view(mask.shape).masked_fill(~mask, 0)
+    return tok.sum(-1)
