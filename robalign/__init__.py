@@ -14,18 +14,41 @@ Three layers, each importing only the ones below it:
     robalign.app      the classifier stage, data, trainer, command line, demo
 """
 
-from . import _compat, reference
-from .losses import objectives
-from .losses.dro import DROStats, KLDROAccumulator, kl_dro, kl_dro_with_stats
-from .losses.loss import DoRALoss, DoRAOutput, DoRASamples
-from .losses.reductions import KLDRO, Reduction
-from .losses.weights import dora_weights
-from .ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref, shift_labels
-from .ops import registry as backends
+import importlib
+
+from . import _compat
 
 __version__ = "0.1.0"
 
 _compat.install()
+
+# Public names, imported on first use (PEP 562), so that `import robalign` — and with it the
+# command line's --help and argument errors — does not pay for importing torch.
+_LAZY = {
+    "sequence_logps": ".ops", "sequence_logps_with_ref": ".ops", "linear_sequence_logps": ".ops",
+    "shift_labels": ".ops", "dora_weights": ".losses.weights", "kl_dro": ".losses.dro",
+    "kl_dro_with_stats": ".losses.dro", "KLDROAccumulator": ".losses.dro", "DROStats": ".losses.dro",
+    "DoRALoss": ".losses.loss", "DoRAOutput": ".losses.loss", "DoRASamples": ".losses.loss",
+    "Reduction": ".losses.reductions", "KLDRO": ".losses.reductions",
+}
+_MODULES = {"objectives": ".losses.objectives", "backends": ".ops.registry", "reference": ".reference",
+            "ops": ".ops", "losses": ".losses", "app": ".app"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name], __name__)
+    else:
+        raise AttributeError(f"module 'robalign' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_MODULES))
+
 
 __all__ = [
     "sequence_logps",

@@ -94,3 +94,44 @@ def test_weigh_warns_when_the_weights_collapse(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     w = np.array([r["weight"] for r in rows])
     assert w.sum() ** 2 / (w ** 2).sum() / len(w) >= 0.59
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--batchsize", "8"], "robalign train: unknown option --batchsize (did you mean --batch-size?)"),
+    (["weigh", "d.jsonl", "--target-sorce", "human", "--out", "o.jsonl"],
+     "robalign weigh: unknown option --target-sorce (did you mean --target-source?)"),
+    (["train", "--frobnicate"], "robalign train: unknown option --frobnicate; `robalign train --help` lists them"),
+])
+def test_a_mistyped_option_names_the_subcommand_and_the_closest_option(capsys, argv, message):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_lora_merge_leaves_a_plain_model(tmp_path):
+    pytest.importorskip("peft", reason="--lora needs peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    logs = []
+    run_training(TrainSettings(out=str(tmp_path / "o"), lora=True, merge=True, max_steps=2, save_steps=100, lr=1e-2),
+                 log=logs.append)
+    final = tmp_path / "o" / "final"
+    assert not (final / "adapter_config.json").exists() and any("merged the LoRA adapter" in line for line in logs)
+    model = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"--merge merges a LoRA adapter: it needs --lora"):
+        run_training(TrainSettings(out=str(tmp_path / "p"), merge=True, max_steps=1), log=QUIET)
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """`robalign --help` and argument errors do not wait for torch (26 s on a cold disk)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from robalign.app.cli import build_parser, objective_names; build_parser(); "
+              "assert 'torch' not in sys.modules, 'torch was imported'; print(','.join(objective_names()))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    import robalign
+
+    assert out.stdout.strip() == ",".join(robalign.objectives.NAMES)     # the names read from the registry's source

@@ -7,12 +7,12 @@ and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from ..losses.objectives import NAMES
-from .ratio.classifier import CALIBRATIONS
 from .config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings
+from .ratio.classifier import CALIBRATIONS
 from .ratio.features import FEATURES
 
 
@@ -23,6 +23,30 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def objective_names() -> tuple:
+    """The registered objectives' names — from the registry when it is loaded, else read from its
+    source (the ``@objective``-decorated functions of robalign/reference/objectives.py), so that
+    building the parser imports no torch and ``--help`` is instant."""
+    import ast
+
+    loaded = sys.modules.get("robalign.losses.objectives")
+    if loaded is not None:
+        return loaded.NAMES
+    source = Path(__file__).resolve().parents[1] / "reference" / "objectives.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    return tuple(node.name for node in tree.body if isinstance(node, ast.FunctionDef) and any(
+        isinstance(d, ast.Call) and getattr(d.func, "id", None) == "objective" for d in node.decorator_list))
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Errors a user can fix (a bad file, value or missing package) as one-line UsageErrors."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise UsageError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
 
 
 def _existing_file(value: str) -> Path:
@@ -37,6 +61,8 @@ def _cmd_demo(args) -> int:
         from .demo import ARMS, DemoSettings, run_demo
     except ImportError as err:
         raise UsageError(f"needs the `weigh` and `train` extras: pip install 'robalign[weigh,train]' ({err})") from None
+    if args.export_data is not None:
+        return _export_demo_data(Path(args.export_data), args)
     settings = DemoSettings()
     if args.quick:
         settings = DemoSettings(seeds=1, steps=20, sft_steps=30, n_train=200, n_test=100)
@@ -55,20 +81,36 @@ def _cmd_demo(args) -> int:
     return 0 if summary else 1
 
 
+def _export_demo_data(folder: Path, args) -> int:
+    """The demo's toy data as files shaped like a user's: ``train.jsonl`` (pairwise, a ``source``
+    per line) and ``test.jsonl`` (target pairs), to try ``weigh`` and ``train`` on."""
+    from .toy import ToySettings, make_toy_data, write_jsonl
+
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--export-data {folder} is a file; give a folder")
+    toy = ToySettings(n_train=400, n_test=100, target_fraction=args.target_fraction or 0.25,
+                      flip_rate=0.2 if args.flip_rate is None else args.flip_rate)
+    train, test = make_toy_data(toy)
+    fields = ("prompt", "chosen", "rejected", "source")
+    write_jsonl(folder / "train.jsonl", train, fields=fields)
+    write_jsonl(folder / "test.jsonl", test, fields=fields)
+    print(f"wrote {folder}/train.jsonl ({len(train)} pairs, sources human and synthetic) and "
+          f"{folder}/test.jsonl ({len(test)} human pairs)")
+    return 0
+
+
 def _cmd_weigh(args) -> int:
     _existing_file(args.data)
     try:
         from .ratio import weigh_file
     except ImportError as err:
         raise UsageError(f"needs the `weigh` extra: pip install 'robalign[weigh]' ({err})") from None
-    try:
+    with _user_errors():
         report = weigh_file(args.data, args.target_source, args.out, features=args.features, encoder=args.encoder,
                             feature_array=args.feature_array, folds=args.folds, calibration=args.calibration,
                             multiclass=args.multiclass, alpha=args.alpha, report_dir=args.report, seed=args.seed,
                             weight_floor=args.weight_floor, temper=args.temper, target_ess=args.target_ess,
                             log=lambda line: print(line, file=sys.stderr))
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        raise UsageError(str(err).splitlines()[0]) from None
     print(f"wrote {args.out}: {report['samples']} samples, {report['responses']} responses")
     if report["duplicates"]:
         print(f"found {report['duplicates']} duplicate responses; samples sharing one were kept in the same "
@@ -91,21 +133,31 @@ def _cmd_train(args) -> int:
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
                                                "logging_steps")}
-    for flag in ("lora", "bf16"):
+    for flag in ("lora", "merge", "bf16"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.no_dro_exact:
         overrides["exact_dro"] = False
-    try:
-        settings = load_settings(args.config, **overrides)
-        summary = run_training(settings)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        raise UsageError(str(err).splitlines()[0]) from None
+    with _user_errors():
+        summary = run_training(load_settings(args.config, **overrides))
     first, last = summary["first_log"] or {}, summary["last_log"] or {}
     print(f"trained {summary['steps']} steps in {summary['seconds']}s: loss {first.get('loss', float('nan')):.4f} -> "
           f"{last.get('loss', float('nan')):.4f}, reward accuracy {first.get('rewards/accuracy', float('nan')):.2f} -> "
           f"{last.get('rewards/accuracy', float('nan')):.2f}")
     print(f"model: {summary['out']}/final  summary: {summary['out']}/summary.json")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    try:
+        from .evaluate import evaluate_run
+    except ImportError as err:
+        raise UsageError(f"needs the `train` extra: pip install 'robalign[train]' ({err})") from None
+    with _user_errors():
+        result = evaluate_run(args.run, args.data, batch_size=args.batch_size)
+    print(f"{result['samples']} samples of {result['data']}: reward accuracy {result['reward_accuracy']:.3f}, "
+          f"reward margin {result['reward_margin']:+.3f} (β = {result['beta']:g}); the policy's log-probs alone "
+          f"rank {result['logp_accuracy']:.3f} of them right")
     return 0
 
 
@@ -139,7 +191,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robalign", description="Fused kernels for distribution-aware robust preference alignment (DoRA).")
     parser.add_argument("--version", action="version", version=f"robalign {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,weigh,train,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{demo,weigh,train,eval,bench}", parser_class=_Parser)
     sub.required = True
 
     demo = sub.add_parser("demo", help="the distribution-shift experiment on the embedded default",
@@ -153,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--features", choices=("tfidf", "minilm"), help="classifier features (default tfidf)")
     demo.add_argument("--out", help="output folder (default out/demo)")
     demo.add_argument("--quick", action="store_true", help="one seed, few steps, small data (a smoke test)")
+    demo.add_argument("--export-data", metavar="DIR",
+                      help="only write the demo's data as DIR/train.jsonl and DIR/test.jsonl (pairwise, with "
+                           "sources): a stand-in for your own file, in the embedded model's vocabulary")
     demo.set_defaults(func=_cmd_demo)
 
     weigh = sub.add_parser("weigh", help="fit the distribution classifier and add DoRA weights to a dataset",
@@ -189,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     def per_model(key, what):
         return f"{what} (default {by_model[key]:g} for --model, {embedded[key]:g} for the embedded default)"
 
-    train.add_argument("--objective", choices=NAMES, help=f"the base objective (default {d.objective})")
+    train.add_argument("--objective", choices=objective_names(), help=f"the base objective (default {d.objective})")
     train.add_argument("--lam", type=float, help=f"DRO temperature λ; inf: the weighted mean (default {d.lam:g})")
     train.add_argument("--alpha", type=float, help="target fraction α (needed with probs and no weights)")
     train.add_argument("--beta", type=float, help=f"the objective's β (default {d.beta:g})")
@@ -203,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logging-steps", type=int,
                        help=f"log every N optimizer steps; the first and last are always logged (default {d.logging_steps})")
     train.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
+    train.add_argument("--merge", action="store_true",
+                       help="with --lora: merge the adapter into the model, so final/ loads as a plain model")
     train.add_argument("--fsdp", help="FSDP options for TrainingArguments, e.g. 'full_shard auto_wrap' "
                                       "(fsdp_config in --config); launch with torchrun or accelerate")
     train.add_argument("--deepspeed", help="DeepSpeed JSON config for TrainingArguments (ZeRO-3 heads use the logits path)")
@@ -213,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint folder (default: latest)")
     train.add_argument("--seed", type=int)
     train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("eval", help="reward accuracy of a trained policy on a preference file",
+                              description="How the policy of a `robalign train` run ranks the pairs of a file: "
+                                          "the implicit reward β·(log-prob − reference log-prob) of the best "
+                                          "against the worst response.")
+    evaluate.add_argument("run", help="a run folder of `robalign train` (with final/ and summary.json)")
+    evaluate.add_argument("--data", required=True, help="pairwise or listwise JSONL to rank")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.set_defaults(func=_cmd_eval)
 
     bench = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)",
                            description="Speed and memory of both heavy ops against the naive path and the "
@@ -229,8 +295,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mistyped_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """A one-line error for the first ``--option`` the chosen subcommand does not know, naming the
+    subcommand and the closest option it does know (argparse would report a mistyped required
+    option as missing, and an unknown one without the subcommand)."""
+    import difflib
+
+    sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((t for t in argv if not t.startswith("-")), None)
+    sub = sub_action.choices.get(command)
+    if sub is None:
+        return None
+    known = set(sub._option_string_actions) | set(parser._option_string_actions)
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and name not in known and not any(k.startswith(name) for k in known):
+            close = difflib.get_close_matches(name, sorted(k for k in known if k.startswith("--")), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else f"; `robalign {command} --help` lists them"
+            return f"robalign {command}: unknown option {name}{hint}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mistyped = _mistyped_option(parser, argv)
+    if mistyped:
+        print(mistyped, file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return args.func(args)

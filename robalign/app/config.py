@@ -67,6 +67,7 @@ class TrainSettings(DoRAConfig):
     max_length: int | None = None
     max_prompt_length: int | None = None
     lora: bool = False
+    merge: bool = False
     bf16: bool = False
     fsdp: str = ""
     fsdp_config: dict = field(default_factory=dict)
@@ -118,7 +119,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
-        "use_weights": flag, "exact_dro": flag, "fused": flag, "shuffle": flag, "lora": flag, "bf16": flag,
+        "use_weights": flag, "exact_dro": flag, "fused": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
         "objective_kwargs": mapping, "fsdp_config": mapping,
         "out": text, "optim": text, "fsdp": text,
         "model": path, "data": path, "deepspeed": path, "resume": path,

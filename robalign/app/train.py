@@ -80,6 +80,8 @@ def run_training(settings: TrainSettings, log=print) -> dict:
 
     settings = resolve_defaults(settings)
     check_settings(settings)
+    if settings.merge and not settings.lora:
+        raise ValueError("--merge merges a LoRA adapter: it needs --lora")
     log(describe(settings))
     out = Path(settings.out)
     # every file is checked before anything is loaded
@@ -135,6 +137,16 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         raise
     trainer.save_model(str(out / "final"))
     tokenizer.save_pretrained(str(out / "final"))
+    if settings.lora and settings.merge:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(str(out / "final"))
+        (out / "final" / "adapter_model.safetensors").unlink(missing_ok=True)
+        (out / "final" / "adapter_config.json").unlink(missing_ok=True)
+        log(f"robalign: merged the LoRA adapter into the model: {out / 'final'} loads with "
+            "AutoModelForCausalLM.from_pretrained")
+    elif settings.lora:
+        log(f"robalign: {out / 'final'} holds a LoRA adapter: load it with "
+            "peft.AutoPeftModelForCausalLM.from_pretrained, or rerun with --merge for a plain model")
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
         "out": str(out), "data": str(data), "model": settings.model or "embedded tiny Llama",
