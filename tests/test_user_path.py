@@ -135,3 +135,15 @@ def test_help_and_argument_errors_import_no_torch():
     import robalign
 
     assert out.stdout.strip() == ",".join(robalign.objectives.NAMES)     # the names read from the registry's source
+
+
+def test_a_clone_seen_from_its_parent_folder_is_named(tmp_path):
+    """From the folder that contains a clone named `robalign`, `python -m robalign` finds the
+    clone's folder before the installed package; it says so in one line (exit 2)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "robalign" / "benchmarks").mkdir(parents=True)            # a clone: no __init__.py at its root
+    out = subprocess.run([sys.executable, "-m", "robalign", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith(f"robalign: the folder {tmp_path / 'robalign'} hides the installed package")

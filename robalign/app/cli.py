@@ -316,7 +316,24 @@ def _mistyped_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | 
     return None
 
 
+def _shadowed() -> str | None:
+    """When Python took a folder named ``robalign`` in the current directory (a clone, seen from
+    its parent folder) for the package, the message that says so; the package itself then has no
+    ``__file__`` (a namespace package) and nothing would work."""
+    top = sys.modules.get("robalign")
+    if top is None or getattr(top, "__file__", None) is not None:
+        return None
+    folder = next(iter(getattr(top, "__path__", [])), "robalign")
+    return (f"robalign: the folder {folder} hides the installed package: Python found it first because it is in "
+            "the current folder (a clone named robalign, seen from its parent?). Run from inside the clone or from "
+            "another folder, or call .venv/bin/robalign")
+
+
 def main(argv: list[str] | None = None) -> int:
+    shadowed = _shadowed()
+    if shadowed:
+        print(shadowed, file=sys.stderr)
+        return 2
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     mistyped = _mistyped_option(parser, argv)
