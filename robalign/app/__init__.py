@@ -3,7 +3,9 @@
     ratio/          the classifier stage (``robalign weigh``)
     data.py         preference files → tokenised groups → group-major batches
     trainer.py      DoRATrainer, a transformers Trainer
-    train.py        ``robalign train``: settings, model loading, the run
+    config.py       the one configuration (DoRAConfig, TrainSettings) and its checks
+    train.py        ``robalign train``: model loading, the run
+    evaluate.py     ``robalign eval``: reward accuracy of a run's policy on a file
     checkpoints.py  checks of model, checkpoint and cache files before they load
     toy.py, demo.py the embedded default and ``robalign demo``
     cli.py          the ``robalign`` command

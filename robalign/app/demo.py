@@ -1,6 +1,6 @@
 """``robalign demo``: a controlled distribution-shift experiment that shows what DoRA does.
 
-Data (:mod:`robalign.toy`, seeded): a fraction α of the training samples come from the target
+Data (:mod:`robalign.app.toy`, seeded): a fraction α of the training samples come from the target
 (``human``) source and are ranked by the target reward r0; the rest come from a ``synthetic``
 source with its own style, ranked by a biased reward r1 and partly flipped. The test set holds
 target samples ranked by r0.

@@ -1,7 +1,7 @@
 """``DoRATrainer``: a ``transformers.Trainer`` that trains a causal LM with DoRA (or any
 robalign objective), exactly across gradient-accumulation steps and data-parallel ranks.
 
-Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robalign.data`):
+Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robalign.app.data`):
 
     hidden = the model's last hidden states        (the model runs with logits_to_keep=1, so
                                                     no [rows, T, V] logits tensor is made)
@@ -139,7 +139,7 @@ class _LogLastStep(TrainerCallback):
 class DoRATrainer(Trainer):
     """A ``transformers.Trainer`` for preference data with exact KL-DRO.
 
-    Pass a :class:`robalign.data.PreferenceDataset` as ``train_dataset`` and a
+    Pass a :class:`robalign.app.data.PreferenceDataset` as ``train_dataset`` and a
     :class:`DoRAConfig` as ``dora``; the collator and ``remove_unused_columns=False`` are set
     for you. Logs loss (the full-batch DRO loss), reward accuracy and margin, chosen/rejected
     rewards, DRO effective sample size and largest share, and weight statistics.

@@ -12,7 +12,7 @@ from . import _cpp
 
 _C = _cpp.load()
 if _C is None:
-    raise ImportError("the C++ extension robalign._C could not be built or loaded")
+    raise ImportError("the C++ extension robalign.ops._C could not be built or loaded")
 
 
 def rows_lse_target(logits3d, labels, ignore_index, ref3d=None):

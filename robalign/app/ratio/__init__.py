@@ -1,4 +1,4 @@
-"""robalign.ratio — DoRA's first stage: how likely is each response to come from the target
+"""robalign.app.ratio — DoRA's first stage: how likely is each response to come from the target
 (human-preferred) distribution, and the density-ratio weight that follows.
 
     read_preference_file  listwise / pairwise JSONL, checked line by line

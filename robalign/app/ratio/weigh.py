@@ -145,7 +145,7 @@ def weigh_file(data, target_source: str, out, *, features: str = "minilm", encod
                temper: float = 1.0, target_ess: float | None = None, log=print) -> dict:
     """Run the classifier stage on ``data`` and write ``out`` (and the report); returns the report.
 
-    Folds keep identical content together (:func:`robalign.ratio.classifier.content_groups`); the
+    Folds keep identical content together (:func:`robalign.app.ratio.classifier.content_groups`); the
     report counts the duplicate responses found (``duplicates``). The weights pass the guards of
     :func:`guard_weights` (default: a floor of 1 % of an average weight, no tempering), and a
     warning with the fix is logged when their effective sample size falls below half the samples."""
