@@ -30,6 +30,7 @@ _LAZY = {
     "kl_dro_with_stats": ".losses.dro", "KLDROAccumulator": ".losses.dro", "DROStats": ".losses.dro",
     "DoRALoss": ".losses.loss", "DoRAOutput": ".losses.loss", "DoRASamples": ".losses.loss",
     "Reduction": ".losses.reductions", "KLDRO": ".losses.reductions",
+    "pairs_to_group_major": ".losses.layout", "pairs_to_chosen_first": ".losses.layout",
 }
 _MODULES = {"objectives": ".losses.objectives", "backends": ".ops.registry", "reference": ".reference",
             "ops": ".ops", "losses": ".losses", "app": ".app"}
@@ -65,6 +66,8 @@ __all__ = [
     "DoRASamples",
     "Reduction",
     "KLDRO",
+    "pairs_to_group_major",
+    "pairs_to_chosen_first",
     "objectives",
     "reference",
     "backends",

@@ -3,7 +3,9 @@
     objectives.py   base preference objectives ℓ_i (DPO, IPO, Plackett–Luce, RRHF, LIRE, ...)
     weights.py      DoRA's density-ratio weights w_i from classifier probabilities
     dro.py          the KL-DRO reduction, exact across ranks and micro-batches
+    reductions.py   the reduction protocol (KLDRO, and any other ambiguity set)
     loss.py         DoRALoss: log-probs → ℓ, w → the reduced loss
+    layout.py       row orders of a batch of pairs (TRL's chosen-first ↔ group-major)
 
 Imports the ops layer (for DoRALoss's log-probs), never the application.
 """

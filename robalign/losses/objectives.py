@@ -9,8 +9,10 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
 
     name            reference model   K        length-normalised   hyper-parameters
     dpo             yes               2        no                  beta, label_smoothing (cDPO)
+    dpo_norm        yes               2        yes                 beta               (TRL's sigmoid_norm)
     robust          yes               2        no                  beta, label_smoothing (flip rate ε < 1/2)
     ipo             yes               2        no                  beta
+    ipo_norm        yes               2        yes                 beta               (TRL's ipo)
     hinge           yes               2        no                  beta
     simpo           no                2        yes                 beta, gamma
     plackett_luce   yes               any      no                  beta

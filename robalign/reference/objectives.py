@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo", "robust", "ipo", "hinge", "simpo", "plackett_luce", "rrhf", "lire", "OBJECTIVES", "Objective",
+__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "plackett_luce", "rrhf", "lire",
+           "OBJECTIVES", "Objective",
            "Param", "objective"]
 
 
@@ -130,8 +131,30 @@ def robust(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smooth
 
 @objective(reference=True, pairwise=True, beta=BETA)
 def ipo(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
-    """IPO (Azar et al. 2023, arXiv 2310.12036), τ = β:  ℓ = (Δ − 1/(2β))²."""
+    """IPO (Azar et al. 2023, arXiv 2310.12036), τ = β, on token-summed log-ratios:
+    ℓ = (Δ − 1/(2β))². Its loss grows with the square of the responses' length; TRL's ``ipo``
+    (and the IPO authors' runs) normalise by length: that is :func:`ipo_norm`."""
     return (_pair_margin(logps, ref_logps, scores) - 1 / (2 * beta)) ** 2
+
+
+def _normalised_margin(logps, ref_logps, counts, scores):
+    """``Δ̄ = (logp_c − ref_c)/|y_c| − (logp_r − ref_r)/|y_r|`` (lengths clamped at 1)."""
+    ratios = sort_by_scores(_length_normalised(logps - ref_logps, counts), scores)
+    return ratios[:, 0] - ratios[:, 1]
+
+
+@objective(reference=True, pairwise=True, counts=True, beta=BETA)
+def ipo_norm(logps, ref_logps, *, counts, scores=None, beta=0.1):
+    """IPO on length-normalised log-ratios, as TRL's ``loss_type="ipo"`` computes it (the IPO
+    authors confirmed this form to TRL):  ℓ = (Δ̄ − 1/(2β))²  with per-token mean log-ratios Δ̄."""
+    return (_normalised_margin(logps, ref_logps, counts, scores) - 1 / (2 * beta)) ** 2
+
+
+@objective(reference=True, pairwise=True, counts=True, beta=BETA)
+def dpo_norm(logps, ref_logps, *, counts, scores=None, beta=0.1):
+    """DPO on length-normalised log-ratios, TRL's ``loss_type="sigmoid_norm"`` (Liger's
+    ``average_log_prob``):  ℓ = −log σ(β·Δ̄)."""
+    return -F.logsigmoid(beta * _normalised_margin(logps, ref_logps, counts, scores))
 
 
 @objective(reference=True, pairwise=True, beta=BETA)
