@@ -6,7 +6,8 @@
 
 Rows are addressed through a ``[B, T, V]`` view with a contiguous last dimension and free
 leading strides (row n is (n // T, n % T)), so padded, packed and strided inputs are read in
-place. One program handles one row, sweeping the vocabulary in blocks of ``BLOCK_V`` with an
+place. Labels are ``[N]`` contiguous integers, label n at ``p_labels + n``: the op boundary
+(``robalign.ops.library.flat_labels``) hands every backend that form, whatever the caller's. One program handles one row, sweeping the vocabulary in blocks of ``BLOCK_V`` with an
 online logsumexp in float32. Ignored rows are not read: the forward's loop runs zero times for
 them, the backward stores zeros without loading.
 
@@ -120,19 +121,12 @@ def _rows_softmax_grad_bwd_kernel(
         tl.store(p_out_row + o_v, _cast_rtne(b_grad, p_out.dtype.element_ty), mask=m_v)
 
 
-def _flat_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """``[N]`` contiguous labels: the kernels read label n at ``p_labels + n`` (a strided view such as
-    ``labels[:, ::2]`` reshapes to a strided ``[N]`` view, which must be copied)."""
-    return labels.reshape(n).contiguous()
-
-
 def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: int, ref3d=None):
     """``(lse [N], target [N], ref_token_logps [N] or None)`` in float32 for the ``[B, T, V]``
     view ``logits3d``; with ``ref3d`` (a view of the same shape) the reference model's token
     log-probs come from the same launch (0 on ignored rows)."""
     b, t, v = logits3d.shape
     n = b * t
-    labels = _flat_labels(labels, n)
     new = lambda: torch.empty(n, dtype=torch.float32, device=logits3d.device)
     lse, target, ref_logp = new(), new(), None if ref3d is None else new()
     if n == 0:
@@ -153,7 +147,7 @@ def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d) ->
         return
     block, warps = block_size(v)
     _rows_softmax_grad_bwd_kernel[(n,)](
-        logits3d, _flat_labels(labels, n), lse, coeff.float().contiguous(), out3d, t, v,
+        logits3d, labels, lse, coeff.float().contiguous(), out3d, t, v,
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), ignore_index,
         BLOCK_V=block, num_warps=warps)
 

@@ -65,7 +65,8 @@ def raise_pending() -> None:
 
 def check_values(where: str, ok: torch.Tensor, message, exc: type[Exception] = ValueError) -> None:
     """Require every element of the bool tensor ``ok``. Eager: read now and raise
-    ``message()`` (a callable, free to read values for its text); lazy: queue it, no sync."""
+    ``message(lazy=False)`` (free to read values for its text); lazy: queue ``message(lazy=True)``
+    with the device flag, no synchronisation."""
     if torch.compiler.is_compiling():
         return
     if checks_mode() == "lazy":
@@ -74,7 +75,7 @@ def check_values(where: str, ok: torch.Tensor, message, exc: type[Exception] = V
         fail(where, message(lazy=False), exc)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def fail(where: str, message: str, exc: type[Exception] = ValueError):
@@ -150,7 +151,7 @@ def check_number(where, name, value, *, low=None, high=None, low_open=False, hig
     hi = "" if high is None else f"{high}{')' if high_open else ']'}"
     interval = f"{lo or '(-inf'}, {hi or 'inf)'}"
     if isinstance(value, torch.Tensor) and allow_tensor:
-        if not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
+        if not (value.is_floating_point() or value.dtype in INTEGER_DTYPES):
             fail(where, f"`{name}` must be a real tensor, got {value.dtype}", TypeError)
         values = value.detach().double()
         ok = ~torch.isnan(values)

@@ -41,6 +41,17 @@ def objective_names() -> tuple:
 
 
 @contextlib.contextmanager
+def _needs_extras(*extras: str):
+    """An ImportError of a subcommand's dependencies as one line naming the extras to install."""
+    try:
+        yield
+    except ImportError as err:
+        names = " and ".join(f"`{e}`" for e in extras)
+        raise UsageError(f"needs the {names} extra{'s' if len(extras) > 1 else ''}: "
+                         f"pip install 'robalign[{','.join(extras)}]' ({err})") from None
+
+
+@contextlib.contextmanager
 def _user_errors():
     """Errors a user can fix (a bad file, value or missing package) as one-line UsageErrors."""
     try:
@@ -57,10 +68,8 @@ def _existing_file(value: str) -> Path:
 
 
 def _cmd_demo(args) -> int:
-    try:
+    with _needs_extras("weigh", "train"):
         from .demo import ARMS, DemoSettings, run_demo
-    except ImportError as err:
-        raise UsageError(f"needs the `weigh` and `train` extras: pip install 'robalign[weigh,train]' ({err})") from None
     if args.export_data is not None:
         return _export_demo_data(Path(args.export_data), args)
     settings = DemoSettings()
@@ -101,10 +110,8 @@ def _export_demo_data(folder: Path, args) -> int:
 
 def _cmd_weigh(args) -> int:
     _existing_file(args.data)
-    try:
+    with _needs_extras("weigh"):
         from .ratio import weigh_file
-    except ImportError as err:
-        raise UsageError(f"needs the `weigh` extra: pip install 'robalign[weigh]' ({err})") from None
     with _user_errors():
         report = weigh_file(args.data, args.target_source, args.out, features=args.features, encoder=args.encoder,
                             feature_array=args.feature_array, folds=args.folds, calibration=args.calibration,
@@ -125,10 +132,8 @@ def _cmd_weigh(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    try:
+    with _needs_extras("train"):
         from .train import load_settings, run_training
-    except ImportError as err:
-        raise UsageError(f"needs the `train` extra: pip install 'robalign[train]' ({err})") from None
     overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
@@ -149,10 +154,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    try:
+    with _needs_extras("train"):
         from .evaluate import evaluate_run
-    except ImportError as err:
-        raise UsageError(f"needs the `train` extra: pip install 'robalign[train]' ({err})") from None
     with _user_errors():
         result = evaluate_run(args.run, args.data, batch_size=args.batch_size)
     print(f"{result['samples']} samples of {result['data']}: reward accuracy {result['reward_accuracy']:.3f}, "

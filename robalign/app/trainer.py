@@ -192,19 +192,18 @@ class DoRATrainer(Trainer):
         return Path(self.args.output_dir) / f"ref_logps-{digest.hexdigest()}.pt"
 
     def _read_ref_cache(self, path: Path, rows: int):
-        """The cached ``[rows]`` float32 log-probs, or None (with the reason in ``reference_cache``)."""
+        """``(values, why)``: the cached ``[rows]`` float32 log-probs, or ``None`` with why the file
+        was not used (``None`` when there was none)."""
         if not path.is_file():
-            return None
+            return None, None
         try:
             values = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # any damage: the cache is rebuilt, never trusted
-            self.reference_cache = f"recomputed: {path.name} was unreadable ({type(err).__name__})"
-            return None
+            return None, f"{path.name} was unreadable ({type(err).__name__})"
         if not (isinstance(values, torch.Tensor) and values.dtype == torch.float32 and values.shape == (rows,)
                 and bool(torch.isfinite(values).all())):
-            self.reference_cache = f"recomputed: {path.name} did not hold {rows} finite float32 log-probs"
-            return None
-        return values
+            return None, f"{path.name} did not hold {rows} finite float32 log-probs"
+        return values, None
 
     def compute_reference_logps(self, batch_size: int | None = None, progress: bool = True) -> None:
         """Fill every sample's ``ref_logps`` (no gradient), from the cache when it matches.
@@ -218,12 +217,11 @@ class DoRATrainer(Trainer):
             return
         model = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
         path = self._ref_cache_path(model)
-        values = self._read_ref_cache(path, len(dataset) * dataset.group_size)
+        values, why = self._read_ref_cache(path, len(dataset) * dataset.group_size)
         if values is not None:
             self.reference_cache = f"used {path.name}"
         else:
-            self.reference_cache = self.reference_cache or "computed"
-            model = self.ref_model if self.ref_model is not None else self.model
+            self.reference_cache = "computed" if why is None else f"recomputed: {why}"
             model = model.to(self.args.device)
             was_training = model.training
             model.eval()

@@ -66,7 +66,8 @@ class _BatchMoments:
     """Per-call partial sums over the local samples, relative to a shift ``m``, in float64.
 
     Holds (all detached) ``m = max a``, ``log max(w·e^a)``, and ``[Σe^{a−m}, n, Σw·e^{a−m},
-    Σw²·e^{2(a−m)}, Σexpm1(a−m)]``; :meth:`all_reduce` makes them global with one MAX and one SUM.
+    Σw²·e^{2(a−m)}, Σexpm1(a−m)]``; with a process group, one MAX and one SUM all-reduce make
+    them global.
     The last sum gives the value without cancellation (:func:`_log_mean_exp`).
     """
 
@@ -82,8 +83,8 @@ class _BatchMoments:
         self.log_max_q = maxes[1]
         d = a - self.m
         e = torch.exp(d)
-        sums = torch.stack([e.sum(), torch.full((), a.numel(), dtype=a.dtype, device=a.device), (w * e).sum(), (w * e).square().sum(),
-                            torch.expm1(d).sum()])
+        count = torch.full((), a.numel(), dtype=a.dtype, device=a.device)
+        sums = torch.stack([e.sum(), count, (w * e).sum(), (w * e).square().sum(), torch.expm1(d).sum()])
         if group is not None:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         self.sum_exp, self.count, self.sum_q, self.sum_q2, self.sum_expm1 = sums.unbind()

@@ -247,7 +247,6 @@ class DoRALoss(nn.Module):
                 V.fail(where, f"`counts` must be an integer tensor [S], got {counts.dtype}", TypeError)
             if counts.shape[0] != num_seqs:
                 V.fail(where, f"`counts` must be [S] = [{num_seqs}] like `policy_logps`, got {tuple(counts.shape)}")
-            _objectives.check_counts(where, counts)
 
         logratios = None
         if self.needs_reference:
@@ -256,10 +255,11 @@ class DoRALoss(nn.Module):
             V.check_tensor(where, "ref_logps", ref_logps, ndim=1, floating=True)
             if ref_logps.shape[0] != num_seqs:
                 V.fail(where, f"`ref_logps` must be [S] = [{num_seqs}], got {tuple(ref_logps.shape)}")
-            logratios = policy_logps - ref_logps.detach().to(policy_logps.dtype)
+            ref_logps = ref_logps.detach().to(policy_logps.dtype)
+            logratios = policy_logps - ref_logps
 
         grouped = policy_logps.reshape(num_samples, k)
-        ref_grouped = None if logratios is None else ref_logps.detach().to(policy_logps.dtype).reshape(num_samples, k)
+        ref_grouped = None if logratios is None else ref_logps.reshape(num_samples, k)
         counts_g = None if counts is None else counts.reshape(num_samples, k)
         scores_g = None if scores is None else self._per_row(where, "scores", scores, num_seqs).to(policy_logps.dtype)
         losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **self.hparams)

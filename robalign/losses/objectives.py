@@ -79,7 +79,7 @@ def _check_group(where, name, t, shape, *, floating=False):
     if t is None:
         return
     V.check_tensor(where, name, t, floating=floating)
-    if not floating and not (t.is_floating_point() or t.dtype in V._INTEGER_DTYPES):
+    if not floating and not (t.is_floating_point() or t.dtype in V.INTEGER_DTYPES):
         V.fail(where, f"`{name}` must be a real (integer or floating) tensor, got {t.dtype}", TypeError)
     if tuple(t.shape) != shape:
         V.fail(where, f"`{name}` must have the shape of `logps` {shape}, got {tuple(t.shape)}")
