@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .. import _validation as V
 
-__all__ = ["kl_dro", "kl_dro_with_stats", "DROStats", "KLDROAccumulator"]
+__all__ = ["kl_dro", "kl_dro_with_stats", "kl_dro_gradient_scale", "DROStats", "KLDROAccumulator"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,30 @@ def kl_dro_with_stats(losses, weights=None, *, lam=1.0, group=None, ddp_average=
     return _scale_gradient(loss, scale).to(losses.dtype), moments.stats()
 
 
+def kl_dro_gradient_scale(losses, weights, shift, *, lam=1.0, group=None, ddp_average=True):
+    """For a gradient formed ahead of the reduction (the one-pass fused loss): ``(value, κ, stats)``
+    with ``value`` the :func:`kl_dro` loss of ``losses`` (detached) and κ the scalar for which
+
+        ∂L/∂θ = κ · Σ_i w_i·e^{a_i − shift}·∇ℓ_i        (a_i = w_i·ℓ_i/λ; 0 for λ = ∞)
+
+    i.e. ``κ = e^{shift − M}/S`` with M the global ``max a`` and ``S = Σ e^{a − M}`` over every rank
+    of ``group`` (times the world size with ``ddp_average``), from the same collectives as
+    :func:`kl_dro`. ``shift`` is a 0-dim float64 tensor."""
+    where = "robalign.kl_dro"
+    _check(where, losses, weights, lam, group)
+    w, wl, a = _scaled(losses.detach(), None if weights is None else weights.detach(), lam)
+    moments = _BatchMoments(a, w, group)
+    if _is_weighted_mean(lam):
+        total = wl.double().sum()
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        value = total / moments.count
+    else:
+        value = _log_mean_exp(lam, moments.m, moments.sum_expm1, moments.count)
+    kappa = torch.exp(shift.to(moments.m) - moments.m) / moments.sum_exp * (_world(group) if ddp_average else 1)
+    return value.to(losses.dtype), kappa, moments.stats()
+
+
 def _with_global_value(local: torch.Tensor, group) -> torch.Tensor:
     total = local.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
@@ -241,9 +265,9 @@ class KLDROAccumulator:
             if p.grad is not None:
                 p.grad.mul_(factor.to(p.grad.device, p.grad.dtype))
 
-    def __call__(self, losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Fold one micro-batch in; returns the surrogate to ``backward()``. No host
-        synchronisation: every running statistic stays on the device."""
+    def _fold(self, losses: torch.Tensor, weights: torch.Tensor | None):
+        """Fold one micro-batch's statistics in (rescaling the gradients already accumulated when
+        the running maximum or sum changes); ``(w, wl, a, moments of this micro-batch)``."""
         where = "robalign.KLDROAccumulator"
         _check(where, losses, weights, self.lam, self.group)
         w, wl, a = _scaled(losses, weights, self.lam)
@@ -266,10 +290,16 @@ class KLDROAccumulator:
             self._log_max_q = torch.maximum(self._log_max_q, mom.log_max_q)
         self._m, self._s = m, s
         if not self.exact:
-            loss = kl_dro(losses, weights, lam=self.lam, group=self.group, ddp_average=self.ddp_average)
-            self._approx_losses.append(loss.detach().double())
+            if _is_weighted_mean(self.lam):
+                total = wl.detach().double().sum()
+                if self.group is not None:
+                    dist.all_reduce(total, group=self.group)
+                value = total / mom.count
+            else:
+                value = _log_mean_exp(self.lam, mom.m, mom.sum_expm1, mom.count)
+            self._approx_losses.append(value)
             self.loss_value = torch.stack(self._approx_losses).mean()
-            return loss / self.accumulation_steps
+            return w, wl, a, mom
         if factor is not None:
             self._rescale_grads(factor)
         total_wl = wl.detach().double().sum()
@@ -280,11 +310,31 @@ class KLDROAccumulator:
             self.loss_value = self._sum_wl / self._n
         else:
             self.loss_value = _log_mean_exp(self.lam, m, self._sum_expm1, self._n)
+        return w, wl, a, mom
+
+    def _normaliser(self, mom) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(m, S, scale)`` of the coefficients ``w_i·e^{a_i − m}/S·scale`` of this micro-batch."""
+        world = _world(self.group) if self.ddp_average else 1
+        if self.exact:
+            return self._m, self._s, world
+        return mom.m, mom.sum_exp, world / self.accumulation_steps
+
+    def __call__(self, losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Fold one micro-batch in; returns the surrogate to ``backward()``. No host
+        synchronisation: every running statistic stays on the device."""
+        w, _, a, mom = self._fold(losses, weights)
+        m, s, scale = self._normaliser(mom)
         # d surrogate / dℓ_i = w_i·e^{a_i − m}/S·(scale); the λ of the loss cancels the 1/λ of a
         coeff = (w * torch.exp(a - m.to(a.dtype)) / s.to(a.dtype)).detach()
-        surrogate = (coeff * losses).sum()
-        scale = _world(self.group) if self.ddp_average else 1
-        return surrogate * scale
+        return (coeff * losses).sum() * scale
+
+    def gradient_scale(self, losses: torch.Tensor, weights: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
+        """Fold one micro-batch whose gradient was formed ahead of the reduction (the one-pass fused
+        loss, ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i``) in; returns the scalar κ that makes it this
+        micro-batch's share of the full-batch gradient (``e^{shift − m}/S·scale``, float64)."""
+        _, _, _, mom = self._fold(losses.detach(), None if weights is None else weights.detach())
+        m, s, scale = self._normaliser(mom)
+        return torch.exp(shift.to(m) - m) / s * scale
 
     def stats(self) -> DROStats:
         """Global :class:`DROStats` of the micro-batches folded in since :meth:`reset`."""

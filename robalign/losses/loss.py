@@ -16,6 +16,9 @@ from torch import nn
 
 from .. import _validation as V
 from ..ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
+from ..ops.api import check_linear_inputs
+from ..ops.one_pass import linear_dora_loss
+from ..ops.registry import resolve
 from . import objectives as _objectives
 from .dro import DROStats
 from .reductions import KLDRO, Reduction
@@ -93,13 +96,23 @@ class DoRALoss(nn.Module):
         process_group, ddp_average: the process group whose ranks share the reduction's batch
             (see :func:`robalign.kl_dro`); ``group`` is the 0.1 name of ``process_group``.
         backend: backend of the heavy op (see :func:`robalign.sequence_logps`).
+        one_pass: with ``hidden`` and the LM head, form the loss **and** its gradients in one
+            forward (:mod:`robalign.ops.one_pass`: three matmul passes instead of four, the
+            backward only scales). It is used when gradients are wanted, the reduction takes a
+            gradient formed ahead (KL-DRO does) and the backend is a kernel one; the outputs'
+            ``policy_logps`` and ``logratios`` then carry no graph (only ``loss`` does). False
+            selects the recompute path: log-probs with a graph, autograd through the objective.
+        fp32_head_grad: in the one-pass path, accumulate the head's gradient in float32 for a
+            bfloat16/float16 head (one extra [V, H] float32 buffer); False keeps the head's dtype
+            (one rounding per chunk).
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
 
     def __init__(self, objective: str = "dpo", beta: float = 0.1, lam: float | None = None, alpha=None,
                  synthetic_fraction=None, class_ratio: float = 1.0, group_size: int = 2,
                  ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
-                 ddp_average: bool = True, backend: str | None = None, **objective_kwargs):
+                 ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
+                 fp32_head_grad: bool = True, **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
         renamed = _take_renamed(where, objective_kwargs, _RENAMED_INIT)
@@ -132,6 +145,7 @@ class DoRALoss(nn.Module):
         self.synthetic_fraction, self.class_ratio = synthetic_fraction, class_ratio
         self.group_size, self.ignore_index = group_size, ignore_index
         self.process_group, self.ddp_average, self.backend = process_group, ddp_average, backend
+        self.one_pass, self.fp32_head_grad = bool(one_pass), bool(fp32_head_grad)
         self.needs_reference = _objectives.needs_reference(objective)
         takes = _objectives.hyperparameters(objective)
         self.hparams = dict(objective_kwargs)
@@ -174,7 +188,7 @@ class DoRALoss(nn.Module):
 
     def forward(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
                 ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
-                weights=None, scores=None, cu_seqlens=None, **renamed) -> DoRAOutput:
+                weights=None, scores=None, cu_seqlens=None, accumulator=None, **renamed) -> DoRAOutput:
         """Compute the loss of one batch of S = B·K sequences, rows group-major.
 
         The policy's log-probs come from ``logits``, or from ``hidden`` and the LM head
@@ -193,6 +207,13 @@ class DoRALoss(nn.Module):
             weights: ``[B]`` per-sample or ``[S]``/``[B, K]`` per-candidate weights (instead of
                 ``probs``).
             scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better.
+            accumulator: the reduction's accumulator (``loss_fn.reduction.accumulator(params)``)
+                when this batch is one micro-batch of a gradient-accumulation step: ``loss`` is
+                then this micro-batch's share to ``backward()``, with the value of the full-batch
+                loss folded in so far (``accumulator.loss``).
+
+        With ``hidden`` and the head, and gradients wanted, the one-pass fused loss runs (see
+        ``one_pass``): the loss and every gradient in this forward.
 
         ``weight``, ``bias``, ``ref_weight``, ``ref_bias`` are the 0.1 names of the head arguments.
         """
@@ -206,6 +227,15 @@ class DoRALoss(nn.Module):
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
         if ref_logps is not None and given:
             V.fail(where, f"pass `ref_logps` or `{given[0]}`, not both (one source of reference log-probs)")
+        if self.needs_reference and ref_logps is None and hidden is not None and head_weight is not None:
+            if ref_logits is not None or ref_hidden is not None:     # the reference first, without gradient
+                with torch.no_grad():
+                    ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
+                                               labels, cu_seqlens)
+        kernel = self._one_pass_kernel(where, logits, hidden, head_weight, head_bias)
+        if kernel is not None:
+            return self._forward_one_pass(where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens,
+                                          ref_logps, probs, weights, scores, accumulator)
         if self.needs_reference and ref_logps is None and logits is not None and ref_logits is not None \
                 and hidden is None and ref_hidden is None:
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
@@ -216,16 +246,71 @@ class DoRALoss(nn.Module):
             with torch.no_grad():
                 ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
                                            labels, cu_seqlens)
-        return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores)
+        return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores,
+                               accumulator=accumulator)
 
-    def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None) -> DoRAOutput:
+    def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None,
+                   accumulator=None) -> DoRAOutput:
         """The loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
-        computed elsewhere: :meth:`per_sample`, then the reduction over the batch (and ranks)."""
+        computed elsewhere: :meth:`per_sample`, then the reduction over the batch (and ranks), or
+        the ``accumulator``'s step (see :meth:`forward`)."""
         samples = self.per_sample(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights,
                                   scores=scores)
+        if accumulator is not None:
+            surrogate = accumulator(samples.losses, samples.weights)
+            loss = surrogate + (accumulator.loss_value.to(surrogate) - surrogate).detach()
+            return DoRAOutput(**vars(samples), loss=loss, dro=accumulator.stats())
         loss, stats = self.reduction.reduce(samples.losses, samples.weights, group=self.process_group,
                                             ddp_average=self.ddp_average)
         return DoRAOutput(**vars(samples), loss=loss, dro=stats)
+
+    # -- the one-pass fused loss ----------------------------------------------------------------
+    def _one_pass_kernel(self, where, logits, hidden, head_weight, head_bias) -> str | None:
+        """The kernel backend that runs the one-pass loss here, or ``None`` for the recompute path:
+        it needs hidden states and a head, gradients wanted, a reduction that takes a gradient
+        formed ahead (``one_pass_temperature``) and a kernel backend (not the reference)."""
+        if not self.one_pass or logits is not None or hidden is None or head_weight is None:
+            return None
+        if getattr(self.reduction, "one_pass_temperature", None) is None or not torch.is_grad_enabled():
+            return None
+        if not any(t is not None and t.requires_grad for t in (hidden, head_weight, head_bias)):
+            return None
+        name = resolve(where, self.backend, hidden).name
+        return None if name == "reference" else name
+
+    def _forward_one_pass(self, where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens, ref_logps,
+                          probs, weights, scores, accumulator) -> DoRAOutput:
+        check_linear_inputs(where, hidden, head_weight, labels, head_bias, self.ignore_index, cu_seqlens)
+        num_seqs = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        k = self.group_size
+        if num_seqs % k:
+            V.fail(where, f"`group_size`={k} must divide the number of sequences, got {num_seqs}")
+        if self.needs_reference:
+            self._check_ref_logps(where, ref_logps, num_seqs)
+        scores_g = None
+        if scores is not None:
+            scores_g = self._per_row(where, "scores", scores, num_seqs).float()
+            V.check_values(where, torch.isfinite(scores_g), lambda lazy: "`scores` must be finite")
+        sample_weights = self._weights(where, probs, weights, num_seqs,
+                                       torch.empty(num_seqs // k, dtype=torch.float32, device=hidden.device))
+        need = (hidden.requires_grad, head_weight.requires_grad, head_bias is not None and head_bias.requires_grad)
+        logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
+            hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
+            ref_logps=ref_logps if self.needs_reference else None, sample_weights=sample_weights,
+            scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
+            hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
+            fp32_grad_weight=self.fp32_head_grad)
+        logratios = None if not self.needs_reference else logps - ref_logps.detach().to(logps.dtype)
+        rewards = self._rewards(logps, logratios, counts, scores_g)
+        if accumulator is not None:
+            kappa = accumulator.gradient_scale(losses, sample_weights, shift)
+            value, stats = accumulator.loss_value, accumulator.stats()
+        else:
+            value, kappa, stats = self.reduction.gradient_scale(losses, sample_weights, shift,
+                                                                group=self.process_group, ddp_average=self.ddp_average)
+        loss = _FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, head_weight, head_bias)
+        return DoRAOutput(losses=losses, weights=sample_weights, policy_logps=logps, logratios=logratios, **rewards,
+                          loss=loss, dro=stats)
 
     def per_sample(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None,
                    scores=None) -> DoRASamples:
@@ -250,11 +335,7 @@ class DoRALoss(nn.Module):
 
         logratios = None
         if self.needs_reference:
-            if ref_logps is None:
-                V.fail(where, "`ref_logps` is required: the objective compares with a reference model")
-            V.check_tensor(where, "ref_logps", ref_logps, ndim=1, floating=True)
-            if ref_logps.shape[0] != num_seqs:
-                V.fail(where, f"`ref_logps` must be [S] = [{num_seqs}], got {tuple(ref_logps.shape)}")
+            self._check_ref_logps(where, ref_logps, num_seqs)
             ref_logps = ref_logps.detach().to(policy_logps.dtype)
             logratios = policy_logps - ref_logps
 
@@ -265,19 +346,31 @@ class DoRALoss(nn.Module):
         losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **self.hparams)
         sample_weights = self._weights(where, probs, weights, num_seqs, losses)
 
-        with torch.no_grad():
-            beta = self.hparams.get("beta", self.beta)
-            rewards = beta * (logratios if logratios is not None else policy_logps / counts.clamp(min=1))
-            rewards = rewards.reshape(num_samples, k)
-            if scores_g is not None:
-                order = torch.sort(scores_g, dim=-1, descending=True, stable=True).indices
-                rewards = rewards.gather(-1, order)
-            chosen, rejected = rewards[:, 0], rewards[:, -1]
         return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
-                           chosen_rewards=chosen, rejected_rewards=rejected,
-                           reward_accuracy=(chosen > rejected).float().mean(), reward_margin=(chosen - rejected).mean())
+                           **self._rewards(policy_logps, logratios, counts, scores_g))
+
+    def _check_ref_logps(self, where, ref_logps, num_seqs):
+        if ref_logps is None:
+            V.fail(where, "`ref_logps` is required: the objective compares with a reference model")
+        V.check_tensor(where, "ref_logps", ref_logps, ndim=1, floating=True)
+        if ref_logps.shape[0] != num_seqs:
+            V.fail(where, f"`ref_logps` must be [S] = [{num_seqs}], got {tuple(ref_logps.shape)}")
+
+    @torch.no_grad()
+    def _rewards(self, policy_logps, logratios, counts, scores_g) -> dict:
+        """The implicit rewards of the best and worst candidate and their batch comparison."""
+        beta = self.hparams.get("beta", self.beta)
+        rewards = beta * (logratios if logratios is not None else policy_logps / counts.clamp(min=1))
+        rewards = rewards.reshape(-1, self.group_size)
+        if scores_g is not None:
+            order = torch.sort(scores_g, dim=-1, descending=True, stable=True).indices
+            rewards = rewards.gather(-1, order)
+        chosen, rejected = rewards[:, 0], rewards[:, -1]
+        return dict(chosen_rewards=chosen, rejected_rewards=rejected,
+                    reward_accuracy=(chosen > rejected).float().mean(), reward_margin=(chosen - rejected).mean())
 
     def _weights(self, where, probs, weights, num_seqs, losses):
+        """The per-sample weights ``[B]`` in the dtype (and on the device) of ``losses``."""
         num_samples = num_seqs // self.group_size
         if probs is not None and weights is not None:
             V.fail(where, "pass `probs` or `weights`, not both")
@@ -295,3 +388,31 @@ class DoRALoss(nn.Module):
         if weights.dim() == 1 and weights.shape[0] == num_samples:
             return weights.to(losses.dtype)
         return self._per_row(where, "weights", weights, num_seqs).to(losses.dtype).mean(-1)
+
+
+class _FormedGradient(torch.autograd.Function):
+    """The one-pass loss as an autograd node: ``value`` forward; backward hands each input its
+    gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once)."""
+
+    @staticmethod
+    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias):
+        ctx.formed = (kappa, grad_h, grad_w, grad_b)
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.formed is None:
+            raise RuntimeError("robalign.DoRALoss: the one-pass loss holds its gradients once; to backward twice "
+                               "build DoRALoss(one_pass=False)")
+        kappa, *grads = ctx.formed
+        ctx.formed = None
+        needs = ctx.needs_input_grad[5:]
+        out = []
+        for grad, need, dtype in zip(grads, needs, ctx.dtypes):
+            if not need or grad.numel() == 0:
+                out.append(None)
+                continue
+            scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
+            out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
+        return (None, None, None, None, None, *out)

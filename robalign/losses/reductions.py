@@ -8,6 +8,12 @@ A reduction is an object with two methods, and nothing else in robalign knows it
     accumulator(params, *, group, ddp_average, exact, accumulation_steps) → Accumulator
                                                     the same objective exact across micro-batches
 
+A reduction whose gradient with respect to ℓ_i is ``w_i·e^{a_i}`` up to one batch-wide scalar
+(``a_i = w_i·ℓ_i/λ``) can take a gradient formed ahead of it, as the one-pass fused loss
+(:mod:`robalign.ops.one_pass`) forms it: it names that λ in ``one_pass_temperature`` and gives
+the scalar in ``gradient_scale`` (and its accumulator likewise). Others leave
+``one_pass_temperature`` ``None``; ``DoRALoss`` then takes the recompute path.
+
 An :class:`Accumulator` is called once per micro-batch with its losses and weights and returns
 the surrogate to ``backward()``; after the last micro-batch the parameters' gradients are those
 of the full-batch loss, ``.loss`` is its value and ``.stats()`` its sample-weight statistics.
@@ -26,7 +32,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from .. import _validation as V
-from .dro import DROStats, KLDROAccumulator, kl_dro_with_stats
+from .dro import DROStats, KLDROAccumulator, kl_dro_gradient_scale, kl_dro_with_stats
 
 __all__ = ["Reduction", "Accumulator", "KLDRO", "REDUCTIONS"]
 
@@ -42,11 +48,21 @@ class Accumulator(Protocol):
 
     def stats(self) -> DROStats: ...
 
+    def gradient_scale(self, losses: torch.Tensor, weights: torch.Tensor | None,
+                       shift: torch.Tensor) -> torch.Tensor: ...
+
 
 class Reduction(ABC):
     """An ambiguity set over the effective batch, as a reduction of per-sample losses."""
 
     name: ClassVar[str]
+    #: λ of the exponents ``w·ℓ/λ`` a one-pass gradient is formed with; ``None``: no one-pass path
+    one_pass_temperature: ClassVar[float | None] = None
+
+    def gradient_scale(self, losses, weights, shift, *, group=None, ddp_average=True):
+        """``(value, κ, stats)`` for a gradient formed ahead as ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i``: the
+        loss value and the scalar that makes it the exact gradient (see :func:`robalign.kl_dro_gradient_scale`)."""
+        raise NotImplementedError(f"reduction {self.name!r} takes no gradient formed ahead of it")
 
     @abstractmethod
     def reduce(self, losses: torch.Tensor, weights: torch.Tensor | None = None, *, group=None,
@@ -74,8 +90,15 @@ class KLDRO(Reduction):
     def __post_init__(self):
         V.check_lam("robalign.KLDRO", self.lam)
 
+    @property
+    def one_pass_temperature(self) -> float:
+        return self.lam
+
     def reduce(self, losses, weights=None, *, group=None, ddp_average=True):
         return kl_dro_with_stats(losses, weights, lam=self.lam, group=group, ddp_average=ddp_average)
+
+    def gradient_scale(self, losses, weights, shift, *, group=None, ddp_average=True):
+        return kl_dro_gradient_scale(losses, weights, shift, lam=self.lam, group=group, ddp_average=ddp_average)
 
     def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None):
         return KLDROAccumulator(params, lam=self.lam, group=group, ddp_average=ddp_average, exact=exact,

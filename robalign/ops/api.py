@@ -94,6 +94,23 @@ def sequence_logps_with_ref(
                                                     kernel=entry.name)
 
 
+def check_linear_inputs(where: str, hidden, weight, labels, bias, ignore_index: int, cu_seqlens) -> None:
+    """The checks of :func:`linear_sequence_logps`'s tensors, each failure naming its argument."""
+    V.check_tensor(where, "hidden", hidden, ndim=(2, 3), floating=True)
+    V.check_tensor(where, "weight", weight, ndim=2, floating=True)
+    V.check_tokens(where, "hidden", hidden, labels, cu_seqlens, "H")
+    if weight.shape[0] == 0:
+        V.fail(where, f"`weight` must be [V, H] with V >= 1, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        V.fail(where, f"`weight` must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if bias is not None:
+        V.check_tensor(where, "bias", bias, ndim=1, floating=True)
+        if bias.shape[0] != weight.shape[0]:
+            V.fail(where, f"`bias` must be [V] with V = weight.shape[0] = {weight.shape[0]}, got {tuple(bias.shape)}")
+    V.check_same_device(where, hidden=hidden, weight=weight, bias=bias, labels=labels, cu_seqlens=cu_seqlens)
+    V.check_labels(where, labels, weight.shape[0], ignore_index)
+
+
 def linear_sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -118,19 +135,7 @@ def linear_sequence_logps(
         ``hidden``, ``weight`` and ``bias``.
     """
     where = "robalign.linear_sequence_logps"
-    V.check_tensor(where, "hidden", hidden, ndim=(2, 3), floating=True)
-    V.check_tensor(where, "weight", weight, ndim=2, floating=True)
-    V.check_tokens(where, "hidden", hidden, labels, cu_seqlens, "H")
-    if weight.shape[0] == 0:
-        V.fail(where, f"`weight` must be [V, H] with V >= 1, got {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        V.fail(where, f"`weight` must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if bias is not None:
-        V.check_tensor(where, "bias", bias, ndim=1, floating=True)
-        if bias.shape[0] != weight.shape[0]:
-            V.fail(where, f"`bias` must be [V] with V = weight.shape[0] = {weight.shape[0]}, got {tuple(bias.shape)}")
-    V.check_same_device(where, hidden=hidden, weight=weight, bias=bias, labels=labels, cu_seqlens=cu_seqlens)
-    V.check_labels(where, labels, weight.shape[0], ignore_index)
+    check_linear_inputs(where, hidden, weight, labels, bias, ignore_index, cu_seqlens)
     entry = resolve(where, backend, hidden)
     return entry.load_ops().linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                                   cu_seqlens=cu_seqlens, kernel=entry.name)

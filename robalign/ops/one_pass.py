@@ -1,0 +1,253 @@
+"""The one-pass fused loss: from hidden states and the LM head, per-sequence log-probs, the
+preference objective, the DoRA weights, the KL-DRO exponents **and** the gradients of hidden,
+head and bias, in one forward with three matmul passes.
+
+For each chunk of whole groups (the K candidates of a prompt are in one chunk; chunks hold at
+most ``chunk`` scored tokens, see :func:`robalign.ops.linear.chunk_tokens`):
+
+    z      = h_c · Wᵀ (+ b)                                   [C, V]   one chunk of logits alive
+    lse, z_y = row kernel(z)        logp_s = Σ_t (z_y − lse)  (float64 sums, float32 result)
+    ℓ_i, ∂ℓ_i/∂logp_s              the objective on the chunk's [b, K] log-probs (torch.func.grad:
+                                   any registered objective, no hand-written derivative)
+    a_i    = w_i·ℓ_i/λ             (0 for λ = ∞);   m ← max(m, max_i a_i)
+    c_s    = w_i·e^{a_i − m}·∂ℓ_i/∂logp_s              per sequence, then per token
+    z      ← c_t·(onehot(y_t) − softmax(z_t))          row kernel, in place: z is now G
+    grad_h[c] = G·W;   grad_W ← e^{m_old − m}·grad_W + Gᵀ·h_c;   grad_b likewise
+
+When the running maximum m grows, what is already in ``grad_W``/``grad_b`` is rescaled inside the
+next ``addmm`` (its ``beta``), and the ``grad_h`` rows of earlier chunks once each at the end. The
+result is the unnormalised gradient ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` with ``shift`` the final m:
+the caller (:mod:`robalign.losses`) turns it into the exact gradient of the DRO loss over the whole
+batch, every micro-batch and every rank with one scalar ``e^{shift − M}/S`` (M, S the global
+maximum and Σ e^{a − M}); the backward only multiplies by the incoming gradient.
+
+A group with more scored tokens than ``chunk`` is processed in sub-chunks: their log-probs in a
+first pass, then their logits again for the gradient — one extra logits matmul for that group only.
+
+The row kernels are the backend's (``kernel``: ``"cpp"``, ``"triton"``, ``"torch"``). ``grad_W``
+(and ``grad_b``) accumulate in float32 for bfloat16/float16 heads unless ``fp32_grad_weight`` is
+False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). The host reads the
+per-group token counts once and the running maximum once a chunk (a CPU-side branch decides the
+rescaling); the objective's derivatives run on ``[b, K]`` tensors.
+
+Registered as ``robalign::linear_dora_loss`` (a fake implementation gives the shapes, so
+``torch.compile`` sees one opaque operator).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference.logps import sequence_index
+from ..reference.objectives import OBJECTIVES
+from .library import check_kernel_dtypes, flat_labels, row_kernels
+from .linear import _chunk_logits, chunk_tokens
+
+__all__ = ["linear_dora_loss", "plan_chunks"]
+
+
+def plan_chunks(group_tokens: list[int], chunk: int) -> list[tuple[int, int]]:
+    """Greedy ``[g0, g1)`` ranges of consecutive groups whose scored tokens fit ``chunk``; a group
+    larger than ``chunk`` is a range of its own (processed in sub-chunks)."""
+    ranges, start, tokens = [], 0, 0
+    for g, n in enumerate(group_tokens):
+        if g > start and tokens + n > chunk:
+            ranges.append((start, g))
+            start, tokens = g, 0
+        tokens += n
+    if start < len(group_tokens):
+        ranges.append((start, len(group_tokens)))
+    return ranges
+
+
+def _objective_grad(objective: str, hparams: dict, logps: Tensor, ref: Optional[Tensor], counts: Tensor,
+                    scores: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(ℓ [b], ∂ℓ_i/∂logps [b, K])`` of a registered objective on one chunk's groups. ℓ_i depends
+    only on row i, so the gradient of Σℓ is the per-row derivative."""
+    fn = OBJECTIVES[objective].fn
+
+    def total(lp):
+        losses = fn(lp, ref, counts=counts, scores=scores, **hparams)
+        return losses.sum(), losses
+
+    grad, losses = torch.func.grad(total, has_aux=True)(logps)
+    return losses.detach(), grad
+
+
+def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool) -> torch.dtype:
+    return torch.float32 if (fp32_grad_weight and weight.dtype in (torch.bfloat16, torch.float16)) else weight.dtype
+
+
+_OUT_DTYPE_MM: dict[str, bool] = {}
+
+
+def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
+    """``buffer ← beta·buffer + a·b``, the product accumulated in ``buffer``'s dtype when it is wider
+    than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added)."""
+    if buffer.dtype == a.dtype:
+        buffer.addmm_(a, b, beta=beta)
+        return
+    device = buffer.device.type
+    if _OUT_DTYPE_MM.get(device, True):
+        try:
+            torch.addmm(buffer, a, b, beta=beta, out_dtype=buffer.dtype, out=buffer)
+            _OUT_DTYPE_MM[device] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM[device] = False
+    if beta != 1.0:
+        buffer.mul_(beta)
+    buffer.add_(a @ b)
+
+
+@torch.library.custom_op("robalign::linear_dora_loss", mutates_args=())
+def _linear_dora_loss(
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_idx: Tensor, num_seqs: int,
+        ref_logps: Optional[Tensor], sample_weights: Tensor, scores: Optional[Tensor], objective: str,
+        hparam_names: str, hparam_values: list[float], group_size: int, lam: float, ignore_index: int, kernel: str,
+        chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool, fp32_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows = row_kernels(kernel)
+    hparams = dict(zip(hparam_names.split(",") if hparam_names else [], hparam_values))
+    k = group_size
+    num_groups = num_seqs // k
+    device = hidden.device
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels
+    scored = y != ignore_index
+    idx = scored.nonzero().squeeze(1)                                   # ascending, so by sequence
+    counts = torch.zeros(num_seqs, dtype=torch.int64, device=device).index_add_(0, seq_idx, scored.long())
+    tok_seq = seq_idx.index_select(0, idx)
+    group_tokens = counts.view(num_groups, k).sum(1).tolist()           # the one read of sizes
+    token_start = [0]
+    for n in group_tokens:
+        token_start.append(token_start[-1] + n)
+
+    logps64 = torch.zeros(num_seqs, dtype=torch.float64, device=device)
+    losses = torch.zeros(num_groups, dtype=torch.float32, device=device)
+    acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight)
+    grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else weight.new_empty(0)
+    has_bias = need_bias and bias is not None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if has_bias else weight.new_empty(0)
+    w_all = sample_weights.float()
+    mean = math.isinf(lam) and lam > 0
+    m = -math.inf if not mean else 0.0
+    accumulated = False                                                 # grad_w / grad_b hold something
+    rescale_h: list[tuple[Tensor, float]] = []                          # (token rows, m when written)
+
+    for g0, g1 in plan_chunks(group_tokens, chunk):
+        t0, t1 = token_start[g0], token_start[g1]
+        s0, s1 = g0 * k, g1 * k
+        i_c = idx[t0:t1]
+        y_c = y.index_select(0, i_c)
+        pieces = [(p, min(p + chunk, t1 - t0)) for p in range(0, t1 - t0, chunk)] or [(0, 0)]
+        kept = kept_h = None                                            # the chunk's logits and rows, one piece
+        lse_c = torch.empty(t1 - t0, dtype=torch.float32, device=device)
+        for p0, p1 in pieces:
+            if p1 == p0:
+                continue
+            h_p = h.index_select(0, i_c[p0:p1])
+            z = _chunk_logits(h_p, weight, bias)
+            lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index)
+            lse_c[p0:p1] = lse_p
+            logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
+            if len(pieces) == 1:
+                kept, kept_h = z, h_p
+            del z, h_p
+        lp = logps64[s0:s1].float().view(-1, k)
+        ref = None if ref_logps is None else ref_logps[s0:s1].float().view(-1, k)
+        sc = None if scores is None else scores[s0:s1].view(-1, k)
+        loss_c, dl = _objective_grad(objective, hparams, lp, ref, counts[s0:s1].view(-1, k), sc)
+        losses[g0:g1] = loss_c
+        w_c = w_all[g0:g1]
+        if mean:
+            coeff_g = w_c
+        else:
+            a = (w_c * loss_c / lam).double()
+            chunk_max = a.max().item() if a.numel() else -math.inf
+            new_m = chunk_max if (math.isnan(chunk_max) or chunk_max > m) else m
+            coeff_g = (w_c.double() * torch.exp(a - new_m)).float()
+        beta = 1.0
+        if not mean and new_m != m:
+            beta = math.exp(m - new_m) if accumulated else 0.0
+            m = new_m
+        if t1 == t0:
+            continue
+        coeff_tok = (coeff_g[:, None] * dl).reshape(-1).index_select(0, tok_seq[t0:t1] - s0)
+        for p0, p1 in pieces:
+            i_p = i_c[p0:p1]
+            h_p = kept_h if kept_h is not None else h.index_select(0, i_p)
+            z = kept if kept is not None else _chunk_logits(h_p, weight, bias)
+            kept = kept_h = None
+            rows.rows_softmax_grad(z.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], coeff_tok[p0:p1], ignore_index,
+                                   z.unsqueeze(0))                      # z becomes G
+            if need_hidden:
+                grad_h.index_copy_(0, i_p, z @ weight)
+                rescale_h.append((i_p, m))
+            if need_weight:
+                _accumulate(grad_w, z.T, h_p, beta)
+            if has_bias:
+                if beta != 1.0:
+                    grad_b.mul_(beta)
+                grad_b.add_(z.sum(0, dtype=torch.float32))
+            beta = 1.0
+            accumulated = True
+            del z, h_p
+
+    if need_hidden:
+        for rows_i, m_i in rescale_h:
+            if m_i != m:
+                grad_h.index_copy_(0, rows_i, grad_h.index_select(0, rows_i) * math.exp(m_i - m))
+    shift = torch.tensor(m if math.isfinite(m) else 0.0, dtype=torch.float64, device=device)
+    grad_h = grad_h.reshape(hidden.shape) if need_hidden else grad_h
+    return logps64.float(), counts, losses, shift, grad_h, grad_w, grad_b
+
+
+@_linear_dora_loss.register_fake
+def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights, scores, objective, hparam_names,
+      hparam_values, group_size, lam, ignore_index, kernel, chunk, need_hidden, need_weight, need_bias,
+      fp32_grad_weight):
+    new = hidden.new_empty
+    return (new(num_seqs, dtype=torch.float32), new(num_seqs, dtype=torch.int64),
+            new(num_seqs // group_size, dtype=torch.float32), new((), dtype=torch.float64),
+            torch.empty_like(hidden) if need_hidden else new(0),
+            weight.new_empty(weight.shape, dtype=_grad_weight_dtype(weight, fp32_grad_weight)) if need_weight
+            else weight.new_empty(0),
+            weight.new_empty(weight.shape[0], dtype=torch.float32) if (need_bias and bias is not None)
+            else weight.new_empty(0))
+
+
+def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
+                     cu_seqlens: Tensor | None, ref_logps: Tensor | None, sample_weights: Tensor,
+                     scores: Tensor | None, objective: str, hparams: dict, group_size: int, lam: float, kernel: str,
+                     need: tuple[bool, bool, bool], fp32_grad_weight: bool = True, chunk: int | None = None):
+    """Run the operator on validated inputs (:class:`robalign.DoRALoss` validates them).
+
+    Returns ``(logps [S], counts [S], losses [B], shift, grad_hidden, grad_weight, grad_bias)``: the
+    gradients are ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` (``a_i = w_i·ℓ_i/λ``, 0 for λ = ∞), empty where
+    ``need`` (hidden, weight, bias) is False; ``grad_weight`` is float32 for a half-precision head
+    with ``fp32_grad_weight``, ``grad_bias`` always float32 (the caller casts after scaling). Under ``torch.autocast`` the inputs are cast to the
+    autocast dtype first, as ``F.linear`` would.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    check_kernel_dtypes("robalign.DoRALoss", kernel, hidden=hidden, head_weight=weight, head_bias=bias)
+    seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
+    if chunk is None:
+        chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
+    names = sorted(hparams)
+    with torch.autocast(device_type, enabled=False), torch.no_grad():
+        return torch.ops.robalign.linear_dora_loss(
+            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), flat_labels(labels), seq_idx,
+            num_seqs, None if ref_logps is None else ref_logps.detach().float(), sample_weights.detach().float(),
+            None if scores is None else scores.detach(), objective, ",".join(names),
+            [float(hparams[n]) for n in names], group_size, float(lam), ignore_index, kernel, chunk, *need,
+            fp32_grad_weight)
