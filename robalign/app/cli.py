@@ -143,6 +143,8 @@ def _cmd_train(args) -> int:
             overrides[flag] = True
     if args.no_dro_exact:
         overrides["exact_dro"] = False
+    if args.recompute:
+        overrides["one_pass"] = False
     with _user_errors():
         summary = run_training(load_settings(args.config, **overrides))
     first, last = summary["first_log"] or {}, summary["last_log"] or {}
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bfloat16 mixed precision (autocast; the fused LM head runs in bfloat16)")
     train.add_argument("--no-dro-exact", action="store_true",
                        help="per-micro-batch DRO normaliser (the cheaper approximation)")
+    train.add_argument("--recompute", action="store_true",
+                       help="the recompute path instead of the one-pass fused loss (for comparison)")
     train.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint folder (default: latest)")
     train.add_argument("--seed", type=int)
     train.set_defaults(func=_cmd_train)

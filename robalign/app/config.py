@@ -25,7 +25,8 @@ class DoRAConfig:
     (from ``robalign weigh``) or ``probs``; False trains without DoRA weights.
     exact_dro: the exact accumulator (False: the per-micro-batch approximation).
     fused: the fused linear path (False: materialise logits, for models whose logits are not
-    ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). shuffle: shuffle the training samples.
+    ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). one_pass: on the fused linear path, the
+    one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
     objective_kwargs: the objective's other hyper-parameters.
     """
 
@@ -36,6 +37,7 @@ class DoRAConfig:
     use_weights: bool = True
     exact_dro: bool = True
     fused: bool = True
+    one_pass: bool = True
     shuffle: bool = True
     objective_kwargs: dict = field(default_factory=dict)
 
@@ -119,7 +121,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
-        "use_weights": flag, "exact_dro": flag, "fused": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
+        "use_weights": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
         "objective_kwargs": mapping, "fsdp_config": mapping,
         "out": text, "optim": text, "fsdp": text,
         "model": path, "data": path, "deepspeed": path, "resume": path,

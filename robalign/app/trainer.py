@@ -5,10 +5,15 @@ Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robali
 
     hidden = the model's last hidden states        (the model runs with logits_to_keep=1, so
                                                     no [rows, T, V] logits tensor is made)
-    logps  = linear_sequence_logps(hidden, lm_head)  the fused linear path
-    ℓ, w   = DoRALoss(...).per_sample(...)           objective and DoRA weights per sample
-    accumulator(ℓ, w).backward()                     the reduction (KL-DRO), exact over the whole
-                                                     effective batch
+    DoRALoss(hidden, lm_head, accumulator=acc)      the one-pass fused loss (default): log-probs,
+                                                    objective, DoRA weights and the gradients of
+                                                    hidden and head in the head's forward
+    loss.backward()                                 the head's gradient scaled, hidden's through
+                                                    the model
+
+With ``DoRAConfig(one_pass=False)`` (or a reduction without a one-pass form) the recompute path
+runs instead: ``linear_sequence_logps(hidden, lm_head)``, ``DoRALoss.per_sample`` and
+``accumulator(ℓ, w).backward()``.
 
 The accumulator keeps the DRO normaliser of the effective batch (all micro-batches of the
 optimizer step, on all ranks) and rescales the gradients already accumulated, so the update
@@ -37,7 +42,7 @@ from .data import PreferenceCollator
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 
-__all__ = ["DoRAConfig", "DoRATrainer", "policy_logps"]
+__all__ = ["DoRAConfig", "DoRATrainer", "policy_logps", "one_pass_loss"]
 
 
 def _needs_plain_logits(model) -> bool:
@@ -87,32 +92,24 @@ def _is_fsdp2(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def policy_logps(model, batch, *, fused: bool = True, backend=None):
-    """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
-    wrapped by DDP, FSDP or PEFT).
-
-    The fused path calls the model (through its wrappers, so DDP, FSDP and adapters work) with
-    ``logits_to_keep=1``; a forward hook takes the decoder's last hidden states, and a second
-    hook, on the LM head, runs :func:`robalign.linear_sequence_logps` while the head's forward is
-    in progress — when FSDP has gathered its weight, before its own post-forward hook reshards
-    it — so the op always gets a full, plain weight and its gradient flows back through FSDP.
-    A head partitioned by DeepSpeed ZeRO-3 takes the logits path (``fused=False``) instead."""
-    labels = shift_labels(batch["labels"])
+def _plain_logits(model, fused: bool) -> bool:
     inner = _causal_lm(model)
-    if not fused or _needs_plain_logits(inner) or _zero3_partitioned(inner.get_output_embeddings()):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, labels, backend=backend)
+    return not fused or _needs_plain_logits(inner) or _zero3_partitioned(inner.get_output_embeddings())
+
+
+def _through_head(model, batch, head_fn):
+    """Call ``model`` (through its wrappers, so DDP, FSDP and adapters work) with ``logits_to_keep=1``
+    and return ``head_fn(hidden, head_weight, head_bias)``, run by a forward hook on the LM head while
+    the head's forward is in progress — when FSDP has gathered its weight, before its own
+    post-forward hook reshards it — so the head function always gets a full, plain weight."""
+    inner = _causal_lm(model)
     captured = {}
 
     def keep_hidden(_module, _inputs, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     def run_head(head, _inputs, _output):
-        logps, counts = linear_sequence_logps(captured["hidden"], head.weight, labels,
-                                              bias=getattr(head, "bias", None), backend=backend)
-        if _is_fsdp2(head) and torch.is_grad_enabled():     # sharded on its own: resharded after this
-            logps = _GatherBeforeBackward.apply(head, logps)
-        captured["result"] = logps, counts
+        captured["result"] = head_fn(head, captured["hidden"], head.weight, getattr(head, "bias", None))
 
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
     head = inner.get_output_embeddings()
@@ -124,6 +121,51 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None):
         for handle in handles:
             handle.remove()
     return captured["result"]
+
+
+def _gathered_for_backward(head, t):
+    """``t``, with a backward that re-gathers an FSDP2-sharded head first (the op saved its
+    gathered weight; FSDP resharded it after the forward)."""
+    return _GatherBeforeBackward.apply(head, t) if _is_fsdp2(head) and torch.is_grad_enabled() else t
+
+
+def policy_logps(model, batch, *, fused: bool = True, backend=None):
+    """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
+    wrapped by DDP, FSDP or PEFT).
+
+    The fused path runs :func:`robalign.linear_sequence_logps` on the decoder's last hidden states
+    and the LM head (:func:`_through_head`); a head partitioned by DeepSpeed ZeRO-3, or a model whose
+    logits are not ``hidden @ Wᵀ + b``, takes the logits path (``fused=False``) instead."""
+    labels = shift_labels(batch["labels"])
+    if _plain_logits(model, fused):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, labels, backend=backend)
+
+    def head_fn(head, hidden, weight, bias):
+        logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend)
+        return _gathered_for_backward(head, logps), counts
+
+    return _through_head(model, batch, head_fn)
+
+
+def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True):
+    """The :class:`robalign.DoRAOutput` of one collated micro-batch through the one-pass fused loss:
+    ``loss_fn`` runs on the decoder's hidden states and the LM head inside the head's forward
+    (:func:`_through_head`); ``loss`` is what to ``backward()`` (with ``accumulator``, this
+    micro-batch's share of the effective batch)."""
+    labels = shift_labels(batch["labels"])
+    weights = probs = None
+    if use_weights:
+        weights = batch.get("weights")
+        probs = batch.get("probs") if weights is None else None
+
+    def head_fn(head, hidden, weight, bias):
+        out = loss_fn(hidden=hidden, head_weight=weight, head_bias=bias, labels=labels, ref_logps=batch.get("ref_logps"),
+                      probs=probs, weights=weights, scores=batch.get("scores"), accumulator=accumulator)
+        out.loss = _gathered_for_backward(head, out.loss)
+        return out
+
+    return _through_head(model, batch, head_fn)
 
 
 class _LogLastStep(TrainerCallback):
@@ -161,7 +203,7 @@ class DoRATrainer(Trainer):
         # built once: the objective, weights and reduction of every micro-batch (the process group is
         # the reduction's argument, read per call, so a group set up after construction is seen)
         self.loss_fn = DoRALoss(d.objective, beta=d.beta, lam=d.lam, alpha=d.alpha, group_size=self.group_size,
-                                **d.objective_kwargs)
+                                one_pass=d.one_pass, **d.objective_kwargs)
         self.ref_model = ref_model
         self._acc = None
         self._reset_pending = True
@@ -283,6 +325,12 @@ class DoRATrainer(Trainer):
             return dist.group.WORLD
         return None
 
+    def _uses_one_pass(self, model) -> bool:
+        """The one-pass fused loss runs unless it is switched off, the reduction has no one-pass
+        form, or the model takes the logits path."""
+        return (self.dora.one_pass and self.loss_fn.reduction.one_pass_temperature is not None
+                and not _plain_logits(model, self.dora.fused))
+
     def dora_samples(self, model, inputs):
         """The :class:`robalign.DoRASamples` (per-sample losses, weights, rewards) of one collated
         micro-batch; the reduction runs once, in the accumulator (training) or in compute_loss."""
@@ -314,8 +362,13 @@ class DoRATrainer(Trainer):
             self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
             self._reset_pending = False
         with self.compute_loss_context_manager():
-            out = self.dora_samples(model, inputs)
-        surrogate = self._acc(out.losses, out.weights)
+            if self._uses_one_pass(model):
+                out = one_pass_loss(model, inputs, self.loss_fn, accumulator=self._acc,
+                                    use_weights=self.dora.use_weights)
+                surrogate = out.loss
+            else:
+                out = self.dora_samples(model, inputs)
+                surrogate = self._acc(out.losses, out.weights)
         self.accelerator.backward(surrogate)
         self._record(out)
         # Trainer sums what training_step returns over the micro-batches of an optimizer step:
