@@ -10,9 +10,16 @@ Providers, each in fresh processes, interleaved:
     matmul_floor_scored  the same over the M scored tokens only: the work that must be done
     torch                robalign's chunked path with the plain-PyTorch row kernels (the portable fallback)
     cpp                  robalign's chunked path (ATen matmuls + C++ row kernels), one chunk at a time
+    recompute            the whole DoRA loss (DPO, KL-DRO λ = 1) through that path: forward log-probs,
+                         autograd through the objective and the DRO, a backward that recomputes every
+                         chunk's logits (four matmul passes)
+    one_pass             the whole DoRA loss through the one-pass fused op: loss and gradients in the
+                         forward, three matmul passes (robalign.ops.one_pass)
 
 Every provider first passes a correctness gate (log-probs and ``grad_hidden`` of the first
-sequence, ``grad_weight`` of the whole batch, against float64) or is reported as failed. Both
+sequence, ``grad_weight`` of the whole batch, against float64; for the two loss providers the
+loss and both gradients of the first pair against the float64 reference composition) or is
+reported as failed. The loss providers do the logits work of the others plus a [B, 2] objective. Both
 floors are reported: a provider that skips prompt and padding tokens can beat the all-token
 floor, never the scored one.
 
@@ -30,7 +37,8 @@ import platform
 import cpu_harness
 from peers import trl_fused_logps
 
-PROVIDERS = ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp")
+PROVIDERS = ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp", "recompute", "one_pass")
+LOSS_PROVIDERS = ("recompute", "one_pass")
 SEQLEN = 512
 
 
@@ -49,6 +57,9 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
     labels[~cpu_harness.sequence_mask(seqs, seqlen, masked, padding)] = -100
     scored = int((labels != -100).sum())
     coeff = torch.randn(seqs)
+    ref_logps = torch.randn(seqs) - 10 * seqlen                          # log-ratios of order 1
+    if provider in LOSS_PROVIDERS:
+        return _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, scored)
     if provider == "trl_fused":
         try:
             import trl.kernels.chunked_logprob  # noqa: F401
@@ -87,6 +98,46 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
         step = (lambda: h @ w.T) if mode == "fwd" else (lambda: (h @ w.T, grad_logits @ w, grad_logits.T @ h))
         return {**cpu_harness.measure(provider, step, repeat), "scored_tokens": scored}
     step = lambda: run(hidden, weight, labels, coeff)  # noqa: E731
+    row = cpu_harness.measure(provider, torch.no_grad()(step) if mode == "fwd" else step, repeat, check)
+    return {**row, "scored_tokens": scored}
+
+
+def _dora_loss(h, w, y, ref, *, one_pass: bool, backend: str = "cpp"):
+    import robalign
+
+    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=one_pass)
+    return fn(hidden=h, head_weight=w, labels=y, ref_logps=ref).loss
+
+
+def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, scored) -> dict:
+    """The DoRA loss of pairs (DPO, KL-DRO) through the recompute path or the one-pass op."""
+    import torch
+
+    from robalign import reference
+
+    one_pass = provider == "one_pass"
+
+    def run(h, w, y, ref):
+        loss = _dora_loss(h, w, y, ref, one_pass=one_pass)
+        return (loss,) if mode == "fwd" else (loss, *torch.autograd.grad(loss, (h, w)))
+
+    def check():
+        rows = min(2, labels.shape[0])
+        if rows < 2:
+            return None
+        h, w = hidden.detach()[:rows].clone(), weight.detach().clone()
+        want_h, want_w = h.double().requires_grad_(True), w.double().requires_grad_(True)
+        logps, _ = reference.linear_sequence_logps(want_h, want_w, labels[:rows])
+        want_loss = reference.kl_dro(reference.objectives.dpo(logps.view(-1, 2), ref_logps[:rows].double().view(-1, 2),
+                                                              beta=0.1), None, 1.0)
+        want = (want_loss.detach(),) if mode == "fwd" else \
+            (want_loss.detach(), *torch.autograd.grad(want_loss, (want_h, want_w)))
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            got = run(h.requires_grad_(mode == "fwdbwd"), w.requires_grad_(mode == "fwdbwd"), labels[:rows],
+                      ref_logps[:rows])
+        return cpu_harness.gate(provider, got, want)
+
+    step = lambda: run(hidden, weight, labels, ref_logps)  # noqa: E731
     row = cpu_harness.measure(provider, torch.no_grad()(step) if mode == "fwd" else step, repeat, check)
     return {**row, "scored_tokens": scored}
 

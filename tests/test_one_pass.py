@@ -142,6 +142,25 @@ def test_a_later_chunk_raises_the_maximum(backend, chunks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [0.2, float("inf")])
+def test_groups_without_scored_tokens(backend, lam, chunks):
+    """Groups with no scored token have a loss (their log-probs are 0) but no gradient; the last
+    one here has the largest loss, in a chunk of its own, so the maximum grows at a chunk that
+    adds nothing to the gradients and the rescaling must wait for the next chunk that does."""
+    chunks(3)
+    p = problem("dpo", groups=6)
+    for g in (2, 4):
+        p["labels"][2 * g:2 * g + 2] = -100
+    p["ref"][8] = 40.0
+    group_tokens = (p["labels"] != -100).sum(1).view(6, 2).sum(1).tolist()
+    assert (4, 5) in one_pass.plan_chunks(group_tokens, 3)          # group 4 is a chunk of its own
+    got, out = run(p, "dpo", lam, backend)
+    if math.isfinite(lam):
+        assert (out.weights * out.losses).argmax() == 4
+    assert_close(got, reference_run(p, "dpo", lam))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_input(backend, chunks):
     chunks(4)
     p = problem("plackett_luce", groups=2, t=6)
@@ -360,12 +379,14 @@ print(json.dumps({"peak_mb": status('VmHWM') - base}))
 @pytest.mark.slow
 def test_peak_memory_is_the_gradients_plus_one_chunk():
     """Fresh process, float32, 2048 tokens, V = 32000, H = 64, chunks of 256 tokens (32 MiB of
-    logits): the resident growth of forward + backward is at most the returned gradients (8.2 MB
-    for the head, 0.5 MB for hidden) plus one chunk of logits and its rows (33 MB) and 16 MB of
-    allocator slack — far below the 250 MB of one [N, V] logits tensor."""
+    logits): the resident growth of forward + backward is at most the returned gradients (8.3 MB
+    for the head and hidden) plus one chunk of logits and its rows (31.3 MB) and 8 MB of small
+    buffers — far below the 250 MB of one [N, V] logits tensor. glibc's malloc is told to map
+    every block above 64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so that a freed chunk leaves
+    the resident set: with its adaptive default, the same run measured 35 to 97 MB."""
     import os
 
-    env = dict(os.environ, ROBALIGN_CHUNK_MB="32")
+    env = dict(os.environ, ROBALIGN_CHUNK_MB="32", MALLOC_MMAP_THRESHOLD_="65536")
     peak = {}
     for mode in ("one_pass", "recompute"):
         out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode], capture_output=True, text=True, check=True,
@@ -373,4 +394,4 @@ def test_peak_memory_is_the_gradients_plus_one_chunk():
         peak[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
     grads_mb = (32000 * 64 + 16 * 128 * 64) * 4 / 2**20
     chunk_mb = 256 * 32000 * 4 / 2**20 + 256 * 64 * 4 / 2**20
-    assert peak["one_pass"] <= grads_mb + chunk_mb + 16, peak
+    assert peak["one_pass"] <= grads_mb + chunk_mb + 8, peak

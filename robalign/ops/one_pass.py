@@ -99,7 +99,9 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_MM[device] = False
-    if beta != 1.0:
+    if beta == 0.0:
+        buffer.zero_()                  # what was there may be uninitialised memory
+    elif beta != 1.0:
         buffer.mul_(beta)
     buffer.add_(a @ b)
 
@@ -131,13 +133,15 @@ def _linear_dora_loss(
     losses = torch.zeros(num_groups, dtype=torch.float32, device=device)
     acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
-    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else weight.new_empty(0)
+    # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none
+    grad_w = torch.empty(weight.shape, dtype=acc_dtype, device=device) if need_weight else weight.new_empty(0)
     has_bias = need_bias and bias is not None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if has_bias else weight.new_empty(0)
     w_all = sample_weights.float()
     mean = math.isinf(lam) and lam > 0
     m = -math.inf if not mean else 0.0
     accumulated = False                                                 # grad_w / grad_b hold something
+    pending = 1.0                                                       # their rescaling not yet applied
     rescale_h: list[tuple[Tensor, float]] = []                          # (token rows, m when written)
 
     for g0, g1 in plan_chunks(group_tokens, chunk):
@@ -172,12 +176,12 @@ def _linear_dora_loss(
             chunk_max = a.max().item() if a.numel() else -math.inf
             new_m = chunk_max if (math.isnan(chunk_max) or chunk_max > m) else m
             coeff_g = (w_c.double() * torch.exp(a - new_m)).float()
-        beta = 1.0
         if not mean and new_m != m:
-            beta = math.exp(m - new_m) if accumulated else 0.0
+            pending *= math.exp(m - new_m)                              # applied by the next addmm
             m = new_m
-        if t1 == t0:
+        if t1 == t0:                                                    # no scored token: no gradient
             continue
+        beta = pending if accumulated else 0.0
         coeff_tok = (coeff_g[:, None] * dl).reshape(-1).index_select(0, tok_seq[t0:t1] - s0)
         for p0, p1 in pieces:
             i_p = i_c[p0:p1]
@@ -195,10 +199,12 @@ def _linear_dora_loss(
                 if beta != 1.0:
                     grad_b.mul_(beta)
                 grad_b.add_(z.sum(0, dtype=torch.float32))
-            beta = 1.0
+            beta, pending = 1.0, 1.0
             accumulated = True
             del z, h_p
 
+    if need_weight and not accumulated:
+        grad_w.zero_()
     if need_hidden:
         for rows_i, m_i in rescale_h:
             if m_i != m:
