@@ -49,7 +49,8 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
     import robalign
 
     torch.manual_seed(0)
-    seqs = max(1, tokens // SEQLEN)
+    seqs = max(2, tokens // SEQLEN)
+    seqs += seqs % 2                                                      # whole pairs for the loss providers
     seqlen = tokens // seqs
     hidden = torch.randn(seqs, seqlen, hidden_size, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size) / hidden_size ** 0.5).requires_grad_(True)

@@ -7,6 +7,9 @@
 # $OUT — a run cut off by its time limit still returns what it measured.
 # Stages, in order (GPU_CHECK_STAGES picks some; each has its own limit and the run stops
 # starting new ones once BUDGET seconds, default 450, are spent):
+#   onepass  the one-pass fused DoRA loss (never run on a GPU) at 16 × 1024, llama3-8b, bfloat16: its
+#            time against the scored bare matmuls, the recompute path, Liger's DPO loss and fused
+#            linear cross-entropy, and its CUDA tests
 #   linear   the honest fused-linear sweep: both floors (all and scored tokens), prompt and padding
 #            fractions 1/8, 0, 1/2, 1/4 + 1/4, against TRL's fused head, Liger (DPO with a
 #            reference model, chunk 1 and 4; fused linear cross-entropy) and Cut Cross-Entropy
@@ -36,7 +39,7 @@ sync_out() {       # $OUT takes at most 8 files: one tarball, rewritten after ev
   if [ -n "${OUT:-}" ]; then (cd "$RESULTS" && tar -cf "$OUT/gpu_results.tar.tmp" gpu_* && mv "$OUT/gpu_results.tar.tmp" "$OUT/gpu_results.tar"); fi
   return 0
 }
-STAGES=" ${GPU_CHECK_STAGES:-linear logits fwd packed long models chunks tests charts} "
+STAGES=" ${GPU_CHECK_STAGES:-onepass linear logits fwd packed long models chunks tests charts} "
 stage() {  # stage KEY SECONDS LOG COMMAND...
   local key=$1 limit=$2 log=$3; shift 3
   [[ "$STAGES" == *" $key "* ]] || { echo "== $key skipped (GPU_CHECK_STAGES)"; return 0; }
@@ -69,6 +72,9 @@ ROBALIGN_BUILD_EXT=0 $PY -m pip install -q --no-deps --no-build-isolation --no-i
   || { echo "installing robalign failed"; sync_out; exit 1; }
 
 G="$PY benchmarks"
+stage onepass 90 gpu_one_pass.md bash -c "$G/gpu_linear.py --quick --masks 0.125/0 \
+  --providers matmul_floor_scored,triton,recompute,one_pass,liger_dpo_c1,liger_flce --out /tmp/onepass && \
+  $PY -m pytest tests/test_one_pass.py -k 'triton-cuda or torch' -p no:cacheprovider -q"
 stage linear 170 gpu_linear.md $G/gpu_linear.py --out "$RESULTS"
 stage logits 110 gpu_logits.md $G/gpu_logits.py --model llama3-8b --tokens 4096,16384 --out "$RESULTS"
 stage fwd 60 gpu_fwd.md bash -c "$G/gpu_logits.py --mode fwd --quick --masks 0.125/0 --out '$RESULTS' && \
@@ -83,6 +89,7 @@ stage chunks 50 gpu_linear_chunk_sizes.log bash -c "for mb in rule 256 1024 4096
   if [ \$mb = rule ]; then unset ROBALIGN_CHUNK_MB; else export ROBALIGN_CHUNK_MB=\$mb; fi; \
   $G/gpu_linear.py --quick --masks 0.125/0 --providers matmul_floor_scored,triton --out /tmp/chunks_\$mb | grep -E '^\\| [0-9]'; done"
 stage tests 120 gpu_tests.log $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py \
+  tests/test_one_pass.py \
   tests/test_kernel_reliability.py tests/test_property_backends.py tests/test_sync_free.py \
   -k "triton-cuda or torch-cuda or recompile or property or sync" -p no:cacheprovider
 if [[ "$STAGES" == *" charts "* ]]; then

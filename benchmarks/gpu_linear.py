@@ -12,6 +12,9 @@ Providers:
     matmul_floor_scored  the same over the M scored tokens: the work that must be done
     torch                robalign's chunked path with its plain-PyTorch row kernels (the portable fallback)
     triton               chunked cuBLAS matmuls + Triton row kernels (recompute design: four matmul passes)
+    recompute            the whole DoRA loss (DPO, KL-DRO λ = 1, reference log-probs given) through that path
+    one_pass             the whole DoRA loss through the one-pass fused op (robalign.ops.one_pass): loss and
+                         gradients in the forward, three matmul passes, one host read per chunk
     liger_dpo_c1/_c4     Liger-Kernel's LigerFusedLinearDPOLoss with a reference model as TRL builds one
                          (reference hidden states and head, no gradient), chunk_size 1 and 4 pairs
     liger_flce           Liger-Kernel's fused linear cross-entropy, per token (reduction="none")
@@ -49,7 +52,14 @@ from shapes import MODELS
 
 SEQS = 16
 PROVIDERS = ("naive", "naive_compile", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "triton",
-             "liger_dpo_c1", "liger_dpo_c4", "liger_flce", "cce")
+             "recompute", "one_pass", "liger_dpo_c1", "liger_dpo_c4", "liger_flce", "cce")
+LOSS_PROVIDERS = ("recompute", "one_pass")
+
+
+def dora_loss(provider, hidden, weight, labels, ref_logps, backend):
+    """The DoRA loss of the rows as pairs (DPO, KL-DRO λ = 1) by the recompute path or the one-pass op."""
+    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=provider == "one_pass")
+    return fn(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref_logps).loss
 MASKS = ((0.125, 0.0), (0.0, 0.0), (0.5, 0.0), (0.25, 0.25))
 
 
@@ -113,6 +123,8 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
     labels[:, seqlen - round(padding * seqlen):] = -100
     scored = int((labels != -100).sum())
     coeff = torch.randn(SEQS, device=device)
+    ref_logps = torch.randn(SEQS, device=device) - 10 * seqlen                # log-ratios of order 1
+    kernel = "triton" if device == "cuda" else "cpp"
     passes = 3 if mode == "fwdbwd" else 1
 
     def make(provider):
@@ -125,6 +137,11 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
             return lambda: (h @ w.T, g @ w, g.T @ h)
         if provider.startswith("liger_dpo"):
             return liger_step(hidden, weight, labels, ref_hidden, mode, int(provider.rsplit("c", 1)[1]))
+        if provider in LOSS_PROVIDERS:
+            def loss_step():
+                loss = dora_loss(provider, hidden, weight, labels, ref_logps, kernel)
+                return loss if mode == "fwd" else torch.autograd.grad(loss, (hidden, weight))
+            return torch.no_grad()(loss_step) if mode == "fwd" else loss_step
 
         def step():
             logps = logps_of(provider, hidden, weight, labels)
@@ -136,6 +153,8 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
     def check(provider):
         if provider.startswith(("matmul_floor", "liger_dpo")):
             return None                       # not log-prob providers: a floor, and a loss (checked against TRL in tests)
+        if provider in LOSS_PROVIDERS:
+            return check_loss(provider)
         h = hidden.detach()[:1].clone().requires_grad_(mode == "fwdbwd")
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
             logps = logps_of(provider, h, weight.detach(), labels[:1])
@@ -144,6 +163,19 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
         want, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:1])
         want_all = (want,) if mode == "fwd" else (want, torch.autograd.grad(want.sum(), want_h)[0])
         # bfloat16 head: the logits of a bfloat16 matmul carry ~2⁻⁸ relative error each
+        return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+
+    def check_loss(provider):
+        """The loss and grad_hidden of the first pair against the float64 reference composition."""
+        h = hidden.detach()[:2].clone().requires_grad_(mode == "fwdbwd")
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            loss = dora_loss(provider, h, weight.detach(), labels[:2], ref_logps[:2], kernel)
+            got = (loss,) if mode == "fwd" else (loss, torch.autograd.grad(loss, h)[0])
+        want_h = hidden.detach()[:2].double().requires_grad_(True)
+        logps, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:2])
+        ref = robalign.reference
+        want = ref.kl_dro(ref.objectives.dpo(logps.view(1, 2), ref_logps[:2].double().view(1, 2), beta=0.1), None, 1.0)
+        want_all = (want,) if mode == "fwd" else (want, torch.autograd.grad(want, want_h)[0])
         return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
 
     def derive(s):
@@ -198,7 +230,9 @@ def main(argv=None) -> int:
     if device == "cpu":                                      # smoke test of the script only
         dtype, hidden_size, vocab, seqlens = torch.float32, 64, 2000, (32,)
     providers = PROVIDERS if device == "cuda" else ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored",
-                                                    "torch", "cpp")
+                                                    "torch", "cpp", "recompute", "one_pass")
+    if args.mode == "fwd":                   # the loss providers differ from the others only in training
+        providers = tuple(p for p in providers if p not in LOSS_PROVIDERS)
     if args.providers:
         providers = tuple(p for p in args.providers.split(",") if p)
     if args.masks == "sweep":

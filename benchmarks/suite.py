@@ -8,7 +8,8 @@ Workloads (model shapes from MODELS: hidden size H and vocabulary V), each in tw
 ``fwdbwd`` (forward+backward, a training step) and ``fwd`` (forward under no_grad, as the
 reference log-probs are computed):
     logits   sequence_logps on [N, V] float32 (CPU) / bfloat16 (CUDA) logits
-    linear   linear_sequence_logps from [N, H] hidden states and a [V, H] head
+    linear   linear_sequence_logps from [N, H] hidden states and a [V, H] head; in training mode
+             also the whole DoRA loss (DPO, KL-DRO) through the recompute path and the one-pass op
 
 CPU: every (workload, provider, N) is measured in a fresh process (median time, peak resident
 memory above the inputs; cpu_logits.py / cpu_linear.py); the limits are measured in the same
@@ -37,7 +38,9 @@ from shapes import MODELS
 
 HERE = Path(__file__).resolve().parent
 CPU_PROVIDERS = {"logits": ("naive", "trl", "naive_compile", "torch", "cpp", "cpp_inplace"),
-                 "linear": ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp")}
+                 "linear": ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp", "recompute",
+                            "one_pass")}
+LOSS_PROVIDERS = ("recompute", "one_pass")                    # the whole DoRA loss: training only
 BASELINES = {"logits": "trl", "linear": "trl_fused"}          # what TRL users run today
 MODES = ("fwdbwd", "fwd")
 # (prompt fraction, padding fraction) of each sequence: the token sweep runs at the first; the
@@ -46,8 +49,10 @@ MASKS = ((0.125, 0.0), (0.0, 0.0), (0.5, 0.0), (0.25, 0.25))
 
 
 def providers_for(workload: str, mode: str) -> tuple:
-    """In place only changes the backward, so ``cpp_inplace`` is measured with it alone."""
-    return tuple(p for p in CPU_PROVIDERS[workload] if mode == "fwdbwd" or not p.endswith("_inplace"))
+    """In place only changes the backward, so ``cpp_inplace`` is measured with it alone; the loss
+    providers differ from ``cpp`` only when gradients are formed, so likewise."""
+    return tuple(p for p in CPU_PROVIDERS[workload]
+                 if mode == "fwdbwd" or not (p.endswith("_inplace") or p in LOSS_PROVIDERS))
 
 
 def cpu_limits(hidden: int, vocab: int, tokens: int) -> dict:

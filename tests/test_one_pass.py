@@ -285,6 +285,27 @@ def test_backward_twice_is_a_clear_error(chunks):
         out.loss.backward()
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph_traces_the_one_pass_loss(chunks):
+    """The op is opaque to torch.compile (its fake implementation gives the shapes); the compiled
+    step gives the eager gradients. On CPU with the C++ backend (the Triton path needs a GPU)."""
+    chunks(5)
+    p = problem("dpo")
+    fn = loss_fn("dpo", 1.0, 2, "cpp")
+
+    def step(h, w, b):
+        return fn(hidden=h, head_weight=w, head_bias=b, labels=p["labels"], ref_logps=p["ref"], weights=p["weights"]).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = []
+    for f in (compiled, step):
+        leaves = [p[n].clone().requires_grad_(True) for n in ("hidden", "weight", "bias")]
+        f(*leaves).backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_plan_chunks_keeps_groups_whole():
     assert one_pass.plan_chunks([3, 4, 2, 9, 1, 0, 1], 6) == [(0, 1), (1, 3), (3, 4), (4, 7)]
     assert one_pass.plan_chunks([], 6) == []

@@ -7,8 +7,8 @@ most ``chunk`` scored tokens, see :func:`robalign.ops.linear.chunk_tokens`):
 
     z      = h_c · Wᵀ (+ b)                                   [C, V]   one chunk of logits alive
     lse, z_y = row kernel(z)        logp_s = Σ_t (z_y − lse)  (float64 sums, float32 result)
-    ℓ_i, ∂ℓ_i/∂logp_s              the objective on the chunk's [b, K] log-probs (torch.func.grad:
-                                   any registered objective, no hand-written derivative)
+    ℓ_i, ∂ℓ_i/∂logp_s              the objective on the chunk's [b, K] log-probs, by autograd (any
+                                   registered objective, no hand-written derivative)
     a_i    = w_i·ℓ_i/λ             (0 for λ = ∞);   m ← max(m, max_i a_i)
     c_s    = w_i·e^{a_i − m}·∂ℓ_i/∂logp_s              per sequence, then per token
     z      ← c_t·(onehot(y_t) − softmax(z_t))          row kernel, in place: z is now G
@@ -36,6 +36,9 @@ Registered as ``robalign::linear_dora_loss`` (a fake implementation gives the sh
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -66,16 +69,28 @@ def plan_chunks(group_tokens: list[int], chunk: int) -> list[tuple[int, int]]:
 
 def _objective_grad(objective: str, hparams: dict, logps: Tensor, ref: Optional[Tensor], counts: Tensor,
                     scores: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(ℓ [b], ∂ℓ_i/∂logps [b, K])`` of a registered objective on one chunk's groups. ℓ_i depends
-    only on row i, so the gradient of Σℓ is the per-row derivative."""
-    fn = OBJECTIVES[objective].fn
+    """``(ℓ [b], ∂ℓ_i/∂logps [b, K])`` of a registered objective on one chunk's groups, by autograd.
+    ℓ_i depends only on row i, so the gradient of Σℓ is the per-row derivative.
 
-    def total(lp):
-        losses = fn(lp, ref, counts=counts, scores=scores, **hparams)
-        return losses.sum(), losses
+    An operator's implementation runs below autograd (its dispatch keys excluded, thread-locally),
+    and torch.compile's runtime wraps it in dispatch modes that refuse torch.func's wrapper tensors;
+    so the derivative is taken on a helper thread, whose dispatch state is fresh, on the caller's
+    CUDA stream."""
+    return _helper().submit(_objective_grad_here, objective, hparams, logps, ref, counts, scores,
+                            torch.cuda.current_stream(logps.device) if logps.is_cuda else None).result()
 
-    grad, losses = torch.func.grad(total, has_aux=True)(logps)
+
+def _objective_grad_here(objective, hparams, logps, ref, counts, scores, stream):
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), torch.enable_grad():
+        lp = logps.detach().requires_grad_(True)
+        losses = OBJECTIVES[objective].fn(lp, ref, counts=counts, scores=scores, **hparams)
+        (grad,) = torch.autograd.grad(losses.sum(), lp)
     return losses.detach(), grad
+
+
+@functools.lru_cache(maxsize=None)
+def _helper() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="robalign-objective")
 
 
 def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool) -> torch.dtype:
