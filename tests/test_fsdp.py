@@ -7,7 +7,9 @@ gradient of the whole batch. Two wrappings: the head inside the root's FSDP grou
 gathered after the forward), and the head sharded on its own (resharded right after its
 forward: reading ``head.weight`` after the model's forward would see a shard). A third case
 splits each rank's half into two micro-batches under ``KLDROAccumulator``: FSDP reduce-scatters
-after each backward and the accumulator rescales the sharded ``.grad``.
+after each backward and the accumulator rescales the sharded ``.grad``. Each case runs twice:
+through the recompute path (``policy_logps`` then ``DoRALoss.from_logps``) and through the
+one-pass fused loss (:func:`robalign.app.trainer.one_pass_loss`, what ``DoRATrainer`` runs).
 Tolerance: float32, 1e-5 relative (the two runs differ in summation order: per-rank sums and
 reduce-scatter against one batch).
 """
@@ -19,13 +21,14 @@ import torch.distributed as dist
 
 from robalign import DoRALoss, KLDROAccumulator
 from robalign.app.train import embedded_model
-from robalign.app.trainer import policy_logps
+from robalign.app.trainer import one_pass_loss, policy_logps
 from conftest import run_on_gloo_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD, ROWS, T = 2, 8, 12          # ROWS per rank: 4 pairs
 WRAPPINGS = ("head_in_root", "head_sharded", "accumulated")
+PATHS = ("recompute", "one_pass")
 MICRO = 2
 
 
@@ -47,6 +50,24 @@ def dora_grads(model, batch, ref, weights, group=None):
     out = loss_fn.from_logps(logps, counts, ref_logps=ref, weights=weights)
     out.loss.backward()
     return out.loss.detach()
+
+
+def one_pass_grads(model, batch, ref, weights, group=None):
+    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5, process_group=group)
+    out = one_pass_loss(model, dict(batch, ref_logps=ref, weights=weights), loss_fn)
+    out.loss.backward()
+    return out.loss.detach()
+
+
+def one_pass_accumulated_grads(model, batch, ref, weights):
+    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5)
+    acc = loss_fn.reduction.accumulator(list(model.parameters()), group=dist.group.WORLD)
+    rows, pairs = ROWS // MICRO, ROWS // 2 // MICRO
+    for j in range(MICRO):
+        micro = {k: v[j * rows:(j + 1) * rows] for k, v in batch.items()}
+        micro.update(ref_logps=ref[j * rows:(j + 1) * rows], weights=weights[j * pairs:(j + 1) * pairs])
+        one_pass_loss(model, micro, loss_fn, accumulator=acc).loss.backward()
+    return torch.tensor(acc.loss)
 
 
 def accumulated_grads(model, batch, ref, weights):
@@ -71,7 +92,7 @@ def _worker(rank):
     from torch.distributed.fsdp import fully_shard
 
     results = {}
-    for wrapping in WRAPPINGS:
+    for wrapping, path in [(w, p) for w in WRAPPINGS for p in PATHS]:
         model, _ = embedded_model(seed=0)
         for layer in model.model.layers:
             fully_shard(layer)
@@ -80,12 +101,14 @@ def _worker(rank):
         fully_shard(model)
         batch, ref, weights = make_batch(model.config.vocab_size)
         rows, pairs = slice(rank * ROWS, (rank + 1) * ROWS), slice(rank * ROWS // 2, (rank + 1) * ROWS // 2)
+        mine = {k: v[rows] for k, v in batch.items()}
         if wrapping == "accumulated":
-            loss = accumulated_grads(model, {k: v[rows] for k, v in batch.items()}, ref[rows], weights[pairs])
+            run = accumulated_grads if path == "recompute" else one_pass_accumulated_grads
+            loss = run(model, mine, ref[rows], weights[pairs])
         else:
-            loss = dora_grads(model, {k: v[rows] for k, v in batch.items()}, ref[rows], weights[pairs],
-                              group=dist.group.WORLD)
-        results[wrapping] = (loss, {n: full_grads(p) for n, p in model.named_parameters()})
+            run = dora_grads if path == "recompute" else one_pass_grads
+            loss = run(model, mine, ref[rows], weights[pairs], group=dist.group.WORLD)
+        results[wrapping, path] = (loss, {n: full_grads(p) for n, p in model.named_parameters()})
     return results
 
 
@@ -94,15 +117,16 @@ def rank_results():
     return run_on_gloo_ranks(_worker, WORLD)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("wrapping", WRAPPINGS)
-def test_fsdp_sharded_gradients_equal_the_full_batch_gradient(rank_results, wrapping):
+def test_fsdp_sharded_gradients_equal_the_full_batch_gradient(rank_results, wrapping, path):
     model, _ = embedded_model(seed=0)
     batch, ref, weights = make_batch(model.config.vocab_size)
     want_loss = dora_grads(model, batch, ref, weights)
     want = {n: p.grad for n, p in model.named_parameters()}
     assert want["lm_head.weight"].abs().max() > 0
     for rank in range(WORLD):
-        loss, got = rank_results[rank][wrapping]
+        loss, got = rank_results[rank][wrapping, path]
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
         assert got.keys() == want.keys()
         for name in want:
