@@ -18,12 +18,12 @@ def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(suite, "CPU_PROVIDERS", {"logits": ("naive", "trl", "cpp", "cpp_inplace"),
                                                  "linear": ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored",
-                                                            "cpp")})
+                                                            "cpp", "one_pass")})
     monkeypatch.setattr(suite, "MODELS", {"tiny": (32, 2000)})
     result = suite.run_cpu(["logits", "linear"], "tiny", (1024,), 1, masks=((0.125, 0.0), (0.25, 0.25)), rounds=1)
     # per mask: logits 4 providers forward+backward, 3 forward (in place changes only the backward);
-    # linear 5 and 5
-    assert len(result["rows"]) == 2 * (4 + 3 + 5 + 5)
+    # linear 6 and 5 (the one-pass loss differs from cpp only when gradients are formed)
+    assert len(result["rows"]) == 2 * (4 + 3 + 6 + 5)
     for row in result["rows"]:
         assert "error" not in row, row                     # every provider passed its correctness gate
         assert row["scored_tokens"] == (896 if row["masked"] == 0.125 else 512)
@@ -76,3 +76,19 @@ def test_bench_cli_refuses_a_file_as_out(tmp_path, capsys):
     target.write_text("{}")
     assert main(["bench", "--out", str(target)]) == 2
     assert capsys.readouterr().err.strip() == f"robalign bench: --out {target} is a file; give a folder"
+
+
+@pytest.mark.slow
+def test_one_pass_options_benchmark_runs_its_providers_through_the_gate(tmp_path):
+    import cpu_one_pass
+
+    assert cpu_one_pass.main(["--tokens", "256", "--hidden", "32", "--vocab", "2000", "--repeat", "1",
+                              "--rounds", "1", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "cpu_one_pass_N256_H32_V2000.json").read_text())
+    rows = {r["provider"]: r for r in record["rows"]}
+    assert set(rows) == set(cpu_one_pass.PROVIDERS) and not any("error" in r for r in rows.values())
+    assert record["sub_chunk_mb"] * 2**20 // (2000 * 4) < 224          # a chunk below a group's 224 tokens
+    for name in ("one_pass", "one_pass_sub_chunked", "recompute"):
+        assert rows[name]["grad_w_rel_error"] < 1e-5
+    for name in ("bf16_fp32_head_grad", "bf16_head_dtype_grad"):
+        assert rows[name]["grad_w_rel_error"] < 2e-2

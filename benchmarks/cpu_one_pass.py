@@ -1,0 +1,108 @@
+"""CPU benchmark of the one-pass fused loss's two options: what a group larger than a chunk costs
+(its sub-chunks take a second logits pass), and what the float32 head-gradient accumulator costs
+for a bfloat16 head. The DoRA loss of pairs (DPO, KL-DRO λ = 1), forward + backward.
+
+Providers, each in fresh processes, interleaved:
+    matmul_floor_scored   the three bare matmuls over the scored tokens (float32)
+    one_pass              the one-pass loss, chunks by the rule: whole groups (float32)
+    one_pass_sub_chunked  the same with chunks of half a group (ROBALIGN_CHUNK_MB), so every group
+                          is processed in sub-chunks: its logits are computed twice
+    recompute             the recompute path at the rule's chunks (four matmul passes, float32)
+    bf16_fp32_head_grad   bfloat16 hidden states and head; grad_W accumulated in float32 (default)
+    bf16_head_dtype_grad  the same with fp32_head_grad=False: grad_W accumulated in bfloat16
+
+Each row also gives ``grad_w_rel_error``: ‖grad_W − float64‖/‖float64‖ for the same inputs (the
+bfloat16 rows against float64 computed from their bfloat16 values), measured before timing.
+
+    python benchmarks/cpu_one_pass.py [--tokens 2048] [--hidden 512] [--vocab 32000] [--rounds 2]
+                                      [--repeat 5] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import json
+
+import cpu_harness
+
+PROVIDERS = ("matmul_floor_scored", "one_pass", "one_pass_sub_chunked", "recompute", "bf16_fp32_head_grad",
+             "bf16_head_dtype_grad")
+SEQLEN = 512
+
+
+def _problem(tokens, hidden_size, vocab, dtype, masked):
+    import torch
+
+    torch.manual_seed(0)
+    seqs = max(2, tokens // SEQLEN)
+    seqs += seqs % 2
+    seqlen = tokens // seqs
+    hidden = torch.randn(seqs, seqlen, hidden_size).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size) / hidden_size ** 0.5).to(dtype).requires_grad_(True)
+    labels = torch.randint(vocab, (seqs, seqlen))
+    labels[~cpu_harness.sequence_mask(seqs, seqlen, masked, 0.0)] = -100
+    ref_logps = torch.randn(seqs) - 10 * seqlen
+    return hidden, weight, labels, ref_logps
+
+
+def measure(provider, tokens, hidden_size, vocab, repeat, masked=0.125) -> dict:
+    import torch
+
+    import robalign
+    from robalign import reference
+
+    dtype = torch.bfloat16 if provider.startswith("bf16") else torch.float32
+    hidden, weight, labels, ref_logps = _problem(tokens, hidden_size, vocab, dtype, masked)
+    scored = int((labels != -100).sum())
+    if provider == "matmul_floor_scored":
+        h = hidden.detach().reshape(-1, hidden_size)[:scored].contiguous()
+        w, g = weight.detach(), torch.randn(scored, vocab)
+        return {**cpu_harness.measure(provider, lambda: (h @ w.T, g @ w, g.T @ h), repeat), "scored_tokens": scored}
+    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend="cpp", one_pass=provider != "recompute",
+                           fp32_head_grad=provider != "bf16_head_dtype_grad")
+
+    def step():
+        loss = fn(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref_logps).loss
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    want_h, want_w = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    logps, _ = reference.linear_sequence_logps(want_h, want_w, labels)
+    want_loss = reference.kl_dro(reference.objectives.dpo(logps.view(-1, 2), ref_logps.double().view(-1, 2),
+                                                          beta=0.1), None, 1.0)
+    want = torch.autograd.grad(want_loss, want_w)[0]
+    got = step()[1].double()
+    error = ((got - want).norm() / want.norm()).item()
+    return {**cpu_harness.measure(provider, step, repeat), "scored_tokens": scored, "grad_w_rel_error": error}
+
+
+def main(argv=None) -> int:
+    args = cpu_harness.parse_args(__doc__, PROVIDERS, argv, tokens=2048, hidden=512, vocab=32000)
+    if args.child:
+        print(json.dumps(measure(args.child, args.tokens, args.hidden, args.vocab, args.repeat, args.masked)))
+        return 0
+    seqlen = max(1, args.tokens // max(2, args.tokens // SEQLEN))
+    group_tokens = 2 * (seqlen - round(args.masked * seqlen))
+    half_group_mb = max(1, (group_tokens // 2) * args.vocab * 4 >> 20)
+
+    def env_for(provider):
+        return {"ROBALIGN_CHUNK_MB": str(half_group_mb)} if provider == "one_pass_sub_chunked" else None
+
+    rows = cpu_harness.run_providers(__file__, args.providers.split(","),
+                                     ["--tokens", args.tokens, "--hidden", args.hidden, "--vocab", args.vocab,
+                                      "--repeat", args.repeat, "--masked", args.masked], env_for, rounds=args.rounds)
+    ok = {r["provider"]: r for r in rows if "error" not in r}
+    floor = ok.get("matmul_floor_scored")
+    extra = [("grad_W error vs float64", lambda r: f"{r['grad_w_rel_error']:.1e}" if "grad_w_rel_error" in r else "")]
+    if floor:
+        extra.insert(0, ("time vs bare matmuls, scored", lambda r: f"{r['median_s'] / floor['median_s']:.2f}"))
+    print(f"\nforward+backward of the DoRA loss, N = {args.tokens} tokens (prompt {args.masked:g}), H = {args.hidden}, "
+          f"V = {args.vocab}; groups of {group_tokens} scored tokens; sub-chunked at {half_group_mb} MiB\n")
+    cpu_harness.print_table(rows, extra, baseline="one_pass")
+    path = cpu_harness.write_record(f"cpu_one_pass_N{args.tokens}_H{args.hidden}_V{args.vocab}", {
+        "benchmark": "cpu_one_pass", "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
+        "masked": args.masked, "sub_chunk_mb": half_group_mb, "rows": rows}, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
