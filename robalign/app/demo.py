@@ -9,7 +9,7 @@ Pipeline per seed, through the public API:
     1. SFT a tiny Llama (embedded default) on every training sample's top-ranked response;
     2. ``weigh_file`` the training set (cross-fitted classifier on the responses) → DoRA weights;
     3. reference log-probs of the SFT model; then, for each arm, train a copy with
-       ``DoRALoss`` on the fused linear path:
+       ``DoRALoss`` through the one-pass fused loss (``robalign.app.trainer.one_pass_loss``):
            dpo       DPO (ERM)                      λ = ∞, no weights
            iw_dpo    importance-weighted DPO        λ = ∞, DoRA weights
            dro_only  KL-DRO without weights         λ = 1
@@ -35,7 +35,7 @@ import torch
 from .data import PreferenceCollator, PreferenceDataset, prepare_tokenizer
 from ..losses.loss import DoRALoss
 from .toy import ToySettings, make_toy_data, reward_target, write_jsonl
-from .trainer import policy_logps
+from .trainer import one_pass_loss, policy_logps
 
 __all__ = ["ARMS", "DemoSettings", "run_demo"]
 
@@ -115,11 +115,8 @@ def _train_arm(sft, arm, train_set, settings, collate, seed):
     for _ in range(settings.steps):
         idx = torch.randint(len(train_set), (settings.batch_size,), generator=gen).tolist()
         batch = collate(_rows(train_set, idx, arm["listwise"]))
-        logps, counts = policy_logps(model, batch)
-        out = loss_fn.from_logps(logps, counts, ref_logps=batch["ref_logps"],
-                                 weights=batch["weights"] if arm["weighted"] else None,
-                                 scores=batch["scores"])
         opt.zero_grad()
+        out = one_pass_loss(model, batch, loss_fn, use_weights=arm["weighted"])
         out.loss.backward()
         opt.step()
     return model.eval()
