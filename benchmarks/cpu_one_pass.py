@@ -5,9 +5,12 @@ for a bfloat16 head. The DoRA loss of pairs (DPO, KL-DRO λ = 1), forward + back
 Providers, each in fresh processes, interleaved:
     matmul_floor_scored   the three bare matmuls over the scored tokens (float32)
     one_pass              the one-pass loss, chunks by the rule: whole groups (float32)
-    one_pass_sub_chunked  the same with chunks of half a group (ROBALIGN_CHUNK_MB), so every group
-                          is processed in sub-chunks: its logits are computed twice
+    one_pass_sub_chunked  the same with chunks of just over half a group (ROBALIGN_CHUNK_MB), so every
+                          group is processed in two sub-chunks: its logits are computed twice
     recompute             the recompute path at the rule's chunks (four matmul passes, float32)
+    recompute_sub_chunk_size  the recompute path at the sub-chunked provider's chunk size: what the
+                          sub-chunked groups are to be compared with (the same four passes, the
+                          same chunk)
     bf16_fp32_head_grad   bfloat16 hidden states and head; grad_W accumulated in float32 (default)
     bf16_head_dtype_grad  the same with fp32_head_grad=False: grad_W accumulated in bfloat16
 
@@ -24,8 +27,8 @@ import json
 
 import cpu_harness
 
-PROVIDERS = ("matmul_floor_scored", "one_pass", "one_pass_sub_chunked", "recompute", "bf16_fp32_head_grad",
-             "bf16_head_dtype_grad")
+PROVIDERS = ("matmul_floor_scored", "one_pass", "one_pass_sub_chunked", "recompute", "recompute_sub_chunk_size",
+             "bf16_fp32_head_grad", "bf16_head_dtype_grad")
 SEQLEN = 512
 
 
@@ -57,7 +60,7 @@ def measure(provider, tokens, hidden_size, vocab, repeat, masked=0.125) -> dict:
         h = hidden.detach().reshape(-1, hidden_size)[:scored].contiguous()
         w, g = weight.detach(), torch.randn(scored, vocab)
         return {**cpu_harness.measure(provider, lambda: (h @ w.T, g @ w, g.T @ h), repeat), "scored_tokens": scored}
-    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend="cpp", one_pass=provider != "recompute",
+    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend="cpp", one_pass=not provider.startswith("recompute"),
                            fp32_head_grad=provider != "bf16_head_dtype_grad")
 
     def step():
@@ -81,10 +84,11 @@ def main(argv=None) -> int:
         return 0
     seqlen = max(1, args.tokens // max(2, args.tokens // SEQLEN))
     group_tokens = 2 * (seqlen - round(args.masked * seqlen))
-    half_group_mb = max(1, (group_tokens // 2) * args.vocab * 4 >> 20)
+    half_group_mb = max(1, -(-((group_tokens + 1) // 2) * args.vocab * 4 // 2**20))   # two pieces a group
 
     def env_for(provider):
-        return {"ROBALIGN_CHUNK_MB": str(half_group_mb)} if provider == "one_pass_sub_chunked" else None
+        sub = provider in ("one_pass_sub_chunked", "recompute_sub_chunk_size")
+        return {"ROBALIGN_CHUNK_MB": str(half_group_mb)} if sub else None
 
     rows = cpu_harness.run_providers(__file__, args.providers.split(","),
                                      ["--tokens", args.tokens, "--hidden", args.hidden, "--vocab", args.vocab,

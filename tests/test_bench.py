@@ -88,7 +88,7 @@ def test_one_pass_options_benchmark_runs_its_providers_through_the_gate(tmp_path
     rows = {r["provider"]: r for r in record["rows"]}
     assert set(rows) == set(cpu_one_pass.PROVIDERS) and not any("error" in r for r in rows.values())
     assert record["sub_chunk_mb"] * 2**20 // (2000 * 4) < 224          # a chunk below a group's 224 tokens
-    for name in ("one_pass", "one_pass_sub_chunked", "recompute"):
+    for name in ("one_pass", "one_pass_sub_chunked", "recompute", "recompute_sub_chunk_size"):
         assert rows[name]["grad_w_rel_error"] < 1e-5
     for name in ("bf16_fp32_head_grad", "bf16_head_dtype_grad"):
         assert rows[name]["grad_w_rel_error"] < 2e-2

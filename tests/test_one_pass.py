@@ -306,6 +306,12 @@ def test_torch_compile_fullgraph_traces_the_one_pass_loss(chunks):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_large_groups_split_into_equal_pieces():
+    assert one_pass._pieces(896, 442) == [(0, 298), (298, 597), (597, 896)]
+    assert one_pass._pieces(10, 3) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert one_pass._pieces(5, 8) == [(0, 5)] and one_pass._pieces(0, 8) == [(0, 0)]
+
+
 def test_plan_chunks_keeps_groups_whole():
     assert one_pass.plan_chunks([3, 4, 2, 9, 1, 0, 1], 6) == [(0, 1), (1, 3), (3, 4), (4, 7)]
     assert one_pass.plan_chunks([], 6) == []

@@ -67,6 +67,16 @@ def plan_chunks(group_tokens: list[int], chunk: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _pieces(tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """``[p0, p1)`` ranges splitting ``tokens`` into the fewest pieces of at most ``chunk``, of
+    equal size (±1): 896 tokens at a 442-token chunk are 298 + 299 + 299, not 442 + 442 + 12."""
+    if tokens == 0:
+        return [(0, 0)]
+    n = -(-tokens // chunk)
+    bounds = [tokens * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _objective_grad(objective: str, hparams: dict, logps: Tensor, ref: Optional[Tensor], counts: Tensor,
                     scores: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """``(ℓ [b], ∂ℓ_i/∂logps [b, K])`` of a registered objective on one chunk's groups, by autograd.
@@ -164,7 +174,7 @@ def _linear_dora_loss(
         s0, s1 = g0 * k, g1 * k
         i_c = idx[t0:t1]
         y_c = y.index_select(0, i_c)
-        pieces = [(p, min(p + chunk, t1 - t0)) for p in range(0, t1 - t0, chunk)] or [(0, 0)]
+        pieces = _pieces(t1 - t0, chunk)
         kept = kept_h = None                                            # the chunk's logits and rows, one piece
         lse_c = torch.empty(t1 - t0, dtype=torch.float32, device=device)
         for p0, p1 in pieces:
