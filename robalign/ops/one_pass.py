@@ -7,7 +7,7 @@ most ``chunk`` scored tokens, see :func:`robalign.ops.linear.chunk_tokens`):
 
     z      = h_c · Wᵀ (+ b)                                   [C, V]   one chunk of logits alive
     lse, z_y = row kernel(z)        logp_s = Σ_t (z_y − lse)  (float64 sums, float32 result)
-    ℓ_i, ∂ℓ_i/∂logp_s              the objective on the chunk's [b, K] log-probs, by autograd (any
+    ℓ_i, ∂ℓ_i/∂logp_s              the objective on the chunk's [b, K] log-probs, by torch.func (any
                                    registered objective, no hand-written derivative)
     a_i    = w_i·ℓ_i/λ             (0 for λ = ∞);   m ← max(m, max_i a_i)
     c_s    = w_i·e^{a_i − m}·∂ℓ_i/∂logp_s              per sequence, then per token
@@ -79,15 +79,26 @@ def _pieces(tokens: int, chunk: int) -> list[tuple[int, int]]:
 
 def _objective_grad(objective: str, hparams: dict, logps: Tensor, ref: Optional[Tensor], counts: Tensor,
                     scores: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(ℓ [b], ∂ℓ_i/∂logps [b, K])`` of a registered objective on one chunk's groups, by autograd.
-    ℓ_i depends only on row i, so the gradient of Σℓ is the per-row derivative.
+    """``(ℓ [b], ∂ℓ_i/∂logps [b, K])`` of a registered objective on one chunk's groups. ℓ_i depends
+    only on row i, so the gradient of Σℓ is the per-row derivative.
 
     An operator's implementation runs below autograd (its dispatch keys excluded, thread-locally),
-    and torch.compile's runtime wraps it in dispatch modes that refuse torch.func's wrapper tensors;
-    so the derivative is taken on a helper thread, whose dispatch state is fresh, on the caller's
-    CUDA stream."""
-    return _helper().submit(_objective_grad_here, objective, hparams, logps, ref, counts, scores,
-                            torch.cuda.current_stream(logps.device) if logps.is_cuda else None).result()
+    so the derivative is torch.func's. Under torch.compile the op runs inside dispatch modes that
+    refuse torch.func's wrapper tensors; then it is taken by autograd on a helper thread, whose
+    dispatch state is fresh, on the caller's CUDA stream (not always: a second thread's work
+    measurably slows the main thread's matmuls on a 2-core CPU)."""
+    fn = OBJECTIVES[objective].fn
+
+    def total(lp):
+        losses = fn(lp, ref, counts=counts, scores=scores, **hparams)
+        return losses.sum(), losses
+
+    try:
+        grad, losses = torch.func.grad(total, has_aux=True)(logps)
+        return losses.detach(), grad
+    except RuntimeError:
+        stream = torch.cuda.current_stream(logps.device) if logps.is_cuda else None
+        return _helper().submit(_objective_grad_here, objective, hparams, logps, ref, counts, scores, stream).result()
 
 
 def _objective_grad_here(objective, hparams, logps, ref, counts, scores, stream):
