@@ -69,3 +69,91 @@ def test_dora_loss_on_trl_ordered_rows():
     got = loss_fn.from_logps(robalign.pairs_to_group_major(trl_rows(logps)), robalign.pairs_to_group_major(trl_rows(counts)),
                              ref_logps=robalign.pairs_to_group_major(trl_rows(ref))).loss
     torch.testing.assert_close(got, want)
+
+
+# -- TRL's own loss code -----------------------------------------------------------------------
+
+class _Accelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather(t):
+        return t
+
+    gather_for_metrics = gather
+
+
+class _Outputs:
+    """What TRL's fused LM head returns, for given per-token log-probs (the rest only feeds metrics)."""
+
+    def __init__(self, per_token_logps):
+        self.log_probs = per_token_logps
+        zeros = torch.zeros_like(per_token_logps.detach())
+        self.entropy, self.mean_logits, self.is_top1 = zeros, zeros, zeros.bool()
+
+
+def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, beta, label_smoothing=0.0):
+    """TRL 1.16's ``DPOTrainer._compute_loss`` itself, run on a stand-in trainer whose model returns
+    ``per_token_logps`` ([2B, T − 1], chosen rows first) and with precomputed reference log-probs."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        beta=beta, label_smoothing=label_smoothing, use_weighting=False, args=SimpleNamespace(discopop_tau=0.05),
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    b = per_token_logps.shape[0] // 2
+    inputs = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_logps[:b], "ref_rejected_logps": ref_logps[b:]}
+    model = lambda **kwargs: _Outputs(per_token_logps)   # noqa: E731
+    return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+
+
+TRL_PAIRS = [("sigmoid", "dpo", {}), ("hinge", "hinge", {}), ("ipo", "ipo_norm", {}),
+             ("robust", "robust", {"label_smoothing": 0.2}), ("sigmoid_norm", "dpo_norm", {})]
+
+
+def _both(trl_type, name, extra, beta):
+    """``((TRL loss, its gradient), (robalign loss, its gradient))`` on one random batch of pairs."""
+    gen = torch.Generator().manual_seed(3)
+    b, t = 5, 9
+    completion = torch.zeros(2 * b, t + 1, dtype=torch.long)
+    for row in range(2 * b):                                   # a prompt of 2–4 tokens, a completion after it
+        start = int(torch.randint(2, 5, (1,), generator=gen))
+        end = int(torch.randint(start + 1, t + 2, (1,), generator=gen))
+        completion[row, start:end] = 1
+    mask = completion[:, 1:]                                  # TRL's shifted completion mask
+    token_logps = (-torch.rand(2 * b, t, generator=gen, dtype=D) * 4 * mask).requires_grad_(True)
+    ref = token_logps.detach().sum(1) + torch.randn(2 * b, generator=gen, dtype=D)
+    trl_loss = trl_compute_loss(trl_type, token_logps, completion, ref, beta=beta, **extra)
+    (trl_grad,) = torch.autograd.grad(trl_loss, token_logps)
+
+    mine = token_logps.detach().clone().requires_grad_(True)
+    logps = robalign.pairs_to_group_major(mine.sum(1))
+    counts = robalign.pairs_to_group_major(mask.sum(1))
+    out = robalign.DoRALoss(name, beta=beta, lam=float("inf"), **extra).from_logps(
+        logps, counts, ref_logps=robalign.pairs_to_group_major(ref))
+    (my_grad,) = torch.autograd.grad(out.loss, mine)
+    return (trl_loss, trl_grad), (out.loss, my_grad)
+
+
+@pytest.mark.parametrize("trl_type,name,extra", TRL_PAIRS, ids=[p[0] for p in TRL_PAIRS])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_losses_and_gradients_equal_trls_own_code(trl_type, name, extra, beta):
+    """For every loss type both libraries have, TRL 1.16's ``DPOTrainer._compute_loss`` and
+    ``DoRALoss`` (no weights, λ = ∞: the mean) give the same loss and the same gradient with respect
+    to the per-token log-probs, in float64, on TRL's chosen-rows-first batch converted to
+    robalign's group-major order."""
+    pytest.importorskip("trl")
+    (trl_loss, trl_grad), (my_loss, my_grad) = _both(trl_type, name, extra, beta)
+    torch.testing.assert_close(my_loss, trl_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_trls_ipo_is_not_robaligns_token_summed_ipo():
+    pytest.importorskip("trl")
+    (trl_loss, trl_grad), (my_loss, my_grad) = _both("ipo", "ipo", {}, 0.1)
+    assert abs(my_loss - trl_loss) > 1e-2 * trl_loss and not torch.allclose(my_grad, trl_grad, rtol=1e-2)

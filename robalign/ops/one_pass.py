@@ -84,9 +84,9 @@ def _objective_grad(objective: str, hparams: dict, logps: Tensor, ref: Optional[
 
     An operator's implementation runs below autograd (its dispatch keys excluded, thread-locally),
     so the derivative is torch.func's. Under torch.compile the op runs inside dispatch modes that
-    refuse torch.func's wrapper tensors; then it is taken by autograd on a helper thread, whose
-    dispatch state is fresh, on the caller's CUDA stream (not always: a second thread's work
-    measurably slows the main thread's matmuls on a 2-core CPU)."""
+    refuse torch.func's wrapper tensors; there (only there, so that eager runs stay on one thread)
+    it is taken by autograd on a helper thread, whose dispatch state is fresh, on the caller's CUDA
+    stream."""
     fn = OBJECTIVES[objective].fn
 
     def total(lp):
