@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(BENCH))      # after tests/: spawned gloo workers must find tests/conftest.py as `conftest`
 
 
 @pytest.mark.slow
