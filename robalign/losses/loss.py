@@ -410,7 +410,7 @@ class _FormedGradient(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         out = []
         for grad, need, dtype in zip(grads, needs, ctx.dtypes):
-            if not need or grad.numel() == 0:
+            if not need:
                 out.append(None)
                 continue
             scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
