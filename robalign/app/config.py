@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["DoRAConfig", "TrainSettings", "MODEL_DEFAULTS", "EMBEDDED_DEFAULTS", "check_settings", "describe",
-           "load_settings", "resolve_defaults"]
+           "load_settings", "reduction_of", "resolve_defaults"]
 
 
 @dataclass
@@ -24,6 +24,10 @@ class DoRAConfig:
     when the data carries ``probs`` and no ``weights``. use_weights: use the data's ``weights``
     (from ``robalign weigh``) or ``probs``; False trains without DoRA weights.
     exact_dro: the exact accumulator (False: the per-micro-batch approximation).
+    dro: the ambiguity set (:data:`robalign.losses.reductions.REDUCTIONS`): ``kl`` (temperature
+    ``lam``, DoRA's), ``kl-ball`` (radius ``eta``), ``chi2`` (radius ``rho``), ``cvar`` (``level``,
+    the worst fraction; not DoRA's α). The last three need one micro-batch per step with the exact
+    reduction (``grad_accum`` 1, or ``exact_dro`` False).
     fused: the fused linear path (False: materialise logits, for models whose logits are not
     ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
@@ -36,6 +40,10 @@ class DoRAConfig:
     alpha: float | None = None
     use_weights: bool = True
     exact_dro: bool = True
+    dro: str = "kl"
+    eta: float = 0.1
+    rho: float = 0.5
+    level: float = 0.2
     fused: bool = True
     one_pass: bool = True
     shuffle: bool = True
@@ -88,7 +96,7 @@ def resolve_defaults(settings: TrainSettings) -> TrainSettings:
 
 def describe(settings: TrainSettings) -> str:
     """One line of the settings that shape a run, for the log at its start."""
-    keys = ("objective", "beta", "lam", "lr", "batch_size", "grad_accum", "max_length", "max_prompt_length",
+    keys = ("objective", "beta", "dro", "lam", "lr", "batch_size", "grad_accum", "max_length", "max_prompt_length",
             "epochs", "max_steps", "seed")
     return "robalign: settings " + ", ".join(f"{k}={getattr(settings, k)}" for k in keys)
 
@@ -122,6 +130,10 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
         "use_weights": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
+        "dro": (lambda v: v in ("kl", "kl-ball", "chi2", "cvar"), "one of kl, kl-ball, chi2, cvar"),
+        "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "level": (lambda v: is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
         "objective_kwargs": mapping, "fsdp_config": mapping,
         "out": text, "optim": text, "fsdp": text,
         "model": path, "data": path, "deepspeed": path, "resume": path,
@@ -137,6 +149,11 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         if not ok(value):
             shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} of {len(str(value))} characters"
             raise ValueError(f"{where}: `{f.name}` must be {expected}, got {shown}")
+    accumulation = getattr(settings, "grad_accum", 1) or 1
+    if settings.dro != "kl" and settings.exact_dro and accumulation > 1:
+        raise ValueError(f"{where}: `dro` {settings.dro!r} weighs each sample against the whole batch, so its exact "
+                         f"reduction takes one micro-batch per step: set grad_accum 1 (got {accumulation}), or "
+                         "exact_dro false (--no-dro-exact) for the per-micro-batch approximation")
     try:
         objectives.check_hyperparameters(settings.objective, settings.objective_kwargs, where=where)
     except (TypeError, ValueError) as err:
@@ -188,3 +205,11 @@ def load_settings(config_path=None, **overrides) -> TrainSettings:
     settings = resolve_defaults(TrainSettings(**values))
     check_settings(settings, where)
     return settings
+
+
+def reduction_of(settings: DoRAConfig):
+    """The :class:`~robalign.losses.reductions.Reduction` that ``settings.dro`` names, with its parameter."""
+    from ..losses.reductions import KLDRO, CVaR, Chi2Ball, KLBall
+
+    return {"kl": lambda: KLDRO(settings.lam), "kl-ball": lambda: KLBall(settings.eta),
+            "chi2": lambda: Chi2Ball(settings.rho), "cvar": lambda: CVaR(settings.level)}[settings.dro]()

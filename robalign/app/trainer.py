@@ -37,7 +37,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from .._io import write_atomic
-from .config import DoRAConfig, check_settings
+from .config import DoRAConfig, check_settings, reduction_of
 from .data import PreferenceCollator
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
@@ -202,8 +202,8 @@ class DoRATrainer(Trainer):
         d = self.dora
         # built once: the objective, weights and reduction of every micro-batch (the process group is
         # the reduction's argument, read per call, so a group set up after construction is seen)
-        self.loss_fn = DoRALoss(d.objective, beta=d.beta, lam=d.lam, alpha=d.alpha, group_size=self.group_size,
-                                one_pass=d.one_pass, **d.objective_kwargs)
+        self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction_of(d), alpha=d.alpha,
+                                group_size=self.group_size, one_pass=d.one_pass, **d.objective_kwargs)
         self.ref_model = ref_model
         self._acc = None
         self._reset_pending = True
@@ -382,6 +382,8 @@ class DoRATrainer(Trainer):
             stats = self._acc.stats()
             self._metrics["dro/ess"].append(stats.ess.detach().float())
             self._metrics["dro/max_share"].append(stats.max_share.detach().float())
+            if stats.dual is not None:                      # λ* of a KL ball, c* of a χ² ball or CVaR
+                self._metrics["dro/dual"].append(stats.dual.detach().float())
             self._reset_pending = True
         return increment.float()
 

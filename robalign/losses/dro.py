@@ -31,11 +31,14 @@ class DROStats:
     ess: effective sample size ``(Σq)² / Σq²`` (N for uniform q, 1 when one sample dominates).
     max_share: the largest ``q_i / Σq``.
     num_samples: N, over all ranks (and micro-batches for the accumulator).
+    dual: the dual variable of an ambiguity set solved per batch (λ* of a KL ball, c* of a χ²
+    ball or CVaR; :mod:`robalign.losses.ambiguity`), else ``None``.
     """
 
     ess: torch.Tensor
     max_share: torch.Tensor
     num_samples: torch.Tensor
+    dual: torch.Tensor | None = None
 
 
 def _is_weighted_mean(lam: float) -> bool:

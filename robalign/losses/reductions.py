@@ -19,8 +19,17 @@ the surrogate to ``backward()``; after the last micro-batch the parameters' grad
 of the full-batch loss, ``.loss`` is its value and ``.stats()`` its sample-weight statistics.
 ``DoRALoss`` and ``DoRATrainer`` take any reduction; adding an ambiguity set is one class here.
 
-    name   class     formula
-    kl     KLDRO     λ·log mean_i exp(w_i·ℓ_i/λ)   (λ = ∞: mean(w·ℓ); λ < 0: soft minimum)
+    name     class     formula (x_i = w_i·ℓ_i)
+    kl       KLDRO     λ·log mean_i exp(x_i/λ)   (λ = ∞: mean(x); λ < 0: soft minimum)
+    kl-ball  KLBall    sup of E_q[x] over KL(q ‖ uniform) ≤ η = min_λ λη + λ·log mean exp(x/λ)
+    chi2     Chi2Ball  sup over ½·N·Σ(q_i − 1/N)² ≤ ρ  = min_c c + √(1+2ρ)·√mean((x − c)₊²)
+    cvar     CVaR      the mean of the worst ``level`` fraction = min_c c + mean((x − c)₊)/level
+
+The last three are solved exactly per batch (:mod:`robalign.losses.ambiguity`) on the values of
+every rank (gathered), and the gradient is the maximising q (∂L/∂ℓ_i = q_i·w_i). Their weights
+need the whole batch's losses, so their exact accumulator takes one micro-batch per step (the
+no-grad pre-pass that would fix q across micro-batches is not built yet); ``exact=False`` is the
+per-micro-batch approximation.
 """
 
 from __future__ import annotations
@@ -29,12 +38,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+import math
+
 import torch
+import torch.distributed as dist
 
 from .. import _validation as V
-from .dro import DROStats, KLDROAccumulator, kl_dro_gradient_scale, kl_dro_with_stats
+from . import ambiguity
+from .dro import DROStats, KLDROAccumulator, _check, _scaled, _world, kl_dro_gradient_scale, kl_dro_with_stats
 
-__all__ = ["Reduction", "Accumulator", "KLDRO", "REDUCTIONS"]
+__all__ = ["Reduction", "Accumulator", "KLDRO", "KLBall", "Chi2Ball", "CVaR", "REDUCTIONS"]
 
 
 class Accumulator(Protocol):
@@ -105,4 +118,129 @@ class KLDRO(Reduction):
                                 accumulation_steps=accumulation_steps)
 
 
-REDUCTIONS = {cls.name: cls for cls in (KLDRO,)}
+def _gather(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """Every rank's ``x`` ``[n_r]`` concatenated in rank order (the same on every rank), and where
+    this rank's values start."""
+    if group is None:
+        return x, 0
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor(x.numel(), device=x.device), group=group)
+    sizes = [int(n) for n in sizes]
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+    padded[:x.numel()] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+class _WorstCase(Reduction):
+    """An ambiguity set solved per batch: ``solve(x)`` gives ``(value, q, dual)`` for the values
+    ``x = w·ℓ`` of every rank; the loss is the value with gradient ``q_i·w_i`` to each ℓ_i."""
+
+    def solve(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def reduce(self, losses, weights=None, *, group=None, ddp_average=True):
+        where = f"robalign.{type(self).__name__}"
+        _check(where, losses, weights, 1.0, group)
+        w, wl, _ = _scaled(losses, weights, math.inf)
+        x, offset = _gather(wl.detach().double(), group)
+        value, q, dual = self.solve(x)
+        q_local = q[offset:offset + wl.numel()].to(wl.dtype)
+        scale = _world(group) if ddp_average else 1
+        loss = value.to(wl.dtype) + scale * (q_local * (wl - wl.detach())).sum()
+        stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
+                         dual=torch.tensor(float(dual), dtype=torch.float64))
+        return loss.to(losses.dtype), stats
+
+    def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None):
+        if exact and accumulation_steps != 1:
+            V.fail(f"robalign.{type(self).__name__}.accumulator",
+                   f"the {self.name!r} set weighs each sample against the whole batch, so its exact gradient over "
+                   "several micro-batches needs every micro-batch's losses first (a no-grad pre-pass, not built "
+                   "yet): use one micro-batch per step (accumulation_steps=1) or exact=False, the per-micro-batch "
+                   "approximation", NotImplementedError)
+        return _PerMicroBatch(self, group, ddp_average, 1 if exact else accumulation_steps)
+
+
+class _PerMicroBatch:
+    """Each micro-batch reduced on its own, divided by the number of micro-batches (exact when
+    there is one)."""
+
+    def __init__(self, reduction, group, ddp_average, steps):
+        self.reduction, self.group, self.ddp_average, self.steps = reduction, group, ddp_average, steps
+        self.reset()
+
+    def reset(self):
+        self._values, self._stats, self.loss_value = [], None, None
+
+    @property
+    def loss(self):
+        return None if self.loss_value is None else float(self.loss_value)
+
+    def __call__(self, losses, weights=None):
+        loss, self._stats = self.reduction.reduce(losses, weights, group=self.group, ddp_average=self.ddp_average)
+        self._values.append(loss.detach().double())
+        self.loss_value = torch.stack(self._values).mean()
+        return loss / self.steps
+
+    def stats(self):
+        if self._stats is None:
+            raise RuntimeError("the accumulator has folded in no micro-batch since reset()")
+        return self._stats
+
+
+def _radius(where, name, value):
+    V.check_number(where, name, value, low=0)
+    if not math.isfinite(value):
+        V.fail(where, f"`{name}` must be finite, got {value}")
+
+
+@dataclass(frozen=True)
+class KLBall(_WorstCase):
+    """The worst case over a KL ball of radius η around the weighted batch:
+    ``sup {E_q[x] : KL(q ‖ uniform) ≤ η} = min_{λ>0} λη + λ·log mean exp(x/λ)``, λ* solved each
+    batch (reported as ``dual``); η = 0 is the weighted mean, a large η the maximum."""
+
+    eta: float = 0.1
+    name: ClassVar[str] = "kl-ball"
+
+    def __post_init__(self):
+        _radius("robalign.KLBall", "eta", self.eta)
+
+    def solve(self, x):
+        return ambiguity.kl_ball(x, self.eta)
+
+
+@dataclass(frozen=True)
+class Chi2Ball(_WorstCase):
+    """The worst case over a χ² ball of radius ρ (Cressie–Read, Duchi & Namkoong 2021):
+    ``min_c c + √(1+2ρ)·√mean((x − c)₊²)``, weights ∝ (x − c*)₊ (c* reported as ``dual``)."""
+
+    rho: float = 0.5
+    name: ClassVar[str] = "chi2"
+
+    def __post_init__(self):
+        _radius("robalign.Chi2Ball", "rho", self.rho)
+
+    def solve(self, x):
+        return ambiguity.chi2_ball(x, self.rho)
+
+
+@dataclass(frozen=True)
+class CVaR(_WorstCase):
+    """Conditional value at risk at ``level`` (not DoRA's α): the mean of the worst ``level``
+    fraction of the batch, ``min_c c + mean((x − c)₊)/level``; level = 1 is the weighted mean."""
+
+    level: float = 0.2
+    name: ClassVar[str] = "cvar"
+
+    def __post_init__(self):
+        V.check_number("robalign.CVaR", "level", self.level, low=0, high=1, low_open=True)
+
+    def solve(self, x):
+        return ambiguity.cvar(x, self.level)
+
+
+REDUCTIONS = {cls.name: cls for cls in (KLDRO, KLBall, Chi2Ball, CVaR)}

@@ -1,0 +1,204 @@
+"""The ambiguity sets (robalign.losses.ambiguity, the reductions KLBall, Chi2Ball, CVaR) against the
+primal problem ``max_q Σ q_i·x_i`` over each set, solved by a general-purpose solver (scipy:
+SLSQP for the KL and χ² balls from several starts, linprog for CVaR).
+
+Tolerances: the values to 1e-7 (SLSQP's ftol is 1e-14 on values of order 1); the maximising q to
+1e-5 (SLSQP stops on the objective, so q carries the square root of its precision), exactly for
+the LP. The gradient of each reduction with respect to ℓ_i must be q_i·w_i (the envelope theorem).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import robalign
+from robalign.losses import ambiguity
+from robalign.losses.reductions import CVaR, Chi2Ball, KLBall
+from conftest import run_on_gloo_ranks
+
+scipy_optimize = pytest.importorskip("scipy.optimize")
+
+
+def values(n=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen, dtype=torch.float64) * 2
+
+
+def primal(x, inside):
+    """``max_q q·x`` over the simplex with ``inside(q) ≥ 0``, best of five SLSQP starts."""
+    xn, n = x.numpy(), x.numel()
+    cons = [{"type": "eq", "fun": lambda q: q.sum() - 1}, {"type": "ineq", "fun": inside}]
+    best = None
+    for seed in range(5):
+        q0 = np.random.default_rng(seed).dirichlet(np.ones(n))
+        r = scipy_optimize.minimize(lambda q: -q @ xn, q0, jac=lambda q: -xn, constraints=cons, bounds=[(0, 1)] * n,
+                                    method="SLSQP", options={"ftol": 1e-15, "maxiter": 2000})
+        best = r if best is None or r.fun < best.fun else best
+    return -best.fun, torch.from_numpy(best.x)
+
+
+def kl_inside(eta, n):
+    return lambda q: eta - float(np.sum(np.where(q > 1e-300, q * np.log(np.maximum(q, 1e-300) * n), 0.0)))
+
+
+def chi2_inside(rho, n):
+    return lambda q: rho - 0.5 * n * float(np.sum((q - 1 / n) ** 2))
+
+
+@pytest.mark.parametrize("eta", [0.01, 0.1, 0.5, 1.5])
+def test_kl_ball_is_the_primal_optimum(eta):
+    x = values()
+    value, q, lam = ambiguity.kl_ball(x, eta)
+    want, q_star = primal(x, kl_inside(eta, x.numel()))
+    assert abs(float(value) - want) < 1e-7 and 0 < lam < math.inf
+    torch.testing.assert_close(q, q_star, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.5, 2.0, 4.0])
+def test_chi2_ball_is_the_primal_optimum(rho):
+    x = values(seed=1)
+    value, q, c = ambiguity.chi2_ball(x, rho)
+    want, q_star = primal(x, chi2_inside(rho, x.numel()))
+    assert abs(float(value) - want) < 1e-7
+    torch.testing.assert_close(q, q_star, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", [0.1, 0.25, 0.3, 0.5, 1.0])
+def test_cvar_is_the_linear_programs_optimum(level):
+    x = values(n=10, seed=2)
+    value, q, _ = ambiguity.cvar(x, level)
+    n = x.numel()
+    r = scipy_optimize.linprog(-x.numpy(), A_eq=np.ones((1, n)), b_eq=[1], bounds=[(0, 1 / (level * n))] * n)
+    assert abs(float(value) + r.fun) < 1e-12
+    torch.testing.assert_close(q, torch.from_numpy(r.x), rtol=0, atol=1e-12)
+
+
+def test_the_limits():
+    x = values()
+    for value, q, _ in (ambiguity.kl_ball(x, 0.0), ambiguity.chi2_ball(x, 0.0), ambiguity.cvar(x, 1.0)):
+        torch.testing.assert_close(value, x.mean())                      # the radius 0 / level 1: the mean
+        torch.testing.assert_close(q, torch.full_like(x, 1 / x.numel()))
+    for value, q, _ in (ambiguity.kl_ball(x, math.log(x.numel())), ambiguity.chi2_ball(x, 100.0),
+                        ambiguity.cvar(x, 1 / x.numel())):
+        assert float(value) == float(x.max()) and float(q.max()) == 1.0  # a radius that holds the point mass
+    equal = torch.full((5,), 2.5, dtype=torch.float64)
+    for fn, r in ((ambiguity.kl_ball, 0.3), (ambiguity.chi2_ball, 0.3), (ambiguity.cvar, 0.3)):
+        assert float(fn(equal, r)[0]) == pytest.approx(2.5)
+    value, _, lam = ambiguity.kl_ball(x, 1e-6)                           # a small radius: near the mean
+    assert abs(float(value) - float(x.mean())) < 0.01 and lam > 10
+
+
+SETS = [KLBall(0.2), Chi2Ball(0.8), CVaR(0.3)]
+
+
+@pytest.mark.parametrize("reduction", SETS, ids=lambda r: r.name)
+def test_the_gradient_is_the_maximising_q_times_the_weight(reduction):
+    losses = values(n=9, seed=4).requires_grad_(True)
+    weights = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
+    loss, stats = reduction.reduce(losses, weights)
+    (grad,) = torch.autograd.grad(loss, losses)
+    value, q, dual = reduction.solve(weights * losses.detach())
+    torch.testing.assert_close(loss.detach(), value)
+    torch.testing.assert_close(grad, q * weights)
+    assert float(stats.dual) == pytest.approx(dual) and int(stats.num_samples) == 9
+    assert float(stats.ess) == pytest.approx(1 / float((q * q).sum()))
+
+
+def test_bad_radii_are_clear_errors():
+    with pytest.raises(ValueError, match="robalign.KLBall: `eta`"):
+        KLBall(-0.1)
+    with pytest.raises(ValueError, match="robalign.Chi2Ball: `rho`"):
+        Chi2Ball(float("inf"))
+    with pytest.raises(ValueError, match="robalign.CVaR: `level`"):
+        CVaR(0.0)
+
+
+def test_exact_accumulation_over_micro_batches_is_refused_with_the_reason():
+    with pytest.raises(NotImplementedError, match="one micro-batch per step.*exact=False"):
+        CVaR(0.3).accumulator([], exact=True, accumulation_steps=2)
+    acc = CVaR(0.3).accumulator([], exact=True, accumulation_steps=1)
+    losses = values(n=6).requires_grad_(True)
+    loss = acc(losses)
+    torch.testing.assert_close(loss.detach(), ambiguity.cvar(losses.detach(), 0.3)[0])
+    assert acc.loss == pytest.approx(float(loss.detach()))
+
+
+@pytest.mark.parametrize("reduction", SETS, ids=lambda r: r.name)
+def test_doraloss_takes_the_set_through_the_recompute_path(reduction):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 5, 6, generator=gen, requires_grad=True)
+    head = torch.randn(11, 6, generator=gen)
+    labels = torch.randint(11, (8, 5), generator=gen)
+    ref = torch.randn(8, generator=gen) - 12
+    out = robalign.DoRALoss("dpo", beta=0.5, reduction=reduction, backend="cpp")(
+        hidden=hidden, head_weight=head, labels=labels, ref_logps=ref)
+    assert out.policy_logps.grad_fn is not None                         # no one-pass form: the recompute path
+    want, _ = reduction.reduce(out.losses.detach(), out.weights)
+    torch.testing.assert_close(out.loss.detach(), want)
+    out.loss.backward()
+    assert hidden.grad.abs().sum() > 0
+
+
+# -- 2 gloo ranks = one process ------------------------------------------------------------------
+
+def _problem():
+    gen = torch.Generator().manual_seed(11)
+    losses = torch.randn(2 * 7, generator=gen, dtype=torch.float64) + torch.arange(14, dtype=torch.float64) / 7
+    weights = torch.rand(14, generator=gen, dtype=torch.float64) + 0.2
+    return losses, weights
+
+
+def _rank_worker(rank):
+    losses, weights = _problem()
+    shard = slice(0, 5) if rank == 0 else slice(5, 14)              # unequal shards
+    out = {}
+    for reduction in SETS:
+        mine = losses[shard].clone().requires_grad_(True)
+        loss, stats = reduction.reduce(mine, weights[shard], group=dist.group.WORLD, ddp_average=False)
+        (grad,) = torch.autograd.grad(loss, mine)
+        out[reduction.name] = (float(loss.detach()), grad, float(stats.dual))
+    return out
+
+
+@pytest.mark.distributed
+def test_two_ranks_reduce_the_same_global_batch_as_one_process():
+    losses, weights = _problem()
+    results = run_on_gloo_ranks(_rank_worker, 2)
+    for reduction in SETS:
+        whole = losses.clone().requires_grad_(True)
+        loss, stats = reduction.reduce(whole, weights)
+        (grad,) = torch.autograd.grad(loss, whole)
+        got_grad = torch.cat([results[0][reduction.name][1], results[1][reduction.name][1]])
+        for rank in (0, 1):
+            assert results[rank][reduction.name][0] == pytest.approx(float(loss.detach()), rel=1e-12)
+            assert results[rank][reduction.name][2] == pytest.approx(float(stats.dual), rel=1e-9)
+        torch.testing.assert_close(got_grad, grad, rtol=1e-12, atol=1e-14)
+
+
+# -- everywhere a user meets it -----------------------------------------------------------------
+
+def test_robalign_train_takes_each_set_and_logs_its_dual(tmp_path):
+    from robalign.app.config import TrainSettings
+    from robalign.app.train import run_training
+
+    for dro, key in (("kl-ball", "eta"), ("chi2", "rho"), ("cvar", "level")):
+        settings = TrainSettings(out=str(tmp_path / dro), dro=dro, **{key: 0.3}, grad_accum=1, max_steps=3,
+                                 logging_steps=1, save_steps=100)
+        summary = run_training(settings, log=lambda *_: None)
+        assert summary["steps"] == 3 and summary["settings"]["dro"] == dro
+        assert math.isfinite(summary["last_log"]["dro/dual"])
+
+
+def test_sets_that_need_the_whole_batch_refuse_exact_accumulation_up_front():
+    from robalign.app.config import load_settings
+
+    with pytest.raises(ValueError, match="`dro` 'chi2' .* grad_accum 1 \\(got 4\\)"):
+        load_settings(dro="chi2", grad_accum=4)
+    assert load_settings(dro="chi2", grad_accum=4, exact_dro=False).dro == "chi2"
+    with pytest.raises(ValueError, match="`level` must be a number in \\(0, 1\\]"):
+        load_settings(dro="cvar", level=1.5)
+    with pytest.raises(ValueError, match="`dro` must be one of kl, kl-ball, chi2, cvar"):
+        load_settings(dro="wasserstein")
