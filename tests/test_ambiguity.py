@@ -116,14 +116,38 @@ def test_bad_radii_are_clear_errors():
         CVaR(0.0)
 
 
-def test_exact_accumulation_over_micro_batches_is_refused_with_the_reason():
-    with pytest.raises(NotImplementedError, match="one micro-batch per step.*exact=False"):
-        CVaR(0.3).accumulator([], exact=True, accumulation_steps=2)
+@pytest.mark.parametrize("reduction", SETS, ids=lambda r: r.name)
+def test_two_micro_batches_prepared_equal_one_batch(reduction):
+    """The exact accumulator: a no-grad pass over both micro-batches (prepare) fixes q, then each
+    micro-batch's gradient pass uses it; the accumulated gradient is the whole batch's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    w = torch.rand(10, dtype=torch.float64) + 0.5
+    per_sample = lambda rows: model(x[rows]).squeeze(-1) ** 2          # noqa: E731
+    whole, _ = reduction.reduce(per_sample(slice(0, 10)), w)
+    want = torch.autograd.grad(whole, list(model.parameters()))
+    acc = reduction.accumulator(list(model.parameters()), accumulation_steps=2)
+    parts = (slice(0, 3), slice(3, 10))
+    with torch.no_grad():
+        acc.prepare([per_sample(r) for r in parts], [w[r] for r in parts])
+    for r in parts:
+        acc(per_sample(r), w[r]).backward()
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert acc.loss == pytest.approx(float(whole.detach()))
+    with pytest.raises(RuntimeError, match="call prepare"):
+        acc(per_sample(parts[0]), w[parts[0]])
+
+
+def test_per_micro_batch_approximation_and_one_micro_batch():
     acc = CVaR(0.3).accumulator([], exact=True, accumulation_steps=1)
     losses = values(n=6).requires_grad_(True)
     loss = acc(losses)
     torch.testing.assert_close(loss.detach(), ambiguity.cvar(losses.detach(), 0.3)[0])
-    assert acc.loss == pytest.approx(float(loss.detach()))
+    approx = CVaR(0.3).accumulator([], exact=False, accumulation_steps=2)
+    half = approx(losses[:3])
+    torch.testing.assert_close(half.detach(), ambiguity.cvar(losses.detach()[:3], 0.3)[0] / 2)
 
 
 @pytest.mark.parametrize("reduction", SETS, ids=lambda r: r.name)
@@ -160,22 +184,32 @@ def _rank_worker(rank):
         loss, stats = reduction.reduce(mine, weights[shard], group=dist.group.WORLD, ddp_average=False)
         (grad,) = torch.autograd.grad(loss, mine)
         out[reduction.name] = (float(loss.detach()), grad, float(stats.dual))
+        # the same shard as two micro-batches through the exact accumulator (prepare, then gradients)
+        mine = losses[shard].clone().requires_grad_(True)
+        acc = reduction.accumulator([mine], group=dist.group.WORLD, ddp_average=False, accumulation_steps=2)
+        cut = 2 if rank == 0 else 4
+        micro = [slice(0, cut), slice(cut, mine.numel())]
+        acc.prepare([mine.detach()[m] for m in micro], [weights[shard][m] for m in micro])
+        for m in micro:
+            acc(mine[m], weights[shard][m]).backward()
+        out[reduction.name + "/micro"] = (acc.loss, mine.grad.clone(), float(acc.stats().dual))
     return out
 
 
 @pytest.mark.distributed
-def test_two_ranks_reduce_the_same_global_batch_as_one_process():
+def test_two_ranks_and_two_micro_batches_reduce_the_same_global_batch_as_one_process():
     losses, weights = _problem()
     results = run_on_gloo_ranks(_rank_worker, 2)
     for reduction in SETS:
         whole = losses.clone().requires_grad_(True)
         loss, stats = reduction.reduce(whole, weights)
         (grad,) = torch.autograd.grad(loss, whole)
-        got_grad = torch.cat([results[0][reduction.name][1], results[1][reduction.name][1]])
-        for rank in (0, 1):
-            assert results[rank][reduction.name][0] == pytest.approx(float(loss.detach()), rel=1e-12)
-            assert results[rank][reduction.name][2] == pytest.approx(float(stats.dual), rel=1e-9)
-        torch.testing.assert_close(got_grad, grad, rtol=1e-12, atol=1e-14)
+        for key in (reduction.name, reduction.name + "/micro"):         # one pass; 2 micro-batches a rank
+            got_grad = torch.cat([results[0][key][1], results[1][key][1]])
+            for rank in (0, 1):
+                assert results[rank][key][0] == pytest.approx(float(loss.detach()), rel=1e-12)
+                assert results[rank][key][2] == pytest.approx(float(stats.dual), rel=1e-9)
+            torch.testing.assert_close(got_grad, grad, rtol=1e-12, atol=1e-14)
 
 
 # -- everywhere a user meets it -----------------------------------------------------------------
@@ -192,13 +226,33 @@ def test_robalign_train_takes_each_set_and_logs_its_dual(tmp_path):
         assert math.isfinite(summary["last_log"]["dro/dual"])
 
 
-def test_sets_that_need_the_whole_batch_refuse_exact_accumulation_up_front():
+def test_bad_settings_name_the_key():
     from robalign.app.config import load_settings
 
-    with pytest.raises(ValueError, match="`dro` 'chi2' .* grad_accum 1 \\(got 4\\)"):
-        load_settings(dro="chi2", grad_accum=4)
-    assert load_settings(dro="chi2", grad_accum=4, exact_dro=False).dro == "chi2"
+    assert load_settings(dro="chi2", grad_accum=4).dro == "chi2"
     with pytest.raises(ValueError, match="`level` must be a number in \\(0, 1\\]"):
         load_settings(dro="cvar", level=1.5)
     with pytest.raises(ValueError, match="`dro` must be one of kl, kl-ball, chi2, cvar"):
         load_settings(dro="wasserstein")
+
+
+@pytest.mark.parametrize("dro,key", [("cvar", "level"), ("chi2", "rho")])
+def test_trainer_accumulation_is_exact_for_sets_that_need_the_whole_batch(tmp_path, dro, key):
+    """2 micro-batches of 4 (with the no-grad pre-pass) give the parameters of 1 batch of 8 (SGD,
+    3 steps); the per-micro-batch approximation does not."""
+    from safetensors.torch import load_file
+
+    from robalign.app.config import TrainSettings
+    from robalign.app.train import run_training
+
+    def params(name, **kw):
+        base = dict(out=str(tmp_path / name), dro=dro, **{key: 0.3}, max_steps=3, save_steps=100, optim="sgd",
+                    lr=0.5, shuffle=False)
+        run_training(TrainSettings(**base, **kw), log=lambda *_: None)
+        return load_file(str(tmp_path / name / "final" / "model.safetensors"))
+
+    acc, full = params("acc", batch_size=4, grad_accum=2), params("full", batch_size=8, grad_accum=1)
+    approx = params("approx", batch_size=4, grad_accum=2, exact_dro=False)
+    worst = max((acc[k] - full[k]).abs().max().item() for k in full)
+    assert worst < 1e-5
+    assert max((approx[k] - full[k]).abs().max().item() for k in full) > 10 * max(worst, 1e-7)

@@ -26,8 +26,9 @@ class DoRAConfig:
     exact_dro: the exact accumulator (False: the per-micro-batch approximation).
     dro: the ambiguity set (:data:`robalign.losses.reductions.REDUCTIONS`): ``kl`` (temperature
     ``lam``, DoRA's), ``kl-ball`` (radius ``eta``), ``chi2`` (radius ``rho``), ``cvar`` (``level``,
-    the worst fraction; not DoRA's α). The last three need one micro-batch per step with the exact
-    reduction (``grad_accum`` 1, or ``exact_dro`` False).
+    the worst fraction; not DoRA's α). The last three weigh each sample against the whole batch:
+    with several micro-batches a no-grad forward over the step's micro-batches fixes the weights
+    first (one extra forward per micro-batch), or ``exact_dro`` False approximates per micro-batch.
     fused: the fused linear path (False: materialise logits, for models whose logits are not
     ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
@@ -149,11 +150,6 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         if not ok(value):
             shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} of {len(str(value))} characters"
             raise ValueError(f"{where}: `{f.name}` must be {expected}, got {shown}")
-    accumulation = getattr(settings, "grad_accum", 1) or 1
-    if settings.dro != "kl" and settings.exact_dro and accumulation > 1:
-        raise ValueError(f"{where}: `dro` {settings.dro!r} weighs each sample against the whole batch, so its exact "
-                         f"reduction takes one micro-batch per step: set grad_accum 1 (got {accumulation}), or "
-                         "exact_dro false (--no-dro-exact) for the per-micro-batch approximation")
     try:
         objectives.check_hyperparameters(settings.objective, settings.objective_kwargs, where=where)
     except (TypeError, ValueError) as err:

@@ -348,15 +348,41 @@ class DoRATrainer(Trainer):
         loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group())
         return (loss, samples) if return_outputs else loss
 
+    def _accumulator(self, model):
+        if self._acc is None:
+            self._acc = self.loss_fn.reduction.accumulator(
+                [p for p in model.parameters() if p.requires_grad], group=self._group(), exact=self.dora.exact_dro,
+                accumulation_steps=self.args.gradient_accumulation_steps)
+        return self._acc
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches; for a reduction whose weights need the whole batch (an
+        accumulator with ``prepare``: KL ball, χ² ball, CVaR over several micro-batches), first a
+        no-grad forward over all of them, which fixes the weights their gradient passes use. The
+        pre-pass repeats the gradient pass's forward exactly when the model has no dropout."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        model = self.model_wrapped
+        acc = self._accumulator(model)
+        if getattr(acc, "needs_prepare", False) and batch_samples:
+            model.train()
+            acc.reset()
+            self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
+            self._reset_pending = False
+            losses, weights = [], []
+            with torch.no_grad(), self.compute_loss_context_manager():
+                for micro in batch_samples:
+                    out = self.dora_samples(model, self._prepare_inputs(micro))
+                    losses.append(out.losses)
+                    weights.append(out.weights)
+            acc.prepare(losses, weights)
+        return batch_samples, num_items
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        if self._acc is None:
-            self._acc = self.loss_fn.reduction.accumulator(
-                [p for p in model.parameters() if p.requires_grad], group=self._group(), exact=self.dora.exact_dro,
-                accumulation_steps=self.args.gradient_accumulation_steps)
+        self._accumulator(model)
         if self._reset_pending:
             self._acc.reset()
             self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)

@@ -27,9 +27,10 @@ of the full-batch loss, ``.loss`` is its value and ``.stats()`` its sample-weigh
 
 The last three are solved exactly per batch (:mod:`robalign.losses.ambiguity`) on the values of
 every rank (gathered), and the gradient is the maximising q (∂L/∂ℓ_i = q_i·w_i). Their weights
-need the whole batch's losses, so their exact accumulator takes one micro-batch per step (the
-no-grad pre-pass that would fix q across micro-batches is not built yet); ``exact=False`` is the
-per-micro-batch approximation.
+need the whole batch's losses, so their exact accumulator over several micro-batches has a
+``prepare`` step: a no-grad forward pass over the step's micro-batches fixes q, then each
+micro-batch's gradient pass uses it (``DoRATrainer`` does this in ``get_batch_samples``);
+``exact=False`` is the per-micro-batch approximation.
 """
 
 from __future__ import annotations
@@ -156,12 +157,62 @@ class _WorstCase(Reduction):
 
     def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None):
         if exact and accumulation_steps != 1:
-            V.fail(f"robalign.{type(self).__name__}.accumulator",
-                   f"the {self.name!r} set weighs each sample against the whole batch, so its exact gradient over "
-                   "several micro-batches needs every micro-batch's losses first (a no-grad pre-pass, not built "
-                   "yet): use one micro-batch per step (accumulation_steps=1) or exact=False, the per-micro-batch "
-                   "approximation", NotImplementedError)
+            return _TwoPass(self, group, ddp_average)
         return _PerMicroBatch(self, group, ddp_average, 1 if exact else accumulation_steps)
+
+
+class _TwoPass:
+    """The exact worst case over several micro-batches: :meth:`prepare` takes every micro-batch's
+    per-sample losses of the step (a no-grad forward pass), gathers them over the ranks and
+    solves the set once; then each call, in the same order, returns the micro-batch's surrogate
+    ``scale·Σ_i q_i·w_i·ℓ_i`` with q fixed, so the accumulated gradient is the whole batch's."""
+
+    needs_prepare = True
+
+    def __init__(self, reduction, group, ddp_average):
+        self.reduction, self.group, self.ddp_average = reduction, group, ddp_average
+        self.reset()
+
+    def reset(self):
+        self._q, self._next, self._stats, self.loss_value = None, 0, None, None
+
+    @property
+    def loss(self):
+        return None if self.loss_value is None else float(self.loss_value)
+
+    @torch.no_grad()
+    def prepare(self, losses: list, weights: list | None = None) -> None:
+        """Solve the set over the step's micro-batches: ``losses[j]`` ``[n_j]`` (and ``weights[j]``)
+        of micro-batch j on this rank, from the pass whose forward the gradient pass repeats."""
+        weights = weights or [None] * len(losses)
+        values = [_scaled(l.detach(), None if w is None else w.detach(), math.inf)[1].double()
+                  for l, w in zip(losses, weights)]
+        x, offset = _gather(torch.cat(values), self.group)
+        value, q, dual = self.reduction.solve(x)
+        local = q[offset:offset + sum(v.numel() for v in values)]
+        self._q = list(torch.split(local, [v.numel() for v in values]))
+        self._next = 0
+        self.loss_value = value
+        self._stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
+                               dual=torch.tensor(float(dual), dtype=torch.float64))
+
+    def __call__(self, losses, weights=None):
+        where = f"robalign.{type(self.reduction).__name__} accumulator"
+        if self._q is None or self._next >= len(self._q):
+            V.fail(where, "call prepare(losses, weights) with every micro-batch of the step (a no-grad pass) "
+                          "before their gradient pass", RuntimeError)
+        q = self._q[self._next]
+        if q.numel() != losses.numel():
+            V.fail(where, f"micro-batch {self._next} has {losses.numel()} samples, prepare() saw {q.numel()}")
+        self._next += 1
+        _, wl, _ = _scaled(losses, weights, math.inf)
+        scale = _world(self.group) if self.ddp_average else 1
+        return scale * (q.to(wl.dtype) * wl).sum()
+
+    def stats(self):
+        if self._stats is None:
+            raise RuntimeError("the accumulator has not been prepared since reset()")
+        return self._stats
 
 
 class _PerMicroBatch:
