@@ -92,3 +92,13 @@ def test_one_pass_options_benchmark_runs_its_providers_through_the_gate(tmp_path
         assert rows[name]["grad_w_rel_error"] < 1e-5
     for name in ("bf16_fp32_head_grad", "bf16_head_dtype_grad"):
         assert rows[name]["grad_w_rel_error"] < 2e-2
+
+
+@pytest.mark.slow
+def test_dro_sets_benchmark_records_every_configuration(tmp_path):
+    import cpu_dro_sets
+
+    assert cpu_dro_sets.main(["--steps", "2", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu_dro_sets.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == list(cpu_dro_sets.CONFIGS)
+    assert all(r["seconds_per_step"] > 0 for r in rows)
