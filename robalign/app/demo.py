@@ -16,6 +16,9 @@ Pipeline per seed, through the public API:
            dora      DoRA: weights and KL-DRO       λ = 1, DoRA weights
            dr_dpo    Dr.DPO (soft-min)              λ = −1
            dora_pl   listwise DoRA, Plackett–Luce on all K = 4 candidates
+           kl_ball   DoRA weights, the worst case over a KL ball (η = 0.5)
+           chi2      DoRA weights, the worst case over a χ² ball (ρ = 1)
+           cvar      DoRA weights, CVaR of the worst 30 %
     4. metrics on the target test set: preference accuracy of the implicit reward β·logratio
        (best vs worst response by r0) and the mean r0 of greedy samples.
 """
@@ -47,7 +50,20 @@ ARMS = {
     "dora": dict(objective="dpo", lam=1.0, weighted=True, listwise=False),
     "dr_dpo": dict(objective="dpo", lam=-1.0, weighted=False, listwise=False),
     "dora_pl": dict(objective="plackett_luce", lam=1.0, weighted=True, listwise=True),
+    # the other ambiguity sets, with the DoRA weights (robalign.losses.reductions)
+    "kl_ball": dict(objective="dpo", reduction=("kl-ball", 0.5), weighted=True, listwise=False),
+    "chi2": dict(objective="dpo", reduction=("chi2", 1.0), weighted=True, listwise=False),
+    "cvar": dict(objective="dpo", reduction=("cvar", 0.3), weighted=True, listwise=False),
 }
+
+
+def _reduction(arm):
+    from ..losses.reductions import REDUCTIONS, KLDRO
+
+    if "reduction" not in arm:
+        return KLDRO(arm["lam"])
+    name, parameter = arm["reduction"]
+    return REDUCTIONS[name](parameter)
 
 
 @dataclass
@@ -109,7 +125,7 @@ def _train_arm(sft, arm, train_set, settings, collate, seed):
     torch.manual_seed(seed)
     model = copy.deepcopy(sft).train()
     k = train_set.group_size if arm["listwise"] else 2
-    loss_fn = DoRALoss(arm["objective"], beta=settings.beta, lam=arm["lam"], group_size=k)
+    loss_fn = DoRALoss(arm["objective"], beta=settings.beta, reduction=_reduction(arm), group_size=k)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(settings.steps):
@@ -233,6 +249,9 @@ _DESCRIPTIONS = {
     "dora": "DoRA: weights + KL-DRO, λ = 1",
     "dr_dpo": "Dr.DPO, λ = −1",
     "dora_pl": "listwise DoRA (Plackett–Luce, K = 4)",
+    "kl_ball": "weights + KL ball, η = 0.5",
+    "chi2": "weights + χ² ball, ρ = 1",
+    "cvar": "weights + CVaR, worst 30 %",
 }
 
 
