@@ -1,11 +1,13 @@
-"""Per-device KL-DRO (as the official DoRA code computes it) against robalign's exact one.
+"""Per-device (or per-micro-batch) DRO against robalign's exact one.
 
-The same 64 DPO samples are split over D simulated devices, each computing
-``λ·log mean exp(w·ℓ/λ)`` over its own micro-batch (then averaged, as DDP does), and compared
-with the exact global objective. With one sample per device the log-mean-exp is the identity
-and the method degenerates to plain reweighting ``mean(w·ℓ)``. Prints a Markdown table.
+The same 64 DPO samples are split over D simulated devices, each reducing its own micro-batch
+(then averaged, as DDP does), and compared with the exact global objective. For the KL
+temperature form (``--set kl``, as the official DoRA code computes it) with one sample per device
+the log-mean-exp is the identity and the method degenerates to plain reweighting ``mean(w·ℓ)``;
+``--set kl-ball|chi2|cvar --param P`` measures the same approximation (``exact_dro=False``) for the
+other ambiguity sets. Prints a Markdown table.
 
-    python benchmarks/dro_per_device.py [--lam 1.0]
+    python benchmarks/dro_per_device.py [--set kl] [--lam 1.0] [--param P]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import torch
 
 import robalign
+from robalign.losses.reductions import REDUCTIONS
 
 
 def problem(seed=0, n=64, dim=16):
@@ -31,31 +34,34 @@ def dpo_losses(theta, feats):
     return robalign.objectives.dpo(logps, torch.zeros_like(logps), beta=1.0)
 
 
-def per_device(theta, feats, w, lam, devices):
+def per_device(theta, feats, w, reduction, devices):
     theta = theta.clone().requires_grad_(True)
     losses = dpo_losses(theta, feats)
-    value = sum(robalign.kl_dro(l, ww, lam=lam) for l, ww in zip(losses.chunk(devices), w.chunk(devices))) / devices
+    value = sum(reduction.reduce(l, ww)[0] for l, ww in zip(losses.chunk(devices), w.chunk(devices))) / devices
     value.backward()
     return value.item(), theta.grad
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--set", default="kl", choices=sorted(REDUCTIONS), help="the ambiguity set")
+    parser.add_argument("--lam", type=float, default=1.0, help="λ of --set kl")
+    parser.add_argument("--param", type=float, help="η, ρ or the level of the other sets")
     args = parser.parse_args(argv)
+    reduction = REDUCTIONS[args.set](args.lam if args.set == "kl" else args.param)
     feats, probs, theta = problem()
     w = robalign.dora_weights(probs, 0.25).mean(-1)
-    exact_value, exact_grad = per_device(theta, feats, w, args.lam, 1)
-    print(f"64 samples, λ = {args.lam}, DoRA weights with α = 0.25\n")
+    exact_value, exact_grad = per_device(theta, feats, w, reduction, 1)
+    print(f"64 samples, {reduction}, DoRA weights with α = 0.25\n")
     print("| normaliser | objective value | gradient rel. error vs exact | cosine to exact gradient |")
     print("| --- | ---: | ---: | ---: |")
     for devices in (64, 16, 4, 1):
-        value, grad = per_device(theta, feats, w, args.lam, devices)
+        value, grad = per_device(theta, feats, w, reduction, devices)
         err = ((grad - exact_grad).norm() / exact_grad.norm()).item()
         cos = torch.nn.functional.cosine_similarity(grad, exact_grad, dim=0).item()
         name = "exact (robalign, any device count)" if devices == 1 else \
             f"per device, {64 // devices} sample(s) each ({devices} devices)"
-        if devices == 64:
+        if devices == 64 and args.set == "kl":
             name += ", as the official code"
         print(f"| {name} | {value:.4f} | {err:.3f} | {cos:.3f} |")
 
