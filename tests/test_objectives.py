@@ -131,3 +131,22 @@ def test_a_registered_objective_is_usable_everywhere_at_once():
             objective(reference=False, pairwise=True, beta=Param(1.0))(lambda logps, ref_logps=None, *, beta=2.0: logps)
     finally:
         OBJECTIVES.pop("sigmoid_margin_test", None)
+
+
+def test_trl_pair_losses_hand_computed():
+    """TRL's other pairwise loss types at Δ = 1 (chosen log-ratio 0.5, rejected −0.5); they are also
+    checked against TRL's own code in test_trl_conventions.py."""
+    sig = lambda x: 1 / (1 + math.exp(-x))                                   # noqa: E731
+    assert objectives.nca_pair(**PAIR, beta=1.0).item() == pytest.approx(
+        softplus(-0.5) + 0.5 * softplus(0.5) + 0.5 * softplus(-0.5))
+    assert objectives.bco_pair(**PAIR, beta=1.0).item() == pytest.approx(2 * softplus(-0.5))
+    assert objectives.sppo_hard(**PAIR, beta=0.5).item() == pytest.approx(0.5)
+    assert objectives.apo_zero(**PAIR, beta=1.0).item() == pytest.approx(2 * sig(-0.5))
+    assert objectives.apo_down(**PAIR, beta=1.0).item() == pytest.approx(sig(0.5) + 1 - sig(1.0))
+    m = sig(1.0 / 0.05)
+    assert objectives.discopop(**PAIR, beta=1.0).item() == pytest.approx((1 - m) * softplus(-1.0) + m * math.exp(-1.0))
+    p, eps = sig(1.0), 0.1
+    assert objectives.exo_pair(**PAIR, beta=1.0, label_smoothing=eps).item() == pytest.approx(
+        p * (math.log(p) - math.log(1 - eps)) + (1 - p) * (math.log(1 - p) - math.log(eps)))
+    with pytest.raises(ValueError, match="`label_smoothing`"):
+        objectives.exo_pair(**PAIR, label_smoothing=0.0)                    # log ε needs ε > 0

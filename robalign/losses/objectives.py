@@ -14,6 +14,13 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
     ipo             yes               2        no                  beta
     ipo_norm        yes               2        yes                 beta               (TRL's ipo)
     hinge           yes               2        no                  beta
+    exo_pair        yes               2        no                  beta, label_smoothing (ε > 0)
+    nca_pair        yes               2        no                  beta
+    bco_pair        yes               2        no                  beta
+    sppo_hard       yes               2        no                  beta
+    apo_zero        yes               2        no                  beta
+    apo_down        yes               2        no                  beta
+    discopop        yes               2        no                  beta, tau
     simpo           no                2        yes                 beta, gamma
     plackett_luce   yes               any      no                  beta
     rrhf            no                any      yes                 sft_weight

@@ -19,6 +19,7 @@ one registry. Adding an objective is one decorated function here plus its test.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -161,6 +162,79 @@ def dpo_norm(logps, ref_logps, *, counts, scores=None, beta=0.1):
 def hinge(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     """Hinge / SLiC-HF loss (Zhao et al. 2023, arXiv 2305.10425):  ℓ = max(0, 1 − β·Δ)."""
     return F.relu(1 - beta * _pair_margin(logps, ref_logps, scores))
+
+
+def _pair_ratios(logps, ref_logps, scores):
+    """The chosen and the rejected log-ratio ``(logp − ref)`` of every pair, best first."""
+    ratios = sort_by_scores(logps - ref_logps, scores)
+    return ratios[:, 0], ratios[:, 1]
+
+
+@objective(reference=True, pairwise=True, beta=BETA,
+           label_smoothing=Param(1e-3, low=0, high=0.5, low_open=True, high_open=True))
+def exo_pair(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoothing=1e-3):
+    """EXO, pairwise (Ji et al. 2024, arXiv 2402.00856, Eq. 16; TRL's ``exo_pair``): the reverse KL
+    from the model's preference p = σ(β·Δ) to the smoothed label (1 − ε, ε):
+
+        ℓ = p·(log p − log(1 − ε)) + (1 − p)·(log(1 − p) − log ε),   ε > 0
+    """
+    h = beta * _pair_margin(logps, ref_logps, scores)
+    eps = label_smoothing
+    return (torch.sigmoid(h) * (F.logsigmoid(h) - math.log1p(-eps))
+            + torch.sigmoid(-h) * (F.logsigmoid(-h) - math.log(eps)))
+
+
+@objective(reference=True, pairwise=True, beta=BETA)
+def nca_pair(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
+    """NCA, pairwise (Chen et al. 2024, arXiv 2402.05369; TRL's ``nca_pair``), on the implicit
+    rewards r = β·(logp − ref):  ℓ = −log σ(r_c) − ½·log σ(−r_c) − ½·log σ(−r_r)."""
+    chosen, rejected = _pair_ratios(logps, ref_logps, scores)
+    r_c, r_r = beta * chosen, beta * rejected
+    return -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
+
+
+@objective(reference=True, pairwise=True, beta=BETA)
+def bco_pair(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
+    """BCO, pairwise (Jung et al. 2024, arXiv 2404.04656), as TRL 1.16's ``bco_pair`` computes it
+    (without the running reward mean of the unpaired BCO):  ℓ = −log σ(r_c) − log σ(−r_r)."""
+    chosen, rejected = _pair_ratios(logps, ref_logps, scores)
+    return -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
+
+
+@objective(reference=True, pairwise=True, beta=BETA)
+def sppo_hard(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
+    """SPPO with hard labels (Wu et al. 2024, arXiv 2405.00675; TRL's ``sppo_hard``): the winner's
+    log-ratio pulled to 1/(2β), the loser's to −1/(2β):  ℓ = (ρ_c − 1/(2β))² + (ρ_r + 1/(2β))²."""
+    chosen, rejected = _pair_ratios(logps, ref_logps, scores)
+    return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+
+
+@objective(reference=True, pairwise=True, beta=BETA)
+def apo_zero(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7; TRL's ``apo_zero``), when the
+    chosen responses are better than the model's own:  ℓ = 1 − σ(r_c) + σ(r_r)."""
+    chosen, rejected = _pair_ratios(logps, ref_logps, scores)
+    return 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+
+
+@objective(reference=True, pairwise=True, beta=BETA)
+def apo_down(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
+    """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 8; TRL's ``apo_down``), when the
+    chosen responses are worse than the model's own:  ℓ = σ(r_c) + 1 − σ(β·Δ)."""
+    chosen, rejected = _pair_ratios(logps, ref_logps, scores)
+    return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected))
+
+
+@objective(reference=True, pairwise=True, beta=BETA, tau=Param(0.05, low=0, low_open=True))
+def discopop(logps, ref_logps, *, counts=None, scores=None, beta=0.1, tau=0.05):
+    """DiscoPOP, the log-ratio modulated loss (Lu et al. 2024, arXiv 2406.08414, Eq. 5; TRL's
+    ``discopop`` with ``discopop_tau`` = τ): with h = β·Δ and m = σ(h/τ),
+
+        ℓ = (1 − m)·(−log σ(h)) + m·e^{−h}
+    """
+    h = beta * _pair_margin(logps, ref_logps, scores)
+    m = torch.sigmoid(h / tau)
+    return (1 - m) * -F.logsigmoid(h) + m * torch.exp(-h)
 
 
 @objective(reference=False, pairwise=True, counts=True, beta=Param(2.0, low=0, low_open=True), gamma=Param(0.5))
