@@ -35,7 +35,7 @@ import json
 import platform
 
 import cpu_harness
-from peers import trl_fused_logps
+from peers import reference_dora_dpo, trl_fused_logps
 
 PROVIDERS = ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp", "recompute", "one_pass")
 LOSS_PROVIDERS = ("recompute", "one_pass")
@@ -114,8 +114,6 @@ def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, sco
     """The DoRA loss of pairs (DPO, KL-DRO) through the recompute path or the one-pass op."""
     import torch
 
-    from robalign import reference
-
     one_pass = provider == "one_pass"
 
     def run(h, w, y, ref):
@@ -127,12 +125,8 @@ def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, sco
         if rows < 2:
             return None
         h, w = hidden.detach()[:rows].clone(), weight.detach().clone()
-        want_h, want_w = h.double().requires_grad_(True), w.double().requires_grad_(True)
-        logps, _ = reference.linear_sequence_logps(want_h, want_w, labels[:rows])
-        want_loss = reference.kl_dro(reference.objectives.dpo(logps.view(-1, 2), ref_logps[:rows].double().view(-1, 2),
-                                                              beta=0.1), None, 1.0)
-        want = (want_loss.detach(),) if mode == "fwd" else \
-            (want_loss.detach(), *torch.autograd.grad(want_loss, (want_h, want_w)))
+        want = reference_dora_dpo(h, w, labels[:rows], ref_logps[:rows])
+        want = want[:1] if mode == "fwd" else want
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
             got = run(h.requires_grad_(mode == "fwdbwd"), w.requires_grad_(mode == "fwdbwd"), labels[:rows],
                       ref_logps[:rows])

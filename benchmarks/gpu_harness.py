@@ -106,6 +106,15 @@ def measure_providers(providers, make_step, device, label: str, derive, check=No
     return rows
 
 
+def versus(row: dict, base: dict | None, digits: int = 2) -> tuple[str, str, str]:
+    """Table cells of a measured row against its baseline row: ``(speed-up, peak MB, memory ratio)``,
+    "n/a" where the baseline (or a memory figure) is missing."""
+    speed = "n/a" if base is None else f"{base['median_ms'] / row['median_ms']:.2f}×"
+    mem, base_mem = row["peak_above_inputs_mb"], None if base is None else base.get("peak_above_inputs_mb")
+    ratio = "n/a" if mem is None or not base_mem else f"{mem / base_mem:.{digits}f}"
+    return speed, "n/a" if mem is None else f"{mem:.0f}", ratio
+
+
 def copy_bandwidth(device) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     n = (1 << 30) if device == "cuda" else (1 << 26)

@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 import robalign
-from gpu_harness import environment, gate, matmul_rate, measure_providers, write_json
-from peers import trl_fused_logps
+from gpu_harness import environment, gate, matmul_rate, measure_providers, versus, write_json
+from peers import reference_dora_dpo, trl_fused_logps
 from shapes import MODELS
 
 SEQS = 16
@@ -171,11 +171,8 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
             loss = dora_loss(provider, h, weight.detach(), labels[:2], ref_logps[:2], kernel)
             got = (loss,) if mode == "fwd" else (loss, torch.autograd.grad(loss, h)[0])
-        want_h = hidden.detach()[:2].double().requires_grad_(True)
-        logps, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:2])
-        ref = robalign.reference
-        want = ref.kl_dro(ref.objectives.dpo(logps.view(1, 2), ref_logps[:2].double().view(1, 2), beta=0.1), None, 1.0)
-        want_all = (want,) if mode == "fwd" else (want, torch.autograd.grad(want, want_h)[0])
+        want = reference_dora_dpo(hidden[:2], weight, labels[:2], ref_logps[:2])
+        want_all = want[:1] if mode == "fwd" else want[:2]
         return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
 
     def derive(s):
@@ -203,12 +200,9 @@ def print_table(rows, baseline="trl_fused"):
         base = next((x for x in same if x["provider"] == baseline), None) or \
             next((x for x in same if x["provider"] == "naive"), None)
         fmt = lambda key: f"{r[key]:.2f}" if key in r else "n/a"  # noqa: E731
-        speed = "n/a" if base is None else f"{base['median_ms'] / r['median_ms']:.2f}×"
-        mem, base_mem = r["peak_above_inputs_mb"], None if base is None else base.get("peak_above_inputs_mb")
-        mem_ratio = "n/a" if mem is None or not base_mem else f"{mem / base_mem:.3f}"
+        speed, mem, mem_ratio = versus(r, base, digits=3)
         print(f"| {r['tokens']} | {r['scored_tokens']} | {r['provider']} | {r['median_ms']:.1f} | {r['host_us']:.0f} | "
-              f"{fmt('vs_matmul_floor')} | {fmt('vs_matmul_floor_scored')} | {speed} | "
-              f"{'n/a' if mem is None else f'{mem:.0f}'} | {mem_ratio} |")
+              f"{fmt('vs_matmul_floor')} | {fmt('vs_matmul_floor_scored')} | {speed} | {mem} | {mem_ratio} |")
 
 
 def main(argv=None) -> int:

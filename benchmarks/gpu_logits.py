@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import robalign
-from gpu_harness import copy_bandwidth, environment, gate, measure_providers, write_json
+from gpu_harness import copy_bandwidth, environment, gate, measure_providers, versus, write_json
 from peers import naive_logps, trl_logps
 from shapes import MODELS
 
@@ -151,12 +151,10 @@ def print_table(rows, baseline="trl"):
             print(f"| {r['tokens']} | {r['scored_tokens']} | {r['vocab']} | {r['provider']} | failed: {r['error']} "
                   "| | | | | | |")
             continue
-        speed = "n/a" if base is None else f"{base['median_ms'] / r['median_ms']:.2f}×"
-        mem, base_mem = r["peak_above_inputs_mb"], None if base is None else base.get("peak_above_inputs_mb")
-        mem_ratio = "n/a" if mem is None or not base_mem else f"{mem / base_mem:.2f}"
+        speed, mem, mem_ratio = versus(r, base)
         print(f"| {r['tokens']} | {r['scored_tokens']} | {r['vocab']} | {r['provider']} | {r['median_ms']:.2f} | "
               f"{r['host_us']:.0f} | {r['fraction_of_floor_all']:.2f} | {r['fraction_of_floor_scored']:.2f} | {speed} | "
-              f"{'n/a' if mem is None else f'{mem:.0f}'} | {mem_ratio} |")
+              f"{mem} | {mem_ratio} |")
 
 
 def main(argv=None) -> int:

@@ -37,3 +37,16 @@ def trl_fused_logps(hidden, weight, labels):
     tok = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
     tok = tok.new_zeros(mask.shape).masked_scatter(mask, tok) if compact else tok.view(mask.shape).masked_fill(~mask, 0)
     return tok.sum(-1)
+
+
+def reference_dora_dpo(hidden, weight, labels, ref_logps, *, beta=0.1, lam=1.0):
+    """The float64 ground truth of the loss providers' gate: ``(loss, grad_hidden, grad_weight)``
+    of the DoRA loss of the rows as pairs (DPO, KL-DRO λ, no weights), from robalign.reference."""
+    from robalign import reference
+
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    logps, _ = reference.linear_sequence_logps(h, w, labels)
+    losses = reference.objectives.dpo(logps.view(-1, 2), ref_logps.double().view(-1, 2), beta=beta)
+    loss = reference.kl_dro(losses, None, lam)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))

@@ -205,7 +205,7 @@ def load_settings(config_path=None, **overrides) -> TrainSettings:
 
 def reduction_of(settings: DoRAConfig):
     """The :class:`~robalign.losses.reductions.Reduction` that ``settings.dro`` names, with its parameter."""
-    from ..losses.reductions import KLDRO, CVaR, Chi2Ball, KLBall
+    from ..losses.reductions import REDUCTIONS
 
-    return {"kl": lambda: KLDRO(settings.lam), "kl-ball": lambda: KLBall(settings.eta),
-            "chi2": lambda: Chi2Ball(settings.rho), "cvar": lambda: CVaR(settings.level)}[settings.dro]()
+    parameter = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level"}[settings.dro]
+    return REDUCTIONS[settings.dro](getattr(settings, parameter))

@@ -58,11 +58,9 @@ ARMS = {
 
 
 def _reduction(arm):
-    from ..losses.reductions import REDUCTIONS, KLDRO
+    from ..losses.reductions import REDUCTIONS
 
-    if "reduction" not in arm:
-        return KLDRO(arm["lam"])
-    name, parameter = arm["reduction"]
+    name, parameter = arm.get("reduction", ("kl", arm.get("lam")))
     return REDUCTIONS[name](parameter)
 
 

@@ -11,12 +11,15 @@ For the N values ``x_i = w_i·ℓ_i`` of the effective batch, each function retu
     cvar(x, level)    Q = {q : q_i ≤ 1/(level·N)}            L = min_c c + mean((x − c)₊)/level
                       weight 1/(level·N) on the worst ⌊level·N⌋ samples, the rest on the next one
 
-η = 0 and level = 1 give the mean; a radius large enough gives the maximum. Inputs are detached;
-callers build the loss from ``q`` (see :mod:`robalign.losses.reductions`).
+η = 0 and level = 1 give the mean; a radius large enough gives the maximum. Inputs are detached
+and solved on the host in float64 (N scalars: one copy, instead of a device read per bisection
+step); value and q come back on the input's device. Callers build the loss from ``q`` (see
+:mod:`robalign.losses.reductions`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,16 +29,27 @@ __all__ = ["kl_ball", "chi2_ball", "cvar"]
 _STEPS = 200            # bisection steps: far past float64 resolution of the bracket
 
 
+def _on_host(solve):
+    """Run ``solve`` on a float64 host copy of ``x``; its value and q return to ``x``'s device."""
+
+    @functools.wraps(solve)
+    def wrapper(x: torch.Tensor, radius: float):
+        value, q, dual = solve(x.detach().double().cpu(), radius)
+        return value.to(x.device), q.to(x.device), dual
+
+    return wrapper
+
+
 def _kl_to_uniform(x: torch.Tensor, lam: float) -> tuple[float, torch.Tensor]:
     q = torch.softmax(x / lam, 0)
     n = x.numel()
     return float((q * torch.log(q * n).nan_to_num(0.0, neginf=0.0)).sum()), q
 
 
+@_on_host
 def kl_ball(x: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(value, q, λ*)`` of the KL ball of radius ``eta`` (λ* = inf: the mean, the set holds only
     the uniform q or the values are equal; λ* = 0: the maximum, the radius holds the point mass)."""
-    x = x.detach().double()
     n = x.numel()
     spread = float(x.max() - x.min())
     if eta == 0 or spread == 0:
@@ -55,15 +69,15 @@ def kl_ball(x: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, fl
     return value, q, lam
 
 
-def _chi2_weights(x, c, rho):
+def _chi2_weights(x, c):
     z = (x - c).clamp(min=0)
     norm = torch.sqrt((z * z).mean())
     return z, norm
 
 
+@_on_host
 def chi2_ball(x: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(value, q, c*)`` of the χ² ball of radius ``rho`` (Cressie–Read f(t) = ½(t − 1)²)."""
-    x = x.detach().double()
     n = x.numel()
     if rho == 0 or float(x.max() - x.min()) == 0:
         return x.mean(), torch.full_like(x, 1 / n), -math.inf
@@ -79,19 +93,19 @@ def chi2_ball(x: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor, 
     hi = float(x.max())
     for _ in range(_STEPS):
         mid = 0.5 * (lo + hi)
-        z, norm = _chi2_weights(x, mid, rho)
+        z, norm = _chi2_weights(x, mid)
         ratio = float(z.mean() / norm) if norm > 0 else 0.0
         lo, hi = (mid, hi) if ratio > target else (lo, mid)
     c = 0.5 * (lo + hi)
-    z, norm = _chi2_weights(x, c, rho)
+    z, norm = _chi2_weights(x, c)
     q = z / z.sum()
     return (q * x).sum(), q, c
 
 
+@_on_host
 def cvar(x: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(value, q, c*)``: the mean of the worst ``level`` fraction, the boundary sample
     fractionally; c* is the ``1 − level`` quantile (the boundary value)."""
-    x = x.detach().double()
     n = x.numel()
     cap = 1 / (level * n)
     order = torch.argsort(x, descending=True, stable=True)

@@ -106,6 +106,17 @@ def _log_mean_exp(lam: float, m: torch.Tensor, sum_expm1: torch.Tensor, count: t
     return lam * m + lam * torch.log1p(sum_expm1 / count)
 
 
+def _batch_value(lam, wl, moments, group) -> torch.Tensor:
+    """The loss value (float64, detached) of one batch with ``moments`` over ``group``'s ranks: the
+    global weighted mean for λ = ∞ (one more SUM all-reduce), else :func:`_log_mean_exp`."""
+    if not _is_weighted_mean(lam):
+        return _log_mean_exp(lam, moments.m, moments.sum_expm1, moments.count)
+    total = wl.detach().double().sum()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return total / moments.count
+
+
 def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
     ess = torch.where(sum_q2 > 0, sum_q * sum_q / sum_q2, 0.0)
     share = torch.where(sum_q > 0, torch.exp(log_max_q) / sum_q, 0.0)
@@ -163,13 +174,7 @@ def kl_dro_gradient_scale(losses, weights, shift, *, lam=1.0, group=None, ddp_av
     _check(where, losses, weights, lam, group)
     w, wl, a = _scaled(losses.detach(), None if weights is None else weights.detach(), lam)
     moments = _BatchMoments(a, w, group)
-    if _is_weighted_mean(lam):
-        total = wl.double().sum()
-        if group is not None:
-            dist.all_reduce(total, group=group)
-        value = total / moments.count
-    else:
-        value = _log_mean_exp(lam, moments.m, moments.sum_expm1, moments.count)
+    value = _batch_value(lam, wl, moments, group)
     kappa = torch.exp(shift.to(moments.m) - moments.m) / moments.sum_exp * (_world(group) if ddp_average else 1)
     return value.to(losses.dtype), kappa, moments.stats()
 
@@ -293,14 +298,7 @@ class KLDROAccumulator:
             self._log_max_q = torch.maximum(self._log_max_q, mom.log_max_q)
         self._m, self._s = m, s
         if not self.exact:
-            if _is_weighted_mean(self.lam):
-                total = wl.detach().double().sum()
-                if self.group is not None:
-                    dist.all_reduce(total, group=self.group)
-                value = total / mom.count
-            else:
-                value = _log_mean_exp(self.lam, mom.m, mom.sum_expm1, mom.count)
-            self._approx_losses.append(value)
+            self._approx_losses.append(_batch_value(self.lam, wl, mom, self.group))
             self.loss_value = torch.stack(self._approx_losses).mean()
             return w, wl, a, mom
         if factor is not None:

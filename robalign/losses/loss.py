@@ -227,25 +227,24 @@ class DoRALoss(nn.Module):
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
         if ref_logps is not None and given:
             V.fail(where, f"pass `ref_logps` or `{given[0]}`, not both (one source of reference log-probs)")
-        if self.needs_reference and ref_logps is None and hidden is not None and head_weight is not None:
-            if ref_logits is not None or ref_hidden is not None:     # the reference first, without gradient
-                with torch.no_grad():
-                    ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
-                                               labels, cu_seqlens)
+        missing_ref = self.needs_reference and ref_logps is None
+        # policy and reference logits read in one pass; else the reference first, without gradient
+        with_ref = missing_ref and logits is not None and ref_logits is not None and hidden is None and ref_hidden is None
+        if missing_ref and given and not with_ref:
+            with torch.no_grad():
+                ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
+                                           labels, cu_seqlens)
         kernel = self._one_pass_kernel(where, logits, hidden, head_weight, head_bias)
         if kernel is not None:
             return self._forward_one_pass(where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens,
                                           ref_logps, probs, weights, scores, accumulator)
-        if self.needs_reference and ref_logps is None and logits is not None and ref_logits is not None \
-                and hidden is None and ref_hidden is None:
+        if with_ref:
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
         else:
             policy_logps, counts = self._logps(where, "", logits, hidden, head_weight, head_bias, labels, cu_seqlens)
-        if self.needs_reference and ref_logps is None:
-            with torch.no_grad():
-                ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
-                                           labels, cu_seqlens)
+        if missing_ref and not given:
+            V.fail(where, "pass exactly one of `ref_logits` or `ref_hidden` (with `ref_head_weight`)")
         return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores,
                                accumulator=accumulator)
 

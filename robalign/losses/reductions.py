@@ -142,17 +142,21 @@ class _WorstCase(Reduction):
     def solve(self, x: torch.Tensor):
         raise NotImplementedError
 
+    def solve_global(self, x_local: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, DROStats]:
+        """Solve over every rank's ``x_local`` (gathered): ``(value, this rank's q, stats)``."""
+        x, offset = _gather(x_local.detach().double(), group)
+        value, q, dual = self.solve(x)
+        stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
+                         dual=torch.tensor(float(dual), dtype=torch.float64))
+        return value, q[offset:offset + x_local.numel()], stats
+
     def reduce(self, losses, weights=None, *, group=None, ddp_average=True):
         where = f"robalign.{type(self).__name__}"
         _check(where, losses, weights, 1.0, group)
-        w, wl, _ = _scaled(losses, weights, math.inf)
-        x, offset = _gather(wl.detach().double(), group)
-        value, q, dual = self.solve(x)
-        q_local = q[offset:offset + wl.numel()].to(wl.dtype)
+        _, wl, _ = _scaled(losses, weights, math.inf)
+        value, q, stats = self.solve_global(wl, group)
         scale = _world(group) if ddp_average else 1
-        loss = value.to(wl.dtype) + scale * (q_local * (wl - wl.detach())).sum()
-        stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
-                         dual=torch.tensor(float(dual), dtype=torch.float64))
+        loss = value.to(wl.dtype) + scale * (q.to(wl.dtype) * (wl - wl.detach())).sum()
         return loss.to(losses.dtype), stats
 
     def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None):
@@ -185,16 +189,10 @@ class _TwoPass:
         """Solve the set over the step's micro-batches: ``losses[j]`` ``[n_j]`` (and ``weights[j]``)
         of micro-batch j on this rank, from the pass whose forward the gradient pass repeats."""
         weights = weights or [None] * len(losses)
-        values = [_scaled(l.detach(), None if w is None else w.detach(), math.inf)[1].double()
-                  for l, w in zip(losses, weights)]
-        x, offset = _gather(torch.cat(values), self.group)
-        value, q, dual = self.reduction.solve(x)
-        local = q[offset:offset + sum(v.numel() for v in values)]
-        self._q = list(torch.split(local, [v.numel() for v in values]))
+        values = [_scaled(l.detach(), None if w is None else w.detach(), math.inf)[1] for l, w in zip(losses, weights)]
+        self.loss_value, q, self._stats = self.reduction.solve_global(torch.cat(values), self.group)
+        self._q = list(torch.split(q, [v.numel() for v in values]))
         self._next = 0
-        self.loss_value = value
-        self._stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
-                               dual=torch.tensor(float(dual), dtype=torch.float64))
 
     def __call__(self, losses, weights=None):
         where = f"robalign.{type(self.reduction).__name__} accumulator"
