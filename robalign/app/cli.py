@@ -135,7 +135,7 @@ def _cmd_train(args) -> int:
     with _needs_extras("train"):
         from .train import load_settings, run_training
     overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "dro", "eta", "rho",
-                                               "level", "alpha", "lr",
+                                               "level", "group_step", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
                                                "logging_steps")}
@@ -252,12 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train.add_argument("--objective", choices=objective_names(), help=f"the base objective (default {d.objective})")
     train.add_argument("--lam", type=float, help=f"DRO temperature λ; inf: the weighted mean (default {d.lam:g})")
-    train.add_argument("--dro", choices=("kl", "kl-ball", "chi2", "cvar"),
+    train.add_argument("--dro", choices=("kl", "kl-ball", "chi2", "cvar", "group"),
                        help=f"ambiguity set: kl (temperature --lam, DoRA's), kl-ball (radius --eta), chi2 (radius "
-                            f"--rho), cvar (--level, the worst fraction); default {d.dro}")
+                            f"--rho), cvar (--level, the worst fraction), group (group DRO over the data's `group` "
+                            f"field or sources, step --group-step); default {d.dro}")
     train.add_argument("--eta", type=float, help=f"radius of the KL ball (default {d.eta:g})")
     train.add_argument("--rho", type=float, help=f"radius of the χ² ball (default {d.rho:g})")
     train.add_argument("--level", type=float, help=f"CVaR level: the worst fraction of the batch (default {d.level:g})")
+    train.add_argument("--group-step", type=float, dest="group_step",
+                       help=f"group DRO's exponentiated-gradient step η_q (default {d.group_step:g})")
     train.add_argument("--alpha", type=float, help="target fraction α (needed with probs and no weights)")
     train.add_argument("--beta", type=float, help=f"the objective's β (default {d.beta:g})")
     train.add_argument("--lr", type=float, help=per_model("lr", "learning rate"))

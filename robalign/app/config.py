@@ -29,6 +29,9 @@ class DoRAConfig:
     the worst fraction; not DoRA's α). The last three weigh each sample against the whole batch:
     with several micro-batches a no-grad forward over the step's micro-batches fixes the weights
     first (one extra forward per micro-batch), or ``exact_dro`` False approximates per micro-batch.
+    ``group``: group DRO over the data's groups (each sample's ``group`` field, else its source),
+    q moved by exponentiated gradient with step ``group_step`` once per optimizer step (the same
+    pre-pass with several micro-batches).
     fused: the fused linear path (False: materialise logits, for models whose logits are not
     ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
@@ -45,11 +48,15 @@ class DoRAConfig:
     eta: float = 0.1
     rho: float = 0.5
     level: float = 0.2
+    group_step: float = 0.01
     fused: bool = True
     one_pass: bool = True
     shuffle: bool = True
     objective_kwargs: dict = field(default_factory=dict)
 
+
+DRO_PARAMETER = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level", "group": "group_step"}
+DRO_SETS = tuple(DRO_PARAMETER)
 
 # Settings whose sensible value depends on the model: a real model (``--model``) gets the usual
 # values for DPO-style fine-tuning of a 1–8B model (TRL's DPO default learning rate, an effective
@@ -97,7 +104,7 @@ def resolve_defaults(settings: TrainSettings) -> TrainSettings:
 
 def describe(settings: TrainSettings) -> str:
     """One line of the settings that shape a run, for the log at its start."""
-    keys = ("objective", "beta", "dro", "lam", "lr", "batch_size", "grad_accum", "max_length", "max_prompt_length",
+    keys = ("objective", "beta", "dro", DRO_PARAMETER.get(settings.dro, "lam"), "lr", "batch_size", "grad_accum", "max_length", "max_prompt_length",
             "epochs", "max_steps", "seed")
     return "robalign: settings " + ", ".join(f"{k}={getattr(settings, k)}" for k in keys)
 
@@ -131,10 +138,11 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
         "use_weights": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
-        "dro": (lambda v: v in ("kl", "kl-ball", "chi2", "cvar"), "one of kl, kl-ball, chi2, cvar"),
+        "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "level": (lambda v: is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "group_step": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "objective_kwargs": mapping, "fsdp_config": mapping,
         "out": text, "optim": text, "fsdp": text,
         "model": path, "data": path, "deepspeed": path, "resume": path,
@@ -203,9 +211,15 @@ def load_settings(config_path=None, **overrides) -> TrainSettings:
     return settings
 
 
-def reduction_of(settings: DoRAConfig):
-    """The :class:`~robalign.losses.reductions.Reduction` that ``settings.dro`` names, with its parameter."""
-    from ..losses.reductions import REDUCTIONS
+def reduction_of(settings: DoRAConfig, group_names=(), data: str = "the training data"):
+    """The :class:`~robalign.losses.reductions.Reduction` that ``settings.dro`` names, with its
+    parameter; ``group`` is over ``group_names`` (the dataset's, which ``data`` names in the error
+    when there are none)."""
+    from ..losses.reductions import REDUCTIONS, GroupDRO
 
-    parameter = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level"}[settings.dro]
-    return REDUCTIONS[settings.dro](getattr(settings, parameter))
+    if settings.dro == "group":
+        if not group_names:
+            raise ValueError(f"dro=group: every sample of {data} needs a group (a `group` field, or the "
+                             "responses' `sources` / `source`)")
+        return GroupDRO(len(group_names), settings.group_step, names=group_names)
+    return REDUCTIONS[settings.dro](getattr(settings, DRO_PARAMETER[settings.dro]))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ratio.data import read_preference_file
+from .ratio.data import read_preference_file, sample_group
 
 __all__ = ["TokenizedGroup", "PreferenceDataset", "PreferenceCollator", "prepare_tokenizer", "tokenize_prompt"]
 
@@ -49,7 +49,8 @@ def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
 
 @dataclass
 class TokenizedGroup:
-    """One sample: K rows of ``input_ids`` and ``labels`` (-100 on the prompt), and its metadata."""
+    """One sample: K rows of ``input_ids`` and ``labels`` (-100 on the prompt), and its metadata
+    (``group_id``: index of the sample's group in its dataset's ``group_names``, for group DRO)."""
 
     input_ids: list
     labels: list
@@ -57,17 +58,21 @@ class TokenizedGroup:
     probs: list | None = None
     weights: list | None = None
     ref_logps: list | None = None
+    group_id: int | None = None
 
 
 @dataclass
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenised preference samples of one file; every sample has the same K."""
+    """Tokenised preference samples of one file; every sample has the same K. ``group_names``:
+    the sorted distinct groups of the samples (:func:`robalign.app.ratio.data.sample_group`);
+    empty when some sample has none."""
 
     groups: list
     group_size: int
     truncated_prompts: int = 0
     truncated_responses: int = 0
     path: str = ""
+    group_names: tuple = ()
 
     def __len__(self):
         return len(self.groups)
@@ -94,7 +99,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
         pref = read_preference_file(path)
         eos = tokenizer.eos_token_id
-        groups, cut_prompts, cut_responses, k_seen = [], 0, 0, None
+        groups, cut_prompts, cut_responses, k_seen, names = [], 0, 0, None, []
         for line_index, record in enumerate(pref.records):
             if pref.format == "pairwise":
                 prompt, responses, scores = record["prompt"], [record["chosen"], record["rejected"]], [1.0, 0.0]
@@ -122,7 +127,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
             cut_responses += cut
             weights = record.get("weights")
             groups.append(TokenizedGroup(rows_ids, rows_labels, scores, probs=record.get("probs"), weights=weights))
-        return cls(groups, k_seen, cut_prompts, cut_responses, str(pref.path))
+            names.append(sample_group(record))
+        group_names = () if None in names else tuple(sorted(set(names)))
+        if group_names:
+            index = {name: i for i, name in enumerate(group_names)}
+            for group, name in zip(groups, names):
+                group.group_id = index[name]
+        return cls(groups, k_seen, cut_prompts, cut_responses, str(pref.path), group_names)
 
 
 @dataclass
@@ -132,6 +143,7 @@ class PreferenceCollator:
         input_ids, attention_mask, labels   [B·K, T]   (labels: HF convention, -100 masked)
         scores                              [B·K]      float32
         probs / weights / ref_logps         [B·K]      when every sample has them
+        group_ids                           [B]        int64, when every sample has one
     """
 
     pad_token_id: int
@@ -157,4 +169,6 @@ class PreferenceCollator:
             values = [getattr(g, name) for g in groups]
             if all(v is not None for v in values):
                 batch[name] = torch.tensor([x for v in values for x in v], dtype=torch.float32)
+        if all(g.group_id is not None for g in groups):
+            batch["group_ids"] = torch.tensor([g.group_id for g in groups], dtype=torch.long)
         return batch

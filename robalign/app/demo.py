@@ -19,6 +19,7 @@ Pipeline per seed, through the public API:
            kl_ball   DoRA weights, the worst case over a KL ball (η = 0.5)
            chi2      DoRA weights, the worst case over a χ² ball (ρ = 1)
            cvar      DoRA weights, CVaR of the worst 30 %
+           group_dro group DRO over the two sources (human, synthetic), no weights (η_q = 0.5)
     4. metrics on the target test set: preference accuracy of the implicit reward β·logratio
        (best vs worst response by r0) and the mean r0 of greedy samples.
 """
@@ -54,13 +55,17 @@ ARMS = {
     "kl_ball": dict(objective="dpo", reduction=("kl-ball", 0.5), weighted=True, listwise=False),
     "chi2": dict(objective="dpo", reduction=("chi2", 1.0), weighted=True, listwise=False),
     "cvar": dict(objective="dpo", reduction=("cvar", 0.3), weighted=True, listwise=False),
+    # the sources as known groups instead of a classifier's weights
+    "group_dro": dict(objective="dpo", reduction=("group", 0.5), weighted=False, listwise=False),
 }
 
 
-def _reduction(arm):
-    from ..losses.reductions import REDUCTIONS
+def _reduction(arm, group_names=()):
+    from ..losses.reductions import REDUCTIONS, GroupDRO
 
     name, parameter = arm.get("reduction", ("kl", arm.get("lam")))
+    if name == "group":
+        return GroupDRO(len(group_names), parameter, names=group_names)
     return REDUCTIONS[name](parameter)
 
 
@@ -90,7 +95,8 @@ def _rows(dataset, indices, listwise):
         weights = None if g.weights is None else [sum(g.weights) / len(g.weights)] * len(keep)
         groups.append(type(g)([g.input_ids[j] for j in keep], [g.labels[j] for j in keep],
                               [g.scores[j] for j in keep], weights=weights,
-                              ref_logps=None if g.ref_logps is None else [g.ref_logps[j] for j in keep]))
+                              ref_logps=None if g.ref_logps is None else [g.ref_logps[j] for j in keep],
+                              group_id=g.group_id))
     return groups
 
 
@@ -123,7 +129,8 @@ def _train_arm(sft, arm, train_set, settings, collate, seed):
     torch.manual_seed(seed)
     model = copy.deepcopy(sft).train()
     k = train_set.group_size if arm["listwise"] else 2
-    loss_fn = DoRALoss(arm["objective"], beta=settings.beta, reduction=_reduction(arm), group_size=k)
+    loss_fn = DoRALoss(arm["objective"], beta=settings.beta, reduction=_reduction(arm, train_set.group_names),
+                       group_size=k)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(settings.steps):
@@ -133,7 +140,7 @@ def _train_arm(sft, arm, train_set, settings, collate, seed):
         out = one_pass_loss(model, batch, loss_fn, use_weights=arm["weighted"])
         out.loss.backward()
         opt.step()
-    return model.eval()
+    return model.eval(), loss_fn.reduction
 
 
 @torch.no_grad()
@@ -187,12 +194,16 @@ def _run_seed(seed, settings, workdir, log):
     results = {}
     for name in settings.arms:
         start = time.perf_counter()
-        model = _train_arm(sft, ARMS[name], train_set, settings, collate, seed)
+        model, reduction = _train_arm(sft, ARMS[name], train_set, settings, collate, seed)
         ratios = _logps_of(model, test_pairs, collate).reshape(-1, 2) - ref_test
         acc = float((ratios[:, 0] > ratios[:, 1]).float().mean())
         reward = _greedy_reward(model, tokenizer, test)
         results[name] = {"target_pref_acc": acc, "target_reward": reward}
-        log(f"  seed {seed} {name:<9} target pref. acc {acc:.3f}  greedy r0 {reward:+.3f}  "
+        final_q = ""
+        if getattr(reduction, "names", None):                          # group DRO: where q ended
+            results[name]["group_q"] = dict(zip(reduction.names, reduction.q.tolist()))
+            final_q = "  q " + ", ".join(f"{k} {v:.2f}" for k, v in results[name]["group_q"].items())
+        log(f"  seed {seed} {name:<9} target pref. acc {acc:.3f}  greedy r0 {reward:+.3f}{final_q}  "
             f"({time.perf_counter() - start:.1f}s)")
     return results, report
 
@@ -223,6 +234,8 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
                       "target_pref_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "target_reward": rewards, "target_reward_mean": statistics.mean(rewards),
                       "description": _DESCRIPTIONS[name]}
+        if "group_q" in per_seed[0][name]:
+            arms[name]["group_q"] = [r[name]["group_q"] for r in per_seed]
     summary = {
         "settings": asdict(settings),
         "arms": arms,
@@ -250,6 +263,7 @@ _DESCRIPTIONS = {
     "kl_ball": "weights + KL ball, η = 0.5",
     "chi2": "weights + χ² ball, ρ = 1",
     "cvar": "weights + CVaR, worst 30 %",
+    "group_dro": "group DRO over the sources, no weights",
 }
 
 

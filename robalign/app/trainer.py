@@ -152,16 +152,20 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
     """The :class:`robalign.DoRAOutput` of one collated micro-batch through the one-pass fused loss:
     ``loss_fn`` runs on the decoder's hidden states and the LM head inside the head's forward
     (:func:`_through_head`); ``loss`` is what to ``backward()`` (with ``accumulator``, this
-    micro-batch's share of the effective batch)."""
+    micro-batch's share of the effective batch). A reduction without a one-pass form (group DRO,
+    the per-batch ambiguity sets) takes ``DoRALoss``'s recompute path here, on the same hidden
+    states; the batch's ``group_ids`` go to a reduction that reads them."""
     labels = shift_labels(batch["labels"])
     weights = probs = None
     if use_weights:
         weights = batch.get("weights")
         probs = batch.get("probs") if weights is None else None
+    group_ids = batch.get("group_ids") if loss_fn.reduction.takes_group_ids else None
 
     def head_fn(head, hidden, weight, bias):
         out = loss_fn(hidden=hidden, head_weight=weight, head_bias=bias, labels=labels, ref_logps=batch.get("ref_logps"),
-                      probs=probs, weights=weights, scores=batch.get("scores"), accumulator=accumulator)
+                      probs=probs, weights=weights, scores=batch.get("scores"), group_ids=group_ids,
+                      accumulator=accumulator)
         out.loss = _gathered_for_backward(head, out.loss)
         return out
 
@@ -202,7 +206,8 @@ class DoRATrainer(Trainer):
         d = self.dora
         # built once: the objective, weights and reduction of every micro-batch (the process group is
         # the reduction's argument, read per call, so a group set up after construction is seen)
-        self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction_of(d), alpha=d.alpha,
+        reduction = reduction_of(d, getattr(dataset, "group_names", ()), getattr(dataset, "path", "") or "the training data")
+        self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction, alpha=d.alpha,
                                 group_size=self.group_size, one_pass=d.one_pass, **d.objective_kwargs)
         self.ref_model = ref_model
         self._acc = None
@@ -210,6 +215,7 @@ class DoRATrainer(Trainer):
         self._last_loss = 0.0
         self._metrics = defaultdict(list)
         self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
+        self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
 
     # -- data ---------------------------------------------------------------------------------
@@ -298,6 +304,7 @@ class DoRATrainer(Trainer):
         if objectives.needs_reference(self.dora.objective):
             self.compute_reference_logps()
         self._loss_total = None
+        self._state_restored = False
         result = super().train(*args, **kwargs)
         total, steps = self._loss_total or (0.0, 0)
         if not steps:
@@ -308,8 +315,26 @@ class DoRATrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         total, steps = self._loss_total or (0.0, 0)
-        self.state.stateful_callbacks[self._STATE_KEY] = {"loss_total": float(total), "loss_steps": steps}
+        saved = {"loss_total": float(total), "loss_steps": steps}
+        reduction = self.loss_fn.reduction
+        if hasattr(reduction, "state_dict"):
+            saved["reduction"] = {"name": reduction.name, **reduction.state_dict()}
+        self.state.stateful_callbacks[self._STATE_KEY] = saved
         return super()._save_checkpoint(model, trial)
+
+    def _restore_reduction_state(self) -> None:
+        """Once per ``train()``, before the first step: a stateful reduction (group DRO's q) takes
+        the state that the resumed checkpoint saved (none when the run starts afresh)."""
+        if self._state_restored:
+            return
+        self._state_restored = True
+        saved = self.state.stateful_callbacks.get(self._STATE_KEY, {}).get("reduction")
+        reduction = self.loss_fn.reduction
+        if saved is not None and hasattr(reduction, "load_state_dict"):
+            if saved.get("name") != reduction.name:
+                raise ValueError(f"the checkpoint was trained with dro={saved.get('name')!r}, this run has "
+                                 f"dro={reduction.name!r}")
+            reduction.load_state_dict({k: v for k, v in saved.items() if k != "name"})
 
     def _count_step_loss(self, loss: torch.Tensor) -> None:
         if self._loss_total is None:        # first step of this train() call: a resume restored the state
@@ -339,13 +364,15 @@ class DoRATrainer(Trainer):
         if self.dora.use_weights:
             weights = inputs.get("weights")
             probs = inputs.get("probs") if weights is None else None
+        group_ids = inputs.get("group_ids") if self.loss_fn.reduction.takes_group_ids else None
         return self.loss_fn.per_sample(logps, counts, ref_logps=inputs.get("ref_logps"), probs=probs,
-                                       weights=weights, scores=inputs.get("scores"))
+                                       weights=weights, scores=inputs.get("scores"), group_ids=group_ids)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's reduced loss (used for evaluation; training goes through the accumulator)."""
         samples = self.dora_samples(model, inputs)
-        loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group())
+        loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group(),
+                                                **self.loss_fn.group_kwargs(samples))
         return (loss, samples) if return_outputs else loss
 
     def _accumulator(self, model):
@@ -363,18 +390,20 @@ class DoRATrainer(Trainer):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         model = self.model_wrapped
         acc = self._accumulator(model)
+        self._restore_reduction_state()
         if getattr(acc, "needs_prepare", False) and batch_samples:
             model.train()
             acc.reset()
             self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
             self._reset_pending = False
-            losses, weights = [], []
+            losses, weights, group_ids = [], [], []
             with torch.no_grad(), self.compute_loss_context_manager():
                 for micro in batch_samples:
                     out = self.dora_samples(model, self._prepare_inputs(micro))
                     losses.append(out.losses)
                     weights.append(out.weights)
-            acc.prepare(losses, weights)
+                    group_ids.append(out.group_ids)
+            acc.prepare(losses, weights, **({"group_ids": group_ids} if self.loss_fn.reduction.takes_group_ids else {}))
         return batch_samples, num_items
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -383,6 +412,7 @@ class DoRATrainer(Trainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         self._accumulator(model)
+        self._restore_reduction_state()
         if self._reset_pending:
             self._acc.reset()
             self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
@@ -394,7 +424,7 @@ class DoRATrainer(Trainer):
                 surrogate = out.loss
             else:
                 out = self.dora_samples(model, inputs)
-                surrogate = self._acc(out.losses, out.weights)
+                surrogate = self._acc(out.losses, out.weights, **self.loss_fn.group_kwargs(out))
         self.accelerator.backward(surrogate)
         self._record(out)
         # Trainer sums what training_step returns over the micro-batches of an optimizer step:
@@ -410,6 +440,11 @@ class DoRATrainer(Trainer):
             self._metrics["dro/max_share"].append(stats.max_share.detach().float())
             if stats.dual is not None:                      # λ* of a KL ball, c* of a χ² ball or CVaR
                 self._metrics["dro/dual"].append(stats.dual.detach().float())
+            if stats.group_weights is not None:             # group DRO: q and the loss of each group
+                names = self.loss_fn.reduction.names or range(len(stats.group_weights))
+                for name, q, value in zip(names, stats.group_weights, stats.group_losses):
+                    self._metrics[f"dro/q/{name}"].append(q.detach().float())
+                    self._metrics[f"dro/group_loss/{name}"].append(value.detach().float())
             self._reset_pending = True
         return increment.float()
 
@@ -430,7 +465,8 @@ class DoRATrainer(Trainer):
         _validation.raise_pending()
         if self._metrics and "loss" in logs:
             names = list(self._metrics)
-            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._metrics[n]]).mean()
+            # nanmean: a group absent from a step has no loss there (NaN), not a loss of 0
+            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._metrics[n]]).nanmean()
                                  for n in names]).tolist()
             logs.update(zip(names, means))
             self._metrics.clear()

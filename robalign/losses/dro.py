@@ -33,12 +33,16 @@ class DROStats:
     num_samples: N, over all ranks (and micro-batches for the accumulator).
     dual: the dual variable of an ambiguity set solved per batch (λ* of a KL ball, c* of a χ²
     ball or CVaR; :mod:`robalign.losses.ambiguity`), else ``None``.
+    group_weights, group_losses: ``[G]`` q and the batch's mean loss of each group (NaN for a
+    group with no sample in the batch; group DRO, :mod:`robalign.losses.groups`), else ``None``.
     """
 
     ess: torch.Tensor
     max_share: torch.Tensor
     num_samples: torch.Tensor
     dual: torch.Tensor | None = None
+    group_weights: torch.Tensor | None = None
+    group_losses: torch.Tensor | None = None
 
 
 def _is_weighted_mean(lam: float) -> bool:

@@ -52,6 +52,7 @@ class DoRASamples:
     reference-free objectives). chosen_rewards / rejected_rewards ``[B]``: implicit rewards
     (β·logratio, or β·logp/|y| without a reference) of the best and worst candidate;
     reward_accuracy and reward_margin: their batch mean comparison. The rewards are detached.
+    group_ids ``[B]``: the group of each sample, as given (for :class:`robalign.GroupDRO`), or ``None``.
     """
 
     losses: torch.Tensor
@@ -62,6 +63,7 @@ class DoRASamples:
     rejected_rewards: torch.Tensor
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
+    group_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -188,7 +190,8 @@ class DoRALoss(nn.Module):
 
     def forward(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
                 ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
-                weights=None, scores=None, cu_seqlens=None, accumulator=None, **renamed) -> DoRAOutput:
+                weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
+                **renamed) -> DoRAOutput:
         """Compute the loss of one batch of S = B·K sequences, rows group-major.
 
         The policy's log-probs come from ``logits``, or from ``hidden`` and the LM head
@@ -207,6 +210,8 @@ class DoRALoss(nn.Module):
             weights: ``[B]`` per-sample or ``[S]``/``[B, K]`` per-candidate weights (instead of
                 ``probs``).
             scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better.
+            group_ids: ``[B]`` integer group of each sample, for a reduction that reads them
+                (:class:`robalign.GroupDRO`).
             accumulator: the reduction's accumulator (``loss_fn.reduction.accumulator(params)``)
                 when this batch is one micro-batch of a gradient-accumulation step: ``loss`` is
                 then this micro-batch's share to ``backward()``, with the value of the full-batch
@@ -237,7 +242,7 @@ class DoRALoss(nn.Module):
         kernel = self._one_pass_kernel(where, logits, hidden, head_weight, head_bias)
         if kernel is not None:
             return self._forward_one_pass(where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens,
-                                          ref_logps, probs, weights, scores, accumulator)
+                                          ref_logps, probs, weights, scores, group_ids, accumulator)
         if with_ref:
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
@@ -246,22 +251,29 @@ class DoRALoss(nn.Module):
         if missing_ref and not given:
             V.fail(where, "pass exactly one of `ref_logits` or `ref_hidden` (with `ref_head_weight`)")
         return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores,
-                               accumulator=accumulator)
+                               group_ids=group_ids, accumulator=accumulator)
 
     def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None,
-                   accumulator=None) -> DoRAOutput:
+                   group_ids=None, accumulator=None) -> DoRAOutput:
         """The loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
         computed elsewhere: :meth:`per_sample`, then the reduction over the batch (and ranks), or
         the ``accumulator``'s step (see :meth:`forward`)."""
         samples = self.per_sample(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights,
-                                  scores=scores)
+                                  scores=scores, group_ids=group_ids)
+        grouped = self.group_kwargs(samples)
         if accumulator is not None:
-            surrogate = accumulator(samples.losses, samples.weights)
+            surrogate = accumulator(samples.losses, samples.weights, **grouped)
             loss = surrogate + (accumulator.loss_value.to(surrogate) - surrogate).detach()
             return DoRAOutput(**vars(samples), loss=loss, dro=accumulator.stats())
         loss, stats = self.reduction.reduce(samples.losses, samples.weights, group=self.process_group,
-                                            ddp_average=self.ddp_average)
+                                            ddp_average=self.ddp_average, **grouped)
         return DoRAOutput(**vars(samples), loss=loss, dro=stats)
+
+    def group_kwargs(self, samples: DoRASamples) -> dict:
+        """``{"group_ids": ...}`` for a reduction that reads them (:class:`robalign.GroupDRO`), else
+        ``{}``; what to pass, with ``samples.losses`` and ``samples.weights``, to the reduction or
+        its accumulator."""
+        return {"group_ids": samples.group_ids} if self.reduction.takes_group_ids else {}
 
     # -- the one-pass fused loss ----------------------------------------------------------------
     def _one_pass_kernel(self, where, logits, hidden, head_weight, head_bias) -> str | None:
@@ -278,12 +290,13 @@ class DoRALoss(nn.Module):
         return None if name == "reference" else name
 
     def _forward_one_pass(self, where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens, ref_logps,
-                          probs, weights, scores, accumulator) -> DoRAOutput:
+                          probs, weights, scores, group_ids, accumulator) -> DoRAOutput:
         check_linear_inputs(where, hidden, head_weight, labels, head_bias, self.ignore_index, cu_seqlens)
         num_seqs = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         k = self.group_size
         if num_seqs % k:
             V.fail(where, f"`group_size`={k} must divide the number of sequences, got {num_seqs}")
+        self._check_group_ids(where, group_ids, num_seqs // k)
         if self.needs_reference:
             self._check_ref_logps(where, ref_logps, num_seqs)
         scores_g = None
@@ -312,7 +325,7 @@ class DoRALoss(nn.Module):
                           loss=loss, dro=stats)
 
     def per_sample(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None,
-                   scores=None) -> DoRASamples:
+                   scores=None, group_ids=None) -> DoRASamples:
         """The per-sample losses, weights, log-ratios and rewards of one batch, before any
         reduction: what a reduction's accumulator takes micro-batch by micro-batch."""
         where = "robalign.DoRALoss"
@@ -344,9 +357,23 @@ class DoRALoss(nn.Module):
         scores_g = None if scores is None else self._per_row(where, "scores", scores, num_seqs).to(policy_logps.dtype)
         losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **self.hparams)
         sample_weights = self._weights(where, probs, weights, num_seqs, losses)
+        self._check_group_ids(where, group_ids, num_samples)
 
         return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
-                           **self._rewards(policy_logps, logratios, counts, scores_g))
+                           **self._rewards(policy_logps, logratios, counts, scores_g), group_ids=group_ids)
+
+    def _check_group_ids(self, where, group_ids, num_samples):
+        if group_ids is None:
+            if self.reduction.takes_group_ids:
+                V.fail(where, f"reduction {self.reduction.name!r} needs `group_ids` ([B] integer group of each "
+                              "sample)")
+            return
+        if not self.reduction.takes_group_ids:
+            V.fail(where, f"`group_ids` was given but reduction {self.reduction.name!r} reads no groups "
+                          "(use reduction=robalign.GroupDRO(num_groups))")
+        V.check_tensor(where, "group_ids", group_ids, ndim=1, integer=True)
+        if group_ids.shape[0] != num_samples:
+            V.fail(where, f"`group_ids` must be [B] = [{num_samples}] (one per sample), got {tuple(group_ids.shape)}")
 
     def _check_ref_logps(self, where, ref_logps, num_seqs):
         if ref_logps is None:

@@ -24,6 +24,7 @@ of the full-batch loss, ``.loss`` is its value and ``.stats()`` its sample-weigh
     kl-ball  KLBall    sup of E_q[x] over KL(q ‖ uniform) ≤ η = min_λ λη + λ·log mean exp(x/λ)
     chi2     Chi2Ball  sup over ½·N·Σ(q_i − 1/N)² ≤ ρ  = min_c c + √(1+2ρ)·√mean((x − c)₊²)
     cvar     CVaR      the mean of the worst ``level`` fraction = min_c c + mean((x − c)₊)/level
+    group    GroupDRO  Σ_g q_g·L_g over known groups, q by exponentiated gradient across steps
 
 The last three are solved exactly per batch (:mod:`robalign.losses.ambiguity`) on the values of
 every rank (gathered), and the gradient is the maximising q (∂L/∂ℓ_i = q_i·w_i). Their weights
@@ -31,6 +32,10 @@ need the whole batch's losses, so their exact accumulator over several micro-bat
 ``prepare`` step: a no-grad forward pass over the step's micro-batches fixes q, then each
 micro-batch's gradient pass uses it (``DoRATrainer`` does this in ``get_batch_samples``);
 ``exact=False`` is the per-micro-batch approximation.
+
+``GroupDRO`` is stateful: its q over the G groups moves once per optimizer step (once per
+``prepare``, or per ``reduce`` with gradients enabled) and is saved with ``state_dict()``. It is the
+one reduction that reads ``group_ids`` (``[n]`` integer group of each sample; ``takes_group_ids``).
 """
 
 from __future__ import annotations
@@ -45,10 +50,10 @@ import torch
 import torch.distributed as dist
 
 from .. import _validation as V
-from . import ambiguity
+from . import ambiguity, groups
 from .dro import DROStats, KLDROAccumulator, _check, _scaled, _world, kl_dro_gradient_scale, kl_dro_with_stats
 
-__all__ = ["Reduction", "Accumulator", "KLDRO", "KLBall", "Chi2Ball", "CVaR", "REDUCTIONS"]
+__all__ = ["Reduction", "Accumulator", "KLDRO", "KLBall", "Chi2Ball", "CVaR", "GroupDRO", "REDUCTIONS"]
 
 
 class Accumulator(Protocol):
@@ -72,6 +77,8 @@ class Reduction(ABC):
     name: ClassVar[str]
     #: λ of the exponents ``w·ℓ/λ`` a one-pass gradient is formed with; ``None``: no one-pass path
     one_pass_temperature: ClassVar[float | None] = None
+    #: whether ``reduce``/the accumulator read ``group_ids`` (the group of each sample)
+    takes_group_ids: ClassVar[bool] = False
 
     def gradient_scale(self, losses, weights, shift, *, group=None, ddp_average=True):
         """``(value, κ, stats)`` for a gradient formed ahead as ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i``: the
@@ -142,19 +149,22 @@ class _WorstCase(Reduction):
     def solve(self, x: torch.Tensor):
         raise NotImplementedError
 
-    def solve_global(self, x_local: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, DROStats]:
+    def solve_global(self, x_local: torch.Tensor, group, group_ids=None,
+                     update: bool = True) -> tuple[torch.Tensor, torch.Tensor, DROStats]:
         """Solve over every rank's ``x_local`` (gathered): ``(value, this rank's q, stats)``."""
+        if group_ids is not None:
+            V.fail(f"robalign.{type(self).__name__}", "takes no `group_ids` (GroupDRO does)")
         x, offset = _gather(x_local.detach().double(), group)
         value, q, dual = self.solve(x)
         stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
                          dual=torch.tensor(float(dual), dtype=torch.float64))
         return value, q[offset:offset + x_local.numel()], stats
 
-    def reduce(self, losses, weights=None, *, group=None, ddp_average=True):
+    def reduce(self, losses, weights=None, *, group_ids=None, group=None, ddp_average=True):
         where = f"robalign.{type(self).__name__}"
         _check(where, losses, weights, 1.0, group)
         _, wl, _ = _scaled(losses, weights, math.inf)
-        value, q, stats = self.solve_global(wl, group)
+        value, q, stats = self.solve_global(wl, group, group_ids, update=torch.is_grad_enabled())
         scale = _world(group) if ddp_average else 1
         loss = value.to(wl.dtype) + scale * (q.to(wl.dtype) * (wl - wl.detach())).sum()
         return loss.to(losses.dtype), stats
@@ -185,16 +195,20 @@ class _TwoPass:
         return None if self.loss_value is None else float(self.loss_value)
 
     @torch.no_grad()
-    def prepare(self, losses: list, weights: list | None = None) -> None:
-        """Solve the set over the step's micro-batches: ``losses[j]`` ``[n_j]`` (and ``weights[j]``)
-        of micro-batch j on this rank, from the pass whose forward the gradient pass repeats."""
+    def prepare(self, losses: list, weights: list | None = None, group_ids: list | None = None) -> None:
+        """Solve the set over the step's micro-batches: ``losses[j]`` ``[n_j]`` (and ``weights[j]``,
+        ``group_ids[j]``) of micro-batch j on this rank, from the pass whose forward the gradient
+        pass repeats."""
         weights = weights or [None] * len(losses)
         values = [_scaled(l.detach(), None if w is None else w.detach(), math.inf)[1] for l, w in zip(losses, weights)]
-        self.loss_value, q, self._stats = self.reduction.solve_global(torch.cat(values), self.group)
+        ids = None if group_ids is None else torch.cat(list(group_ids))
+        self.loss_value, q, self._stats = self.reduction.solve_global(torch.cat(values), self.group, ids, update=True)
         self._q = list(torch.split(q, [v.numel() for v in values]))
         self._next = 0
 
-    def __call__(self, losses, weights=None):
+    def __call__(self, losses, weights=None, group_ids=None):
+        """The micro-batch's surrogate with the q that :meth:`prepare` fixed (``group_ids`` were
+        read there)."""
         where = f"robalign.{type(self.reduction).__name__} accumulator"
         if self._q is None or self._next >= len(self._q):
             V.fail(where, "call prepare(losses, weights) with every micro-batch of the step (a no-grad pass) "
@@ -228,8 +242,9 @@ class _PerMicroBatch:
     def loss(self):
         return None if self.loss_value is None else float(self.loss_value)
 
-    def __call__(self, losses, weights=None):
-        loss, self._stats = self.reduction.reduce(losses, weights, group=self.group, ddp_average=self.ddp_average)
+    def __call__(self, losses, weights=None, group_ids=None):
+        loss, self._stats = self.reduction.reduce(losses, weights, group_ids=group_ids, group=self.group,
+                                                  ddp_average=self.ddp_average)
         self._values.append(loss.detach().double())
         self.loss_value = torch.stack(self._values).mean()
         return loss / self.steps
@@ -292,4 +307,78 @@ class CVaR(_WorstCase):
         return ambiguity.cvar(x, self.level)
 
 
-REDUCTIONS = {cls.name: cls for cls in (KLDRO, KLBall, Chi2Ball, CVaR)}
+class GroupDRO(_WorstCase):
+    """Group DRO over G known groups (Sagawa et al. 2020; Ramesh et al. 2024 for preferences):
+    ``Σ_g q_g·L_g`` with ``L_g`` the mean of ``w_i·ℓ_i`` over the batch's samples of group g and
+    q moved by exponentiated gradient, ``q ← q·exp(step_size·L)/Z``, once per optimizer step
+    before the loss (:mod:`robalign.losses.groups`). The gradient to ℓ_i is ``q_g(i)·w_i/n_g(i)``.
+
+    Stateful: q persists across steps, on the device of the losses; ``state_dict()`` /
+    ``load_state_dict()`` carry it through checkpoints. q moves when the loss is computed with
+    gradients enabled (training) or in an exact accumulator's ``prepare``; under ``no_grad``
+    (evaluation) the current q is used as it is. One group is plain ERM; step_size 0 keeps q
+    uniform (the mean of the group means).
+
+    Args:
+        num_groups: G; ``group_ids`` take values in ``0 … G−1``.
+        step_size: η_q of the exponentiated-gradient step (Sagawa et al. use 0.01).
+        names: optional G names, for logs (``dro/q/<name>``).
+    """
+
+    name: ClassVar[str] = "group"
+    takes_group_ids: ClassVar[bool] = True
+
+    def __init__(self, num_groups: int, step_size: float = 0.01, names=None):
+        where = "robalign.GroupDRO"
+        V.check_int(where, "num_groups", num_groups, low=1)
+        _radius(where, "step_size", step_size)
+        if names is not None:
+            names = tuple(str(n) for n in names)
+            if len(names) != num_groups:
+                V.fail(where, f"`names` must hold num_groups={num_groups} names, got {len(names)}")
+        self.num_groups, self.step_size, self.names = int(num_groups), float(step_size), names
+        self.log_q = torch.full((self.num_groups,), -math.log(self.num_groups), dtype=torch.float64)
+
+    def __repr__(self):
+        return f"GroupDRO(num_groups={self.num_groups}, step_size={self.step_size}, names={self.names})"
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The current weights ``[G]`` of the groups (float64, on the simplex)."""
+        return self.log_q.exp()
+
+    def state_dict(self) -> dict:
+        return {"log_q": self.log_q.detach().cpu().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        log_q = torch.tensor(state["log_q"], dtype=torch.float64)
+        if log_q.shape != (self.num_groups,) or not bool(torch.isfinite(log_q).all()):
+            V.fail("robalign.GroupDRO.load_state_dict", f"`log_q` must be {self.num_groups} finite numbers, "
+                                                        f"got {state['log_q']!r}")
+        self.log_q = torch.log_softmax(log_q, 0)
+
+    def solve_global(self, x_local, group, group_ids=None, update=True):
+        where = "robalign.GroupDRO"
+        if group_ids is None:
+            V.fail(where, "needs `group_ids` ([n] integer group of each sample)")
+        V.check_tensor(where, "group_ids", group_ids, ndim=1, integer=True)
+        if group_ids.shape != x_local.shape:
+            V.fail(where, f"`group_ids` must have the shape of `losses` {tuple(x_local.shape)}, "
+                          f"got {tuple(group_ids.shape)}")
+        g = self.num_groups
+        V.check_values(where, (group_ids >= 0) & (group_ids < g),
+                       lambda lazy: f"`group_ids` must lie in 0 … {g - 1} (num_groups={g})")
+        sums, counts = groups.group_sums(x_local, group_ids, g, group)
+        value, per_group, losses, log_q = groups.group_dro_step(sums, counts, self.log_q.to(x_local.device),
+                                                                self.step_size, update)
+        self.log_q = log_q
+        q = log_q.exp()
+        total = torch.where(counts > 0, q, 0.0).sum()
+        sum_sq = torch.where(counts > 0, q * per_group, 0.0).sum()          # Σ_i p_i² = Σ_g q_g²/n_g
+        stats = DROStats(ess=total * total / sum_sq, max_share=per_group.max() / total,
+                         num_samples=counts.sum().round().long(), group_weights=q.clone(),
+                         group_losses=torch.where(counts > 0, losses, math.nan))
+        return value, per_group[group_ids.to(per_group.device).long()], stats
+
+
+REDUCTIONS = {cls.name: cls for cls in (KLDRO, KLBall, Chi2Ball, CVaR, GroupDRO)}

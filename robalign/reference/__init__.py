@@ -6,7 +6,7 @@ check their arguments and then dispatch to a backend, with these as the fallback
 """
 
 from . import objectives
-from .dro import kl_dro
+from .dro import group_dro, kl_dro
 from .logps import linear_sequence_logps, sequence_logps, sequence_logps_with_ref, shift_labels
 from .weights import dora_weights
 
@@ -17,5 +17,6 @@ __all__ = [
     "shift_labels",
     "dora_weights",
     "kl_dro",
+    "group_dro",
     "objectives",
 ]

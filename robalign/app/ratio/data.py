@@ -5,6 +5,9 @@ Two formats, one JSON object a line (README, "The classifier stage"):
                ``probs`` [K]
     pairwise   ``prompt``, ``chosen``, ``rejected``, and ``chosen_source``/``rejected_source`` or one
                ``source`` for both
+    either     optional ``group`` (a string or an integer): the sample's group for group DRO; without
+               it a sample's group is its responses' source (``a+b`` when they differ), see
+               :func:`sample_group`
 
 Every line is checked as it is parsed (JSON, required fields, equal list lengths, finite
 numbers), then the records become a :class:`datasets.Dataset` of one row per response.
@@ -17,7 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataError", "PreferenceFile", "read_preference_file"]
+__all__ = ["DataError", "PreferenceFile", "read_preference_file", "sample_group"]
 
 
 class DataError(ValueError):
@@ -146,6 +149,9 @@ def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
             elif this != fmt:
                 _fail(path, line, f"a {this} record in a {fmt} file")
             prompt, responses, sources = (_listwise if fmt == "listwise" else _pairwise)(path, line, obj)
+            group = obj.get("group")
+            if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
+                _fail(path, line, f"field `group` must be a string or an integer, got {type(group).__name__}")
             if need_sources and sources is None:
                 field = "sources" if fmt == "listwise" else "chosen_source`/`rejected_source` or `source"
                 _fail(path, line, f"missing field `{field}` (the classifier needs each response's source)")
@@ -156,3 +162,17 @@ def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
     if not records:
         raise DataError(f"{path}: the file holds no record")
     return PreferenceFile(path=path, format=fmt, records=records, responses=datasets.Dataset.from_list(rows))
+
+
+def sample_group(record: dict) -> str | None:
+    """The group of a checked record (for group DRO): its ``group`` field as a string; else the
+    source of its responses (``sources``, ``chosen_source``/``rejected_source`` or ``source``),
+    their sorted distinct names joined by ``+`` when they differ; else ``None``."""
+    if record.get("group") is not None:
+        return str(record["group"])
+    sources = record.get("sources")
+    if sources is None and ("chosen_source" in record or "rejected_source" in record):
+        sources = [record["chosen_source"], record["rejected_source"]]
+    if sources is None and "source" in record:
+        sources = [record["source"]]
+    return None if sources is None else "+".join(sorted(set(sources)))
