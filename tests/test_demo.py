@@ -42,7 +42,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| dora " in result.stdout and "DoRA vs DPO" in result.stdout
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["arms"]) == {"dpo", "iw_dpo", "dro_only", "dora", "dr_dpo", "dora_pl", "kl_ball", "chi2", "cvar"}
+    assert set(summary["arms"]) == {"dpo", "iw_dpo", "dro_only", "dora", "dr_dpo", "dora_pl", "kl_ball", "chi2", "cvar",
+                                     "group_dro"}
     for arm in summary["arms"].values():
         assert len(arm["target_pref_acc"]) == 1 and 0 <= arm["target_pref_acc_mean"] <= 1
         assert {"target_pref_acc_std", "target_reward_mean"} <= set(arm)
