@@ -23,7 +23,9 @@ $(PY):
 $(STAMP): setup.py Makefile $(wildcard csrc/*.cpp) | $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,weigh,train,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,weigh,train,bench,deepspeed]"
+	# DeepSpeed compiles its CPU communication extension on first use: once here, not mid-test
+	$(PY) -m robalign.app.launch
 	touch $(STAMP)
 
 clean:

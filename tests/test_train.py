@@ -1,11 +1,9 @@
 """Training: data pipeline rules, DoRATrainer against the DoRALoss composition, end-to-end runs
-with checkpoints and resume, exactness across gradient accumulation and across 2 processes."""
+with checkpoints and resume, exactness across gradient accumulation (across processes and engines:
+test_engines.py)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -184,50 +182,7 @@ def test_bad_inputs(tmp_path, capsys):
         load_settings(cfg)
 
 
-DIST_SCRIPT = r"""
-import sys, torch
-from robalign.app.train import TrainSettings, run_training
-out, batch = sys.argv[1], int(sys.argv[2])
-run_training(TrainSettings(out=out, max_steps=3, batch_size=batch, grad_accum=2, lam=0.5, lr=0.5, optim="sgd",
-                           shuffle=False, save_steps=100, logging_steps=1), log=lambda *_: None)
-"""
-
-
-# `accelerate launch` wraps torchrun on GPUs; on CPU its multi-process mode needs MPI (checked:
-# `--cpu --num_processes 2` runs a world of size 1), so torchrun is the CPU launcher tested here.
-LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"],
-}
-
-
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one")
-    script = tmp / "train_script.py"
-    script.write_text(DIST_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    subprocess.run([sys.executable, str(script), str(tmp / "one"), "4"], check=True, env=env, capture_output=True,
-                   timeout=600)
-    return script, _params(tmp / "one")
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, one_process_run, launcher):
-    """SGD, so a parameter moves by lr × its gradient and float32 reduction-order differences
-    stay float32-sized (Adam's m/√v would blow up the noise of parameters with ~0 gradient)."""
-    script, one = one_process_run
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(LAUNCHERS[launcher] + [str(script), str(tmp_path / "two"), "2"],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
-    two = _params(tmp_path / "two")
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
-    initial = embedded_model(seed=0)[0].state_dict()
-    assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3      # training moved them
+# Launchers (torchrun, accelerate, two nodes, DeepSpeed ZeRO-2/3) against one process: tests/test_engines.py
 
 
 def test_lora_trains_only_the_adapters(tmp_path):

@@ -148,6 +148,8 @@ def _cmd_train(args) -> int:
         overrides["one_pass"] = False
     with _user_errors():
         summary = run_training(load_settings(args.config, **overrides))
+    if summary["engine"]["rank"] != 0:                 # one report per run, from rank 0
+        return 0
     first, last = summary["first_log"] or {}, summary["last_log"] or {}
     print(f"trained {summary['steps']} steps in {summary['seconds']}s: loss {first.get('loss', float('nan')):.4f} -> "
           f"{last.get('loss', float('nan')):.4f}, reward accuracy {first.get('rewards/accuracy', float('nan')):.2f} -> "

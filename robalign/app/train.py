@@ -68,6 +68,28 @@ def _embedded_data(out: Path, seed: int) -> Path:
     return write_jsonl(out / "data" / "train.jsonl", train, fields=("prompt", "chosen", "rejected"))
 
 
+def _deepspeed_config(path, log):
+    """The DeepSpeed configuration of ``--deepspeed PATH`` as a dict (checked: a JSON object), with
+    ZeRO-3's ``stage3_gather_16bit_weights_on_model_save`` set when the file leaves it out, so that
+    ``final/`` holds a model that ``from_pretrained`` loads rather than sharded optimizer state."""
+    if path is None:
+        return None
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--deepspeed: no such file: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--deepspeed {path}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed {path}: expected a JSON object (DeepSpeed's configuration)")
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") == 3 and "stage3_gather_16bit_weights_on_model_save" not in zero:
+        config["zero_optimization"] = dict(zero, stage3_gather_16bit_weights_on_model_save=True)
+        log(f"robalign: {path}: ZeRO-3 without stage3_gather_16bit_weights_on_model_save; setting it so the "
+            "final model is saved whole")
+    return config
+
+
 def run_training(settings: TrainSettings, log=print) -> dict:
     """Train; write checkpoints, the final model and ``summary.json`` to ``settings.out``."""
     import torch
@@ -77,6 +99,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     from .trainer import DoRATrainer
 
     from .checkpoints import check_model_folder, resolve_resume
+    from .launch import check_engine, describe_engine
 
     settings = resolve_defaults(settings)
     check_settings(settings)
@@ -119,9 +142,10 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         save_total_limit=2,
         report_to=[], seed=settings.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
         optim=settings.optim, bf16=settings.bf16, fsdp=settings.fsdp, fsdp_config=settings.fsdp_config or None,
-        deepspeed=settings.deepspeed, lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
+        deepspeed=_deepspeed_config(settings.deepspeed, log), lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
     )
     trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, dora=settings)
+    check_engine(trainer, settings)            # no silent fallback to another engine or to N independent runs
     if dataset.truncated_prompts or dataset.truncated_responses:
         log(f"robalign: truncated {dataset.truncated_prompts} prompts (from the left) and "
             f"{dataset.truncated_responses} responses (from the right) to max_length={settings.max_length}")
@@ -151,7 +175,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     summary = {
         "out": str(out), "data": str(data), "model": settings.model or "embedded tiny Llama",
         "samples": len(dataset), "group_size": dataset.group_size, "steps": trainer.state.global_step,
-        "world_size": trainer.args.world_size, "resumed_from": None if resume is None else str(resume),
+        "world_size": trainer.args.world_size, "engine": describe_engine(trainer), "resumed_from": None if resume is None else str(resume),
         "reference_cache": trainer.reference_cache,
         "train_loss": result.training_loss, "seconds": round(time.perf_counter() - start, 1),
         "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
@@ -160,5 +184,6 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     }
     from .._io import write_atomic
 
-    write_atomic(out / "summary.json", lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
+    if trainer.is_world_process_zero():
+        write_atomic(out / "summary.json", lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
     return summary

@@ -78,10 +78,26 @@ class _GatherBeforeBackward(torch.autograd.Function):
         return None, grad
 
 
+class _Tied(torch.autograd.Function):
+    """``a`` unchanged, with ``b`` as an extra input whose gradient is zero: in the backward, ``b``'s
+    producer then waits for ``a``'s gradient. Used to run the fused head's backward after DeepSpeed
+    ZeRO-3 has re-gathered the head (its pre-backward hook sits on the head's output)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.b_meta = (b.shape, b.dtype, b.device)
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.b_meta
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 def _zero3_partitioned(head) -> bool:
-    """DeepSpeed ZeRO-3 gathers a parameter only inside its module's forward and backward hooks;
-    the fused op would save a released weight, so such heads take the logits path."""
-    return head is None or hasattr(head.weight, "ds_id")
+    """A head whose parameters DeepSpeed ZeRO-3 partitions: gathered only inside the module's
+    forward and backward hooks (see :func:`_through_head`)."""
+    return head is not None and hasattr(head.weight, "ds_id")
 
 
 def _is_fsdp2(module) -> bool:
@@ -94,33 +110,48 @@ def _is_fsdp2(module) -> bool:
 
 def _plain_logits(model, fused: bool) -> bool:
     inner = _causal_lm(model)
-    return not fused or _needs_plain_logits(inner) or _zero3_partitioned(inner.get_output_embeddings())
+    return not fused or _needs_plain_logits(inner) or inner.get_output_embeddings() is None
 
 
-def _through_head(model, batch, head_fn):
-    """Call ``model`` (through its wrappers, so DDP, FSDP and adapters work) with ``logits_to_keep=1``
-    and return ``head_fn(hidden, head_weight, head_bias)``, run by a forward hook on the LM head while
-    the head's forward is in progress — when FSDP has gathered its weight, before its own
-    post-forward hook reshards it — so the head function always gets a full, plain weight."""
+def _through_head(model, batch, head_fn, anchor):
+    """Call ``model`` (through its wrappers, so DDP, FSDP, DeepSpeed and adapters work) with
+    ``logits_to_keep=1`` and return ``head_fn(hidden, head_weight, head_bias)``, run by a forward hook
+    on the LM head while the head's forward is in progress — when FSDP or ZeRO-3 has gathered its
+    weight, before their post-forward hooks release it — so the head function always gets a full,
+    plain weight. ``anchor(result)`` is the result's tensor to backward; ``anchor(result, t)``
+    returns the result with ``t`` in its place.
+
+    Under ZeRO-3 that tensor is tied to
+    the head's output both ways (:class:`_Tied`): its backward then runs after DeepSpeed's
+    pre-backward hook on that output has gathered the head again, and the head's gradient lands on
+    full parameters, where DeepSpeed's gradient hooks reduce-scatter it."""
     inner = _causal_lm(model)
     captured = {}
 
     def keep_hidden(_module, _inputs, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    def run_head(head, _inputs, _output):
-        captured["result"] = head_fn(head, captured["hidden"], head.weight, getattr(head, "bias", None))
+    def run_head(head, _inputs, output):
+        result = head_fn(head, captured["hidden"], head.weight, getattr(head, "bias", None))
+        captured["result"] = result
+        tensor = anchor(result)
+        if _zero3_partitioned(head) and torch.is_grad_enabled() and tensor.requires_grad:
+            captured["zero3"] = True
+            return _Tied.apply(output, tensor)
 
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
     head = inner.get_output_embeddings()
     handles = [decoder.register_forward_hook(keep_hidden), head.register_forward_hook(run_head, prepend=True)]
     try:
         kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(inner)) else {}
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return captured["result"]
+    result = captured["result"]
+    if captured.get("zero3"):
+        return anchor(result, _Tied.apply(anchor(result), outputs.logits))
+    return result
 
 
 def _gathered_for_backward(head, t):
@@ -131,11 +162,11 @@ def _gathered_for_backward(head, t):
 
 def policy_logps(model, batch, *, fused: bool = True, backend=None):
     """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
-    wrapped by DDP, FSDP or PEFT).
+    wrapped by DDP, FSDP, DeepSpeed or PEFT).
 
     The fused path runs :func:`robalign.linear_sequence_logps` on the decoder's last hidden states
-    and the LM head (:func:`_through_head`); a head partitioned by DeepSpeed ZeRO-3, or a model whose
-    logits are not ``hidden @ Wᵀ + b``, takes the logits path (``fused=False``) instead."""
+    and the LM head (:func:`_through_head`, which also handles a head that FSDP2 or ZeRO-3 shards);
+    a model whose logits are not ``hidden @ Wᵀ + b`` takes the logits path (``fused=False``) instead."""
     labels = shift_labels(batch["labels"])
     if _plain_logits(model, fused):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -145,7 +176,10 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None):
         logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend)
         return _gathered_for_backward(head, logps), counts
 
-    return _through_head(model, batch, head_fn)
+    def anchor(result, tied=None):
+        return result[0] if tied is None else (tied, result[1])
+
+    return _through_head(model, batch, head_fn, anchor)
 
 
 def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True):
@@ -169,7 +203,13 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
         out.loss = _gathered_for_backward(head, out.loss)
         return out
 
-    return _through_head(model, batch, head_fn)
+    def anchor(out, tied=None):
+        if tied is None:
+            return out.loss
+        out.loss = tied
+        return out
+
+    return _through_head(model, batch, head_fn, anchor)
 
 
 class _LogLastStep(TrainerCallback):
@@ -377,9 +417,12 @@ class DoRATrainer(Trainer):
 
     def _accumulator(self, model):
         if self._acc is None:
+            # DeepSpeed reduces each micro-batch's gradient into its own buffers (param.grad is not
+            # where the sum lives), so the step's weights are fixed by the no-grad pre-pass instead
+            # of rescaling what was accumulated
             self._acc = self.loss_fn.reduction.accumulator(
                 [p for p in model.parameters() if p.requires_grad], group=self._group(), exact=self.dora.exact_dro,
-                accumulation_steps=self.args.gradient_accumulation_steps)
+                accumulation_steps=self.args.gradient_accumulation_steps, prepass=self.is_deepspeed_enabled)
         return self._acc
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -425,7 +468,9 @@ class DoRATrainer(Trainer):
             else:
                 out = self.dora_samples(model, inputs)
                 surrogate = self._acc(out.losses, out.weights, **self.loss_fn.group_kwargs(out))
-        self.accelerator.backward(surrogate)
+        # the surrogate is already this micro-batch's share of the full-batch loss: DeepSpeed must
+        # not divide it by the accumulation steps again
+        self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
         self._record(out)
         # Trainer sums what training_step returns over the micro-batches of an optimizer step:
         # returning the increments of the running full-batch loss makes that sum the final loss.

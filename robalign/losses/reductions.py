@@ -92,8 +92,13 @@ class Reduction(ABC):
 
     @abstractmethod
     def accumulator(self, params, *, group=None, ddp_average: bool = True, exact: bool = True,
-                    accumulation_steps: int | None = None) -> Accumulator:
-        """The same objective, exact across gradient-accumulation micro-batches of ``params``."""
+                    accumulation_steps: int | None = None, prepass: bool = False) -> Accumulator:
+        """The same objective, exact across gradient-accumulation micro-batches of ``params``.
+
+        ``prepass=True`` asks for the two-pass form even where an online one exists: a no-grad
+        pass over the step's micro-batches (``prepare``) fixes every sample's weight, so nothing
+        rescales ``param.grad`` afterwards — for engines that keep the accumulated gradient
+        elsewhere (DeepSpeed ZeRO reduces each micro-batch's gradient into its own buffers)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,25 @@ class KLDRO(Reduction):
     def gradient_scale(self, losses, weights, shift, *, group=None, ddp_average=True):
         return kl_dro_gradient_scale(losses, weights, shift, lam=self.lam, group=group, ddp_average=ddp_average)
 
-    def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None):
+    def solve(self, x):
+        """``(value, q, None)`` over the values ``x = w·ℓ`` of the whole batch: the loss and the
+        sample weights ``q = softmax(x/λ)`` (uniform for λ = ∞), float64 (for the two-pass form)."""
+        n = x.numel()
+        if math.isinf(self.lam) and self.lam > 0:
+            return x.mean(), torch.full_like(x, 1 / n), None
+        a = x / self.lam
+        m = a.max()
+        value = self.lam * m + self.lam * torch.log1p(torch.expm1(a - m).sum() / n)
+        return value, torch.softmax(a, 0), None
+
+    def solve_global(self, x_local, group, group_ids=None, update=True):
+        """:meth:`solve` over every rank's ``x_local`` (gathered), as the per-batch sets do."""
+        return _solve_gathered(self, x_local, group, group_ids)
+
+    def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None,
+                    prepass=False):
+        if exact and prepass and accumulation_steps != 1:
+            return _TwoPass(self, group, ddp_average)
         return KLDROAccumulator(params, lam=self.lam, group=group, ddp_average=ddp_average, exact=exact,
                                 accumulation_steps=accumulation_steps)
 
@@ -142,6 +165,17 @@ def _gather(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 
+def _solve_gathered(reduction, x_local: torch.Tensor, group, group_ids=None):
+    """``reduction.solve`` over every rank's ``x_local`` (gathered): ``(value, this rank's q, stats)``."""
+    if group_ids is not None:
+        V.fail(f"robalign.{type(reduction).__name__}", "takes no `group_ids` (GroupDRO does)")
+    x, offset = _gather(x_local.detach().double(), group)
+    value, q, dual = reduction.solve(x)
+    stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
+                     dual=None if dual is None else torch.tensor(float(dual), dtype=torch.float64))
+    return value, q[offset:offset + x_local.numel()], stats
+
+
 class _WorstCase(Reduction):
     """An ambiguity set solved per batch: ``solve(x)`` gives ``(value, q, dual)`` for the values
     ``x = w·ℓ`` of every rank; the loss is the value with gradient ``q_i·w_i`` to each ℓ_i."""
@@ -152,13 +186,7 @@ class _WorstCase(Reduction):
     def solve_global(self, x_local: torch.Tensor, group, group_ids=None,
                      update: bool = True) -> tuple[torch.Tensor, torch.Tensor, DROStats]:
         """Solve over every rank's ``x_local`` (gathered): ``(value, this rank's q, stats)``."""
-        if group_ids is not None:
-            V.fail(f"robalign.{type(self).__name__}", "takes no `group_ids` (GroupDRO does)")
-        x, offset = _gather(x_local.detach().double(), group)
-        value, q, dual = self.solve(x)
-        stats = DROStats(ess=1.0 / (q * q).sum(), max_share=q.max(), num_samples=torch.tensor(x.numel()),
-                         dual=torch.tensor(float(dual), dtype=torch.float64))
-        return value, q[offset:offset + x_local.numel()], stats
+        return _solve_gathered(self, x_local, group, group_ids)
 
     def reduce(self, losses, weights=None, *, group_ids=None, group=None, ddp_average=True):
         where = f"robalign.{type(self).__name__}"
@@ -169,7 +197,8 @@ class _WorstCase(Reduction):
         loss = value.to(wl.dtype) + scale * (q.to(wl.dtype) * (wl - wl.detach())).sum()
         return loss.to(losses.dtype), stats
 
-    def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None):
+    def accumulator(self, params, *, group=None, ddp_average=True, exact=True, accumulation_steps=None,
+                    prepass=False):
         if exact and accumulation_steps != 1:
             return _TwoPass(self, group, ddp_average)
         return _PerMicroBatch(self, group, ddp_average, 1 if exact else accumulation_steps)
@@ -206,9 +235,8 @@ class _TwoPass:
         self._q = list(torch.split(q, [v.numel() for v in values]))
         self._next = 0
 
-    def __call__(self, losses, weights=None, group_ids=None):
-        """The micro-batch's surrogate with the q that :meth:`prepare` fixed (``group_ids`` were
-        read there)."""
+    def _take(self, losses) -> torch.Tensor:
+        """The prepared q of the next micro-batch (checked against ``losses``)."""
         where = f"robalign.{type(self.reduction).__name__} accumulator"
         if self._q is None or self._next >= len(self._q):
             V.fail(where, "call prepare(losses, weights) with every micro-batch of the step (a no-grad pass) "
@@ -217,9 +245,30 @@ class _TwoPass:
         if q.numel() != losses.numel():
             V.fail(where, f"micro-batch {self._next} has {losses.numel()} samples, prepare() saw {q.numel()}")
         self._next += 1
+        return q
+
+    def __call__(self, losses, weights=None, group_ids=None):
+        """The micro-batch's surrogate with the q that :meth:`prepare` fixed (``group_ids`` were
+        read there)."""
+        q = self._take(losses)
         _, wl, _ = _scaled(losses, weights, math.inf)
         scale = _world(self.group) if self.ddp_average else 1
         return scale * (q.to(wl.dtype) * wl).sum()
+
+    def gradient_scale(self, losses, weights, shift) -> torch.Tensor:
+        """κ for the one-pass loss's gradient ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` of the next
+        micro-batch (KL-DRO only): the prepared weights are ``q_i = e^{a_i − log Z}`` with
+        ``log Z = log N + value/λ``, so ``κ = e^{shift − log Z}`` (times the world size under
+        ``ddp_average``); nothing already accumulated is touched."""
+        lam = self.reduction.one_pass_temperature
+        if lam is None:
+            V.fail(f"robalign.{type(self.reduction).__name__} accumulator", "takes no gradient formed ahead of it")
+        self._take(losses)
+        log_z = math.log(float(self._stats.num_samples))
+        if not (math.isinf(lam) and lam > 0):
+            log_z = log_z + self.loss_value / lam
+        scale = _world(self.group) if self.ddp_average else 1
+        return torch.exp(shift.double() - torch.as_tensor(log_z, dtype=torch.float64, device=shift.device)) * scale
 
     def stats(self):
         if self._stats is None:
