@@ -250,6 +250,35 @@ def test_micro_batches_with_the_accumulator_equal_one_batch(backend, chunks):
     assert_close([torch.tensor(acc.loss), h.grad.cpu(), head.weight.grad.cpu(), head.bias.grad.cpu()], whole)
 
 
+@pytest.mark.parametrize("lam", [0.5, -0.7, math.inf])
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_the_prepared_accumulator_needs_no_rescaling(lam, one_pass, chunks):
+    """``accumulator(prepass=True)`` (what DoRATrainer uses under DeepSpeed, whose gradients do not
+    live in ``param.grad``): a no-grad pass fixes the step's weights, then each micro-batch's
+    gradient is final as it is formed — given no parameters to rescale, it still sums to the
+    whole batch's gradient, on the one-pass and the recompute path."""
+    chunks(6)
+    p = problem("dpo", groups=6)
+    p["ref"][8:] += 15.0
+    whole, _ = run(p, "dpo", lam, "cpp")
+    h = p["hidden"].clone().requires_grad_(True)
+    w, b = p["weight"].clone().requires_grad_(True), p["bias"].clone().requires_grad_(True)
+    fn = loss_fn("dpo", lam, 2, "cpp", one_pass=one_pass)
+    acc = fn.reduction.accumulator([], accumulation_steps=2, prepass=True)
+    parts = (slice(0, 6), slice(6, 12))
+    batch = lambda rows: dict(labels=p["labels"][rows], ref_logps=p["ref"][rows],               # noqa: E731
+                              weights=p["weights"][rows.start // 2:rows.stop // 2])
+    with torch.no_grad():
+        seen = [fn(hidden=h[r], head_weight=w, head_bias=b, **batch(r)) for r in parts]
+    acc.prepare([o.losses for o in seen], [o.weights for o in seen])
+    for rows in parts:
+        out = fn(hidden=h[rows], head_weight=w, head_bias=b, accumulator=acc, **batch(rows))
+        assert (out.policy_logps.grad_fn is None) == one_pass
+        (1.5 * out.loss).backward()                                  # `run` backwards 1.5 × the loss too
+    torch.testing.assert_close(torch.tensor(acc.loss, dtype=torch.float64), whole[0].double(), rtol=1e-6, atol=1e-7)
+    assert_close([torch.tensor(acc.loss), h.grad, w.grad, b.grad], whole)
+
+
 def test_the_recompute_path_where_one_pass_cannot_run(chunks):
     chunks(5)
     p = problem("dpo")
