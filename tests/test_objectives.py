@@ -150,3 +150,47 @@ def test_trl_pair_losses_hand_computed():
         p * (math.log(p) - math.log(1 - eps)) + (1 - p) * (math.log(1 - p) - math.log(eps)))
     with pytest.raises(ValueError, match="`label_smoothing`"):
         objectives.exo_pair(**PAIR, label_smoothing=0.0)                    # log ε needs ε > 0
+
+
+def test_sft_is_the_best_candidates_token_mean_nll():
+    got = objectives.sft(t([-6.0, -1.0, -9.0]), counts=torch.tensor([[3, 1, 2]]), scores=t([0.0, -1.0, 2.0]))
+    assert got.item() == pytest.approx(4.5)                         # the best by score: −(−9)/2
+    assert objectives.sft(t([-6.0, -1.0]), counts=torch.tensor([[3, 1]])).item() == pytest.approx(2.0)   # chosen
+
+
+def test_mixtures_sum_their_terms_and_run_everywhere():
+    """``mixture`` registers Σ c_k·ℓ_k once (by name, idempotent); DoRALoss, the one-pass loss and
+    the settings take it by name or as {name: c}; terms that disagree on a shared hyper-parameter,
+    unknown names and negative coefficients are clear errors."""
+    from robalign.reference.objectives import OBJECTIVES
+
+    name = objectives.mixture({"dpo": 1.0, "sft": 0.5})
+    assert name == "dpo+0.5*sft" and objectives.resolve("dpo + 0.5 * sft") == name
+    assert objectives.needs_reference(name) and objectives.needs_counts(name) and objectives.is_pairwise(name)
+    logps, ref = torch.randn(4, 2, dtype=D), torch.randn(4, 2, dtype=D)
+    counts = torch.randint(1, 6, (4, 2))
+    want = objectives.dpo(logps, ref, beta=0.3) + 0.5 * objectives.sft(logps, counts=counts)
+    torch.testing.assert_close(objectives.get(name)(logps, ref, counts=counts, beta=0.3), want)
+    # the one-pass fused loss and the recompute path agree on the mixture (C++ rows, float32 inputs;
+    # the two paths sum the same float32 products in different orders: 1e-5)
+    gen = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(8, 5, 6, generator=gen), torch.randn(11, 6, generator=gen)
+    labels = torch.randint(11, (8, 5), generator=gen)
+    refs = torch.randn(8, generator=gen) - 12
+    grads = []
+    for one_pass in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        out = robalign.DoRALoss({"dpo": 1.0, "sft": 0.5}, beta=0.3, lam=0.7, backend="cpp", one_pass=one_pass)(
+            hidden=h, head_weight=head, labels=labels, ref_logps=refs)
+        out.loss.backward()
+        grads.append((out.loss.detach(), h.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'label_smoothing' means different things"):
+        objectives.mixture("exo_pair+dpo")
+    with pytest.raises(ValueError, match="unknown objective 'kto' in the mixture"):
+        objectives.resolve("dpo+kto")
+    with pytest.raises(ValueError, match="cannot read the term '2\\*\\*sft'"):
+        objectives.resolve("dpo+2**sft")
+    with pytest.raises(ValueError, match="the coefficient of 'sft' must be a finite number >= 0"):
+        objectives.mixture({"dpo": 1.0, "sft": -1.0})
+    OBJECTIVES.pop(name, None)

@@ -92,9 +92,12 @@ class _Outputs:
         self.entropy, self.mean_logits, self.is_top1 = zeros, zeros, zeros.bool()
 
 
-def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, beta, label_smoothing=0.0):
+def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, beta, label_smoothing=0.0,
+                     loss_weights=None):
     """TRL 1.16's ``DPOTrainer._compute_loss`` itself, run on a stand-in trainer whose model returns
-    ``per_token_logps`` ([2B, T − 1], chosen rows first) and with precomputed reference log-probs."""
+    ``per_token_logps`` ([2B, T − 1], chosen rows first) and with precomputed reference log-probs;
+    ``loss_type`` a name or TRL's list of names (with ``loss_weights``)."""
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     from collections import defaultdict
     from types import SimpleNamespace
 
@@ -102,7 +105,8 @@ def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, 
 
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types),
         beta=beta, label_smoothing=label_smoothing, use_weighting=False, args=SimpleNamespace(discopop_tau=0.05),
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     b = per_token_logps.shape[0] // 2
@@ -119,27 +123,37 @@ TRL_PAIRS = [("sigmoid", "dpo", {}), ("hinge", "hinge", {}), ("ipo", "ipo_norm",
              ("apo_down", "apo_down", {}), ("discopop", "discopop", {})]        # τ: 0.05 in both
 
 
-def _both(trl_type, name, extra, beta):
-    """``((TRL loss, its gradient), (robalign loss, its gradient))`` on one random batch of pairs."""
+def _both(trl_type, name, extra, beta, *, loss_weights=None, weights=None, chosen_length=None):
+    """``((TRL loss, its gradient), (robalign loss, its gradient))`` on one random batch of pairs
+    (``weights``: a function of the chosen rows' token counts giving robalign's sample weights;
+    ``chosen_length``: every chosen completion that long). robalign's sequence log-probs sum the
+    completion's tokens (what its ops score); TRL's sum every position of the row, except in
+    ``sft``, which selects the completion's."""
     gen = torch.Generator().manual_seed(3)
     b, t = 5, 9
     completion = torch.zeros(2 * b, t + 1, dtype=torch.long)
     for row in range(2 * b):                                   # a prompt of 2–4 tokens, a completion after it
         start = int(torch.randint(2, 5, (1,), generator=gen))
         end = int(torch.randint(start + 1, t + 2, (1,), generator=gen))
+        if chosen_length is not None and row < b:
+            end = start + chosen_length
         completion[row, start:end] = 1
     mask = completion[:, 1:]                                  # TRL's shifted completion mask
     token_logps = (-torch.rand(2 * b, t, generator=gen, dtype=D) * 4 * mask).requires_grad_(True)
     ref = token_logps.detach().sum(1) + torch.randn(2 * b, generator=gen, dtype=D)
-    trl_loss = trl_compute_loss(trl_type, token_logps, completion, ref, beta=beta, **extra)
+    trl_loss = trl_compute_loss(trl_type, token_logps, completion, ref, beta=beta, loss_weights=loss_weights, **extra)
     (trl_grad,) = torch.autograd.grad(trl_loss, token_logps)
 
     mine = token_logps.detach().clone().requires_grad_(True)
-    logps = robalign.pairs_to_group_major(mine.sum(1))
+    selects = "sft" in ([trl_type] if isinstance(trl_type, str) else trl_type)
+    logps = robalign.pairs_to_group_major((mine * mask).sum(1) if selects else mine.sum(1))
     counts = robalign.pairs_to_group_major(mask.sum(1))
+    sample_weights = None if weights is None else weights(mask[:b].sum(1).to(D))
     out = robalign.DoRALoss(name, beta=beta, lam=float("inf"), **extra).from_logps(
-        logps, counts, ref_logps=robalign.pairs_to_group_major(ref))
+        logps, counts, ref_logps=robalign.pairs_to_group_major(ref), weights=sample_weights)
     (my_grad,) = torch.autograd.grad(out.loss, mine)
+    if selects:                           # off the completion neither side's log-probs are a token's
+        trl_grad, my_grad = trl_grad * mask, my_grad * mask
     return (trl_loss, trl_grad), (out.loss, my_grad)
 
 
@@ -163,3 +177,32 @@ def test_trls_ipo_is_not_robaligns_token_summed_ipo():
     pytest.importorskip("trl")
     (trl_loss, trl_grad), (my_loss, my_grad) = _both("ipo", "ipo", {}, 0.1)
     assert abs(my_loss - trl_loss) > 1e-2 * trl_loss and not torch.allclose(my_grad, trl_grad, rtol=1e-2)
+
+
+# -- the supervised term and weighted sums of objectives ----------------------------------------
+
+def test_sft_is_trls_sft_under_the_documented_weights():
+    """TRL's ``sft`` is the batch's token mean of the chosen NLL; robalign's ``sft`` is per sample
+    (−logp_c/|y_c|), so the same number is its weighted mean with weights |y_i|·B/Σ|y_j|."""
+    pytest.importorskip("trl")
+    (trl_loss, trl_grad), (my_loss, my_grad) = _both("sft", "sft", {}, 0.1, weights=lambda n: n * n.numel() / n.sum())
+    torch.testing.assert_close(my_loss, trl_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+    (trl_loss, _), (unweighted, _) = _both("sft", "sft", {}, 0.1)                  # unequal lengths: they differ
+    assert abs(float(unweighted - trl_loss)) > 1e-3
+
+
+MIXTURES = [(["sigmoid", "hinge", "bco_pair"], [0.7, 0.2, 1.3], "0.7*dpo+0.2*hinge+1.3*bco_pair", None),
+            (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], "0.8*dpo+0.2*bco_pair+sft", 4),       # MPO
+            (["ipo", "sigmoid_norm"], [1.0, 0.5], "ipo_norm+0.5*dpo_norm", None)]
+
+
+@pytest.mark.parametrize("types,coefs,name,chosen_length", MIXTURES, ids=[m[2] for m in MIXTURES])
+def test_mixtures_equal_trls_weighted_loss_lists(types, coefs, name, chosen_length):
+    """TRL's ``loss_type=[...]`` with ``loss_weights`` and robalign's mixture of the same terms (with
+    ``sft`` the chosen completions share one length, where both conventions agree)."""
+    pytest.importorskip("trl")
+    (trl_loss, trl_grad), (my_loss, my_grad) = _both(types, name, {}, 0.3, loss_weights=coefs,
+                                                     chosen_length=chosen_length)
+    torch.testing.assert_close(my_loss, trl_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)

@@ -60,6 +60,17 @@ def _user_errors():
         raise UsageError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
 
 
+def _objective_arg(value: str) -> str:
+    """An objective name, or a mixture of names (``dpo+0.5*sft``): each term names a known objective."""
+    names = objective_names()
+    for term in value.split("+"):
+        name = term.split("*")[-1].strip()
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"unknown objective {name!r} (choose from {', '.join(names)}; "
+                                             "terms like 0.5*sft join with +)")
+    return value
+
+
 def _existing_file(value: str) -> Path:
     path = Path(value)
     if not path.is_file():
@@ -252,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     def per_model(key, what):
         return f"{what} (default {by_model[key]:g} for --model, {embedded[key]:g} for the embedded default)"
 
-    train.add_argument("--objective", choices=objective_names(), help=f"the base objective (default {d.objective})")
+    train.add_argument("--objective", type=_objective_arg,
+                       help=f"the base objective: one of {{{','.join(objective_names())}}}, or a weighted sum such "
+                            f"as dpo+0.5*sft (default {d.objective})")
     train.add_argument("--lam", type=float, help=f"DRO temperature λ; inf: the weighted mean (default {d.lam:g})")
     train.add_argument("--dro", choices=("kl", "kl-ball", "chi2", "cvar", "group"),
                        help=f"ambiguity set: kl (temperature --lam, DoRA's), kl-ball (radius --eta), chi2 (radius "

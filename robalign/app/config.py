@@ -132,7 +132,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
     mapping = (lambda v: isinstance(v, dict), "a mapping (key: value)")
     prompt = getattr(settings, "max_prompt_length", 0) or 0
     rules = {
-        "objective": (lambda v: v in objectives.NAMES, f"one of {', '.join(objectives.NAMES)}"),
+        "objective": (lambda v: isinstance(v, (str, dict)), "an objective's name or {name: coefficient}"),
         "beta": positive_float, "lr": positive_float, "epochs": positive_float,
         "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
                 "a non-zero number (inf for the weighted mean)"),
@@ -159,7 +159,11 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
             shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} of {len(str(value))} characters"
             raise ValueError(f"{where}: `{f.name}` must be {expected}, got {shown}")
     try:
-        objectives.check_hyperparameters(settings.objective, settings.objective_kwargs, where=where)
+        name = objectives.resolve(settings.objective)
+    except ValueError as err:
+        raise ValueError(f"{where}: `objective`: {err}") from None
+    try:
+        objectives.check_hyperparameters(name, settings.objective_kwargs, where=where)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: `objective_kwargs`: {str(err).split(': ', 1)[-1]}") from None
 

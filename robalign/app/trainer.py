@@ -341,7 +341,7 @@ class DoRATrainer(Trainer):
 
         from ..losses import objectives
 
-        if objectives.needs_reference(self.dora.objective):
+        if objectives.needs_reference(self.loss_fn.objective):
             self.compute_reference_logps()
         self._loss_total = None
         self._state_restored = False

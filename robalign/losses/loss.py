@@ -84,7 +84,8 @@ class DoRALoss(nn.Module):
                                    whole batch (and every rank of ``process_group``)
 
     Args:
-        objective: a name from :mod:`robalign.objectives`.
+        objective: a name from :mod:`robalign.objectives`, or a weighted sum of them
+            (``"dpo+0.5*sft"`` or ``{"dpo": 1.0, "sft": 0.5}``, see :func:`robalign.objectives.mixture`).
         beta: the objective's β (ignored by objectives without one: rrhf, lire).
         lam: the KL-DRO temperature λ (``float('inf')``: weighted mean; < 0: soft minimum);
             default 1. Shorthand for ``reduction=KLDRO(lam)``.
@@ -119,6 +120,7 @@ class DoRALoss(nn.Module):
         where = "robalign.DoRALoss"
         renamed = _take_renamed(where, objective_kwargs, _RENAMED_INIT)
         process_group = renamed.get("process_group", process_group)
+        objective = _objectives.resolve(objective)
         self.objective_fn = _objectives.get(objective)
         if reduction is None:
             if lam is not None:

@@ -25,6 +25,12 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
     plackett_luce   yes               any      no                  beta
     rrhf            no                any      yes                 sft_weight
     lire            no                any      no                  temperature
+    sft             no                any      yes                 —                  (the best candidate's NLL)
+
+Objectives combine: ``mixture({"dpo": 1.0, "sft": 0.5})`` (or the name ``"dpo+0.5*sft"``, which
+``DoRALoss``, the YAML config and ``--objective`` accept directly) registers ``Σ_k c_k·ℓ^{(k)}``
+as one objective, with the hyper-parameters of its terms shared by name — TRL's list of loss
+types with ``loss_weights``.
 """
 
 from __future__ import annotations
@@ -39,13 +45,27 @@ from ..reference import objectives as _ref
 
 NAMES = tuple(_ref.OBJECTIVES)
 __all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "hyperparameters",
-           "check_hyperparameters", "check_counts", "NAMES"]
+           "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve"]
+
+mixture = _ref.mixture
+
+
+def resolve(objective) -> str:
+    """The registered name of ``objective``: a name, a mixture written ``"dpo+0.5*sft"``, or
+    ``{name: coefficient}`` (registered by :func:`mixture`). Raises ValueError for anything else."""
+    if isinstance(objective, dict) or (isinstance(objective, str) and ("+" in objective or "*" in objective)):
+        return mixture(objective)
+    if not isinstance(objective, str):
+        raise ValueError(f"an objective is a name or {{name: coefficient}}, got {type(objective).__name__}")
+    spec(objective)
+    return objective
 
 
 def spec(name: str) -> _ref.Objective:
     """The registry entry of objective ``name`` (what it needs, its hyper-parameters)."""
     if name not in _ref.OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(NAMES)}")
+        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(NAMES)} "
+                         "(or a mixture such as 'dpo+0.5*sft')")
     return _ref.OBJECTIVES[name]
 
 

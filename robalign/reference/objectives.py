@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "plackett_luce", "rrhf", "lire",
-           "OBJECTIVES", "Objective",
-           "Param", "objective"]
+__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "plackett_luce", "rrhf", "lire", "sft",
+           "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture"]
 
 
 @dataclass(frozen=True)
@@ -289,3 +289,85 @@ def lire(logps, ref_logps=None, *, counts=None, scores=None, temperature=2.0):
     """
     target = torch.softmax(rank_scores(scores, logps), dim=-1)
     return -(torch.softmax(logps / temperature, dim=-1) * target).sum(-1)
+
+
+@objective(reference=False, pairwise=False, counts=True)
+def sft(logps, ref_logps=None, *, counts, scores=None):
+    """The best candidate's negative log-likelihood per token, the supervised term that RPO
+    (Pang et al. 2024, arXiv 2404.19733), CPO and MPO add to a preference loss:
+
+        ℓ = −logp_best / |y_best|
+
+    Per sample (so weights and every reduction apply to it); TRL's ``sft`` loss type divides the
+    batch's token sum by the batch's token count instead — the same as weights ``|y_i|·B/Σ|y_j|``.
+    Use it in a :func:`mixture`, e.g. ``"dpo+0.5*sft"``.
+    """
+    best = sort_by_scores(logps, scores)[:, 0]
+    n = sort_by_scores(counts, scores)[:, 0]
+    return -best / n.clamp(min=1).to(best.dtype)
+
+
+_TERM = re.compile(r"^\s*(?:(?P<coef>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z_][a-z0-9_]*)\s*$")
+
+
+def parse_mixture(text: str) -> dict[str, float]:
+    """``"dpo+0.5*sft"`` → ``{"dpo": 1.0, "sft": 0.5}`` (raises ValueError naming the bad term)."""
+    terms = {}
+    for term in text.split("+"):
+        match = _TERM.match(term)
+        if match is None:
+            raise ValueError(f"objective {text!r}: cannot read the term {term.strip()!r}; write terms like "
+                             "`dpo` or `0.5*sft` joined by `+`")
+        name = match.group("name")
+        if name in terms:
+            raise ValueError(f"objective {text!r}: {name!r} appears twice")
+        terms[name] = float(match.group("coef") or 1.0)
+    return terms
+
+
+def _mixture_name(terms: dict[str, float]) -> str:
+    return "+".join(name if coef == 1.0 else f"{coef:g}*{name}" for name, coef in terms.items())
+
+
+def mixture(terms) -> str:
+    """Register the weighted sum of objectives ``Σ_k c_k·ℓ^{(k)}`` (TRL's list of loss types with
+    ``loss_weights``; MPO is ``dpo + bco_pair + sft``) as one objective; returns its name, e.g.
+    ``"dpo+0.5*sft"``. ``terms``: ``{name: c_k}`` or that name. Hyper-parameters are shared by
+    name (one β for every term that takes one, as in TRL), so terms must agree on each one's
+    default and range; the sum needs what any term needs (a reference, counts, exactly 2
+    candidates, score values)."""
+    if isinstance(terms, str):
+        terms = parse_mixture(terms)
+    terms = {str(k): float(v) for k, v in dict(terms).items()}
+    if not terms:
+        raise ValueError("a mixture needs at least one objective")
+    for name, coef in terms.items():
+        if name not in OBJECTIVES or "+" in name:
+            raise ValueError(f"unknown objective {name!r} in the mixture; expected one of "
+                             f"{', '.join(n for n in OBJECTIVES if '+' not in n)}")
+        if not (math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"the coefficient of {name!r} must be a finite number >= 0, got {coef}")
+    name = _mixture_name(terms)
+    if name in OBJECTIVES:
+        return name
+    parts = [(OBJECTIVES[n], c) for n, c in terms.items()]
+    params = {}
+    for entry, _ in parts:
+        for key, param in entry.params.items():
+            if params.setdefault(key, param) != param:
+                raise ValueError(f"objective {name!r}: {key!r} means different things in its terms "
+                                 f"({params[key]} and {param} in {entry.name!r}); mix objectives that agree on it")
+
+    def fn(logps, ref_logps=None, *, counts=None, scores=None, **hparams):
+        total = 0.0
+        for entry, coef in parts:
+            own = {k: v for k, v in hparams.items() if k in entry.params}
+            total = total + coef * entry.fn(logps, ref_logps, counts=counts, scores=scores, **own)
+        return total
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = "Σ_k c_k·ℓ^{(k)} of " + ", ".join(f"{c:g}·{e.name}" for e, c in parts)
+    OBJECTIVES[name] = Objective(name, fn, any(e.reference for e, _ in parts), any(e.counts for e, _ in parts),
+                                 any(e.pairwise for e, _ in parts),
+                                 "values" if any(e.scores == "values" for e, _ in parts) else "order", params)
+    return name
