@@ -231,6 +231,11 @@ class DoRATrainer(Trainer):
     rewards, DRO effective sample size and largest share, and weight statistics.
     """
 
+    #: whether the trainer below this one takes ``ref_model`` itself (TRL's trainers do)
+    _forwards_ref_model = False
+    #: metric name → a second name it is also logged under
+    _METRIC_ALIASES: dict = {}
+
     def __init__(self, *args, dora: DoRAConfig | None = None, ref_model=None, **kwargs):
         self.dora = dora or DoRAConfig()
         check_settings(self.dora, "DoRATrainer(dora=...)")
@@ -238,6 +243,8 @@ class DoRATrainer(Trainer):
         if kwargs.get("data_collator") is None:
             pad = tokenizer.pad_token_id if tokenizer is not None else 0
             kwargs["data_collator"] = PreferenceCollator(pad_token_id=pad)
+        if self._forwards_ref_model:
+            kwargs["ref_model"] = ref_model
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
         self.add_callback(_LogLastStep())
@@ -249,11 +256,12 @@ class DoRATrainer(Trainer):
         reduction = reduction_of(d, getattr(dataset, "group_names", ()), getattr(dataset, "path", "") or "the training data")
         self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction, alpha=d.alpha,
                                 group_size=self.group_size, one_pass=d.one_pass, **d.objective_kwargs)
-        self.ref_model = ref_model
+        if not self._forwards_ref_model:
+            self.ref_model = ref_model
         self._acc = None
         self._reset_pending = True
         self._last_loss = 0.0
-        self._metrics = defaultdict(list)
+        self._dora_metrics = defaultdict(list)
         self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
         self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
@@ -481,15 +489,15 @@ class DoRATrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._count_step_loss(loss_value)
             stats = self._acc.stats()
-            self._metrics["dro/ess"].append(stats.ess.detach().float())
-            self._metrics["dro/max_share"].append(stats.max_share.detach().float())
+            self._dora_metrics["dro/ess"].append(stats.ess.detach().float())
+            self._dora_metrics["dro/max_share"].append(stats.max_share.detach().float())
             if stats.dual is not None:                      # λ* of a KL ball, c* of a χ² ball or CVaR
-                self._metrics["dro/dual"].append(stats.dual.detach().float())
+                self._dora_metrics["dro/dual"].append(stats.dual.detach().float())
             if stats.group_weights is not None:             # group DRO: q and the loss of each group
                 names = self.loss_fn.reduction.names or range(len(stats.group_weights))
                 for name, q, value in zip(names, stats.group_weights, stats.group_losses):
-                    self._metrics[f"dro/q/{name}"].append(q.detach().float())
-                    self._metrics[f"dro/group_loss/{name}"].append(value.detach().float())
+                    self._dora_metrics[f"dro/q/{name}"].append(q.detach().float())
+                    self._dora_metrics[f"dro/group_loss/{name}"].append(value.detach().float())
             self._reset_pending = True
         return increment.float()
 
@@ -500,7 +508,7 @@ class DoRATrainer(Trainer):
         for name, value in zip(self._RECORDED, (
                 out.reward_accuracy, out.reward_margin, out.chosen_rewards.mean(), out.rejected_rewards.mean(),
                 out.weights.mean(), out.weights.max())):
-            self._metrics[name].append(value.detach().float())
+            self._dora_metrics[name].append(value.detach().float())
 
     def log(self, logs, *args, **kwargs):
         """The Trainer's logs plus the DoRA metrics averaged since the last log (one device read
@@ -508,11 +516,12 @@ class DoRATrainer(Trainer):
         from .. import _validation
 
         _validation.raise_pending()
-        if self._metrics and "loss" in logs:
-            names = list(self._metrics)
+        if self._dora_metrics and "loss" in logs:
+            names = list(self._dora_metrics)
             # nanmean: a group absent from a step has no loss there (NaN), not a loss of 0
-            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._metrics[n]]).nanmean()
+            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._dora_metrics[n]]).nanmean()
                                  for n in names]).tolist()
             logs.update(zip(names, means))
-            self._metrics.clear()
+            logs.update({alias: logs[name] for name, alias in self._METRIC_ALIASES.items() if name in logs})
+            self._dora_metrics.clear()
         return super().log(logs, *args, **kwargs)

@@ -1,0 +1,179 @@
+"""DoRA in a TRL script: ``DoRADPOTrainer`` and ``DoRADPOConfig`` replace TRL's ``DPOTrainer`` and
+``DPOConfig`` (written against TRL 1.16), keeping TRL's data handling (datasets, tokenisation,
+chat templates, its collator), reference model, logging and callbacks. What changes:
+
+    the loss      TRL's loss types (``loss_type``, ``loss_weights``, ``beta``, ``label_smoothing``) as
+                  robalign objectives (:data:`TRL_LOSS_TYPES`; several types: a mixture), with the
+                  per-sample weights of a dataset column and the DRO reduction — exact across
+                  gradient accumulation and data-parallel ranks (:class:`~robalign.app.trainer.DoRATrainer`'s steps)
+    the log-probs robalign's fused paths on the decoder's hidden states and the LM head (the
+                  one-pass loss by default), on TRL's batch reordered to robalign's group-major rows
+
+    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    args = DoRADPOConfig(output_dir="out", dora_lam=1.0, dora_weights_column="weight")   # any DPOConfig field too
+    DoRADPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+
+With ``dora_lam=inf`` and no weights column the objective is TRL's own (tested: the same losses
+and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
+yet (``f_divergence_type`` other than reverse KL, ``ld_alpha``, ``use_weighting``, ``aot`` losses,
+``padding_free``, vision data) are refused at construction with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..losses.layout import pairs_to_group_major
+from ..losses.objectives import hyperparameters, resolve
+from .config import DoRAConfig
+from .trainer import DoRATrainer, policy_logps
+
+try:
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+except ImportError as err:                      # the `bench` extra pins TRL; say so instead of a bare ImportError
+    raise ImportError("robalign.app.trl_trainer needs TRL (pip install 'trl==1.16.0', or robalign[bench])") from err
+
+__all__ = ["DoRADPOConfig", "DoRADPOTrainer", "TRL_LOSS_TYPES", "objective_of"]
+
+#: TRL 1.16 DPO loss type → robalign objective (``sigmoid`` is DPO; TRL's ``ipo`` and ``sigmoid_norm``
+#: divide log-ratios by the completion length: robalign's ``ipo_norm`` and ``dpo_norm``)
+TRL_LOSS_TYPES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo_norm", "robust": "robust", "exo_pair": "exo_pair",
+                  "nca_pair": "nca_pair", "bco_pair": "bco_pair", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
+                  "apo_down": "apo_down", "discopop": "discopop", "sigmoid_norm": "dpo_norm", "sft": "sft"}
+
+
+@dataclass
+class DoRADPOConfig(DPOConfig):
+    """TRL's ``DPOConfig`` and DoRA's settings.
+
+    dora_lam: the KL-DRO temperature λ (``inf``: the weighted mean; TRL's objective when no weights).
+    dora_weights_column: the dataset column of per-sample weights (a number, or one per response:
+        their mean) — e.g. ``robalign weigh``'s ``weights``; ``None`` or a missing column: no weights.
+    dora_exact: the exact accumulator across micro-batches (False: per micro-batch).
+    dora_one_pass: the one-pass fused loss (False: the recompute path).
+    """
+
+    dora_lam: float = field(default=1.0, metadata={"help": "KL-DRO temperature λ (inf: the weighted mean)"})
+    dora_weights_column: str | None = field(default="weight", metadata={"help": "per-sample weight column"})
+    dora_exact: bool = field(default=True, metadata={"help": "exact DRO across gradient accumulation"})
+    dora_one_pass: bool = field(default=True, metadata={"help": "the one-pass fused loss"})
+
+
+def objective_of(args) -> tuple[str, dict]:
+    """``(objective, hyper-parameters)`` for a ``DPOConfig``'s loss settings; raises ValueError for
+    what has no robalign counterpart yet."""
+    where = "robalign DoRADPOTrainer"
+    refused = {"f_divergence_type": getattr(args, "f_divergence_type", "reverse_kl") not in ("reverse_kl", None),
+               "ld_alpha": getattr(args, "ld_alpha", None) is not None,
+               "use_weighting": bool(getattr(args, "use_weighting", False)),
+               "padding_free": bool(getattr(args, "padding_free", False))}
+    for name, bad in refused.items():
+        if bad:
+            raise ValueError(f"{where}: TRL's `{name}` is not supported yet (got {getattr(args, name)!r}); "
+                             "use TRL's DPOTrainer for it")
+    types = args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
+    weights = list(getattr(args, "loss_weights", None) or [1.0] * len(types))
+    terms = {}
+    for loss_type, weight in zip(types, weights, strict=True):
+        if loss_type not in TRL_LOSS_TYPES:
+            raise ValueError(f"{where}: TRL loss type {loss_type!r} has no robalign objective (supported: "
+                             f"{', '.join(TRL_LOSS_TYPES)}; `aot` and `aot_unpaired` sort log-ratios across the "
+                             "batch, so a sample's loss is not its own)")
+        terms[TRL_LOSS_TYPES[loss_type]] = float(weight)
+    objective = resolve(terms if len(terms) > 1 or next(iter(terms.values())) != 1.0 else next(iter(terms)))
+    takes = hyperparameters(objective)
+    hparams = {}
+    if "label_smoothing" in takes and getattr(args, "label_smoothing", 0.0):
+        hparams["label_smoothing"] = float(args.label_smoothing)
+    if "tau" in takes:
+        hparams["tau"] = float(getattr(args, "discopop_tau", takes["tau"]))
+    return objective, hparams
+
+
+class _WithWeights:
+    """TRL's collator, plus the per-sample weights of ``column`` (``[B]`` or ``[B, 2]``) when every
+    example of the batch has them."""
+
+    def __init__(self, collator, column):
+        self.collator, self.column = collator, column
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        if self.column and all(self.column in ex and ex[self.column] is not None for ex in examples):
+            batch["dora_weights"] = torch.tensor([ex[self.column] for ex in examples], dtype=torch.float32)
+        return batch
+
+
+class DoRADPOTrainer(DoRATrainer, DPOTrainer):
+    """TRL's ``DPOTrainer`` with DoRA's loss and robalign's fused paths (see the module docstring).
+    Takes TRL's arguments (``model``, ``ref_model``, ``args`` — a :class:`DoRADPOConfig` or
+    ``DPOConfig`` —, ``train_dataset``, ``eval_dataset``, ``processing_class``, ...) and
+    ``reduction`` (a :class:`~robalign.losses.reductions.Reduction`; default KL-DRO with
+    ``dora_lam``)."""
+
+    _forwards_ref_model = True
+    #: the reward metrics also under TRL's names
+    _METRIC_ALIASES = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
+
+    def __init__(self, model=None, ref_model=None, args=None, *, reduction=None, **kwargs):
+        if args is None:
+            raise ValueError("robalign DoRADPOTrainer: pass `args` (a DoRADPOConfig)")
+        objective, hparams = objective_of(args)
+        dora = DoRAConfig(objective=objective, beta=float(args.beta), lam=float(getattr(args, "dora_lam", 1.0)),
+                          exact_dro=bool(getattr(args, "dora_exact", True)),
+                          one_pass=bool(getattr(args, "dora_one_pass", True)), objective_kwargs=hparams)
+        processing = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None:
+            pad = getattr(processing, "pad_token_id", None)
+            if pad is None:
+                pad = getattr(processing, "eos_token_id", 0)
+            kwargs["data_collator"] = DataCollatorForPreference(pad_token_id=pad, max_length=args.max_length,
+                                                                truncation_mode=args.truncation_mode)
+        super().__init__(model=model, args=args, dora=dora, ref_model=ref_model, **kwargs)
+        if getattr(self, "_is_vision_dataset", False):
+            raise ValueError("robalign DoRADPOTrainer: vision preference data is not supported yet")
+        self.data_collator = _WithWeights(self.data_collator, getattr(args, "dora_weights_column", None))
+        if reduction is not None:
+            from ..losses.loss import DoRALoss
+
+            self.loss_fn = DoRALoss(objective, beta=dora.beta, reduction=reduction, one_pass=dora.one_pass, **hparams)
+        self.reference_cache = "TRL's (precomputed, or the reference model every step)"
+
+    def compute_reference_logps(self, *args, **kwargs) -> None:
+        """TRL provides the reference log-probs (its precomputation, or its reference model)."""
+
+    def _prepare_inputs(self, inputs):
+        """TRL's batch (chosen rows first, ``completion_mask``) as robalign's: group-major rows,
+        ``labels`` (-100 off the completion), ``ref_logps`` (TRL's precomputed ones, or the
+        reference model's now) and the weights column per row."""
+        inputs = super()._prepare_inputs(inputs)
+        if "completion_mask" not in inputs:
+            return inputs
+        ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        batch = {"input_ids": pairs_to_group_major(ids), "attention_mask": pairs_to_group_major(attention),
+                 "labels": pairs_to_group_major(ids.masked_fill(completion == 0, -100))}
+        if self.loss_fn.needs_reference:
+            if "ref_chosen_logps" in inputs:
+                ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+                batch["ref_logps"] = pairs_to_group_major(ref)
+            else:
+                batch["ref_logps"] = self._reference_logps(batch)
+        weights = inputs.get("dora_weights")
+        if weights is not None:
+            per_sample = weights if weights.dim() == 1 else weights.mean(-1)
+            batch["weights"] = per_sample.repeat_interleave(2)
+        return batch
+
+    @torch.no_grad()
+    def _reference_logps(self, batch):
+        if self.ref_model is not None:
+            return policy_logps(self.ref_model, batch, fused=self.dora.fused)[0]
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("robalign DoRADPOTrainer: no reference model (pass ref_model, train a PEFT adapter, or "
+                             "set precompute_ref_log_probs=True)")
+        with model.disable_adapter():
+            return policy_logps(self.model, batch, fused=self.dora.fused)[0]
