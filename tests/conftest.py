@@ -55,3 +55,23 @@ def run_on_gloo_ranks(worker, world):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_gloo_rank, args=(worker, world, str(Path(tmp) / "init"), tmp), nprocs=world, join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def trainer_accumulation_gaps(tmp_path, **settings):
+    """``(exact, approx)``: the largest parameter difference, after 3 SGD steps of ``robalign
+    train`` with ``settings``, between 2 micro-batches of 4 and 1 batch of 8 — with the exact
+    accumulator, and with the per-micro-batch approximation (``exact_dro=False``)."""
+    from safetensors.torch import load_file
+
+    from robalign.app.config import TrainSettings
+    from robalign.app.train import run_training
+
+    def params(name, **kw):
+        run_training(TrainSettings(out=str(tmp_path / name), max_steps=3, save_steps=100, optim="sgd", lr=0.5,
+                                   shuffle=False, **settings, **kw), log=lambda *_: None)
+        return load_file(str(tmp_path / name / "final" / "model.safetensors"))
+
+    full = params("full", batch_size=8, grad_accum=1)
+    gap = lambda other: max((other[k] - full[k]).abs().max().item() for k in full)     # noqa: E731
+    return gap(params("acc", batch_size=4, grad_accum=2)), gap(params("approx", batch_size=4, grad_accum=2,
+                                                                        exact_dro=False))

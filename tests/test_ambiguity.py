@@ -17,7 +17,7 @@ import torch.distributed as dist
 import robalign
 from robalign.losses import ambiguity
 from robalign.losses.reductions import CVaR, Chi2Ball, KLBall
-from conftest import run_on_gloo_ranks
+from conftest import run_on_gloo_ranks, trainer_accumulation_gaps
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -240,19 +240,6 @@ def test_bad_settings_name_the_key():
 def test_trainer_accumulation_is_exact_for_sets_that_need_the_whole_batch(tmp_path, dro, key):
     """2 micro-batches of 4 (with the no-grad pre-pass) give the parameters of 1 batch of 8 (SGD,
     3 steps); the per-micro-batch approximation does not."""
-    from safetensors.torch import load_file
-
-    from robalign.app.config import TrainSettings
-    from robalign.app.train import run_training
-
-    def params(name, **kw):
-        base = dict(out=str(tmp_path / name), dro=dro, **{key: 0.3}, max_steps=3, save_steps=100, optim="sgd",
-                    lr=0.5, shuffle=False)
-        run_training(TrainSettings(**base, **kw), log=lambda *_: None)
-        return load_file(str(tmp_path / name / "final" / "model.safetensors"))
-
-    acc, full = params("acc", batch_size=4, grad_accum=2), params("full", batch_size=8, grad_accum=1)
-    approx = params("approx", batch_size=4, grad_accum=2, exact_dro=False)
-    worst = max((acc[k] - full[k]).abs().max().item() for k in full)
-    assert worst < 1e-5
-    assert max((approx[k] - full[k]).abs().max().item() for k in full) > 10 * max(worst, 1e-7)
+    exact, approx = trainer_accumulation_gaps(tmp_path, dro=dro, **{key: 0.3})
+    assert exact < 1e-5
+    assert approx > 10 * max(exact, 1e-7)

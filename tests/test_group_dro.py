@@ -18,7 +18,7 @@ import torch.distributed as dist
 import robalign
 from robalign import reference
 from robalign.losses.reductions import GroupDRO
-from conftest import run_on_gloo_ranks
+from conftest import run_on_gloo_ranks, trainer_accumulation_gaps
 
 
 def problem(n=10, groups=3, seed=0, absent=None):
@@ -283,23 +283,9 @@ def test_robalign_train_logs_q_and_resumes_it(tmp_path):
 def test_trainer_accumulation_is_exact_for_group_dro(tmp_path):
     """2 micro-batches of 4 (with the no-grad pre-pass) give the parameters of 1 batch of 8 (SGD,
     3 steps); the per-micro-batch approximation does not."""
-    from safetensors.torch import load_file
-
-    from robalign.app.config import TrainSettings
-    from robalign.app.train import run_training
-
-    data = _mixed_data(tmp_path)
-
-    def params(name, **kw):
-        run_training(TrainSettings(out=str(tmp_path / name), data=data, dro="group", group_step=2.0, max_steps=3,
-                                   save_steps=100, optim="sgd", lr=0.5, shuffle=False, **kw), log=lambda *_: None)
-        return load_file(str(tmp_path / name / "final" / "model.safetensors"))
-
-    acc, full = params("acc", batch_size=4, grad_accum=2), params("full", batch_size=8, grad_accum=1)
-    approx = params("approx", batch_size=4, grad_accum=2, exact_dro=False)
-    worst = max((acc[k] - full[k]).abs().max().item() for k in full)
-    assert worst < 1e-5
-    assert max((approx[k] - full[k]).abs().max().item() for k in full) > 10 * max(worst, 1e-7)
+    exact, approx = trainer_accumulation_gaps(tmp_path, data=_mixed_data(tmp_path), dro="group", group_step=2.0)
+    assert exact < 1e-5
+    assert approx > 10 * max(exact, 1e-7)
 
 
 def test_group_dro_without_groups_in_the_data_names_the_file(tmp_path):
