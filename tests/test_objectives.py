@@ -194,3 +194,35 @@ def test_mixtures_sum_their_terms_and_run_everywhere():
     with pytest.raises(ValueError, match="the coefficient of 'sft' must be a finite number >= 0"):
         objectives.mixture({"dpo": 1.0, "sft": -1.0})
     OBJECTIVES.pop(name, None)
+
+
+@pytest.mark.parametrize("kind,alpha", [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3)])
+def test_f_divergence_variants(kind, alpha):
+    """``with_divergence`` replaces each log-ratio r by f'(e^r): at r = 0 every f' is 0 (the same
+    loss as the plain objective there); the one-pass loss and the recompute path agree on it."""
+    from robalign.reference.objectives import OBJECTIVES
+
+    name = objectives.with_divergence("dpo", kind, alpha)
+    logps = torch.randn(4, 2, dtype=D)
+    torch.testing.assert_close(objectives.get(name)(logps, logps.clone()), objectives.dpo(logps, logps.clone()))
+    r = torch.tensor([[0.7, -0.4]], dtype=D)
+    f = {"forward_kl": lambda x: 1 - math.exp(-x), "js_divergence": lambda x: math.log(2) - math.log1p(math.exp(-x)),
+         "alpha_divergence": lambda x: (math.exp((alpha - 1) * x) - 1) / (alpha - 1)}[kind]
+    want = softplus(-0.1 * (f(0.7) - f(-0.4)))
+    assert objectives.get(name)(r, torch.zeros_like(r)).item() == pytest.approx(want, rel=1e-12)
+    gen = torch.Generator().manual_seed(1)
+    hidden, head = torch.randn(8, 5, 6, generator=gen), torch.randn(11, 6, generator=gen)
+    labels, refs = torch.randint(11, (8, 5), generator=gen), torch.randn(8, generator=gen) - 12
+    results = []
+    for one_pass in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        out = robalign.DoRALoss(name, beta=0.3, lam=0.7, backend="cpp", one_pass=one_pass)(
+            hidden=h, head_weight=head, labels=labels, ref_logps=refs)
+        out.loss.backward()
+        results.append((out.loss.detach(), h.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="objective 'simpo' takes no f-divergence"):
+        objectives.with_divergence("simpo", kind)
+    with pytest.raises(ValueError, match="unknown f-divergence 'reverse_kl'"):
+        objectives.with_divergence("dpo", "reverse_kl")
+    OBJECTIVES.pop(name, None)

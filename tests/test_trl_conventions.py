@@ -93,7 +93,7 @@ class _Outputs:
 
 
 def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, beta, label_smoothing=0.0,
-                     loss_weights=None):
+                     loss_weights=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """TRL 1.16's ``DPOTrainer._compute_loss`` itself, run on a stand-in trainer whose model returns
     ``per_token_logps`` ([2B, T − 1], chosen rows first) and with precomputed reference log-probs;
     ``loss_type`` a name or TRL's list of names (with ``loss_weights``)."""
@@ -105,7 +105,8 @@ def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, 
 
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types,
+        precompute_ref_logps=True, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types),
         beta=beta, label_smoothing=label_smoothing, use_weighting=False, args=SimpleNamespace(discopop_tau=0.05),
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
@@ -123,7 +124,8 @@ TRL_PAIRS = [("sigmoid", "dpo", {}), ("hinge", "hinge", {}), ("ipo", "ipo_norm",
              ("apo_down", "apo_down", {}), ("discopop", "discopop", {})]        # τ: 0.05 in both
 
 
-def _both(trl_type, name, extra, beta, *, loss_weights=None, weights=None, chosen_length=None):
+def _both(trl_type, name, extra, beta, *, loss_weights=None, weights=None, chosen_length=None, trl_extra=None,
+          dtype=D):
     """``((TRL loss, its gradient), (robalign loss, its gradient))`` on one random batch of pairs
     (``weights``: a function of the chosen rows' token counts giving robalign's sample weights;
     ``chosen_length``: every chosen completion that long). robalign's sequence log-probs sum the
@@ -139,16 +141,17 @@ def _both(trl_type, name, extra, beta, *, loss_weights=None, weights=None, chose
             end = start + chosen_length
         completion[row, start:end] = 1
     mask = completion[:, 1:]                                  # TRL's shifted completion mask
-    token_logps = (-torch.rand(2 * b, t, generator=gen, dtype=D) * 4 * mask).requires_grad_(True)
-    ref = token_logps.detach().sum(1) + torch.randn(2 * b, generator=gen, dtype=D)
-    trl_loss = trl_compute_loss(trl_type, token_logps, completion, ref, beta=beta, loss_weights=loss_weights, **extra)
+    token_logps = (-torch.rand(2 * b, t, generator=gen, dtype=D) * 4 * mask).to(dtype).requires_grad_(True)
+    ref = (token_logps.detach().double().sum(1) + torch.randn(2 * b, generator=gen, dtype=D)).to(dtype)
+    trl_loss = trl_compute_loss(trl_type, token_logps, completion, ref, beta=beta, loss_weights=loss_weights, **extra,
+                                **(trl_extra or {}))
     (trl_grad,) = torch.autograd.grad(trl_loss, token_logps)
 
     mine = token_logps.detach().clone().requires_grad_(True)
     selects = "sft" in ([trl_type] if isinstance(trl_type, str) else trl_type)
     logps = robalign.pairs_to_group_major((mine * mask).sum(1) if selects else mine.sum(1))
     counts = robalign.pairs_to_group_major(mask.sum(1))
-    sample_weights = None if weights is None else weights(mask[:b].sum(1).to(D))
+    sample_weights = None if weights is None else weights(mask[:b].sum(1).to(dtype))
     out = robalign.DoRALoss(name, beta=beta, lam=float("inf"), **extra).from_logps(
         logps, counts, ref_logps=robalign.pairs_to_group_major(ref), weights=sample_weights)
     (my_grad,) = torch.autograd.grad(out.loss, mine)
@@ -206,3 +209,34 @@ def test_mixtures_equal_trls_weighted_loss_lists(types, coefs, name, chosen_leng
                                                      chosen_length=chosen_length)
     torch.testing.assert_close(my_loss, trl_loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+
+
+DIVERGENCES = [("forward_kl", {}), ("js_divergence", {}), ("alpha_divergence", {"f_alpha_divergence_coef": 0.3}),
+               ("alpha_divergence", {"f_alpha_divergence_coef": 1.7})]
+F_TYPES = [("sigmoid", "dpo", {}), ("hinge", "hinge", {}), ("ipo", "ipo_norm", {}), ("sigmoid_norm", "dpo_norm", {}),
+           ("robust", "robust", {"label_smoothing": 0.2}), ("exo_pair", "exo_pair", {"label_smoothing": 1e-3}),
+           ("discopop", "discopop", {})]
+
+
+@pytest.mark.parametrize("divergence,coef", DIVERGENCES, ids=["fkl", "js", "alpha0.3", "alpha1.7"])
+@pytest.mark.parametrize("trl_type,name,extra", F_TYPES, ids=[t[0] for t in F_TYPES])
+def test_f_divergences_equal_trls(trl_type, name, extra, divergence, coef):
+    """TRL's ``f_divergence_type`` (f'(e^r) in place of each log-ratio r) and robalign's
+    ``with_divergence``, for every loss type TRL allows it on. TRL's α-divergence has no float64
+    (its clamp table lists float16, bfloat16 and float32: a KeyError), so it is compared in float32
+    (both sides float32: 1e-5); the others in float64 (1e-12; exo_pair 1e-7 as above)."""
+    pytest.importorskip("trl")
+    alpha = coef.get("f_alpha_divergence_coef", 0.5)
+    variant = objectives.with_divergence(name, divergence, alpha)
+    dtype = torch.float32 if divergence == "alpha_divergence" else D
+    (trl_loss, trl_grad), (my_loss, my_grad) = _both(trl_type, variant, extra, 0.3, dtype=dtype,
+                                                     trl_extra=dict(f_divergence_type=divergence, **coef))
+    if dtype == torch.float32:
+        tol = dict(rtol=1e-5, atol=1e-6)
+    else:
+        tol = dict(rtol=1e-7, atol=1e-9) if trl_type == "exo_pair" else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(my_loss, trl_loss, **tol)
+    torch.testing.assert_close(my_grad, trl_grad, **tol)
+    if divergence != "alpha_divergence" or abs(alpha - 1) > 1e-6:                   # it is not the plain objective
+        (_, _), (plain, _) = _both(trl_type, name, extra, 0.3, dtype=dtype)
+        assert abs(float(plain - my_loss)) > 1e-4

@@ -118,7 +118,7 @@ def test_what_is_not_supported_is_refused(setup, tmp_path):
     from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
 
     dataset, model, tokenizer = setup
-    for extra, message in (({"f_divergence_type": "js_divergence"}, "`f_divergence_type` is not supported yet"),
+    for extra, message in (({"ld_alpha": 0.5}, "`ld_alpha` is not supported yet"),
                            ({"loss_type": ["aot"]}, "TRL loss type 'aot' has no robalign objective"),
                            ({"use_weighting": True}, "`use_weighting` is not supported yet")):
         config = DoRADPOConfig(output_dir=str(tmp_path / "x"), **{**COMMON, **extra})
@@ -139,6 +139,9 @@ def test_loss_lists_become_mixtures():
     assert objective_of(args) == ("ipo_norm", {})
     args.loss_type = ["robust"]
     assert objective_of(args) == ("robust", {"label_smoothing": 0.1})
+    args.loss_type, args.loss_weights, args.label_smoothing = ["sigmoid", "sft"], [1.0, 0.5], 0.0
+    args.f_divergence_type, args.f_alpha_divergence_coef = "alpha_divergence", 0.3
+    assert objective_of(args) == ("dpo:alpha_divergence=0.3+0.5*sft", {})     # TRL leaves sft as it is
 
 
 @pytest.mark.slow

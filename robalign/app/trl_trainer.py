@@ -15,8 +15,8 @@ chat templates, its collator), reference model, logging and callbacks. What chan
 
 With ``dora_lam=inf`` and no weights column the objective is TRL's own (tested: the same losses
 and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
-yet (``f_divergence_type`` other than reverse KL, ``ld_alpha``, ``use_weighting``, ``aot`` losses,
-``padding_free``, vision data) are refused at construction with a clear error.
+yet (``ld_alpha``, ``use_weighting``, ``aot`` losses, ``padding_free``, vision data) are refused at
+construction with a clear error; ``f_divergence_type`` maps to :func:`robalign.objectives.with_divergence`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..losses.layout import pairs_to_group_major
-from ..losses.objectives import hyperparameters, resolve
+from ..losses.objectives import hyperparameters, resolve, with_divergence
 from .config import DoRAConfig
 from .trainer import DoRATrainer, policy_logps
 
@@ -66,8 +66,7 @@ def objective_of(args) -> tuple[str, dict]:
     """``(objective, hyper-parameters)`` for a ``DPOConfig``'s loss settings; raises ValueError for
     what has no robalign counterpart yet."""
     where = "robalign DoRADPOTrainer"
-    refused = {"f_divergence_type": getattr(args, "f_divergence_type", "reverse_kl") not in ("reverse_kl", None),
-               "ld_alpha": getattr(args, "ld_alpha", None) is not None,
+    refused = {"ld_alpha": getattr(args, "ld_alpha", None) is not None,
                "use_weighting": bool(getattr(args, "use_weighting", False)),
                "padding_free": bool(getattr(args, "padding_free", False))}
     for name, bad in refused.items():
@@ -82,7 +81,11 @@ def objective_of(args) -> tuple[str, dict]:
             raise ValueError(f"{where}: TRL loss type {loss_type!r} has no robalign objective (supported: "
                              f"{', '.join(TRL_LOSS_TYPES)}; `aot` and `aot_unpaired` sort log-ratios across the "
                              "batch, so a sample's loss is not its own)")
-        terms[TRL_LOSS_TYPES[loss_type]] = float(weight)
+        name = TRL_LOSS_TYPES[loss_type]
+        divergence = getattr(args, "f_divergence_type", None) or "reverse_kl"
+        if divergence != "reverse_kl" and loss_type != "sft":      # TRL leaves its sft term as it is
+            name = with_divergence(name, divergence, float(getattr(args, "f_alpha_divergence_coef", 0.5)))
+        terms[name] = float(weight)
     objective = resolve(terms if len(terms) > 1 or next(iter(terms.values())) != 1.0 else next(iter(terms)))
     takes = hyperparameters(objective)
     hparams = {}

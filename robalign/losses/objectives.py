@@ -30,7 +30,9 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
 Objectives combine: ``mixture({"dpo": 1.0, "sft": 0.5})`` (or the name ``"dpo+0.5*sft"``, which
 ``DoRALoss``, the YAML config and ``--objective`` accept directly) registers ``Σ_k c_k·ℓ^{(k)}``
 as one objective, with the hyper-parameters of its terms shared by name — TRL's list of loss
-types with ``loss_weights``.
+types with ``loss_weights``. ``with_divergence("dpo", "js_divergence")`` (the name
+``"dpo:js_divergence"``; ``"dpo:alpha_divergence=0.5"``) replaces each log-ratio r by ``f'(e^r)``
+of an f-divergence — TRL's ``f_divergence_type``.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ from ..reference import objectives as _ref
 
 NAMES = tuple(_ref.OBJECTIVES)
 __all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "hyperparameters",
-           "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve"]
+           "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve", "with_divergence"]
 
 mixture = _ref.mixture
+with_divergence = _ref.with_divergence
 
 
 def resolve(objective) -> str:
@@ -55,6 +58,8 @@ def resolve(objective) -> str:
     ``{name: coefficient}`` (registered by :func:`mixture`). Raises ValueError for anything else."""
     if isinstance(objective, dict) or (isinstance(objective, str) and ("+" in objective or "*" in objective)):
         return mixture(objective)
+    if isinstance(objective, str) and ":" in objective and objective not in _ref.OBJECTIVES:
+        return mixture(objective)                  # one term, "dpo:js_divergence": registers the variant
     if not isinstance(objective, str):
         raise ValueError(f"an objective is a name or {{name: coefficient}}, got {type(objective).__name__}")
     spec(objective)

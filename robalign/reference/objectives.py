@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "plackett_luce", "rrhf", "lire", "sft",
-           "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture"]
+           "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture", "with_divergence",
+           "F_DIVERGENCES"]
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,8 @@ def sft(logps, ref_logps=None, *, counts, scores=None):
     return -best / n.clamp(min=1).to(best.dtype)
 
 
-_TERM = re.compile(r"^\s*(?:(?P<coef>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z_][a-z0-9_]*)\s*$")
+_TERM = re.compile(r"^\s*(?:(?P<coef>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?"
+                   r"(?P<name>[a-z_][a-z0-9_]*(?::[a-z_]+(?:=[0-9.eE+-]+)?)?)\s*$")
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -341,6 +343,12 @@ def mixture(terms) -> str:
     terms = {str(k): float(v) for k, v in dict(terms).items()}
     if not terms:
         raise ValueError("a mixture needs at least one objective")
+    for name in list(terms):
+        if ":" in name and name not in OBJECTIVES:
+            base, _, kind = name.partition(":")
+            kind, _, alpha = kind.partition("=")
+            registered = with_divergence(base, kind, float(alpha) if alpha else 0.5)
+            terms = {registered if k == name else k: v for k, v in terms.items()}
     for name, coef in terms.items():
         if name not in OBJECTIVES or "+" in name:
             raise ValueError(f"unknown objective {name!r} in the mixture; expected one of "
@@ -371,3 +379,51 @@ def mixture(terms) -> str:
                                  any(e.pairwise for e, _ in parts),
                                  "values" if any(e.scores == "values" for e, _ in parts) else "order", params)
     return name
+
+
+#: TRL's ``f_divergence_type`` values other than the default reverse KL (Wang et al. 2023, "Beyond
+#: Reverse KL", arXiv 2309.16240): the log-ratio ``r = log(π/π_ref)`` of each response is replaced by
+#: ``f'(e^r)`` of the divergence's generator before the objective compares the responses
+F_DIVERGENCES = ("forward_kl", "js_divergence", "alpha_divergence")
+#: the objectives whose margin the f-divergence may replace (TRL's f-divergence loss types)
+F_OBJECTIVES = ("dpo", "dpo_norm", "hinge", "ipo", "ipo_norm", "exo_pair", "robust", "discopop")
+
+
+def _f_score(kind: str, alpha: float, r: torch.Tensor) -> torch.Tensor:
+    """``f'(e^r)``: forward KL ``1 − e^{−r}``; Jensen–Shannon ``log 2 + log σ(r)``; α-divergence
+    ``(e^{(α−1)·r} − 1)/(α − 1)`` (α = 1: r, the reverse KL)."""
+    if kind == "forward_kl":
+        return -torch.expm1(-r)
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(r)
+    if abs(alpha - 1.0) < 1e-6:
+        return r
+    return torch.expm1((alpha - 1.0) * r) / (alpha - 1.0)
+
+
+def with_divergence(name: str, kind: str, alpha: float = 0.5) -> str:
+    """Register objective ``name`` with the log-ratios replaced by ``f'(e^r)`` of an f-divergence
+    (``kind`` one of :data:`F_DIVERGENCES`, ``alpha`` for the α-divergence); returns its name, e.g.
+    ``"dpo:js_divergence"`` or ``"dpo:alpha_divergence=0.5"`` (usable in a mixture too). Only for
+    the objectives of :data:`F_OBJECTIVES`, as in TRL."""
+    if name not in F_OBJECTIVES:
+        raise ValueError(f"objective {name!r} takes no f-divergence; those that do: {', '.join(F_OBJECTIVES)}")
+    if kind not in F_DIVERGENCES:
+        raise ValueError(f"unknown f-divergence {kind!r}; expected one of {', '.join(F_DIVERGENCES)} "
+                         "(the reverse KL is the objective itself)")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"the α of the α-divergence must be a finite number > 0, got {alpha}")
+    registered = f"{name}:{kind}" + (f"={alpha:g}" if kind == "alpha_divergence" else "")
+    if registered in OBJECTIVES:
+        return registered
+    base = OBJECTIVES[name]
+
+    def fn(logps, ref_logps=None, *, counts=None, scores=None, **hparams):
+        score = _f_score(kind, alpha, logps - ref_logps)
+        return base.fn(score, torch.zeros_like(score), counts=counts, scores=scores, **hparams)
+
+    fn.__name__ = fn.__qualname__ = registered
+    fn.__doc__ = f"{name} on f'(e^r) of the {kind} instead of the log-ratio r"
+    OBJECTIVES[registered] = Objective(registered, fn, base.reference, base.counts, base.pairwise, base.scores,
+                                       dict(base.params))
+    return registered
