@@ -61,10 +61,11 @@ def _user_errors():
 
 
 def _objective_arg(value: str) -> str:
-    """An objective name, or a mixture of names (``dpo+0.5*sft``): each term names a known objective."""
+    """An objective name, or a mixture of names (``dpo+0.5*sft``, ``dpo:js_divergence``): each term
+    names a known objective (the full check, with the variant, is the settings check's)."""
     names = objective_names()
     for term in value.split("+"):
-        name = term.split("*")[-1].strip()
+        name = term.split("*")[-1].split(":")[0].strip()      # "dpo:js_divergence": an f-divergence variant
         if name not in names:
             raise argparse.ArgumentTypeError(f"unknown objective {name!r} (choose from {', '.join(names)}; "
                                              "terms like 0.5*sft join with +)")
