@@ -240,3 +240,38 @@ def test_f_divergences_equal_trls(trl_type, name, extra, divergence, coef):
     if divergence != "alpha_divergence" or abs(alpha - 1) > 1e-6:                   # it is not the plain objective
         (_, _), (plain, _) = _both(trl_type, name, extra, 0.3, dtype=dtype)
         assert abs(float(plain - my_loss)) > 1e-4
+
+
+# -- TRL's CPOTrainer (trl.experimental.cpo): CPO, SimPO with label smoothing, AlphaPO -------------
+
+def trl_cpo_loss(loss_type, chosen, rejected, *, beta, label_smoothing=0.0, alpha=0.0, gamma=0.5):
+    """TRL 1.16's ``CPOTrainer.cpo_loss`` itself on a stand-in trainer (per-sample losses)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    trainer = SimpleNamespace(alpha=alpha, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
+                              simpo_gamma=gamma, accelerator=_Accelerator())
+    return CPOTrainer.cpo_loss(trainer, chosen, rejected)[0]
+
+
+CPO_CASES = [("sigmoid", "cpo", dict(beta=0.3)), ("sigmoid", "cpo", dict(beta=0.3, label_smoothing=0.2)),
+             ("sigmoid", "cpo", dict(beta=0.3, alpha=0.25)),
+             ("simpo", "simpo", dict(beta=2.0, gamma=0.5)), ("simpo", "simpo", dict(beta=2.0, gamma=0.5, label_smoothing=0.1)),
+             ("simpo", "simpo", dict(beta=2.5, gamma=0.3, alpha=0.25)), ("simpo", "simpo", dict(beta=2.5, gamma=0.3, alpha=-0.5))]
+
+
+@pytest.mark.parametrize("trl_type,name,hp", CPO_CASES, ids=[f"{c[1]}-{'-'.join(map(str, c[2].values()))}" for c in CPO_CASES])
+def test_cpo_simpo_and_alphapo_equal_trls_cpo_trainer(trl_type, name, hp):
+    """Per-sample losses and their gradients with respect to the sequence log-probs, float64; TRL
+    feeds SimPO the token-mean log-probs (``average_log_prob``), robalign the sums and counts."""
+    pytest.importorskip("trl")
+    logps, _, counts = batch(b=7, seed=5)
+    logps = (logps / 4).requires_grad_(True)                         # AlphaPO's p^(−α) stays moderate
+    per_token = name == "simpo"
+    mean = logps / counts.to(D) if per_token else logps
+    want = trl_cpo_loss(trl_type, mean[:, 0], mean[:, 1], **hp)
+    got = objectives.get(name)(logps, counts=counts, **hp)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), logps)[0], torch.autograd.grad(want.sum(), logps)[0],
+                               rtol=1e-12, atol=1e-14)

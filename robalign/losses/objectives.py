@@ -21,7 +21,8 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
     apo_zero        yes               2        no                  beta
     apo_down        yes               2        no                  beta
     discopop        yes               2        no                  beta, tau
-    simpo           no                2        yes                 beta, gamma
+    simpo           no                2        yes                 beta, gamma, label_smoothing, alpha (AlphaPO)
+    cpo             no                2        no                  beta, label_smoothing, alpha (AlphaPO)
     plackett_luce   yes               any      no                  beta
     rrhf            no                any      yes                 sft_weight
     lire            no                any      no                  temperature

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "plackett_luce", "rrhf", "lire", "sft",
+__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "cpo", "plackett_luce", "rrhf", "lire", "sft",
            "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture", "with_divergence",
            "F_DIVERGENCES"]
 
@@ -238,14 +238,42 @@ def discopop(logps, ref_logps, *, counts=None, scores=None, beta=0.1, tau=0.05):
     return (1 - m) * -F.logsigmoid(h) + m * torch.exp(-h)
 
 
-@objective(reference=False, pairwise=True, counts=True, beta=Param(2.0, low=0, low_open=True), gamma=Param(0.5))
-def simpo(logps, ref_logps=None, *, counts, scores=None, beta=2.0, gamma=0.5):
-    """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free and length-normalised:
+def _alpha_reward(logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward ``(1 − p^{−α})/α = −expm1(−α·logp)/α`` of a (mean) log-prob; α = 0: logp."""
+    return logp if alpha == 0 else -torch.expm1(-alpha * logp) / alpha
 
-        ℓ = −log σ( β·(logp_c/|y_c| − logp_r/|y_r|) − γ )
+
+def _smoothed_sigmoid_loss(h: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+
+@objective(reference=False, pairwise=True, counts=True, beta=Param(2.0, low=0, low_open=True), gamma=Param(0.5),
+           label_smoothing=SMOOTHING, alpha=Param(0.0))
+def simpo(logps, ref_logps=None, *, counts, scores=None, beta=2.0, gamma=0.5, label_smoothing=0.0, alpha=0.0):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free and length-normalised, with
+    label smoothing ε and AlphaPO's reward shape α (Gupta et al. 2025, arXiv 2501.03884; α = 0 is SimPO):
+
+        r_k = (1 − p̄_k^{−α})/α  with  log p̄_k = logp_k/|y_k|      (α = 0: r_k = logp_k/|y_k|)
+        ℓ  = −(1 − ε)·log σ(β·(r_c − r_r) − γ) − ε·log σ(−β·(r_c − r_r) + γ)
+
+    TRL's CPOTrainer with ``loss_type="simpo"`` (``simpo_gamma`` = γ, ``alpha``, ``label_smoothing``).
     """
-    avg = sort_by_scores(_length_normalised(logps, counts), scores)
-    return -F.logsigmoid(beta * (avg[:, 0] - avg[:, 1]) - gamma)
+    r = _alpha_reward(sort_by_scores(_length_normalised(logps, counts), scores), alpha)
+    return _smoothed_sigmoid_loss(beta * (r[:, 0] - r[:, 1]) - gamma, label_smoothing)
+
+
+@objective(reference=False, pairwise=True, beta=BETA, label_smoothing=SMOOTHING, alpha=Param(0.0))
+def cpo(logps, ref_logps=None, *, counts=None, scores=None, beta=0.1, label_smoothing=0.0, alpha=0.0):
+    """CPO's preference term (Xu et al. 2024, arXiv 2401.08417, Eq. 3), reference-free on token sums,
+    with label smoothing ε and AlphaPO's reward shape α:
+
+        ℓ = −(1 − ε)·log σ(β·(r_c − r_r)) − ε·log σ(−β·(r_c − r_r)),   r_k = (1 − p_k^{−α})/α (α = 0: logp_k)
+
+    TRL's CPOTrainer ``loss_type="sigmoid"``; its NLL term (``cpo_alpha``) is ``sft`` in a mixture,
+    ``"cpo+sft"`` (TRL averages the NLL over the batch's tokens: ``sft`` under weights |y_i|·B/Σ|y_j|).
+    """
+    r = _alpha_reward(sort_by_scores(logps, scores), alpha)
+    return _smoothed_sigmoid_loss(beta * (r[:, 0] - r[:, 1]), label_smoothing)
 
 
 @objective(reference=True, pairwise=False, beta=BETA)
