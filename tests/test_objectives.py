@@ -92,8 +92,8 @@ def test_lire_hand_computed():
 @pytest.mark.parametrize("name", objectives.NAMES)
 def test_gradcheck(name):
     k = 2 if objectives.is_pairwise(name) else 3
-    logps = torch.randn(4, k, dtype=D, requires_grad=True)
-    ref = torch.randn(4, k, dtype=D)
+    logps = (-torch.rand(4, k, dtype=D) * 5 - 0.1).requires_grad_(True)    # log-probabilities: negative
+    ref = -torch.rand(4, k, dtype=D) * 5 - 0.1
     counts = torch.randint(1, 6, (4, k))
     scores = torch.randn(4, k, dtype=D)
     fn = objectives.get(name)
@@ -226,3 +226,14 @@ def test_f_divergence_variants(kind, alpha):
     with pytest.raises(ValueError, match="unknown f-divergence 'reverse_kl'"):
         objectives.with_divergence("dpo", "reverse_kl")
     OBJECTIVES.pop(name, None)
+
+
+def test_orpo_hand_computed_and_an_unscored_response():
+    p_c, p_r = math.exp(-0.5), math.exp(-2.0)                       # token-mean probabilities
+    odds = (p_c / (1 - p_c)) / (p_r / (1 - p_r))
+    got = objectives.orpo(t([-1.0, -6.0]), counts=torch.tensor([[2, 3]]), beta=0.5)
+    assert got.item() == pytest.approx(-0.5 * math.log(odds / (1 + odds)), rel=1e-12)
+    logps = t([-1.0, 0.0], [-2.0, -3.0]).requires_grad_(True)
+    losses = objectives.orpo(logps, counts=torch.tensor([[2, 0], [1, 2]]))           # no scored token: p̄ = 1
+    losses.sum().backward()
+    assert losses[0].item() == 0.0 and torch.isfinite(logps.grad).all() and logps.grad[0].abs().sum() == 0

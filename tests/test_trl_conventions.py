@@ -275,3 +275,23 @@ def test_cpo_simpo_and_alphapo_equal_trls_cpo_trainer(trl_type, name, hp):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), logps)[0], torch.autograd.grad(want.sum(), logps)[0],
                                rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_equals_trls_odds_ratio_loss(beta):
+    """ORPO's odds-ratio term against TRL 1.16's own ``ORPOTrainer.odds_ratio_loss`` (which works
+    in float32: ``.float()`` first), on token-mean log-probs; both sides float32 (1e-6)."""
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    logps, _, counts = batch(b=7, seed=6)
+    logps = logps.float().requires_grad_(True)
+    mean = logps / counts.float()
+    stand_in = SimpleNamespace(beta=beta, accelerator=_Accelerator())
+    want = -ORPOTrainer.odds_ratio_loss(stand_in, mean[:, 0], mean[:, 1])[0]            # TRL subtracts its mean
+    got = objectives.orpo(logps, counts=counts, beta=beta)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), logps)[0], torch.autograd.grad(want.sum(), logps)[0],
+                               rtol=1e-6, atol=1e-7)

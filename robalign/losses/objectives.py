@@ -23,6 +23,7 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
     discopop        yes               2        no                  beta, tau
     simpo           no                2        yes                 beta, gamma, label_smoothing, alpha (AlphaPO)
     cpo             no                2        no                  beta, label_smoothing, alpha (AlphaPO)
+    orpo            no                2        yes                 beta               (the odds-ratio term)
     plackett_luce   yes               any      no                  beta
     rrhf            no                any      yes                 sft_weight
     lire            no                any      no                  temperature

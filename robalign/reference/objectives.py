@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "cpo", "plackett_luce", "rrhf", "lire", "sft",
+__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "cpo", "orpo", "plackett_luce", "rrhf", "lire", "sft",
            "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture", "with_divergence",
            "F_DIVERGENCES"]
 
@@ -274,6 +274,29 @@ def cpo(logps, ref_logps=None, *, counts=None, scores=None, beta=0.1, label_smoo
     """
     r = _alpha_reward(sort_by_scores(logps, scores), alpha)
     return _smoothed_sigmoid_loss(beta * (r[:, 0] - r[:, 1]), label_smoothing)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − e^x)`` for x < 0, without cancellation (the branch at −log 2, Mächler 2012)."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@objective(reference=False, pairwise=True, counts=True, beta=BETA)
+def orpo(logps, ref_logps=None, *, counts, scores=None, beta=0.1):
+    """ORPO's odds-ratio term (Hong et al. 2024, arXiv 2403.07691, Eqs. 4–7), reference-free, on
+    the token-mean log-probs ``log p̄_k = logp_k/|y_k|`` with odds ``p̄/(1 − p̄)``:
+
+        ℓ = −β·log σ( log odds_c − log odds_r )
+
+    The full ORPO objective adds the chosen NLL: ``"orpo+sft"`` (TRL's ORPOTrainer averages that
+    over the batch's tokens: ``sft`` under weights |y_i|·B/Σ|y_j|). A response with no scored token
+    has no odds (p̄ = 1): its sample's loss is 0, without gradient (TRL's gives inf or NaN there).
+    """
+    lp = sort_by_scores(_length_normalised(logps, counts), scores)
+    scored = (sort_by_scores(counts, scores) > 0).all(-1)
+    lp = torch.where(scored[:, None], lp, -1.0)                     # finite stand-ins: no NaN in the backward
+    log_odds = (lp[:, 0] - lp[:, 1]) - (_log1mexp(lp[:, 0]) - _log1mexp(lp[:, 1]))
+    return torch.where(scored, -beta * F.logsigmoid(log_odds), 0.0)
 
 
 @objective(reference=True, pairwise=False, beta=BETA)
