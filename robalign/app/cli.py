@@ -73,8 +73,9 @@ def _objective_arg(value: str) -> str:
 
 
 def _existing_file(value: str) -> Path:
+    """A preference file (or a folder saved by ``datasets``) that exists."""
     path = Path(value)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"no such file: {value}")
     return path
 

@@ -39,12 +39,17 @@ def prepare_tokenizer(tokenizer, log=print):
     return tokenizer
 
 
-def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
+def tokenize_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt — a string (one user turn) or a list of messages — through the
+    tokenizer's chat template with the generation prompt; without a template, the text (a
+    conversation as ``role: content`` lines)."""
+    from .ratio.data import prompt_text
+
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return tokenizer(prompt_text(prompt), add_special_tokens=True)["input_ids"]
 
 
 @dataclass
@@ -100,12 +105,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         pref = read_preference_file(path)
         eos = tokenizer.eos_token_id
         groups, cut_prompts, cut_responses, k_seen, names = [], 0, 0, None, []
-        for line_index, record in enumerate(pref.records):
-            if pref.format == "pairwise":
-                prompt, responses, scores = record["prompt"], [record["chosen"], record["rejected"]], [1.0, 0.0]
-            else:
-                prompt, responses = record.get("prompt", record.get("query")), record["responses"]
-                scores = [float(s) for s in record["scores"]]
+        for line_index, (record, (prompt, responses)) in enumerate(zip(pref.records, pref.samples)):
+            # the prompt: a string, or a conversation's messages (any layout TRL documents, see ratio.data)
+            scores = [1.0, 0.0] if pref.format == "pairwise" else [float(s) for s in record["scores"]]
             if k_seen is None:
                 k_seen = len(responses)
             elif len(responses) != k_seen:

@@ -49,7 +49,7 @@ def evaluate_run(run, data, *, batch_size: int = 16) -> dict:
     summary_path = run / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run}: not a run folder of `robalign train` (no summary.json)")
-    if not data.is_file():
+    if not data.exists():
         raise FileNotFoundError(f"--data: no such file: {data}")
     settings = json.loads(summary_path.read_text(encoding="utf-8"))["settings"]
     policy, tokenizer = _load_policy(run / "final")

@@ -112,7 +112,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         if not Path(settings.model).is_dir():
             raise FileNotFoundError(f"model path not found: {settings.model} (a local folder; nothing is downloaded)")
         check_model_folder(Path(settings.model))
-    if settings.data is not None and not Path(settings.data).is_file():
+    if settings.data is not None and not Path(settings.data).exists():
         raise FileNotFoundError(f"--data: no such file: {settings.data}")
     resume = None if settings.resume is None else resolve_resume(out, settings.resume, log)
     model, tokenizer = _load_model(settings, log)

@@ -9,6 +9,13 @@ Two formats, one JSON object a line (README, "The classifier stage"):
                it a sample's group is its responses' source (``a+b`` when they differ), see
                :func:`sample_group`
 
+TRL's other dataset layouts are read too: **conversational** (``prompt`` a list of messages
+``{"role", "content"}``, ``chosen``/``rejected`` lists of messages — the assistant's reply), the
+**implicit prompt** (no ``prompt``: ``chosen`` and ``rejected`` are whole conversations; their
+common leading messages are the prompt), and a **saved Hugging Face dataset** (a folder written by
+``Dataset.save_to_disk``; its rows are numbered like lines). A prompt given as messages goes through
+the tokenizer's chat template as it is; the classifier reads it as ``role: content`` lines.
+
 Every line is checked as it is parsed (JSON, required fields, equal list lengths, finite
 numbers), then the records become a :class:`datasets.Dataset` of one row per response.
 """
@@ -34,13 +41,15 @@ class PreferenceFile:
     path, format ("listwise" or "pairwise"), records (the original JSON objects, in order),
     and ``responses``: a :class:`datasets.Dataset` with one row per candidate — ``sample``
     (index of the record), ``position`` (index in the record), ``text`` (prompt and response),
-    ``source`` (or None).
+    ``source`` (or None). ``samples``: each record's prompt (a string, or the messages of a
+    conversational record) and response texts, whatever layout the record had.
     """
 
     path: Path
     format: str
     records: list
     responses: object
+    samples: list = None        # (prompt — a string or a list of messages —, [response texts]) per record
 
 
 def _fail(path, line, message):
@@ -101,9 +110,43 @@ def _listwise(path, line, obj):
     return prompt, responses, sources
 
 
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as the classifier reads it: the string, or a conversation's ``role: content`` lines."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def _conversation(path, line, obj):
+    """``(prompt messages, [chosen text, rejected text])`` of a conversational pairwise record, with
+    the prompt given or implicit (the common leading messages of ``chosen`` and ``rejected``)."""
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not _is_messages(value):
+            _fail(path, line, f"field `{field}` must be a string or a list of messages "
+                              "({\"role\": ..., \"content\": ...}) like `prompt`")
+    prompt = obj.get("prompt")
+    if prompt is None:                                  # implicit prompt: the shared leading messages
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            _fail(path, line, "no `prompt`, and `chosen` and `rejected` share no leading message to take as one")
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif not _is_messages(prompt):
+        _fail(path, line, "field `prompt` must be a list of messages when `chosen` and `rejected` are")
+    return prompt, ["\n".join(m["content"] for m in chosen), "\n".join(m["content"] for m in rejected)]
+
+
 def _pairwise(path, line, obj):
-    prompt = _text(path, line, obj, "prompt")
-    responses = [_text(path, line, obj, "chosen"), _text(path, line, obj, "rejected")]
+    if isinstance(obj.get("chosen"), list) or isinstance(obj.get("prompt"), list):
+        prompt, responses = _conversation(path, line, obj)
+    else:
+        prompt = _text(path, line, obj, "prompt")
+        responses = [_text(path, line, obj, "chosen"), _text(path, line, obj, "rejected")]
     if "chosen_source" in obj or "rejected_source" in obj:
         sources = [_text(path, line, obj, "chosen_source"), _text(path, line, obj, "rejected_source")]
     elif "source" in obj:
@@ -117,15 +160,62 @@ def _pairwise(path, line, obj):
 def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
     """Parse and check ``path``; the format is decided by the first record's fields.
 
-    Raises :class:`DataError` (``file:line: message``) on the first bad line, or when the file
-    holds no record, mixes formats, or (with ``need_sources``) lacks a source for a response.
+    ``path``: a JSONL file, or a folder saved by ``datasets.Dataset.save_to_disk``. Raises
+    :class:`DataError` (``file:line: message``; a saved dataset's rows count as lines) on the first
+    bad record, or when the file holds no record, mixes formats, or (with ``need_sources``) lacks a
+    source for a response.
     """
     import datasets
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file")
-    records, rows, fmt = [], [], None
+    records, rows, fmt, samples = [], [], None, []
+    for line, obj in _objects(path):
+        this = "listwise" if "responses" in obj else "pairwise" if "chosen" in obj else None
+        if this is None:
+            _fail(path, line, "expected a listwise record (`responses`) or a pairwise one (`chosen`, `rejected`)")
+        if fmt is None:
+            fmt = this
+        elif this != fmt:
+            _fail(path, line, f"a {this} record in a {fmt} file")
+        prompt, responses, sources = (_listwise if fmt == "listwise" else _pairwise)(path, line, obj)
+        group = obj.get("group")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
+            _fail(path, line, f"field `group` must be a string or an integer, got {type(group).__name__}")
+        if need_sources and sources is None:
+            field = "sources" if fmt == "listwise" else "chosen_source`/`rejected_source` or `source"
+            _fail(path, line, f"missing field `{field}` (the classifier needs each response's source)")
+        for position, response in enumerate(responses):
+            rows.append({"sample": len(records), "position": position, "line": line,
+                         "text": f"{prompt_text(prompt)}\n\n{response}",
+                         "source": None if sources is None else sources[position]})
+        records.append(obj)
+        samples.append((prompt, responses))
+    if not records:
+        raise DataError(f"{path}: the file holds no record")
+    return PreferenceFile(path=path, format=fmt, records=records, responses=datasets.Dataset.from_list(rows),
+                          samples=samples)
+
+
+def _objects(path: Path):
+    """``(line, record)`` of a JSONL file (blank lines skipped), or ``(row + 1, record)`` of a folder
+    written by ``datasets.Dataset.save_to_disk``."""
+    if path.is_dir():
+        import datasets
+
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except Exception as err:  # not a saved dataset: say what the folder should be
+            raise DataError(f"{path}: a folder must be a dataset saved with Dataset.save_to_disk "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            if "train" not in dataset:
+                raise DataError(f"{path}: a saved DatasetDict needs a `train` split, it has {sorted(dataset)}")
+            dataset = dataset["train"]
+        for row, obj in enumerate(dataset, start=1):
+            yield row, {k: v for k, v in obj.items() if v is not None}
+        return
     with path.open("rb") as handle:
         for line, raw_bytes in enumerate(handle, start=1):
             try:
@@ -141,27 +231,7 @@ def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
                 _fail(path, line, f"not valid JSON ({err.msg} at column {err.colno})")
             if not isinstance(obj, dict):
                 _fail(path, line, "each line must be a JSON object")
-            this = "listwise" if "responses" in obj else "pairwise" if "chosen" in obj else None
-            if this is None:
-                _fail(path, line, "expected a listwise record (`responses`) or a pairwise one (`chosen`, `rejected`)")
-            if fmt is None:
-                fmt = this
-            elif this != fmt:
-                _fail(path, line, f"a {this} record in a {fmt} file")
-            prompt, responses, sources = (_listwise if fmt == "listwise" else _pairwise)(path, line, obj)
-            group = obj.get("group")
-            if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
-                _fail(path, line, f"field `group` must be a string or an integer, got {type(group).__name__}")
-            if need_sources and sources is None:
-                field = "sources" if fmt == "listwise" else "chosen_source`/`rejected_source` or `source"
-                _fail(path, line, f"missing field `{field}` (the classifier needs each response's source)")
-            for position, response in enumerate(responses):
-                rows.append({"sample": len(records), "position": position, "line": line,
-                             "text": f"{prompt}\n\n{response}", "source": None if sources is None else sources[position]})
-            records.append(obj)
-    if not records:
-        raise DataError(f"{path}: the file holds no record")
-    return PreferenceFile(path=path, format=fmt, records=records, responses=datasets.Dataset.from_list(rows))
+            yield line, obj
 
 
 def sample_group(record: dict) -> str | None:
