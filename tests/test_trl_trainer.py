@@ -165,3 +165,19 @@ def test_the_readme_example_runs_as_written(tmp_path):
                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "'train_loss'" in out.stdout + out.stderr
+
+
+def test_evaluation_in_a_trl_script(setup, tmp_path):
+    """`evaluate()` on an eval set (one batch of 8): the weighted DoRA loss and the reward metrics,
+    under TRL's names too."""
+    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+
+    dataset, model, tokenizer = setup
+    config = DoRADPOConfig(output_dir=str(tmp_path / "e"), dora_lam=1.0, **{**COMMON, "max_steps": 1})
+    trainer = DoRADPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
+                             train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    # untrained: policy = reference, every ℓ_i = log 2, so the loss is λ·log mean exp(w_i·log 2/λ), λ = 1
+    w = torch.tensor(dataset["weight"], dtype=torch.float64)
+    assert metrics["eval_loss"] == pytest.approx(float(torch.log(torch.exp(w * math.log(2)).mean())), rel=1e-9)
+    assert metrics["eval_rewards/accuracies"] == metrics["eval_rewards/accuracy"] == 0.0

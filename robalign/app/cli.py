@@ -151,7 +151,7 @@ def _cmd_train(args) -> int:
                                                "level", "group_step", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
-                                               "logging_steps")}
+                                               "logging_steps", "eval_data", "eval_steps", "report_to")}
     for flag in ("lora", "merge", "bf16"):
         if getattr(args, flag):
             overrides[flag] = True
@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, help=per_model("grad_accum", "micro-batches per optimizer step"))
     train.add_argument("--max-length", type=int, help=per_model("max_length", "tokens per row, prompt included"))
     train.add_argument("--max-prompt-length", type=int, help=per_model("max_prompt_length", "prompt tokens kept"))
+    train.add_argument("--eval-data", metavar="FILE", dest="eval_data",
+                       help="held-out preference file: eval loss and reward accuracy/margin at the end "
+                            "(and every --eval-steps)")
+    train.add_argument("--eval-steps", type=int, dest="eval_steps", help="evaluate every N optimizer steps")
+    train.add_argument("--report-to", dest="report_to", choices=("none", "tensorboard", "wandb", "all"),
+                       help="experiment tracker (its package must be installed; default none)")
     train.add_argument("--logging-steps", type=int,
                        help=f"log every N optimizer steps; the first and last are always logged (default {d.logging_steps})")
     train.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")

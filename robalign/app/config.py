@@ -94,6 +94,9 @@ class TrainSettings(DoRAConfig):
     logging_steps: int = 5
     save_steps: int = 50
     resume: str | None = None
+    eval_data: str | None = None
+    eval_steps: int | None = None
+    report_to: str = "none"
 
 
 def resolve_defaults(settings: TrainSettings) -> TrainSettings:
@@ -145,7 +148,10 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "group_step": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "objective_kwargs": mapping, "fsdp_config": mapping,
         "out": text, "optim": text, "fsdp": text,
-        "model": path, "data": path, "deepspeed": path, "resume": path,
+        "model": path, "data": path, "deepspeed": path, "resume": path, "eval_data": path,
+        "eval_steps": (lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1 (or null: at the end only)"),
+        "report_to": (lambda v: isinstance(v, str) and v in ("none", "tensorboard", "wandb", "all"),
+                      "one of none, tensorboard, wandb, all"),
         "batch_size": positive_int, "grad_accum": positive_int, "max_prompt_length": positive_int,
         "logging_steps": positive_int, "save_steps": positive_int,
         "max_length": (lambda v: is_int(v) and v > prompt, f"an integer above max_prompt_length ({prompt})"),

@@ -90,6 +90,29 @@ def _deepspeed_config(path, log):
     return config
 
 
+def model_card(summary: dict) -> str:
+    """``final/README.md``: what was trained, on what, how, and how it ended (from ``summary.json``)."""
+    s, last, evaluation = summary["settings"], summary["last_log"] or {}, summary.get("eval") or {}
+    dro = s["dro"] + (f" (λ = {s['lam']:g})" if s["dro"] == "kl" else "")
+    lines = ["---", "library_name: transformers", "tags: [robalign, dora, preference-alignment]", "---", "",
+             f"# {Path(summary['out']).name}", "",
+             f"Trained with robalign (`robalign train`) from {summary['model']} on "
+             f"{summary['data']} ({summary['samples']} samples of {summary['group_size']} responses).", "",
+             "| setting | value |", "| --- | --- |"]
+    for key, value in (("objective", s["objective"]), ("β", s["beta"]), ("DRO", dro), ("learning rate", s["lr"]),
+                       ("batch", f"{s['batch_size']} × {s['grad_accum']} accumulation × {summary['world_size']} "
+                                 "processes"),
+                       ("steps", summary["steps"]), ("seed", s["seed"])):
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "| result | value |", "| --- | --- |",
+              f"| final training loss (full batch) | {last.get('loss', float('nan')):.4f} |",
+              f"| reward accuracy (last logged) | {last.get('rewards/accuracy', float('nan')):.3f} |"]
+    for key in ("eval_loss", "eval_rewards/accuracy", "eval_rewards/margin"):
+        if key in evaluation:
+            lines.append(f"| {key} | {evaluation[key]:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_training(settings: TrainSettings, log=print) -> dict:
     """Train; write checkpoints, the final model and ``summary.json`` to ``settings.out``."""
     import torch
@@ -114,12 +137,19 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         check_model_folder(Path(settings.model))
     if settings.data is not None and not Path(settings.data).exists():
         raise FileNotFoundError(f"--data: no such file: {settings.data}")
+    if settings.eval_data is not None and not Path(settings.eval_data).exists():
+        raise FileNotFoundError(f"--eval-data: no such file: {settings.eval_data}")
     resume = None if settings.resume is None else resolve_resume(out, settings.resume, log)
     model, tokenizer = _load_model(settings, log)
     prepare_tokenizer(tokenizer, log)
     data = Path(settings.data) if settings.data is not None else _embedded_data(out, settings.seed)
     dataset = PreferenceDataset.from_file(data, tokenizer, max_length=settings.max_length,
                                           max_prompt_length=settings.max_prompt_length)
+    eval_set = None if settings.eval_data is None else PreferenceDataset.from_file(
+        settings.eval_data, tokenizer, max_length=settings.max_length, max_prompt_length=settings.max_prompt_length)
+    if eval_set is not None and eval_set.group_size != dataset.group_size:
+        raise ValueError(f"--eval-data {settings.eval_data}: {eval_set.group_size} responses per sample, the training "
+                         f"data has {dataset.group_size}")
     unknown = dataset.unknown_share(getattr(tokenizer, "unk_token_id", None))
     if unknown > UNKNOWN_REFUSE and settings.model is None:
         raise ValueError(f"--data {data}: {unknown:.0%} of its tokens are unknown to the embedded default's toy "
@@ -140,11 +170,14 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         learning_rate=settings.lr, num_train_epochs=settings.epochs, max_steps=settings.max_steps,
         logging_steps=settings.logging_steps, logging_first_step=True, save_steps=settings.save_steps,
         save_total_limit=2,
-        report_to=[], seed=settings.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+        report_to=[] if settings.report_to == "none" else [settings.report_to], seed=settings.seed,
+        eval_strategy="steps" if eval_set is not None and settings.eval_steps else "no",
+        eval_steps=settings.eval_steps, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
         optim=settings.optim, bf16=settings.bf16, fsdp=settings.fsdp, fsdp_config=settings.fsdp_config or None,
         deepspeed=_deepspeed_config(settings.deepspeed, log), lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
     )
-    trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, dora=settings)
+    trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_set,
+                          processing_class=tokenizer, dora=settings)
     check_engine(trainer, settings)            # no silent fallback to another engine or to N independent runs
     if dataset.truncated_prompts or dataset.truncated_responses:
         log(f"robalign: truncated {dataset.truncated_prompts} prompts (from the left) and "
@@ -159,6 +192,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
             raise ValueError(f"--resume {resume}: the checkpoint does not fit this model or run "
                              f"({str(err).splitlines()[0]})") from None
         raise
+    evaluation = trainer.evaluate() if eval_set is not None else None
     trainer.save_model(str(out / "final"))
     tokenizer.save_pretrained(str(out / "final"))
     if settings.lora and settings.merge:
@@ -180,10 +214,11 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         "train_loss": result.training_loss, "seconds": round(time.perf_counter() - start, 1),
         "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
         "truncated_prompts": dataset.truncated_prompts, "truncated_responses": dataset.truncated_responses,
-        "settings": dataclasses.asdict(settings),
+        "settings": dataclasses.asdict(settings), "eval": evaluation,
     }
     from .._io import write_atomic
 
     if trainer.is_world_process_zero():
         write_atomic(out / "summary.json", lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))
+        write_atomic(out / "final" / "README.md", lambda h: h.write(model_card(summary).encode()))
     return summary

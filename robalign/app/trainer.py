@@ -262,6 +262,7 @@ class DoRATrainer(Trainer):
         self._reset_pending = True
         self._last_loss = 0.0
         self._dora_metrics = defaultdict(list)
+        self._eval_metrics = defaultdict(list)
         self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
         self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
@@ -273,7 +274,7 @@ class DoRATrainer(Trainer):
         return super()._get_train_sampler(*args, **kwargs)
 
     # -- reference log-probs -----------------------------------------------------------------
-    def _ref_cache_path(self, model) -> Path:
+    def _ref_cache_path(self, model, dataset=None) -> Path:
         """The cache file of the reference log-probs: keyed on everything that determines them —
         the reference model's weights and buffers (names, dtypes, shapes, bytes), the tokenised
         rows of the dataset, and the log-prob path — never on names that can point at new weights."""
@@ -282,7 +283,7 @@ class DoRATrainer(Trainer):
             t = tensor.detach()
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        for group in self.train_dataset.groups:
+        for group in (dataset or self.train_dataset).groups:
             digest.update(repr((group.input_ids, group.labels)).encode())
         digest.update(f"fused={self.dora.fused}".encode())
         return Path(self.args.output_dir) / f"ref_logps-{digest.hexdigest()}.pt"
@@ -301,23 +302,29 @@ class DoRATrainer(Trainer):
             return None, f"{path.name} did not hold {rows} finite float32 log-probs"
         return values, None
 
-    def compute_reference_logps(self, batch_size: int | None = None, progress: bool = True) -> None:
-        """Fill every sample's ``ref_logps`` (no gradient), from the cache when it matches.
-        ``reference_cache`` then says what happened: ``"used <file>"``, ``"computed"`` or
-        ``"recomputed: <why>"`` (a damaged cache file is rebuilt, never trusted)."""
+    def compute_reference_logps(self, batch_size: int | None = None, progress: bool = True, dataset=None) -> None:
+        """Fill every sample's ``ref_logps`` of ``dataset`` (default the training set; no gradient),
+        from the cache when it matches. For the training set ``reference_cache`` then says what
+        happened: ``"used <file>"``, ``"computed"`` or ``"recomputed: <why>"`` (a damaged cache file
+        is rebuilt, never trusted)."""
         from tqdm.auto import tqdm
 
-        dataset = self.train_dataset
+        training = dataset is None or dataset is self.train_dataset
+        dataset = self.train_dataset if dataset is None else dataset
         if all(g.ref_logps is not None for g in dataset.groups):
-            self.reference_cache = "given with the data"
+            if training:
+                self.reference_cache = "given with the data"
             return
         model = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
-        path = self._ref_cache_path(model)
+        if not training and model is self.accelerator.unwrap_model(self.model) and self.state.global_step > 0:
+            raise RuntimeError("robalign.DoRATrainer: the evaluation set's reference log-probs must be computed "
+                               "before training moves the policy (call train() first, or pass ref_model)")
+        path = self._ref_cache_path(model, dataset)
         values, why = self._read_ref_cache(path, len(dataset) * dataset.group_size)
         if values is not None:
-            self.reference_cache = f"used {path.name}"
+            note = f"used {path.name}"
         else:
-            self.reference_cache = "computed" if why is None else f"recomputed: {why}"
+            note = "computed" if why is None else f"recomputed: {why}"
             model = model.to(self.args.device)
             was_training = model.training
             model.eval()
@@ -335,6 +342,8 @@ class DoRATrainer(Trainer):
             model.train(was_training)
             if self.is_world_process_zero():
                 write_atomic(path, lambda handle: torch.save(values, handle))
+        if training:
+            self.reference_cache = note
         k = dataset.group_size
         for i, group in enumerate(dataset.groups):
             group.ref_logps = values[i * k:(i + 1) * k].tolist()
@@ -351,6 +360,8 @@ class DoRATrainer(Trainer):
 
         if objectives.needs_reference(self.loss_fn.objective):
             self.compute_reference_logps()
+            if hasattr(self.eval_dataset, "groups"):          # before the policy moves: the same reference
+                self.compute_reference_logps(dataset=self.eval_dataset)
         self._loss_total = None
         self._state_restored = False
         result = super().train(*args, **kwargs)
@@ -501,14 +512,26 @@ class DoRATrainer(Trainer):
             self._reset_pending = True
         return increment.float()
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """One evaluation batch: its reduced loss (a stateful reduction — group DRO's q — does not
+        move) and the reward metrics, logged as ``eval_rewards/...`` with the evaluation loss."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            samples = self.dora_samples(model, inputs)
+            loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group(),
+                                                    **self.loss_fn.group_kwargs(samples))
+        self._record(samples, self._eval_metrics)
+        return loss.detach(), None, None
+
     _RECORDED = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "weights/mean",
                  "weights/max")
 
-    def _record(self, out) -> None:
+    def _record(self, out, into=None) -> None:
+        into = self._dora_metrics if into is None else into
         for name, value in zip(self._RECORDED, (
                 out.reward_accuracy, out.reward_margin, out.chosen_rewards.mean(), out.rejected_rewards.mean(),
                 out.weights.mean(), out.weights.max())):
-            self._dora_metrics[name].append(value.detach().float())
+            into[name].append(value.detach().float())
 
     def log(self, logs, *args, **kwargs):
         """The Trainer's logs plus the DoRA metrics averaged since the last log (one device read
@@ -524,4 +547,12 @@ class DoRATrainer(Trainer):
             logs.update(zip(names, means))
             logs.update({alias: logs[name] for name, alias in self._METRIC_ALIASES.items() if name in logs})
             self._dora_metrics.clear()
+        if self._eval_metrics and "eval_loss" in logs:
+            names = list(self._eval_metrics)
+            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._eval_metrics[n]]).mean()
+                                 for n in names]).tolist()
+            logs.update({f"eval_{n}": m for n, m in zip(names, means)})
+            logs.update({f"eval_{alias}": logs[f"eval_{n}"] for n, alias in self._METRIC_ALIASES.items()
+                         if f"eval_{n}" in logs})
+            self._eval_metrics.clear()
         return super().log(logs, *args, **kwargs)

@@ -106,7 +106,7 @@ class _WithWeights:
     def __call__(self, examples):
         batch = self.collator(examples)
         if self.column and all(self.column in ex and ex[self.column] is not None for ex in examples):
-            batch["dora_weights"] = torch.tensor([ex[self.column] for ex in examples], dtype=torch.float32)
+            batch["dora_weights"] = torch.tensor([ex[self.column] for ex in examples], dtype=torch.float64)
         return batch
 
 
