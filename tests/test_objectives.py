@@ -237,3 +237,34 @@ def test_orpo_hand_computed_and_an_unscored_response():
     losses = objectives.orpo(logps, counts=torch.tensor([[2, 0], [1, 2]]))           # no scored token: p̄ = 1
     losses.sum().backward()
     assert losses[0].item() == 0.0 and torch.isfinite(logps.grad).all() and logps.grad[0].abs().sum() == 0
+
+
+def test_ld_alpha_on_every_path():
+    """LD-DPO's split: α = 1 is the plain loss; the C++ and Triton-interpreter backends, on logits
+    and on hidden states with the head (float32), equal the float64 reference backend (1e-5: float32
+    log-softmax sums of ≤ 6 tokens); a listwise group shares the length of its shortest response."""
+    gen = torch.Generator().manual_seed(2)
+    s, t, h, v = 6, 7, 5, 13
+    hidden, head = torch.randn(s, t, h, generator=gen), torch.randn(v, h, generator=gen)
+    labels = torch.randint(v, (s, t), generator=gen)
+    labels[:, :2] = -100
+    labels[torch.rand(s, t, generator=gen) < 0.2] = -100
+    ref = torch.randn(s, generator=gen) - 15
+    logits = hidden @ head.T
+
+    def loss(backend, ld_alpha, k=2, objective="dpo", **inputs):
+        fn = robalign.DoRALoss(objective, beta=0.3, lam=0.8, ld_alpha=ld_alpha, backend=backend, group_size=k)
+        return fn(labels=labels, ref_logps=ref, **inputs).loss.double()
+
+    plain = robalign.DoRALoss("dpo", beta=0.3, lam=0.8, backend="reference")(logits=logits.double(), labels=labels,
+                                                                              ref_logps=ref).loss
+    torch.testing.assert_close(loss("reference", 1.0, logits=logits.double()), plain)
+    want = loss("reference", 0.4, logits=logits.double())
+    assert abs(float(want - plain)) > 1e-4
+    for backend in ("cpp", "triton"):
+        torch.testing.assert_close(loss(backend, 0.4, logits=logits), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss(backend, 0.4, hidden=hidden, head_weight=head), want, rtol=1e-5, atol=1e-6)
+    listwise = loss("reference", 0.4, k=3, objective="plackett_luce", logits=logits.double())
+    assert torch.isfinite(listwise)
+    with pytest.raises(ValueError, match="`ld_alpha` must lie in"):
+        robalign.DoRALoss("dpo", ld_alpha=1.5)

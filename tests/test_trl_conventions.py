@@ -93,7 +93,7 @@ class _Outputs:
 
 
 def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, beta, label_smoothing=0.0,
-                     loss_weights=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
+                     loss_weights=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None):
     """TRL 1.16's ``DPOTrainer._compute_loss`` itself, run on a stand-in trainer whose model returns
     ``per_token_logps`` ([2B, T − 1], chosen rows first) and with precomputed reference log-probs;
     ``loss_type`` a name or TRL's list of names (with ``loss_weights``)."""
@@ -104,7 +104,7 @@ def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, 
     from trl import DPOTrainer
 
     trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
         precompute_ref_logps=True, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types),
@@ -295,3 +295,34 @@ def test_orpo_equals_trls_odds_ratio_loss(beta):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), logps)[0], torch.autograd.grad(want.sum(), logps)[0],
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("trl_type,name", [("sigmoid", "dpo"), ("ipo", "ipo_norm")])
+def test_ld_dpo_equals_trls_ld_alpha(trl_type, name, ld_alpha):
+    """LD-DPO (``DoRALoss(ld_alpha=α)``, on logits, two fused passes) against TRL 1.16's own
+    ``_compute_loss`` with ``ld_alpha`` on the same per-token log-probs (float64, 1e-12): loss and
+    gradient with respect to the logits. The reference log-probs are given precomputed, as TRL
+    takes them then (unsplit)."""
+    pytest.importorskip("trl")
+    gen = torch.Generator().manual_seed(9)
+    b, t, v = 4, 8, 11
+    completion = torch.zeros(2 * b, t + 1, dtype=torch.long)
+    for row in range(2 * b):
+        start = int(torch.randint(1, 4, (1,), generator=gen))
+        completion[row, start:start + int(torch.randint(1, t - 2, (1,), generator=gen))] = 1
+    ids = torch.randint(v, (2 * b, t + 1), generator=gen)
+    logits = torch.randn(2 * b, t, v, generator=gen, dtype=D, requires_grad=True)
+    labels = ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)               # TRL's shifted completion
+    per_token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    per_token = per_token * (labels != -100)
+    ref = torch.randn(2 * b, generator=gen, dtype=D) - 20
+    trl_loss = trl_compute_loss(trl_type, per_token, completion, ref, beta=0.2, ld_alpha=ld_alpha)
+    (trl_grad,) = torch.autograd.grad(trl_loss, logits)
+    mine = logits.detach().clone().requires_grad_(True)
+    gm = robalign.pairs_to_group_major
+    out = robalign.DoRALoss(name, beta=0.2, lam=float("inf"), ld_alpha=ld_alpha, backend="reference")(
+        logits=gm(mine), labels=gm(labels), ref_logps=gm(ref))
+    (my_grad,) = torch.autograd.grad(out.loss, mine)
+    torch.testing.assert_close(out.loss, trl_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)

@@ -43,6 +43,17 @@ def _take_renamed(where, kwargs: dict, renamed: dict) -> dict:
     return moved
 
 
+def _ld_split(labels: torch.Tensor, ignore_index: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's two label sets of ``[S, T]`` group-major ``labels``: the scored tokens up to the
+    shortest response of each group (by rank among the row's scored tokens), and the rest."""
+    scored = labels != ignore_index
+    rank = scored.cumsum(-1)
+    n = scored.sum(-1).view(-1, k)
+    shared = n.min(-1, keepdim=True).values.expand(-1, k).reshape(-1, 1)
+    return (labels.masked_fill(~(scored & (rank <= shared)), ignore_index),
+            labels.masked_fill(~(scored & (rank > shared)), ignore_index))
+
+
 @dataclass
 class DoRASamples:
     """The per-sample part of :class:`DoRALoss`. B samples of K candidates, S = B·K sequences.
@@ -108,6 +119,12 @@ class DoRALoss(nn.Module):
         fp32_head_grad: in the one-pass path, accumulate the head's gradient in float32 for a
             bfloat16/float16 head (one extra [V, H] float32 buffer); False keeps the head's dtype
             (one rounding per chunk).
+        ld_alpha: LD-DPO's length desensitisation (Liu et al. 2024, arXiv 2409.06411; TRL's
+            ``ld_alpha``), α ∈ [0, 1]: a response's log-prob counts its first ``min_k |y_k|`` scored
+            tokens (the length its group shares) fully and the rest times α,
+            ``logp = logp_shared + α·logp_tail``; for the policy and for a reference given as logits
+            or hidden states (``ref_logps`` given directly are taken as they are). Padded rows only;
+            the recompute path (two fused log-prob passes, one per part).
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
 
@@ -115,7 +132,7 @@ class DoRALoss(nn.Module):
                  synthetic_fraction=None, class_ratio: float = 1.0, group_size: int = 2,
                  ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
                  ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
-                 fp32_head_grad: bool = True, **objective_kwargs):
+                 fp32_head_grad: bool = True, ld_alpha: float | None = None, **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
         renamed = _take_renamed(where, objective_kwargs, _RENAMED_INIT)
@@ -150,6 +167,9 @@ class DoRALoss(nn.Module):
         self.group_size, self.ignore_index = group_size, ignore_index
         self.process_group, self.ddp_average, self.backend = process_group, ddp_average, backend
         self.one_pass, self.fp32_head_grad = bool(one_pass), bool(fp32_head_grad)
+        if ld_alpha is not None:
+            V.check_number(where, "ld_alpha", ld_alpha, low=0, high=1)
+        self.ld_alpha = ld_alpha
         self.needs_reference = _objectives.needs_reference(objective)
         takes = _objectives.hyperparameters(objective)
         self.hparams = dict(objective_kwargs)
@@ -171,6 +191,17 @@ class DoRALoss(nn.Module):
                 f"group_size={self.group_size}, hparams={self.hparams}")
 
     def _logps(self, where, prefix, logits, hidden, head_weight, head_bias, labels, cu_seqlens):
+        if self.ld_alpha is not None:
+            if cu_seqlens is not None:
+                V.fail(where, "`ld_alpha` takes padded rows ([S, T] labels), not packed ones (`cu_seqlens`)")
+            shared, tail = _ld_split(labels, self.ignore_index, self.group_size)
+            logps_shared, _ = self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, shared, None)
+            logps_tail, _ = self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, tail, None)
+            counts = (labels != self.ignore_index).sum(-1)
+            return logps_shared + self.ld_alpha * logps_tail, counts
+        return self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, labels, cu_seqlens)
+
+    def _plain_logps(self, where, prefix, logits, hidden, head_weight, head_bias, labels, cu_seqlens):
         if (logits is None) == (hidden is None):
             V.fail(where, f"pass exactly one of `{prefix}logits` or `{prefix}hidden` (with `{prefix}head_weight`)")
         if logits is not None:
@@ -236,7 +267,8 @@ class DoRALoss(nn.Module):
             V.fail(where, f"pass `ref_logps` or `{given[0]}`, not both (one source of reference log-probs)")
         missing_ref = self.needs_reference and ref_logps is None
         # policy and reference logits read in one pass; else the reference first, without gradient
-        with_ref = missing_ref and logits is not None and ref_logits is not None and hidden is None and ref_hidden is None
+        with_ref = (missing_ref and logits is not None and ref_logits is not None and hidden is None and ref_hidden is None
+                    and self.ld_alpha is None)
         if missing_ref and given and not with_ref:
             with torch.no_grad():
                 ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
@@ -282,7 +314,7 @@ class DoRALoss(nn.Module):
         """The kernel backend that runs the one-pass loss here, or ``None`` for the recompute path:
         it needs hidden states and a head, gradients wanted, a reduction that takes a gradient
         formed ahead (``one_pass_temperature``) and a kernel backend (not the reference)."""
-        if not self.one_pass or logits is not None or hidden is None or head_weight is None:
+        if not self.one_pass or logits is not None or hidden is None or head_weight is None or self.ld_alpha is not None:
             return None
         if getattr(self.reduction, "one_pass_temperature", None) is None or not torch.is_grad_enabled():
             return None
