@@ -242,3 +242,33 @@ def test_an_evaluation_set_and_the_model_card(tmp_path):
     assert "library_name: transformers" in card and "| objective | dpo |" in card and "eval_loss" in card
     with pytest.raises(FileNotFoundError, match="--eval-data: no such file"):
         run_training(_settings(tmp_path, "bad", eval_data=str(tmp_path / "nope.jsonl")), log=lambda *_: None)
+
+
+def test_ld_alpha_in_the_trainer_is_doralosss(tmp_path, tokenizer):
+    """`DoRAConfig(ld_alpha=α)`: the trainer's log-probs (fused head, two passes) and its loss equal
+    DoRALoss(ld_alpha=α) on the logits of the same batch (float64 model, 1e-9)."""
+    from robalign import DoRALoss
+    from robalign.app.config import DoRAConfig
+    from robalign.app.trainer import DoRATrainer, policy_logps
+    from robalign.ops import shift_labels
+    from transformers import TrainingArguments
+
+    path = write(tmp_path / "d.jsonl", [{"prompt": "tell me about the ocean .", "chosen": "wave tide coral reef",
+                                         "rejected": "thing"}, {"prompt": "tell me about the city .",
+                                         "chosen": "street", "rejected": "stuff whatever really"}])
+    dataset = PreferenceDataset.from_file(path, tokenizer, max_length=32, max_prompt_length=16)
+    model = embedded_model(seed=0)[0].double()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, per_device_train_batch_size=2)
+    trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          dora=DoRAConfig(ld_alpha=0.3, lam=0.5))
+    trainer.compute_reference_logps(progress=False)
+    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(dataset.groups)
+    samples = trainer.dora_samples(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = DoRALoss("dpo", beta=0.1, lam=0.5, ld_alpha=0.3, backend="reference")(
+        logits=logits, labels=shift_labels(batch["labels"]), ref_logps=batch["ref_logps"].double())
+    torch.testing.assert_close(samples.policy_logps, want.policy_logps, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(samples.losses, want.losses, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(batch["ref_logps"].double(), want.policy_logps.detach(), rtol=1e-6, atol=1e-5)
+    plain, _ = policy_logps(model, batch)
+    assert not torch.allclose(samples.policy_logps, plain)                       # the tails are down-weighted

@@ -118,7 +118,8 @@ def test_what_is_not_supported_is_refused(setup, tmp_path):
     from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
 
     dataset, model, tokenizer = setup
-    for extra, message in (({"ld_alpha": 0.5}, "`ld_alpha` is not supported yet"),
+    for extra, message in (({"ld_alpha": 0.5, "precompute_ref_log_probs": True},
+                            "`ld_alpha` with `precompute_ref_log_probs=True` is not supported yet"),
                            ({"loss_type": ["aot"]}, "TRL loss type 'aot' has no robalign objective"),
                            ({"use_weighting": True}, "`use_weighting` is not supported yet")):
         config = DoRADPOConfig(output_dir=str(tmp_path / "x"), **{**COMMON, **extra})

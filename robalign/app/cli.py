@@ -148,7 +148,7 @@ def _cmd_train(args) -> int:
     with _needs_extras("train"):
         from .train import load_settings, run_training
     overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "dro", "eta", "rho",
-                                               "level", "group_step", "alpha", "lr",
+                                               "level", "group_step", "ld_alpha", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
                                                "logging_steps", "eval_data", "eval_steps", "report_to")}
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eta", type=float, help=f"radius of the KL ball (default {d.eta:g})")
     train.add_argument("--rho", type=float, help=f"radius of the χ² ball (default {d.rho:g})")
     train.add_argument("--level", type=float, help=f"CVaR level: the worst fraction of the batch (default {d.level:g})")
+    train.add_argument("--ld-alpha", type=float, dest="ld_alpha",
+                       help="LD-DPO: weight of the tokens past the shorter response of each pair (0 to 1)")
     train.add_argument("--group-step", type=float, dest="group_step",
                        help=f"group DRO's exponentiated-gradient step η_q (default {d.group_step:g})")
     train.add_argument("--alpha", type=float, help="target fraction α (needed with probs and no weights)")

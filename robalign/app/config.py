@@ -32,6 +32,7 @@ class DoRAConfig:
     ``group``: group DRO over the data's groups (each sample's ``group`` field, else its source),
     q moved by exponentiated gradient with step ``group_step`` once per optimizer step (the same
     pre-pass with several micro-batches).
+    ld_alpha: LD-DPO's weight of the tokens past the shorter response (``None``: plain log-probs).
     fused: the fused linear path (False: materialise logits, for models whose logits are not
     ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
@@ -49,6 +50,7 @@ class DoRAConfig:
     rho: float = 0.5
     level: float = 0.2
     group_step: float = 0.01
+    ld_alpha: float | None = None
     fused: bool = True
     one_pass: bool = True
     shuffle: bool = True
@@ -146,6 +148,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "level": (lambda v: is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
         "group_step": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "ld_alpha": (lambda v: v is None or (is_real(v) and 0 <= v <= 1), "a number in [0, 1] (or null)"),
         "objective_kwargs": mapping, "fsdp_config": mapping,
         "out": text, "optim": text, "fsdp": text,
         "model": path, "data": path, "deepspeed": path, "resume": path, "eval_data": path,

@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback
 from .._io import write_atomic
 from .config import DoRAConfig, check_settings, reduction_of
 from .data import PreferenceCollator
+from ..losses.layout import ld_split
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 
@@ -160,20 +161,36 @@ def _gathered_for_backward(head, t):
     return _GatherBeforeBackward.apply(head, t) if _is_fsdp2(head) and torch.is_grad_enabled() else t
 
 
-def policy_logps(model, batch, *, fused: bool = True, backend=None):
+def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: float | None = None,
+                 group_size: int = 2):
     """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
     wrapped by DDP, FSDP, DeepSpeed or PEFT).
 
     The fused path runs :func:`robalign.linear_sequence_logps` on the decoder's last hidden states
     and the LM head (:func:`_through_head`, which also handles a head that FSDP2 or ZeRO-3 shards);
-    a model whose logits are not ``hidden @ Wᵀ + b`` takes the logits path (``fused=False``) instead."""
+    a model whose logits are not ``hidden @ Wᵀ + b`` takes the logits path (``fused=False``) instead.
+    With ``ld_alpha`` the log-prob is LD-DPO's ``logp_shared + α·logp_tail`` (groups of
+    ``group_size`` rows; :func:`robalign.losses.layout.ld_split`): two passes on one forward."""
     labels = shift_labels(batch["labels"])
+    parts = [labels] if ld_alpha is None else list(ld_split(labels, -100, group_size))
+    scale = [1.0] if ld_alpha is None else [1.0, ld_alpha]
+
+    def combined(logps_of):
+        logps = sum(c * logps_of(part)[0] for c, part in zip(scale, parts))
+        return logps, (labels != -100).sum(-1)
+
     if _plain_logits(model, fused):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, labels, backend=backend)
+        if ld_alpha is None:
+            return sequence_logps(logits, labels, backend=backend)
+        return combined(lambda part: sequence_logps(logits, part, backend=backend))
 
     def head_fn(head, hidden, weight, bias):
-        logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend)
+        if ld_alpha is None:
+            logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend)
+        else:
+            logps, counts = combined(lambda part: linear_sequence_logps(hidden, weight, part, bias=bias,
+                                                                        backend=backend))
         return _gathered_for_backward(head, logps), counts
 
     def anchor(result, tied=None):
@@ -285,7 +302,7 @@ class DoRATrainer(Trainer):
             digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         for group in (dataset or self.train_dataset).groups:
             digest.update(repr((group.input_ids, group.labels)).encode())
-        digest.update(f"fused={self.dora.fused}".encode())
+        digest.update(f"fused={self.dora.fused}|ld_alpha={self.dora.ld_alpha}".encode())
         return Path(self.args.output_dir) / f"ref_logps-{digest.hexdigest()}.pt"
 
     def _read_ref_cache(self, path: Path, rows: int):
@@ -336,7 +353,8 @@ class DoRATrainer(Trainer):
                                   disable=not progress or not self.is_world_process_zero()):
                     batch = collate(dataset.groups[start:start + size])
                     batch = {k: v.to(self.args.device) for k, v in batch.items()}
-                    logps, _ = policy_logps(model, batch, fused=self.dora.fused)
+                    logps, _ = policy_logps(model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha,
+                                            group_size=dataset.group_size)
                     values.append(logps.float().cpu())
             values = torch.cat(values)
             model.train(was_training)
@@ -413,12 +431,13 @@ class DoRATrainer(Trainer):
         """The one-pass fused loss runs unless it is switched off, the reduction has no one-pass
         form, or the model takes the logits path."""
         return (self.dora.one_pass and self.loss_fn.reduction.one_pass_temperature is not None
-                and not _plain_logits(model, self.dora.fused))
+                and self.dora.ld_alpha is None and not _plain_logits(model, self.dora.fused))
 
     def dora_samples(self, model, inputs):
         """The :class:`robalign.DoRASamples` (per-sample losses, weights, rewards) of one collated
         micro-batch; the reduction runs once, in the accumulator (training) or in compute_loss."""
-        logps, counts = policy_logps(model, inputs, fused=self.dora.fused)
+        logps, counts = policy_logps(model, inputs, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha,
+                                     group_size=self.group_size)
         weights = probs = None
         if self.dora.use_weights:
             weights = inputs.get("weights")

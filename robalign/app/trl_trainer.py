@@ -15,7 +15,8 @@ chat templates, its collator), reference model, logging and callbacks. What chan
 
 With ``dora_lam=inf`` and no weights column the objective is TRL's own (tested: the same losses
 and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
-yet (``ld_alpha``, ``use_weighting``, ``aot`` losses, ``padding_free``, vision data) are refused at
+yet (``use_weighting``, ``aot`` losses, ``padding_free``, vision data, ``ld_alpha`` with precomputed
+reference log-probs) are refused at
 construction with a clear error; ``f_divergence_type`` maps to :func:`robalign.objectives.with_divergence`.
 """
 
@@ -66,13 +67,15 @@ def objective_of(args) -> tuple[str, dict]:
     """``(objective, hyper-parameters)`` for a ``DPOConfig``'s loss settings; raises ValueError for
     what has no robalign counterpart yet."""
     where = "robalign DoRADPOTrainer"
-    refused = {"ld_alpha": getattr(args, "ld_alpha", None) is not None,
-               "use_weighting": bool(getattr(args, "use_weighting", False)),
+    refused = {"use_weighting": bool(getattr(args, "use_weighting", False)),
                "padding_free": bool(getattr(args, "padding_free", False))}
     for name, bad in refused.items():
         if bad:
             raise ValueError(f"{where}: TRL's `{name}` is not supported yet (got {getattr(args, name)!r}); "
                              "use TRL's DPOTrainer for it")
+    if getattr(args, "ld_alpha", None) is not None and getattr(args, "precompute_ref_log_probs", False):
+        raise ValueError(f"{where}: `ld_alpha` with `precompute_ref_log_probs=True` is not supported yet (the "
+                         "precomputed reference log-probs are not split); compute the reference every step")
     types = args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
     weights = list(getattr(args, "loss_weights", None) or [1.0] * len(types))
     terms = {}
@@ -126,6 +129,7 @@ class DoRADPOTrainer(DoRATrainer, DPOTrainer):
             raise ValueError("robalign DoRADPOTrainer: pass `args` (a DoRADPOConfig)")
         objective, hparams = objective_of(args)
         dora = DoRAConfig(objective=objective, beta=float(args.beta), lam=float(getattr(args, "dora_lam", 1.0)),
+                          ld_alpha=getattr(args, "ld_alpha", None),
                           exact_dro=bool(getattr(args, "dora_exact", True)),
                           one_pass=bool(getattr(args, "dora_one_pass", True)), objective_kwargs=hparams)
         processing = kwargs.get("processing_class")
@@ -173,10 +177,10 @@ class DoRADPOTrainer(DoRATrainer, DPOTrainer):
     @torch.no_grad()
     def _reference_logps(self, batch):
         if self.ref_model is not None:
-            return policy_logps(self.ref_model, batch, fused=self.dora.fused)[0]
+            return policy_logps(self.ref_model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha)[0]
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, "disable_adapter"):
             raise ValueError("robalign DoRADPOTrainer: no reference model (pass ref_model, train a PEFT adapter, or "
                              "set precompute_ref_log_probs=True)")
         with model.disable_adapter():
-            return policy_logps(self.model, batch, fused=self.dora.fused)[0]
+            return policy_logps(self.model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha)[0]

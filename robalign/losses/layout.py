@@ -2,7 +2,8 @@
 consecutive rows (pairs: chosen, rejected, chosen, rejected, ...) — while TRL and Liger-Kernel
 stack all chosen rows first, then all rejected rows. These two functions convert any per-row
 tensor (``[2B, ...]``: logits, hidden states, labels, log-probs) between the two, as views where
-they can be."""
+they can be. ``ld_split`` splits a group-major batch's labels at each group's shortest response
+(LD-DPO)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from .. import _validation as V
 
-__all__ = ["pairs_to_group_major", "pairs_to_chosen_first"]
+__all__ = ["pairs_to_group_major", "pairs_to_chosen_first", "ld_split"]
 
 
 def _check(where, x):
@@ -29,3 +30,15 @@ def pairs_to_chosen_first(x: torch.Tensor) -> torch.Tensor:
     """``[c_1, r_1, …, c_B, r_B]`` (robalign) → ``[c_1, …, c_B, r_1, …, r_B]`` (TRL, Liger), along dim 0."""
     _check("robalign.pairs_to_chosen_first", x)
     return x.reshape(x.shape[0] // 2, 2, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
+def ld_split(labels: torch.Tensor, ignore_index: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's two label sets ``(shared, tail)`` of ``[S, T]`` group-major ``labels`` (K =
+    ``k`` rows a group): the scored tokens up to the shortest response of each group (by rank
+    among the row's scored tokens), and the rest; other positions ``ignore_index``."""
+    scored = labels != ignore_index
+    rank = scored.cumsum(-1)
+    n = scored.sum(-1).view(-1, k)
+    shared = n.min(-1, keepdim=True).values.expand(-1, k).reshape(-1, 1)
+    return (labels.masked_fill(~(scored & (rank <= shared)), ignore_index),
+            labels.masked_fill(~(scored & (rank > shared)), ignore_index))

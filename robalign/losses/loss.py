@@ -21,6 +21,7 @@ from ..ops.one_pass import linear_dora_loss
 from ..ops.registry import resolve
 from . import objectives as _objectives
 from .dro import DROStats
+from .layout import ld_split
 from .reductions import KLDRO, Reduction
 from .weights import dora_weights
 
@@ -41,17 +42,6 @@ def _take_renamed(where, kwargs: dict, renamed: dict) -> dict:
                           DeprecationWarning, stacklevel=3)
             moved[new] = kwargs.pop(old)
     return moved
-
-
-def _ld_split(labels: torch.Tensor, ignore_index: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """LD-DPO's two label sets of ``[S, T]`` group-major ``labels``: the scored tokens up to the
-    shortest response of each group (by rank among the row's scored tokens), and the rest."""
-    scored = labels != ignore_index
-    rank = scored.cumsum(-1)
-    n = scored.sum(-1).view(-1, k)
-    shared = n.min(-1, keepdim=True).values.expand(-1, k).reshape(-1, 1)
-    return (labels.masked_fill(~(scored & (rank <= shared)), ignore_index),
-            labels.masked_fill(~(scored & (rank > shared)), ignore_index))
 
 
 @dataclass
@@ -194,7 +184,7 @@ class DoRALoss(nn.Module):
         if self.ld_alpha is not None:
             if cu_seqlens is not None:
                 V.fail(where, "`ld_alpha` takes padded rows ([S, T] labels), not packed ones (`cu_seqlens`)")
-            shared, tail = _ld_split(labels, self.ignore_index, self.group_size)
+            shared, tail = ld_split(labels, self.ignore_index, self.group_size)
             logps_shared, _ = self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, shared, None)
             logps_tail, _ = self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, tail, None)
             counts = (labels != self.ignore_index).sum(-1)
