@@ -182,3 +182,22 @@ def test_evaluation_in_a_trl_script(setup, tmp_path):
     w = torch.tensor(dataset["weight"], dtype=torch.float64)
     assert metrics["eval_loss"] == pytest.approx(float(torch.log(torch.exp(w * math.log(2)).mean())), rel=1e-9)
     assert metrics["eval_rewards/accuracies"] == metrics["eval_rewards/accuracy"] == 0.0
+
+
+def test_tr_dpo_reference_sync_reaches_the_loss(setup, tmp_path):
+    """TR-DPO (TRL's ``sync_ref_model``): TRL's own callback updates the reference model, and
+    DoRADPOTrainer's loss reads that model every step — with a hard copy every step (α = 1), the
+    reference after training is the policy, so a fresh evaluation sees log-ratios of 0 (loss log 2)."""
+    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+
+    dataset, model, tokenizer = setup
+    config = DoRADPOConfig(output_dir=str(tmp_path / "tr"), dora_lam=math.inf, dora_weights_column=None,
+                           sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=1.0,
+                           **{**COMMON, "max_steps": 2})
+    trainer = DoRADPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
+                             train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    policy, ref = trainer.accelerator.unwrap_model(trainer.model), trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert max((a - b).abs().max().item() for a, b in zip(policy.parameters(), ref.parameters())) == 0
+    assert max((a - b).abs().max().item() for a, b in zip(policy.parameters(), model.parameters())) > 1e-3
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2), rel=1e-12)
