@@ -268,3 +268,36 @@ def test_ld_alpha_on_every_path():
     assert torch.isfinite(listwise)
     with pytest.raises(ValueError, match="`ld_alpha` must lie in"):
         robalign.DoRALoss("dpo", ld_alpha=1.5)
+
+
+def test_wpo_on_every_path():
+    """WPO's ω from hidden states and the head (chunked, no [S, T, V] tensor) equals ω from the
+    logits; DoRALoss(wpo=True) on the one-pass loss (C++ and the Triton interpreter, float32) equals
+    the float64 reference logits path (1e-5); an unscored sequence has ω = 1."""
+    from robalign.ops.wpo import wpo_weights
+
+    gen = torch.Generator().manual_seed(3)
+    s, t, h, v = 6, 7, 5, 13
+    hidden, head, bias = torch.randn(s, t, h, generator=gen), torch.randn(v, h, generator=gen), torch.randn(v, generator=gen)
+    labels = torch.randint(v, (s, t), generator=gen)
+    labels[:, :2] = -100
+    labels[3] = -100
+    ref = torch.randn(s, generator=gen) - 15
+    logits = hidden.double() @ head.double().T + bias.double()
+    omega = wpo_weights(labels, logits=logits)
+    torch.testing.assert_close(wpo_weights(labels, hidden=hidden.double(), head_weight=head.double(),
+                                           head_bias=bias.double(), chunk_rows=5), omega, rtol=1e-12, atol=0)
+    assert omega[3] == 1.0 and bool((omega[:3] < 1).all())
+    want = robalign.DoRALoss("dpo", beta=0.3, lam=0.8, wpo=True, backend="reference")(
+        logits=logits, labels=labels, ref_logps=ref.double()).loss
+    plain = robalign.DoRALoss("dpo", beta=0.3, lam=0.8, backend="reference")(logits=logits, labels=labels,
+                                                                              ref_logps=ref.double()).loss
+    assert abs(float(want - plain)) > 1e-3
+    for backend in ("cpp", "triton"):
+        h_ = hidden.clone().requires_grad_(True)
+        got = robalign.DoRALoss("dpo", beta=0.3, lam=0.8, wpo=True, backend=backend)(
+            hidden=h_, head_weight=head, head_bias=bias, labels=labels, ref_logps=ref)
+        assert got.policy_logps.grad_fn is None                                 # the one-pass loss ran
+        torch.testing.assert_close(got.loss.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pass exactly one of `logits` or `hidden`"):
+        wpo_weights(labels)

@@ -84,16 +84,19 @@ class _Accelerator:
 
 
 class _Outputs:
-    """What TRL's fused LM head returns, for given per-token log-probs (the rest only feeds metrics)."""
+    """What TRL's fused LM head returns, for given per-token log-probs (the rest only feeds metrics;
+    ``log_sum_sq_probs`` only WPO's weights)."""
 
-    def __init__(self, per_token_logps):
+    def __init__(self, per_token_logps, log_sum_sq_probs=None):
         self.log_probs = per_token_logps
+        self.log_sum_sq_probs = log_sum_sq_probs
         zeros = torch.zeros_like(per_token_logps.detach())
         self.entropy, self.mean_logits, self.is_top1 = zeros, zeros, zeros.bool()
 
 
 def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, beta, label_smoothing=0.0,
-                     loss_weights=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None):
+                     loss_weights=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
+                     log_sum_sq_probs=None):
     """TRL 1.16's ``DPOTrainer._compute_loss`` itself, run on a stand-in trainer whose model returns
     ``per_token_logps`` ([2B, T − 1], chosen rows first) and with precomputed reference log-probs;
     ``loss_type`` a name or TRL's list of names (with ``loss_weights``)."""
@@ -108,12 +111,12 @@ def trl_compute_loss(loss_type, per_token_logps, completion_mask, ref_logps, *, 
         precompute_ref_logps=True, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types),
-        beta=beta, label_smoothing=label_smoothing, use_weighting=False, args=SimpleNamespace(discopop_tau=0.05),
+        beta=beta, label_smoothing=label_smoothing, use_weighting=log_sum_sq_probs is not None, args=SimpleNamespace(discopop_tau=0.05),
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     b = per_token_logps.shape[0] // 2
     inputs = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
               "completion_mask": completion_mask, "ref_chosen_logps": ref_logps[:b], "ref_rejected_logps": ref_logps[b:]}
-    model = lambda **kwargs: _Outputs(per_token_logps)   # noqa: E731
+    model = lambda **kwargs: _Outputs(per_token_logps, log_sum_sq_probs)   # noqa: E731
     return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
 
 
@@ -326,3 +329,34 @@ def test_ld_dpo_equals_trls_ld_alpha(trl_type, name, ld_alpha):
     (my_grad,) = torch.autograd.grad(out.loss, mine)
     torch.testing.assert_close(out.loss, trl_loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("trl_type,name", [("sigmoid", "dpo"), ("ipo", "ipo_norm")])
+def test_wpo_weights_equal_trls_use_weighting(trl_type, name):
+    """WPO (``DoRALoss(wpo=True)``: ω from the logits, without gradient, multiplied into the sample
+    weights) against TRL 1.16's own ``use_weighting`` on the same logits (float64, 1e-12). (TRL's
+    ``hinge`` with ``use_weighting`` fails in its backward: it scales the ReLU's output in place.)"""
+    pytest.importorskip("trl")
+    gen = torch.Generator().manual_seed(12)
+    b, t, v = 4, 7, 9
+    completion = torch.zeros(2 * b, t + 1, dtype=torch.long)
+    for row in range(2 * b):
+        start = int(torch.randint(1, 3, (1,), generator=gen))
+        completion[row, start:start + int(torch.randint(1, t - 1, (1,), generator=gen))] = 1
+    ids = torch.randint(v, (2 * b, t + 1), generator=gen)
+    logits = torch.randn(2 * b, t, v, generator=gen, dtype=D, requires_grad=True)
+    labels = ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)
+    logp = torch.log_softmax(logits, -1)
+    per_token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+    ref = torch.randn(2 * b, generator=gen, dtype=D) - 10
+    trl_loss = trl_compute_loss(trl_type, per_token, completion, ref, beta=0.3,
+                                log_sum_sq_probs=torch.logsumexp(2 * logp, -1))
+    (trl_grad,) = torch.autograd.grad(trl_loss, logits)
+    mine = logits.detach().clone().requires_grad_(True)
+    gm = robalign.pairs_to_group_major
+    out = robalign.DoRALoss(name, beta=0.3, lam=float("inf"), wpo=True, backend="reference")(
+        logits=gm(mine), labels=gm(labels), ref_logps=gm(ref))
+    (my_grad,) = torch.autograd.grad(out.loss, mine)
+    torch.testing.assert_close(out.loss, trl_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+    assert float(out.weights.max()) < 1                                   # ω < 1: a real reweighting

@@ -18,6 +18,7 @@ from .. import _validation as V
 from ..ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
 from ..ops.api import check_linear_inputs
 from ..ops.one_pass import linear_dora_loss
+from ..ops.wpo import wpo_weights
 from ..ops.registry import resolve
 from . import objectives as _objectives
 from .dro import DROStats
@@ -115,6 +116,10 @@ class DoRALoss(nn.Module):
             ``logp = logp_shared + α·logp_tail``; for the policy and for a reference given as logits
             or hidden states (``ref_logps`` given directly are taken as they are). Padded rows only;
             the recompute path (two fused log-prob passes, one per part).
+        wpo: WPO's weighting (Zhou et al. 2024, arXiv 2406.11827; TRL's ``use_weighting``): each
+            sample's weight is multiplied by ``Π_k ω_k``, ``ω = exp(mean_t(log p(y_t) − log Σ_v p(v)²))``
+            of the policy, without gradient (:func:`robalign.ops.wpo.wpo_weights`: one more pass over
+            the head, chunked). Padded rows only.
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
 
@@ -122,7 +127,8 @@ class DoRALoss(nn.Module):
                  synthetic_fraction=None, class_ratio: float = 1.0, group_size: int = 2,
                  ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
                  ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
-                 fp32_head_grad: bool = True, ld_alpha: float | None = None, **objective_kwargs):
+                 fp32_head_grad: bool = True, ld_alpha: float | None = None, wpo: bool = False,
+                 **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
         renamed = _take_renamed(where, objective_kwargs, _RENAMED_INIT)
@@ -160,6 +166,7 @@ class DoRALoss(nn.Module):
         if ld_alpha is not None:
             V.check_number(where, "ld_alpha", ld_alpha, low=0, high=1)
         self.ld_alpha = ld_alpha
+        self.wpo = bool(wpo)
         self.needs_reference = _objectives.needs_reference(objective)
         takes = _objectives.hyperparameters(objective)
         self.hparams = dict(objective_kwargs)
@@ -263,10 +270,18 @@ class DoRALoss(nn.Module):
             with torch.no_grad():
                 ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
                                            labels, cu_seqlens)
+        extra = None
+        if self.wpo:
+            if cu_seqlens is not None:
+                V.fail(where, "`wpo` takes padded rows ([S, T] labels), not packed ones (`cu_seqlens`)")
+            omega = wpo_weights(labels, logits=None if logits is None else logits.detach(),
+                                hidden=None if hidden is None else hidden.detach(), head_weight=head_weight,
+                                head_bias=head_bias, ignore_index=self.ignore_index)
+            extra = omega.view(-1, self.group_size).prod(-1)
         kernel = self._one_pass_kernel(where, logits, hidden, head_weight, head_bias)
         if kernel is not None:
             return self._forward_one_pass(where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens,
-                                          ref_logps, probs, weights, scores, group_ids, accumulator)
+                                          ref_logps, probs, weights, scores, group_ids, accumulator, extra)
         if with_ref:
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
@@ -275,15 +290,15 @@ class DoRALoss(nn.Module):
         if missing_ref and not given:
             V.fail(where, "pass exactly one of `ref_logits` or `ref_hidden` (with `ref_head_weight`)")
         return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores,
-                               group_ids=group_ids, accumulator=accumulator)
+                               group_ids=group_ids, accumulator=accumulator, extra_weights=extra)
 
     def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None,
-                   group_ids=None, accumulator=None) -> DoRAOutput:
+                   group_ids=None, accumulator=None, extra_weights=None) -> DoRAOutput:
         """The loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
         computed elsewhere: :meth:`per_sample`, then the reduction over the batch (and ranks), or
         the ``accumulator``'s step (see :meth:`forward`)."""
         samples = self.per_sample(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights,
-                                  scores=scores, group_ids=group_ids)
+                                  scores=scores, group_ids=group_ids, extra_weights=extra_weights)
         grouped = self.group_kwargs(samples)
         if accumulator is not None:
             surrogate = accumulator(samples.losses, samples.weights, **grouped)
@@ -314,7 +329,7 @@ class DoRALoss(nn.Module):
         return None if name == "reference" else name
 
     def _forward_one_pass(self, where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens, ref_logps,
-                          probs, weights, scores, group_ids, accumulator) -> DoRAOutput:
+                          probs, weights, scores, group_ids, accumulator, extra=None) -> DoRAOutput:
         check_linear_inputs(where, hidden, head_weight, labels, head_bias, self.ignore_index, cu_seqlens)
         num_seqs = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         k = self.group_size
@@ -329,6 +344,8 @@ class DoRALoss(nn.Module):
             V.check_values(where, torch.isfinite(scores_g), lambda lazy: "`scores` must be finite")
         sample_weights = self._weights(where, probs, weights, num_seqs,
                                        torch.empty(num_seqs // k, dtype=torch.float32, device=hidden.device))
+        if extra is not None:
+            sample_weights = sample_weights * extra.to(sample_weights)
         need = (hidden.requires_grad, head_weight.requires_grad, head_bias is not None and head_bias.requires_grad)
         logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
             hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
@@ -349,9 +366,10 @@ class DoRALoss(nn.Module):
                           loss=loss, dro=stats)
 
     def per_sample(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None,
-                   scores=None, group_ids=None) -> DoRASamples:
+                   scores=None, group_ids=None, extra_weights=None) -> DoRASamples:
         """The per-sample losses, weights, log-ratios and rewards of one batch, before any
-        reduction: what a reduction's accumulator takes micro-batch by micro-batch."""
+        reduction: what a reduction's accumulator takes micro-batch by micro-batch.
+        ``extra_weights`` ``[B]`` multiply the sample weights (WPO's, see ``wpo``)."""
         where = "robalign.DoRALoss"
         V.check_tensor(where, "policy_logps", policy_logps, ndim=1, floating=True)
         num_seqs, k = policy_logps.shape[0], self.group_size
@@ -381,6 +399,8 @@ class DoRALoss(nn.Module):
         scores_g = None if scores is None else self._per_row(where, "scores", scores, num_seqs).to(policy_logps.dtype)
         losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **self.hparams)
         sample_weights = self._weights(where, probs, weights, num_seqs, losses)
+        if extra_weights is not None:
+            sample_weights = sample_weights * extra_weights.to(sample_weights)
         self._check_group_ids(where, group_ids, num_samples)
 
         return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
