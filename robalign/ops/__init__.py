@@ -7,6 +7,8 @@ per-sequence log-probabilities and their gradients.
     linear.py            the chunked fused linear op, shared likewise
     fused.py             the ops module of the kernel backends
     reference_backend.py the reference behind the same signature
+    one_pass.py          the one-pass fused DoRA loss (loss and gradients in the forward)
+    wpo.py               WPO's per-sequence weights (chunked, no gradient)
     cpu.py, _cpp.py      C++ row kernels (csrc/)        chunked.py   ATen row kernels
     (robalign.kernels    Triton row kernels, from the top-level kernels/ folder)
 
