@@ -300,16 +300,11 @@ def test_orpo_equals_trls_odds_ratio_loss(beta):
                                rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("ld_alpha", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("trl_type,name", [("sigmoid", "dpo"), ("ipo", "ipo_norm")])
-def test_ld_dpo_equals_trls_ld_alpha(trl_type, name, ld_alpha):
-    """LD-DPO (``DoRALoss(ld_alpha=α)``, on logits, two fused passes) against TRL 1.16's own
-    ``_compute_loss`` with ``ld_alpha`` on the same per-token log-probs (float64, 1e-12): loss and
-    gradient with respect to the logits. The reference log-probs are given precomputed, as TRL
-    takes them then (unsplit)."""
-    pytest.importorskip("trl")
-    gen = torch.Generator().manual_seed(9)
-    b, t, v = 4, 8, 11
+def _logits_batch(seed, b, t, v):
+    """A TRL batch of pairs from random float64 logits: ``(completion_mask [2B, T+1], logits
+    [2B, T, V] (a leaf), shifted labels [2B, T], per-token log-probs (0 off the completion),
+    reference log-probs [2B])``, chosen rows first."""
+    gen = torch.Generator().manual_seed(seed)
     completion = torch.zeros(2 * b, t + 1, dtype=torch.long)
     for row in range(2 * b):
         start = int(torch.randint(1, 4, (1,), generator=gen))
@@ -318,17 +313,35 @@ def test_ld_dpo_equals_trls_ld_alpha(trl_type, name, ld_alpha):
     logits = torch.randn(2 * b, t, v, generator=gen, dtype=D, requires_grad=True)
     labels = ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)               # TRL's shifted completion
     per_token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    per_token = per_token * (labels != -100)
-    ref = torch.randn(2 * b, generator=gen, dtype=D) - 20
-    trl_loss = trl_compute_loss(trl_type, per_token, completion, ref, beta=0.2, ld_alpha=ld_alpha)
+    ref = torch.randn(2 * b, generator=gen, dtype=D) - 15
+    return completion, logits, labels, per_token * (labels != -100), ref
+
+
+def _assert_doraloss_equals(trl_loss, logits, labels, ref, name, **options):
+    """DoRALoss (λ = ∞, reference backend) on the same logits in group-major order gives TRL's loss
+    and its gradient with respect to the logits (float64, 1e-12); returns robalign's output."""
     (trl_grad,) = torch.autograd.grad(trl_loss, logits)
     mine = logits.detach().clone().requires_grad_(True)
     gm = robalign.pairs_to_group_major
-    out = robalign.DoRALoss(name, beta=0.2, lam=float("inf"), ld_alpha=ld_alpha, backend="reference")(
+    out = robalign.DoRALoss(name, lam=float("inf"), backend="reference", **options)(
         logits=gm(mine), labels=gm(labels), ref_logps=gm(ref))
     (my_grad,) = torch.autograd.grad(out.loss, mine)
     torch.testing.assert_close(out.loss, trl_loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+    return out
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("trl_type,name", [("sigmoid", "dpo"), ("ipo", "ipo_norm")])
+def test_ld_dpo_equals_trls_ld_alpha(trl_type, name, ld_alpha):
+    """LD-DPO (``DoRALoss(ld_alpha=α)``, on logits, two fused passes) against TRL 1.16's own
+    ``_compute_loss`` with ``ld_alpha`` on the same per-token log-probs (float64, 1e-12): loss and
+    gradient with respect to the logits. The reference log-probs are given precomputed, as TRL
+    takes them then (unsplit)."""
+    pytest.importorskip("trl")
+    completion, logits, labels, per_token, ref = _logits_batch(seed=9, b=4, t=8, v=11)
+    trl_loss = trl_compute_loss(trl_type, per_token, completion, ref, beta=0.2, ld_alpha=ld_alpha)
+    _assert_doraloss_equals(trl_loss, logits, labels, ref, name, beta=0.2, ld_alpha=ld_alpha)
 
 
 @pytest.mark.parametrize("trl_type,name", [("sigmoid", "dpo"), ("ipo", "ipo_norm")])
@@ -337,26 +350,9 @@ def test_wpo_weights_equal_trls_use_weighting(trl_type, name):
     weights) against TRL 1.16's own ``use_weighting`` on the same logits (float64, 1e-12). (TRL's
     ``hinge`` with ``use_weighting`` fails in its backward: it scales the ReLU's output in place.)"""
     pytest.importorskip("trl")
-    gen = torch.Generator().manual_seed(12)
-    b, t, v = 4, 7, 9
-    completion = torch.zeros(2 * b, t + 1, dtype=torch.long)
-    for row in range(2 * b):
-        start = int(torch.randint(1, 3, (1,), generator=gen))
-        completion[row, start:start + int(torch.randint(1, t - 1, (1,), generator=gen))] = 1
-    ids = torch.randint(v, (2 * b, t + 1), generator=gen)
-    logits = torch.randn(2 * b, t, v, generator=gen, dtype=D, requires_grad=True)
-    labels = ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)
+    completion, logits, labels, per_token, ref = _logits_batch(seed=12, b=4, t=7, v=9)
     logp = torch.log_softmax(logits, -1)
-    per_token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
-    ref = torch.randn(2 * b, generator=gen, dtype=D) - 10
     trl_loss = trl_compute_loss(trl_type, per_token, completion, ref, beta=0.3,
                                 log_sum_sq_probs=torch.logsumexp(2 * logp, -1))
-    (trl_grad,) = torch.autograd.grad(trl_loss, logits)
-    mine = logits.detach().clone().requires_grad_(True)
-    gm = robalign.pairs_to_group_major
-    out = robalign.DoRALoss(name, beta=0.3, lam=float("inf"), wpo=True, backend="reference")(
-        logits=gm(mine), labels=gm(labels), ref_logps=gm(ref))
-    (my_grad,) = torch.autograd.grad(out.loss, mine)
-    torch.testing.assert_close(out.loss, trl_loss, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+    out = _assert_doraloss_equals(trl_loss, logits, labels, ref, name, beta=0.3, wpo=True)
     assert float(out.weights.max()) < 1                                   # ω < 1: a real reweighting
