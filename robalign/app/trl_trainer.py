@@ -13,7 +13,9 @@ chat templates, its collator), reference model, logging and callbacks. What chan
     args = DoRADPOConfig(output_dir="out", dora_lam=1.0, dora_weights_column="weight")   # any DPOConfig field too
     DoRADPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
 
-With ``dora_lam=inf`` and no weights column the objective is TRL's own (tested: the same losses
+One deliberate difference: ``label_smoothing`` with ``loss_type="sigmoid"`` applies cDPO's
+smoothing here; TRL 1.16's ``sigmoid`` ignores it. With ``dora_lam=inf`` and no weights column the
+objective is TRL's own (tested: the same losses
 and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
 yet (``use_weighting``, ``aot`` losses, ``padding_free``, vision data, ``ld_alpha`` with precomputed
 reference log-probs) are refused at
