@@ -150,22 +150,29 @@ def test_gradient_accumulation_is_exact(tmp_path):
     assert max((approx[k] - full[k]).abs().max().item() for k in full) > 10 * max(worst, 1e-7)
 
 
-def test_one_pass_and_recompute_paths_train_the_same_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("wpo", [False, True], ids=["plain", "wpo"])
+def test_one_pass_and_recompute_paths_train_the_same_model(tmp_path, monkeypatch, wpo):
     """The trainer's default, the one-pass fused loss, gives the parameters of the recompute path
-    (3 SGD steps, 2 micro-batches, λ = 0.5) within float32 noise; a spy shows which path ran."""
+    (3 SGD steps, 2 micro-batches, λ = 0.5) within float32 noise; a spy shows which path ran. With
+    WPO both paths take ω from the same forward (the one-pass path in DoRALoss, the recompute path
+    in policy_logps), and WPO changes the result."""
     import robalign.losses.loss as loss_module
 
     calls = []
     real = loss_module.linear_dora_loss
     monkeypatch.setattr(loss_module, "linear_dora_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     quiet = lambda *_: None
-    kw = dict(max_steps=3, lam=0.5, save_steps=100, optim="sgd", lr=0.5, batch_size=4, grad_accum=2)
+    kw = dict(max_steps=3, lam=0.5, save_steps=100, optim="sgd", lr=0.5, batch_size=4, grad_accum=2, wpo=wpo)
     run_training(_settings(tmp_path, "one", **kw), log=quiet)
     assert len(calls) == 6                                  # 3 steps × 2 micro-batches
     run_training(_settings(tmp_path, "re", one_pass=False, **kw), log=quiet)
     assert len(calls) == 6
     one, re_ = _params(tmp_path / "one"), _params(tmp_path / "re")
     assert max((one[k] - re_[k]).abs().max().item() for k in one) < 1e-5
+    if wpo:
+        run_training(_settings(tmp_path, "plain", **{**kw, "wpo": False}), log=quiet)
+        plain = _params(tmp_path / "plain")
+        assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4
 
 
 def test_bad_inputs(tmp_path, capsys):

@@ -121,7 +121,7 @@ def test_what_is_not_supported_is_refused(setup, tmp_path):
     for extra, message in (({"ld_alpha": 0.5, "precompute_ref_log_probs": True},
                             "`ld_alpha` with `precompute_ref_log_probs=True` is not supported yet"),
                            ({"loss_type": ["aot"]}, "TRL loss type 'aot' has no robalign objective"),
-                           ({"use_weighting": True}, "`use_weighting` is not supported yet")):
+                           ({"padding_free": True}, "`padding_free` is not supported yet")):
         config = DoRADPOConfig(output_dir=str(tmp_path / "x"), **{**COMMON, **extra})
         with pytest.raises(ValueError, match=message):
             DoRADPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
@@ -201,3 +201,23 @@ def test_tr_dpo_reference_sync_reaches_the_loss(setup, tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(policy.parameters(), ref.parameters())) == 0
     assert max((a - b).abs().max().item() for a, b in zip(policy.parameters(), model.parameters())) > 1e-3
     assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2), rel=1e-12)
+
+
+def test_use_weighting_gives_trls_wpo_losses(setup, tmp_path):
+    """TRL's ``use_weighting`` (WPO) through DoRADPOTrainer (ω on the one-pass path, from the same
+    forward) against TRL's own DPOTrainer with it: the per-step losses agree (rtol 5e-4, as above)
+    and differ from the unweighted run's."""
+    from trl import DPOConfig, DPOTrainer
+
+    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+
+    theirs, _, _ = _train(DPOTrainer, DPOConfig(output_dir=str(tmp_path / "t"), use_weighting=True, **COMMON),
+                          setup, tmp_path)
+    mine, _, _ = _train(DoRADPOTrainer, DoRADPOConfig(output_dir=str(tmp_path / "m"), use_weighting=True,
+                                                      dora_lam=math.inf, dora_weights_column=None, **COMMON),
+                        setup, tmp_path)
+    plain, _, _ = _train(DoRADPOTrainer, DoRADPOConfig(output_dir=str(tmp_path / "p"), dora_lam=math.inf,
+                                                       dora_weights_column=None, **COMMON), setup, tmp_path)
+    for a, b in zip(mine, theirs):
+        assert a == pytest.approx(b, rel=5e-4)
+    assert abs(mine[0] - plain[0]) > 1e-3

@@ -152,7 +152,7 @@ def _cmd_train(args) -> int:
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
                                                "logging_steps", "eval_data", "eval_steps", "report_to")}
-    for flag in ("lora", "merge", "bf16"):
+    for flag in ("lora", "merge", "bf16", "wpo"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.no_dro_exact:
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eta", type=float, help=f"radius of the KL ball (default {d.eta:g})")
     train.add_argument("--rho", type=float, help=f"radius of the χ² ball (default {d.rho:g})")
     train.add_argument("--level", type=float, help=f"CVaR level: the worst fraction of the batch (default {d.level:g})")
+    train.add_argument("--wpo", action="store_true",
+                       help="WPO: weigh each sample by its responses' probability under the policy (per token)")
     train.add_argument("--ld-alpha", type=float, dest="ld_alpha",
                        help="LD-DPO: weight of the tokens past the shorter response of each pair (0 to 1)")
     train.add_argument("--group-step", type=float, dest="group_step",

@@ -33,6 +33,7 @@ class DoRAConfig:
     q moved by exponentiated gradient with step ``group_step`` once per optimizer step (the same
     pre-pass with several micro-batches).
     ld_alpha: LD-DPO's weight of the tokens past the shorter response (``None``: plain log-probs).
+    wpo: WPO's weighting (each sample's weight times its responses' ω, see ``DoRALoss(wpo=True)``).
     fused: the fused linear path (False: materialise logits, for models whose logits are not
     ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
@@ -51,6 +52,7 @@ class DoRAConfig:
     level: float = 0.2
     group_step: float = 0.01
     ld_alpha: float | None = None
+    wpo: bool = False
     fused: bool = True
     one_pass: bool = True
     shuffle: bool = True
@@ -142,7 +144,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
-        "use_weights": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
+        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
         "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),

@@ -42,6 +42,7 @@ from .data import PreferenceCollator
 from ..losses.layout import ld_split
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
+from ..ops.wpo import wpo_weights
 
 __all__ = ["DoRAConfig", "DoRATrainer", "policy_logps", "one_pass_loss"]
 
@@ -162,7 +163,7 @@ def _gathered_for_backward(head, t):
 
 
 def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: float | None = None,
-                 group_size: int = 2):
+                 group_size: int = 2, wpo: bool = False):
     """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
     wrapped by DDP, FSDP, DeepSpeed or PEFT).
 
@@ -170,7 +171,9 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     and the LM head (:func:`_through_head`, which also handles a head that FSDP2 or ZeRO-3 shards);
     a model whose logits are not ``hidden @ Wᵀ + b`` takes the logits path (``fused=False``) instead.
     With ``ld_alpha`` the log-prob is LD-DPO's ``logp_shared + α·logp_tail`` (groups of
-    ``group_size`` rows; :func:`robalign.losses.layout.ld_split`): two passes on one forward."""
+    ``group_size`` rows; :func:`robalign.losses.layout.ld_split`): two passes on one forward. With
+    ``wpo`` a third result, WPO's per-row ω (:func:`robalign.ops.wpo.wpo_weights`, no gradient),
+    from the same logits or hidden states."""
     labels = shift_labels(batch["labels"])
     parts = [labels] if ld_alpha is None else list(ld_split(labels, -100, group_size))
     scale = [1.0] if ld_alpha is None else [1.0, ld_alpha]
@@ -182,8 +185,10 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     if _plain_logits(model, fused):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if ld_alpha is None:
-            return sequence_logps(logits, labels, backend=backend)
-        return combined(lambda part: sequence_logps(logits, part, backend=backend))
+            result = sequence_logps(logits, labels, backend=backend)
+        else:
+            result = combined(lambda part: sequence_logps(logits, part, backend=backend))
+        return (*result, wpo_weights(labels, logits=logits.detach())) if wpo else result
 
     def head_fn(head, hidden, weight, bias):
         if ld_alpha is None:
@@ -191,10 +196,11 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
         else:
             logps, counts = combined(lambda part: linear_sequence_logps(hidden, weight, part, bias=bias,
                                                                         backend=backend))
-        return _gathered_for_backward(head, logps), counts
+        extra = (wpo_weights(labels, hidden=hidden.detach(), head_weight=weight, head_bias=bias),) if wpo else ()
+        return (_gathered_for_backward(head, logps), counts, *extra)
 
     def anchor(result, tied=None):
-        return result[0] if tied is None else (tied, result[1])
+        return result[0] if tied is None else (tied, *result[1:])
 
     return _through_head(model, batch, head_fn, anchor)
 
@@ -272,7 +278,8 @@ class DoRATrainer(Trainer):
         # the reduction's argument, read per call, so a group set up after construction is seen)
         reduction = reduction_of(d, getattr(dataset, "group_names", ()), getattr(dataset, "path", "") or "the training data")
         self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction, alpha=d.alpha,
-                                group_size=self.group_size, one_pass=d.one_pass, **d.objective_kwargs)
+                                group_size=self.group_size, one_pass=d.one_pass, ld_alpha=d.ld_alpha, wpo=d.wpo,
+                                **d.objective_kwargs)
         if not self._forwards_ref_model:
             self.ref_model = ref_model
         self._acc = None
@@ -436,15 +443,17 @@ class DoRATrainer(Trainer):
     def dora_samples(self, model, inputs):
         """The :class:`robalign.DoRASamples` (per-sample losses, weights, rewards) of one collated
         micro-batch; the reduction runs once, in the accumulator (training) or in compute_loss."""
-        logps, counts = policy_logps(model, inputs, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha,
-                                     group_size=self.group_size)
+        logps, counts, *omega = policy_logps(model, inputs, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha,
+                                             group_size=self.group_size, wpo=self.dora.wpo)
+        extra = omega[0].view(-1, self.group_size).prod(-1) if omega else None
         weights = probs = None
         if self.dora.use_weights:
             weights = inputs.get("weights")
             probs = inputs.get("probs") if weights is None else None
         group_ids = inputs.get("group_ids") if self.loss_fn.reduction.takes_group_ids else None
         return self.loss_fn.per_sample(logps, counts, ref_logps=inputs.get("ref_logps"), probs=probs,
-                                       weights=weights, scores=inputs.get("scores"), group_ids=group_ids)
+                                       weights=weights, scores=inputs.get("scores"), group_ids=group_ids,
+                                       extra_weights=extra)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's reduced loss (used for evaluation; training goes through the accumulator)."""

@@ -17,8 +17,8 @@ One deliberate difference: ``label_smoothing`` with ``loss_type="sigmoid"`` appl
 smoothing here; TRL 1.16's ``sigmoid`` ignores it. With ``dora_lam=inf`` and no weights column the
 objective is TRL's own (tested: the same losses
 and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
-yet (``use_weighting``, ``aot`` losses, ``padding_free``, vision data, ``ld_alpha`` with precomputed
-reference log-probs) are refused at
+yet (``aot`` losses, ``padding_free``, vision data, ``ld_alpha`` with precomputed reference
+log-probs) are refused at
 construction with a clear error; ``f_divergence_type`` maps to :func:`robalign.objectives.with_divergence`.
 """
 
@@ -69,8 +69,7 @@ def objective_of(args) -> tuple[str, dict]:
     """``(objective, hyper-parameters)`` for a ``DPOConfig``'s loss settings; raises ValueError for
     what has no robalign counterpart yet."""
     where = "robalign DoRADPOTrainer"
-    refused = {"use_weighting": bool(getattr(args, "use_weighting", False)),
-               "padding_free": bool(getattr(args, "padding_free", False))}
+    refused = {"padding_free": bool(getattr(args, "padding_free", False))}
     for name, bad in refused.items():
         if bad:
             raise ValueError(f"{where}: TRL's `{name}` is not supported yet (got {getattr(args, name)!r}); "
@@ -131,7 +130,7 @@ class DoRADPOTrainer(DoRATrainer, DPOTrainer):
             raise ValueError("robalign DoRADPOTrainer: pass `args` (a DoRADPOConfig)")
         objective, hparams = objective_of(args)
         dora = DoRAConfig(objective=objective, beta=float(args.beta), lam=float(getattr(args, "dora_lam", 1.0)),
-                          ld_alpha=getattr(args, "ld_alpha", None),
+                          ld_alpha=getattr(args, "ld_alpha", None), wpo=bool(getattr(args, "use_weighting", False)),
                           exact_dro=bool(getattr(args, "dora_exact", True)),
                           one_pass=bool(getattr(args, "dora_one_pass", True)), objective_kwargs=hparams)
         processing = kwargs.get("processing_class")
