@@ -279,3 +279,27 @@ def test_ld_alpha_in_the_trainer_is_doralosss(tmp_path, tokenizer):
     torch.testing.assert_close(batch["ref_logps"].double(), want.policy_logps.detach(), rtol=1e-6, atol=1e-5)
     plain, _ = policy_logps(model, batch)
     assert not torch.allclose(samples.policy_logps, plain)                       # the tails are down-weighted
+
+
+def test_evaluate_before_training_takes_the_reference_first(tmp_path, tokenizer):
+    """`DoRATrainer.evaluate()` on a fresh trainer: the evaluation set's reference log-probs come
+    from the initial policy, so every log-ratio is 0 and the loss is log 2; after training without a
+    `ref_model` the reference can no longer be taken, which is a clear error."""
+    from transformers import TrainingArguments
+
+    from robalign.app.config import DoRAConfig
+    from robalign.app.trainer import DoRATrainer
+
+    path = write(tmp_path / "d.jsonl", [{"prompt": "tell me about the ocean .", "chosen": "wave tide", "rejected": "thing"}
+                                        for _ in range(4)])
+    dataset = PreferenceDataset.from_file(path, tokenizer, max_length=32, max_prompt_length=16)
+    held = PreferenceDataset.from_file(path, tokenizer, max_length=32, max_prompt_length=16)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                             max_steps=1, save_strategy="no", learning_rate=0.5, optim="sgd")
+    trainer = DoRATrainer(model=embedded_model(seed=0)[0], args=args, train_dataset=dataset, eval_dataset=held,
+                          processing_class=tokenizer, dora=DoRAConfig(lam=float("inf")))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    fresh = PreferenceDataset.from_file(path, tokenizer, max_length=32, max_prompt_length=16)
+    trainer.train()
+    with pytest.raises(RuntimeError, match="reference log-probs must be computed before training moves the policy"):
+        trainer.evaluate(fresh)

@@ -397,6 +397,16 @@ class DoRATrainer(Trainer):
         metrics = dict(result.metrics or {}, train_loss=mean)
         return TrainOutput(result.global_step, mean, metrics)
 
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        """``Trainer.evaluate``; a :class:`~robalign.app.data.PreferenceDataset` without reference
+        log-probs gets them first (from the initial policy: before training, or from ``ref_model``)."""
+        from ..losses import objectives
+
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if hasattr(dataset, "groups") and objectives.needs_reference(self.loss_fn.objective):
+            self.compute_reference_logps(dataset=dataset, progress=False)
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
     def _save_checkpoint(self, model, trial):
         total, steps = self._loss_total or (0.0, 0)
         saved = {"loss_total": float(total), "loss_steps": steps}
