@@ -447,8 +447,7 @@ class DoRATrainer(Trainer):
     def _uses_one_pass(self, model) -> bool:
         """The one-pass fused loss runs unless it is switched off, the reduction has no one-pass
         form, or the model takes the logits path."""
-        return (self.dora.one_pass and self.loss_fn.reduction.one_pass_temperature is not None
-                and self.dora.ld_alpha is None and not _plain_logits(model, self.dora.fused))
+        return self.loss_fn.takes_one_pass and not _plain_logits(model, self.dora.fused)
 
     def dora_samples(self, model, inputs):
         """The :class:`robalign.DoRASamples` (per-sample losses, weights, rewards) of one collated
@@ -577,20 +576,14 @@ class DoRATrainer(Trainer):
         from .. import _validation
 
         _validation.raise_pending()
-        if self._dora_metrics and "loss" in logs:
-            names = list(self._dora_metrics)
-            # nanmean: a group absent from a step has no loss there (NaN), not a loss of 0
-            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._dora_metrics[n]]).nanmean()
-                                 for n in names]).tolist()
-            logs.update(zip(names, means))
-            logs.update({alias: logs[name] for name, alias in self._METRIC_ALIASES.items() if name in logs})
-            self._dora_metrics.clear()
-        if self._eval_metrics and "eval_loss" in logs:
-            names = list(self._eval_metrics)
-            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._eval_metrics[n]]).mean()
-                                 for n in names]).tolist()
-            logs.update({f"eval_{n}": m for n, m in zip(names, means)})
-            logs.update({f"eval_{alias}": logs[f"eval_{n}"] for n, alias in self._METRIC_ALIASES.items()
-                         if f"eval_{n}" in logs})
-            self._eval_metrics.clear()
+        for metrics, trigger, prefix in ((self._dora_metrics, "loss", ""), (self._eval_metrics, "eval_loss", "eval_")):
+            if metrics and trigger in logs:
+                names = list(metrics)
+                # nanmean: a group absent from a step has no loss there (NaN), not a loss of 0
+                means = torch.stack([torch.stack([v.to(self.args.device) for v in metrics[n]]).nanmean()
+                                     for n in names]).tolist()
+                logs.update({prefix + n: m for n, m in zip(names, means)})
+                logs.update({prefix + alias: logs[prefix + n] for n, alias in self._METRIC_ALIASES.items()
+                             if prefix + n in logs})
+                metrics.clear()
         return super().log(logs, *args, **kwargs)

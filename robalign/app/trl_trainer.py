@@ -90,7 +90,7 @@ def objective_of(args) -> tuple[str, dict]:
         if divergence != "reverse_kl" and loss_type != "sft":      # TRL leaves its sft term as it is
             name = with_divergence(name, divergence, float(getattr(args, "f_alpha_divergence_coef", 0.5)))
         terms[name] = float(weight)
-    objective = resolve(terms if len(terms) > 1 or next(iter(terms.values())) != 1.0 else next(iter(terms)))
+    objective = resolve(terms)                         # one term of weight 1 resolves to its own name
     takes = hyperparameters(objective)
     hparams = {}
     if "label_smoothing" in takes and getattr(args, "label_smoothing", 0.0):

@@ -315,13 +315,19 @@ class DoRALoss(nn.Module):
         return {"group_ids": samples.group_ids} if self.reduction.takes_group_ids else {}
 
     # -- the one-pass fused loss ----------------------------------------------------------------
+    @property
+    def takes_one_pass(self) -> bool:
+        """Whether this loss forms its gradient in one pass when given hidden states and a head:
+        ``one_pass`` on, a reduction with a one-pass form, and no LD-DPO split (two log-prob parts)."""
+        return self.one_pass and self.ld_alpha is None and getattr(self.reduction, "one_pass_temperature", None) is not None
+
     def _one_pass_kernel(self, where, logits, hidden, head_weight, head_bias) -> str | None:
         """The kernel backend that runs the one-pass loss here, or ``None`` for the recompute path:
         it needs hidden states and a head, gradients wanted, a reduction that takes a gradient
         formed ahead (``one_pass_temperature``) and a kernel backend (not the reference)."""
-        if not self.one_pass or logits is not None or hidden is None or head_weight is None or self.ld_alpha is not None:
+        if not self.takes_one_pass or logits is not None or hidden is None or head_weight is None:
             return None
-        if getattr(self.reduction, "one_pass_temperature", None) is None or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return None
         if not any(t is not None and t.requires_grad for t in (hidden, head_weight, head_bias)):
             return None

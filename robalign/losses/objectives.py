@@ -58,10 +58,9 @@ with_divergence = _ref.with_divergence
 def resolve(objective) -> str:
     """The registered name of ``objective``: a name, a mixture written ``"dpo+0.5*sft"``, or
     ``{name: coefficient}`` (registered by :func:`mixture`). Raises ValueError for anything else."""
-    if isinstance(objective, dict) or (isinstance(objective, str) and ("+" in objective or "*" in objective)):
-        return mixture(objective)
-    if isinstance(objective, str) and ":" in objective and objective not in _ref.OBJECTIVES:
-        return mixture(objective)                  # one term, "dpo:js_divergence": registers the variant
+    if isinstance(objective, dict) or (isinstance(objective, str) and objective not in _ref.OBJECTIVES
+                                       and any(c in objective for c in "+*:")):
+        return mixture(objective)                  # a sum, or one variant term such as "dpo:js_divergence"
     if not isinstance(objective, str):
         raise ValueError(f"an objective is a name or {{name: coefficient}}, got {type(objective).__name__}")
     spec(objective)

@@ -51,7 +51,8 @@ import torch.distributed as dist
 
 from .. import _validation as V
 from . import ambiguity, groups
-from .dro import DROStats, KLDROAccumulator, _check, _scaled, _world, kl_dro_gradient_scale, kl_dro_with_stats
+from .dro import (DROStats, KLDROAccumulator, _check, _log_mean_exp, _scaled, _world, kl_dro_gradient_scale,
+                  kl_dro_with_stats)
 
 __all__ = ["Reduction", "Accumulator", "KLDRO", "KLBall", "Chi2Ball", "CVaR", "GroupDRO", "REDUCTIONS"]
 
@@ -134,8 +135,7 @@ class KLDRO(Reduction):
             return x.mean(), torch.full_like(x, 1 / n), None
         a = x / self.lam
         m = a.max()
-        value = self.lam * m + self.lam * torch.log1p(torch.expm1(a - m).sum() / n)
-        return value, torch.softmax(a, 0), None
+        return _log_mean_exp(self.lam, m, torch.expm1(a - m).sum(), n), torch.softmax(a, 0), None
 
     def solve_global(self, x_local, group, group_ids=None, update=True):
         """:meth:`solve` over every rank's ``x_local`` (gathered), as the per-batch sets do."""

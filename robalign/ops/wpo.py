@@ -42,16 +42,12 @@ def wpo_weights(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hid
     rows = source.reshape(s * t, -1)
     dtype = torch.promote_types(source.dtype, torch.float32)          # float32 at least; float64 stays
     aligned = torch.zeros(s * t, dtype=dtype, device=source.device)
-    for start in range(0, s * t, chunk_rows):
-        keep = scored[start:start + chunk_rows]
-        if not bool(keep.any()):
-            continue
-        index = keep.nonzero().squeeze(-1) + start
+    weight = None if logits is not None else head_weight.to(dtype)
+    bias = None if head_bias is None or logits is not None else head_bias.to(dtype)
+    for index in scored.nonzero().squeeze(-1).split(chunk_rows):       # the scored rows only, in chunks
         z = rows[index].to(dtype)
-        if logits is None:
-            z = z @ head_weight.to(dtype).T
-            if head_bias is not None:
-                z = z + head_bias.to(dtype)
+        if weight is not None:
+            z = z @ weight.T if bias is None else torch.addmm(bias, z, weight.T)
         target = z.gather(-1, flat_labels[index].unsqueeze(-1)).squeeze(-1)
         aligned[index] = target + torch.logsumexp(z, -1) - torch.logsumexp(2 * z, -1)
     per_sequence = aligned.view(s, t).sum(-1)
