@@ -91,21 +91,25 @@ def test_lire_hand_computed():
 
 @pytest.mark.parametrize("name", objectives.NAMES)
 def test_gradcheck(name):
-    k = 2 if objectives.is_pairwise(name) else 3
+    k = 1 if objectives.is_unpaired(name) else 2 if objectives.is_pairwise(name) else 3
     logps = (-torch.rand(4, k, dtype=D) * 5 - 0.1).requires_grad_(True)    # log-probabilities: negative
     ref = -torch.rand(4, k, dtype=D) * 5 - 0.1
     counts = torch.randint(1, 6, (4, k))
-    scores = torch.randn(4, k, dtype=D)
+    scores = torch.randn(4, k, dtype=D) if k > 1 else torch.tensor([[1.0], [0.0], [0.0], [1.0]], dtype=D)
     fn = objectives.get(name)
     kw = dict(ref_logps=ref) if objectives.needs_reference(name) else {}
+    if objectives.needs_kl_reference(name):
+        kw["kl"] = torch.tensor(0.7, dtype=D)
     assert torch.autograd.gradcheck(lambda x: fn(x, counts=counts, scores=scores, **kw), (logps,))
 
 
 def test_registry_flags():
     assert objectives.needs_reference("dpo") and not objectives.needs_reference("simpo")
     assert objectives.is_pairwise("ipo") and not objectives.is_pairwise("lire")
-    with pytest.raises(ValueError, match="unknown objective 'kto'"):
-        objectives.get("kto")
+    assert objectives.is_unpaired("kto") and objectives.needs_kl_reference("kto")
+    assert objectives.is_unpaired("apo_zero_unpaired") and not objectives.needs_kl_reference("apo_zero_unpaired")
+    with pytest.raises(ValueError, match="unknown objective 'kto_pair'"):
+        objectives.get("kto_pair")
 
 
 def test_a_registered_objective_is_usable_everywhere_at_once():

@@ -33,7 +33,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 BACKENDS = [pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(CUDA, reason="CPU backend")),
             pytest.param("triton", id="triton-cuda" if CUDA else "triton-interpret"),
             pytest.param("torch", id="torch")]
-OBJECTIVE_K = {name: 2 if spec.pairwise else 3 for name, spec in OBJECTIVES.items()}
+OBJECTIVE_K = {name: 1 if spec.unpaired else 2 if spec.pairwise else 3 for name, spec in OBJECTIVES.items()}
 HPARAMS = {"dpo": {"beta": 0.5, "label_smoothing": 0.1}, "robust": {"beta": 0.5, "label_smoothing": 0.1},
            "simpo": {"beta": 2.0, "gamma": 0.3}, "rrhf": {"sft_weight": 0.7}, "lire": {"temperature": 1.5}}
 
@@ -52,8 +52,22 @@ def problem(objective, *, groups=4, t=5, h=12, v=37, dtype=torch.float32, bias=T
     ref = -torch.rand(s, generator=gen, dtype=torch.float64) * 3 * t
     weights = torch.rand(groups, generator=gen, dtype=torch.float64) + 0.1
     cast = lambda x: None if x is None else x.to(dtype)
-    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), labels=labels, ref=ref.float(),
-                weights=weights.float(), k=k)
+    p = dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), labels=labels, ref=ref.float(),
+             weights=weights.float(), k=k)
+    if OBJECTIVES[objective].unpaired:                  # labels 0/1; KTO's mismatched rows' log-probs
+        p["scores"] = (torch.arange(s) % 3 != 1).float()
+        p["kl"] = dict(kl_logps=-torch.rand(s, generator=gen) * 3 * t, kl_ref_logps=-torch.rand(s, generator=gen) * 3 * t)
+    return p
+
+
+def unpaired_inputs(p, objective, device="cpu"):
+    """The labels (``scores``) of an unpaired problem, and KTO's mismatched rows."""
+    if not OBJECTIVES[objective].unpaired:
+        return {}
+    extra = {"scores": p["scores"].to(device)}
+    if OBJECTIVES[objective].kl_reference:
+        extra.update({k: v.to(device) for k, v in p["kl"].items()})
+    return extra
 
 
 def loss_fn(objective, lam, k, backend, **kw):
@@ -69,7 +83,7 @@ def run(p, objective, lam, backend, *, one_pass_=True, device=DEVICE, cu_seqlens
     fn = loss_fn(objective, lam, p["k"], backend, one_pass=one_pass_, **kw)
     out = fn(hidden=leaves[0], head_weight=leaves[1], head_bias=leaves[2], labels=p["labels"].to(device),
              ref_logps=p["ref"].to(device), weights=p["weights"].to(device),
-             cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device))
+             cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device), **unpaired_inputs(p, objective, device))
     (1.5 * out.loss).backward()
     return [out.loss.detach().cpu(), *[None if x is None else x.grad.cpu() for x in leaves]], out
 
@@ -80,8 +94,12 @@ def reference_run(p, objective, lam, cu_seqlens=None):
     logps, counts = reference.linear_sequence_logps(h, w, p["labels"], bias=b, cu_seqlens=cu_seqlens)
     k = p["k"]
     hp = {n: v for n, v in HPARAMS.get(objective, {}).items() if n in OBJECTIVES[objective].params}
+    extra = unpaired_inputs(p, objective)
+    if "kl_logps" in extra:               # z₀ = max(0, mean(kl_logps − kl_ref_logps)), as written
+        hp["kl"] = (extra.pop("kl_logps").double() - extra.pop("kl_ref_logps").double()).mean().clamp(min=0)
+    scores = extra.get("scores")
     losses = OBJECTIVES[objective].fn(logps.view(-1, k), p["ref"].double().view(-1, k), counts=counts.view(-1, k),
-                                      scores=None, **hp)
+                                      scores=None if scores is None else scores.double().view(-1, k), **hp)
     loss = reference.kl_dro(losses, p["weights"].double(), lam)
     (1.5 * loss).backward()
     return [loss.detach(), h.grad, w.grad, None if b is None else b.grad]

@@ -24,6 +24,7 @@ from . import objectives as _objectives
 from .dro import DROStats
 from .layout import ld_split
 from .reductions import KLDRO, Reduction
+from .unpaired import reference_point, unpaired_rewards
 from .weights import dora_weights
 
 __all__ = ["DoRALoss", "DoRAOutput", "DoRASamples"]
@@ -55,6 +56,10 @@ class DoRASamples:
     (β·logratio, or β·logp/|y| without a reference) of the best and worst candidate;
     reward_accuracy and reward_margin: their batch mean comparison. The rewards are detached.
     group_ids ``[B]``: the group of each sample, as given (for :class:`robalign.GroupDRO`), or ``None``.
+    kl: KTO's reference point z₀ (0-d, detached) for an objective that takes one, else ``None``.
+    Unpaired samples (KTO) have one completion: ``chosen_rewards`` holds the rewards of the desirable
+    ones (NaN elsewhere), ``rejected_rewards`` those of the undesirable ones
+    (:func:`robalign.losses.unpaired.unpaired_rewards`).
     """
 
     losses: torch.Tensor
@@ -66,6 +71,7 @@ class DoRASamples:
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
     group_ids: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,7 +101,9 @@ class DoRALoss(nn.Module):
         synthetic_fraction: the mixture's β (default ``1 − α``); a number or a tensor per
             candidate position.
         class_ratio: ``n_target / n_source`` of the classifier's training set.
-        group_size: K, the candidates per sample (rows are group-major).
+        group_size: K, the candidates per sample (rows are group-major); default 2, and 1 for an
+            unpaired objective (KTO: one labelled completion per sample, see
+            :mod:`robalign.losses.unpaired`).
         ignore_index: label value of unscored tokens.
         reduction: a :class:`~robalign.losses.reductions.Reduction` (instead of ``lam``).
         process_group, ddp_average: the process group whose ranks share the reduction's batch
@@ -124,7 +132,7 @@ class DoRALoss(nn.Module):
     """
 
     def __init__(self, objective: str = "dpo", beta: float = 0.1, lam: float | None = None, alpha=None,
-                 synthetic_fraction=None, class_ratio: float = 1.0, group_size: int = 2,
+                 synthetic_fraction=None, class_ratio: float = 1.0, group_size: int | None = None,
                  ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
                  ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
                  fp32_head_grad: bool = True, ld_alpha: float | None = None, wpo: bool = False,
@@ -153,7 +161,17 @@ class DoRALoss(nn.Module):
         if class_ratio == float("inf"):
             V.fail(where, "`class_ratio` must be finite")
         V.check_int(where, "ignore_index", ignore_index)
-        if not isinstance(group_size, int) or group_size < 2:
+        self.unpaired = _objectives.is_unpaired(objective)
+        if group_size is None:
+            group_size = 1 if self.unpaired else 2
+        if self.unpaired:
+            if group_size != 1:
+                V.fail(where, f"objective {objective!r} reads unpaired data (one completion per sample): "
+                              f"`group_size` must be 1, got {group_size!r}")
+            for name, value in (("ld_alpha", ld_alpha), ("wpo", wpo or None)):
+                if value is not None:
+                    V.fail(where, f"`{name}` compares the candidates of a sample; objective {objective!r} has one")
+        elif not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
             V.fail(where, f"`group_size` must be an int ≥ 2 (candidates per sample), got {group_size!r}")
         if _objectives.is_pairwise(objective) and group_size != 2:
             V.fail(where, f"objective {objective!r} is pairwise: `group_size` must be 2, got {group_size}")
@@ -168,6 +186,7 @@ class DoRALoss(nn.Module):
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
         self.needs_reference = _objectives.needs_reference(objective)
+        self.needs_kl = _objectives.needs_kl_reference(objective)
         takes = _objectives.hyperparameters(objective)
         self.hparams = dict(objective_kwargs)
         if "beta" in takes:
@@ -221,7 +240,7 @@ class DoRALoss(nn.Module):
     def forward(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
                 ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
                 weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
-                **renamed) -> DoRAOutput:
+                kl_logps=None, kl_ref_logps=None, **renamed) -> DoRAOutput:
         """Compute the loss of one batch of S = B·K sequences, rows group-major.
 
         The policy's log-probs come from ``logits``, or from ``hidden`` and the LM head
@@ -242,6 +261,10 @@ class DoRALoss(nn.Module):
             scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better.
             group_ids: ``[B]`` integer group of each sample, for a reduction that reads them
                 (:class:`robalign.GroupDRO`).
+            kl_logps, kl_ref_logps: ``[B]`` policy and reference log-probs of mismatched completions
+                (prompt i with another sample's completion, no gradient), for KTO's reference point
+                (:func:`robalign.losses.unpaired.reference_point`); unpaired objectives read their labels
+                (1 desirable, 0 undesirable) from ``scores``.
             accumulator: the reduction's accumulator (``loss_fn.reduction.accumulator(params)``)
                 when this batch is one micro-batch of a gradient-accumulation step: ``loss`` is
                 then this micro-batch's share to ``backward()``, with the value of the full-batch
@@ -281,7 +304,8 @@ class DoRALoss(nn.Module):
         kernel = self._one_pass_kernel(where, logits, hidden, head_weight, head_bias)
         if kernel is not None:
             return self._forward_one_pass(where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens,
-                                          ref_logps, probs, weights, scores, group_ids, accumulator, extra)
+                                          ref_logps, probs, weights, scores, group_ids, accumulator, extra,
+                                          self._kl(where, kl_logps, kl_ref_logps))
         if with_ref:
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
@@ -290,15 +314,18 @@ class DoRALoss(nn.Module):
         if missing_ref and not given:
             V.fail(where, "pass exactly one of `ref_logits` or `ref_hidden` (with `ref_head_weight`)")
         return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores,
-                               group_ids=group_ids, accumulator=accumulator, extra_weights=extra)
+                               group_ids=group_ids, accumulator=accumulator, extra_weights=extra,
+                               kl_logps=kl_logps, kl_ref_logps=kl_ref_logps)
 
     def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None,
-                   group_ids=None, accumulator=None, extra_weights=None) -> DoRAOutput:
+                   group_ids=None, accumulator=None, extra_weights=None, kl_logps=None,
+                   kl_ref_logps=None) -> DoRAOutput:
         """The loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
         computed elsewhere: :meth:`per_sample`, then the reduction over the batch (and ranks), or
         the ``accumulator``'s step (see :meth:`forward`)."""
         samples = self.per_sample(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights,
-                                  scores=scores, group_ids=group_ids, extra_weights=extra_weights)
+                                  scores=scores, group_ids=group_ids, extra_weights=extra_weights,
+                                  kl_logps=kl_logps, kl_ref_logps=kl_ref_logps)
         grouped = self.group_kwargs(samples)
         if accumulator is not None:
             surrogate = accumulator(samples.losses, samples.weights, **grouped)
@@ -335,7 +362,7 @@ class DoRALoss(nn.Module):
         return None if name == "reference" else name
 
     def _forward_one_pass(self, where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens, ref_logps,
-                          probs, weights, scores, group_ids, accumulator, extra=None) -> DoRAOutput:
+                          probs, weights, scores, group_ids, accumulator, extra=None, kl=None) -> DoRAOutput:
         check_linear_inputs(where, hidden, head_weight, labels, head_bias, self.ignore_index, cu_seqlens)
         num_seqs = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         k = self.group_size
@@ -344,23 +371,22 @@ class DoRALoss(nn.Module):
         self._check_group_ids(where, group_ids, num_seqs // k)
         if self.needs_reference:
             self._check_ref_logps(where, ref_logps, num_seqs)
-        scores_g = None
-        if scores is not None:
-            scores_g = self._per_row(where, "scores", scores, num_seqs).float()
-            V.check_values(where, torch.isfinite(scores_g), lambda lazy: "`scores` must be finite")
+        scores_g = self._scores(where, scores, num_seqs, torch.float32)
         sample_weights = self._weights(where, probs, weights, num_seqs,
                                        torch.empty(num_seqs // k, dtype=torch.float32, device=hidden.device))
         if extra is not None:
             sample_weights = sample_weights * extra.to(sample_weights)
         need = (hidden.requires_grad, head_weight.requires_grad, head_bias is not None and head_bias.requires_grad)
+        # KTO's r − z₀ is the log-ratio against the reference shifted by z₀ (a constant of the step)
+        shifted_ref = None if not self.needs_reference else ref_logps if kl is None else ref_logps.detach() + kl
         logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
             hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
-            ref_logps=ref_logps if self.needs_reference else None, sample_weights=sample_weights,
+            ref_logps=shifted_ref, sample_weights=sample_weights,
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
             hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
             fp32_grad_weight=self.fp32_head_grad)
         logratios = None if not self.needs_reference else logps - ref_logps.detach().to(logps.dtype)
-        rewards = self._rewards(logps, logratios, counts, scores_g)
+        rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         if accumulator is not None:
             kappa = accumulator.gradient_scale(losses, sample_weights, shift)
             value, stats = accumulator.loss_value, accumulator.stats()
@@ -369,13 +395,14 @@ class DoRALoss(nn.Module):
                                                                 group=self.process_group, ddp_average=self.ddp_average)
         loss = _FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, head_weight, head_bias)
         return DoRAOutput(losses=losses, weights=sample_weights, policy_logps=logps, logratios=logratios, **rewards,
-                          loss=loss, dro=stats)
+                          group_ids=group_ids, kl=kl, loss=loss, dro=stats)
 
     def per_sample(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None,
-                   scores=None, group_ids=None, extra_weights=None) -> DoRASamples:
+                   scores=None, group_ids=None, extra_weights=None, kl_logps=None, kl_ref_logps=None) -> DoRASamples:
         """The per-sample losses, weights, log-ratios and rewards of one batch, before any
         reduction: what a reduction's accumulator takes micro-batch by micro-batch.
-        ``extra_weights`` ``[B]`` multiply the sample weights (WPO's, see ``wpo``)."""
+        ``extra_weights`` ``[B]`` multiply the sample weights (WPO's, see ``wpo``); ``kl_logps`` and
+        ``kl_ref_logps`` give KTO's reference point (see :meth:`forward`)."""
         where = "robalign.DoRALoss"
         V.check_tensor(where, "policy_logps", policy_logps, ndim=1, floating=True)
         num_seqs, k = policy_logps.shape[0], self.group_size
@@ -402,15 +429,43 @@ class DoRALoss(nn.Module):
         grouped = policy_logps.reshape(num_samples, k)
         ref_grouped = None if logratios is None else ref_logps.reshape(num_samples, k)
         counts_g = None if counts is None else counts.reshape(num_samples, k)
-        scores_g = None if scores is None else self._per_row(where, "scores", scores, num_seqs).to(policy_logps.dtype)
-        losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **self.hparams)
+        scores_g = self._scores(where, scores, num_seqs, policy_logps.dtype)
+        kl = self._kl(where, kl_logps, kl_ref_logps)
+        extra = {} if kl is None else {"kl": kl.to(policy_logps.dtype)}
+        losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **extra, **self.hparams)
         sample_weights = self._weights(where, probs, weights, num_seqs, losses)
         if extra_weights is not None:
             sample_weights = sample_weights * extra_weights.to(sample_weights)
         self._check_group_ids(where, group_ids, num_samples)
 
         return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
-                           **self._rewards(policy_logps, logratios, counts, scores_g), group_ids=group_ids)
+                           **self._rewards(policy_logps, logratios, counts, scores_g, kl), group_ids=group_ids, kl=kl)
+
+    def _scores(self, where, scores, num_seqs, dtype):
+        """``scores`` as ``[B, K]`` in ``dtype``, checked (finite; 0/1 labels for unpaired data)."""
+        if scores is None:
+            if self.unpaired:
+                V.fail(where, f"objective {self.objective!r} needs `scores`: the label of each completion, "
+                              "1 desirable or 0 undesirable")
+            return None
+        scores_g = self._per_row(where, "scores", scores, num_seqs).to(dtype)
+        V.check_values(where, torch.isfinite(scores_g), lambda lazy: "`scores` must be finite")
+        if self.unpaired:
+            _objectives.check_labels(where, scores_g)
+        return scores_g
+
+    def _kl(self, where, kl_logps, kl_ref_logps):
+        """KTO's reference point from the mismatched rows (``None`` for other objectives)."""
+        given = kl_logps is not None or kl_ref_logps is not None
+        if not self.needs_kl:
+            if given:
+                V.fail(where, f"`kl_logps`/`kl_ref_logps` feed KTO's reference point; objective {self.objective!r} "
+                              "takes none")
+            return None
+        if kl_logps is None or kl_ref_logps is None:
+            V.fail(where, f"objective {self.objective!r} needs `kl_logps` and `kl_ref_logps` ([B] policy and "
+                          "reference log-probs of mismatched completions) for its reference point")
+        return reference_point(kl_logps, kl_ref_logps, group=self.process_group)
 
     def _check_group_ids(self, where, group_ids, num_samples):
         if group_ids is None:
@@ -433,10 +488,12 @@ class DoRALoss(nn.Module):
             V.fail(where, f"`ref_logps` must be [S] = [{num_seqs}], got {tuple(ref_logps.shape)}")
 
     @torch.no_grad()
-    def _rewards(self, policy_logps, logratios, counts, scores_g) -> dict:
+    def _rewards(self, policy_logps, logratios, counts, scores_g, kl=None) -> dict:
         """The implicit rewards of the best and worst candidate and their batch comparison."""
         beta = self.hparams.get("beta", self.beta)
         rewards = beta * (logratios if logratios is not None else policy_logps / counts.clamp(min=1))
+        if self.unpaired:
+            return unpaired_rewards(rewards, scores_g[:, 0], 0.0 if kl is None else beta * kl)
         rewards = rewards.reshape(-1, self.group_size)
         if scores_g is not None:
             order = torch.sort(scores_g, dim=-1, descending=True, stable=True).indices

@@ -28,6 +28,11 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
     rrhf            no                any      yes                 sft_weight
     lire            no                any      no                  temperature
     sft             no                any      yes                 —                  (the best candidate's NLL)
+    kto             yes               1*       no                  beta, desirable_weight, undesirable_weight
+    apo_zero_unpaired yes             1*       no                  beta, desirable_weight, undesirable_weight
+
+``*`` unpaired: one completion per sample (``[B, 1]``), its label in ``scores`` (1 desirable, 0
+undesirable); KTO also takes ``kl``, its reference point z₀ (see :mod:`robalign.losses.unpaired`).
 
 Objectives combine: ``mixture({"dpo": 1.0, "sft": 0.5})`` (or the name ``"dpo+0.5*sft"``, which
 ``DoRALoss``, the YAML config and ``--objective`` accept directly) registers ``Σ_k c_k·ℓ^{(k)}``
@@ -48,7 +53,8 @@ from .. import _validation as V
 from ..reference import objectives as _ref
 
 NAMES = tuple(_ref.OBJECTIVES)
-__all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "hyperparameters",
+__all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "is_unpaired",
+           "needs_kl_reference", "check_labels", "hyperparameters",
            "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve", "with_divergence"]
 
 mixture = _ref.mixture
@@ -125,16 +131,57 @@ def check_counts(where, counts):
                        + ("" if lazy else f", got {counts.min().item()}"))
 
 
+def is_unpaired(name: str) -> bool:
+    """Whether objective ``name`` reads unpaired data: one completion per sample (K = 1) labelled
+    desirable or undesirable in ``scores`` (KTO)."""
+    return spec(name).unpaired
+
+
+def needs_kl_reference(name: str) -> bool:
+    """Whether objective ``name`` takes KTO's batch reference point ``kl`` (from mismatched completions)."""
+    return spec(name).kl_reference
+
+
+def check_labels(where, scores, name="scores"):
+    """Unpaired labels are 1 (desirable) or 0 (undesirable) (a value check: eager or lazy)."""
+    V.check_values(where, (scores == 0) | (scores == 1),
+                   lambda lazy: f"`{name}` must hold the labels of unpaired completions: 1 (desirable) or 0 (undesirable)")
+
+
+def _check_unpaired(where, entry, shape, scores, kl):
+    if shape[1] != 1:
+        V.fail(where, f"`logps` must be [B, 1] for an unpaired objective (one labelled completion per sample), "
+                      f"got {shape}")
+    if scores is None:
+        V.fail(where, "`scores` is required: the label of each completion, 1 desirable or 0 undesirable")
+    if entry.kl_reference:
+        if kl is None:
+            V.fail(where, "`kl` is required: KTO's reference point z0 (robalign.losses.unpaired.reference_point "
+                          "of mismatched completions' log-probs)")
+        if isinstance(kl, torch.Tensor):
+            V.check_tensor(where, "kl", kl, floating=True)
+            if kl.numel() != 1:
+                V.fail(where, f"`kl` must be one number (a 0-d tensor), got shape {tuple(kl.shape)}")
+        else:
+            V.check_number(where, "kl", kl)
+    elif kl is not None:
+        V.fail(where, f"objective {entry.name!r} has no reference point (`kl`); KTO has", TypeError)
+
+
 def _public(entry: _ref.Objective):
     @functools.wraps(entry.fn)
-    def objective(logps, ref_logps=None, *, counts=None, scores=None, **hparams):
+    def objective(logps, ref_logps=None, *, counts=None, scores=None, kl=None, **hparams):
         where = f"robalign.objectives.{entry.name}"
         V.check_tensor(where, "logps", logps, ndim=2, floating=True)
         shape = tuple(logps.shape)
         if entry.pairwise and shape[1] != 2:
             V.fail(where, f"`logps` must be [B, 2] (chosen, rejected) for a pairwise objective, got {shape}")
-        if shape[1] < 2:
+        if entry.unpaired:
+            _check_unpaired(where, entry, shape, scores, kl)
+        elif shape[1] < 2:
             V.fail(where, f"`logps` must be [B, K] with K >= 2 candidates to compare, got {shape}")
+        elif kl is not None:
+            V.fail(where, f"`kl` is KTO's reference point; objective {entry.name!r} takes none", TypeError)
         if entry.reference and ref_logps is None:
             V.fail(where, "`ref_logps` is required: this objective compares with a reference model")
         if entry.counts and counts is None:
@@ -145,7 +192,11 @@ def _public(entry: _ref.Objective):
         check_counts(where, counts)
         if scores is not None:
             V.check_values(where, torch.isfinite(scores), lambda lazy: "`scores` must be finite")
+            if entry.unpaired:
+                check_labels(where, scores)
         check_hyperparameters(entry.name, hparams, where)
+        if entry.kl_reference:
+            hparams = dict(hparams, kl=kl)
         return entry.fn(logps, ref_logps, counts=counts, scores=scores, **hparams)
 
     return objective

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "cpo", "orpo", "plackett_luce", "rrhf", "lire", "sft",
+           "kto", "apo_zero_unpaired", "DATA_KEYWORDS",
            "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture", "with_divergence",
            "F_DIVERGENCES"]
 
@@ -50,7 +51,10 @@ class Objective:
     reference: uses reference-model log-probs. counts: length-normalised (needs the scored
     tokens per candidate). pairwise: exactly 2 candidates (else any K ≥ 2). scores: ``"order"``
     when scores only put the candidates in order, ``"values"`` when their values enter the loss.
-    params: the hyper-parameters with their defaults and ranges.
+    params: the hyper-parameters with their defaults and ranges. unpaired: one labelled
+    completion per sample (K = 1, ``scores`` its label: 1 desirable, 0 undesirable), as KTO
+    reads; kl_reference: the loss takes a batch-level reference point ``kl`` (KTO's z₀), formed
+    from mismatched completions (:func:`robalign.losses.unpaired.reference_point`).
     """
 
     name: str
@@ -60,21 +64,29 @@ class Objective:
     pairwise: bool
     scores: str
     params: dict = field(default_factory=dict)
+    unpaired: bool = False
+    kl_reference: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def objective(*, reference: bool, pairwise: bool, counts: bool = False, scores: str = "order", **params: Param):
+#: keyword arguments of an objective that carry data, not hyper-parameters
+DATA_KEYWORDS = ("counts", "scores", "kl")
+
+
+def objective(*, reference: bool, pairwise: bool, counts: bool = False, scores: str = "order",
+              unpaired: bool = False, kl_reference: bool = False, **params: Param):
     """Register the decorated function as an objective (one function, one place). The function's
     keyword defaults must be the ``params``' defaults."""
 
     def register(fn):
         defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
-                    if p.kind is p.KEYWORD_ONLY and k not in ("counts", "scores")}
+                    if p.kind is p.KEYWORD_ONLY and k not in DATA_KEYWORDS}
         if defaults != {k: p.default for k, p in params.items()}:
             raise TypeError(f"objective {fn.__name__}: keyword defaults {defaults} differ from its params {params}")
-        OBJECTIVES[fn.__name__] = Objective(fn.__name__, fn, reference, counts, pairwise, scores, dict(params))
+        OBJECTIVES[fn.__name__] = Objective(fn.__name__, fn, reference, counts, pairwise, scores, dict(params),
+                                            unpaired=unpaired, kl_reference=kl_reference)
         return fn
 
     return register
@@ -359,6 +371,46 @@ def sft(logps, ref_logps=None, *, counts, scores=None):
     return -best / n.clamp(min=1).to(best.dtype)
 
 
+CLASS_WEIGHT = Param(1.0, low=0, low_open=True)
+
+
+def _unpaired_losses(h, desirable, desirable_weight, undesirable_weight):
+    """``λ_D·(1 − σ(h))`` for a desirable completion, ``λ_U·(1 − σ(−h))`` for an undesirable one."""
+    desirable = desirable > 0.5
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(h)),
+                       undesirable_weight * (1 - torch.sigmoid(-h)))
+
+
+@objective(reference=True, pairwise=False, unpaired=True, kl_reference=True, scores="label", beta=BETA,
+           desirable_weight=CLASS_WEIGHT, undesirable_weight=CLASS_WEIGHT)
+def kto(logps, ref_logps, *, counts=None, scores=None, kl=0.0, beta=0.1, desirable_weight=1.0,
+        undesirable_weight=1.0):
+    """KTO, Kahneman–Tversky optimisation (Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 7; TRL's
+    ``KTOTrainer``), on unpaired data: one completion per sample (``logps`` ``[B, 1]``) labelled
+    desirable (``scores`` 1) or undesirable (0). With r = logp − ref and the reference point z₀ =
+    ``kl`` (a detached batch estimate of KL(π‖π_ref), ≥ 0: the mean log-ratio of mismatched
+    prompt–completion pairs, :func:`robalign.losses.unpaired.reference_point`):
+
+        ℓ = λ_D·(1 − σ(β·(r − z₀)))    desirable
+        ℓ = λ_U·(1 − σ(β·(z₀ − r)))    undesirable
+    """
+    r = (logps - ref_logps)[:, 0]
+    return _unpaired_losses(beta * (r - kl), scores[:, 0], desirable_weight, undesirable_weight)
+
+
+@objective(reference=True, pairwise=False, unpaired=True, scores="label", beta=BETA,
+           desirable_weight=CLASS_WEIGHT, undesirable_weight=CLASS_WEIGHT)
+def apo_zero_unpaired(logps, ref_logps, *, counts=None, scores=None, beta=0.1, desirable_weight=1.0,
+                      undesirable_weight=1.0):
+    """APO-zero, unpaired (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7 per completion; TRL's
+    KTO ``loss_type="apo_zero_unpaired"``): KTO with the reference point at 0,
+
+        ℓ = λ_D·(1 − σ(β·r))    desirable;    ℓ = λ_U·σ(β·r)    undesirable
+    """
+    r = (logps - ref_logps)[:, 0]
+    return _unpaired_losses(beta * r, scores[:, 0], desirable_weight, undesirable_weight)
+
+
 _TERM = re.compile(r"^\s*(?:(?P<coef>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?"
                    r"(?P<name>[a-z_][a-z0-9_]*(?::[a-z_]+(?:=[0-9.eE+-]+)?)?)\s*$")
 
@@ -406,6 +458,9 @@ def mixture(terms) -> str:
                              f"{', '.join(n for n in OBJECTIVES if '+' not in n)}")
         if not (math.isfinite(coef) and coef >= 0):
             raise ValueError(f"the coefficient of {name!r} must be a finite number >= 0, got {coef}")
+        if OBJECTIVES[name].unpaired and len(terms) > 1:
+            raise ValueError(f"{name!r} reads unpaired data (one labelled completion per sample) and combines "
+                             "with no other objective")
     name = _mixture_name(terms)
     if name in OBJECTIVES:
         return name
