@@ -106,3 +106,90 @@ def test_weigh_and_train_read_conversational_data_and_a_saved_folder(tmp_path, r
     summary = run_training(TrainSettings(out=str(tmp_path / "run2"), data=str(tmp_path / "saved"), max_steps=2,
                                          batch_size=4, grad_accum=1, save_steps=100), log=lambda *_: None)
     assert summary["steps"] == 2 and summary["samples"] == len(records)
+
+
+# -- unpaired data (KTO) ------------------------------------------------------------------------
+def unpaired_rows(records, conversational=False):
+    """Each toy record as one unpaired sample: its chosen response (desirable) on even rows, its
+    rejected one (undesirable) on odd rows."""
+    rows = []
+    for i, r in enumerate(records):
+        completion = r["chosen"] if i % 2 == 0 else r["rejected"]
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": r["prompt"]}],
+                         "completion": [{"role": "assistant", "content": completion}], "label": i % 2 == 0,
+                         "source": r["source"]})
+        else:
+            rows.append({"prompt": r["prompt"], "completion": completion, "label": i % 2 == 0, "source": r["source"]})
+    return rows
+
+
+def test_unpaired_files_give_one_labelled_row_and_its_mismatched_row(tmp_path, records):
+    """A sample of an unpaired file is one row labelled 1/0 in `scores`; with `kl_rows` its
+    mismatched row is its own prompt with the previous sample's completion (the first: the last's).
+    A pairwise file unpairs into every chosen response (label 1), then every rejected one (0)."""
+    tok = toy_tokenizer()
+    path = write(tmp_path / "u.jsonl", unpaired_rows(records[:6]))
+    data = PreferenceDataset.from_file(path, tok, max_length=64, max_prompt_length=16, unpaired=True, kl_rows=True)
+    assert data.group_size == 1 and len(data) == 6 and data.unpaired
+    assert [g.scores for g in data.groups] == [[1.0], [0.0]] * 3
+    for i, g in enumerate(data.groups):
+        prompt = [t for t, lab in zip(g.input_ids[0], g.labels[0]) if lab == -100]
+        before = data.groups[i - 1]
+        completion = [lab for lab in before.labels[0] if lab != -100]
+        assert g.kl_input_ids == [prompt + completion] and g.kl_labels == [[-100] * len(prompt) + completion]
+    pairs = write(tmp_path / "p.jsonl", [layouts(r)["standard"] for r in records[:3]])
+    unpaired = PreferenceDataset.from_file(pairs, tok, max_length=64, max_prompt_length=16, unpaired=True)
+    paired = PreferenceDataset.from_file(pairs, tok, max_length=64, max_prompt_length=16)
+    assert [g.scores for g in unpaired.groups] == [[1.0]] * 3 + [[0.0]] * 3
+    assert [g.input_ids[0] for g in unpaired.groups] == ([g.input_ids[0] for g in paired.groups]
+                                                         + [g.input_ids[1] for g in paired.groups])
+    assert unpaired.groups[0].kl_input_ids is None
+    conversational = write(tmp_path / "c.jsonl", unpaired_rows(records[:6], conversational=True))
+    assert read_preference_file(conversational).samples[1][1] == [records[1]["rejected"]]
+
+
+def test_unpaired_data_errors_name_the_line_and_the_objective(tmp_path, records):
+    tok = toy_tokenizer()
+    rows = unpaired_rows(records[:3])
+    rows[1]["label"] = "yes"
+    with pytest.raises(DataError, match=r"u\.jsonl:2: field `label` must be true \(desirable\) or false"):
+        read_preference_file(write(tmp_path / "u.jsonl", rows))
+    good = write(tmp_path / "g.jsonl", unpaired_rows(records[:3]))
+    with pytest.raises(ValueError, match="unpaired data .* trains an unpaired objective: kto"):
+        PreferenceDataset.from_file(good, tok, max_length=64, max_prompt_length=16)
+    listwise = write(tmp_path / "l.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 2, 3]}])
+    with pytest.raises(ValueError, match="not listwise"):
+        PreferenceDataset.from_file(listwise, tok, max_length=64, max_prompt_length=16, unpaired=True)
+    one = write(tmp_path / "one.jsonl", unpaired_rows(records[:1]))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        PreferenceDataset.from_file(one, tok, max_length=64, max_prompt_length=16, unpaired=True, kl_rows=True)
+
+
+def test_robalign_train_runs_kto_on_weighed_unpaired_data(tmp_path, records):
+    """`robalign weigh` reads an unpaired file (one response per sample); `robalign train
+    --objective kto` trains on it: the first loss is KTO's at the reference (each completion ½·λ),
+    z0 is logged as `kl`, the reference log-probs of the mismatched rows are cached with the others
+    (a second run reads them), and the one-pass and recompute paths agree."""
+    from robalign.app.config import TrainSettings
+    from robalign.app.ratio.weigh import weigh_file
+    from robalign.app.train import run_training
+
+    data = write(tmp_path / "u.jsonl", unpaired_rows(records))
+    weighed = tmp_path / "w.jsonl"
+    report = weigh_file(data, "human", weighed, features="tfidf", folds=3, progress=False, log=lambda *_: None)
+    assert report["format"] == "unpaired" and report["responses"] == len(records)
+    settings = dict(out=str(tmp_path / "run"), data=str(data), objective="kto", lam=float("inf"), max_steps=2,
+                    batch_size=8, grad_accum=1, save_steps=100, logging_steps=1, shuffle=False,
+                    objective_kwargs={"desirable_weight": 1.5})
+    summary = run_training(TrainSettings(**settings), log=lambda *_: None)
+    first = summary["first_log"]
+    labels = [i % 2 == 0 for i in range(8)]
+    assert first["loss"] == pytest.approx(sum(1.5 if d else 1.0 for d in labels) / 2 / 8, rel=1e-6)
+    assert "kl" in summary["last_log"] and summary["reference_cache"] == "computed"
+    again = run_training(TrainSettings(**dict(settings, one_pass=False)), log=lambda *_: None)
+    assert again["reference_cache"].startswith("used ")
+    assert again["last_log"]["loss"] == pytest.approx(summary["last_log"]["loss"], rel=1e-5)   # float32 paths
+    weighted = run_training(TrainSettings(**dict(settings, data=str(weighed), out=str(tmp_path / "w"), lam=1.0)),
+                            log=lambda *_: None)
+    assert weighted["first_log"]["weights/max"] > weighted["first_log"]["weights/mean"]

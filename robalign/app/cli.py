@@ -72,6 +72,17 @@ def _objective_arg(value: str) -> str:
     return value
 
 
+def _objective_hparam(value: str) -> tuple[str, float]:
+    """``NAME=VALUE`` with a number for VALUE (its range is the settings check's)."""
+    name, sep, number = value.partition("=")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        return name.strip(), float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER (e.g. label_smoothing=0.1), got {value!r}") from None
+
+
 def _existing_file(value: str) -> Path:
     """A preference file (or a folder saved by ``datasets``) that exists."""
     path = Path(value)
@@ -155,6 +166,8 @@ def _cmd_train(args) -> int:
     for flag in ("lora", "merge", "bf16", "wpo"):
         if getattr(args, flag):
             overrides[flag] = True
+    if args.objective_args:
+        overrides["objective_kwargs"] = dict(args.objective_args)
     if args.no_dro_exact:
         overrides["exact_dro"] = False
     if args.recompute:
@@ -257,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a causal LM on a preference file with DoRA (or any robalign "
                                        "objective). With no --model and --data: the embedded default.")
     train.add_argument("--model", help="local Hugging Face model folder (default: the embedded tiny Llama)")
-    train.add_argument("--data", help="listwise or pairwise JSONL (default: the embedded toy preferences)")
+    train.add_argument("--data", help="listwise, pairwise or unpaired (KTO) JSONL, or a saved dataset folder "
+                                      "(default: the embedded toy preferences)")
     train.add_argument("--out", help="output folder (default out/train)")
     train.add_argument("--config", help="YAML file with the same settings (flags win)")
     d, by_model, embedded = TrainSettings(), MODEL_DEFAULTS, EMBEDDED_DEFAULTS
@@ -268,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--objective", type=_objective_arg,
                        help=f"the base objective: one of {{{','.join(objective_names())}}}, or a weighted sum such "
                             f"as dpo+0.5*sft (default {d.objective})")
+    train.add_argument("--objective-arg", dest="objective_args", metavar="NAME=VALUE", action="append",
+                       type=_objective_hparam,
+                       help="another hyper-parameter of the objective, e.g. label_smoothing=0.1 or, for kto, "
+                            "desirable_weight=1.33 (repeatable; `objective_kwargs` in the YAML config)")
     train.add_argument("--lam", type=float, help=f"DRO temperature λ; inf: the weighted mean (default {d.lam:g})")
     train.add_argument("--dro", choices=("kl", "kl-ball", "chi2", "cvar", "group"),
                        help=f"ambiguity set: kl (temperature --lam, DoRA's), kl-ball (radius --eta), chi2 (radius "

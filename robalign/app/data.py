@@ -12,6 +12,14 @@ Truncation rules (counted, and reported by the trainer):
 
 The prompt goes through the tokenizer's chat template when it has one (a single user turn with
 the generation prompt), else it is used as plain text.
+
+**Unpaired data** (KTO, ``unpaired=True``): a sample is one completion labelled desirable or
+undesirable (``scores`` = [1] or [0]), from an unpaired file or from a pairwise one (each pair gives a
+desirable and an undesirable sample: every chosen response first, then every rejected one, as TRL
+unpairs). With ``kl_rows=True`` each sample also carries its **mismatched row**, its own prompt with
+the completion of the sample before it (the last sample's for the first), truncated by the same
+rules: what KTO's reference point is estimated on (:mod:`robalign.losses.unpaired`). The pairing is
+fixed by the file's order, so the reference model's log-probs of those rows can be computed once.
 """
 
 from __future__ import annotations
@@ -55,7 +63,9 @@ def tokenize_prompt(tokenizer, prompt) -> list[int]:
 @dataclass
 class TokenizedGroup:
     """One sample: K rows of ``input_ids`` and ``labels`` (-100 on the prompt), and its metadata
-    (``group_id``: index of the sample's group in its dataset's ``group_names``, for group DRO)."""
+    (``group_id``: index of the sample's group in its dataset's ``group_names``, for group DRO;
+    ``kl_input_ids``/``kl_labels``: an unpaired sample's mismatched row, ``kl_ref_logps`` its
+    reference log-prob)."""
 
     input_ids: list
     labels: list
@@ -64,6 +74,9 @@ class TokenizedGroup:
     weights: list | None = None
     ref_logps: list | None = None
     group_id: int | None = None
+    kl_input_ids: list | None = None
+    kl_labels: list | None = None
+    kl_ref_logps: list | None = None
 
 
 @dataclass
@@ -78,6 +91,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     truncated_responses: int = 0
     path: str = ""
     group_names: tuple = ()
+    unpaired: bool = False
 
     def __len__(self):
         return len(self.groups)
@@ -98,44 +112,80 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return self.groups[index]
 
     @classmethod
-    def from_file(cls, path, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256) -> PreferenceDataset:
-        """Read ``path`` (listwise or pairwise JSONL) and tokenise it with ``tokenizer``."""
+    def from_file(cls, path, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
+                  unpaired: bool = False, kl_rows: bool = False) -> PreferenceDataset:
+        """Read ``path`` (listwise, pairwise or unpaired JSONL, or a saved dataset) and tokenise it
+        with ``tokenizer``. ``unpaired``: one labelled completion per sample (for KTO; a pairwise
+        file is unpaired); ``kl_rows``: each unpaired sample also gets its mismatched row."""
         if max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
         pref = read_preference_file(path)
+        if pref.format == "unpaired" and not unpaired:
+            raise ValueError(f"{path}: unpaired data (`completion`, `label`) trains an unpaired objective: "
+                             "kto or apo_zero_unpaired")
+        if unpaired and pref.format == "listwise":
+            raise ValueError(f"{path}: an unpaired objective (kto, apo_zero_unpaired) reads unpaired or pairwise "
+                             "data, not listwise (which responses would be desirable?)")
         eos = tokenizer.eos_token_id
-        groups, cut_prompts, cut_responses, k_seen, names = [], 0, 0, None, []
-        for line_index, (record, (prompt, responses)) in enumerate(zip(pref.records, pref.samples)):
-            # the prompt: a string, or a conversation's messages (any layout TRL documents, see ratio.data)
-            scores = [1.0, 0.0] if pref.format == "pairwise" else [float(s) for s in record["scores"]]
-            if k_seen is None:
-                k_seen = len(responses)
-            elif len(responses) != k_seen:
-                raise ValueError(f"{path}: record {line_index + 1} has {len(responses)} responses, the first had "
-                                 f"{k_seen}; every sample of a training file needs the same number")
-            prompt_ids = tokenize_prompt(tokenizer, prompt)
-            if len(prompt_ids) > max_prompt_length:
-                prompt_ids = prompt_ids[-max_prompt_length:]
-                cut_prompts += 1
-            rows_ids, rows_labels, cut = [], [], 0
+        cut = {"prompts": 0, "responses": 0}
+
+        def prompt_ids_of(prompt):
+            ids = tokenize_prompt(tokenizer, prompt)
+            if len(ids) > max_prompt_length:
+                cut["prompts"] += 1
+                ids = ids[-max_prompt_length:]
+            return ids
+
+        def response_ids(prompt_ids, response, count=True):
+            ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
             budget = max_length - len(prompt_ids)
-            for response in responses:
-                ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
-                if len(ids) > budget:
-                    ids = ids[:budget]
-                    cut += 1
-                rows_ids.append(prompt_ids + ids)
-                rows_labels.append([-100] * len(prompt_ids) + ids)
-            cut_responses += cut
-            weights = record.get("weights")
-            groups.append(TokenizedGroup(rows_ids, rows_labels, scores, probs=record.get("probs"), weights=weights))
+            if len(ids) > budget:
+                cut["responses"] += count
+                ids = ids[:budget]
+            return ids
+
+        # (record, prompt ids, responses, scores, probs, weights) per sample
+        items = []
+        for line_index, (record, (prompt, responses)) in enumerate(zip(pref.records, pref.samples)):
+            ids = prompt_ids_of(prompt)
+            probs, weights = record.get("probs"), record.get("weights")
+            if not unpaired:
+                scores = [1.0, 0.0] if pref.format == "pairwise" else [float(x) for x in record["scores"]]
+                if items and len(responses) != len(items[0][2]):
+                    raise ValueError(f"{path}: record {line_index + 1} has {len(responses)} responses, the first had "
+                                     f"{len(items[0][2])}; every sample of a training file needs the same number")
+                items.append((record, ids, responses, scores, probs, weights))
+            elif pref.format == "unpaired":
+                items.append((record, ids, responses, [float(record["label"])], probs, weights))
+            else:                                           # a pair: a desirable and an undesirable sample
+                for k, label in ((0, 1.0), (1, 0.0)):
+                    items.append((record, ids, responses[k:k + 1], [label], None if probs is None else [probs[k]],
+                                  weights if weights is None or not isinstance(weights, list) else [weights[k]]))
+        if unpaired and pref.format == "pairwise":
+            items = items[0::2] + items[1::2]
+        if kl_rows and len(items) < 2:
+            raise ValueError(f"{path}: KTO's reference point pairs each prompt with another sample's completion; "
+                             f"it needs at least 2 samples, the file has {len(items)}")
+
+        groups, names, completions = [], [], []
+        for record, ids, responses, scores, probs, weights in items:
+            rows = [response_ids(ids, r) for r in responses]
+            completions.append(rows[0])
+            groups.append(TokenizedGroup([ids + r for r in rows], [[-100] * len(ids) + r for r in rows], scores,
+                                         probs=probs, weights=weights))
             names.append(sample_group(record))
+        if kl_rows:
+            for i, (group, item) in enumerate(zip(groups, items)):
+                ids = item[1]
+                other = completions[i - 1][: max_length - len(ids)]
+                group.kl_input_ids, group.kl_labels = [ids + other], [[-100] * len(ids) + other]
         group_names = () if None in names else tuple(sorted(set(names)))
         if group_names:
             index = {name: i for i, name in enumerate(group_names)}
             for group, name in zip(groups, names):
                 group.group_id = index[name]
-        return cls(groups, k_seen, cut_prompts, cut_responses, str(pref.path), group_names)
+        return cls(groups, len(groups[0].input_ids), cut["prompts"], cut["responses"], str(pref.path), group_names,
+                   unpaired)
 
 
 @dataclass
@@ -143,18 +193,18 @@ class PreferenceCollator:
     """Pads a list of :class:`TokenizedGroup` into one group-major batch:
 
         input_ids, attention_mask, labels   [B·K, T]   (labels: HF convention, -100 masked)
-        scores                              [B·K]      float32
+        scores                              [B·K]      float32 (unpaired samples: their labels)
         probs / weights / ref_logps         [B·K]      when every sample has them
         group_ids                           [B]        int64, when every sample has one
+        kl_input_ids, kl_attention_mask,    [B, T']    unpaired samples' mismatched rows, when every
+        kl_labels; kl_ref_logps             [B]        sample has them
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
-    fields: tuple = field(default=("probs", "weights", "ref_logps"))
+    fields: tuple = field(default=("probs", "weights", "ref_logps", "kl_ref_logps"))
 
-    def __call__(self, groups):
-        rows_ids = [ids for g in groups for ids in g.input_ids]
-        rows_labels = [lab for g in groups for lab in g.labels]
+    def _pad(self, rows_ids, rows_labels, prefix=""):
         width = max(len(r) for r in rows_ids)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -165,8 +215,14 @@ class PreferenceCollator:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             attention[i, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                 "scores": torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)}
+        return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention, f"{prefix}labels": labels}
+
+    def __call__(self, groups):
+        batch = self._pad([ids for g in groups for ids in g.input_ids], [lab for g in groups for lab in g.labels])
+        batch["scores"] = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)
+        if all(g.kl_input_ids is not None for g in groups):
+            batch.update(self._pad([ids for g in groups for ids in g.kl_input_ids],
+                                   [lab for g in groups for lab in g.kl_labels], prefix="kl_"))
         for name in self.fields:
             values = [getattr(g, name) for g in groups]
             if all(v is not None for v in values):

@@ -113,6 +113,15 @@ def model_card(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_layout(objective) -> dict:
+    """How the data must be laid out for ``objective``: ``{"unpaired": ..., "kl_rows": ...}`` for
+    :meth:`PreferenceDataset.from_file` (KTO: unpaired samples with their mismatched rows)."""
+    from ..losses import objectives
+
+    name = objectives.resolve(objective)
+    return {"unpaired": objectives.is_unpaired(name), "kl_rows": objectives.needs_kl_reference(name)}
+
+
 def run_training(settings: TrainSettings, log=print) -> dict:
     """Train; write checkpoints, the final model and ``summary.json`` to ``settings.out``."""
     import torch
@@ -143,10 +152,12 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     model, tokenizer = _load_model(settings, log)
     prepare_tokenizer(tokenizer, log)
     data = Path(settings.data) if settings.data is not None else _embedded_data(out, settings.seed)
+    layout = data_layout(settings.objective)
     dataset = PreferenceDataset.from_file(data, tokenizer, max_length=settings.max_length,
-                                          max_prompt_length=settings.max_prompt_length)
+                                          max_prompt_length=settings.max_prompt_length, **layout)
     eval_set = None if settings.eval_data is None else PreferenceDataset.from_file(
-        settings.eval_data, tokenizer, max_length=settings.max_length, max_prompt_length=settings.max_prompt_length)
+        settings.eval_data, tokenizer, max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
+        **layout)
     if eval_set is not None and eval_set.group_size != dataset.group_size:
         raise ValueError(f"--eval-data {settings.eval_data}: {eval_set.group_size} responses per sample, the training "
                          f"data has {dataset.group_size}")

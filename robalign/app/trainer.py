@@ -44,7 +44,7 @@ from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 from ..ops.wpo import wpo_weights
 
-__all__ = ["DoRAConfig", "DoRATrainer", "policy_logps", "one_pass_loss"]
+__all__ = ["DoRAConfig", "DoRATrainer", "policy_logps", "one_pass_loss", "mismatched_batch"]
 
 
 def _needs_plain_logits(model) -> bool:
@@ -205,13 +205,23 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     return _through_head(model, batch, head_fn, anchor)
 
 
-def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True):
+def mismatched_batch(batch) -> dict:
+    """The mismatched rows of a collated unpaired batch (``kl_input_ids``, ...) as a batch of their own."""
+    if "kl_input_ids" not in batch:
+        raise ValueError("robalign: KTO's reference point needs each sample's mismatched row (`kl_input_ids`); "
+                         "build the data with PreferenceDataset.from_file(..., unpaired=True, kl_rows=True)")
+    return {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
+            "labels": batch["kl_labels"]}
+
+
+def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True, kl=None):
     """The :class:`robalign.DoRAOutput` of one collated micro-batch through the one-pass fused loss:
     ``loss_fn`` runs on the decoder's hidden states and the LM head inside the head's forward
     (:func:`_through_head`); ``loss`` is what to ``backward()`` (with ``accumulator``, this
     micro-batch's share of the effective batch). A reduction without a one-pass form (group DRO,
     the per-batch ambiguity sets) takes ``DoRALoss``'s recompute path here, on the same hidden
-    states; the batch's ``group_ids`` go to a reduction that reads them."""
+    states; the batch's ``group_ids`` go to a reduction that reads them. ``kl``: KTO's
+    ``{"kl_logps", "kl_ref_logps"}``."""
     labels = shift_labels(batch["labels"])
     weights = probs = None
     if use_weights:
@@ -222,7 +232,7 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
     def head_fn(head, hidden, weight, bias):
         out = loss_fn(hidden=hidden, head_weight=weight, head_bias=bias, labels=labels, ref_logps=batch.get("ref_logps"),
                       probs=probs, weights=weights, scores=batch.get("scores"), group_ids=group_ids,
-                      accumulator=accumulator)
+                      accumulator=accumulator, **(kl or {}))
         out.loss = _gathered_for_backward(head, out.loss)
         return out
 
@@ -272,14 +282,14 @@ class DoRATrainer(Trainer):
         self.args.remove_unused_columns = False
         self.add_callback(_LogLastStep())
         dataset = self.train_dataset
-        self.group_size = getattr(dataset, "group_size", 2)
         d = self.dora
         # built once: the objective, weights and reduction of every micro-batch (the process group is
         # the reduction's argument, read per call, so a group set up after construction is seen)
         reduction = reduction_of(d, getattr(dataset, "group_names", ()), getattr(dataset, "path", "") or "the training data")
         self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction, alpha=d.alpha,
-                                group_size=self.group_size, one_pass=d.one_pass, ld_alpha=d.ld_alpha, wpo=d.wpo,
-                                **d.objective_kwargs)
+                                group_size=getattr(dataset, "group_size", None), one_pass=d.one_pass,
+                                ld_alpha=d.ld_alpha, wpo=d.wpo, **d.objective_kwargs)
+        self.group_size = self.loss_fn.group_size
         if not self._forwards_ref_model:
             self.ref_model = ref_model
         self._acc = None
@@ -308,7 +318,7 @@ class DoRATrainer(Trainer):
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         for group in (dataset or self.train_dataset).groups:
-            digest.update(repr((group.input_ids, group.labels)).encode())
+            digest.update(repr((group.input_ids, group.labels, group.kl_input_ids, group.kl_labels)).encode())
         digest.update(f"fused={self.dora.fused}|ld_alpha={self.dora.ld_alpha}".encode())
         return Path(self.args.output_dir) / f"ref_logps-{digest.hexdigest()}.pt"
 
@@ -335,7 +345,8 @@ class DoRATrainer(Trainer):
 
         training = dataset is None or dataset is self.train_dataset
         dataset = self.train_dataset if dataset is None else dataset
-        if all(g.ref_logps is not None for g in dataset.groups):
+        kl_rows = all(g.kl_input_ids is not None for g in dataset.groups)
+        if all(g.ref_logps is not None and (not kl_rows or g.kl_ref_logps is not None) for g in dataset.groups):
             if training:
                 self.reference_cache = "given with the data"
             return
@@ -344,7 +355,9 @@ class DoRATrainer(Trainer):
             raise RuntimeError("robalign.DoRATrainer: the evaluation set's reference log-probs must be computed "
                                "before training moves the policy (call train() first, or pass ref_model)")
         path = self._ref_cache_path(model, dataset)
-        values, why = self._read_ref_cache(path, len(dataset) * dataset.group_size)
+        k = dataset.group_size
+        rows = len(dataset) * (k + kl_rows)             # every candidate's row, then every mismatched row
+        values, why = self._read_ref_cache(path, rows)
         if values is not None:
             note = f"used {path.name}"
         else:
@@ -354,24 +367,28 @@ class DoRATrainer(Trainer):
             model.eval()
             collate = PreferenceCollator(pad_token_id=self.data_collator.pad_token_id, fields=())
             size = batch_size or self.args.per_device_eval_batch_size
-            values = []
+            values, mismatched = [], []
             with torch.no_grad():
                 for start in tqdm(range(0, len(dataset), size), desc="reference log-probs",
                                   disable=not progress or not self.is_world_process_zero()):
                     batch = collate(dataset.groups[start:start + size])
-                    batch = {k: v.to(self.args.device) for k, v in batch.items()}
+                    batch = {name: v.to(self.args.device) for name, v in batch.items()}
                     logps, _ = policy_logps(model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha,
-                                            group_size=dataset.group_size)
+                                            group_size=k)
                     values.append(logps.float().cpu())
-            values = torch.cat(values)
+                    if kl_rows:
+                        mismatched.append(policy_logps(model, mismatched_batch(batch), fused=self.dora.fused)[0]
+                                          .float().cpu())
+            values = torch.cat(values + mismatched)
             model.train(was_training)
             if self.is_world_process_zero():
                 write_atomic(path, lambda handle: torch.save(values, handle))
         if training:
             self.reference_cache = note
-        k = dataset.group_size
         for i, group in enumerate(dataset.groups):
             group.ref_logps = values[i * k:(i + 1) * k].tolist()
+            if kl_rows:
+                group.kl_ref_logps = [float(values[len(dataset) * k + i])]
 
     _STATE_KEY = "robalign.DoRATrainer"
 
@@ -462,7 +479,16 @@ class DoRATrainer(Trainer):
         group_ids = inputs.get("group_ids") if self.loss_fn.reduction.takes_group_ids else None
         return self.loss_fn.per_sample(logps, counts, ref_logps=inputs.get("ref_logps"), probs=probs,
                                        weights=weights, scores=inputs.get("scores"), group_ids=group_ids,
-                                       extra_weights=extra)
+                                       extra_weights=extra, **self._kl_inputs(model, inputs))
+
+    def _kl_inputs(self, model, inputs) -> dict:
+        """KTO's ``{"kl_logps", "kl_ref_logps"}``: the policy's log-probs of the batch's mismatched
+        rows (a forward without gradient) and the reference's; ``{}`` for other objectives."""
+        if not self.loss_fn.needs_kl:
+            return {}
+        with torch.no_grad():
+            kl_logps, _ = policy_logps(model, mismatched_batch(inputs), fused=self.dora.fused)
+        return {"kl_logps": kl_logps, "kl_ref_logps": inputs["kl_ref_logps"]}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's reduced loss (used for evaluation; training goes through the accumulator)."""
@@ -519,7 +545,7 @@ class DoRATrainer(Trainer):
         with self.compute_loss_context_manager():
             if self._uses_one_pass(model):
                 out = one_pass_loss(model, inputs, self.loss_fn, accumulator=self._acc,
-                                    use_weights=self.dora.use_weights)
+                                    use_weights=self.dora.use_weights, kl=self._kl_inputs(model, inputs))
                 surrogate = out.loss
             else:
                 out = self.dora_samples(model, inputs)
@@ -565,10 +591,13 @@ class DoRATrainer(Trainer):
 
     def _record(self, out, into=None) -> None:
         into = self._dora_metrics if into is None else into
+        # nanmean: unpaired samples reward only their own side (NaN on the other)
         for name, value in zip(self._RECORDED, (
-                out.reward_accuracy, out.reward_margin, out.chosen_rewards.mean(), out.rejected_rewards.mean(),
+                out.reward_accuracy, out.reward_margin, out.chosen_rewards.nanmean(), out.rejected_rewards.nanmean(),
                 out.weights.mean(), out.weights.max())):
             into[name].append(value.detach().float())
+        if out.kl is not None:                              # KTO's reference point z₀ (TRL logs it as `kl`)
+            into["kl"].append(out.kl.detach().float())
 
     def log(self, logs, *args, **kwargs):
         """The Trainer's logs plus the DoRA metrics averaged since the last log (one device read

@@ -1,6 +1,7 @@
 """DoRA in a TRL script: ``DoRADPOTrainer`` and ``DoRADPOConfig`` replace TRL's ``DPOTrainer`` and
-``DPOConfig`` (written against TRL 1.16), keeping TRL's data handling (datasets, tokenisation,
-chat templates, its collator), reference model, logging and callbacks. What changes:
+``DPOConfig``, ``DoRAKTOTrainer`` and ``DoRAKTOConfig`` its ``KTOTrainer`` and ``KTOConfig`` (written
+against TRL 1.16), keeping TRL's data handling (datasets, tokenisation, chat templates, its
+collator), reference model, logging and callbacks. What changes:
 
     the loss      TRL's loss types (``loss_type``, ``loss_weights``, ``beta``, ``label_smoothing``) as
                   robalign objectives (:data:`TRL_LOSS_TYPES`; several types: a mixture), with the
@@ -20,6 +21,11 @@ and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign doe
 yet (``aot`` losses, ``padding_free``, vision data, ``ld_alpha`` with precomputed reference
 log-probs) are refused at
 construction with a clear error; ``f_divergence_type`` maps to :func:`robalign.objectives.with_divergence`.
+
+KTO (``loss_type`` ``kto`` or ``apo_zero_unpaired``): TRL's unpaired batch (one completion per row,
+its ``label``, the mismatched ``KL_`` rows) becomes robalign's unpaired layout (:mod:`robalign.losses.unpaired`);
+``desirable_weight`` and ``undesirable_weight`` are the objective's. TRL's pairing of the mismatched rows
+(each completion with the previous example's prompt, in its fixed-order batches) is kept as it is.
 """
 
 from __future__ import annotations
@@ -31,26 +37,30 @@ import torch
 from ..losses.layout import pairs_to_group_major
 from ..losses.objectives import hyperparameters, resolve, with_divergence
 from .config import DoRAConfig
-from .trainer import DoRATrainer, policy_logps
+from .trainer import DoRATrainer, mismatched_batch, policy_logps
 
 try:
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 except ImportError as err:                      # the `bench` extra pins TRL; say so instead of a bare ImportError
     raise ImportError("robalign.app.trl_trainer needs TRL (pip install 'trl==1.16.0', or robalign[bench])") from err
 
-__all__ = ["DoRADPOConfig", "DoRADPOTrainer", "TRL_LOSS_TYPES", "objective_of"]
+__all__ = ["DoRADPOConfig", "DoRADPOTrainer", "DoRAKTOConfig", "DoRAKTOTrainer", "TRL_LOSS_TYPES",
+           "TRL_KTO_LOSS_TYPES", "objective_of"]
 
 #: TRL 1.16 DPO loss type → robalign objective (``sigmoid`` is DPO; TRL's ``ipo`` and ``sigmoid_norm``
 #: divide log-ratios by the completion length: robalign's ``ipo_norm`` and ``dpo_norm``)
 TRL_LOSS_TYPES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo_norm", "robust": "robust", "exo_pair": "exo_pair",
                   "nca_pair": "nca_pair", "bco_pair": "bco_pair", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
                   "apo_down": "apo_down", "discopop": "discopop", "sigmoid_norm": "dpo_norm", "sft": "sft"}
+#: TRL 1.16 KTO loss type → robalign objective (the same names)
+TRL_KTO_LOSS_TYPES = {"kto": "kto", "apo_zero_unpaired": "apo_zero_unpaired"}
 
 
 @dataclass
-class DoRADPOConfig(DPOConfig):
-    """TRL's ``DPOConfig`` and DoRA's settings.
+class DoRAArguments:
+    """DoRA's settings, added to a TRL config.
 
     dora_lam: the KL-DRO temperature λ (``inf``: the weighted mean; TRL's objective when no weights).
     dora_weights_column: the dataset column of per-sample weights (a number, or one per response:
@@ -63,6 +73,16 @@ class DoRADPOConfig(DPOConfig):
     dora_weights_column: str | None = field(default="weight", metadata={"help": "per-sample weight column"})
     dora_exact: bool = field(default=True, metadata={"help": "exact DRO across gradient accumulation"})
     dora_one_pass: bool = field(default=True, metadata={"help": "the one-pass fused loss"})
+
+
+@dataclass
+class DoRADPOConfig(DoRAArguments, DPOConfig):
+    """TRL's ``DPOConfig`` and DoRA's settings (:class:`DoRAArguments`)."""
+
+
+@dataclass
+class DoRAKTOConfig(DoRAArguments, KTOConfig):
+    """TRL's ``KTOConfig`` and DoRA's settings (:class:`DoRAArguments`)."""
 
 
 def objective_of(args) -> tuple[str, dict]:
@@ -114,35 +134,21 @@ class _WithWeights:
         return batch
 
 
-class DoRADPOTrainer(DoRATrainer, DPOTrainer):
-    """TRL's ``DPOTrainer`` with DoRA's loss and robalign's fused paths (see the module docstring).
-    Takes TRL's arguments (``model``, ``ref_model``, ``args`` — a :class:`DoRADPOConfig` or
-    ``DPOConfig`` —, ``train_dataset``, ``eval_dataset``, ``processing_class``, ...) and
-    ``reduction`` (a :class:`~robalign.losses.reductions.Reduction`; default KL-DRO with
-    ``dora_lam``)."""
+class _TRLBridge:
+    """What the TRL drop-ins share: DoRA's settings from a TRL config, the weights column on TRL's
+    collator, and the reference log-probs (TRL's precomputed ones, or the reference model now)."""
 
     _forwards_ref_model = True
     #: the reward metrics also under TRL's names
     _METRIC_ALIASES = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
 
-    def __init__(self, model=None, ref_model=None, args=None, *, reduction=None, **kwargs):
-        if args is None:
-            raise ValueError("robalign DoRADPOTrainer: pass `args` (a DoRADPOConfig)")
-        objective, hparams = objective_of(args)
+    def _bridge_init(self, objective, hparams, model, ref_model, args, reduction, kwargs, **dora_extra):
         dora = DoRAConfig(objective=objective, beta=float(args.beta), lam=float(getattr(args, "dora_lam", 1.0)),
-                          ld_alpha=getattr(args, "ld_alpha", None), wpo=bool(getattr(args, "use_weighting", False)),
                           exact_dro=bool(getattr(args, "dora_exact", True)),
-                          one_pass=bool(getattr(args, "dora_one_pass", True)), objective_kwargs=hparams)
-        processing = kwargs.get("processing_class")
-        if kwargs.get("data_collator") is None:
-            pad = getattr(processing, "pad_token_id", None)
-            if pad is None:
-                pad = getattr(processing, "eos_token_id", 0)
-            kwargs["data_collator"] = DataCollatorForPreference(pad_token_id=pad, max_length=args.max_length,
-                                                                truncation_mode=args.truncation_mode)
+                          one_pass=bool(getattr(args, "dora_one_pass", True)), objective_kwargs=hparams, **dora_extra)
         super().__init__(model=model, args=args, dora=dora, ref_model=ref_model, **kwargs)
         if getattr(self, "_is_vision_dataset", False):
-            raise ValueError("robalign DoRADPOTrainer: vision preference data is not supported yet")
+            raise ValueError(f"robalign {type(self).__name__}: vision preference data is not supported yet")
         self.data_collator = _WithWeights(self.data_collator, getattr(args, "dora_weights_column", None))
         if reduction is not None:
             from ..losses.loss import DoRALoss
@@ -152,6 +158,39 @@ class DoRADPOTrainer(DoRATrainer, DPOTrainer):
 
     def compute_reference_logps(self, *args, **kwargs) -> None:
         """TRL provides the reference log-probs (its precomputation, or its reference model)."""
+
+    @torch.no_grad()
+    def _reference_logps(self, batch):
+        if self.ref_model is not None:
+            return policy_logps(self.ref_model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha)[0]
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError(f"robalign {type(self).__name__}: no reference model (pass ref_model, train a PEFT "
+                             "adapter, or set precompute_ref_log_probs=True)")
+        with model.disable_adapter():
+            return policy_logps(self.model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha)[0]
+
+
+class DoRADPOTrainer(_TRLBridge, DoRATrainer, DPOTrainer):
+    """TRL's ``DPOTrainer`` with DoRA's loss and robalign's fused paths (see the module docstring).
+    Takes TRL's arguments (``model``, ``ref_model``, ``args`` — a :class:`DoRADPOConfig` or
+    ``DPOConfig`` —, ``train_dataset``, ``eval_dataset``, ``processing_class``, ...) and
+    ``reduction`` (a :class:`~robalign.losses.reductions.Reduction`; default KL-DRO with
+    ``dora_lam``)."""
+
+    def __init__(self, model=None, ref_model=None, args=None, *, reduction=None, **kwargs):
+        if args is None:
+            raise ValueError("robalign DoRADPOTrainer: pass `args` (a DoRADPOConfig)")
+        objective, hparams = objective_of(args)
+        processing = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None:
+            pad = getattr(processing, "pad_token_id", None)
+            if pad is None:
+                pad = getattr(processing, "eos_token_id", 0)
+            kwargs["data_collator"] = DataCollatorForPreference(pad_token_id=pad, max_length=args.max_length,
+                                                                truncation_mode=args.truncation_mode)
+        self._bridge_init(objective, hparams, model, ref_model, args, reduction, kwargs,
+                          ld_alpha=getattr(args, "ld_alpha", None), wpo=bool(getattr(args, "use_weighting", False)))
 
     def _prepare_inputs(self, inputs):
         """TRL's batch (chosen rows first, ``completion_mask``) as robalign's: group-major rows,
@@ -175,13 +214,51 @@ class DoRADPOTrainer(DoRATrainer, DPOTrainer):
             batch["weights"] = per_sample.repeat_interleave(2)
         return batch
 
-    @torch.no_grad()
-    def _reference_logps(self, batch):
-        if self.ref_model is not None:
-            return policy_logps(self.ref_model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha)[0]
-        model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(model, "disable_adapter"):
-            raise ValueError("robalign DoRADPOTrainer: no reference model (pass ref_model, train a PEFT adapter, or "
-                             "set precompute_ref_log_probs=True)")
-        with model.disable_adapter():
-            return policy_logps(self.model, batch, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha)[0]
+
+class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
+    """TRL's ``KTOTrainer`` with DoRA's loss and robalign's fused paths: KTO's per-sample losses
+    (``loss_type`` ``kto`` or ``apo_zero_unpaired``; ``desirable_weight``, ``undesirable_weight``)
+    with the weights column and the DRO reduction, exact across accumulation and ranks. Takes TRL's
+    arguments (``args``: a :class:`DoRAKTOConfig` or ``KTOConfig``) and ``reduction``. With
+    ``dora_lam=inf`` and no weights column the losses are TRL's own KTO losses."""
+
+    def __init__(self, model=None, ref_model=None, args=None, *, reduction=None, **kwargs):
+        if args is None:
+            raise ValueError("robalign DoRAKTOTrainer: pass `args` (a DoRAKTOConfig)")
+        if args.loss_type not in TRL_KTO_LOSS_TYPES:
+            raise ValueError(f"robalign DoRAKTOTrainer: TRL KTO loss type {args.loss_type!r} has no robalign "
+                             f"objective (supported: {', '.join(TRL_KTO_LOSS_TYPES)})")
+        objective = TRL_KTO_LOSS_TYPES[args.loss_type]
+        if kwargs.get("data_collator") is None:           # TRL's own (DoRATrainer would put robalign's)
+            processing = kwargs.get("processing_class")
+            pad = getattr(processing, "pad_token_id", None)
+            kwargs["data_collator"] = DataCollatorForUnpairedPreference(
+                pad_token_id=getattr(processing, "eos_token_id", 0) if pad is None else pad,
+                max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of)
+        hparams = {"desirable_weight": float(args.desirable_weight),
+                   "undesirable_weight": float(args.undesirable_weight)}
+        self._bridge_init(objective, hparams, model, ref_model, args, reduction, kwargs)
+
+    def _prepare_inputs(self, inputs):
+        """TRL's unpaired batch (``completion_mask``, ``label``, ``KL_`` rows) as robalign's: ``labels``
+        (-100 off the completion), ``scores`` (the labels), ``kl_*`` rows, ``ref_logps`` and
+        ``kl_ref_logps`` (TRL's precomputed ones, or the reference model's now), the weights."""
+        inputs = super()._prepare_inputs(inputs)
+        if "completion_mask" not in inputs:
+            return inputs
+        ids = inputs["input_ids"]
+        batch = {"input_ids": ids, "attention_mask": inputs["attention_mask"],
+                 "labels": ids.masked_fill(inputs["completion_mask"] == 0, -100),
+                 "scores": torch.as_tensor(inputs["label"], device=ids.device).float()}
+        if "KL_input_ids" in inputs:
+            kl_ids = inputs["KL_input_ids"]
+            batch.update(kl_input_ids=kl_ids, kl_attention_mask=inputs["KL_attention_mask"],
+                         kl_labels=kl_ids.masked_fill(inputs["KL_completion_mask"] == 0, -100))
+        batch["ref_logps"] = inputs["ref_logps"] if "ref_logps" in inputs else self._reference_logps(batch)
+        if self.loss_fn.needs_kl:
+            batch["kl_ref_logps"] = (inputs["ref_KL_logps"] if "ref_KL_logps" in inputs
+                                     else self._reference_logps(mismatched_batch(batch)))
+        weights = inputs.get("dora_weights")
+        if weights is not None:
+            batch["weights"] = weights if weights.dim() == 1 else weights.mean(-1)
+        return batch

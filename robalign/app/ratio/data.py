@@ -5,6 +5,8 @@ Two formats, one JSON object a line (README, "The classifier stage"):
                ``probs`` [K]
     pairwise   ``prompt``, ``chosen``, ``rejected``, and ``chosen_source``/``rejected_source`` or one
                ``source`` for both
+    unpaired   ``prompt``, ``completion``, ``label`` (true: desirable, false: undesirable), optional
+               ``source`` and ``probs`` [1] — TRL's unpaired preference layout, what KTO trains on
     either     optional ``group`` (a string or an integer): the sample's group for group DRO; without
                it a sample's group is its responses' source (``a+b`` when they differ), see
                :func:`sample_group`
@@ -38,7 +40,7 @@ class DataError(ValueError):
 class PreferenceFile:
     """A parsed preference file.
 
-    path, format ("listwise" or "pairwise"), records (the original JSON objects, in order),
+    path, format ("listwise", "pairwise" or "unpaired"), records (the original JSON objects, in order),
     and ``responses``: a :class:`datasets.Dataset` with one row per candidate — ``sample``
     (index of the record), ``position`` (index in the record), ``text`` (prompt and response),
     ``source`` (or None). ``samples``: each record's prompt (a string, or the messages of a
@@ -157,6 +159,43 @@ def _pairwise(path, line, obj):
     return prompt, responses, sources
 
 
+def _unpaired(path, line, obj):
+    """``(prompt, [completion text], sources)`` of an unpaired record; the label is checked here and
+    read from the record (``label``) by the training data."""
+    label = obj.get("label")
+    if not isinstance(label, bool) and label not in (0, 1):
+        _fail(path, line, f"field `label` must be true (desirable) or false (undesirable), got {label!r}")
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if _is_messages(prompt) or isinstance(completion, list):
+        if not _is_messages(prompt):
+            _fail(path, line, "field `prompt` must be a list of messages when `completion` is")
+        if not _is_messages(completion):
+            _fail(path, line, "field `completion` must be a string or a list of messages "
+                              "({\"role\": ..., \"content\": ...}) like `prompt`")
+        completion = "\n".join(m["content"] for m in completion)
+    else:
+        prompt = _text(path, line, obj, "prompt")
+        completion = _text(path, line, obj, "completion")
+    sources = [_text(path, line, obj, "source")] if "source" in obj else None
+    _numbers(path, line, obj, "probs", 1, low=0.0, high=1.0)
+    return prompt, [completion], sources
+
+
+_READERS = {"listwise": _listwise, "pairwise": _pairwise, "unpaired": _unpaired}
+
+
+def record_format(obj) -> str | None:
+    """The format of one record by its fields: ``listwise`` (``responses``), ``pairwise``
+    (``chosen``), ``unpaired`` (``completion`` and ``label``), or ``None``."""
+    if "responses" in obj:
+        return "listwise"
+    if "chosen" in obj:
+        return "pairwise"
+    if "completion" in obj and "label" in obj:
+        return "unpaired"
+    return None
+
+
 def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
     """Parse and check ``path``; the format is decided by the first record's fields.
 
@@ -172,19 +211,21 @@ def read_preference_file(path, *, need_sources: bool = False) -> PreferenceFile:
         raise DataError(f"{path}: no such file")
     records, rows, fmt, samples = [], [], None, []
     for line, obj in _objects(path):
-        this = "listwise" if "responses" in obj else "pairwise" if "chosen" in obj else None
+        this = record_format(obj)
         if this is None:
-            _fail(path, line, "expected a listwise record (`responses`) or a pairwise one (`chosen`, `rejected`)")
+            _fail(path, line, "expected a listwise record (`responses`), a pairwise one (`chosen`, `rejected`) or an "
+                              "unpaired one (`completion`, `label`)")
         if fmt is None:
             fmt = this
         elif this != fmt:
             _fail(path, line, f"a {this} record in a {fmt} file")
-        prompt, responses, sources = (_listwise if fmt == "listwise" else _pairwise)(path, line, obj)
+        prompt, responses, sources = _READERS[fmt](path, line, obj)
         group = obj.get("group")
         if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
             _fail(path, line, f"field `group` must be a string or an integer, got {type(group).__name__}")
         if need_sources and sources is None:
-            field = "sources" if fmt == "listwise" else "chosen_source`/`rejected_source` or `source"
+            field = {"listwise": "sources", "pairwise": "chosen_source`/`rejected_source` or `source",
+                     "unpaired": "source"}[fmt]
             _fail(path, line, f"missing field `{field}` (the classifier needs each response's source)")
         for position, response in enumerate(responses):
             rows.append({"sample": len(records), "position": position, "line": line,
