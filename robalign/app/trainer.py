@@ -42,14 +42,35 @@ from .data import PreferenceCollator
 from ..losses.layout import ld_split
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
+from ..ops.head import HeadTransform
 from ..ops.wpo import wpo_weights
 
 __all__ = ["DoRAConfig", "DoRATrainer", "policy_logps", "one_pass_loss", "mismatched_batch"]
 
 
-def _needs_plain_logits(model) -> bool:
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+#: model types whose forward transforms the LM head's output as (config attribute → HeadTransform field)
+_HEAD_TRANSFORMS = {
+    "softcap": ("final_logit_softcapping", ("gemma2", "gemma3", "gemma3_text", "vaultgemma")),   # c·tanh(z/c)
+    "scale": ("logit_scale", ("cohere", "cohere2")),                                            # s·z
+    "inverse_scale": ("logits_scaling", ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")),  # z/s
+}
+
+
+def head_transform(model) -> HeadTransform | None:
+    """The logit transform a Hugging Face causal LM applies after its LM head (Gemma 2/3's soft-cap,
+    Cohere's scale, Granite's scaling) as a :class:`robalign.ops.head.HeadTransform`; the identity for
+    a plain head; ``None`` for one robalign does not know (the logits path is taken)."""
+    config = getattr(_causal_lm(model), "config", None)
+    values = {kind: getattr(config, attr, None) for kind, (attr, _) in _HEAD_TRANSFORMS.items()}
+    given = {kind: v for kind, v in values.items() if v not in (None, 1, 1.0) and not (kind == "softcap" and not v)}
+    if not given:
+        return HeadTransform()
+    model_type = getattr(config, "model_type", None)
+    if len(given) > 1 or any(model_type not in _HEAD_TRANSFORMS[kind][1] for kind in given):
+        return None
+    kind, value = next(iter(given.items()))
+    return {"softcap": HeadTransform(softcap=float(value)), "scale": HeadTransform(scale=float(value)),
+            "inverse_scale": HeadTransform(scale=1.0 / float(value))}[kind]
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +133,7 @@ def _is_fsdp2(module) -> bool:
 
 def _plain_logits(model, fused: bool) -> bool:
     inner = _causal_lm(model)
-    return not fused or _needs_plain_logits(inner) or inner.get_output_embeddings() is None
+    return not fused or head_transform(inner) is None or inner.get_output_embeddings() is None
 
 
 def _through_head(model, batch, head_fn, anchor):
@@ -190,14 +211,18 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
             result = combined(lambda part: sequence_logps(logits, part, backend=backend))
         return (*result, wpo_weights(labels, logits=logits.detach())) if wpo else result
 
-    def head_fn(head, hidden, weight, bias):
+    transform = head_transform(model)
+    head = dict(logit_scale=transform.scale, softcap=transform.softcap or None, temperature=transform.temperature)
+
+    def head_fn(head_module, hidden, weight, bias):
         if ld_alpha is None:
-            logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend)
+            logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend, **head)
         else:
             logps, counts = combined(lambda part: linear_sequence_logps(hidden, weight, part, bias=bias,
-                                                                        backend=backend))
-        extra = (wpo_weights(labels, hidden=hidden.detach(), head_weight=weight, head_bias=bias),) if wpo else ()
-        return (_gathered_for_backward(head, logps), counts, *extra)
+                                                                        backend=backend, **head))
+        extra = (wpo_weights(labels, hidden=hidden.detach(), head_weight=weight, head_bias=bias,
+                             transform=transform),) if wpo else ()
+        return (_gathered_for_backward(head_module, logps), counts, *extra)
 
     def anchor(result, tied=None):
         return result[0] if tied is None else (tied, *result[1:])
@@ -288,7 +313,7 @@ class DoRATrainer(Trainer):
         reduction = reduction_of(d, getattr(dataset, "group_names", ()), getattr(dataset, "path", "") or "the training data")
         self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction, alpha=d.alpha,
                                 group_size=getattr(dataset, "group_size", None), one_pass=d.one_pass,
-                                ld_alpha=d.ld_alpha, wpo=d.wpo, **d.objective_kwargs)
+                                ld_alpha=d.ld_alpha, wpo=d.wpo, **self.head_kwargs(), **d.objective_kwargs)
         self.group_size = self.loss_fn.group_size
         if not self._forwards_ref_model:
             self.ref_model = ref_model
@@ -300,6 +325,11 @@ class DoRATrainer(Trainer):
         self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
         self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
+
+    def head_kwargs(self) -> dict:
+        """The model's LM-head transform as DoRALoss arguments (the one-pass path runs the head)."""
+        t = head_transform(self.model) or HeadTransform()
+        return dict(logit_scale=t.scale, softcap=t.softcap or None, temperature=t.temperature)
 
     # -- data ---------------------------------------------------------------------------------
     def _get_train_sampler(self, *args, **kwargs):

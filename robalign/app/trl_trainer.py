@@ -153,7 +153,8 @@ class _TRLBridge:
         if reduction is not None:
             from ..losses.loss import DoRALoss
 
-            self.loss_fn = DoRALoss(objective, beta=dora.beta, reduction=reduction, one_pass=dora.one_pass, **hparams)
+            self.loss_fn = DoRALoss(objective, beta=dora.beta, reduction=reduction, one_pass=dora.one_pass,
+                                    group_size=self.loss_fn.group_size, **self.head_kwargs(), **hparams)
         self.reference_cache = "TRL's (precomputed, or the reference model every step)"
 
     def compute_reference_logps(self, *args, **kwargs) -> None:

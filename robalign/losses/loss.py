@@ -17,6 +17,7 @@ from torch import nn
 from .. import _validation as V
 from ..ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
 from ..ops.api import check_linear_inputs
+from ..ops.head import HeadTransform
 from ..ops.one_pass import linear_dora_loss
 from ..ops.wpo import wpo_weights
 from ..ops.registry import resolve
@@ -128,6 +129,10 @@ class DoRALoss(nn.Module):
             sample's weight is multiplied by ``Π_k ω_k``, ``ω = exp(mean_t(log p(y_t) − log Σ_v p(v)²))``
             of the policy, without gradient (:func:`robalign.ops.wpo.wpo_weights`: one more pass over
             the head, chunked). Padded rows only.
+        logit_scale, softcap, temperature: the LM head's logit transform on the hidden-state paths,
+            ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap c; :mod:`robalign.ops.head`): Gemma
+            2/3's ``final_logit_softcapping`` is ``softcap``, Cohere's ``logit_scale`` is ``logit_scale``.
+            Logits given as ``logits`` are taken as the head's output, so they refuse a transform.
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
 
@@ -136,6 +141,7 @@ class DoRALoss(nn.Module):
                  ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
                  ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
                  fp32_head_grad: bool = True, ld_alpha: float | None = None, wpo: bool = False,
+                 logit_scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0,
                  **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
@@ -185,6 +191,7 @@ class DoRALoss(nn.Module):
             V.check_number(where, "ld_alpha", ld_alpha, low=0, high=1)
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
+        self.head_transform = HeadTransform.checked(where, logit_scale, softcap, temperature)
         self.needs_reference = _objectives.needs_reference(objective)
         self.needs_kl = _objectives.needs_kl_reference(objective)
         takes = _objectives.hyperparameters(objective)
@@ -221,12 +228,17 @@ class DoRALoss(nn.Module):
         if (logits is None) == (hidden is None):
             V.fail(where, f"pass exactly one of `{prefix}logits` or `{prefix}hidden` (with `{prefix}head_weight`)")
         if logits is not None:
+            if not self.head_transform.identity:
+                V.fail(where, f"`{prefix}logits` are the head's output; the head transform (logit_scale, softcap, "
+                              "temperature) applies to hidden states: pass `hidden` and `head_weight`, or no transform")
             return sequence_logps(logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
                                   backend=self.backend)
         if head_weight is None:
             V.fail(where, f"`{prefix}hidden` needs `{prefix}head_weight` (the LM head's weight, [V, H])")
+        t = self.head_transform
         return linear_sequence_logps(hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index,
-                                     cu_seqlens=cu_seqlens, backend=self.backend)
+                                     cu_seqlens=cu_seqlens, backend=self.backend, logit_scale=t.scale,
+                                     softcap=t.softcap or None, temperature=t.temperature)
 
     def _per_row(self, where, name, t, num_seqs):
         """``t`` given per sequence ``[S]`` or per sample ``[B, K]``, as ``[B, K]``."""
@@ -299,7 +311,7 @@ class DoRALoss(nn.Module):
                 V.fail(where, "`wpo` takes padded rows ([S, T] labels), not packed ones (`cu_seqlens`)")
             omega = wpo_weights(labels, logits=None if logits is None else logits.detach(),
                                 hidden=None if hidden is None else hidden.detach(), head_weight=head_weight,
-                                head_bias=head_bias, ignore_index=self.ignore_index)
+                                head_bias=head_bias, ignore_index=self.ignore_index, transform=self.head_transform)
             extra = omega.view(-1, self.group_size).prod(-1)
         kernel = self._one_pass_kernel(where, logits, hidden, head_weight, head_bias)
         if kernel is not None:
@@ -384,7 +396,7 @@ class DoRALoss(nn.Module):
             ref_logps=shifted_ref, sample_weights=sample_weights,
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
             hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
-            fp32_grad_weight=self.fp32_head_grad)
+            fp32_grad_weight=self.fp32_head_grad, transform=self.head_transform)
         logratios = None if not self.needs_reference else logps - ref_logps.detach().to(logps.dtype)
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         if accumulator is not None:

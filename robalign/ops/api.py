@@ -10,6 +10,7 @@ import torch
 
 from .. import _validation as V
 from .. import reference
+from .head import HeadTransform
 from .registry import resolve
 
 __all__ = ["sequence_logps", "sequence_logps_with_ref", "linear_sequence_logps", "shift_labels"]
@@ -120,15 +121,22 @@ def linear_sequence_logps(
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sequence_logps` of the logits ``z = hidden @ weightᵀ + bias``, computed without
-    holding the full ``[N, V]`` logits on the fused backends.
+    holding the full ``[N, V]`` logits on the fused backends; with the head's logit transform
+    ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap) when given (:mod:`robalign.ops.head`).
 
     Args:
         hidden: ``[S, T, H]`` or ``[N, H]`` (with ``cu_seqlens``).
         weight: ``[V, H]``, the LM head; a plain tensor (gather FSDP shards before the call).
         bias: optional ``[V]``.
         labels, ignore_index, cu_seqlens, backend: as in :func:`sequence_logps`.
+        logit_scale: s, the model's logit scale (Cohere's ``logit_scale``; ``1/logits_scaling`` for Granite).
+        softcap: c, the soft-cap of the logits (Gemma 2/3's ``final_logit_softcapping``), ``None``: none.
+        temperature: T, divides the (capped) logits.
 
     Returns:
         ``(logps, counts)`` as :func:`sequence_logps`, differentiable with respect to
@@ -136,9 +144,10 @@ def linear_sequence_logps(
     """
     where = "robalign.linear_sequence_logps"
     check_linear_inputs(where, hidden, weight, labels, bias, ignore_index, cu_seqlens)
+    transform = HeadTransform.checked(where, logit_scale, softcap, temperature)
     entry = resolve(where, backend, hidden)
     return entry.load_ops().linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                                  cu_seqlens=cu_seqlens, kernel=entry.name)
+                                                  cu_seqlens=cu_seqlens, kernel=entry.name, transform=transform)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,14 +1,15 @@
 """The fused linear path: per-sequence log-probs from hidden states and the LM head, with no
 ``[N, V]`` logits tensor — only one chunk of scored tokens' logits exists at a time.
 
-    forward   for each chunk c of scored tokens:  z_c = h_c @ Wᵀ (+ b)            [C, V]
+    forward   for each chunk c of scored tokens:  z_c = f(h_c @ Wᵀ (+ b))         [C, V]
               lse_c, target_c = row kernel(z_c);  logp_t = target_t − lse_t;  save lse (4 B/token)
     backward  for each chunk:  recompute z_c;  G_c = coeff·(onehot − softmax(z_c))  (in place)
               grad_h[c] = G_c @ W;   grad_W += G_cᵀ @ h_c;   grad_b += Σ_t G_c[t]
 
 The matmuls are ATen's (cuBLAS / the CPU BLAS, float32 accumulation inside each product); the
 row work is the ``kernel``'s (``"cpp"``, ``"triton"`` or ``"torch"``, as in :mod:`robalign.ops.library`).
-Backward recomputes the logits because the per-sequence coefficient (the DRO normaliser
+``f`` is the head's logit transform (scale, soft-cap, temperature; the identity by default, see
+:mod:`robalign.ops.head`). Backward recomputes the logits because the per-sequence coefficient (the DRO normaliser
 couples the whole batch) is only known after the forward. Prompt and padding tokens are
 skipped entirely. ``grad_W`` and ``grad_b`` accumulate across chunks in the weight's dtype:
 exact for float32; for bfloat16 one rounding per chunk, as Liger-Kernel does (a float32
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..reference.logps import sequence_index
+from .head import HeadTransform
 from .library import check_kernel_dtypes, flat_labels, per_sequence, row_kernels
 
 __all__ = ["linear_sequence_logps", "chunk_tokens"]
@@ -59,8 +61,10 @@ def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Te
 
 @torch.library.custom_op("robalign::linear_sequence_logps_fwd", mutates_args=())
 def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_idx: Tensor, num_seqs: int,
-         ignore_index: int, kernel: str, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+         ignore_index: int, kernel: str, chunk: int, logit_scale: float, softcap: float,
+         temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
+    transform = HeadTransform(logit_scale, softcap, temperature)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     scored = y != ignore_index
@@ -69,7 +73,7 @@ def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
     token_logps = torch.zeros_like(lse)
     for start in range(0, idx.numel(), chunk):
         i_c = idx[start:start + chunk]
-        z = _chunk_logits(h.index_select(0, i_c), weight, bias)                       # [C, V]
+        z = transform.apply_(_chunk_logits(h.index_select(0, i_c), weight, bias))     # [C, V]
         lse_c, target_c, _ = rows.rows_lse_target(z.unsqueeze(0), y.index_select(0, i_c), ignore_index)
         lse.index_copy_(0, i_c, lse_c)
         token_logps.index_copy_(0, i_c, target_c - lse_c)
@@ -79,7 +83,8 @@ def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
 
 
 @_fwd.register_fake
-def _(hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk):
+def _(hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk, logit_scale, softcap,
+      temperature):
     return (hidden.new_empty(num_seqs, dtype=torch.float32), hidden.new_empty(num_seqs, dtype=torch.int64),
             hidden.new_empty(labels.numel(), dtype=torch.float32))
 
@@ -87,8 +92,9 @@ def _(hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chu
 @torch.library.custom_op("robalign::linear_sequence_logps_bwd", mutates_args=())
 def _bwd(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_idx: Tensor,
          lse: Tensor, ignore_index: int, kernel: str, chunk: int, need_hidden: bool, need_weight: bool,
-         need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+         need_bias: bool, logit_scale: float, softcap: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
+    transform = HeadTransform(logit_scale, softcap, temperature)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     coeff = grad_logps.float().index_select(0, seq_idx)
@@ -99,10 +105,9 @@ def _bwd(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tens
     for start in range(0, idx.numel(), chunk):
         i_c = idx[start:start + chunk]
         h_c = h.index_select(0, i_c)
-        z = _chunk_logits(h_c, weight, bias).unsqueeze(0)                           # [1, C, V]
-        rows.rows_softmax_grad(z, y.index_select(0, i_c), lse.index_select(0, i_c), coeff.index_select(0, i_c),
-                               ignore_index, z)                                     # z becomes G
-        g = z.squeeze(0)
+        z = transform.apply_(_chunk_logits(h_c, weight, bias))                      # [C, V]
+        g = transform.softmax_grad_(rows, z, y.index_select(0, i_c), lse.index_select(0, i_c),
+                                    coeff.index_select(0, i_c), ignore_index)       # z (or a buffer) becomes G
         if need_hidden:
             grad_h.index_copy_(0, i_c, g @ weight)
         if need_weight:
@@ -115,16 +120,16 @@ def _bwd(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tens
 
 @_bwd.register_fake
 def _(grad_logps, hidden, weight, bias, labels, seq_idx, lse, ignore_index, kernel, chunk, need_hidden, need_weight,
-      need_bias):
+      need_bias, logit_scale, softcap, temperature):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
             torch.empty_like(bias) if (need_bias and bias is not None) else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, seq_idx, _, ignore_index, kernel, chunk = inputs
+    hidden, weight, bias, labels, seq_idx, _, ignore_index, kernel, chunk, *transform = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, seq_idx, output[2])
-    ctx.ignore_index, ctx.kernel, ctx.chunk = ignore_index, kernel, chunk
+    ctx.ignore_index, ctx.kernel, ctx.chunk, ctx.transform = ignore_index, kernel, chunk, transform
 
 
 def _backward(ctx, grad_logps, grad_counts, grad_lse):
@@ -132,16 +137,17 @@ def _backward(ctx, grad_logps, grad_counts, grad_lse):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     grad_h, grad_w, grad_b = torch.ops.robalign.linear_sequence_logps_bwd(
         grad_logps, hidden, weight, bias, labels, seq_idx, lse, ctx.ignore_index, ctx.kernel, ctx.chunk,
-        need_h, need_w, need_b and bias is not None)
+        need_h, need_w, need_b and bias is not None, *ctx.transform)
     return (grad_h if need_h else None, grad_w if need_w else None,
-            grad_b if (need_b and bias is not None) else None, None, None, None, None, None, None)
+            grad_b if (need_b and bias is not None) else None, *[None] * 9)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
-                          cu_seqlens: Tensor | None, kernel: str) -> tuple[Tensor, Tensor]:
+                          cu_seqlens: Tensor | None, kernel: str,
+                          transform: HeadTransform = HeadTransform()) -> tuple[Tensor, Tensor]:
     """Run the operator; ``(logps, counts)`` as :func:`robalign.linear_sequence_logps`."""
     where = "robalign.linear_sequence_logps"
     device_type = hidden.device.type
@@ -156,8 +162,8 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
                             f"got {t.dtype}")
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     labels = flat_labels(labels)
-    chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
+    chunk = max(1, chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device) // transform.chunk_factor)
     with torch.autocast(device_type, enabled=False):
         logps, counts, _ = torch.ops.robalign.linear_sequence_logps_fwd(
-            hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk)
+            hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk, *transform.args)
     return logps, counts

@@ -5,7 +5,8 @@ head and bias, in one forward with three matmul passes.
 For each chunk of whole groups (the K candidates of a prompt are in one chunk; chunks hold at
 most ``chunk`` scored tokens, see :func:`robalign.ops.linear.chunk_tokens`):
 
-    z      = h_c · Wᵀ (+ b)                                   [C, V]   one chunk of logits alive
+    z      = f(h_c · Wᵀ (+ b))                                [C, V]   one chunk of logits alive
+                                   (f: the head's transform, :mod:`robalign.ops.head`)
     lse, z_y = row kernel(z)        logp_s = Σ_t (z_y − lse)  (float64 sums, float32 result)
     ℓ_i, ∂ℓ_i/∂logp_s              the objective on the chunk's [b, K] log-probs, by torch.func (any
                                    registered objective, no hand-written derivative)
@@ -48,6 +49,7 @@ from torch import Tensor
 from ..reference.logps import sequence_index
 from ..reference.objectives import OBJECTIVES
 from .library import check_kernel_dtypes, flat_labels, row_kernels
+from .head import HeadTransform
 from .linear import _chunk_logits, chunk_tokens
 
 __all__ = ["linear_dora_loss", "plan_chunks"]
@@ -148,8 +150,10 @@ def _linear_dora_loss(
         ref_logps: Optional[Tensor], sample_weights: Tensor, scores: Optional[Tensor], objective: str,
         hparam_names: str, hparam_values: list[float], group_size: int, lam: float, ignore_index: int, kernel: str,
         chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool, fp32_grad_weight: bool,
+        logit_scale: float, softcap: float, temperature: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
+    transform = HeadTransform(logit_scale, softcap, temperature)
     hparams = dict(zip(hparam_names.split(",") if hparam_names else [], hparam_values))
     k = group_size
     num_groups = num_seqs // k
@@ -192,7 +196,7 @@ def _linear_dora_loss(
             if p1 == p0:
                 continue
             h_p = h.index_select(0, i_c[p0:p1])
-            z = _chunk_logits(h_p, weight, bias)
+            z = transform.apply_(_chunk_logits(h_p, weight, bias))
             lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index)
             lse_c[p0:p1] = lse_p
             logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
@@ -222,10 +226,10 @@ def _linear_dora_loss(
         for p0, p1 in pieces:
             i_p = i_c[p0:p1]
             h_p = kept_h if kept_h is not None else h.index_select(0, i_p)
-            z = kept if kept is not None else _chunk_logits(h_p, weight, bias)
+            z = kept if kept is not None else transform.apply_(_chunk_logits(h_p, weight, bias))
             kept = kept_h = None
-            rows.rows_softmax_grad(z.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], coeff_tok[p0:p1], ignore_index,
-                                   z.unsqueeze(0))                      # z becomes G
+            z = transform.softmax_grad_(rows, z, y_c[p0:p1], lse_c[p0:p1], coeff_tok[p0:p1],
+                                        ignore_index)                   # z (or a buffer) becomes G
             if need_hidden:
                 grad_h.index_copy_(0, i_p, z @ weight)
                 rescale_h.append((i_p, m))
@@ -253,7 +257,7 @@ def _linear_dora_loss(
 @_linear_dora_loss.register_fake
 def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights, scores, objective, hparam_names,
       hparam_values, group_size, lam, ignore_index, kernel, chunk, need_hidden, need_weight, need_bias,
-      fp32_grad_weight):
+      fp32_grad_weight, logit_scale, softcap, temperature):
     new = hidden.new_empty
     return (new(num_seqs, dtype=torch.float32), new(num_seqs, dtype=torch.int64),
             new(num_seqs // group_size, dtype=torch.float32), new((), dtype=torch.float64),
@@ -267,7 +271,8 @@ def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights
 def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
                      cu_seqlens: Tensor | None, ref_logps: Tensor | None, sample_weights: Tensor,
                      scores: Tensor | None, objective: str, hparams: dict, group_size: int, lam: float, kernel: str,
-                     need: tuple[bool, bool, bool], fp32_grad_weight: bool = True, chunk: int | None = None):
+                     need: tuple[bool, bool, bool], fp32_grad_weight: bool = True, chunk: int | None = None,
+                     transform: HeadTransform = HeadTransform()):
     """Run the operator on validated inputs (:class:`robalign.DoRALoss` validates them).
 
     Returns ``(logps [S], counts [S], losses [B], shift, grad_hidden, grad_weight, grad_bias)``: the
@@ -284,7 +289,7 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
     check_kernel_dtypes("robalign.DoRALoss", kernel, hidden=hidden, head_weight=weight, head_bias=bias)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     if chunk is None:
-        chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
+        chunk = max(1, chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device) // transform.chunk_factor)
     names = sorted(hparams)
     with torch.autocast(device_type, enabled=False), torch.no_grad():
         return torch.ops.robalign.linear_dora_loss(
@@ -292,4 +297,4 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
             num_seqs, None if ref_logps is None else ref_logps.detach().float(), sample_weights.detach().float(),
             None if scores is None else scores.detach(), objective, ",".join(names),
             [float(hparams[n]) for n in names], group_size, float(lam), ignore_index, kernel, chunk, *need,
-            fp32_grad_weight)
+            fp32_grad_weight, *transform.args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
+from .head import HeadTransform
 
 __all__ = ["wpo_weights"]
 
@@ -22,10 +23,10 @@ __all__ = ["wpo_weights"]
 @torch.no_grad()
 def wpo_weights(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 head_weight: torch.Tensor | None = None, head_bias: torch.Tensor | None = None,
-                ignore_index: int = -100, chunk_rows: int = 4096) -> torch.Tensor:
+                ignore_index: int = -100, chunk_rows: int = 4096, transform: HeadTransform | None = None) -> torch.Tensor:
     """``ω`` ``[S]`` (float32, or float64 for float64 inputs; 1 for a sequence with no scored token) of ``labels`` ``[S, T]`` under
     ``logits`` ``[S, T, V]`` or ``hidden`` ``[S, T, H]`` with ``head_weight`` ``[V, H]`` (and
-    ``head_bias`` ``[V]``)."""
+    ``head_bias`` ``[V]``, and the head's logit ``transform``, :mod:`robalign.ops.head`)."""
     where = "robalign.ops.wpo_weights"
     if (logits is None) == (hidden is None):
         V.fail(where, "pass exactly one of `logits` or `hidden` (with `head_weight`)")
@@ -48,6 +49,8 @@ def wpo_weights(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hid
         z = rows[index].to(dtype)
         if weight is not None:
             z = z @ weight.T if bias is None else torch.addmm(bias, z, weight.T)
+            if transform is not None:
+                transform.apply_(z)
         target = z.gather(-1, flat_labels[index].unsqueeze(-1)).squeeze(-1)
         aligned[index] = target + torch.logsumexp(z, -1) - torch.logsumexp(2 * z, -1)
     per_sequence = aligned.view(s, t).sum(-1)

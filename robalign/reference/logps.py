@@ -89,8 +89,13 @@ def linear_sequence_logps(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sequence_logps` of the logits ``hidden @ weightᵀ + bias``.
+    """:func:`sequence_logps` of the logits ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap c)
+    of ``z = hidden @ weightᵀ + bias``, with ``s`` = ``logit_scale``, ``c`` = ``softcap``, ``T`` =
+    ``temperature``.
 
     Args:
         hidden: ``[S, T, H]`` or ``[N, H]``. weight: ``[V, H]`` (the LM head). bias: ``[V]``.
@@ -102,7 +107,10 @@ def linear_sequence_logps(
 
     def logits_of(mask):
         z = flat[mask].to(dtype) @ weight.to(dtype).T                   # [M, V]
-        return z if bias is None else z + bias.to(dtype)
+        z = (z if bias is None else z + bias.to(dtype)) * logit_scale
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        return z / temperature
 
     return _logps_from_logits(logits_of, labels, ignore_index, cu_seqlens)
 

@@ -1,0 +1,82 @@
+"""What some LM heads do to their logits after the matmul, applied chunk by chunk on the fused
+paths so that such models keep them (instead of falling back to materialised logits):
+
+    z' = c·tanh(s·z / c) / T        with a soft-cap c (Gemma 2/3's ``final_logit_softcapping``)
+    z' = s·z / T                    without one
+
+``s`` is the model's logit scale (Cohere's ``logit_scale``; Granite divides by ``logits_scaling``:
+s = 1/that), ``T`` a sampling temperature applied to the model's output. The derivative is
+``∂z'/∂z = (s/T)·(1 − tanh²(s·z/c))`` (``s/T`` without a cap), so the backward of a row kernel's
+``G' = c_t·(onehot − softmax(z'))`` is ``G = G' ⊙ ∂z'/∂z``: a scalar on the coefficient without a
+cap, one elementwise product (and one more ``[C, V]`` buffer for the chunk) with one.
+The transform runs in the logits' dtype, as the models compute it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .. import _validation as V
+
+__all__ = ["HeadTransform"]
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """The logit transform of an LM head: ``scale`` s, ``softcap`` c (0: none), ``temperature`` T."""
+
+    scale: float = 1.0
+    softcap: float = 0.0
+    temperature: float = 1.0
+
+    @classmethod
+    def checked(cls, where: str, scale=1.0, softcap=None, temperature=1.0) -> HeadTransform:
+        """The transform of the public arguments, each checked (finite, > 0; ``softcap`` ``None``: none)."""
+        for name, value in (("logit_scale", scale), ("temperature", temperature)):
+            V.check_number(where, name, value, low=0, low_open=True)
+            if not math.isfinite(value):
+                V.fail(where, f"`{name}` must be finite, got {value}")
+        if softcap is not None:
+            V.check_number(where, "softcap", softcap, low=0, low_open=True)
+            if not math.isfinite(softcap):
+                V.fail(where, f"`softcap` must be finite (None: no soft-cap), got {softcap}")
+        return cls(float(scale), float(softcap or 0.0), float(temperature))
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap == 0.0 and self.temperature == 1.0
+
+    @property
+    def args(self) -> tuple[float, float, float]:
+        """``(scale, softcap, temperature)``, as an operator's float arguments."""
+        return self.scale, self.softcap, self.temperature
+
+    @property
+    def chunk_factor(self) -> int:
+        """``[C, V]`` buffers a chunk's backward holds: 2 with a soft-cap (its derivative), else 1."""
+        return 2 if self.softcap else 1
+
+    def apply_(self, z: Tensor) -> Tensor:
+        """``z ← z'`` in place; returns ``z``."""
+        if self.softcap:
+            z.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap / self.temperature)
+        elif self.scale != self.temperature:
+            z.mul_(self.scale / self.temperature)
+        return z
+
+    def softmax_grad_(self, rows, z: Tensor, labels: Tensor, lse: Tensor, coeff: Tensor, ignore_index: int) -> Tensor:
+        """The gradient ``G`` ``[C, V]`` with respect to the head's raw logits, from the transformed
+        chunk ``z`` ``[C, V]`` (``z'``, overwritten) and the row kernels ``rows`` of a backend."""
+        slope = self.scale / self.temperature
+        if not self.softcap:
+            rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff if slope == 1.0 else coeff * slope, ignore_index,
+                                   z.unsqueeze(0))
+            return z
+        grad = z.new_empty(z.shape)
+        rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff, ignore_index, grad.unsqueeze(0))
+        # ∂z'/∂z = (s/T)·(1 − t²) with t = tanh(s·z/c) = z'·T/c
+        z.mul_(self.temperature / self.softcap).square_().neg_().add_(1.0).mul_(slope)
+        return grad.mul_(z)

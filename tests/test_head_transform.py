@@ -1,0 +1,151 @@
+"""The LM head's logit transform on the fused paths (robalign.ops.head): soft-cap (Gemma 2/3), a
+logit scale (Cohere, Granite) and a temperature, z' = c·tanh(s·z/c)/T, against the float64
+reference that materialises the transformed logits, on every kernel backend (Triton under the
+interpreter), forward and every gradient, with holes, an all-ignored row, float32 and bfloat16;
+and Hugging Face models that transform their logits, on the trainer's fused path.
+
+Tolerances as in test_linear_backends: float32 1e-5 relative (the transform adds a few float32
+roundings per logit, far below the matmul's); bfloat16 within twice the error of PyTorch doing the
+same in bfloat16 (the transform runs in the logits' dtype there too, as the models run it).
+"""
+
+import pytest
+import torch
+
+import robalign
+from robalign import reference
+from robalign.ops import linear, one_pass, shift_labels
+from test_linear_backends import BACKENDS, assert_close, problem, ref_run, run
+
+TRANSFORMS = [pytest.param(dict(softcap=2.0), id="softcap"), pytest.param(dict(logit_scale=0.6), id="scale"),
+              pytest.param(dict(temperature=0.7), id="temperature"),
+              pytest.param(dict(softcap=1.5, logit_scale=1.3, temperature=0.8), id="all")]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(linear, "chunk_tokens", lambda vocab, element_size, device: 3)
+    monkeypatch.setattr(one_pass, "chunk_tokens", lambda vocab, element_size, device: 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_float32_forward_and_all_gradients(backend, transform, small_chunks):
+    args = problem(3, 7, 24, 1000, all_ignored=(1,))
+    coeff = torch.tensor([2.5, -1.0, 0.5])
+    got = run(backend, *args, coeff, **transform)
+    assert got[0][1] == 0 and (got[2][1] == 0).all()
+    want = ref_run(*args, coeff, **transform)
+    assert_close(got, want)
+    plain = ref_run(*args, coeff)
+    assert (want[0] - plain[0]).abs().max() > 1e-2                   # the transform changes the result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_within_twice_pytorch_error(backend, small_chunks):
+    args = problem(3, 6, 32, 500, dtype=torch.bfloat16, all_ignored=(2,))
+    coeff = torch.tensor([1.0, -2.0, 0.5])
+    got, want = run(backend, *args, coeff, softcap=3.0), ref_run(*args, coeff, softcap=3.0)
+    leaves = [x.detach().clone().requires_grad_(True) for x in args[:3]]
+    labels = args[3]
+    z = leaves[0] @ leaves[1].T + leaves[2]
+    z = 3.0 * torch.tanh(z / 3.0)                                     # Gemma's order, in bfloat16
+    tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+    (tok.sum(-1) * coeff.to(z.dtype)).sum().backward()
+    theirs = [tok.sum(-1).detach(), None, *[x.grad for x in leaves]]
+    err = lambda a, b: (a.double() - b).norm().item()                # noqa: E731
+    for i in (0, 2, 3, 4):
+        assert err(got[i], want[i]) <= 2 * err(theirs[i], want[i]) + 1e-6, f"output {i}"
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "torch-cuda"])
+@pytest.mark.parametrize("one_pass_", [True, False])
+def test_dora_loss_one_pass_and_recompute_with_a_soft_cap(backend, one_pass_, small_chunks):
+    """The one-pass fused loss and the recompute path with a soft-capped, scaled head equal the
+    float64 reference (materialised transformed logits, the objective, KL-DRO, autograd)."""
+    name, device = backend
+    hidden, weight, bias, labels = problem(4, 5, 16, 97)
+    ref = -torch.rand(4, dtype=torch.float64) * 10
+    weights = torch.tensor([0.5, 1.5])
+    kw = dict(softcap=2.5, logit_scale=0.8)
+    leaves = [x.detach().clone().to(device).requires_grad_(True) for x in (hidden, weight, bias)]
+    out = robalign.DoRALoss("dpo", lam=0.5, backend=name, one_pass=one_pass_, **kw)(
+        hidden=leaves[0], head_weight=leaves[1], head_bias=leaves[2], labels=labels.to(device),
+        ref_logps=ref.float().to(device), weights=weights.to(device))
+    out.loss.backward()
+    assert (out.policy_logps.grad_fn is None) == one_pass_
+    d = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
+    logps, _ = reference.linear_sequence_logps(d[0], d[1], labels, bias=d[2], **kw)
+    loss = reference.kl_dro(reference.objectives.dpo(logps.view(-1, 2), ref.view(-1, 2)), weights.double(), 0.5)
+    loss.backward()
+    torch.testing.assert_close(out.loss.double().cpu(), loss.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(leaves, d):
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-5, atol=1e-5 * want.grad.abs().max().item())
+
+
+def test_wpo_weights_see_the_transform():
+    hidden, weight, _, labels = problem(2, 5, 8, 40, dtype=torch.float64, bias=False)
+    from robalign.ops.head import HeadTransform
+    from robalign.ops.wpo import wpo_weights
+
+    transform = HeadTransform(softcap=2.0, temperature=0.9)
+    z = 2.0 * torch.tanh(hidden @ weight.T / 2.0) / 0.9
+    torch.testing.assert_close(wpo_weights(labels, hidden=hidden, head_weight=weight, transform=transform),
+                               wpo_weights(labels, logits=z), rtol=1e-12, atol=0)
+
+
+def test_bad_transforms_are_clear_errors():
+    h, w, y = torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long)
+    for kw, message in ((dict(softcap=0.0), r"`softcap` must lie in \(0, inf\)"), (dict(temperature=-1.0), "`temperature`"),
+                        (dict(logit_scale=float("inf")), "`logit_scale` must be finite")):
+        with pytest.raises(ValueError, match=message):
+            robalign.linear_sequence_logps(h, w, y, **kw)
+    with pytest.raises(ValueError, match="the head transform .* applies to hidden states"):
+        robalign.DoRALoss("dpo", softcap=30.0)(logits=torch.randn(2, 3, 5), labels=y, ref_logps=torch.zeros(2))
+
+
+def _tiny(kind):
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1)
+    config = {"gemma2": lambda: transformers.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **common),
+              "cohere": lambda: transformers.CohereConfig(logit_scale=0.3, **common),
+              "granite": lambda: transformers.GraniteConfig(logits_scaling=4.0, **common)}[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).double()
+
+
+@pytest.mark.parametrize("kind,expected", [("gemma2", dict(softcap=0.5)), ("cohere", dict(scale=0.3)),
+                                           ("granite", dict(scale=0.25))])
+def test_models_that_transform_their_logits_keep_the_fused_path(kind, expected):
+    """Gemma 2's soft-cap, Cohere's logit scale and Granite's logits scaling are read from the
+    config; the trainer's fused log-probs (and the one-pass loss's gradient) equal those of the
+    model's own logits to 1e-12 in float64."""
+    from robalign.app.trainer import _plain_logits, head_transform, one_pass_loss, policy_logps
+    from robalign.ops.head import HeadTransform
+
+    model = _tiny(kind)
+    assert head_transform(model) == HeadTransform(**expected) and not _plain_logits(model, True)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (4, 7), generator=gen)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    fused, _ = policy_logps(model, batch, fused=True)
+    y = shift_labels(labels)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    tok = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)
+    torch.testing.assert_close(fused, tok.sum(1), rtol=1e-12, atol=1e-12)
+
+    ref = tok.sum(1).detach() + torch.randn(4, generator=gen, dtype=torch.float64)
+    t = head_transform(model)
+    loss_fn = robalign.DoRALoss("dpo", lam=1.0, logit_scale=t.scale, softcap=t.softcap or None)
+    out = one_pass_loss(model, dict(batch, ref_logps=ref), loss_fn)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    want = reference.kl_dro(reference.objectives.dpo(tok.sum(1).view(-1, 2), ref.view(-1, 2)), None, 1.0)
+    want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out.loss.double(), want.double(), rtol=1e-6, atol=0)    # one-pass value: float32
+    for g, w in zip(grads, want_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
