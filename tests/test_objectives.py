@@ -191,7 +191,9 @@ def test_mixtures_sum_their_terms_and_run_everywhere():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="'label_smoothing' means different things"):
         objectives.mixture("exo_pair+dpo")
-    with pytest.raises(ValueError, match="unknown objective 'kto' in the mixture"):
+    with pytest.raises(ValueError, match="unknown objective 'kto_pair' in the mixture"):
+        objectives.resolve("dpo+kto_pair")
+    with pytest.raises(ValueError, match="'kto' reads unpaired data .* combines with no other objective"):
         objectives.resolve("dpo+kto")
     with pytest.raises(ValueError, match="cannot read the term '2\\*\\*sft'"):
         objectives.resolve("dpo+2**sft")

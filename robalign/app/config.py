@@ -34,9 +34,11 @@ class DoRAConfig:
     pre-pass with several micro-batches).
     ld_alpha: LD-DPO's weight of the tokens past the shorter response (``None``: plain log-probs).
     wpo: WPO's weighting (each sample's weight times its responses' ω, see ``DoRALoss(wpo=True)``).
-    fused: the fused linear path (False: materialise logits, for models whose logits are not
-    ``hidden @ Wᵀ + b``, e.g. with logit soft-capping). one_pass: on the fused linear path, the
+    fused: the fused linear path (False: materialise logits, for models whose logits robalign cannot
+    form from ``hidden @ Wᵀ + b`` and the head's known transforms). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
+    padding_free: pack each batch's rows into one row without padding (``position_ids`` restart at
+    each row; the attention stays within each row), see :class:`~robalign.app.data.PreferenceCollator`.
     objective_kwargs: the objective's other hyper-parameters.
     """
 
@@ -56,6 +58,7 @@ class DoRAConfig:
     fused: bool = True
     one_pass: bool = True
     shuffle: bool = True
+    padding_free: bool = False
     objective_kwargs: dict = field(default_factory=dict)
 
 
@@ -144,7 +147,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
-        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "lora": flag, "merge": flag, "bf16": flag,
+        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "lora": flag, "merge": flag, "bf16": flag,
         "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
@@ -177,6 +180,9 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         objectives.check_hyperparameters(name, settings.objective_kwargs, where=where)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: `objective_kwargs`: {str(err).split(': ', 1)[-1]}") from None
+    if settings.padding_free and (settings.ld_alpha is not None or settings.wpo):
+        raise ValueError(f"{where}: `padding_free` packs the rows; `ld_alpha` and `wpo` read padded ones (use one or "
+                         "the other)")
 
 
 def _yaml_loader():

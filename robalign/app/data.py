@@ -30,7 +30,8 @@ import torch
 
 from .ratio.data import read_preference_file, sample_group
 
-__all__ = ["TokenizedGroup", "PreferenceDataset", "PreferenceCollator", "prepare_tokenizer", "tokenize_prompt"]
+__all__ = ["TokenizedGroup", "PreferenceDataset", "PreferenceCollator", "prepare_tokenizer", "tokenize_prompt",
+           "pack_padded"]
 
 
 def prepare_tokenizer(tokenizer, log=print):
@@ -198,11 +199,18 @@ class PreferenceCollator:
         group_ids                           [B]        int64, when every sample has one
         kl_input_ids, kl_attention_mask,    [B, T']    unpaired samples' mismatched rows, when every
         kl_labels; kl_ref_logps             [B]        sample has them
+
+    ``padding_free``: the rows packed into one, no padding: ``input_ids``, ``position_ids``
+    (restarting at 0 for each row) and ``labels`` ``[1, N]``, ``cu_seqlens`` ``[B·K + 1]`` int64 (row
+    starts), and no ``attention_mask`` — Hugging Face models then keep the attention within each row
+    (transformers finds the rows from ``position_ids``; flash-attention takes them as varlen). The
+    mismatched rows likewise (``kl_position_ids``, ``kl_cu_seqlens``).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     fields: tuple = field(default=("probs", "weights", "ref_logps", "kl_ref_logps"))
+    padding_free: bool = False
 
     def _pad(self, rows_ids, rows_labels, prefix=""):
         width = max(len(r) for r in rows_ids)
@@ -215,7 +223,8 @@ class PreferenceCollator:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             attention[i, : len(ids)] = 1
-        return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention, f"{prefix}labels": labels}
+        padded = {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention, f"{prefix}labels": labels}
+        return pack_padded(padded, prefix) if self.padding_free else padded
 
     def __call__(self, groups):
         batch = self._pad([ids for g in groups for ids in g.input_ids], [lab for g in groups for lab in g.labels])
@@ -230,3 +239,20 @@ class PreferenceCollator:
         if all(g.group_id is not None for g in groups):
             batch["group_ids"] = torch.tensor([g.group_id for g in groups], dtype=torch.long)
         return batch
+
+
+def pack_padded(batch: dict, prefix: str = "") -> dict:
+    """A padded batch's ``{prefix}input_ids``, ``{prefix}attention_mask`` and ``{prefix}labels``
+    ``[R, T]`` packed as :class:`PreferenceCollator` packs rows (``padding_free``): the tokens under
+    the mask, row after row, in ``[1, N]`` with ``position_ids`` and ``cu_seqlens``. Other keys stay."""
+    mask = batch[f"{prefix}attention_mask"].bool()
+    lengths = mask.sum(1)
+    cu = torch.zeros(mask.shape[0] + 1, dtype=torch.long, device=mask.device)
+    torch.cumsum(lengths, 0, out=cu[1:])
+    positions = torch.arange(mask.sum(), device=mask.device) - torch.repeat_interleave(cu[:-1], lengths)
+    packed = {k: v for k, v in batch.items() if k not in (f"{prefix}input_ids", f"{prefix}attention_mask",
+                                                             f"{prefix}labels")}
+    packed.update({f"{prefix}input_ids": batch[f"{prefix}input_ids"][mask].unsqueeze(0),
+                   f"{prefix}position_ids": positions.unsqueeze(0),
+                   f"{prefix}labels": batch[f"{prefix}labels"][mask].unsqueeze(0), f"{prefix}cu_seqlens": cu})
+    return packed

@@ -167,7 +167,7 @@ def _through_head(model, batch, head_fn, anchor):
     handles = [decoder.register_forward_hook(keep_hidden), head.register_forward_hook(run_head, prepend=True)]
     try:
         kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(type(inner)) else {}
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        outputs = model(**model_inputs(batch), **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -183,6 +183,29 @@ def _gathered_for_backward(head, t):
     return _GatherBeforeBackward.apply(head, t) if _is_fsdp2(head) and torch.is_grad_enabled() else t
 
 
+def model_inputs(batch) -> dict:
+    """The model's inputs of a collated batch: ``input_ids`` with ``attention_mask``, or, packed
+    (``cu_seqlens``: padding-free), with ``position_ids`` and no mask — transformers then keeps the
+    attention within each packed row (it finds the rows where the positions restart) — and no cache."""
+    if "cu_seqlens" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def aligned_labels(batch):
+    """``(labels, cu_seqlens)``: the batch's labels aligned with the logits (:func:`robalign.shift_labels`),
+    ``[S, T]``, or packed ``[N]`` with the batch's ``cu_seqlens``."""
+    cu = batch.get("cu_seqlens")
+    if cu is None:
+        return shift_labels(batch["labels"]), None
+    return shift_labels(batch["labels"].reshape(-1), cu_seqlens=cu), cu
+
+
+def _flat(t, cu):
+    """``[1, N, D]`` packed model outputs as ``[N, D]`` (padded ones as they are)."""
+    return t if cu is None else t.reshape(-1, t.shape[-1])
+
+
 def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: float | None = None,
                  group_size: int = 2, wpo: bool = False):
     """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
@@ -194,8 +217,11 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     With ``ld_alpha`` the log-prob is LD-DPO's ``logp_shared + α·logp_tail`` (groups of
     ``group_size`` rows; :func:`robalign.losses.layout.ld_split`): two passes on one forward. With
     ``wpo`` a third result, WPO's per-row ω (:func:`robalign.ops.wpo.wpo_weights`, no gradient),
-    from the same logits or hidden states."""
-    labels = shift_labels(batch["labels"])
+    from the same logits or hidden states. A packed batch (``cu_seqlens``, padding-free) takes
+    neither ``ld_alpha`` nor ``wpo``."""
+    labels, cu = aligned_labels(batch)
+    if cu is not None and (ld_alpha is not None or wpo):
+        raise ValueError("robalign: `ld_alpha` and `wpo` take padded rows, not padding-free (packed) batches")
     parts = [labels] if ld_alpha is None else list(ld_split(labels, -100, group_size))
     scale = [1.0] if ld_alpha is None else [1.0, ld_alpha]
 
@@ -204,9 +230,9 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
         return logps, (labels != -100).sum(-1)
 
     if _plain_logits(model, fused):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = _flat(model(**model_inputs(batch)).logits, cu)
         if ld_alpha is None:
-            result = sequence_logps(logits, labels, backend=backend)
+            result = sequence_logps(logits, labels, backend=backend, cu_seqlens=cu)
         else:
             result = combined(lambda part: sequence_logps(logits, part, backend=backend))
         return (*result, wpo_weights(labels, logits=logits.detach())) if wpo else result
@@ -215,8 +241,10 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     head = dict(logit_scale=transform.scale, softcap=transform.softcap or None, temperature=transform.temperature)
 
     def head_fn(head_module, hidden, weight, bias):
+        hidden = _flat(hidden, cu)
         if ld_alpha is None:
-            logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend, **head)
+            logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend, cu_seqlens=cu,
+                                                  **head)
         else:
             logps, counts = combined(lambda part: linear_sequence_logps(hidden, weight, part, bias=bias,
                                                                         backend=backend, **head))
@@ -235,8 +263,7 @@ def mismatched_batch(batch) -> dict:
     if "kl_input_ids" not in batch:
         raise ValueError("robalign: KTO's reference point needs each sample's mismatched row (`kl_input_ids`); "
                          "build the data with PreferenceDataset.from_file(..., unpaired=True, kl_rows=True)")
-    return {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
-            "labels": batch["kl_labels"]}
+    return {key[3:]: value for key, value in batch.items() if key.startswith("kl_") and key != "kl_ref_logps"}
 
 
 def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True, kl=None):
@@ -247,7 +274,7 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
     the per-batch ambiguity sets) takes ``DoRALoss``'s recompute path here, on the same hidden
     states; the batch's ``group_ids`` go to a reduction that reads them. ``kl``: KTO's
     ``{"kl_logps", "kl_ref_logps"}``."""
-    labels = shift_labels(batch["labels"])
+    labels, cu = aligned_labels(batch)
     weights = probs = None
     if use_weights:
         weights = batch.get("weights")
@@ -255,9 +282,9 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
     group_ids = batch.get("group_ids") if loss_fn.reduction.takes_group_ids else None
 
     def head_fn(head, hidden, weight, bias):
-        out = loss_fn(hidden=hidden, head_weight=weight, head_bias=bias, labels=labels, ref_logps=batch.get("ref_logps"),
-                      probs=probs, weights=weights, scores=batch.get("scores"), group_ids=group_ids,
-                      accumulator=accumulator, **(kl or {}))
+        out = loss_fn(hidden=_flat(hidden, cu), head_weight=weight, head_bias=bias, labels=labels, cu_seqlens=cu,
+                      ref_logps=batch.get("ref_logps"), probs=probs, weights=weights, scores=batch.get("scores"),
+                      group_ids=group_ids, accumulator=accumulator, **(kl or {}))
         out.loss = _gathered_for_backward(head, out.loss)
         return out
 
@@ -300,7 +327,7 @@ class DoRATrainer(Trainer):
         tokenizer = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None:
             pad = tokenizer.pad_token_id if tokenizer is not None else 0
-            kwargs["data_collator"] = PreferenceCollator(pad_token_id=pad)
+            kwargs["data_collator"] = PreferenceCollator(pad_token_id=pad, padding_free=self.dora.padding_free)
         if self._forwards_ref_model:
             kwargs["ref_model"] = ref_model
         super().__init__(*args, **kwargs)

@@ -18,9 +18,10 @@ One deliberate difference: ``label_smoothing`` with ``loss_type="sigmoid"`` appl
 smoothing here; TRL 1.16's ``sigmoid`` ignores it. With ``dora_lam=inf`` and no weights column the
 objective is TRL's own (tested: the same losses
 and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
-yet (``aot`` losses, ``padding_free``, vision data, ``ld_alpha`` with precomputed reference
-log-probs) are refused at
+yet (``aot`` losses, vision data, ``ld_alpha`` with precomputed reference log-probs) are refused at
 construction with a clear error; ``f_divergence_type`` maps to :func:`robalign.objectives.with_divergence`.
+``padding_free`` packs each batch's rows into one without padding (:func:`robalign.app.data.pack_padded`),
+which TRL 1.16's own DPOTrainer has switched off ("temporarily unavailable").
 
 KTO (``loss_type`` ``kto`` or ``apo_zero_unpaired``): TRL's unpaired batch (one completion per row,
 its ``label``, the mismatched ``KL_`` rows) becomes robalign's unpaired layout (:mod:`robalign.losses.unpaired`);
@@ -37,6 +38,7 @@ import torch
 from ..losses.layout import pairs_to_group_major
 from ..losses.objectives import hyperparameters, resolve, with_divergence
 from .config import DoRAConfig
+from .data import pack_padded
 from .trainer import DoRATrainer, mismatched_batch, policy_logps
 
 try:
@@ -82,18 +84,16 @@ class DoRADPOConfig(DoRAArguments, DPOConfig):
 
 @dataclass
 class DoRAKTOConfig(DoRAArguments, KTOConfig):
-    """TRL's ``KTOConfig`` and DoRA's settings (:class:`DoRAArguments`)."""
+    """TRL's ``KTOConfig`` and DoRA's settings (:class:`DoRAArguments`), and ``padding_free`` (as
+    ``DPOConfig``'s: each batch's rows packed into one, without padding)."""
+
+    padding_free: bool = field(default=False, metadata={"help": "pack the rows of a batch, no padding"})
 
 
 def objective_of(args) -> tuple[str, dict]:
     """``(objective, hyper-parameters)`` for a ``DPOConfig``'s loss settings; raises ValueError for
     what has no robalign counterpart yet."""
     where = "robalign DoRADPOTrainer"
-    refused = {"padding_free": bool(getattr(args, "padding_free", False))}
-    for name, bad in refused.items():
-        if bad:
-            raise ValueError(f"{where}: TRL's `{name}` is not supported yet (got {getattr(args, name)!r}); "
-                             "use TRL's DPOTrainer for it")
     if getattr(args, "ld_alpha", None) is not None and getattr(args, "precompute_ref_log_probs", False):
         raise ValueError(f"{where}: `ld_alpha` with `precompute_ref_log_probs=True` is not supported yet (the "
                          "precomputed reference log-probs are not split); compute the reference every step")
@@ -145,8 +145,16 @@ class _TRLBridge:
     def _bridge_init(self, objective, hparams, model, ref_model, args, reduction, kwargs, **dora_extra):
         dora = DoRAConfig(objective=objective, beta=float(args.beta), lam=float(getattr(args, "dora_lam", 1.0)),
                           exact_dro=bool(getattr(args, "dora_exact", True)),
-                          one_pass=bool(getattr(args, "dora_one_pass", True)), objective_kwargs=hparams, **dora_extra)
-        super().__init__(model=model, args=args, dora=dora, ref_model=ref_model, **kwargs)
+                          one_pass=bool(getattr(args, "dora_one_pass", True)), objective_kwargs=hparams,
+                          padding_free=bool(getattr(args, "padding_free", False)), **dora_extra)
+        packed = getattr(args, "padding_free", False)
+        if packed:                          # robalign packs; TRL 1.16's DPOTrainer would warn and ignore it
+            args.padding_free = False
+        try:
+            super().__init__(model=model, args=args, dora=dora, ref_model=ref_model, **kwargs)
+        finally:
+            if packed:
+                args.padding_free = packed
         if getattr(self, "_is_vision_dataset", False):
             raise ValueError(f"robalign {type(self).__name__}: vision preference data is not supported yet")
         self.data_collator = _WithWeights(self.data_collator, getattr(args, "dora_weights_column", None))
@@ -213,7 +221,7 @@ class DoRADPOTrainer(_TRLBridge, DoRATrainer, DPOTrainer):
         if weights is not None:
             per_sample = weights if weights.dim() == 1 else weights.mean(-1)
             batch["weights"] = per_sample.repeat_interleave(2)
-        return batch
+        return pack_padded(batch) if self.dora.padding_free else batch
 
 
 class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
@@ -262,4 +270,8 @@ class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
         weights = inputs.get("dora_weights")
         if weights is not None:
             batch["weights"] = weights if weights.dim() == 1 else weights.mean(-1)
+        if self.dora.padding_free:
+            batch = pack_padded(batch)
+            if "kl_input_ids" in batch:
+                batch = pack_padded(batch, "kl_")
         return batch
