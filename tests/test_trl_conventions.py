@@ -356,3 +356,37 @@ def test_wpo_weights_equal_trls_use_weighting(trl_type, name):
                                 log_sum_sq_probs=torch.logsumexp(2 * logp, -1))
     out = _assert_doraloss_equals(trl_loss, logits, labels, ref, name, beta=0.3, wpo=True)
     assert float(out.weights.max()) < 1                                   # ω < 1: a real reweighting
+
+
+@pytest.mark.parametrize("trl_type", ["aot", "aot_unpaired"])
+@pytest.mark.parametrize("beta,label_smoothing", [(0.1, 0.0), (0.5, 0.2)])
+def test_aot_equals_trls_sorted_losses(trl_type, beta, label_smoothing):
+    """AOT sorts across the batch: TRL's ``aot``/``aot_unpaired`` (its ``_compute_loss``) equal
+    robalign's objectives of the same names — their mean over the sorted positions and its gradient
+    with respect to every token's log-prob — to 1e-12 in float64."""
+    pytest.importorskip("trl")
+    extra = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    (trl_loss, trl_grad), (my_loss, my_grad) = _both(trl_type, trl_type, extra, beta)
+    torch.testing.assert_close(my_loss, trl_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(my_grad, trl_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_aot_couples_the_batch_and_refuses_per_sample_weights():
+    """AOT's losses belong to the sorted positions: a sample's loss depends on the others (moving one
+    sample's log-prob changes another position's loss), so DoRALoss refuses weights and groups, and
+    never takes the one-pass chunks (which split the batch)."""
+    logps, ref, _ = batch(b=5)
+    base = objectives.aot(logps, ref)
+    moved = logps.clone()
+    moved[0, 0] -= 60.0                                               # sample 0: from the largest gap to the least
+    assert (objectives.aot(moved, ref) - base).abs().gt(1e-9).sum() > 1
+    loss_fn = robalign.DoRALoss("aot", lam=1.0)
+    assert not loss_fn.takes_one_pass
+    flat = robalign.pairs_to_group_major(torch.cat([logps[:, 0], logps[:, 1]]))
+    with pytest.raises(ValueError, match="per-sample `probs`/`weights` do not apply"):
+        loss_fn.from_logps(flat, torch.ones(10, dtype=torch.long), ref_logps=flat, weights=torch.ones(5))
+    with pytest.raises(ValueError, match="`wpo` weighs samples"):
+        robalign.DoRALoss("aot_unpaired", wpo=True)
+    with pytest.raises(ValueError, match="belong to no sample's group"):
+        robalign.DoRALoss("aot", reduction=robalign.GroupDRO(2)).from_logps(
+            flat, torch.ones(10, dtype=torch.long), ref_logps=flat, group_ids=torch.zeros(5, dtype=torch.long))

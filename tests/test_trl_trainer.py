@@ -100,6 +100,23 @@ def test_with_lambda_inf_and_no_weights_it_is_trls_dpo(setup, tmp_path):
     _assert_params(policy, _by_hand(setup[1], batch, math.inf, None), 1e-12)
 
 
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_aot_losses_step_for_step_with_trl(setup, tmp_path, loss_type):
+    """TRL's batch-sorting AOT losses through DoRADPOTrainer (λ = ∞, no weights: the recompute path)
+    equal TRL's DPOTrainer's, step for step (rtol 5e-4 as above)."""
+    from trl import DPOConfig, DPOTrainer
+
+    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+
+    common = dict(COMMON, loss_type=[loss_type])
+    theirs, _, _ = _train(DPOTrainer, DPOConfig(output_dir=str(tmp_path / "trl"), **common), setup, tmp_path)
+    mine, _, _ = _train(DoRADPOTrainer, DoRADPOConfig(output_dir=str(tmp_path / "dora"), dora_lam=math.inf,
+                                                      dora_weights_column=None, **common), setup, tmp_path)
+    assert len(mine) == 3 and mine[-1] != pytest.approx(mine[0], rel=1e-3)
+    for a, b in zip(mine, theirs):
+        assert a == pytest.approx(b, rel=5e-4)
+
+
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_weights_and_kl_dro_follow_the_reference_trajectory(setup, tmp_path, one_pass):
     """The `weight` column and λ = 1, on the one-pass and the recompute path."""
@@ -120,8 +137,7 @@ def test_what_is_not_supported_is_refused(setup, tmp_path):
     dataset, model, tokenizer = setup
     for extra, message in (({"ld_alpha": 0.5, "precompute_ref_log_probs": True},
                             "`ld_alpha` with `precompute_ref_log_probs=True` is not supported yet"),
-                           ({"loss_type": ["aot"]}, "TRL loss type 'aot' has no robalign objective"),
-                           ({"padding_free": True}, "`padding_free` is not supported yet")):
+                           ({"loss_type": ["sigmoid", "nca_pairs"]}, "TRL loss type .nca_pairs. has no robalign objective")):
         config = DoRADPOConfig(output_dir=str(tmp_path / "x"), **{**COMMON, **extra})
         with pytest.raises(ValueError, match=message):
             DoRADPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,

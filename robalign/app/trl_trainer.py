@@ -18,7 +18,7 @@ One deliberate difference: ``label_smoothing`` with ``loss_type="sigmoid"`` appl
 smoothing here; TRL 1.16's ``sigmoid`` ignores it. With ``dora_lam=inf`` and no weights column the
 objective is TRL's own (tested: the same losses
 and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
-yet (``aot`` losses, vision data, ``ld_alpha`` with precomputed reference log-probs) are refused at
+yet (vision data, ``ld_alpha`` with precomputed reference log-probs) are refused at
 construction with a clear error; ``f_divergence_type`` maps to :func:`robalign.objectives.with_divergence`.
 ``padding_free`` packs each batch's rows into one without padding (:func:`robalign.app.data.pack_padded`),
 which TRL 1.16's own DPOTrainer has switched off ("temporarily unavailable").
@@ -55,7 +55,8 @@ __all__ = ["DoRADPOConfig", "DoRADPOTrainer", "DoRAKTOConfig", "DoRAKTOTrainer",
 #: divide log-ratios by the completion length: robalign's ``ipo_norm`` and ``dpo_norm``)
 TRL_LOSS_TYPES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo_norm", "robust": "robust", "exo_pair": "exo_pair",
                   "nca_pair": "nca_pair", "bco_pair": "bco_pair", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
-                  "apo_down": "apo_down", "discopop": "discopop", "sigmoid_norm": "dpo_norm", "sft": "sft"}
+                  "apo_down": "apo_down", "discopop": "discopop", "sigmoid_norm": "dpo_norm", "sft": "sft",
+                  "aot": "aot", "aot_unpaired": "aot_unpaired"}
 #: TRL 1.16 KTO loss type → robalign objective (the same names)
 TRL_KTO_LOSS_TYPES = {"kto": "kto", "apo_zero_unpaired": "apo_zero_unpaired"}
 
@@ -103,8 +104,7 @@ def objective_of(args) -> tuple[str, dict]:
     for loss_type, weight in zip(types, weights, strict=True):
         if loss_type not in TRL_LOSS_TYPES:
             raise ValueError(f"{where}: TRL loss type {loss_type!r} has no robalign objective (supported: "
-                             f"{', '.join(TRL_LOSS_TYPES)}; `aot` and `aot_unpaired` sort log-ratios across the "
-                             "batch, so a sample's loss is not its own)")
+                             f"{', '.join(TRL_LOSS_TYPES)})")
         name = TRL_LOSS_TYPES[loss_type]
         divergence = getattr(args, "f_divergence_type", None) or "reverse_kl"
         if divergence != "reverse_kl" and loss_type != "sft":      # TRL leaves its sft term as it is

@@ -168,6 +168,10 @@ class DoRALoss(nn.Module):
             V.fail(where, "`class_ratio` must be finite")
         V.check_int(where, "ignore_index", ignore_index)
         self.unpaired = _objectives.is_unpaired(objective)
+        self.batch_coupled = _objectives.is_batch_coupled(objective)
+        if self.batch_coupled and wpo:
+            V.fail(where, f"`wpo` weighs samples; objective {objective!r} sorts the batch, so its losses are not "
+                          "per sample")
         if group_size is None:
             group_size = 1 if self.unpaired else 2
         if self.unpaired:
@@ -357,8 +361,10 @@ class DoRALoss(nn.Module):
     @property
     def takes_one_pass(self) -> bool:
         """Whether this loss forms its gradient in one pass when given hidden states and a head:
-        ``one_pass`` on, a reduction with a one-pass form, and no LD-DPO split (two log-prob parts)."""
-        return self.one_pass and self.ld_alpha is None and getattr(self.reduction, "one_pass_temperature", None) is not None
+        ``one_pass`` on, a reduction with a one-pass form, no LD-DPO split (two log-prob parts), and an
+        objective whose losses are per sample (not AOT's, which sort the whole batch)."""
+        return (self.one_pass and self.ld_alpha is None and not self.batch_coupled
+                and getattr(self.reduction, "one_pass_temperature", None) is not None)
 
     def _one_pass_kernel(self, where, logits, hidden, head_weight, head_bias) -> str | None:
         """The kernel backend that runs the one-pass loss here, or ``None`` for the recompute path:
@@ -488,6 +494,8 @@ class DoRALoss(nn.Module):
         if not self.reduction.takes_group_ids:
             V.fail(where, f"`group_ids` was given but reduction {self.reduction.name!r} reads no groups "
                           "(use reduction=robalign.GroupDRO(num_groups))")
+        if self.batch_coupled:
+            V.fail(where, f"objective {self.objective!r} sorts the batch: its losses belong to no sample's group")
         V.check_tensor(where, "group_ids", group_ids, ndim=1, integer=True)
         if group_ids.shape[0] != num_samples:
             V.fail(where, f"`group_ids` must be [B] = [{num_samples}] (one per sample), got {tuple(group_ids.shape)}")
@@ -519,6 +527,9 @@ class DoRALoss(nn.Module):
         num_samples = num_seqs // self.group_size
         if probs is not None and weights is not None:
             V.fail(where, "pass `probs` or `weights`, not both")
+        if self.batch_coupled and (probs is not None or weights is not None):
+            V.fail(where, f"objective {self.objective!r} sorts the batch: its losses belong to the sorted positions, "
+                          "not to samples, so per-sample `probs`/`weights` do not apply")
         if probs is not None:
             if self.alpha is None:
                 V.fail(where, "`probs` needs `alpha` (the target fraction of the training mixture) "

@@ -30,9 +30,14 @@ arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and th
     sft             no                any      yes                 —                  (the best candidate's NLL)
     kto             yes               1*       no                  beta, desirable_weight, undesirable_weight
     apo_zero_unpaired yes             1*       no                  beta, desirable_weight, undesirable_weight
+    aot             yes               2†       no                  beta, label_smoothing
+    aot_unpaired    yes               2†       no                  beta, label_smoothing
 
 ``*`` unpaired: one completion per sample (``[B, 1]``), its label in ``scores`` (1 desirable, 0
 undesirable); KTO also takes ``kl``, its reference point z₀ (see :mod:`robalign.losses.unpaired`).
+``†`` batch-coupled: AOT sorts the batch's log-prob gaps (or log-ratios), so its B losses belong to
+the positions of the sorted batch, not to samples: no per-sample weights or groups, and the loss
+needs the whole batch at once (the recompute path, not the one-pass chunks).
 
 Objectives combine: ``mixture({"dpo": 1.0, "sft": 0.5})`` (or the name ``"dpo+0.5*sft"``, which
 ``DoRALoss``, the YAML config and ``--objective`` accept directly) registers ``Σ_k c_k·ℓ^{(k)}``
@@ -54,7 +59,7 @@ from ..reference import objectives as _ref
 
 NAMES = tuple(_ref.OBJECTIVES)
 __all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "is_unpaired",
-           "needs_kl_reference", "check_labels", "hyperparameters",
+           "is_batch_coupled", "needs_kl_reference", "check_labels", "hyperparameters",
            "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve", "with_divergence"]
 
 mixture = _ref.mixture
@@ -129,6 +134,12 @@ def check_counts(where, counts):
     if counts is not None:
         V.check_values(where, counts >= 0, lambda lazy: "`counts` must be non-negative token counts"
                        + ("" if lazy else f", got {counts.min().item()}"))
+
+
+def is_batch_coupled(name: str) -> bool:
+    """Whether objective ``name``'s losses are per position of the batch's sorted values (AOT), not per
+    sample: they need the whole batch at once and take no per-sample weights."""
+    return spec(name).batch_coupled
 
 
 def is_unpaired(name: str) -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "cpo", "orpo", "plackett_luce", "rrhf", "lire", "sft",
-           "kto", "apo_zero_unpaired", "DATA_KEYWORDS",
+           "kto", "apo_zero_unpaired", "aot", "aot_unpaired", "DATA_KEYWORDS",
            "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture", "with_divergence",
            "F_DIVERGENCES"]
 
@@ -54,7 +54,9 @@ class Objective:
     params: the hyper-parameters with their defaults and ranges. unpaired: one labelled
     completion per sample (K = 1, ``scores`` its label: 1 desirable, 0 undesirable), as KTO
     reads; kl_reference: the loss takes a batch-level reference point ``kl`` (KTO's z₀), formed
-    from mismatched completions (:func:`robalign.losses.unpaired.reference_point`).
+    from mismatched completions (:func:`robalign.losses.unpaired.reference_point`). batch_coupled:
+    the losses are not per sample but per position of the batch's sorted values (AOT), so
+    per-sample weights and groups do not apply and the loss is formed on the whole batch at once.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Objective:
     params: dict = field(default_factory=dict)
     unpaired: bool = False
     kl_reference: bool = False
+    batch_coupled: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -76,7 +79,7 @@ DATA_KEYWORDS = ("counts", "scores", "kl")
 
 
 def objective(*, reference: bool, pairwise: bool, counts: bool = False, scores: str = "order",
-              unpaired: bool = False, kl_reference: bool = False, **params: Param):
+              unpaired: bool = False, kl_reference: bool = False, batch_coupled: bool = False, **params: Param):
     """Register the decorated function as an objective (one function, one place). The function's
     keyword defaults must be the ``params``' defaults."""
 
@@ -86,7 +89,7 @@ def objective(*, reference: bool, pairwise: bool, counts: bool = False, scores: 
         if defaults != {k: p.default for k, p in params.items()}:
             raise TypeError(f"objective {fn.__name__}: keyword defaults {defaults} differ from its params {params}")
         OBJECTIVES[fn.__name__] = Objective(fn.__name__, fn, reference, counts, pairwise, scores, dict(params),
-                                            unpaired=unpaired, kl_reference=kl_reference)
+                                            unpaired=unpaired, kl_reference=kl_reference, batch_coupled=batch_coupled)
         return fn
 
     return register
@@ -371,6 +374,41 @@ def sft(logps, ref_logps=None, *, counts, scores=None):
     return -best / n.clamp(min=1).to(best.dtype)
 
 
+def _sorted_pair_loss(u, v, beta, label_smoothing):
+    """The cDPO-smoothed loss of ``β·(sort(u) − sort(v))``, position by position of the sorted batch."""
+    h = beta * (torch.sort(u, dim=0).values - torch.sort(v, dim=0).values)
+    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+
+@objective(reference=True, pairwise=True, batch_coupled=True, beta=BETA, label_smoothing=SMOOTHING)
+def aot(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoothing=0.0):
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+    Transport", arXiv 2406.05882; TRL's ``aot``): the policy's chosen-minus-rejected log-prob gaps
+    u_i = logp_c − logp_r should dominate the reference's v_i = ref_c − ref_r in distribution, a
+    1-D optimal transport solved by sorting **across the batch**:
+
+        ℓ_(k) = −(1 − ε)·log σ(β·(u_(k) − v_(k))) − ε·log σ(−β·(u_(k) − v_(k)))      k-th smallest
+
+    One loss per position k of the sorted batch, not per sample (``batch_coupled``).
+    """
+    x = sort_by_scores(logps, scores)
+    r = sort_by_scores(ref_logps, scores)
+    return _sorted_pair_loss(x[:, 0] - x[:, 1], r[:, 0] - r[:, 1], beta, label_smoothing)
+
+
+@objective(reference=True, pairwise=True, batch_coupled=True, beta=BETA, label_smoothing=SMOOTHING)
+def aot_unpaired(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoothing=0.0):
+    """AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882; TRL's ``aot_unpaired``): the chosen
+    log-ratios r_c should dominate the rejected ones r_r in distribution, the pairs ignored:
+
+        ℓ_(k) = −(1 − ε)·log σ(β·(r_c,(k) − r_r,(k))) − ε·log σ(−β·(r_c,(k) − r_r,(k)))
+
+    sorting each side **across the batch** (``batch_coupled``).
+    """
+    ratios = sort_by_scores(logps - ref_logps, scores)
+    return _sorted_pair_loss(ratios[:, 0], ratios[:, 1], beta, label_smoothing)
+
+
 CLASS_WEIGHT = Param(1.0, low=0, low_open=True)
 
 
@@ -483,7 +521,8 @@ def mixture(terms) -> str:
     fn.__doc__ = "Σ_k c_k·ℓ^{(k)} of " + ", ".join(f"{c:g}·{e.name}" for e, c in parts)
     OBJECTIVES[name] = Objective(name, fn, any(e.reference for e, _ in parts), any(e.counts for e, _ in parts),
                                  any(e.pairwise for e, _ in parts),
-                                 "values" if any(e.scores == "values" for e, _ in parts) else "order", params)
+                                 "values" if any(e.scores == "values" for e, _ in parts) else "order", params,
+                                 batch_coupled=any(e.batch_coupled for e, _ in parts))
     return name
 
 
