@@ -39,6 +39,9 @@ class DoRAConfig:
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
     padding_free: pack each batch's rows into one row without padding (``position_ids`` restart at
     each row; the attention stays within each row), see :class:`~robalign.app.data.PreferenceCollator`.
+    token_stats: log the policy's per-token entropy and mean logit (TRL's ``entropy``, ``logits/chosen``,
+    ``logits/rejected``) from the first micro-batch of each optimizer step and every evaluation batch:
+    one more pass over the LM head there, without gradient (:func:`robalign.ops.token_stats.token_stats`).
     objective_kwargs: the objective's other hyper-parameters.
     """
 
@@ -59,6 +62,7 @@ class DoRAConfig:
     one_pass: bool = True
     shuffle: bool = True
     padding_free: bool = False
+    token_stats: bool = True
     objective_kwargs: dict = field(default_factory=dict)
 
 
@@ -147,7 +151,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
-        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "lora": flag, "merge": flag, "bf16": flag,
+        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "token_stats": flag, "lora": flag, "merge": flag, "bf16": flag,
         "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),

@@ -43,6 +43,7 @@ from ..losses.layout import ld_split
 from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 from ..ops.head import HeadTransform
+from ..ops.token_stats import token_stats
 from ..ops.wpo import wpo_weights
 
 __all__ = ["DoRAConfig", "DoRATrainer", "policy_logps", "one_pass_loss", "mismatched_batch"]
@@ -207,7 +208,7 @@ def _flat(t, cu):
 
 
 def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: float | None = None,
-                 group_size: int = 2, wpo: bool = False):
+                 group_size: int = 2, wpo: bool = False, stats_into: dict | None = None):
     """Per-row ``(logps, counts)`` of a collated batch under ``model`` (a HF causal LM, possibly
     wrapped by DDP, FSDP, DeepSpeed or PEFT).
 
@@ -218,7 +219,8 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     ``group_size`` rows; :func:`robalign.losses.layout.ld_split`): two passes on one forward. With
     ``wpo`` a third result, WPO's per-row ω (:func:`robalign.ops.wpo.wpo_weights`, no gradient),
     from the same logits or hidden states. A packed batch (``cu_seqlens``, padding-free) takes
-    neither ``ld_alpha`` nor ``wpo``."""
+    neither ``ld_alpha`` nor ``wpo``. ``stats_into``: a dict that receives ``"token_stats"``, the
+    per-sequence entropy and mean-logit sums of the same forward (:func:`robalign.ops.token_stats.token_stats`)."""
     labels, cu = aligned_labels(batch)
     if cu is not None and (ld_alpha is not None or wpo):
         raise ValueError("robalign: `ld_alpha` and `wpo` take padded rows, not padding-free (packed) batches")
@@ -231,6 +233,8 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
 
     if _plain_logits(model, fused):
         logits = _flat(model(**model_inputs(batch)).logits, cu)
+        if stats_into is not None:
+            stats_into["token_stats"] = token_stats(labels, logits=logits.detach(), cu_seqlens=cu)
         if ld_alpha is None:
             result = sequence_logps(logits, labels, backend=backend, cu_seqlens=cu)
         else:
@@ -242,6 +246,7 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
 
     def head_fn(head_module, hidden, weight, bias):
         hidden = _flat(hidden, cu)
+        _head_stats(stats_into, labels, cu, hidden, weight, bias, transform)
         if ld_alpha is None:
             logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend, cu_seqlens=cu,
                                                   **head)
@@ -258,6 +263,14 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     return _through_head(model, batch, head_fn, anchor)
 
 
+def _head_stats(stats_into, labels, cu, hidden, weight, bias, transform) -> None:
+    """Fill ``stats_into["token_stats"]`` (when asked) from the hidden states and the head, inside its forward."""
+    if stats_into is not None:
+        stats_into["token_stats"] = token_stats(labels, hidden=hidden.detach(), head_weight=weight.detach(),
+                                                head_bias=None if bias is None else bias.detach(), cu_seqlens=cu,
+                                                transform=transform)
+
+
 def mismatched_batch(batch) -> dict:
     """The mismatched rows of a collated unpaired batch (``kl_input_ids``, ...) as a batch of their own."""
     if "kl_input_ids" not in batch:
@@ -266,14 +279,15 @@ def mismatched_batch(batch) -> dict:
     return {key[3:]: value for key, value in batch.items() if key.startswith("kl_") and key != "kl_ref_logps"}
 
 
-def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True, kl=None):
+def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True, kl=None,
+                  stats_into: dict | None = None):
     """The :class:`robalign.DoRAOutput` of one collated micro-batch through the one-pass fused loss:
     ``loss_fn`` runs on the decoder's hidden states and the LM head inside the head's forward
     (:func:`_through_head`); ``loss`` is what to ``backward()`` (with ``accumulator``, this
     micro-batch's share of the effective batch). A reduction without a one-pass form (group DRO,
     the per-batch ambiguity sets) takes ``DoRALoss``'s recompute path here, on the same hidden
     states; the batch's ``group_ids`` go to a reduction that reads them. ``kl``: KTO's
-    ``{"kl_logps", "kl_ref_logps"}``."""
+    ``{"kl_logps", "kl_ref_logps"}``; ``stats_into``: as in :func:`policy_logps`."""
     labels, cu = aligned_labels(batch)
     weights = probs = None
     if use_weights:
@@ -282,6 +296,7 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
     group_ids = batch.get("group_ids") if loss_fn.reduction.takes_group_ids else None
 
     def head_fn(head, hidden, weight, bias):
+        _head_stats(stats_into, labels, cu, _flat(hidden, cu), weight, bias, loss_fn.head_transform)
         out = loss_fn(hidden=_flat(hidden, cu), head_weight=weight, head_bias=bias, labels=labels, cu_seqlens=cu,
                       ref_logps=batch.get("ref_logps"), probs=probs, weights=weights, scores=batch.get("scores"),
                       group_ids=group_ids, accumulator=accumulator, **(kl or {}))
@@ -523,11 +538,11 @@ class DoRATrainer(Trainer):
         form, or the model takes the logits path."""
         return self.loss_fn.takes_one_pass and not _plain_logits(model, self.dora.fused)
 
-    def dora_samples(self, model, inputs):
+    def dora_samples(self, model, inputs, stats_into: dict | None = None):
         """The :class:`robalign.DoRASamples` (per-sample losses, weights, rewards) of one collated
         micro-batch; the reduction runs once, in the accumulator (training) or in compute_loss."""
         logps, counts, *omega = policy_logps(model, inputs, fused=self.dora.fused, ld_alpha=self.dora.ld_alpha,
-                                             group_size=self.group_size, wpo=self.dora.wpo)
+                                             group_size=self.group_size, wpo=self.dora.wpo, stats_into=stats_into)
         extra = omega[0].view(-1, self.group_size).prod(-1) if omega else None
         weights = probs = None
         if self.dora.use_weights:
@@ -595,6 +610,8 @@ class DoRATrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         self._accumulator(model)
         self._restore_reduction_state()
+        # the per-token statistics of the step's first micro-batch (one more pass over the head there)
+        stats = {} if self._reset_pending and self.dora.token_stats else None
         if self._reset_pending:
             self._acc.reset()
             self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
@@ -602,15 +619,18 @@ class DoRATrainer(Trainer):
         with self.compute_loss_context_manager():
             if self._uses_one_pass(model):
                 out = one_pass_loss(model, inputs, self.loss_fn, accumulator=self._acc,
-                                    use_weights=self.dora.use_weights, kl=self._kl_inputs(model, inputs))
+                                    use_weights=self.dora.use_weights, kl=self._kl_inputs(model, inputs),
+                                    stats_into=stats)
                 surrogate = out.loss
             else:
-                out = self.dora_samples(model, inputs)
+                out = self.dora_samples(model, inputs, stats_into=stats)
                 surrogate = self._acc(out.losses, out.weights, **self.loss_fn.group_kwargs(out))
         # the surrogate is already this micro-batch's share of the full-batch loss: DeepSpeed must
         # not divide it by the accumulation steps again
         self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
         self._record(out)
+        if stats:
+            self._record_token_stats(stats["token_stats"], inputs.get("scores"))
         # Trainer sums what training_step returns over the micro-batches of an optimizer step:
         # returning the increments of the running full-batch loss makes that sum the final loss.
         # Everything stays on the device: a micro-batch reads no value on the host.
@@ -636,11 +656,14 @@ class DoRATrainer(Trainer):
         """One evaluation batch: its reduced loss (a stateful reduction — group DRO's q — does not
         move) and the reward metrics, logged as ``eval_rewards/...`` with the evaluation loss."""
         inputs = self._prepare_inputs(inputs)
+        stats = {} if self.dora.token_stats else None
         with torch.no_grad(), self.compute_loss_context_manager():
-            samples = self.dora_samples(model, inputs)
+            samples = self.dora_samples(model, inputs, stats_into=stats)
             loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group(),
                                                     **self.loss_fn.group_kwargs(samples))
         self._record(samples, self._eval_metrics)
+        if stats:
+            self._record_token_stats(stats["token_stats"], inputs.get("scores"), self._eval_metrics)
         return loss.detach(), None, None
 
     _RECORDED = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "weights/mean",
@@ -655,6 +678,30 @@ class DoRATrainer(Trainer):
             into[name].append(value.detach().float())
         if out.kl is not None:                              # KTO's reference point z₀ (TRL logs it as `kl`)
             into["kl"].append(out.kl.detach().float())
+
+    def _record_token_stats(self, stats, scores, into=None) -> None:
+        """TRL's ``entropy`` (per scored token) and ``logits/chosen``, ``logits/rejected`` (the mean
+        logit per token of each sample's best and worst row by ``scores``, or the first and the last
+        without; unpaired: the desirable and the undesirable rows), on the device."""
+        into = self._dora_metrics if into is None else into
+        entropy, mean_logit, counts = stats
+        counts = counts.to(entropy.dtype)
+        into["entropy"].append(entropy.sum() / counts.sum())
+        k = self.group_size
+        if k == 1:
+            chosen = scores.reshape(-1) > 0.5
+            rows = {"chosen": chosen, "rejected": ~chosen}
+        else:
+            if scores is None:                          # candidates in preference order, best first
+                scores = -torch.arange(k, device=counts.device, dtype=torch.float32).repeat(counts.numel() // k)
+            order = torch.sort(scores.view(-1, k), dim=-1, descending=True, stable=True).indices
+            best = torch.zeros(scores.numel() // k, k, dtype=torch.bool, device=scores.device)
+            worst = best.clone()
+            best.scatter_(1, order[:, :1], True)
+            worst.scatter_(1, order[:, -1:], True)
+            rows = {"chosen": best.view(-1), "rejected": worst.view(-1)}
+        for name, mask in rows.items():              # NaN when no token: nanmean skips it at log time
+            into[f"logits/{name}"].append((mean_logit * mask).sum() / (counts * mask).sum())
 
     def log(self, logs, *args, **kwargs):
         """The Trainer's logs plus the DoRA metrics averaged since the last log (one device read

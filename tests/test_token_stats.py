@@ -1,0 +1,86 @@
+"""The per-token statistics logged beside the loss (robalign.ops.token_stats): the entropy of the
+policy's next-token distribution and the mean logit, summed per sequence over the scored tokens,
+from logits or chunk by chunk from hidden states and the head (with its transform), padded or
+packed — against the materialised float64 computation (1e-12) — and as the trainer logs them,
+against TRL's DPOTrainer (its fused head: float32; see the test for the bounds)."""
+
+import copy
+
+import pytest
+import torch
+
+from robalign.ops.head import HeadTransform
+from robalign.ops.token_stats import token_stats
+from conftest import packed_from_padded
+
+D = torch.float64
+
+
+def materialised(z, labels):
+    scored = labels != -100
+    h = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    return (h * scored).sum(-1), (z.mean(-1) * scored).sum(-1), scored.sum(-1)
+
+
+@pytest.mark.parametrize("transform", [None, HeadTransform(softcap=2.0, scale=0.7, temperature=1.3)])
+def test_entropy_and_mean_logit_from_logits_and_from_the_head(transform):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 6, 8, generator=gen, dtype=D)
+    weight = torch.randn(50, 8, generator=gen, dtype=D)
+    bias = torch.randn(50, generator=gen, dtype=D)
+    labels = torch.randint(50, (3, 6), generator=gen)
+    labels[:, :2] = -100
+    labels[1] = -100                                                       # an all-ignored row
+    z = hidden @ weight.T + bias
+    if transform is not None:
+        z = transform.apply_(z.clone())
+    want = materialised(z, labels)
+    for got in (token_stats(labels, logits=z), token_stats(labels, hidden=hidden, head_weight=weight, head_bias=bias,
+                                                           transform=transform, chunk_rows=4)):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w.to(g.device).double(), rtol=1e-6, atol=1e-6)
+    assert got[2][1] == 0 and got[0][1] == 0
+    h_packed, y_packed, cu = packed_from_padded(hidden, labels, [6, 3, 5])
+    packed = token_stats(y_packed, hidden=h_packed, head_weight=weight, head_bias=bias, transform=transform,
+                         cu_seqlens=cu)
+    lengths = [6, 3, 5]
+    cut = labels.clone()
+    for row, n in enumerate(lengths):
+        cut[row, n:] = -100
+    for g, w in zip(packed, materialised(z, cut)):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_trainer_logs_trls_entropy_and_mean_logits(tmp_path):
+    """DoRADPOTrainer logs `entropy`, `logits/chosen` and `logits/rejected` as TRL's DPOTrainer does
+    (first step, the same batch): equal to rtol 1e-4 (TRL's fused head works in float32)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from robalign.app.toy import ToySettings, make_toy_data
+    from robalign.app.train import embedded_model
+    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+
+    records, _ = make_toy_data(ToySettings(n_train=8, n_test=0, seed=2, target_fraction=0.5))
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
+    model, tokenizer = embedded_model(0)
+    model = model.double()
+    common = dict(per_device_train_batch_size=8, max_steps=1, learning_rate=0.5, optim="sgd", report_to=[],
+                  use_cpu=True, save_strategy="no", logging_steps=1)
+    logs = []
+    for cls, config in ((DPOTrainer, DPOConfig(output_dir=str(tmp_path / "trl"), **common)),
+                        (DoRADPOTrainer, DoRADPOConfig(output_dir=str(tmp_path / "dora"), dora_lam=float("inf"),
+                                                       dora_weights_column=None, **common))):
+        trainer = cls(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config, train_dataset=dataset,
+                      processing_class=tokenizer)
+        trainer.train()
+        logs.append(next(h for h in trainer.state.log_history if "loss" in h))
+    theirs, mine = logs
+    assert mine["entropy"] == pytest.approx(theirs["entropy"], rel=1e-4)
+    # the mean logits nearly cancel (~1e-3 from logits of order 1): TRL's float32 sum over the
+    # vocabulary is off by up to V·ulp(1) ≈ 1e-5 (measured: 6e-6 on chosen; robalign's is the float64
+    # value to 2e-10), so an absolute bound
+    for name in ("logits/chosen", "logits/rejected"):
+        assert mine[name] == pytest.approx(theirs[name], abs=1e-5), name
+    assert mine["logits/chosen"] != pytest.approx(mine["logits/rejected"], rel=1e-3)
