@@ -320,3 +320,77 @@ def test_dora_kto_weights_and_kl_dro_follow_the_reference_trajectory(unpaired_se
     _, policy, batch = _train(DoRAKTOTrainer, config, unpaired_setup, tmp_path)
     assert float(batch["dora_weights"].std()) > 0
     _assert_params(policy, _kto_by_hand(unpaired_setup[1], batch, 1.0, batch["dora_weights"].double()), 1e-12)
+
+
+# -- CPO and ORPO (trl.experimental) ---------------------------------------------------------------
+PAIR_COMMON = {k: v for k, v in COMMON.items() if k != "beta"} | {"max_length": 64}
+
+
+def _train_pairs(cls, config, dataset, model, tokenizer):
+    policy = copy.deepcopy(model)
+    trainer = cls(model=policy, args=config, train_dataset=dataset, processing_class=tokenizer)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], policy, batch
+
+
+@pytest.fixture(scope="module")
+def equal_length_setup(setup):
+    """The toy pairs with every chosen response cut to its first 5 words (5 tokens + eos): the
+    per-response and the batch token-mean NLL then coincide."""
+    from datasets import Dataset
+
+    records, _ = make_toy_data(ToySettings(n_train=8, n_test=0, seed=2, target_fraction=0.5))
+    rows = [{"prompt": r["prompt"], "chosen": " ".join(r["chosen"].split()[:5]), "rejected": r["rejected"],
+             "weight": 0.4 + 0.3 * (i % 4)} for i, r in enumerate(records)]
+    return Dataset.from_list(rows), setup[1], setup[2]
+
+
+@pytest.mark.parametrize("kind", ["cpo-simpo", "cpo-sigmoid"])
+def test_cpo_drop_in_step_for_step_with_trl(equal_length_setup, tmp_path, kind):
+    """With λ = ∞ and no weights: TRL's CPOTrainer (SimPO with cpo_alpha = 0; sigmoid with its
+    default cpo_alpha = 1) gives the same losses step for step (rtol 1e-6; both float64, TRL through
+    materialised logits, robalign through its fused path). The NLL terms agree because the chosen
+    responses have equal lengths (see DoRACPOTrainer's docstring). TRL's ORPOTrainer's NLL also
+    covers the prompt, so ORPO is checked against its hand-written trajectory below instead."""
+    from robalign.app.trl_trainer import DoRACPOConfig, DoRACPOTrainer, _CPOConfig, _CPOTrainer
+
+    dataset, model, tokenizer = equal_length_setup
+    extra = {"cpo-simpo": dict(loss_type="simpo", cpo_alpha=0.0), "cpo-sigmoid": dict(loss_type="sigmoid", beta=0.3)}[kind]
+    theirs_cls, mine_cls = (_CPOConfig, _CPOTrainer), (DoRACPOConfig, DoRACPOTrainer)
+    theirs, _, _ = _train_pairs(theirs_cls[1], theirs_cls[0](output_dir=str(tmp_path / "trl"), **PAIR_COMMON, **extra),
+                                dataset, model, tokenizer)
+    mine, _, batch = _train_pairs(mine_cls[1], mine_cls[0](output_dir=str(tmp_path / "dora"), dora_lam=math.inf,
+                                                           dora_weights_column=None, **PAIR_COMMON, **extra),
+                                  dataset, model, tokenizer)
+    assert batch["labels"].shape[0] == 16 and mine[-1] != pytest.approx(mine[0], rel=1e-4)
+    for a, b in zip(mine, theirs):
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_orpo_drop_in_with_weights_follows_the_reference_trajectory(equal_length_setup, tmp_path):
+    """The weights column and λ = 1: the parameters equal 3 hand-written float64 SGD steps on
+    KL-DRO of ORPO's per-sample loss (NLL per chosen token − β·log σ(log odds)), to 1e-12."""
+    from robalign.app.trl_trainer import DoRAORPOConfig, DoRAORPOTrainer
+
+    dataset, model, tokenizer = equal_length_setup
+    config = DoRAORPOConfig(output_dir=str(tmp_path / "w"), dora_lam=1.0, dora_weights_column="weight", beta=0.2,
+                            **PAIR_COMMON)
+    _, policy, batch = _train_pairs(DoRAORPOTrainer, config, dataset, model, tokenizer)
+    weights = batch["weights"].view(-1, 2)[:, 0].double()
+    assert float(weights.std()) > 0
+    by_hand = copy.deepcopy(model).train()
+    labels = shift_labels(batch["labels"])
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.5)
+    for _ in range(3):
+        lp = torch.log_softmax(by_hand(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        tok = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels >= 0)
+        mean = (tok.sum(1) / (labels >= 0).sum(1)).view(-1, 2)
+        log_odds = (mean[:, 0] - mean[:, 1]) - (torch.log1p(-mean[:, 0].exp()) - torch.log1p(-mean[:, 1].exp()))
+        losses = -mean[:, 0] - 0.2 * torch.nn.functional.logsigmoid(log_odds)
+        loss = reference.kl_dro(losses, weights, lam=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 1.0)
+        optimizer.step()
+    _assert_params(policy, by_hand, 1e-12)

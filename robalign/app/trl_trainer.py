@@ -48,8 +48,9 @@ try:
 except ImportError as err:                      # the `bench` extra pins TRL; say so instead of a bare ImportError
     raise ImportError("robalign.app.trl_trainer needs TRL (pip install 'trl==1.16.0', or robalign[bench])") from err
 
-__all__ = ["DoRADPOConfig", "DoRADPOTrainer", "DoRAKTOConfig", "DoRAKTOTrainer", "TRL_LOSS_TYPES",
-           "TRL_KTO_LOSS_TYPES", "objective_of"]
+__all__ = ["DoRADPOConfig", "DoRADPOTrainer", "DoRAKTOConfig", "DoRAKTOTrainer", "DoRACPOConfig", "DoRACPOTrainer",
+           "DoRAORPOConfig", "DoRAORPOTrainer", "TRL_LOSS_TYPES", "TRL_KTO_LOSS_TYPES", "objective_of",
+           "cpo_objective_of"]
 
 #: TRL 1.16 DPO loss type → robalign objective (``sigmoid`` is DPO; TRL's ``ipo`` and ``sigmoid_norm``
 #: divide log-ratios by the completion length: robalign's ``ipo_norm`` and ``dpo_norm``)
@@ -275,3 +276,118 @@ class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
             if "kl_input_ids" in batch:
                 batch = pack_padded(batch, "kl_")
         return batch
+
+
+# -- CPO and ORPO (trl.experimental): reference-free, TRL's chosen_*/rejected_* batches ----------------
+def _experimental(name):
+    """``(Config, Trainer, DPODataCollatorWithPadding)`` of ``trl.experimental.<name>`` (TRL 1.16)."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)          # TRL's "experimental" notice
+        module = importlib.import_module(f"trl.experimental.{name}")
+        utils = importlib.import_module("trl.experimental.utils")
+    return (getattr(module, f"{name.upper()}Config"), getattr(module, f"{name.upper()}Trainer"),
+            utils.DPODataCollatorWithPadding)
+
+
+_CPOConfig, _CPOTrainer, _PairCollator = _experimental("cpo")
+_ORPOConfig, _ORPOTrainer, _ = _experimental("orpo")
+
+
+def _pairs_batch(inputs, pad_token_id):
+    """TRL's ``chosen_*``/``rejected_*`` tensors (Hugging Face labels, -100 off the completion) as
+    robalign's group-major rows: chosen, rejected, chosen, rejected, ..."""
+    width = max(inputs["chosen_input_ids"].shape[1], inputs["rejected_input_ids"].shape[1])
+    pad = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    batch = {}
+    for key, value in pad.items():
+        sides = [torch.nn.functional.pad(inputs[f"{side}_{key}"], (0, width - inputs[f"{side}_{key}"].shape[1]),
+                                         value=value) for side in ("chosen", "rejected")]
+        batch[key] = torch.stack(sides, 1).flatten(0, 1)
+    return batch
+
+
+class _PairsBridge(_TRLBridge):
+    """The CPO/ORPO drop-ins' shared part: TRL's pair collator, its batch as robalign's rows."""
+
+    _forwards_ref_model = False                        # reference-free: TRL's CPO/ORPO take no ref_model
+
+    def _pairs_init(self, objective, hparams, model, args, reduction, kwargs):
+        processing = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None:
+            pad = getattr(processing, "pad_token_id", None)
+            kwargs["data_collator"] = _PairCollator(pad_token_id=getattr(processing, "eos_token_id", 0) if pad is None
+                                                    else pad, is_encoder_decoder=False)
+        self._bridge_init(objective, hparams, model, None, args, reduction, kwargs)
+        self._pad_id = self.data_collator.collator.pad_token_id
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        if "chosen_input_ids" not in inputs:
+            return inputs
+        batch = _pairs_batch(inputs, self._pad_id)
+        weights = inputs.get("dora_weights")
+        if weights is not None:
+            batch["weights"] = (weights if weights.dim() == 1 else weights.mean(-1)).repeat_interleave(2)
+        return pack_padded(batch) if self.dora.padding_free else batch
+
+
+@dataclass
+class DoRACPOConfig(DoRAArguments, _CPOConfig):
+    """TRL's ``CPOConfig`` (``trl.experimental.cpo``) and DoRA's settings (:class:`DoRAArguments`)."""
+
+
+@dataclass
+class DoRAORPOConfig(DoRAArguments, _ORPOConfig):
+    """TRL's ``ORPOConfig`` (``trl.experimental.orpo``) and DoRA's settings (:class:`DoRAArguments`)."""
+
+
+def cpo_objective_of(args) -> tuple[str, dict]:
+    """``(objective, hyper-parameters)`` of a ``CPOConfig``: ``sigmoid`` → ``cpo``, ``simpo`` → ``simpo``
+    (``simpo_gamma`` its γ), ``alpha`` (AlphaPO) and ``label_smoothing`` as they are, and ``cpo_alpha`` > 0
+    the per-sample NLL term, ``"cpo+<cpo_alpha>*sft"``."""
+    names = {"sigmoid": "cpo", "simpo": "simpo"}
+    if args.loss_type not in names:
+        raise ValueError(f"robalign DoRACPOTrainer: CPO loss type {args.loss_type!r} has no robalign objective "
+                         f"(supported: {', '.join(names)})")
+    base = names[args.loss_type]
+    hparams = {}                                       # β: the config's, read by DoRAConfig
+    if args.label_smoothing:
+        hparams["label_smoothing"] = float(args.label_smoothing)
+    if getattr(args, "alpha", 0.0):
+        hparams["alpha"] = float(args.alpha)
+    if base == "simpo":
+        hparams["gamma"] = float(args.simpo_gamma)
+    objective = resolve({base: 1.0, "sft": float(args.cpo_alpha)} if args.cpo_alpha else base)
+    return objective, hparams
+
+
+class DoRACPOTrainer(_PairsBridge, DoRATrainer, _CPOTrainer):
+    """TRL's ``CPOTrainer`` (``trl.experimental.cpo``) with DoRA's loss and robalign's fused paths.
+    The loss per sample is CPO's (or SimPO's) plus ``cpo_alpha`` times the chosen response's NLL **per
+    token of that response** (robalign's ``sft``), so the whole per-sample loss takes the DoRA weight
+    and the DRO reduction. TRL adds ``cpo_alpha`` times the batch's token-mean NLL instead: the same
+    when the chosen responses of a batch have equal lengths (and with ``cpo_alpha=0``, SimPO's default,
+    always; tested step for step)."""
+
+    def __init__(self, model=None, args=None, *, reduction=None, **kwargs):
+        if args is None:
+            raise ValueError("robalign DoRACPOTrainer: pass `args` (a DoRACPOConfig)")
+        objective, hparams = cpo_objective_of(args)
+        self._pairs_init(objective, hparams, model, args, reduction, kwargs)
+
+
+class DoRAORPOTrainer(_PairsBridge, DoRATrainer, _ORPOTrainer):
+    """TRL's ``ORPOTrainer`` (``trl.experimental.orpo``) with DoRA's loss and robalign's fused paths:
+    per sample ``orpo+sft``, the odds-ratio term −β·log σ(log odds) on token-mean log-probs (TRL's
+    ``odds_ratio_loss``, tested) plus the chosen **response's** NLL per token — the paper's L_SFT.
+    TRL 1.16's ORPOTrainer adds the batch's token-mean NLL over the chosen **prompt and response**
+    (its code says so), so the two differ by the prompt tokens' NLL and the normalisation; the
+    trainer follows the hand-written float64 trajectory of the per-sample loss (tested)."""
+
+    def __init__(self, model=None, args=None, *, reduction=None, **kwargs):
+        if args is None:
+            raise ValueError("robalign DoRAORPOTrainer: pass `args` (a DoRAORPOConfig)")
+        self._pairs_init(resolve("orpo+sft"), {}, model, args, reduction, kwargs)
