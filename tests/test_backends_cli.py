@@ -61,7 +61,7 @@ def test_every_backend_module_named_by_the_registry_has_the_one_signature():
         ops = entry.load_ops()
         for op, args in (("sequence_logps", {"ignore_index", "cu_seqlens", "inplace_backward", "kernel"}),
                          ("sequence_logps_with_ref", {"ignore_index", "cu_seqlens", "inplace_backward", "kernel"}),
-                         ("linear_sequence_logps", {"bias", "ignore_index", "cu_seqlens", "kernel"})):
+                         ("linear_sequence_logps", {"bias", "ignore_index", "cu_seqlens", "kernel", "transform"})):
             params = inspect.signature(getattr(ops, op)).parameters
             assert {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == args, (entry.name, op)
         if entry.rows is not None and entry.unavailable(torch.device("cpu")) is None:

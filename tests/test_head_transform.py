@@ -17,9 +17,9 @@ from robalign import reference
 from robalign.ops import linear, one_pass, shift_labels
 from test_linear_backends import BACKENDS, assert_close, problem, ref_run, run
 
-TRANSFORMS = [pytest.param(dict(softcap=2.0), id="softcap"), pytest.param(dict(logit_scale=0.6), id="scale"),
-              pytest.param(dict(temperature=0.7), id="temperature"),
-              pytest.param(dict(softcap=1.5, logit_scale=1.3, temperature=0.8), id="all")]
+TRANSFORMS = [pytest.param(dict(logit_softcap=2.0), id="softcap"), pytest.param(dict(logit_scale=0.6), id="scale"),
+              pytest.param(dict(logit_temperature=0.7), id="temperature"),
+              pytest.param(dict(logit_softcap=1.5, logit_scale=1.3, logit_temperature=0.8), id="all")]
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_float32_forward_and_all_gradients(backend, transform, small_chunks):
 def test_bfloat16_within_twice_pytorch_error(backend, small_chunks):
     args = problem(3, 6, 32, 500, dtype=torch.bfloat16, all_ignored=(2,))
     coeff = torch.tensor([1.0, -2.0, 0.5])
-    got, want = run(backend, *args, coeff, softcap=3.0), ref_run(*args, coeff, softcap=3.0)
+    got, want = run(backend, *args, coeff, logit_softcap=3.0), ref_run(*args, coeff, logit_softcap=3.0)
     leaves = [x.detach().clone().requires_grad_(True) for x in args[:3]]
     labels = args[3]
     z = leaves[0] @ leaves[1].T + leaves[2]
@@ -67,7 +67,7 @@ def test_dora_loss_one_pass_and_recompute_with_a_soft_cap(backend, one_pass_, sm
     hidden, weight, bias, labels = problem(4, 5, 16, 97)
     ref = -torch.rand(4, dtype=torch.float64) * 10
     weights = torch.tensor([0.5, 1.5])
-    kw = dict(softcap=2.5, logit_scale=0.8)
+    kw = dict(logit_softcap=2.5, logit_scale=0.8)
     leaves = [x.detach().clone().to(device).requires_grad_(True) for x in (hidden, weight, bias)]
     out = robalign.DoRALoss("dpo", lam=0.5, backend=name, one_pass=one_pass_, **kw)(
         hidden=leaves[0], head_weight=leaves[1], head_bias=leaves[2], labels=labels.to(device),
@@ -96,12 +96,13 @@ def test_wpo_weights_see_the_transform():
 
 def test_bad_transforms_are_clear_errors():
     h, w, y = torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long)
-    for kw, message in ((dict(softcap=0.0), r"`softcap` must lie in \(0, inf\)"), (dict(temperature=-1.0), "`temperature`"),
+    for kw, message in ((dict(logit_softcap=0.0), r"`logit_softcap` must lie in \(0, inf\)"),
+                        (dict(logit_temperature=-1.0), "`logit_temperature`"),
                         (dict(logit_scale=float("inf")), "`logit_scale` must be finite")):
         with pytest.raises(ValueError, match=message):
             robalign.linear_sequence_logps(h, w, y, **kw)
     with pytest.raises(ValueError, match="the head transform .* applies to hidden states"):
-        robalign.DoRALoss("dpo", softcap=30.0)(logits=torch.randn(2, 3, 5), labels=y, ref_logps=torch.zeros(2))
+        robalign.DoRALoss("dpo", logit_softcap=30.0)(logits=torch.randn(2, 3, 5), labels=y, ref_logps=torch.zeros(2))
 
 
 def _tiny(kind):
@@ -140,7 +141,7 @@ def test_models_that_transform_their_logits_keep_the_fused_path(kind, expected):
 
     ref = tok.sum(1).detach() + torch.randn(4, generator=gen, dtype=torch.float64)
     t = head_transform(model)
-    loss_fn = robalign.DoRALoss("dpo", lam=1.0, logit_scale=t.scale, softcap=t.softcap or None)
+    loss_fn = robalign.DoRALoss("dpo", lam=1.0, **t.kwargs)
     out = one_pass_loss(model, dict(batch, ref_logps=ref), loss_fn)
     grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
     want = reference.kl_dro(reference.objectives.dpo(tok.sum(1).view(-1, 2), ref.view(-1, 2)), None, 1.0)

@@ -242,7 +242,7 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
         return (*result, wpo_weights(labels, logits=logits.detach())) if wpo else result
 
     transform = head_transform(model)
-    head = dict(logit_scale=transform.scale, softcap=transform.softcap or None, temperature=transform.temperature)
+    head = transform.kwargs
 
     def head_fn(head_module, hidden, weight, bias):
         hidden = _flat(hidden, cu)
@@ -371,7 +371,7 @@ class DoRATrainer(Trainer):
     def head_kwargs(self) -> dict:
         """The model's LM-head transform as DoRALoss arguments (the one-pass path runs the head)."""
         t = head_transform(self.model) or HeadTransform()
-        return dict(logit_scale=t.scale, softcap=t.softcap or None, temperature=t.temperature)
+        return t.kwargs
 
     # -- data ---------------------------------------------------------------------------------
     def _get_train_sampler(self, *args, **kwargs):

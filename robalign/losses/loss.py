@@ -129,9 +129,10 @@ class DoRALoss(nn.Module):
             sample's weight is multiplied by ``Π_k ω_k``, ``ω = exp(mean_t(log p(y_t) − log Σ_v p(v)²))``
             of the policy, without gradient (:func:`robalign.ops.wpo.wpo_weights`: one more pass over
             the head, chunked). Padded rows only.
-        logit_scale, softcap, temperature: the LM head's logit transform on the hidden-state paths,
-            ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap c; :mod:`robalign.ops.head`): Gemma
-            2/3's ``final_logit_softcapping`` is ``softcap``, Cohere's ``logit_scale`` is ``logit_scale``.
+        logit_scale, logit_softcap, logit_temperature: the LM head's logit transform on the
+            hidden-state paths, ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap c;
+            :mod:`robalign.ops.head`): Gemma 2/3's ``final_logit_softcapping`` is ``logit_softcap``,
+            Cohere's ``logit_scale`` is ``logit_scale``.
             Logits given as ``logits`` are taken as the head's output, so they refuse a transform.
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
@@ -141,7 +142,7 @@ class DoRALoss(nn.Module):
                  ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
                  ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
                  fp32_head_grad: bool = True, ld_alpha: float | None = None, wpo: bool = False,
-                 logit_scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0,
+                 logit_scale: float = 1.0, logit_softcap: float | None = None, logit_temperature: float = 1.0,
                  **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
@@ -195,7 +196,7 @@ class DoRALoss(nn.Module):
             V.check_number(where, "ld_alpha", ld_alpha, low=0, high=1)
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
-        self.head_transform = HeadTransform.checked(where, logit_scale, softcap, temperature)
+        self.head_transform = HeadTransform.checked(where, logit_scale, logit_softcap, logit_temperature)
         self.needs_reference = _objectives.needs_reference(objective)
         self.needs_kl = _objectives.needs_kl_reference(objective)
         takes = _objectives.hyperparameters(objective)
@@ -233,16 +234,14 @@ class DoRALoss(nn.Module):
             V.fail(where, f"pass exactly one of `{prefix}logits` or `{prefix}hidden` (with `{prefix}head_weight`)")
         if logits is not None:
             if not self.head_transform.identity:
-                V.fail(where, f"`{prefix}logits` are the head's output; the head transform (logit_scale, softcap, "
-                              "temperature) applies to hidden states: pass `hidden` and `head_weight`, or no transform")
+                V.fail(where, f"`{prefix}logits` are the head's output; the head transform (logit_scale, logit_softcap, "
+                              "logit_temperature) applies to hidden states: pass `hidden` and `head_weight`, or no transform")
             return sequence_logps(logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
                                   backend=self.backend)
         if head_weight is None:
             V.fail(where, f"`{prefix}hidden` needs `{prefix}head_weight` (the LM head's weight, [V, H])")
-        t = self.head_transform
         return linear_sequence_logps(hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index,
-                                     cu_seqlens=cu_seqlens, backend=self.backend, logit_scale=t.scale,
-                                     softcap=t.softcap or None, temperature=t.temperature)
+                                     cu_seqlens=cu_seqlens, backend=self.backend, **self.head_transform.kwargs)
 
     def _per_row(self, where, name, t, num_seqs):
         """``t`` given per sequence ``[S]`` or per sample ``[B, K]``, as ``[B, K]``."""

@@ -122,8 +122,8 @@ def linear_sequence_logps(
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
     logit_scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    logit_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sequence_logps` of the logits ``z = hidden @ weightᵀ + bias``, computed without
     holding the full ``[N, V]`` logits on the fused backends; with the head's logit transform
@@ -135,8 +135,8 @@ def linear_sequence_logps(
         bias: optional ``[V]``.
         labels, ignore_index, cu_seqlens, backend: as in :func:`sequence_logps`.
         logit_scale: s, the model's logit scale (Cohere's ``logit_scale``; ``1/logits_scaling`` for Granite).
-        softcap: c, the soft-cap of the logits (Gemma 2/3's ``final_logit_softcapping``), ``None``: none.
-        temperature: T, divides the (capped) logits.
+        logit_softcap: c, the soft-cap of the logits (Gemma 2/3's ``final_logit_softcapping``), ``None``: none.
+        logit_temperature: T, divides the (capped) logits.
 
     Returns:
         ``(logps, counts)`` as :func:`sequence_logps`, differentiable with respect to
@@ -144,7 +144,7 @@ def linear_sequence_logps(
     """
     where = "robalign.linear_sequence_logps"
     check_linear_inputs(where, hidden, weight, labels, bias, ignore_index, cu_seqlens)
-    transform = HeadTransform.checked(where, logit_scale, softcap, temperature)
+    transform = HeadTransform.checked(where, logit_scale, logit_softcap, logit_temperature)
     entry = resolve(where, backend, hidden)
     return entry.load_ops().linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                                   cu_seqlens=cu_seqlens, kernel=entry.name, transform=transform)

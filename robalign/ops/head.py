@@ -34,15 +34,16 @@ class HeadTransform:
 
     @classmethod
     def checked(cls, where: str, scale=1.0, softcap=None, temperature=1.0) -> HeadTransform:
-        """The transform of the public arguments, each checked (finite, > 0; ``softcap`` ``None``: none)."""
-        for name, value in (("logit_scale", scale), ("temperature", temperature)):
+        """The transform of the public arguments ``logit_scale``, ``logit_softcap`` and ``logit_temperature``,
+        each checked (finite, > 0; ``logit_softcap`` ``None``: none)."""
+        for name, value in (("logit_scale", scale), ("logit_temperature", temperature)):
             V.check_number(where, name, value, low=0, low_open=True)
             if not math.isfinite(value):
                 V.fail(where, f"`{name}` must be finite, got {value}")
         if softcap is not None:
-            V.check_number(where, "softcap", softcap, low=0, low_open=True)
+            V.check_number(where, "logit_softcap", softcap, low=0, low_open=True)
             if not math.isfinite(softcap):
-                V.fail(where, f"`softcap` must be finite (None: no soft-cap), got {softcap}")
+                V.fail(where, f"`logit_softcap` must be finite (None: no soft-cap), got {softcap}")
         return cls(float(scale), float(softcap or 0.0), float(temperature))
 
     @property
@@ -53,6 +54,11 @@ class HeadTransform:
     def args(self) -> tuple[float, float, float]:
         """``(scale, softcap, temperature)``, as an operator's float arguments."""
         return self.scale, self.softcap, self.temperature
+
+    @property
+    def kwargs(self) -> dict:
+        """The transform as the public functions' arguments (``logit_scale``, ``logit_softcap``, ``logit_temperature``)."""
+        return {"logit_scale": self.scale, "logit_softcap": self.softcap or None, "logit_temperature": self.temperature}
 
     @property
     def chunk_factor(self) -> int:

@@ -90,12 +90,12 @@ def linear_sequence_logps(
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
     logit_scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    logit_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sequence_logps` of the logits ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap c)
-    of ``z = hidden @ weightᵀ + bias``, with ``s`` = ``logit_scale``, ``c`` = ``softcap``, ``T`` =
-    ``temperature``.
+    of ``z = hidden @ weightᵀ + bias``, with ``s`` = ``logit_scale``, ``c`` = ``logit_softcap``, ``T`` =
+    ``logit_temperature``.
 
     Args:
         hidden: ``[S, T, H]`` or ``[N, H]``. weight: ``[V, H]`` (the LM head). bias: ``[V]``.
@@ -108,9 +108,9 @@ def linear_sequence_logps(
     def logits_of(mask):
         z = flat[mask].to(dtype) @ weight.to(dtype).T                   # [M, V]
         z = (z if bias is None else z + bias.to(dtype)) * logit_scale
-        if softcap:
-            z = softcap * torch.tanh(z / softcap)
-        return z / temperature
+        if logit_softcap:
+            z = logit_softcap * torch.tanh(z / logit_softcap)
+        return z / logit_temperature
 
     return _logps_from_logits(logits_of, labels, ignore_index, cu_seqlens)
 
