@@ -137,15 +137,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 ids = ids[-max_prompt_length:]
             return ids
 
-        def response_ids(prompt_ids, response, count=True):
+        def response_ids(prompt_ids, response):
             ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
             budget = max_length - len(prompt_ids)
             if len(ids) > budget:
-                cut["responses"] += count
+                cut["responses"] += 1
                 ids = ids[:budget]
             return ids
 
-        # (record, prompt ids, responses, scores, probs, weights) per sample
+        # (group name, prompt ids, responses, scores, probs, weights) per sample
         items = []
         for line_index, (record, (prompt, responses)) in enumerate(zip(pref.records, pref.samples)):
             ids = prompt_ids_of(prompt)
@@ -155,12 +155,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 if items and len(responses) != len(items[0][2]):
                     raise ValueError(f"{path}: record {line_index + 1} has {len(responses)} responses, the first had "
                                      f"{len(items[0][2])}; every sample of a training file needs the same number")
-                items.append((record, ids, responses, scores, probs, weights))
+                items.append((sample_group(record), ids, responses, scores, probs, weights))
             elif pref.format == "unpaired":
-                items.append((record, ids, responses, [float(record["label"])], probs, weights))
+                items.append((sample_group(record), ids, responses, [float(record["label"])], probs, weights))
             else:                                           # a pair: a desirable and an undesirable sample
-                for k, label in ((0, 1.0), (1, 0.0)):
-                    items.append((record, ids, responses[k:k + 1], [label], None if probs is None else [probs[k]],
+                for k, (label, side) in enumerate(((1.0, "chosen"), (0.0, "rejected"))):
+                    own = record.get(f"{side}_source") if record.get("group") is None else None
+                    items.append((own or sample_group(record), ids, responses[k:k + 1], [label],
+                                  None if probs is None else [probs[k]],
                                   weights if weights is None or not isinstance(weights, list) else [weights[k]]))
         if unpaired and pref.format == "pairwise":
             items = items[0::2] + items[1::2]
@@ -169,12 +171,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
                              f"it needs at least 2 samples, the file has {len(items)}")
 
         groups, names, completions = [], [], []
-        for record, ids, responses, scores, probs, weights in items:
+        for name, ids, responses, scores, probs, weights in items:
             rows = [response_ids(ids, r) for r in responses]
             completions.append(rows[0])
             groups.append(TokenizedGroup([ids + r for r in rows], [[-100] * len(ids) + r for r in rows], scores,
                                          probs=probs, weights=weights))
-            names.append(sample_group(record))
+            names.append(name)
         if kl_rows:
             for i, (group, item) in enumerate(zip(groups, items)):
                 ids = item[1]

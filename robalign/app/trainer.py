@@ -361,6 +361,7 @@ class DoRATrainer(Trainer):
             self.ref_model = ref_model
         self._acc = None
         self._reset_pending = True
+        self._stats_pending = True              # the next micro-batch is a step's first
         self._last_loss = 0.0
         self._dora_metrics = defaultdict(list)
         self._eval_metrics = defaultdict(list)
@@ -611,7 +612,8 @@ class DoRATrainer(Trainer):
         self._accumulator(model)
         self._restore_reduction_state()
         # the per-token statistics of the step's first micro-batch (one more pass over the head there)
-        stats = {} if self._reset_pending and self.dora.token_stats else None
+        stats = {} if self._stats_pending and self.dora.token_stats else None
+        self._stats_pending = False
         if self._reset_pending:
             self._acc.reset()
             self._last_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
@@ -649,7 +651,7 @@ class DoRATrainer(Trainer):
                 for name, q, value in zip(names, stats.group_weights, stats.group_losses):
                     self._dora_metrics[f"dro/q/{name}"].append(q.detach().float())
                     self._dora_metrics[f"dro/group_loss/{name}"].append(value.detach().float())
-            self._reset_pending = True
+            self._reset_pending = self._stats_pending = True
         return increment.float()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
