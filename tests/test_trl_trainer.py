@@ -54,6 +54,18 @@ def _train(cls, config, setup, tmp_path):
     return losses, policy, batch
 
 
+def _sgd_steps(model, loss_of, steps=3):
+    """``steps`` of SGD at lr 0.5 with TRL's default clipping (norm 1) on ``loss_of(model)``, in place."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        loss = loss_of(model)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return model
+
+
 def _by_hand(model, batch, lam, weights):
     """3 steps of SGD on the DoRA loss of the whole batch, in plain float64 PyTorch."""
     model = copy.deepcopy(model).train()
@@ -68,17 +80,13 @@ def _by_hand(model, batch, lam, weights):
     with torch.no_grad():
         ref = logps(model)
     b = ids.shape[0] // 2
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(3):
-        lp = logps(model)
+
+    def loss_of(m):
+        lp = logps(m)
         delta = (lp[:b] - ref[:b]) - (lp[b:] - ref[b:])
-        losses = -torch.nn.functional.logsigmoid(0.1 * delta)
-        loss = reference.kl_dro(losses, weights, lam=lam)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    return model
+        return reference.kl_dro(-torch.nn.functional.logsigmoid(0.1 * delta), weights, lam=lam)
+
+    return _sgd_steps(model, loss_of)
 
 
 def _assert_params(got, want, tol):
@@ -274,19 +282,16 @@ def _kto_by_hand(model, batch, lam, weights, *, beta=0.1, desirable=1.0, undesir
     with torch.no_grad():
         ref, kl_ref = logps(model), logps(model, "KL_")
     label = batch["label"].bool()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(3):
+
+    def loss_of(m):
         with torch.no_grad():
-            z0 = (logps(model, "KL_") - kl_ref).mean().clamp(min=0)
-        r = logps(model) - ref
+            z0 = (logps(m, "KL_") - kl_ref).mean().clamp(min=0)
+        r = logps(m) - ref
         losses = torch.where(label, desirable * (1 - torch.sigmoid(beta * (r - z0))),
                              undesirable * (1 - torch.sigmoid(beta * (z0 - r))))
-        loss = reference.kl_dro(losses, weights, lam=lam)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    return model
+        return reference.kl_dro(losses, weights, lam=lam)
+
+    return _sgd_steps(model, loss_of)
 
 
 def test_dora_kto_with_lambda_inf_and_no_weights_is_trls_kto(unpaired_setup, tmp_path):
@@ -379,18 +384,14 @@ def test_orpo_drop_in_with_weights_follows_the_reference_trajectory(equal_length
     _, policy, batch = _train_pairs(DoRAORPOTrainer, config, dataset, model, tokenizer)
     weights = batch["weights"].view(-1, 2)[:, 0].double()
     assert float(weights.std()) > 0
-    by_hand = copy.deepcopy(model).train()
     labels = shift_labels(batch["labels"])
-    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.5)
-    for _ in range(3):
-        lp = torch.log_softmax(by_hand(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+
+    def loss_of(m):
+        lp = torch.log_softmax(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
         tok = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels >= 0)
         mean = (tok.sum(1) / (labels >= 0).sum(1)).view(-1, 2)
         log_odds = (mean[:, 0] - mean[:, 1]) - (torch.log1p(-mean[:, 0].exp()) - torch.log1p(-mean[:, 1].exp()))
         losses = -mean[:, 0] - 0.2 * torch.nn.functional.logsigmoid(log_odds)
-        loss = reference.kl_dro(losses, weights, lam=1.0)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 1.0)
-        optimizer.step()
-    _assert_params(policy, by_hand, 1e-12)
+        return reference.kl_dro(losses, weights, lam=1.0)
+
+    _assert_params(policy, _sgd_steps(copy.deepcopy(model).train(), loss_of), 1e-12)
