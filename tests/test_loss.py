@@ -152,3 +152,35 @@ def test_release_01_argument_names_still_work_with_a_warning():
         assert robalign.DoRALoss("dpo", group=None).process_group is None
     with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['heads'\]"):
         robalign.DoRALoss("dpo")(hidden=hidden, heads=weight, labels=labels, ref_logps=ref)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("objective", ["dpo", "ipo_norm", "plackett_luce"])
+def test_reference_free_is_the_objective_at_a_zero_reference(objective, one_pass):
+    """``reference_free=True``: the reference log-probs are 0 (r = logp), on the one-pass and the
+    recompute path; the loss, gradient and rewards equal those with ``ref_logps`` = 0 exactly."""
+    gen = torch.Generator().manual_seed(7)
+    k = 3 if objective == "plackett_luce" else 2
+    hidden = torch.randn(2 * k, 5, 8, generator=gen)
+    head = torch.randn(31, 8, generator=gen)
+    labels = torch.randint(31, (2 * k, 5), generator=gen)
+    labels[:, 0] = -100
+    outs = []
+    for free in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        loss_fn = robalign.DoRALoss(objective, lam=0.5, group_size=k, one_pass=one_pass, reference_free=free)
+        out = loss_fn(hidden=h, head_weight=head, labels=labels, **({} if free else {"ref_logps": torch.zeros(2 * k)}))
+        out.loss.backward()
+        outs.append((out.loss.detach(), h.grad, out.reward_margin))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_reference_free_refusals():
+    with pytest.raises(ValueError, match="takes no reference model already"):
+        robalign.DoRALoss("simpo", reference_free=True)
+    with pytest.raises(ValueError, match="compares with its reference point"):
+        robalign.DoRALoss("kto", reference_free=True)
+    with pytest.raises(ValueError, match="pass no reference"):
+        robalign.DoRALoss("dpo", reference_free=True)(logits=torch.randn(2, 3, 5), labels=torch.zeros(2, 3, dtype=torch.long),
+                                                      ref_logps=torch.zeros(2))

@@ -303,3 +303,14 @@ def test_evaluate_before_training_takes_the_reference_first(tmp_path, tokenizer)
     trainer.train()
     with pytest.raises(RuntimeError, match="reference log-probs must be computed before training moves the policy"):
         trainer.evaluate(fresh)
+
+
+def test_reference_free_training_runs_no_reference(tmp_path):
+    """`robalign train --reference-free`: no reference log-probs are computed or cached, the first
+    loss is KL-DRO of DPO at r = logp (not log 2), and the policy trains."""
+    summary = run_training(_settings(tmp_path, "free", reference_free=True, max_steps=3, logging_steps=1, lam=1.0),
+                           log=lambda *_: None)
+    assert summary["reference_cache"].startswith("not needed")
+    assert not list((tmp_path / "free").glob("ref_logps-*.pt"))
+    first, last = summary["first_log"], summary["last_log"]
+    assert first["loss"] != pytest.approx(math.log(2), rel=1e-3) and last["loss"] != first["loss"]

@@ -163,7 +163,7 @@ def _cmd_train(args) -> int:
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
                                                "logging_steps", "eval_data", "eval_steps", "report_to")}
-    for flag in ("lora", "merge", "bf16", "wpo", "padding_free"):
+    for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.objective_args:
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eta", type=float, help=f"radius of the KL ball (default {d.eta:g})")
     train.add_argument("--rho", type=float, help=f"radius of the χ² ball (default {d.rho:g})")
     train.add_argument("--level", type=float, help=f"CVaR level: the worst fraction of the batch (default {d.level:g})")
+    train.add_argument("--reference-free", dest="reference_free", action="store_true",
+                       help="no reference model: the objective's reference log-probs are 0 (the DPO family)")
     train.add_argument("--padding-free", dest="padding_free", action="store_true",
                        help="pack each batch's rows into one without padding (the attention stays within each row)")
     train.add_argument("--wpo", action="store_true",

@@ -33,6 +33,8 @@ class DoRAConfig:
     q moved by exponentiated gradient with step ``group_step`` once per optimizer step (the same
     pre-pass with several micro-batches).
     ld_alpha: LD-DPO's weight of the tokens past the shorter response (``None``: plain log-probs).
+    reference_free: the objective's reference log-probs taken as 0 (no reference model is run),
+    see ``DoRALoss(reference_free=True)``.
     wpo: WPO's weighting (each sample's weight times its responses' ω, see ``DoRALoss(wpo=True)``).
     fused: the fused linear path (False: materialise logits, for models whose logits robalign cannot
     form from ``hidden @ Wᵀ + b`` and the head's known transforms). one_pass: on the fused linear path, the
@@ -63,6 +65,7 @@ class DoRAConfig:
     shuffle: bool = True
     padding_free: bool = False
     token_stats: bool = True
+    reference_free: bool = False
     objective_kwargs: dict = field(default_factory=dict)
 
 
@@ -151,7 +154,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
-        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "token_stats": flag, "lora": flag, "merge": flag, "bf16": flag,
+        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "token_stats": flag, "reference_free": flag, "lora": flag, "merge": flag, "bf16": flag,
         "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),

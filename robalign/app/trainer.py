@@ -355,7 +355,8 @@ class DoRATrainer(Trainer):
         reduction = reduction_of(d, getattr(dataset, "group_names", ()), getattr(dataset, "path", "") or "the training data")
         self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction, alpha=d.alpha,
                                 group_size=getattr(dataset, "group_size", None), one_pass=d.one_pass,
-                                ld_alpha=d.ld_alpha, wpo=d.wpo, **self.head_kwargs(), **d.objective_kwargs)
+                                ld_alpha=d.ld_alpha, wpo=d.wpo, reference_free=d.reference_free, **self.head_kwargs(),
+                                **d.objective_kwargs)
         self.group_size = self.loss_fn.group_size
         if not self._forwards_ref_model:
             self.ref_model = ref_model
@@ -471,10 +472,10 @@ class DoRATrainer(Trainer):
         since the resume)."""
         from transformers.trainer_utils import TrainOutput
 
-        from ..losses import objectives
-
-        if objectives.needs_reference(self.loss_fn.objective):
+        if self.loss_fn.needs_reference:
             self.compute_reference_logps()
+        else:
+            self.reference_cache = "not needed: the objective reads no reference model"
             if hasattr(self.eval_dataset, "groups"):          # before the policy moves: the same reference
                 self.compute_reference_logps(dataset=self.eval_dataset)
         self._loss_total = None
@@ -490,10 +491,8 @@ class DoRATrainer(Trainer):
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         """``Trainer.evaluate``; a :class:`~robalign.app.data.PreferenceDataset` without reference
         log-probs gets them first (from the initial policy: before training, or from ``ref_model``)."""
-        from ..losses import objectives
-
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if hasattr(dataset, "groups") and objectives.needs_reference(self.loss_fn.objective):
+        if hasattr(dataset, "groups") and self.loss_fn.needs_reference:
             self.compute_reference_logps(dataset=dataset, progress=False)
         return super().evaluate(eval_dataset, *args, **kwargs)
 

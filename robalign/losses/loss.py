@@ -134,6 +134,9 @@ class DoRALoss(nn.Module):
             :mod:`robalign.ops.head`): Gemma 2/3's ``final_logit_softcapping`` is ``logit_softcap``,
             Cohere's ``logit_scale`` is ``logit_scale``.
             Logits given as ``logits`` are taken as the head's output, so they refuse a transform.
+        reference_free: for an objective with a reference model, take the reference's log-probs as 0
+            (``r = logp``; the DPO family without a reference, as TRL's former ``reference_free``);
+            reference inputs are then refused.
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
 
@@ -143,7 +146,7 @@ class DoRALoss(nn.Module):
                  ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
                  fp32_head_grad: bool = True, ld_alpha: float | None = None, wpo: bool = False,
                  logit_scale: float = 1.0, logit_softcap: float | None = None, logit_temperature: float = 1.0,
-                 **objective_kwargs):
+                 reference_free: bool = False, **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
         renamed = _take_renamed(where, objective_kwargs, _RENAMED_INIT)
@@ -197,7 +200,13 @@ class DoRALoss(nn.Module):
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
         self.head_transform = HeadTransform.checked(where, logit_scale, logit_softcap, logit_temperature)
-        self.needs_reference = _objectives.needs_reference(objective)
+        if reference_free and not _objectives.needs_reference(objective):
+            V.fail(where, f"`reference_free`: objective {objective!r} takes no reference model already")
+        if reference_free and self.unpaired:
+            V.fail(where, f"`reference_free`: objective {objective!r} compares with its reference point; keep the "
+                          "reference model")
+        self.reference_free = bool(reference_free)
+        self.needs_reference = _objectives.needs_reference(objective) and not self.reference_free
         self.needs_kl = _objectives.needs_kl_reference(objective)
         takes = _objectives.hyperparameters(objective)
         self.hparams = dict(objective_kwargs)
@@ -298,6 +307,8 @@ class DoRALoss(nn.Module):
         ref_head_weight = moved.get("ref_head_weight", ref_head_weight)
         ref_head_bias = moved.get("ref_head_bias", ref_head_bias)
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
+        if self.reference_free and (given or ref_logps is not None):
+            V.fail(where, "this loss is `reference_free`: pass no reference (`ref_logps`, `ref_logits`, `ref_hidden`)")
         if ref_logps is not None and given:
             V.fail(where, f"pass `ref_logps` or `{given[0]}`, not both (one source of reference log-probs)")
         missing_ref = self.needs_reference and ref_logps is None
@@ -388,6 +399,10 @@ class DoRALoss(nn.Module):
         self._check_group_ids(where, group_ids, num_seqs // k)
         if self.needs_reference:
             self._check_ref_logps(where, ref_logps, num_seqs)
+        elif self.reference_free:
+            ref_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
+        else:
+            ref_logps = None                    # a reference-free objective reads none
         scores_g = self._scores(where, scores, num_seqs, torch.float32)
         sample_weights = self._weights(where, probs, weights, num_seqs,
                                        torch.empty(num_seqs // k, dtype=torch.float32, device=hidden.device))
@@ -395,14 +410,14 @@ class DoRALoss(nn.Module):
             sample_weights = sample_weights * extra.to(sample_weights)
         need = (hidden.requires_grad, head_weight.requires_grad, head_bias is not None and head_bias.requires_grad)
         # KTO's r − z₀ is the log-ratio against the reference shifted by z₀ (a constant of the step)
-        shifted_ref = None if not self.needs_reference else ref_logps if kl is None else ref_logps.detach() + kl
+        shifted_ref = None if ref_logps is None else ref_logps if kl is None else ref_logps.detach() + kl
         logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
             hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
             ref_logps=shifted_ref, sample_weights=sample_weights,
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
             hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
             fp32_grad_weight=self.fp32_head_grad, transform=self.head_transform)
-        logratios = None if not self.needs_reference else logps - ref_logps.detach().to(logps.dtype)
+        logratios = None if ref_logps is None else logps - ref_logps.detach().to(logps.dtype)
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         if accumulator is not None:
             kappa = accumulator.gradient_scale(losses, sample_weights, shift)
@@ -441,6 +456,11 @@ class DoRALoss(nn.Module):
         if self.needs_reference:
             self._check_ref_logps(where, ref_logps, num_seqs)
             ref_logps = ref_logps.detach().to(policy_logps.dtype)
+            logratios = policy_logps - ref_logps
+        elif self.reference_free:
+            if ref_logps is not None:
+                V.fail(where, "this loss is `reference_free`: pass no `ref_logps`")
+            ref_logps = torch.zeros_like(policy_logps.detach())
             logratios = policy_logps - ref_logps
 
         grouped = policy_logps.reshape(num_samples, k)
