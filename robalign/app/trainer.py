@@ -474,10 +474,10 @@ class DoRATrainer(Trainer):
 
         if self.loss_fn.needs_reference:
             self.compute_reference_logps()
-        else:
-            self.reference_cache = "not needed: the objective reads no reference model"
             if hasattr(self.eval_dataset, "groups"):          # before the policy moves: the same reference
                 self.compute_reference_logps(dataset=self.eval_dataset)
+        else:
+            self.reference_cache = "not needed: the objective reads no reference model"
         self._loss_total = None
         self._state_restored = False
         result = super().train(*args, **kwargs)
