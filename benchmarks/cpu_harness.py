@@ -34,8 +34,9 @@ def reset_peak_rss() -> float:
     return status_mb("VmRSS")
 
 
-def parse_args(doc: str, providers, argv=None, **sizes):
+def parse_args(doc: str, providers, argv=None, floats: dict | None = None, **sizes):
     """The CPU scripts' command line: ``--<size> N`` for each keyword (its value the default),
+    ``--<name> X`` for each of ``floats`` (a script's own options, ``{name: (default, help)}``),
     ``--masked`` and ``--padding`` (fractions of each sequence that are prompt, masked at its start,
     and padding, masked at its end), ``--mode``, ``--repeat``, ``--rounds``, ``--providers`` and the
     hidden ``--child PROVIDER`` of a measuring process."""
@@ -44,6 +45,8 @@ def parse_args(doc: str, providers, argv=None, **sizes):
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     for name, default in sizes.items():
         parser.add_argument(f"--{name}", type=int, default=default)
+    for name, (default, text) in (floats or {}).items():
+        parser.add_argument(f"--{name}", type=float, default=default, help=text)
     parser.add_argument("--masked", type=float, default=0.125, help="prompt fraction of each sequence (default 1/8)")
     parser.add_argument("--padding", type=float, default=0.0, help="padding fraction at the end of each sequence")
     parser.add_argument("--mode", choices=MODES, default="fwdbwd",

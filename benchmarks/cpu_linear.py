@@ -25,8 +25,12 @@ floor, never the scored one.
 
     python benchmarks/cpu_linear.py [--tokens 2048] [--hidden 512] [--vocab 32000] [--masked 0.125]
                                     [--padding 0] [--mode fwdbwd|fwd] [--repeat 5] [--rounds 2] [--out DIR]
+                                    [--softcap C]
 
 ``--mode fwd`` times the forward alone under ``no_grad``; its matmul floor is ``hidden @ Wᵀ``.
+``--softcap C``: a Gemma-style head, logits c·tanh(z/c), in every provider (naive: on the materialised
+logits; TRL: its ``final_logit_softcapping``; robalign: ``logit_softcap``), gated against the float64
+reference with the cap; the floors stay the bare matmuls.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ SEQLEN = 512
 
 
 def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: int, mode: str = "fwdbwd",
-            masked: float = 0.125, padding: float = 0.0) -> dict:
+            masked: float = 0.125, padding: float = 0.0, softcap: float | None = None) -> dict:
     import torch
 
     import robalign
@@ -60,7 +64,7 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
     coeff = torch.randn(seqs)
     ref_logps = torch.randn(seqs) - 10 * seqlen                          # log-ratios of order 1
     if provider in LOSS_PROVIDERS:
-        return _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, scored)
+        return _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, scored, softcap)
     if provider == "trl_fused":
         try:
             import trl.kernels.chunked_logprob  # noqa: F401
@@ -70,11 +74,12 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
     def logps_of(h, w, y):
         if provider == "naive":
             z = h @ w.T
+            z = z if softcap is None else softcap * torch.tanh(z / softcap)
             tok = torch.log_softmax(z.float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
             return (tok * (y != -100)).sum(-1)
         if provider == "trl_fused":
-            return trl_fused_logps(h, w, y)
-        return robalign.linear_sequence_logps(h, w, y, backend=provider)[0]
+            return trl_fused_logps(h, w, y, softcap)
+        return robalign.linear_sequence_logps(h, w, y, backend=provider, logit_softcap=softcap)[0]
 
     def run(h, w, y, c):
         logps = logps_of(h, w, y)
@@ -85,7 +90,7 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
     def check():
         h, w = hidden.detach()[:1].clone(), weight.detach().clone()
         want_h, want_w = h.double().requires_grad_(True), w.double().requires_grad_(True)
-        want_logps, _ = robalign.reference.linear_sequence_logps(want_h, want_w, labels[:1])
+        want_logps, _ = robalign.reference.linear_sequence_logps(want_h, want_w, labels[:1], logit_softcap=softcap)
         want = (want_logps.detach(),) if mode == "fwd" else \
             (want_logps.detach(), *torch.autograd.grad((want_logps * coeff[:1].double()).sum(), (want_h, want_w)))
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
@@ -103,21 +108,21 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
     return {**row, "scored_tokens": scored}
 
 
-def _dora_loss(h, w, y, ref, *, one_pass: bool, backend: str = "cpp"):
+def _dora_loss(h, w, y, ref, *, one_pass: bool, backend: str = "cpp", softcap=None):
     import robalign
 
-    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=one_pass)
+    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=one_pass, logit_softcap=softcap)
     return fn(hidden=h, head_weight=w, labels=y, ref_logps=ref).loss
 
 
-def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, scored) -> dict:
+def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, scored, softcap=None) -> dict:
     """The DoRA loss of pairs (DPO, KL-DRO) through the recompute path or the one-pass op."""
     import torch
 
     one_pass = provider == "one_pass"
 
     def run(h, w, y, ref):
-        loss = _dora_loss(h, w, y, ref, one_pass=one_pass)
+        loss = _dora_loss(h, w, y, ref, one_pass=one_pass, softcap=softcap)
         return (loss,) if mode == "fwd" else (loss, *torch.autograd.grad(loss, (h, w)))
 
     def check():
@@ -125,7 +130,7 @@ def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, sco
         if rows < 2:
             return None
         h, w = hidden.detach()[:rows].clone(), weight.detach().clone()
-        want = reference_dora_dpo(h, w, labels[:rows], ref_logps[:rows])
+        want = reference_dora_dpo(h, w, labels[:rows], ref_logps[:rows], softcap=softcap)
         want = want[:1] if mode == "fwd" else want
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
             got = run(h.requires_grad_(mode == "fwdbwd"), w.requires_grad_(mode == "fwdbwd"), labels[:rows],
@@ -138,10 +143,11 @@ def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, sco
 
 
 def main(argv=None) -> int:
-    args = cpu_harness.parse_args(__doc__, PROVIDERS, argv, tokens=2048, hidden=512, vocab=32000)
+    args = cpu_harness.parse_args(__doc__, PROVIDERS, argv, tokens=2048, hidden=512, vocab=32000,
+                                  floats={"softcap": (0.0, "soft-cap c of the logits, c·tanh(z/c) (0: none)")})
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.hidden, args.vocab, args.repeat, args.mode,
-                                 args.masked, args.padding)))
+                                 args.masked, args.padding, args.softcap or None)))
         return 0
 
     import torch
@@ -149,10 +155,11 @@ def main(argv=None) -> int:
     rows = cpu_harness.run_providers(__file__, args.providers.split(","),
                                      ["--tokens", args.tokens, "--hidden", args.hidden, "--vocab", args.vocab,
                                       "--repeat", args.repeat, "--mode", args.mode, "--masked", args.masked,
-                                      "--padding", args.padding], rounds=args.rounds)
+                                      "--padding", args.padding, "--softcap", args.softcap], rounds=args.rounds)
     ok = {r["provider"]: r for r in rows if "error" not in r}
     matmuls = 3 if args.mode == "fwdbwd" else 1
-    print(f"\n{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}, N = {args.tokens} tokens "
+    print(f"\n{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}"
+          f"{f', soft-capped logits (c = {args.softcap:g})' if args.softcap else ''}, N = {args.tokens} tokens "
           f"(prompt {args.masked:.3g}, padding {args.padding:.3g} of each), H = {args.hidden}, V = {args.vocab}, "
           f"float32 (logits would be {args.tokens * args.vocab * 4 / 2**20:.0f} MB), {torch.get_num_threads()} threads, "
           f"{platform.machine()}\n")
@@ -163,10 +170,11 @@ def main(argv=None) -> int:
     cpu_harness.print_table(rows, extra, baseline="trl_fused" if "trl_fused" in ok else "naive")
     print(f"\n(the floors: {matmuls} bare matmul{'s' * (matmuls > 1)} over all {args.tokens} tokens, and over the "
           f"{next(iter(ok.values()))['scored_tokens'] if ok else '?'} scored ones)")
-    suffix = "" if args.mode == "fwdbwd" else "_fwd"
+    suffix = ("" if args.mode == "fwdbwd" else "_fwd") + (f"_softcap{args.softcap:g}" if args.softcap else "")
     path = cpu_harness.write_record(f"cpu_linear_N{args.tokens}_H{args.hidden}_V{args.vocab}{suffix}", {
         "benchmark": "cpu_linear", "mode": args.mode, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
-        "dtype": "float32", "masked": args.masked, "padding": args.padding, "rows": rows}, args.out)
+        "dtype": "float32", "masked": args.masked, "padding": args.padding, "softcap": args.softcap or None,
+        "rows": rows}, args.out)
     print(f"\nwrote {path}")
     return 0
 

@@ -23,10 +23,10 @@ def trl_logps(logits, labels):
     return selective_log_softmax(logits, labels.clamp(min=0), row_mask=mask).sum(-1)
 
 
-def trl_fused_logps(hidden, weight, labels):
+def trl_fused_logps(hidden, weight, labels, softcap=None):
     """TRL 1.16's fused LM head (trl.kernels.ChunkedLogProbFunction) as ``add_fused_lm_head``
     calls it (trl/trainer/utils.py): the scored tokens only where Triton runs, every position
-    elsewhere."""
+    elsewhere; ``softcap``: its ``final_logit_softcapping`` (Gemma's)."""
     from trl.kernels.chunked_logprob import _use_triton
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
 
@@ -34,19 +34,20 @@ def trl_fused_logps(hidden, weight, labels):
     compact = _use_triton(hidden.device)
     h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
     y = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
-    tok = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+    tok = _ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, 1.0, ())[0]
     tok = tok.new_zeros(mask.shape).masked_scatter(mask, tok) if compact else tok.view(mask.shape).masked_fill(~mask, 0)
     return tok.sum(-1)
 
 
-def reference_dora_dpo(hidden, weight, labels, ref_logps, *, beta=0.1, lam=1.0):
+def reference_dora_dpo(hidden, weight, labels, ref_logps, *, beta=0.1, lam=1.0, softcap=None):
     """The float64 ground truth of the loss providers' gate: ``(loss, grad_hidden, grad_weight)``
-    of the DoRA loss of the rows as pairs (DPO, KL-DRO λ, no weights), from robalign.reference."""
+    of the DoRA loss of the rows as pairs (DPO, KL-DRO λ, no weights), from robalign.reference
+    (with the head's soft-cap ``softcap``)."""
     from robalign import reference
 
     h = hidden.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
-    logps, _ = reference.linear_sequence_logps(h, w, labels)
+    logps, _ = reference.linear_sequence_logps(h, w, labels, logit_softcap=softcap)
     losses = reference.objectives.dpo(logps.view(-1, 2), ref_logps.double().view(-1, 2), beta=beta)
     loss = reference.kl_dro(losses, None, lam)
     return (loss.detach(), *torch.autograd.grad(loss, (h, w)))

@@ -8,7 +8,8 @@ paths so that such models keep them (instead of falling back to materialised log
 s = 1/that), ``T`` a sampling temperature applied to the model's output. The derivative is
 ``∂z'/∂z = (s/T)·(1 − tanh²(s·z/c))`` (``s/T`` without a cap), so the backward of a row kernel's
 ``G' = c_t·(onehot − softmax(z'))`` is ``G = G' ⊙ ∂z'/∂z``: a scalar on the coefficient without a
-cap, one elementwise product (and one more ``[C, V]`` buffer for the chunk) with one.
+cap; with one, the scalar and ``G' − G'·t²`` (two passes over the chunk and one more ``[C, V]``
+buffer, which the chunk rule's memory cap counts).
 The transform runs in the logits' dtype, as the models compute it.
 """
 
@@ -62,7 +63,8 @@ class HeadTransform:
 
     @property
     def chunk_factor(self) -> int:
-        """``[C, V]`` buffers a chunk's backward holds: 2 with a soft-cap (its derivative), else 1."""
+        """``[C, V]`` buffers a chunk's backward holds: 2 with a soft-cap (its derivative), else 1 —
+        what the chunk rule's memory cap counts (:func:`robalign.ops.linear.chunk_tokens`)."""
         return 2 if self.softcap else 1
 
     def apply_(self, z: Tensor) -> Tensor:
@@ -82,7 +84,8 @@ class HeadTransform:
                                    z.unsqueeze(0))
             return z
         grad = z.new_empty(z.shape)
-        rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff, ignore_index, grad.unsqueeze(0))
-        # ∂z'/∂z = (s/T)·(1 − t²) with t = tanh(s·z/c) = z'·T/c
-        z.mul_(self.temperature / self.softcap).square_().neg_().add_(1.0).mul_(slope)
-        return grad.mul_(z)
+        rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff if slope == 1.0 else coeff * slope, ignore_index,
+                               grad.unsqueeze(0))
+        # ∂z'/∂z = (s/T)·(1 − t²) with t = tanh(s·z/c) = z'·T/c: G = G' − G'·t² (s/T is in the coefficient)
+        t2 = z.mul_(self.temperature / self.softcap).square_()
+        return grad.addcmul_(grad, t2, value=-1.0)

@@ -162,7 +162,8 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
                             f"got {t.dtype}")
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     labels = flat_labels(labels)
-    chunk = max(1, chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device) // transform.chunk_factor)
+    # a soft-cap's backward holds a second [C, V] buffer: the memory cap counts it, the token target does not
+    chunk = chunk_tokens(weight.shape[0], hidden.element_size() * transform.chunk_factor, hidden.device)
     with torch.autocast(device_type, enabled=False):
         logps, counts, _ = torch.ops.robalign.linear_sequence_logps_fwd(
             hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk, *transform.args)

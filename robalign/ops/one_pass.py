@@ -289,7 +289,7 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
     check_kernel_dtypes("robalign.DoRALoss", kernel, hidden=hidden, head_weight=weight, head_bias=bias)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     if chunk is None:
-        chunk = max(1, chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device) // transform.chunk_factor)
+        chunk = chunk_tokens(weight.shape[0], hidden.element_size() * transform.chunk_factor, hidden.device)
     names = sorted(hparams)
     with torch.autocast(device_type, enabled=False), torch.no_grad():
         return torch.ops.robalign.linear_dora_loss(
