@@ -79,13 +79,11 @@ class HeadTransform:
         """The gradient ``G`` ``[C, V]`` with respect to the head's raw logits, from the transformed
         chunk ``z`` ``[C, V]`` (``z'``, overwritten) and the row kernels ``rows`` of a backend."""
         slope = self.scale / self.temperature
+        coeff = coeff if slope == 1.0 else coeff * slope
+        grad = z.new_empty(z.shape) if self.softcap else z                  # without a cap, in place
+        rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff, ignore_index, grad.unsqueeze(0))
         if not self.softcap:
-            rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff if slope == 1.0 else coeff * slope, ignore_index,
-                                   z.unsqueeze(0))
-            return z
-        grad = z.new_empty(z.shape)
-        rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff if slope == 1.0 else coeff * slope, ignore_index,
-                               grad.unsqueeze(0))
+            return grad
         # ∂z'/∂z = (s/T)·(1 − t²) with t = tanh(s·z/c) = z'·T/c: G = G' − G'·t² (s/T is in the coefficient)
         t2 = z.mul_(self.temperature / self.softcap).square_()
         return grad.addcmul_(grad, t2, value=-1.0)
