@@ -161,6 +161,8 @@ LAUNCHES = {
     "deepspeed-zero2-cvar": (_torchrun, {"deepspeed": 2, "dro": "cvar", "level": 0.5}, "DeepSpeedEngine", 2),
     "deepspeed-zero3": (_torchrun, {"deepspeed": 3}, "DeepSpeedEngine", 3),
     "deepspeed-zero3-recompute": (_torchrun, {"deepspeed": 3, "one_pass": False}, "DeepSpeedEngine", 3),
+    # KTO's reference point z₀ is each micro-batch's over both ranks: equal to one process only if reduced
+    "torchrun-ddp-kto": (_torchrun, {"objective": "kto"}, "DistributedDataParallel", None),
 }
 if MULTI_GPU:                                   # what a CPU cannot run: the Trainer's FSDP, bfloat16 collectives
     LAUNCHES.update({

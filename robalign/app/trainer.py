@@ -558,6 +558,7 @@ class DoRATrainer(Trainer):
         rows (a forward without gradient) and the reference's; ``{}`` for other objectives."""
         if not self.loss_fn.needs_kl:
             return {}
+        self.loss_fn.process_group = self._group()          # z₀ spans the ranks' micro-batches, as in TRL
         with torch.no_grad():
             kl_logps, _ = policy_logps(model, mismatched_batch(inputs), fused=self.dora.fused)
         return {"kl_logps": kl_logps, "kl_ref_logps": inputs["kl_ref_logps"]}
