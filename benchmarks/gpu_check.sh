@@ -10,6 +10,9 @@
 #   onepass  the one-pass fused DoRA loss (never run on a GPU) at 16 × 1024, llama3-8b, bfloat16: its
 #            time against the scored bare matmuls, the recompute path, Liger's DPO loss and fused
 #            linear cross-entropy, and its CUDA tests
+#   softcap  a Gemma-style soft-capped head (c = 30) at 16 × 1024, llama3-8b, bfloat16: robalign's
+#            chunked op and one-pass loss against materialised logits, TRL's fused head, Liger FLCE and
+#            CCE with their soft-caps (the cap runs in PyTorch on each chunk: measures what fusing it would save)
 #   linear   the honest fused-linear sweep: both floors (all and scored tokens), prompt and padding
 #            fractions 1/8, 0, 1/2, 1/4 + 1/4, against TRL's fused head, Liger (DPO with a
 #            reference model, chunk 1 and 4; fused linear cross-entropy) and Cut Cross-Entropy
@@ -39,7 +42,7 @@ sync_out() {       # $OUT takes at most 8 files: one tarball, rewritten after ev
   if [ -n "${OUT:-}" ]; then (cd "$RESULTS" && tar -cf "$OUT/gpu_results.tar.tmp" gpu_* && mv "$OUT/gpu_results.tar.tmp" "$OUT/gpu_results.tar"); fi
   return 0
 }
-STAGES=" ${GPU_CHECK_STAGES:-onepass linear logits fwd packed long models chunks tests charts} "
+STAGES=" ${GPU_CHECK_STAGES:-onepass softcap linear logits fwd packed long models chunks tests charts} "
 stage() {  # stage KEY SECONDS LOG COMMAND...
   local key=$1 limit=$2 log=$3; shift 3
   [[ "$STAGES" == *" $key "* ]] || { echo "== $key skipped (GPU_CHECK_STAGES)"; return 0; }
@@ -75,6 +78,8 @@ G="$PY benchmarks"
 stage onepass 90 gpu_one_pass.md bash -c "$G/gpu_linear.py --quick --masks 0.125/0 \
   --providers matmul_floor_scored,triton,recompute,one_pass,liger_dpo_c1,liger_flce --out /tmp/onepass && \
   $PY -m pytest tests/test_one_pass.py -k 'triton-cuda or torch' -p no:cacheprovider -q"
+stage softcap 45 gpu_softcap.md $G/gpu_linear.py --quick --masks 0.125/0 --softcap 30 \
+  --providers naive,trl_fused,matmul_floor_scored,triton,one_pass,liger_flce,cce --out "$RESULTS"
 stage linear 170 gpu_linear.md $G/gpu_linear.py --out "$RESULTS"
 stage logits 110 gpu_logits.md $G/gpu_logits.py --model llama3-8b --tokens 4096,16384 --out "$RESULTS"
 stage fwd 60 gpu_fwd.md bash -c "$G/gpu_logits.py --mode fwd --quick --masks 0.125/0 --out '$RESULTS' && \
@@ -89,7 +94,7 @@ stage chunks 50 gpu_linear_chunk_sizes.log bash -c "for mb in rule 256 1024 4096
   if [ \$mb = rule ]; then unset ROBALIGN_CHUNK_MB; else export ROBALIGN_CHUNK_MB=\$mb; fi; \
   $G/gpu_linear.py --quick --masks 0.125/0 --providers matmul_floor_scored,triton --out /tmp/chunks_\$mb | grep -E '^\\| [0-9]'; done"
 stage tests 120 gpu_tests.log $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py \
-  tests/test_one_pass.py \
+  tests/test_one_pass.py tests/test_head_transform.py \
   tests/test_kernel_reliability.py tests/test_property_backends.py tests/test_sync_free.py \
   -k "triton-cuda or torch-cuda or recompile or property or sync" -p no:cacheprovider
 if [[ "$STAGES" == *" charts "* ]]; then

@@ -30,11 +30,14 @@ percentiles in the JSON), ``host_us`` the host time of one call; memory is the p
 above the inputs. A provider that fails is reported as failed, not dropped.
 
     python benchmarks/gpu_linear.py [--quick] [--model NAME] [--mode fwdbwd|fwd] [--masks sweep|P/PAD]
-                                    [--providers a,b] [--out DIR]
+                                    [--providers a,b] [--out DIR] [--softcap C]
 
 ``--mode fwd`` times the forward alone under ``no_grad`` (inputs detached, so no provider takes a
 gradient path; its floor is ``hidden @ Wᵀ``, 2·N·H·V FLOPs); ``--model`` takes H and V from
-benchmarks/shapes.py (default llama3-8b).
+benchmarks/shapes.py (default llama3-8b). ``--softcap C``: a Gemma-style head, logits c·tanh(z/c), in
+every provider that takes one (naive: on the materialised logits; TRL: ``final_logit_softcapping``;
+robalign: ``logit_softcap``; Liger FLCE and CCE: their ``softcap``; Liger's DPO loss has none and
+fails its gate), gated against the float64 reference with the cap.
 """
 
 from __future__ import annotations
@@ -56,15 +59,18 @@ PROVIDERS = ("naive", "naive_compile", "trl_fused", "matmul_floor", "matmul_floo
 LOSS_PROVIDERS = ("recompute", "one_pass")
 
 
-def dora_loss(provider, hidden, weight, labels, ref_logps, backend):
+def dora_loss(provider, hidden, weight, labels, ref_logps, backend, softcap=None):
     """The DoRA loss of the rows as pairs (DPO, KL-DRO λ = 1) by the recompute path or the one-pass op."""
-    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=provider == "one_pass")
+    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=provider == "one_pass",
+                           logit_softcap=softcap)
     return fn(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref_logps).loss
 MASKS = ((0.125, 0.0), (0.0, 0.0), (0.5, 0.0), (0.25, 0.25))
 
 
-def naive(hidden, weight, labels):
+def naive(hidden, weight, labels, softcap=None):
     z = (hidden @ weight.T).float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     return (tok * (labels != -100)).sum(-1)
 
@@ -72,17 +78,17 @@ def naive(hidden, weight, labels):
 naive_compiled = torch.compile(naive, dynamic=True)
 
 
-def per_token_logps(provider, hidden, weight, labels):
+def per_token_logps(provider, hidden, weight, labels, softcap=None):
     """Per-sequence log-probs from a per-token cross-entropy provider (Liger FLCE, CCE)."""
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if provider == "liger_flce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        tok = -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, h, y)
+        tok = -LigerFusedLinearCrossEntropyLoss(reduction="none", softcap=softcap)(weight, h, y)
     else:
         from cut_cross_entropy import linear_cross_entropy
 
-        tok = -linear_cross_entropy(h, weight, y, reduction="none")
+        tok = -linear_cross_entropy(h, weight, y, reduction="none", softcap=softcap)
     return (tok.view(labels.shape).float() * (labels != -100)).sum(-1)
 
 
@@ -101,17 +107,18 @@ def liger_step(hidden, weight, labels, ref_hidden, mode, chunk_size):
     return torch.no_grad()(step) if mode == "fwd" else step
 
 
-def logps_of(provider, hidden, weight, labels):
+def logps_of(provider, hidden, weight, labels, softcap=None):
     if provider in ("naive", "naive_compile"):
-        return (naive if provider == "naive" else naive_compiled)(hidden, weight, labels)
+        return (naive if provider == "naive" else naive_compiled)(hidden, weight, labels, softcap)
     if provider == "trl_fused":
-        return trl_fused_logps(hidden, weight, labels)
+        return trl_fused_logps(hidden, weight, labels, softcap)
     if provider in ("liger_flce", "cce"):
-        return per_token_logps(provider, hidden, weight, labels)
-    return robalign.linear_sequence_logps(hidden, weight, labels, backend=provider)[0]
+        return per_token_logps(provider, hidden, weight, labels, softcap)
+    return robalign.linear_sequence_logps(hidden, weight, labels, backend=provider, logit_softcap=softcap)[0]
 
 
-def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="fwdbwd", masked=0.125, padding=0.0):
+def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="fwdbwd", masked=0.125, padding=0.0,
+             softcap=None):
     torch.manual_seed(0)
     tokens = SEQS * seqlen
     hidden = torch.randn(SEQS, seqlen, hidden_size, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -136,15 +143,17 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
             g = torch.randn(rows, vocab, device=device, dtype=dtype)
             return lambda: (h @ w.T, g @ w, g.T @ h)
         if provider.startswith("liger_dpo"):
+            if softcap is not None:
+                raise ValueError("Liger's DPO loss takes no soft-cap")
             return liger_step(hidden, weight, labels, ref_hidden, mode, int(provider.rsplit("c", 1)[1]))
         if provider in LOSS_PROVIDERS:
             def loss_step():
-                loss = dora_loss(provider, hidden, weight, labels, ref_logps, kernel)
+                loss = dora_loss(provider, hidden, weight, labels, ref_logps, kernel, softcap)
                 return loss if mode == "fwd" else torch.autograd.grad(loss, (hidden, weight))
             return torch.no_grad()(loss_step) if mode == "fwd" else loss_step
 
         def step():
-            logps = logps_of(provider, hidden, weight, labels)
+            logps = logps_of(provider, hidden, weight, labels, softcap)
             if mode == "fwd":
                 return logps
             return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
@@ -157,10 +166,11 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
             return check_loss(provider)
         h = hidden.detach()[:1].clone().requires_grad_(mode == "fwdbwd")
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            logps = logps_of(provider, h, weight.detach(), labels[:1])
+            logps = logps_of(provider, h, weight.detach(), labels[:1], softcap)
             got = (logps,) if mode == "fwd" else (logps, torch.autograd.grad(logps.sum(), h)[0])
         want_h = hidden.detach()[:1].double().requires_grad_(True)
-        want, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:1])
+        want, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:1],
+                                                           logit_softcap=softcap)
         want_all = (want,) if mode == "fwd" else (want, torch.autograd.grad(want.sum(), want_h)[0])
         # bfloat16 head: the logits of a bfloat16 matmul carry ~2⁻⁸ relative error each
         return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
@@ -169,9 +179,9 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
         """The loss and grad_hidden of the first pair against the float64 reference composition."""
         h = hidden.detach()[:2].clone().requires_grad_(mode == "fwdbwd")
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            loss = dora_loss(provider, h, weight.detach(), labels[:2], ref_logps[:2], kernel)
+            loss = dora_loss(provider, h, weight.detach(), labels[:2], ref_logps[:2], kernel, softcap)
             got = (loss,) if mode == "fwd" else (loss, torch.autograd.grad(loss, h)[0])
-        want = reference_dora_dpo(hidden[:2], weight, labels[:2], ref_logps[:2])
+        want = reference_dora_dpo(hidden[:2], weight, labels[:2], ref_logps[:2], softcap=softcap)
         want_all = want[:1] if mode == "fwd" else want[:2]
         return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
 
@@ -185,7 +195,7 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
         if "median_ms" in r:
             r.update({f"vs_{k}": r["median_ms"] / v for k, v in floors.items()})
     return [{"mode": mode, "tokens": tokens, "scored_tokens": scored, "masked": masked, "padding": padding,
-             "hidden": hidden_size, "vocab": vocab, **r} for r in rows]
+             "hidden": hidden_size, "vocab": vocab, "softcap": softcap, **r} for r in rows]
 
 
 def print_table(rows, baseline="trl_fused"):
@@ -216,7 +226,9 @@ def main(argv=None) -> int:
                              "16 × 1024) or one 'PROMPT/PADDING'")
     parser.add_argument("--providers", help="comma-separated subset of the providers")
     parser.add_argument("--out", default="robalign-bench", help="folder for the JSON record (default ./robalign-bench)")
+    parser.add_argument("--softcap", type=float, default=0.0, help="soft-cap c of the logits, c·tanh(z/c) (0: none)")
     args = parser.parse_args(argv)
+    softcap = args.softcap or None
     device = args.device
     (hidden_size, vocab), dtype, seqlens = MODELS[args.model], torch.bfloat16, (512, 1024, 2048)
     if args.quick:
@@ -236,13 +248,15 @@ def main(argv=None) -> int:
         cases = [(n, tuple(float(x) for x in args.masks.split("/"))) for n in seqlens]
     rate = matmul_rate(device)
     rows = [r for n, (masked, padding) in cases
-            for r in run_case(n, device, dtype, rate, hidden_size, vocab, providers, args.mode, masked, padding)]
+            for r in run_case(n, device, dtype, rate, hidden_size, vocab, providers, args.mode, masked, padding, softcap)]
     env = environment(device)
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
           f"{' (dirty)' if env['dirty'] else ''}; measured matmul rate {rate / 1e12:.0f} TFLOP/s; "
-          f"{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}\n")
+          f"{'forward+backward' if args.mode == 'fwdbwd' else 'forward (no_grad)'}"
+          f"{f', soft-capped logits (c = {softcap:g})' if softcap else ''}\n")
     print_table(rows)
-    suffix = ("" if args.model == "llama3-8b" else f"_{args.model}") + ("" if args.mode == "fwdbwd" else "_fwd")
+    suffix = (("" if args.model == "llama3-8b" else f"_{args.model}") + ("" if args.mode == "fwdbwd" else "_fwd")
+              + (f"_softcap{softcap:g}" if softcap else ""))
     path = write_json(Path(args.out), f"gpu_linear_{env['device'].replace(' ', '_')}{suffix}",
                       {"benchmark": "gpu_linear", "mode": args.mode, "model": args.model, **env,
                        "matmul_tflops": rate / 1e12, "rows": rows})

@@ -58,7 +58,7 @@ def test_bfloat16_within_twice_pytorch_error(backend, small_chunks):
         assert err(got[i], want[i]) <= 2 * err(theirs[i], want[i]) + 1e-6, f"output {i}"
 
 
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "torch-cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("one_pass_", [True, False])
 def test_dora_loss_one_pass_and_recompute_with_a_soft_cap(backend, one_pass_, small_chunks):
     """The one-pass fused loss and the recompute path with a soft-capped, scaled head equal the
