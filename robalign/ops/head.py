@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .. import _validation as V
 
-__all__ = ["HeadTransform"]
+__all__ = ["HeadTransform", "scored_logit_chunks"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +88,40 @@ class HeadTransform:
         # ∂z'/∂z = (s/T)·(1 − t²) with t = tanh(s·z/c) = z'·T/c: G = G' − G'·t² (s/T is in the coefficient)
         t2 = z.mul_(self.temperature / self.softcap).square_()
         return grad.addcmul_(grad, t2, value=-1.0)
+
+
+def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hidden: Tensor | None,
+                        head_weight: Tensor | None, head_bias: Tensor | None, transform: HeadTransform | None,
+                        ignore_index: int, chunk_rows: int, float32_head: bool = False):
+    """``(dtype, chunks)``: the dtype of the logits (float32 at least; float64 stays) and an iterator
+    of ``(index, z)`` for chunks of at most ``chunk_rows`` scored tokens of ``labels`` — their rows of
+    ``logits``, or ``hidden @ head_weightᵀ (+ head_bias)`` with the head's ``transform``, so no
+    ``[N, V]`` tensor exists on the hidden-state path. The head's matmul runs in the hidden states'
+    dtype, or in float32 at least with ``float32_head``. The arguments are checked here, before any chunk. For the
+    no-gradient passes over the head (WPO's weights, the logged token statistics)."""
+    if (logits is None) == (hidden is None):
+        V.fail(where, "pass exactly one of `logits` or `hidden` (with `head_weight`)")
+    if hidden is not None and head_weight is None:
+        V.fail(where, "`hidden` needs `head_weight` (the LM head's weight, [V, H])")
+    source = logits if logits is not None else hidden
+    rows = source.reshape(-1, source.shape[-1])
+    flat = labels.reshape(-1)
+    if rows.shape[0] != flat.numel():
+        V.fail(where, f"`labels` ({flat.numel()} tokens) must match the rows of the "
+                      f"{'logits' if logits is not None else 'hidden states'} ({rows.shape[0]})")
+    dtype = torch.promote_types(source.dtype, torch.float32)
+    matmul_dtype = dtype if float32_head else source.dtype
+    weight = None if hidden is None else head_weight.to(matmul_dtype)
+    bias = None if hidden is None or head_bias is None else head_bias.to(matmul_dtype)
+
+    def chunks():
+        for index in (flat != ignore_index).nonzero().squeeze(-1).split(chunk_rows):
+            z = rows[index]
+            if weight is not None:
+                z = z.to(matmul_dtype)
+                z = z @ weight.T if bias is None else torch.addmm(bias, z, weight.T)
+                if transform is not None:
+                    transform.apply_(z)
+            yield index, z.to(dtype)
+
+    return dtype, chunks()

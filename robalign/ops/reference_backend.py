@@ -22,7 +22,5 @@ def sequence_logps_with_ref(logits, ref_logits, labels, *, ignore_index, cu_seql
 
 def linear_sequence_logps(hidden, weight, labels, *, bias, ignore_index, cu_seqlens, kernel="reference",
                           transform=None):
-    scale, softcap, temperature = (1.0, 0.0, 1.0) if transform is None else transform.args
     return reference.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                           cu_seqlens=cu_seqlens, logit_scale=scale,
-                                           logit_softcap=softcap or None, logit_temperature=temperature)
+                                           cu_seqlens=cu_seqlens, **({} if transform is None else transform.kwargs))

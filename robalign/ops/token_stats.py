@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validation as V
 from ..reference.logps import sequence_index
-from .head import HeadTransform
+from .head import HeadTransform, scored_logit_chunks
 
 __all__ = ["token_stats"]
 
@@ -30,31 +29,17 @@ def token_stats(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hid
     ``[N]`` with ``cu_seqlens``) under ``logits`` (``[S, T, V]`` / ``[N, V]``) or ``hidden`` with
     ``head_weight`` ``[V, H]`` (``head_bias``, ``transform``)."""
     where = "robalign.ops.token_stats"
-    if (logits is None) == (hidden is None):
-        V.fail(where, "pass exactly one of `logits` or `hidden` (with `head_weight`)")
-    if hidden is not None and head_weight is None:
-        V.fail(where, "`hidden` needs `head_weight` (the LM head's weight, [V, H])")
-    source = logits if logits is not None else hidden
-    rows = source.reshape(-1, source.shape[-1])
-    flat = labels.reshape(-1)
-    if rows.shape[0] != flat.numel():
-        V.fail(where, f"`labels` ({flat.numel()} tokens) must match the rows of the "
-                      f"{'logits' if logits is not None else 'hidden states'} ({rows.shape[0]})")
+    dtype, chunks = scored_logit_chunks(where, labels, logits=logits, hidden=hidden, head_weight=head_weight,
+                                        head_bias=head_bias, transform=transform, ignore_index=ignore_index,
+                                        chunk_rows=chunk_rows)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
-    dtype = torch.promote_types(source.dtype, torch.float32)
-    entropy = torch.zeros(num_seqs, dtype=torch.float64, device=source.device)
+    entropy = torch.zeros(num_seqs, dtype=torch.float64, device=labels.device)
     mean_logit = torch.zeros_like(entropy)
-    scored = flat != ignore_index
-    for index in scored.nonzero().squeeze(-1).split(chunk_rows):
-        z = rows[index]
-        if logits is None:
-            z = z @ head_weight.T if head_bias is None else torch.addmm(head_bias, z, head_weight.T)
-            if transform is not None:
-                transform.apply_(z)
-        z = z.to(dtype)
+    for index, z in chunks:
         lse = torch.logsumexp(z, -1)
         h = lse - (torch.softmax(z, -1) * z).sum(-1)
         entropy.index_add_(0, seq_idx[index], h.double())
         mean_logit.index_add_(0, seq_idx[index], z.mean(-1).double())
-    counts = torch.zeros(num_seqs, dtype=torch.int64, device=source.device).index_add_(0, seq_idx, scored.long())
+    scored = labels.reshape(-1) != ignore_index
+    counts = torch.zeros(num_seqs, dtype=torch.int64, device=labels.device).index_add_(0, seq_idx, scored.long())
     return entropy.float(), mean_logit.float(), counts

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from .head import HeadTransform
+from .head import HeadTransform, scored_logit_chunks
 
 __all__ = ["wpo_weights"]
 
@@ -28,31 +28,16 @@ def wpo_weights(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hid
     ``logits`` ``[S, T, V]`` or ``hidden`` ``[S, T, H]`` with ``head_weight`` ``[V, H]`` (and
     ``head_bias`` ``[V]``, and the head's logit ``transform``, :mod:`robalign.ops.head`)."""
     where = "robalign.ops.wpo_weights"
-    if (logits is None) == (hidden is None):
-        V.fail(where, "pass exactly one of `logits` or `hidden` (with `head_weight`)")
-    if hidden is not None and head_weight is None:
-        V.fail(where, "`hidden` needs `head_weight` (the LM head's weight, [V, H])")
     V.check_tensor(where, "labels", labels, ndim=2, integer=True)
-    source = logits if logits is not None else hidden
-    if tuple(source.shape[:2]) != tuple(labels.shape):
-        V.fail(where, f"`labels` {tuple(labels.shape)} must match the first two dimensions of the "
-                      f"{'logits' if logits is not None else 'hidden states'} {tuple(source.shape[:2])}")
+    dtype, chunks = scored_logit_chunks(where, labels, logits=logits, hidden=hidden, head_weight=head_weight,
+                                        head_bias=head_bias, transform=transform, ignore_index=ignore_index,
+                                        chunk_rows=chunk_rows, float32_head=True)
     s, t = labels.shape
     flat_labels = labels.reshape(-1)
-    scored = flat_labels != ignore_index
-    rows = source.reshape(s * t, -1)
-    dtype = torch.promote_types(source.dtype, torch.float32)          # float32 at least; float64 stays
-    aligned = torch.zeros(s * t, dtype=dtype, device=source.device)
-    weight = None if logits is not None else head_weight.to(dtype)
-    bias = None if head_bias is None or logits is not None else head_bias.to(dtype)
-    for index in scored.nonzero().squeeze(-1).split(chunk_rows):       # the scored rows only, in chunks
-        z = rows[index].to(dtype)
-        if weight is not None:
-            z = z @ weight.T if bias is None else torch.addmm(bias, z, weight.T)
-            if transform is not None:
-                transform.apply_(z)
+    aligned = torch.zeros(s * t, dtype=dtype, device=labels.device)
+    for index, z in chunks:                                           # the scored rows only, in chunks
         target = z.gather(-1, flat_labels[index].unsqueeze(-1)).squeeze(-1)
         aligned[index] = target + torch.logsumexp(z, -1) - torch.logsumexp(2 * z, -1)
     per_sequence = aligned.view(s, t).sum(-1)
-    counts = scored.view(s, t).sum(-1).clamp(min=1)
+    counts = (flat_labels != ignore_index).view(s, t).sum(-1).clamp(min=1)
     return torch.exp(per_sequence / counts)
