@@ -397,12 +397,7 @@ class DoRALoss(nn.Module):
         if num_seqs % k:
             V.fail(where, f"`group_size`={k} must divide the number of sequences, got {num_seqs}")
         self._check_group_ids(where, group_ids, num_seqs // k)
-        if self.needs_reference:
-            self._check_ref_logps(where, ref_logps, num_seqs)
-        elif self.reference_free:
-            ref_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
-        else:
-            ref_logps = None                    # a reference-free objective reads none
+        ref_logps = self._reference(where, ref_logps, num_seqs, torch.float32, hidden.device)
         scores_g = self._scores(where, scores, num_seqs, torch.float32)
         sample_weights = self._weights(where, probs, weights, num_seqs,
                                        torch.empty(num_seqs // k, dtype=torch.float32, device=hidden.device))
@@ -410,14 +405,14 @@ class DoRALoss(nn.Module):
             sample_weights = sample_weights * extra.to(sample_weights)
         need = (hidden.requires_grad, head_weight.requires_grad, head_bias is not None and head_bias.requires_grad)
         # KTO's r − z₀ is the log-ratio against the reference shifted by z₀ (a constant of the step)
-        shifted_ref = None if ref_logps is None else ref_logps if kl is None else ref_logps.detach() + kl
+        shifted_ref = ref_logps if kl is None else ref_logps + kl      # KTO needs a reference
         logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
             hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
             ref_logps=shifted_ref, sample_weights=sample_weights,
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
             hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
             fp32_grad_weight=self.fp32_head_grad, transform=self.head_transform)
-        logratios = None if ref_logps is None else logps - ref_logps.detach().to(logps.dtype)
+        logratios = None if ref_logps is None else logps - ref_logps
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         if accumulator is not None:
             kappa = accumulator.gradient_scale(losses, sample_weights, shift)
@@ -452,19 +447,11 @@ class DoRALoss(nn.Module):
             if counts.shape[0] != num_seqs:
                 V.fail(where, f"`counts` must be [S] = [{num_seqs}] like `policy_logps`, got {tuple(counts.shape)}")
 
-        logratios = None
-        if self.needs_reference:
-            self._check_ref_logps(where, ref_logps, num_seqs)
-            ref_logps = ref_logps.detach().to(policy_logps.dtype)
-            logratios = policy_logps - ref_logps
-        elif self.reference_free:
-            if ref_logps is not None:
-                V.fail(where, "this loss is `reference_free`: pass no `ref_logps`")
-            ref_logps = torch.zeros_like(policy_logps.detach())
-            logratios = policy_logps - ref_logps
+        ref_logps = self._reference(where, ref_logps, num_seqs, policy_logps.dtype, policy_logps.device)
+        logratios = None if ref_logps is None else policy_logps - ref_logps
 
         grouped = policy_logps.reshape(num_samples, k)
-        ref_grouped = None if logratios is None else ref_logps.reshape(num_samples, k)
+        ref_grouped = None if ref_logps is None else ref_logps.reshape(num_samples, k)
         counts_g = None if counts is None else counts.reshape(num_samples, k)
         scores_g = self._scores(where, scores, num_seqs, policy_logps.dtype)
         kl = self._kl(where, kl_logps, kl_ref_logps)
@@ -477,6 +464,18 @@ class DoRALoss(nn.Module):
 
         return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
                            **self._rewards(policy_logps, logratios, counts, scores_g, kl), group_ids=group_ids, kl=kl)
+
+    def _reference(self, where, ref_logps, num_seqs, dtype, device):
+        """The reference log-probs ``[S]`` the objective reads, detached, in ``dtype``: the given ones
+        (checked), zeros with ``reference_free``, ``None`` for an objective without a reference."""
+        if self.needs_reference:
+            self._check_ref_logps(where, ref_logps, num_seqs)
+            return ref_logps.detach().to(dtype)
+        if not self.reference_free:
+            return None
+        if ref_logps is not None:
+            V.fail(where, "this loss is `reference_free`: pass no `ref_logps`")
+        return torch.zeros(num_seqs, dtype=dtype, device=device)
 
     def _scores(self, where, scores, num_seqs, dtype):
         """``scores`` as ``[B, K]`` in ``dtype``, checked (finite; 0/1 labels for unpaired data)."""
