@@ -76,11 +76,12 @@ def _objective_hparam(value: str) -> tuple[str, float]:
     """``NAME=VALUE`` with a number for VALUE (its range is the settings check's)."""
     name, sep, number = value.partition("=")
     try:
-        if not sep or not name.strip():
-            raise ValueError
-        return name.strip(), float(number)
+        number = float(number)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER (e.g. label_smoothing=0.1), got {value!r}") from None
+        sep = ""
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER (e.g. label_smoothing=0.1), got {value!r}")
+    return name.strip(), number
 
 
 def _existing_file(value: str) -> Path:

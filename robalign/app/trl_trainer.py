@@ -169,6 +169,19 @@ class _TRLBridge:
     def compute_reference_logps(self, *args, **kwargs) -> None:
         """TRL provides the reference log-probs (its precomputation, or its reference model)."""
 
+    def _finish_batch(self, batch, inputs):
+        """A converted batch with the weights column (one weight per sample, or the mean of one per
+        response), one entry per row (``group_size`` rows a sample), packed when ``padding_free``."""
+        weights = inputs.get("dora_weights")
+        if weights is not None:
+            per_sample = weights if weights.dim() == 1 else weights.mean(-1)
+            batch["weights"] = per_sample.repeat_interleave(self.group_size)
+        if self.dora.padding_free:
+            batch = pack_padded(batch)
+            if "kl_input_ids" in batch:
+                batch = pack_padded(batch, "kl_")
+        return batch
+
     @torch.no_grad()
     def _reference_logps(self, batch):
         if self.ref_model is not None:
@@ -218,11 +231,7 @@ class DoRADPOTrainer(_TRLBridge, DoRATrainer, DPOTrainer):
                 batch["ref_logps"] = pairs_to_group_major(ref)
             else:
                 batch["ref_logps"] = self._reference_logps(batch)
-        weights = inputs.get("dora_weights")
-        if weights is not None:
-            per_sample = weights if weights.dim() == 1 else weights.mean(-1)
-            batch["weights"] = per_sample.repeat_interleave(2)
-        return pack_padded(batch) if self.dora.padding_free else batch
+        return self._finish_batch(batch, inputs)
 
 
 class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
@@ -268,14 +277,7 @@ class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
         if self.loss_fn.needs_kl:
             batch["kl_ref_logps"] = (inputs["ref_KL_logps"] if "ref_KL_logps" in inputs
                                      else self._reference_logps(mismatched_batch(batch)))
-        weights = inputs.get("dora_weights")
-        if weights is not None:
-            batch["weights"] = weights if weights.dim() == 1 else weights.mean(-1)
-        if self.dora.padding_free:
-            batch = pack_padded(batch)
-            if "kl_input_ids" in batch:
-                batch = pack_padded(batch, "kl_")
-        return batch
+        return self._finish_batch(batch, inputs)
 
 
 # -- CPO and ORPO (trl.experimental): reference-free, TRL's chosen_*/rejected_* batches ----------------
@@ -327,11 +329,7 @@ class _PairsBridge(_TRLBridge):
         inputs = super()._prepare_inputs(inputs)
         if "chosen_input_ids" not in inputs:
             return inputs
-        batch = _pairs_batch(inputs, self._pad_id)
-        weights = inputs.get("dora_weights")
-        if weights is not None:
-            batch["weights"] = (weights if weights.dim() == 1 else weights.mean(-1)).repeat_interleave(2)
-        return pack_padded(batch) if self.dora.padding_free else batch
+        return self._finish_batch(_pairs_batch(inputs, self._pad_id), inputs)
 
 
 @dataclass
