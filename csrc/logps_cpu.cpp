@@ -6,6 +6,12 @@
 // leading strides are free, so padded [S, T, V] logits, packed [N, V] logits (B = 1) and
 // strided views such as logits[:, :-1] are all read in place. Row n is (n / T, n % T).
 // Ignored rows (label == ignore_index) are never read.
+//
+// Both kernels take the LM head's logit transform, applied to each element as it is read, in
+// float32 (robalign/ops/head.py): z' = cap * tanh(scale * z / cap), or scale * z when cap == 0.
+// The forward's lse and target are those of z'; the backward's gradient is with respect to the raw
+// z: coeff * (onehot - softmax(z')) * dz'/dz, dz'/dz = scale * (1 - tanh^2) (scale without a cap).
+// With the identity (scale 1, cap 0) the kernels read the logits as they are.
 
 #include <torch/extension.h>
 
@@ -57,6 +63,34 @@ const float* as_float(const scalar_t* row, int64_t V, std::vector<float>& buffer
   }
 }
 
+// The head's logit transform z' = cap * tanh(scale * z / cap) (scale * z when cap == 0).
+struct Transform {
+  float scale, cap;
+  bool identity() const { return scale == 1.f && cap == 0.f; }
+  float value(float z) const { return cap != 0.f ? cap * std::tanh(z * (scale / cap)) : scale * z; }
+  // dz'/dz
+  float slope(float z) const {
+    if (cap == 0.f) return scale;
+    const float t = std::tanh(z * (scale / cap));
+    return scale * (1.f - t * t);
+  }
+};
+
+// The transformed float32 row: the row itself for float32 under the identity, else a thread-local copy.
+template <typename scalar_t>
+const float* transformed(const scalar_t* row, int64_t V, const Transform& f, std::vector<float>& buffer) {
+  if (f.identity()) return as_float(row, V, buffer);
+  const float* x = as_float(row, V, buffer);  // the row itself for float32, else converted into buffer
+  buffer.resize(V);
+  const float a = f.cap != 0.f ? f.scale / f.cap : 0.f;
+  if (f.cap != 0.f) {
+    at::vec::map([a, c = f.cap](Vec v) { return Vec(c) * (v * Vec(a)).tanh(); }, buffer.data(), x, V);
+  } else {
+    at::vec::map([k = f.scale](Vec v) { return Vec(k) * v; }, buffer.data(), x, V);
+  }
+  return buffer.data();
+}
+
 float row_logsumexp(const float* x, int64_t V) {
   const float max = at::vec::reduce_all<float>(
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, V);
@@ -77,12 +111,14 @@ int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int6
 
 }  // namespace
 
-// Forward: lse[n] = logsumexp_v z[n, v] and target[n] = z[n, y_n] for every scored row n of
-// the [B, T, V] view; both 0 for ignored rows. Also the per-chunk helper of the fused linear
-// CPU path (call it on a [1, C, V] chunk of logits).
-std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor& labels, int64_t ignore_index) {
+// Forward: lse[n] = logsumexp_v z'[n, v] and target[n] = z'[n, y_n] for every scored row n of
+// the [B, T, V] view (z' the transformed logits; z' = z by default); both 0 for ignored rows. Also
+// the per-chunk helper of the fused linear CPU path (call it on a [1, C, V] chunk of logits).
+std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor& labels, int64_t ignore_index,
+                                           double scale, double softcap) {
   TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1, "rows_lse_target: logits must be [B, T, V] with a contiguous last dimension");
   const Rows r = rows_of(logits3d);
+  const Transform f{static_cast<float>(scale), static_cast<float>(softcap)};
   const int64_t N = logits3d.size(0) * r.T;
   auto labels_c = labels.reshape({N}).to(at::kLong).contiguous();
   auto opts = logits3d.options().dtype(at::kFloat);
@@ -97,25 +133,28 @@ std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor&
       std::vector<float> buffer;
       for (int64_t n = begin; n < end; ++n) {
         if (y[n] == ignore_index) continue;
-        const scalar_t* row = r.row(base, n);
-        p_lse[n] = row_logsumexp(as_float(row, r.V, buffer), r.V);
+        const float* x = transformed(r.row(base, n), r.V, f, buffer);
+        p_lse[n] = row_logsumexp(x, r.V);
         // a label outside [0, V) (queued as an error by a lazy value check) is never read: NaN
-        p_tgt[n] = (y[n] >= 0 && y[n] < r.V) ? static_cast<float>(row[y[n]]) : std::nanf("");
+        p_tgt[n] = (y[n] >= 0 && y[n] < r.V) ? x[y[n]] : std::nanf("");
       }
     });
   });
   return {lse, target};
 }
 
-// Backward: out[n, v] = coeff[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n])), 0 on ignored rows.
-// `out` is a [B, T, V] view with a contiguous last dimension; it may be the logits themselves
-// (in-place backward): each row is read whole before it is written.
+// Backward: out[n, v] = coeff[n] * (onehot(y_n)[v] - exp(z'[n, v] - lse[n])) * dz'/dz, 0 on ignored
+// rows: the gradient with respect to the raw logits z. `out` is a [B, T, V] view with a contiguous
+// last dimension; it may be the logits themselves (in-place backward): each element is read before
+// it is written, and the label's logit before the row.
 void rows_softmax_grad(const Tensor& logits3d, const Tensor& labels, const Tensor& lse, const Tensor& coeff,
-                       int64_t ignore_index, Tensor& out3d) {
+                       int64_t ignore_index, Tensor& out3d, double scale, double softcap) {
   TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1 && out3d.stride(2) == 1, "rows_softmax_grad: rows must be contiguous");
   TORCH_CHECK(out3d.scalar_type() == logits3d.scalar_type() && out3d.sizes() == logits3d.sizes(), "rows_softmax_grad: out must match logits");
   const Rows r = rows_of(logits3d);
   const Rows ro = rows_of(out3d);
+  const Transform f{static_cast<float>(scale), static_cast<float>(softcap)};
+  const float a = f.cap != 0.f ? f.scale / f.cap : 0.f;
   const int64_t N = logits3d.size(0) * r.T;
   auto labels_c = labels.reshape({N}).to(at::kLong).contiguous();
   auto lse_c = lse.to(at::kFloat).contiguous();
@@ -141,23 +180,33 @@ void rows_softmax_grad(const Tensor& logits3d, const Tensor& labels, const Tenso
           std::fill(out, out + r.V, scalar_t(std::nanf("")));
           continue;
         }
+        const float z_y = static_cast<float>(row[y[n]]);  // read before an in-place write covers it
         if (!std::isfinite(lse_n)) {
           // A NaN or infinite logit: exp_u20 is exact only for finite arguments, so take the
           // reference's limits with std::exp (exp(x - inf) = 0, exp(inf - inf) = exp(NaN) = NaN).
           for (int64_t v = 0; v < r.V; ++v) {
             const float x = static_cast<float>(row[v]);
-            out[v] = static_cast<scalar_t>(g * ((v == y[n] ? 1.f : 0.f) - std::exp(x - lse_n)));
+            out[v] = static_cast<scalar_t>(g * ((v == y[n] ? 1.f : 0.f) - std::exp(f.value(x) - lse_n)) * f.slope(x));
           }
           continue;
         }
+        // -g * exp(z' - lse) * dz'/dz for every v; the label's g * dz'/dz is added after
+        auto grad = [g, lse_n, a, &f](Vec x) {
+          if (f.cap != 0.f) {
+            const Vec t = (x * Vec(a)).tanh();
+            return Vec(-g * f.scale) * (t * Vec(f.cap) - Vec(lse_n)).exp_u20() * (Vec(1.f) - t * t);
+          }
+          return Vec(-g * f.scale) * (x * Vec(f.scale) - Vec(lse_n)).exp_u20();
+        };
+        const float onehot = g * f.slope(z_y);
         if constexpr (std::is_same_v<scalar_t, float>) {
-          at::vec::map([g, lse_n](Vec x) { return Vec(-g) * (x - Vec(lse_n)).exp_u20(); }, out, row, r.V);
-          out[y[n]] += g;
+          at::vec::map(grad, out, row, r.V);
+          out[y[n]] += onehot;
         } else {
           const float* x = as_float(row, r.V, in_buffer);
           out_buffer.resize(r.V);
-          at::vec::map([g, lse_n](Vec v) { return Vec(-g) * (v - Vec(lse_n)).exp_u20(); }, out_buffer.data(), x, r.V);
-          out_buffer[y[n]] += g;
+          at::vec::map(grad, out_buffer.data(), x, r.V);
+          out_buffer[y[n]] += onehot;
           at::vec::convert(out_buffer.data(), out, r.V);
         }
       }
@@ -186,7 +235,10 @@ Tensor empty_huge_like(const Tensor& like) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "robalign C++ CPU kernels (see csrc/logps_cpu.cpp)";
-  m.def("rows_lse_target", &rows_lse_target, "per-row logsumexp and label logit of [B, T, V] logits");
-  m.def("rows_softmax_grad", &rows_softmax_grad, "coeff * (onehot - softmax) per row, into out (may alias logits)");
+  m.def("rows_lse_target", &rows_lse_target, "per-row logsumexp and label logit of [B, T, V] (transformed) logits",
+        py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
+  m.def("rows_softmax_grad", &rows_softmax_grad, "coeff * (onehot - softmax) * dz'/dz per row, into out (may alias logits)",
+        py::arg("logits3d"), py::arg("labels"), py::arg("lse"), py::arg("coeff"), py::arg("ignore_index"), py::arg("out3d"),
+        py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
   m.def("empty_huge_like", &empty_huge_like, "uninitialised contiguous tensor like `like`, on huge pages when large");
 }

@@ -4,6 +4,13 @@
                                   (HAS_REF: also the reference model's token log-prob)
     _rows_softmax_grad_bwd_kernel out[n, v] = coeff[n]·(onehot(y_n)[v] − exp(z[n, v] − lse[n]))
 
+Both take the LM head's logit transform (:mod:`robalign.ops.head`), applied in float32 to each
+element as it is loaded: z' = cap·tanh(scale·z/cap), or scale·z without a cap (``TRANSFORM`` 2 or 1;
+0, the identity, reads the logits as they are). The forward's lse and target are those of z', the
+backward's gradient is with respect to the raw z: ``coeff·(onehot − softmax(z'))·dz'/dz`` with
+``dz'/dz = scale·(1 − tanh²)``. So the fused linear path hands the kernels its raw chunk of logits
+and no ``[C, V]`` pass or buffer is spent on the transform.
+
 Rows are addressed through a ``[B, T, V]`` view with a contiguous last dimension and free
 leading strides (row n is (n // T, n % T)), so padded, packed and strided inputs are read in
 place. Labels are ``[N]`` contiguous integers, label n at ``p_labels + n``: the op boundary
@@ -54,15 +61,45 @@ def _cast_rtne(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _row_lse_target(p_row, label, scored, V, BLOCK_V: tl.constexpr):
-    """Online logsumexp of one row and its label logit, in float32; ``(0, 0)`` when not scored
-    (the loop then runs zero times: the row is not read)."""
+def _tanh(x):
+    """tanh in float32 from ``exp`` alone (the interpreter has no libdevice), to a few ulp: below
+    |x| = 0.3 its odd Taylor polynomial to x¹¹ (the first omitted term is < 2e-9 relative there),
+    above it (1 − e)/(1 + e) with e = exp(−2|x|), where 1 − e > 0.45 cancels nothing."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    x2 = x * x
+    small = a * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835
+                                                                                 + x2 * (-1382.0 / 155925))))))
+    t = tl.where(a < 0.3, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _transform(b_z, scale, cap_in, cap, TRANSFORM: tl.constexpr):
+    """``(z', dz'/dz)`` of the head's transform: ``cap·tanh(cap_in·z)`` (cap_in = scale/cap) for
+    ``TRANSFORM`` 2, ``scale·z`` for 1, ``z`` for 0."""
+    if TRANSFORM == 2:
+        t = _tanh(b_z * cap_in)
+        return cap * t, scale * (1.0 - t * t)
+    elif TRANSFORM == 1:
+        return scale * b_z, scale
+    else:
+        return b_z, 1.0
+
+
+@triton.jit
+def _row_lse_target(p_row, label, scored, V, scale, cap_in, cap, BLOCK_V: tl.constexpr, TRANSFORM: tl.constexpr):
+    """Online logsumexp of one (transformed) row and its label logit, in float32; ``(0, 0)`` when
+    not scored (the loop then runs zero times: the row is not read)."""
     v_end = tl.where(scored, V, 0)
     b_max = -float("inf")
     b_sum = 0.0
     for v0 in range(0, v_end, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         b_z = tl.load(p_row + o_v, mask=o_v < V, other=-float("inf")).to(tl.float32)   # [BV]
+        if TRANSFORM != 0:                                  # the lanes past V stay -inf
+            b_zt, _ = _transform(b_z, scale, cap_in, cap, TRANSFORM)
+            b_z = tl.where(o_v < V, b_zt, -float("inf"))
         new_max = tl.maximum(b_max, tl.max(b_z, axis=0))
         # an infinite running maximum (a block all -inf, or a +inf logit) is no shift: exp(-inf - -inf)
         # would be NaN; with the shift 0 a -inf block adds 0 and a +inf logit makes the sum +inf
@@ -76,7 +113,8 @@ def _row_lse_target(p_row, label, scored, V, BLOCK_V: tl.constexpr):
     # a label outside [0, V) (queued as an error by a lazy value check) is never read: NaN
     in_range = (label >= 0) & (label < V)
     b_target = tl.load(p_row + tl.where(scored & in_range, label, 0), mask=scored & in_range, other=0.0)
-    b_target = tl.where(scored & ~in_range, float("nan"), b_target.to(tl.float32))
+    b_target, _ = _transform(b_target.to(tl.float32), scale, cap_in, cap, TRANSFORM)
+    b_target = tl.where(scored & ~in_range, float("nan"), b_target)
     return b_lse, b_target
 
 
@@ -84,26 +122,28 @@ def _row_lse_target(p_row, label, scored, V, BLOCK_V: tl.constexpr):
 @triton.jit(do_not_specialize=["T", "ignore_index"])
 def _rows_lse_target_fwd_kernel(
     p_logits, p_ref, p_labels, p_lse, p_target, p_ref_logp,
-    T, V, stride_b, stride_t, ref_stride_b, ref_stride_t, ignore_index,
-    BLOCK_V: tl.constexpr, HAS_REF: tl.constexpr,
+    T, V, stride_b, stride_t, ref_stride_b, ref_stride_t, ignore_index, scale, cap_in, cap,
+    BLOCK_V: tl.constexpr, HAS_REF: tl.constexpr, TRANSFORM: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     i_b, i_t = i_n // T, i_n % T
     label = tl.load(p_labels + i_n).to(tl.int64)
     scored = label != ignore_index
-    b_lse, b_target = _row_lse_target(p_logits + i_b * stride_b + i_t * stride_t, label, scored, V, BLOCK_V)
+    b_lse, b_target = _row_lse_target(p_logits + i_b * stride_b + i_t * stride_t, label, scored, V, scale, cap_in, cap,
+                                      BLOCK_V, TRANSFORM)
     tl.store(p_lse + i_n, b_lse)
     tl.store(p_target + i_n, b_target)
     if HAS_REF:
-        r_lse, r_target = _row_lse_target(p_ref + i_b * ref_stride_b + i_t * ref_stride_t, label, scored, V, BLOCK_V)
+        r_lse, r_target = _row_lse_target(p_ref + i_b * ref_stride_b + i_t * ref_stride_t, label, scored, V, scale,
+                                          cap_in, cap, BLOCK_V, TRANSFORM)
         tl.store(p_ref_logp + i_n, r_target - r_lse)
 
 
 @triton.jit(do_not_specialize=["T", "ignore_index"])
 def _rows_softmax_grad_bwd_kernel(
     p_logits, p_labels, p_lse, p_coeff, p_out,
-    T, V, stride_b, stride_t, out_stride_b, out_stride_t, ignore_index,
-    BLOCK_V: tl.constexpr,
+    T, V, stride_b, stride_t, out_stride_b, out_stride_t, ignore_index, scale, cap_in, cap,
+    BLOCK_V: tl.constexpr, TRANSFORM: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     i_b, i_t = i_n // T, i_n % T
@@ -117,14 +157,27 @@ def _rows_softmax_grad_bwd_kernel(
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         b_z = tl.load(p_row + o_v, mask=o_v < v_read, other=-float("inf")).to(tl.float32)  # [BV]
-        b_grad = g * (tl.where(o_v == label, 1.0, 0.0) - tl.exp(b_z - b_lse))
+        if TRANSFORM == 0:
+            b_grad = g * (tl.where(o_v == label, 1.0, 0.0) - tl.exp(b_z - b_lse))
+        else:                                               # masked lanes: z' finite or -inf, slope finite
+            b_zt, b_slope = _transform(b_z, scale, cap_in, cap, TRANSFORM)
+            b_grad = g * (tl.where(o_v == label, 1.0, 0.0) - tl.exp(b_zt - b_lse)) * b_slope
         tl.store(p_out_row + o_v, _cast_rtne(b_grad, p_out.dtype.element_ty), mask=m_v)
 
 
-def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: int, ref3d=None):
+def _transform_args(scale: float, softcap: float) -> dict:
+    """The kernels' transform arguments: ``TRANSFORM`` 2 (a soft-cap), 1 (a scale) or 0 (identity)."""
+    kind = 2 if softcap else 1 if scale != 1.0 else 0
+    return dict(scale=float(scale), cap_in=float(scale / softcap) if softcap else 0.0, cap=float(softcap),
+                TRANSFORM=kind)
+
+
+def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: int, ref3d=None, *,
+                    scale: float = 1.0, softcap: float = 0.0):
     """``(lse [N], target [N], ref_token_logps [N] or None)`` in float32 for the ``[B, T, V]``
-    view ``logits3d``; with ``ref3d`` (a view of the same shape) the reference model's token
-    log-probs come from the same launch (0 on ignored rows)."""
+    view ``logits3d`` transformed by ``z' = softcap·tanh(scale·z/softcap)`` (``scale·z`` for
+    ``softcap`` 0); with ``ref3d`` (a view of the same shape, the same transform) the reference
+    model's token log-probs come from the same launch (0 on ignored rows)."""
     b, t, v = logits3d.shape
     n = b * t
     new = lambda: torch.empty(n, dtype=torch.float32, device=logits3d.device)
@@ -135,12 +188,14 @@ def rows_lse_target(logits3d: torch.Tensor, labels: torch.Tensor, ignore_index: 
     ref_strides = (0, 0) if ref3d is None else (ref3d.stride(0), ref3d.stride(1))
     _rows_lse_target_fwd_kernel[(n,)](
         logits3d, ref3d, labels, lse, target, ref_logp, t, v, logits3d.stride(0), logits3d.stride(1),
-        *ref_strides, ignore_index, BLOCK_V=block, num_warps=warps)
+        *ref_strides, ignore_index, **_transform_args(scale, softcap), BLOCK_V=block, num_warps=warps)
     return lse, target, ref_logp
 
 
-def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d) -> None:
-    """Write ``coeff·(onehot − softmax)`` into ``out3d`` (may be ``logits3d`` itself)."""
+def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d, *, scale: float = 1.0,
+                      softcap: float = 0.0) -> None:
+    """Write ``coeff·(onehot − softmax(z'))·dz'/dz`` (the transform as in :func:`rows_lse_target`)
+    into ``out3d`` (may be ``logits3d`` itself)."""
     b, t, v = logits3d.shape
     n = b * t
     if n == 0:
@@ -149,7 +204,7 @@ def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d) ->
     _rows_softmax_grad_bwd_kernel[(n,)](
         logits3d, labels, lse, coeff.float().contiguous(), out3d, t, v,
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), ignore_index,
-        BLOCK_V=block, num_warps=warps)
+        **_transform_args(scale, softcap), BLOCK_V=block, num_warps=warps)
 
 
 def empty_grad_like(logits: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ and Hugging Face models that transform their logits, on the trainer's fused path
 
 Tolerances as in test_linear_backends: float32 1e-5 relative (the transform adds a few float32
 roundings per logit, far below the matmul's); bfloat16 within twice the error of PyTorch doing the
-same in bfloat16 (the transform runs in the logits' dtype there too, as the models run it).
+same in bfloat16, as the models run it (the row kernels apply the transform in float32, so they are
+nearer the float64 value than that).
 """
 
 import pytest
@@ -39,6 +40,63 @@ def test_float32_forward_and_all_gradients(backend, transform, small_chunks):
     assert_close(got, want)
     plain = ref_run(*args, coeff)
     assert (want[0] - plain[0]).abs().max() > 1e-2                   # the transform changes the result
+
+
+KERNEL_TRANSFORMS = [pytest.param(dict(scale=0.7, softcap=2.0), id="softcap"),
+                     pytest.param(dict(scale=1.0, softcap=30.0), id="gemma-cap"),
+                     pytest.param(dict(scale=1.3, softcap=0.0), id="scale")]
+
+
+def _rows(backend):
+    from robalign.ops.registry import get
+
+    return get(backend[0]).load_rows()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", KERNEL_TRANSFORMS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_row_kernels_apply_the_transform(backend, transform, inplace):
+    """The row kernels' own transform (what the fused paths hand them: raw logits, ``scale``,
+    ``softcap``) on a strided ``[B, T, V]`` view with V one past a Triton block (a masked tail that
+    must stay −inf after the transform), an ignored row, ±inf logits (finite once capped) and a NaN
+    row: lse, label logit and the gradient with respect to the raw logits, against float64 autograd."""
+    scale, cap = transform["scale"], transform["softcap"]
+    gen = torch.Generator().manual_seed(3)
+    v = 4097
+    base = torch.randn(2, 4, v, generator=gen) * 6
+    base[0, 1, 5], base[1, 0, 7] = float("inf"), -float("inf")
+    logits = base[:, :-1]                                              # [2, 3, V], strided rows
+    labels = torch.randint(v, (6,), generator=gen)
+    labels[2] = -100
+    if cap:
+        logits[1, 2, 11] = float("nan")
+    coeff = torch.randn(6, generator=gen)
+    z = logits.double().requires_grad_(True)
+    zt = cap * torch.tanh(scale * z / cap) if cap else scale * z
+    flat = zt.reshape(6, v)
+    keep = labels != -100
+    lse_want = torch.where(keep, torch.logsumexp(flat, -1), 0.0)
+    tgt_want = torch.where(keep, flat.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    torch.where(keep, (tgt_want - lse_want) * coeff.double(), 0.0).nansum().backward()
+
+    name, device = backend
+    rows = _rows(backend)
+    x = logits.clone().to(device) if inplace else logits.to(device)
+    lse, target, _ = rows.rows_lse_target(x, labels.to(device), -100, scale=scale, softcap=cap)
+    out = x if inplace else torch.empty_like(x)
+    rows.rows_softmax_grad(x, labels.to(device), lse, coeff.to(device), -100, out, scale=scale, softcap=cap)
+    finite = torch.isfinite(lse_want)
+    assert torch.equal(finite, torch.isfinite(lse.cpu())), "the same rows are finite"
+    torch.testing.assert_close(lse.cpu().double()[finite], lse_want.detach()[finite], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(target.cpu().double()[finite], tgt_want.detach()[finite], rtol=1e-6, atol=1e-5)
+    g = out.cpu().double().reshape(6, v)
+    want = z.grad.reshape(6, v)
+    rows_ok = finite & keep
+    torch.testing.assert_close(g[rows_ok], want[rows_ok], rtol=1e-5, atol=1e-6)
+    assert (g[~keep] == 0).all()
+    if cap:                                                            # a NaN logit: that row is NaN
+        assert torch.isnan(lse[5]) and torch.isnan(g[5]).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

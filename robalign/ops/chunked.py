@@ -6,8 +6,11 @@ same ``torch.library`` operators run where neither Triton nor the C++ extension 
 machine without Triton, a CPU without a compiler, other devices). The float32 temporaries are
 bounded by ``ROW_CHUNK_BYTES`` (rows of ``V`` float32 values at a time), never ``[N, V]``:
 
-    forward   per chunk of rows:  lse = logsumexp(float(z)),  target = z[y]
-    backward  per chunk of rows:  out = coeff·(onehot(y) − exp(float(z) − lse))   (out may be z)
+    forward   per chunk of rows:  lse = logsumexp(z'),  target = z'[y]        z' = f(float(z))
+    backward  per chunk of rows:  out = coeff·(onehot(y) − exp(z' − lse))·f'(z)   (out may be z)
+
+``f`` is the head's logit transform (``scale``, ``softcap``; the identity by default), in float32,
+as in the Triton and C++ kernels.
 
 Compared with the fused kernels it reads each chunk of logits about twice as often (the
 float32 copy, then the reduction), so it is the portable fallback, not the fast path.
@@ -44,7 +47,16 @@ def _row_chunks(*rows3d: Tensor) -> Iterator[tuple[int, list[Tensor]]]:
             yield i * t + start, [x[i, start:start + per_chunk] for x in rows3d]
 
 
-def _lse_target(rows3d: Tensor, labels: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
+def _transformed(z: Tensor, scale: float, softcap: float) -> tuple[Tensor, Tensor | float]:
+    """``(z', dz'/dz)`` in float32: ``softcap·tanh(scale·z/softcap)`` (``scale·z`` without a cap)."""
+    z = z.float()
+    if softcap:
+        t = torch.tanh(z * (scale / softcap))
+        return t * softcap, (1.0 - t.square()).mul_(scale)
+    return (z * scale if scale != 1.0 else z), scale
+
+
+def _lse_target(rows3d: Tensor, labels: Tensor, scored: Tensor, scale: float, softcap: float) -> tuple[Tensor, Tensor]:
     n = labels.numel()
     lse = torch.zeros(n, dtype=torch.float32, device=rows3d.device)
     target = torch.zeros_like(lse)
@@ -52,39 +64,44 @@ def _lse_target(rows3d: Tensor, labels: Tensor, scored: Tensor) -> tuple[Tensor,
         end = start + z.shape[0]
         y, keep = labels[start:end], scored[start:end]
         in_range = (y >= 0) & (y < z.shape[-1])             # else NaN, never an out-of-bounds read
-        chunk_lse = torch.logsumexp(z.float(), dim=-1)
-        chunk_target = z.gather(-1, torch.where(keep & in_range, y, 0).unsqueeze(-1)).squeeze(-1).float()
+        z, _ = _transformed(z, scale, softcap)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        chunk_target = z.gather(-1, torch.where(keep & in_range, y, 0).unsqueeze(-1)).squeeze(-1)
         lse[start:end] = torch.where(keep, chunk_lse, 0.0)
         target[start:end] = torch.where(keep, torch.where(in_range, chunk_target, float("nan")), 0.0)
     return lse, target
 
 
-def rows_lse_target(logits3d: Tensor, labels: Tensor, ignore_index: int,
-                    ref3d: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``lse[n] = logsumexp_v z[n, v]``, ``target[n] = z[n, y_n]`` (float32 ``[N]``, 0 for ignored
-    rows) and, with ``ref3d``, the reference model's token log-probs ``ref_target − ref_lse``."""
+def rows_lse_target(logits3d: Tensor, labels: Tensor, ignore_index: int, ref3d: Tensor | None = None, *,
+                    scale: float = 1.0, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``lse[n] = logsumexp_v z'[n, v]``, ``target[n] = z'[n, y_n]`` (float32 ``[N]``, 0 for ignored
+    rows; ``z'`` the transformed logits) and, with ``ref3d``, the reference model's token log-probs
+    ``ref_target − ref_lse``."""
     y = labels.reshape(-1)
     scored = y != ignore_index
-    lse, target = _lse_target(logits3d, y, scored)
+    lse, target = _lse_target(logits3d, y, scored, scale, softcap)
     if ref3d is None:
         return lse, target, None
-    ref_lse, ref_target = _lse_target(ref3d, y, scored)
+    ref_lse, ref_target = _lse_target(ref3d, y, scored, scale, softcap)
     return lse, target, ref_target - ref_lse
 
 
 def rows_softmax_grad(logits3d: Tensor, labels: Tensor, lse: Tensor, coeff: Tensor, ignore_index: int,
-                      out3d: Tensor) -> None:
-    """``out[n, v] = coeff[n]·(onehot(y_n)[v] − exp(z[n, v] − lse[n]))``, zero rows where ``y_n`` is
-    ignored; ``out3d`` has the shape of ``logits3d`` and may be the same tensor."""
+                      out3d: Tensor, *, scale: float = 1.0, softcap: float = 0.0) -> None:
+    """``out[n, v] = coeff[n]·(onehot(y_n)[v] − exp(z'[n, v] − lse[n]))·dz'/dz[n, v]``, zero rows where
+    ``y_n`` is ignored; ``out3d`` has the shape of ``logits3d`` and may be the same tensor."""
     y = labels.reshape(-1)
     c = torch.where(y != ignore_index, coeff.float(), 0.0)
     valid = (y >= 0) & (y < logits3d.shape[-1])
     for start, (z, out) in _row_chunks(logits3d, out3d):
         end = start + z.shape[0]
         c_chunk = c[start:end, None]
-        g = (z.float() - lse[start:end, None]).exp_().mul_(-c_chunk)
+        zt, slope = _transformed(z, scale, softcap)
+        g = (zt - lse[start:end, None]).exp_().mul_(-c_chunk)
         g.scatter_add_(-1, torch.where((c_chunk != 0) & valid[start:end, None], y[start:end, None], 0),
                        torch.where(valid[start:end, None], c_chunk, float("nan")))
+        if softcap or scale != 1.0:
+            g.mul_(slope)
         out.copy_(g.masked_fill_(c_chunk == 0, 0.0))     # rows with no gradient are 0, even if non-finite
 
 

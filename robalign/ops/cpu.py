@@ -15,12 +15,12 @@ if _C is None:
     raise ImportError("the C++ extension robalign.ops._C could not be built or loaded")
 
 
-def rows_lse_target(logits3d, labels, ignore_index, ref3d=None):
+def rows_lse_target(logits3d, labels, ignore_index, ref3d=None, *, scale=1.0, softcap=0.0):
     """``(lse, target, ref_token_logps or None)``, as :func:`robalign.kernels.rows_lse_target`."""
-    lse, target = _C.rows_lse_target(logits3d, labels, ignore_index)
+    lse, target = _C.rows_lse_target(logits3d, labels, ignore_index, scale, softcap)
     if ref3d is None:
         return lse, target, None
-    ref_lse, ref_target = _C.rows_lse_target(ref3d, labels, ignore_index)
+    ref_lse, ref_target = _C.rows_lse_target(ref3d, labels, ignore_index, scale, softcap)
     return lse, target, ref_target - ref_lse
 
 

@@ -6,11 +6,14 @@ paths so that such models keep them (instead of falling back to materialised log
 
 ``s`` is the model's logit scale (Cohere's ``logit_scale``; Granite divides by ``logits_scaling``:
 s = 1/that), ``T`` a sampling temperature applied to the model's output. The derivative is
-``∂z'/∂z = (s/T)·(1 − tanh²(s·z/c))`` (``s/T`` without a cap), so the backward of a row kernel's
-``G' = c_t·(onehot − softmax(z'))`` is ``G = G' ⊙ ∂z'/∂z``: a scalar on the coefficient without a
-cap; with one, the scalar and ``G' − G'·t²`` (two passes over the chunk and one more ``[C, V]``
-buffer, which the chunk rule's memory cap counts).
-The transform runs in the logits' dtype, as the models compute it.
+``∂z'/∂z = (s/T)·(1 − tanh²(s·z/c))`` (``s/T`` without a cap).
+
+On the gradient paths (:mod:`robalign.ops.linear`, :mod:`robalign.ops.one_pass`) the row kernels
+apply the transform themselves, in float32, to each element as they read the raw chunk of
+logits, and their backward writes ``G = c_t·(onehot − softmax(z'))·∂z'/∂z`` with respect to the raw
+logits (in place): the transform costs no pass over the chunk and no buffer (:attr:`HeadTransform.kernel_args`:
+T folds into s/T and c/T). The no-gradient passes (WPO's weights, the token statistics) apply it to
+the chunk with :meth:`HeadTransform.apply_`, in the logits' dtype.
 """
 
 from __future__ import annotations
@@ -63,10 +66,9 @@ class HeadTransform:
         return {"logit_scale": self.scale, "logit_softcap": self.softcap or None, "logit_temperature": self.temperature}
 
     @property
-    def chunk_factor(self) -> int:
-        """``[C, V]`` buffers a chunk's backward holds: 2 with a soft-cap (its derivative), else 1 —
-        what the chunk rule's memory cap counts (:func:`robalign.ops.linear.chunk_tokens`)."""
-        return 2 if self.softcap else 1
+    def kernel_args(self) -> dict:
+        """The transform as the row kernels' ``scale`` and ``softcap``: z' = (c/T)·tanh((s/T)·z/(c/T))."""
+        return {"scale": self.scale / self.temperature, "softcap": self.softcap / self.temperature}
 
     def apply_(self, z: Tensor) -> Tensor:
         """``z ← z'`` in place; returns ``z``."""
@@ -75,19 +77,6 @@ class HeadTransform:
         elif self.scale != self.temperature:
             z.mul_(self.scale / self.temperature)
         return z
-
-    def softmax_grad_(self, rows, z: Tensor, labels: Tensor, lse: Tensor, coeff: Tensor, ignore_index: int) -> Tensor:
-        """The gradient ``G`` ``[C, V]`` with respect to the head's raw logits, from the transformed
-        chunk ``z`` ``[C, V]`` (``z'``, overwritten) and the row kernels ``rows`` of a backend."""
-        slope = self.scale / self.temperature
-        coeff = coeff if slope == 1.0 else coeff * slope
-        grad = z.new_empty(z.shape) if self.softcap else z                  # without a cap, in place
-        rows.rows_softmax_grad(z.unsqueeze(0), labels, lse, coeff, ignore_index, grad.unsqueeze(0))
-        if not self.softcap:
-            return grad
-        # ∂z'/∂z = (s/T)·(1 − t²) with t = tanh(s·z/c) = z'·T/c: G = G' − G'·t² (s/T is in the coefficient)
-        t2 = z.mul_(self.temperature / self.softcap).square_()
-        return grad.addcmul_(grad, t2, value=-1.0)
 
 
 def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hidden: Tensor | None,

@@ -1,15 +1,15 @@
 """The fused linear path: per-sequence log-probs from hidden states and the LM head, with no
 ``[N, V]`` logits tensor — only one chunk of scored tokens' logits exists at a time.
 
-    forward   for each chunk c of scored tokens:  z_c = f(h_c @ Wᵀ (+ b))         [C, V]
-              lse_c, target_c = row kernel(z_c);  logp_t = target_t − lse_t;  save lse (4 B/token)
-    backward  for each chunk:  recompute z_c;  G_c = coeff·(onehot − softmax(z_c))  (in place)
+    forward   for each chunk c of scored tokens:  z_c = h_c @ Wᵀ (+ b)             [C, V]
+              lse_c, target_c = row kernel(f(z_c));  logp_t = target_t − lse_t;  save lse (4 B/token)
+    backward  for each chunk:  recompute z_c;  G_c = coeff·(onehot − softmax(f(z_c)))·f'(z_c)  (in place)
               grad_h[c] = G_c @ W;   grad_W += G_cᵀ @ h_c;   grad_b += Σ_t G_c[t]
 
 The matmuls are ATen's (cuBLAS / the CPU BLAS, float32 accumulation inside each product); the
 row work is the ``kernel``'s (``"cpp"``, ``"triton"`` or ``"torch"``, as in :mod:`robalign.ops.library`).
 ``f`` is the head's logit transform (scale, soft-cap, temperature; the identity by default, see
-:mod:`robalign.ops.head`). Backward recomputes the logits because the per-sequence coefficient (the DRO normaliser
+:mod:`robalign.ops.head`), applied by the row kernels as they read the chunk. Backward recomputes the logits because the per-sequence coefficient (the DRO normaliser
 couples the whole batch) is only known after the forward. Prompt and padding tokens are
 skipped entirely. ``grad_W`` and ``grad_b`` accumulate across chunks in the weight's dtype:
 exact for float32; for bfloat16 one rounding per chunk, as Liger-Kernel does (a float32
@@ -64,7 +64,7 @@ def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
          ignore_index: int, kernel: str, chunk: int, logit_scale: float, softcap: float,
          temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
-    transform = HeadTransform(logit_scale, softcap, temperature)
+    f = HeadTransform(logit_scale, softcap, temperature).kernel_args
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     scored = y != ignore_index
@@ -73,8 +73,8 @@ def _fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
     token_logps = torch.zeros_like(lse)
     for start in range(0, idx.numel(), chunk):
         i_c = idx[start:start + chunk]
-        z = transform.apply_(_chunk_logits(h.index_select(0, i_c), weight, bias))     # [C, V]
-        lse_c, target_c, _ = rows.rows_lse_target(z.unsqueeze(0), y.index_select(0, i_c), ignore_index)
+        z = _chunk_logits(h.index_select(0, i_c), weight, bias)                       # [C, V]
+        lse_c, target_c, _ = rows.rows_lse_target(z.unsqueeze(0), y.index_select(0, i_c), ignore_index, **f)
         lse.index_copy_(0, i_c, lse_c)
         token_logps.index_copy_(0, i_c, target_c - lse_c)
         del z                           # free this chunk before the next one is allocated
@@ -94,7 +94,7 @@ def _bwd(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tens
          lse: Tensor, ignore_index: int, kernel: str, chunk: int, need_hidden: bool, need_weight: bool,
          need_bias: bool, logit_scale: float, softcap: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
-    transform = HeadTransform(logit_scale, softcap, temperature)
+    f = HeadTransform(logit_scale, softcap, temperature).kernel_args
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     coeff = grad_logps.float().index_select(0, seq_idx)
@@ -105,16 +105,17 @@ def _bwd(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tens
     for start in range(0, idx.numel(), chunk):
         i_c = idx[start:start + chunk]
         h_c = h.index_select(0, i_c)
-        z = transform.apply_(_chunk_logits(h_c, weight, bias))                      # [C, V]
-        g = transform.softmax_grad_(rows, z, y.index_select(0, i_c), lse.index_select(0, i_c),
-                                    coeff.index_select(0, i_c), ignore_index)       # z (or a buffer) becomes G
+        g = _chunk_logits(h_c, weight, bias).unsqueeze(0)                           # [1, C, V]
+        rows.rows_softmax_grad(g, y.index_select(0, i_c), lse.index_select(0, i_c), coeff.index_select(0, i_c),
+                               ignore_index, g, **f)                                # in place: z becomes G
+        g = g.squeeze(0)
         if need_hidden:
             grad_h.index_copy_(0, i_c, g @ weight)
         if need_weight:
             grad_w.addmm_(g.T, h_c)
         if grad_b.numel():
             grad_b.add_(g.sum(0, dtype=torch.float32).to(grad_b.dtype))
-        del z, g                        # free this chunk before the next one is allocated
+        del g                           # free this chunk before the next one is allocated
     return grad_h.reshape(hidden.shape) if need_hidden else grad_h, grad_w, grad_b
 
 
@@ -162,8 +163,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
                             f"got {t.dtype}")
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     labels = flat_labels(labels)
-    # a soft-cap's backward holds a second [C, V] buffer: the memory cap counts it, the token target does not
-    chunk = chunk_tokens(weight.shape[0], hidden.element_size() * transform.chunk_factor, hidden.device)
+    chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
     with torch.autocast(device_type, enabled=False):
         logps, counts, _ = torch.ops.robalign.linear_sequence_logps_fwd(
             hidden, weight, bias, labels, seq_idx, num_seqs, ignore_index, kernel, chunk, *transform.args)

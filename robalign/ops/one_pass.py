@@ -5,14 +5,14 @@ head and bias, in one forward with three matmul passes.
 For each chunk of whole groups (the K candidates of a prompt are in one chunk; chunks hold at
 most ``chunk`` scored tokens, see :func:`robalign.ops.linear.chunk_tokens`):
 
-    z      = f(h_c · Wᵀ (+ b))                                [C, V]   one chunk of logits alive
-                                   (f: the head's transform, :mod:`robalign.ops.head`)
-    lse, z_y = row kernel(z)        logp_s = Σ_t (z_y − lse)  (float64 sums, float32 result)
+    z      = h_c · Wᵀ (+ b)                                   [C, V]   one chunk of logits alive
+    lse, z'_y = row kernel(f(z))    logp_s = Σ_t (z'_y − lse)  (float64 sums, float32 result)
+                                   (f: the head's transform, :mod:`robalign.ops.head`, in the kernel)
     ℓ_i, ∂ℓ_i/∂logp_s              the objective on the chunk's [b, K] log-probs, by torch.func (any
                                    registered objective, no hand-written derivative)
     a_i    = w_i·ℓ_i/λ             (0 for λ = ∞);   m ← max(m, max_i a_i)
     c_s    = w_i·e^{a_i − m}·∂ℓ_i/∂logp_s              per sequence, then per token
-    z      ← c_t·(onehot(y_t) − softmax(z_t))          row kernel, in place: z is now G
+    z      ← c_t·(onehot(y_t) − softmax(f(z_t)))·f'(z_t)    row kernel, in place: z is now G
     grad_h[c] = G·W;   grad_W ← e^{m_old − m}·grad_W + Gᵀ·h_c;   grad_b likewise
 
 When the running maximum m grows, what is already in ``grad_W``/``grad_b`` is rescaled inside the
@@ -153,7 +153,7 @@ def _linear_dora_loss(
         logit_scale: float, softcap: float, temperature: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
-    transform = HeadTransform(logit_scale, softcap, temperature)
+    f = HeadTransform(logit_scale, softcap, temperature).kernel_args
     hparams = dict(zip(hparam_names.split(",") if hparam_names else [], hparam_values))
     k = group_size
     num_groups = num_seqs // k
@@ -196,8 +196,8 @@ def _linear_dora_loss(
             if p1 == p0:
                 continue
             h_p = h.index_select(0, i_c[p0:p1])
-            z = transform.apply_(_chunk_logits(h_p, weight, bias))
-            lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index)
+            z = _chunk_logits(h_p, weight, bias)
+            lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
             lse_c[p0:p1] = lse_p
             logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
             if len(pieces) == 1:
@@ -226,10 +226,10 @@ def _linear_dora_loss(
         for p0, p1 in pieces:
             i_p = i_c[p0:p1]
             h_p = kept_h if kept_h is not None else h.index_select(0, i_p)
-            z = kept if kept is not None else transform.apply_(_chunk_logits(h_p, weight, bias))
+            z = kept if kept is not None else _chunk_logits(h_p, weight, bias)
             kept = kept_h = None
-            z = transform.softmax_grad_(rows, z, y_c[p0:p1], lse_c[p0:p1], coeff_tok[p0:p1],
-                                        ignore_index)                   # z (or a buffer) becomes G
+            rows.rows_softmax_grad(z.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], coeff_tok[p0:p1], ignore_index,
+                                   z.unsqueeze(0), **f)                 # in place: z becomes G
             if need_hidden:
                 grad_h.index_copy_(0, i_p, z @ weight)
                 rescale_h.append((i_p, m))
@@ -289,7 +289,7 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
     check_kernel_dtypes("robalign.DoRALoss", kernel, hidden=hidden, head_weight=weight, head_bias=bias)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     if chunk is None:
-        chunk = chunk_tokens(weight.shape[0], hidden.element_size() * transform.chunk_factor, hidden.device)
+        chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
     names = sorted(hparams)
     with torch.autocast(device_type, enabled=False), torch.no_grad():
         return torch.ops.robalign.linear_dora_loss(

@@ -7,8 +7,9 @@ module of its row kernels, the module of its ops, and why it cannot run here.
     "torch"     any                              f32, bf16, f16      robalign.ops.chunked robalign.ops.fused
     "reference" any                              any float           —                    robalign.ops.reference_backend
 
-A row-kernel module provides ``rows_lse_target``, ``rows_softmax_grad`` and ``empty_grad_like``
-over ``[B, T, V]`` views; an ops module provides ``sequence_logps``, ``sequence_logps_with_ref``
+A row-kernel module provides ``rows_lse_target``, ``rows_softmax_grad`` (both with the keywords
+``scale`` and ``softcap`` of the head's logit transform, :mod:`robalign.ops.head`) and
+``empty_grad_like`` over ``[B, T, V]`` views; an ops module provides ``sequence_logps``, ``sequence_logps_with_ref``
 and ``linear_sequence_logps`` with one signature for every backend (the ``kernel`` argument
 names the row kernels; the reference ignores it). Modules are named here as strings and imported
 on first use, so this module imports nothing of robalign and every backend imports only what is
