@@ -162,11 +162,10 @@ def print_table(rows, extra_columns=(), baseline: str = "naive") -> None:
 
 def git_commit() -> dict:
     """``{"commit": short hash, "dirty": uncommitted changes to tracked files}`` of this checkout
-    (a dirty record measured code that no commit holds)."""
-    here = Path(__file__).parent
-    run = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=here).stdout.strip()
-    return {"commit": run("rev-parse", "--short", "HEAD"),
-            "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    (a dirty record measured code that no commit holds; the records themselves do not count)."""
+    from gpu_harness import git_state
+
+    return git_state()
 
 
 def write_record(name: str, record: dict, out) -> Path:

@@ -56,7 +56,7 @@ stage() {  # stage KEY SECONDS LOG COMMAND...
 
 {
   echo "date: $(date -Iseconds)"
-  echo "commit: ${ROBALIGN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}$( [ "${ROBALIGN_DIRTY:-0}" = 1 ] || ! git diff --quiet 2>/dev/null && echo ' (with uncommitted changes)')"
+  echo "commit: ${ROBALIGN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}$( [ "${ROBALIGN_DIRTY:-0}" = 1 ] || ! git diff --quiet -- . ':(exclude)benchmarks/results' 2>/dev/null && echo ' (with uncommitted changes)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$RESULTS/gpu_env.txt"

@@ -145,15 +145,26 @@ def matmul_rate(device) -> float:
     return 2 * n ** 3 / bench(lambda: a @ b, device)["median_s"]
 
 
+# What `dirty` looks at: every tracked file but the records (a second benchmark run after a first
+# one rewrote its record measures the same code).
+DIRTY_PATHS = ("--", ":(top)", ":(top,exclude)benchmarks/results")
+
+
+def git_state() -> dict:
+    """``{"commit": short hash, "dirty": uncommitted changes to tracked files but the records}`` of
+    this checkout; ``$ROBALIGN_COMMIT``/``$ROBALIGN_DIRTY`` where the copy has no ``.git``."""
+    if "ROBALIGN_COMMIT" in os.environ:
+        return {"commit": os.environ["ROBALIGN_COMMIT"], "dirty": os.environ.get("ROBALIGN_DIRTY", "0") == "1"}
+    here = Path(__file__).parent
+    git = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", *DIRTY_PATHS))}
+
+
 def environment(device) -> dict:
     import triton
 
-    here = Path(__file__).parent
-    git = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
-    commit = os.environ.get("ROBALIGN_COMMIT") or git("rev-parse", "--short", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if "ROBALIGN_COMMIT" not in os.environ else \
-        os.environ.get("ROBALIGN_DIRTY", "0") == "1"
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit, "dirty": dirty,
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), **git_state(),
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
 

@@ -102,3 +102,29 @@ def test_dro_sets_benchmark_records_every_configuration(tmp_path):
     rows = json.loads((tmp_path / "cpu_dro_sets.json").read_text())["rows"]
     assert [r["config"] for r in rows] == list(cpu_dro_sets.CONFIGS)
     assert all(r["seconds_per_step"] > 0 for r in rows)
+
+
+def test_a_record_is_dirty_for_changed_code_not_for_changed_records(tmp_path, monkeypatch):
+    """A second benchmark run after a first one rewrote its record measures the same commit: the
+    records under benchmarks/results do not make it dirty; a changed source file does."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    shutil.copy(BENCH / "gpu_harness.py", bench)
+    (bench / "results" / "r.json").write_text("{}")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.delenv("ROBALIGN_COMMIT", raising=False)
+    spec = importlib.util.spec_from_file_location("copied_harness", bench / "gpu_harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    assert harness.git_state()["dirty"] is False
+    (bench / "results" / "r.json").write_text('{"rows": []}')
+    assert harness.git_state()["dirty"] is False
+    (bench / "gpu_harness.py").write_text((bench / "gpu_harness.py").read_text() + "\n# changed\n")
+    assert harness.git_state()["dirty"] is True
