@@ -30,7 +30,9 @@ floor, never the scored one.
 ``--mode fwd`` times the forward alone under ``no_grad``; its matmul floor is ``hidden @ Wᵀ``.
 ``--softcap C``: a Gemma-style head, logits c·tanh(z/c), in every provider (naive: on the materialised
 logits; TRL: its ``final_logit_softcapping``; robalign: ``logit_softcap``), gated against the float64
-reference with the cap; the floors stay the bare matmuls.
+reference with the cap; the floors stay the bare matmuls. Any provider named with the suffix
+``_uncapped`` (``one_pass_uncapped``, ``cpp_uncapped``) runs without the cap, gated without it, so
+the cap's cost is a ratio of one interleaved run.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from peers import reference_dora_dpo, trl_fused_logps
 
 PROVIDERS = ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp", "recompute", "one_pass")
 LOSS_PROVIDERS = ("recompute", "one_pass")
+UNCAPPED = "_uncapped"                    # a provider's suffix: the same provider without the soft-cap
 SEQLEN = 512
 
 
@@ -52,6 +55,8 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
 
     import robalign
 
+    if provider.endswith(UNCAPPED):
+        provider, softcap = provider.removesuffix(UNCAPPED), None
     torch.manual_seed(0)
     seqs = max(2, tokens // SEQLEN)
     seqs += seqs % 2                                                      # whole pairs for the loss providers

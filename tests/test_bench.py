@@ -94,6 +94,19 @@ def test_one_pass_options_benchmark_runs_its_providers_through_the_gate(tmp_path
         assert rows[name]["grad_w_rel_error"] < 2e-2
 
 
+def test_soft_capped_linear_benchmark_gates_every_provider_with_the_cap(tmp_path):
+    """``cpu_linear.py --softcap``: every provider passes its gate against the capped float64
+    reference (an ``_uncapped`` one against the plain one), so the cap's cost is a ratio of one run."""
+    import cpu_linear
+
+    providers = ["naive", "trl_fused", "cpp", "one_pass", "one_pass_uncapped"]
+    assert cpu_linear.main(["--tokens", "256", "--hidden", "32", "--vocab", "500", "--repeat", "1", "--rounds", "1",
+                            "--softcap", "3", "--providers", ",".join(providers), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "cpu_linear_N256_H32_V500_softcap3.json").read_text())
+    assert record["softcap"] == 3.0
+    assert [r["provider"] for r in record["rows"]] == providers and not any("error" in r for r in record["rows"])
+
+
 @pytest.mark.slow
 def test_dro_sets_benchmark_records_every_configuration(tmp_path):
     import cpu_dro_sets
