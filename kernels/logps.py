@@ -77,14 +77,12 @@ def _tanh(x):
 @triton.jit
 def _transform(b_z, scale, cap_in, cap, TRANSFORM: tl.constexpr):
     """``(z', dz'/dz)`` of the head's transform: ``cap·tanh(cap_in·z)`` (cap_in = scale/cap) for
-    ``TRANSFORM`` 2, ``scale·z`` for 1, ``z`` for 0."""
+    ``TRANSFORM`` 2, ``scale·z`` for 1 (callers skip it for 0, the identity)."""
     if TRANSFORM == 2:
         t = _tanh(b_z * cap_in)
         return cap * t, scale * (1.0 - t * t)
-    elif TRANSFORM == 1:
-        return scale * b_z, scale
     else:
-        return b_z, 1.0
+        return scale * b_z, scale
 
 
 @triton.jit
@@ -113,7 +111,9 @@ def _row_lse_target(p_row, label, scored, V, scale, cap_in, cap, BLOCK_V: tl.con
     # a label outside [0, V) (queued as an error by a lazy value check) is never read: NaN
     in_range = (label >= 0) & (label < V)
     b_target = tl.load(p_row + tl.where(scored & in_range, label, 0), mask=scored & in_range, other=0.0)
-    b_target, _ = _transform(b_target.to(tl.float32), scale, cap_in, cap, TRANSFORM)
+    b_target = b_target.to(tl.float32)
+    if TRANSFORM != 0:
+        b_target, _ = _transform(b_target, scale, cap_in, cap, TRANSFORM)
     b_target = tl.where(scored & ~in_range, float("nan"), b_target)
     return b_lse, b_target
 
