@@ -23,19 +23,36 @@ def csrc_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "csrc"
 
 
-def compile_args() -> list[str]:
-    """-O3, plus AVX2/FMA vectors where the building CPU has them (``ROBALIGN_CPU_ARCH=generic``
-    turns that off, e.g. to build a wheel for other machines)."""
-    args = ["-O3"]
-    if os.environ.get("ROBALIGN_CPU_ARCH", "native") == "generic" or platform.machine() not in ("x86_64", "AMD64"):
-        return args
+# The vector widths ATen's at::vec can be compiled for, widest first: each one's compiler flags and
+# the /proc/cpuinfo flags a CPU needs for it. The kernels are written once against at::vec.
+ARCHS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512",
+                "-DCPU_CAPABILITY=AVX512"], ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"], ("avx2", "fma", "f16c")),
+    "generic": ([], ()),
+}
+
+
+def cpu_archs() -> list[str]:
+    """The entries of :data:`ARCHS` this CPU runs, widest first (``["generic"]`` off x86-64)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["generic"]
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return args
-    if " avx2" in flags and " fma" in flags and " f16c" in flags:
-        args += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return args
+        return ["generic"]
+    return [name for name, (_, needs) in ARCHS.items() if set(needs) <= flags]
+
+
+def compile_args(arch: str | None = None) -> list[str]:
+    """-O3 and the vector flags of ``arch`` (an entry of :data:`ARCHS`); by default the widest this
+    CPU runs, or ``$ROBALIGN_CPU_ARCH`` (``generic`` e.g. to build a wheel for other machines)."""
+    arch = arch or os.environ.get("ROBALIGN_CPU_ARCH", "native")
+    if arch == "native":
+        arch = cpu_archs()[0]
+    if arch not in ARCHS:
+        raise ValueError(f"ROBALIGN_CPU_ARCH must be 'native' or one of {sorted(ARCHS)}, got {arch!r}")
+    return ["-O3", *ARCHS[arch][0]]
 
 
 def build_dir() -> Path:

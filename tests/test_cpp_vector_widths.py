@@ -1,0 +1,80 @@
+"""The C++ kernels compiled for each vector width this CPU runs (``robalign.ops._cpp.ARCHS``:
+AVX-512, AVX2, generic), not only the one the installed extension was built for: a CI machine
+may build another, and the kernels use width-specific ATen code (Sleef-free exp, blends, bfloat16
+conversion). Each build's row kernels — forward and backward, float32 and bfloat16, the head
+transforms, an ignored row, in place — against float64 autograd at the tolerances of
+test_head_transform (float32 rows 1e-6 relative; bfloat16 inputs are exact in float64, so the
+same, the gradient written in bfloat16 within its half-ulp), and the non-finite rows equal to
+the installed extension's.
+
+The width the installed extension has is skipped: the rest of the suite tests it.
+"""
+
+import pytest
+import torch
+
+from robalign.ops import _cpp
+
+TRANSFORMS = [(1.0, 0.0), (1.3, 0.0), (0.7, 2.0), (1.0, 30.0)]
+
+
+def _installed_arch() -> str:
+    import os
+
+    arch = os.environ.get("ROBALIGN_CPU_ARCH", "native")
+    return _cpp.cpu_archs()[0] if arch == "native" else arch
+
+
+@pytest.fixture(scope="module")
+def build_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cpp_widths")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(_cpp.ARCHS))
+def test_each_vector_width_gives_the_reference_values(arch, build_root):
+    if arch not in _cpp.cpu_archs():
+        pytest.skip(f"this CPU does not run {arch}")
+    if arch == _installed_arch():
+        pytest.skip(f"{arch} is the installed extension's width, which the whole suite tests")
+    from torch.utils import cpp_extension
+
+    directory = build_root / arch
+    directory.mkdir()
+    module = cpp_extension.load(name=f"robalign_C_{arch}", sources=[str(_cpp.csrc_dir() / s) for s in _cpp.SOURCES],
+                                extra_cflags=_cpp.compile_args(arch), build_directory=str(directory), verbose=False)
+    installed = _cpp.load()
+    gen = torch.Generator().manual_seed(0)
+    v = 1003                                                          # not a multiple of any vector width
+    for dtype in (torch.float32, torch.bfloat16):
+        for scale, cap in TRANSFORMS:
+            logits = (torch.randn(2, 4, v, generator=gen) * 5).to(dtype)[:, :-1]     # [2, 3, V], strided
+            labels = torch.randint(v, (6,), generator=gen)
+            labels[1] = -100
+            coeff = torch.randn(6, generator=gen)
+            z = logits.double().requires_grad_(True)
+            zt = (cap * torch.tanh(scale * z / cap) if cap else scale * z).reshape(6, v)
+            keep = labels != -100
+            lse_want = torch.where(keep, torch.logsumexp(zt, -1), 0.0)
+            tgt_want = torch.where(keep, zt.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+            (torch.where(keep, tgt_want - lse_want, 0.0) * coeff.double()).sum().backward()
+            lse, target = module.rows_lse_target(logits, labels, -100, scale, cap)
+            torch.testing.assert_close(lse.double(), lse_want.detach(), rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(target.double(), tgt_want.detach(), rtol=1e-6, atol=1e-5)
+            for inplace in (False, True):
+                x = logits.clone()
+                out = x if inplace else torch.empty_like(x)
+                module.rows_softmax_grad(x, labels, lse, coeff, -100, out, scale, cap)
+                want = z.grad.reshape(6, v)
+                tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-6)
+                torch.testing.assert_close(out.double().reshape(6, v), want, **tol)
+    # non-finite logits: the same NaN / inf pattern and values as the installed extension
+    logits = torch.randn(1, 5, v, generator=gen)
+    logits[0, 0, 3], logits[0, 1, :], logits[0, 2, 7] = float("nan"), -float("inf"), float("inf")
+    labels = torch.tensor([1, 2, 7, 4, 5])
+    logits[0, 3, 4] = -float("inf")
+    for scale, cap in TRANSFORMS:
+        got, want = module.rows_lse_target(logits, labels, -100, scale, cap), \
+            installed.rows_lse_target(logits, labels, -100, scale, cap)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, equal_nan=True)
