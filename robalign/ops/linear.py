@@ -9,8 +9,9 @@
 The matmuls are ATen's (cuBLAS / the CPU BLAS, float32 accumulation inside each product); the
 row work is the ``kernel``'s (``"cpp"``, ``"triton"`` or ``"torch"``, as in :mod:`robalign.ops.library`).
 ``f`` is the head's logit transform (scale, soft-cap, temperature; the identity by default, see
-:mod:`robalign.ops.head`), applied by the row kernels as they read the chunk. Backward recomputes the logits because the per-sequence coefficient (the DRO normaliser
-couples the whole batch) is only known after the forward. Prompt and padding tokens are
+:mod:`robalign.ops.head`), applied by the row kernels as they read the chunk. Backward recomputes
+the logits because the per-sequence coefficient (the DRO normaliser couples the whole batch) is
+only known after the forward. Prompt and padding tokens are
 skipped entirely. ``grad_W`` and ``grad_b`` accumulate across chunks in the weight's dtype:
 exact for float32; for bfloat16 one rounding per chunk, as Liger-Kernel does (a float32
 accumulator would double the memory of the largest gradient).
