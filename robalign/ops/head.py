@@ -13,7 +13,7 @@ apply the transform themselves, in float32, to each element as they read the raw
 logits, and their backward writes ``G = c_t·(onehot − softmax(z'))·∂z'/∂z`` with respect to the raw
 logits (in place): the transform costs no pass over the chunk and no buffer (:attr:`HeadTransform.kernel_args`:
 T folds into s/T and c/T). The no-gradient passes (WPO's weights, the token statistics) apply it to
-the chunk with :meth:`HeadTransform.apply_`, in the logits' dtype.
+the chunk with :meth:`HeadTransform.apply_`, in float32 (float64 for float64 inputs) as well.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hi
     of ``(index, z)`` for chunks of at most ``chunk_rows`` scored tokens of ``labels`` — their rows of
     ``logits``, or ``hidden @ head_weightᵀ (+ head_bias)`` with the head's ``transform``, so no
     ``[N, V]`` tensor exists on the hidden-state path. The head's matmul runs in the hidden states'
-    dtype, or in float32 at least with ``float32_head``. The arguments are checked here, before any chunk. For the
+    dtype, or in float32 at least with ``float32_head``; the transform on its float32 (or float64)
+    result, as the row kernels apply it. The arguments are checked here, before any chunk. For the
     no-gradient passes over the head (WPO's weights, the logged token statistics)."""
     if (logits is None) == (hidden is None):
         V.fail(where, "pass exactly one of `logits` or `hidden` (with `head_weight`)")
@@ -106,11 +107,11 @@ def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hi
     def chunks():
         for index in (flat != ignore_index).nonzero().squeeze(-1).split(chunk_rows):
             z = rows[index]
-            if weight is not None:
-                z = z.to(matmul_dtype)
-                z = z @ weight.T if bias is None else torch.addmm(bias, z, weight.T)
-                if transform is not None:
-                    transform.apply_(z)
-            yield index, z.to(dtype)
+            if weight is None:
+                yield index, z.to(dtype)
+                continue
+            z = z.to(matmul_dtype)
+            z = (z @ weight.T if bias is None else torch.addmm(bias, z, weight.T)).to(dtype)
+            yield index, z if transform is None else transform.apply_(z)      # z is this chunk's own
 
     return dtype, chunks()
