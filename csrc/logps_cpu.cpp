@@ -63,10 +63,11 @@ const float* as_float(const scalar_t* row, int64_t V, std::vector<float>& buffer
   }
 }
 
-// tanh from exp_u20 alone, to a few ulp (Sleef's tanh costs ~4x an exp here): below |x| = 0.3 its
-// odd Taylor polynomial to x^11 (the first omitted term is < 2e-9 relative there), above it
-// (1 - e) / (1 + e) with e = exp(-2|x|), where 1 - e > 0.45 cancels nothing. The same formula as
-// the Triton kernels' _tanh. NaN stays NaN, +-inf gives +-1.
+// tanh from exp_u20 alone, to 2 ulp: below |x| = 0.3 its odd Taylor polynomial to x^11 (the first
+// omitted term is < 2e-9 relative there), above it (1 - e) / (1 + e) with e = exp(-2|x|), where
+// 1 - e > 0.45 cancels nothing. The same formula as the Triton kernels' _tanh. NaN stays NaN, +-inf
+// gives +-1. (Sleef's vectorised tanh took the soft-capped AVX2 forward from 45 to 86 ms per
+// 1024 x 32000 chunk.)
 Vec fast_tanh(Vec x) {
   const Vec a = x.abs();
   const Vec e = (a * Vec(-2.f)).exp_u20();
