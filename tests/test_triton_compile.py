@@ -7,7 +7,11 @@ the kernels compute; this checks that the GPU compiler takes them — what the i
 unsupported math call, passes there).
 
 A variant is compiled with the ``BLOCK_V`` and ``num_warps`` the launcher would pick
-(:func:`robalign.kernels.logps.block_size`) at a small and a large vocabulary. The tests run under
+(:func:`robalign.kernels.logps.block_size`) at a small and a large vocabulary. At V = 128256 each is
+compiled once more with what Triton's launcher infers from 16-aligned pointers and strides
+(``tt.divisibility`` 16 on them and on V): the PTX must then read each row, and the backward write
+its gradient, in 16-byte vectors (``ld``/``st.global.v4``) — the reason the kernels specialise on
+strides (kernels/logps.py) — and must not without it. The tests run under
 ``TRITON_INTERPRET=1`` (tests/conftest.py), where ``triton.jit`` gives interpreted functions, so
 the compiles run in one child process without it (run this file as a script to see them).
 """
@@ -33,7 +37,11 @@ def variants():
         yield f"bwd-{dtype}-t{transform}-V{vocab}", "bwd", dtype, False, transform, vocab
 
 
-def _source(kind, dtype, has_ref, transform, block):
+ALIGNED = {"fwd": ("p_logits", "p_ref", "V", "stride_b", "stride_t", "ref_stride_b", "ref_stride_t"),
+           "bwd": ("p_logits", "p_out", "V", "stride_b", "stride_t", "out_stride_b", "out_stride_t")}
+
+
+def _source(kind, dtype, has_ref, transform, block, aligned=False):
     from triton.compiler import ASTSource
 
     from robalign.kernels import logps as K
@@ -53,7 +61,10 @@ def _source(kind, dtype, has_ref, transform, block):
         fn = K._rows_softmax_grad_bwd_kernel
     signature.update({"T": "i32", "V": "i32", **{s: "i64" for s in strides}, "ignore_index": "i32", **FLOATS,
                       **{name: "constexpr" for name in ("BLOCK_V", "HAS_REF", "TRANSFORM") if name in fn.arg_names}})
-    return ASTSource(fn, signature, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED[kind]
+             if aligned and signature[n] != "constexpr"}
+    return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs or None)
 
 
 def compile_all() -> dict:
@@ -66,17 +77,18 @@ def compile_all() -> dict:
     results = {}
     for name, kind, dtype, has_ref, transform, vocab in variants():
         block, warps = K.block_size(vocab)
-        for arch in ARCHS:
-            key = f"{name}-sm{arch}"
+        for arch, aligned in [(a, False) for a in ARCHS] + ([(90, True)] if vocab % 16 == 0 else []):
+            key = f"{name}-sm{arch}" + ("-aligned" if aligned else "")
             try:
-                compiled = triton.compile(_source(kind, dtype, has_ref, transform, block),
+                compiled = triton.compile(_source(kind, dtype, has_ref, transform, block, aligned),
                                           target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
             except Exception as err:  # noqa: BLE001 — reported to the test, which fails with it
                 results[key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
                 continue
-            ttir = compiled.asm["ttir"]
+            ttir, ptx = compiled.asm["ttir"], compiled.asm["ptx"]
             results[key] = {"cubin": len(compiled.asm["cubin"]), "tanh": "tanh" in ttir or "libdevice" in ttir,
-                            "exps": ttir.count("math.exp")}
+                            "exps": ttir.count("math.exp"), "vector_loads": "ld.global.v4" in ptx,
+                            "vector_stores": "st.global.v4" in ptx}
     return results
 
 
@@ -106,6 +118,17 @@ def test_kernel_compiles_to_a_cubin(compiled, variant, arch):
     if "-t2-" in variant:
         plain = compiled[f"{variant.replace('-t2-', '-t0-')}-sm{arch}"]
         assert result["exps"] > plain["exps"], "the soft-cap's tanh (from exp) is in the kernel"
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [v[0] for v in variants() if v[0].endswith("V128256")])
+def test_aligned_rows_are_read_and_written_in_16_byte_vectors(compiled, variant):
+    aligned, plain = compiled[f"{variant}-sm90-aligned"], compiled[f"{variant}-sm90"]
+    assert "error" not in aligned, aligned.get("error")
+    assert aligned["vector_loads"] and not plain["vector_loads"]
+    if variant.startswith("bwd"):
+        assert aligned["vector_stores"] and not plain["vector_stores"]
 
 
 if __name__ == "__main__":
