@@ -78,3 +78,14 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
             installed.rows_lse_target(logits, labels, -100, scale, cap)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_the_build_flags_follow_robalign_cpu_arch(monkeypatch):
+    monkeypatch.setenv("ROBALIGN_CPU_ARCH", "generic")
+    assert _cpp.compile_args() == ["-O3"]
+    monkeypatch.setenv("ROBALIGN_CPU_ARCH", "native")
+    assert _cpp.compile_args() == ["-O3", *_cpp.ARCHS[_cpp.cpu_archs()[0]][0]]
+    monkeypatch.setenv("ROBALIGN_CPU_ARCH", "avx9000")
+    with pytest.raises(ValueError, match=r"ROBALIGN_CPU_ARCH must be 'native' or one of \['avx2', 'avx512', 'generic'\], "
+                                         r"got 'avx9000'"):
+        _cpp.compile_args()
