@@ -41,11 +41,10 @@ import json
 import platform
 
 import cpu_harness
-from peers import reference_dora_dpo, trl_fused_logps
+from peers import reference_dora_dpo, split_uncapped, trl_fused_logps
 
 PROVIDERS = ("naive", "trl_fused", "matmul_floor", "matmul_floor_scored", "torch", "cpp", "recompute", "one_pass")
 LOSS_PROVIDERS = ("recompute", "one_pass")
-UNCAPPED = "_uncapped"                    # a provider's suffix: the same provider without the soft-cap
 SEQLEN = 512
 
 
@@ -55,8 +54,7 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
 
     import robalign
 
-    if provider.endswith(UNCAPPED):
-        provider, softcap = provider.removesuffix(UNCAPPED), None
+    provider, softcap = split_uncapped(provider, softcap)
     torch.manual_seed(0)
     seqs = max(2, tokens // SEQLEN)
     seqs += seqs % 2                                                      # whole pairs for the loss providers

@@ -12,7 +12,8 @@
 #            linear cross-entropy, and its CUDA tests
 #   softcap  a Gemma-style soft-capped head (c = 30) at 16 × 1024, llama3-8b, bfloat16: robalign's
 #            chunked op and one-pass loss against materialised logits, TRL's fused head, Liger FLCE and
-#            CCE with their soft-caps (the cap runs in PyTorch on each chunk: measures what fusing it would save)
+#            CCE with their soft-caps, and robalign's paths without the cap in the same run (the cap's
+#            cost on a GPU: the row kernels apply it, never measured there)
 #   linear   the honest fused-linear sweep: both floors (all and scored tokens), prompt and padding
 #            fractions 1/8, 0, 1/2, 1/4 + 1/4, against TRL's fused head, Liger (DPO with a
 #            reference model, chunk 1 and 4; fused linear cross-entropy) and Cut Cross-Entropy
@@ -79,7 +80,8 @@ stage onepass 90 gpu_one_pass.md bash -c "$G/gpu_linear.py --quick --masks 0.125
   --providers matmul_floor_scored,triton,recompute,one_pass,liger_dpo_c1,liger_flce --out /tmp/onepass && \
   $PY -m pytest tests/test_one_pass.py -k 'triton-cuda or torch' -p no:cacheprovider -q"
 stage softcap 45 gpu_softcap.md $G/gpu_linear.py --quick --masks 0.125/0 --softcap 30 \
-  --providers naive,trl_fused,matmul_floor_scored,triton,one_pass,liger_flce,cce --out "$RESULTS"
+  --providers naive,trl_fused,matmul_floor_scored,triton,triton_uncapped,one_pass,one_pass_uncapped,liger_flce,cce \
+  --out "$RESULTS"
 stage linear 170 gpu_linear.md $G/gpu_linear.py --out "$RESULTS"
 stage logits 110 gpu_logits.md $G/gpu_logits.py --model llama3-8b --tokens 4096,16384 --out "$RESULTS"
 stage fwd 60 gpu_fwd.md bash -c "$G/gpu_logits.py --mode fwd --quick --masks 0.125/0 --out '$RESULTS' && \

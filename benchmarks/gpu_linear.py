@@ -37,7 +37,8 @@ gradient path; its floor is ``hidden @ Wᵀ``, 2·N·H·V FLOPs); ``--model`` ta
 benchmarks/shapes.py (default llama3-8b). ``--softcap C``: a Gemma-style head, logits c·tanh(z/c), in
 every provider that takes one (naive: on the materialised logits; TRL: ``final_logit_softcapping``;
 robalign: ``logit_softcap``; Liger FLCE and CCE: their ``softcap``; Liger's DPO loss has none and
-fails its gate), gated against the float64 reference with the cap.
+fails its gate), gated against the float64 reference with the cap; a provider named ``X_uncapped``
+(``triton_uncapped``, ``one_pass_uncapped``) runs without it, so the cap's cost is a ratio of one run.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch
 
 import robalign
 from gpu_harness import environment, gate, matmul_rate, measure_providers, versus, write_json
-from peers import reference_dora_dpo, trl_fused_logps
+from peers import reference_dora_dpo, split_uncapped, trl_fused_logps
 from shapes import MODELS
 
 SEQS = 16
@@ -135,6 +136,7 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
     passes = 3 if mode == "fwdbwd" else 1
 
     def make(provider):
+        provider, cap = split_uncapped(provider, softcap)
         if provider.startswith("matmul_floor"):
             rows = tokens if provider == "matmul_floor" else scored
             h, w = hidden.detach().reshape(tokens, hidden_size)[:rows], weight.detach()
@@ -143,45 +145,46 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
             g = torch.randn(rows, vocab, device=device, dtype=dtype)
             return lambda: (h @ w.T, g @ w, g.T @ h)
         if provider.startswith("liger_dpo"):
-            if softcap is not None:
+            if cap is not None:
                 raise ValueError("Liger's DPO loss takes no soft-cap")
             return liger_step(hidden, weight, labels, ref_hidden, mode, int(provider.rsplit("c", 1)[1]))
         if provider in LOSS_PROVIDERS:
             def loss_step():
-                loss = dora_loss(provider, hidden, weight, labels, ref_logps, kernel, softcap)
+                loss = dora_loss(provider, hidden, weight, labels, ref_logps, kernel, cap)
                 return loss if mode == "fwd" else torch.autograd.grad(loss, (hidden, weight))
             return torch.no_grad()(loss_step) if mode == "fwd" else loss_step
 
         def step():
-            logps = logps_of(provider, hidden, weight, labels, softcap)
+            logps = logps_of(provider, hidden, weight, labels, cap)
             if mode == "fwd":
                 return logps
             return torch.autograd.grad((logps * coeff).sum(), (hidden, weight))
         return torch.no_grad()(step) if mode == "fwd" else step
 
     def check(provider):
+        provider, cap = split_uncapped(provider, softcap)
         if provider.startswith(("matmul_floor", "liger_dpo")):
             return None                       # not log-prob providers: a floor, and a loss (checked against TRL in tests)
         if provider in LOSS_PROVIDERS:
-            return check_loss(provider)
+            return check_loss(provider, cap)
         h = hidden.detach()[:1].clone().requires_grad_(mode == "fwdbwd")
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            logps = logps_of(provider, h, weight.detach(), labels[:1], softcap)
+            logps = logps_of(provider, h, weight.detach(), labels[:1], cap)
             got = (logps,) if mode == "fwd" else (logps, torch.autograd.grad(logps.sum(), h)[0])
         want_h = hidden.detach()[:1].double().requires_grad_(True)
         want, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:1],
-                                                           logit_softcap=softcap)
+                                                           logit_softcap=cap)
         want_all = (want,) if mode == "fwd" else (want, torch.autograd.grad(want.sum(), want_h)[0])
         # bfloat16 head: the logits of a bfloat16 matmul carry ~2⁻⁸ relative error each
         return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
 
-    def check_loss(provider):
+    def check_loss(provider, cap):
         """The loss and grad_hidden of the first pair against the float64 reference composition."""
         h = hidden.detach()[:2].clone().requires_grad_(mode == "fwdbwd")
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            loss = dora_loss(provider, h, weight.detach(), labels[:2], ref_logps[:2], kernel, softcap)
+            loss = dora_loss(provider, h, weight.detach(), labels[:2], ref_logps[:2], kernel, cap)
             got = (loss,) if mode == "fwd" else (loss, torch.autograd.grad(loss, h)[0])
-        want = reference_dora_dpo(hidden[:2], weight, labels[:2], ref_logps[:2], softcap=softcap)
+        want = reference_dora_dpo(hidden[:2], weight, labels[:2], ref_logps[:2], softcap=cap)
         want_all = want[:1] if mode == "fwd" else want[:2]
         return gate(got, want_all, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
 
@@ -195,7 +198,7 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
         if "median_ms" in r:
             r.update({f"vs_{k}": r["median_ms"] / v for k, v in floors.items()})
     return [{"mode": mode, "tokens": tokens, "scored_tokens": scored, "masked": masked, "padding": padding,
-             "hidden": hidden_size, "vocab": vocab, "softcap": softcap, **r} for r in rows]
+             "hidden": hidden_size, "vocab": vocab, "softcap": split_uncapped(r["provider"], softcap)[1], **r} for r in rows]
 
 
 def print_table(rows, baseline="trl_fused"):

@@ -23,6 +23,15 @@ def trl_logps(logits, labels):
     return selective_log_softmax(logits, labels.clamp(min=0), row_mask=mask).sum(-1)
 
 
+UNCAPPED = "_uncapped"           # a provider's suffix: the same provider without the run's soft-cap
+
+
+def split_uncapped(provider: str, softcap):
+    """``(provider, softcap)`` of a provider name: ``X_uncapped`` is provider ``X`` without the
+    soft-cap (gated without it), so a cap's cost is a ratio of one interleaved run."""
+    return (provider.removesuffix(UNCAPPED), None) if provider.endswith(UNCAPPED) else (provider, softcap)
+
+
 def trl_fused_logps(hidden, weight, labels, softcap=None):
     """TRL 1.16's fused LM head (trl.kernels.ChunkedLogProbFunction) as ``add_fused_lm_head``
     calls it (trl/trainer/utils.py): the scored tokens only where Triton runs, every position

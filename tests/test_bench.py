@@ -107,6 +107,20 @@ def test_soft_capped_linear_benchmark_gates_every_provider_with_the_cap(tmp_path
     assert [r["provider"] for r in record["rows"]] == providers and not any("error" in r for r in record["rows"])
 
 
+def test_gpu_linear_script_gates_every_provider_on_cpu_with_a_soft_cap(tmp_path):
+    """The GPU check's soft-cap stage (gpu_linear.py --softcap) as a CPU smoke run: every provider,
+    capped or ``_uncapped``, passes its gate, and each row records the cap it ran with."""
+    import gpu_linear
+
+    providers = ["naive", "trl_fused", "cpp", "cpp_uncapped", "one_pass", "one_pass_uncapped"]
+    assert gpu_linear.main(["--device", "cpu", "--quick", "--masks", "0.125/0", "--softcap", "3",
+                            "--providers", ",".join(providers), "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gpu_linear_*_softcap3.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["provider"] for r in rows] == providers and not any("error" in r for r in rows)
+    assert [r["softcap"] for r in rows] == [None if p.endswith("_uncapped") else 3.0 for p in providers]
+
+
 @pytest.mark.slow
 def test_dro_sets_benchmark_records_every_configuration(tmp_path):
     import cpu_dro_sets
