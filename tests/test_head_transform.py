@@ -47,6 +47,21 @@ KERNEL_TRANSFORMS = [pytest.param(dict(scale=0.7, softcap=2.0), id="softcap"),
                      pytest.param(dict(scale=1.3, softcap=0.0), id="scale")]
 
 
+def transformed_rows_reference(logits, labels, coeff, scale, cap):
+    """The row kernels' contract in float64 autograd: ``(lse [N], target [N], grad [N, V])`` of the
+    logits ``[B, T, V]`` transformed by ``cap·tanh(scale·z/cap)`` (``scale·z`` for ``cap`` 0), the
+    gradient of ``Σ_n coeff_n·(target_n − lse_n)`` with respect to the raw logits; ignored rows
+    (label −100) are 0."""
+    n, v = labels.numel(), logits.shape[-1]
+    z = logits.double().requires_grad_(True)
+    zt = (cap * torch.tanh(scale * z / cap) if cap else scale * z).reshape(n, v)
+    keep = labels != -100
+    lse = torch.where(keep, torch.logsumexp(zt, -1), 0.0)
+    target = torch.where(keep, zt.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    torch.where(keep, (target - lse) * coeff.double(), 0.0).nansum().backward()
+    return lse.detach(), target.detach(), z.grad.reshape(n, v)
+
+
 def _rows(backend):
     from robalign.ops.registry import get
 
@@ -72,13 +87,8 @@ def test_row_kernels_apply_the_transform(backend, transform, inplace):
     if cap:
         logits[1, 2, 11] = float("nan")
     coeff = torch.randn(6, generator=gen)
-    z = logits.double().requires_grad_(True)
-    zt = cap * torch.tanh(scale * z / cap) if cap else scale * z
-    flat = zt.reshape(6, v)
+    lse_want, tgt_want, want = transformed_rows_reference(logits, labels, coeff, scale, cap)
     keep = labels != -100
-    lse_want = torch.where(keep, torch.logsumexp(flat, -1), 0.0)
-    tgt_want = torch.where(keep, flat.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1), 0.0)
-    torch.where(keep, (tgt_want - lse_want) * coeff.double(), 0.0).nansum().backward()
 
     name, device = backend
     rows = _rows(backend)
@@ -88,10 +98,9 @@ def test_row_kernels_apply_the_transform(backend, transform, inplace):
     rows.rows_softmax_grad(x, labels.to(device), lse, coeff.to(device), -100, out, scale=scale, softcap=cap)
     finite = torch.isfinite(lse_want)
     assert torch.equal(finite, torch.isfinite(lse.cpu())), "the same rows are finite"
-    torch.testing.assert_close(lse.cpu().double()[finite], lse_want.detach()[finite], rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(target.cpu().double()[finite], tgt_want.detach()[finite], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double()[finite], lse_want[finite], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(target.cpu().double()[finite], tgt_want[finite], rtol=1e-6, atol=1e-5)
     g = out.cpu().double().reshape(6, v)
-    want = z.grad.reshape(6, v)
     rows_ok = finite & keep
     torch.testing.assert_close(g[rows_ok], want[rows_ok], rtol=1e-5, atol=1e-6)
     assert (g[~keep] == 0).all()

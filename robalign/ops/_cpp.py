@@ -44,15 +44,20 @@ def cpu_archs() -> list[str]:
     return [name for name, (_, needs) in ARCHS.items() if set(needs) <= flags]
 
 
-def compile_args(arch: str | None = None) -> list[str]:
-    """-O3 and the vector flags of ``arch`` (an entry of :data:`ARCHS`); by default the widest this
-    CPU runs, or ``$ROBALIGN_CPU_ARCH`` (``generic`` e.g. to build a wheel for other machines)."""
-    arch = arch or os.environ.get("ROBALIGN_CPU_ARCH", "native")
+def build_arch() -> str:
+    """The entry of :data:`ARCHS` the extension is built for: ``$ROBALIGN_CPU_ARCH`` (``generic``
+    e.g. to build a wheel for other machines), by default (``native``) the widest this CPU runs."""
+    arch = os.environ.get("ROBALIGN_CPU_ARCH", "native")
     if arch == "native":
-        arch = cpu_archs()[0]
+        return cpu_archs()[0]
     if arch not in ARCHS:
         raise ValueError(f"ROBALIGN_CPU_ARCH must be 'native' or one of {sorted(ARCHS)}, got {arch!r}")
-    return ["-O3", *ARCHS[arch][0]]
+    return arch
+
+
+def compile_args(arch: str | None = None) -> list[str]:
+    """-O3 and the vector flags of ``arch`` (an entry of :data:`ARCHS`; default :func:`build_arch`)."""
+    return ["-O3", *ARCHS[arch or build_arch()][0]]
 
 
 def build_dir() -> Path:
