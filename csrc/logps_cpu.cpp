@@ -83,15 +83,21 @@ Vec fast_tanh(Vec x) {
   return Vec::blendv(t, Vec(0.f) - t, x < Vec(0.f));
 }
 
-// The head's logit transform z' = cap * tanh(scale * z / cap) (scale * z when cap == 0).
+// The head's logit transform z' = cap * tanh(scale * z / cap) (scale * z when cap == 0); its scalar
+// form takes the vector tanh's lanes, so a row's label sees the same tanh as the row.
 struct Transform {
   float scale, cap;
   bool identity() const { return scale == 1.f && cap == 0.f; }
-  float value(float z) const { return cap != 0.f ? cap * std::tanh(z * (scale / cap)) : scale * z; }
+  float tanh_of(float z) const {
+    float lanes[Vec::size()];
+    fast_tanh(Vec(z * (scale / cap))).store(lanes);
+    return lanes[0];
+  }
+  float value(float z) const { return cap != 0.f ? cap * tanh_of(z) : scale * z; }
   // dz'/dz
   float slope(float z) const {
     if (cap == 0.f) return scale;
-    const float t = std::tanh(z * (scale / cap));
+    const float t = tanh_of(z);
     return scale * (1.f - t * t);
   }
 };
