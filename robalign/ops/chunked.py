@@ -47,13 +47,15 @@ def _row_chunks(*rows3d: Tensor) -> Iterator[tuple[int, list[Tensor]]]:
             yield i * t + start, [x[i, start:start + per_chunk] for x in rows3d]
 
 
-def _transformed(z: Tensor, scale: float, softcap: float) -> tuple[Tensor, Tensor | float]:
-    """``(z', dz'/dz)`` in float32: ``softcap·tanh(scale·z/softcap)`` (``scale·z`` without a cap)."""
+def _transformed(z: Tensor, scale: float, softcap: float, slope: bool = False):
+    """``z'`` in float32: ``softcap·tanh(scale·z/softcap)`` (``scale·z`` without a cap); with
+    ``slope``, ``(z', dz'/dz)`` (the backward's; the forward skips its ``[C, V]`` buffer)."""
     z = z.float()
-    if softcap:
-        t = torch.tanh(z * (scale / softcap))
-        return t * softcap, (1.0 - t.square()).mul_(scale)
-    return (z * scale if scale != 1.0 else z), scale
+    if not softcap:
+        zt = z * scale if scale != 1.0 else z
+        return (zt, scale) if slope else zt
+    t = torch.tanh(z * (scale / softcap))
+    return (t * softcap, (1.0 - t.square()).mul_(scale)) if slope else t.mul_(softcap)
 
 
 def _lse_target(rows3d: Tensor, labels: Tensor, scored: Tensor, scale: float, softcap: float) -> tuple[Tensor, Tensor]:
@@ -64,7 +66,7 @@ def _lse_target(rows3d: Tensor, labels: Tensor, scored: Tensor, scale: float, so
         end = start + z.shape[0]
         y, keep = labels[start:end], scored[start:end]
         in_range = (y >= 0) & (y < z.shape[-1])             # else NaN, never an out-of-bounds read
-        z, _ = _transformed(z, scale, softcap)
+        z = _transformed(z, scale, softcap)
         chunk_lse = torch.logsumexp(z, dim=-1)
         chunk_target = z.gather(-1, torch.where(keep & in_range, y, 0).unsqueeze(-1)).squeeze(-1)
         lse[start:end] = torch.where(keep, chunk_lse, 0.0)
@@ -96,7 +98,7 @@ def rows_softmax_grad(logits3d: Tensor, labels: Tensor, lse: Tensor, coeff: Tens
     for start, (z, out) in _row_chunks(logits3d, out3d):
         end = start + z.shape[0]
         c_chunk = c[start:end, None]
-        zt, slope = _transformed(z, scale, softcap)
+        zt, slope = _transformed(z, scale, softcap, slope=True)
         g = (zt - lse[start:end, None]).exp_().mul_(-c_chunk)
         g.scatter_add_(-1, torch.where((c_chunk != 0) & valid[start:end, None], y[start:end, None], 0),
                        torch.where(valid[start:end, None], c_chunk, float("nan")))
