@@ -9,7 +9,7 @@ default) turns ℓ and w into the trained scalar, exactly over ranks (``reduce``
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -82,6 +82,12 @@ class DoRAOutput(DoRASamples):
 
     loss: torch.Tensor = None
     dro: DROStats = None
+
+    @classmethod
+    def of(cls, samples: DoRASamples, loss: torch.Tensor, dro: DROStats) -> DoRAOutput:
+        """``samples`` with ``loss`` and ``dro``. Field by field: ``torch.compile`` on torch 2.11
+        cannot trace ``vars()`` of a dataclass (``fullgraph`` fails)."""
+        return cls(**{f.name: getattr(samples, f.name) for f in fields(samples)}, loss=loss, dro=dro)
 
 
 class DoRALoss(nn.Module):
@@ -356,10 +362,10 @@ class DoRALoss(nn.Module):
         if accumulator is not None:
             surrogate = accumulator(samples.losses, samples.weights, **grouped)
             loss = surrogate + (accumulator.loss_value.to(surrogate) - surrogate).detach()
-            return DoRAOutput(**vars(samples), loss=loss, dro=accumulator.stats())
+            return DoRAOutput.of(samples, loss, accumulator.stats())
         loss, stats = self.reduction.reduce(samples.losses, samples.weights, group=self.process_group,
                                             ddp_average=self.ddp_average, **grouped)
-        return DoRAOutput(**vars(samples), loss=loss, dro=stats)
+        return DoRAOutput.of(samples, loss, stats)
 
     def group_kwargs(self, samples: DoRASamples) -> dict:
         """``{"group_ids": ...}`` for a reduction that reads them (:class:`robalign.GroupDRO`), else
