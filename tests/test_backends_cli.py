@@ -37,6 +37,23 @@ def test_forced_triton_on_cpu_without_interpreter_says_so(monkeypatch):
         robalign.sequence_logps(z, y, backend="triton")
 
 
+@pytest.mark.parametrize("triton, numpy, refused", [((3, 6), (2, 4), True), ((3, 6), (2, 3), False),
+                                                   ((3, 7), (2, 5), False), ((3, 9), (), False)])
+def test_forced_triton_under_an_interpreter_that_cannot_index_says_so(monkeypatch, triton, numpy, refused):
+    """Triton ≤ 3.6's interpreter with numpy ≥ 2.4 fails inside every kernel ("only 0-dimensional
+    arrays can be converted to Python scalars"); the backend says why before a kernel runs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_release", {"triton": triton, "numpy": numpy}.get)
+    z = torch.zeros(1)
+    if not refused:
+        assert backends.resolve("f", "triton", z).name == "triton"
+        return
+    with pytest.raises(backends.BackendUnavailable, match=r"f: backend 'triton': Triton 3\.6's interpreter .* "
+                                                          r"numpy 2\.4: it needs numpy<2\.4 or triton>=3\.7"):
+        backends.resolve("f", "triton", z)
+    assert backends.get("triton").missing(torch.device("cuda")) is None        # compiled kernels: no interpreter
+
+
 def test_auto_uses_reference_for_float64():
     assert backends.resolve("f", "auto", torch.zeros(1, dtype=torch.float64)).name == "reference"
 

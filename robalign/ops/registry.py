@@ -24,7 +24,9 @@ falls back silently.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -35,7 +37,7 @@ from typing import Callable
 import torch
 
 __all__ = ["Backend", "BackendUnavailable", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "KERNEL_DTYPES", "get",
-           "resolve", "default_backend", "triton_interpret"]
+           "resolve", "default_backend", "triton_interpret", "interpreter_conflict"]
 
 ENV_VAR = "ROBALIGN_BACKEND"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,12 +93,37 @@ def _load(path: str) -> ModuleType:
     return module if module is not None else importlib.import_module(path)
 
 
+@functools.lru_cache(maxsize=None)
+def _release(package: str) -> tuple[int, ...]:
+    """``(major, minor)`` of an installed ``package`` (read from its metadata, not imported), or ``()``."""
+    try:
+        return tuple(int(part) for part in importlib.metadata.version(package).split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return ()
+
+
+def interpreter_conflict() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed numpy, or ``None``:
+    Triton ≤ 3.6 turns a tensor loop bound into an int with ``int()`` of a one-element array, which
+    numpy ≥ 2.4 refuses (Triton 3.7 squeezes it first)."""
+    triton, numpy = _release("triton"), _release("numpy")
+    if triton and numpy and triton < (3, 7) and numpy >= (2, 4):
+        return (f"Triton {'.'.join(map(str, triton))}'s interpreter (TRITON_INTERPRET=1) cannot run the kernels with "
+                f"numpy {'.'.join(map(str, numpy))}: it needs numpy<2.4 or triton>=3.7 (its loop bounds call int() "
+                f"on one-element arrays, which numpy 2.4 refuses)")
+    return None
+
+
 def _triton_missing(device: torch.device) -> str | None:
     if not HAS_TRITON:
         return "backend 'triton' needs the `triton` package: pip install triton"
     if device.type == "cpu" and not triton_interpret():
         return ("backend 'triton' runs on CUDA tensors; CPU tensors need the Triton interpreter "
                 "(set TRITON_INTERPRET=1 before importing triton)")
+    if device.type == "cpu":
+        conflict = interpreter_conflict()
+        if conflict is not None:
+            return f"backend 'triton': {conflict}"
     return None
 
 
