@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.robalign-installed
 # importable, so an existing (e.g. CUDA) torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-gpu-versions install clean
 
 demo: $(STAMP)
 	$(PY) -m robalign demo
@@ -16,6 +16,10 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 install: $(STAMP)
+
+# The suite under the lent GPU machine's versions (torch 2.11, Triton 3.6, ...), on CPU: .ci/gpu_versions
+test-gpu-versions:
+	bash .ci/gpu_versions
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,4 +33,4 @@ $(STAMP): setup.py Makefile $(wildcard csrc/*.cpp) | $(PY)
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-gpu-versions build *.egg-info
