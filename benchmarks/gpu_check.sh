@@ -31,6 +31,8 @@
 # this checkout's. The machine has no network: wheels of what it lacks (TRL, accelerate,
 # Liger-Kernel, Cut Cross-Entropy, datasets and two of its dependencies) are in
 # benchmarks/wheels/ and installed, without dependencies, only where not importable.
+# Before a GPU session, `make test-gpu-versions` runs the test suite on CPU under this machine's
+# versions (torch 2.11, Triton 3.6, transformers 5.17): what they refuse is found there, not here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=benchmarks/results
