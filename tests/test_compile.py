@@ -1,0 +1,103 @@
+"""``torch.compile`` of a DoRALoss step across its configurations, on CPU with the C++ backend (a
+Triton op is traced only on a GPU: ``tests/test_logits_backends.py`` runs that one there).
+
+What is one graph (``fullgraph=True``) — the KL-DRO family, the accumulator, group DRO, every path
+into the ops — must stay one under both version sets (``make test-gpu-versions``: torch 2.11's
+Dynamo refused a step that torch 2.13's took). What reads values on the host by design compiles
+with graph breaks: the ambiguity sets solve for their dual on the host, and WPO's weights come from
+a chunked pass over the scored tokens. Every compiled step gives the eager loss and gradients.
+"""
+
+import pytest
+import torch
+
+import robalign
+from robalign import CVaR, Chi2Ball, GroupDRO, KLBall, KLDROAccumulator
+
+pytestmark = pytest.mark.slow
+
+S, T, V, H = 8, 5, 33, 12
+GROUP_IDS = torch.tensor([0, 1, 0, 1])
+
+
+def batch():
+    """Hidden states and a head for S = 8 sequences (4 pairs): a 2-token prompt everywhere, one
+    all-ignored row, reference log-probs, DoRA probabilities and scores."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(V, (S, T), generator=gen)
+    labels[:, :2] = -100
+    labels[5] = -100
+    return dict(hidden=torch.randn(S, T, H, generator=gen), weight=torch.randn(V, H, generator=gen) / 4,
+                labels=labels, ref_logps=torch.randn(S, generator=gen), probs=torch.rand(S, generator=gen),
+                scores=torch.randn(S, generator=gen))
+
+
+def loss(objective="dpo", backend="cpp", **kw):
+    return lambda: robalign.DoRALoss(objective, backend=backend, **kw)
+
+
+# name: (a fresh loss, the batch's extra inputs, logits instead of hidden states, an accumulator)
+ONE_GRAPH = {
+    "one-pass, a mixture, DoRA weights": (loss("dpo+0.5*sft", alpha=0.3), ("probs",), False, False),
+    "one-pass, reference-free, weighted mean": (loss("simpo", lam=float("inf")), (), False, False),
+    "one-pass, soft minimum, soft-capped head": (loss(lam=-0.5, logit_softcap=3.0), (), False, False),
+    "one-pass, exact accumulator": (loss(lam=0.7), (), False, True),
+    "recompute path, exact accumulator": (loss(lam=0.7, one_pass=False), (), False, True),
+    "logits path, listwise with scores": (loss("plackett_luce", group_size=4), ("scores",), True, False),
+    "group DRO": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=GroupDRO(2, 0.1)), ("group_ids",),
+                  False, False),
+    "chunked PyTorch backend": (loss(backend="torch", alpha=0.3), ("probs",), False, False),
+}
+GRAPH_BREAKS = {
+    "KL ball": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=KLBall(0.5)), (), False, False),
+    "chi-square ball": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=Chi2Ball(0.5)), (), False, False),
+    "CVaR": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=CVaR(0.3)), (), False, False),
+    "WPO weights": (loss(wpo=True), (), False, False),
+}
+
+
+def run(case, compiled, fullgraph):
+    """The loss and the gradients of hidden states and head of one step of ``case``."""
+    make, extra, from_logits, with_acc = case
+    b = batch()
+    loss_fn = make()
+    inputs = {name: GROUP_IDS if name == "group_ids" else b[name] for name in extra}
+    if with_acc:
+        inputs["accumulator"] = KLDROAccumulator([torch.nn.Parameter(torch.zeros(()))], lam=0.7)
+
+    def step(h, w):
+        head = dict(logits=h @ w.T) if from_logits else dict(hidden=h, head_weight=w)
+        return loss_fn(**head, labels=b["labels"], ref_logps=b["ref_logps"], **inputs).loss
+
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(step, fullgraph=fullgraph, backend="aot_eager")
+    h, w = b["hidden"].requires_grad_(True), b["weight"].requires_grad_(True)
+    value = step(h, w)
+    (2.0 * value).backward()
+    return value.detach(), h.grad, w.grad
+
+
+def assert_compiled_equals_eager(case, fullgraph):
+    # aot_eager runs the traced float32 ATen ops (the kernel op opaque, as in eager): the same
+    # arithmetic up to the order of a few sums, hence 1e-6 and not 0
+    for got, want in zip(run(case, True, fullgraph), run(case, False, fullgraph)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ONE_GRAPH)
+def test_one_graph(name):
+    assert_compiled_equals_eager(ONE_GRAPH[name], fullgraph=True)
+
+
+@pytest.mark.parametrize("name", GRAPH_BREAKS)
+def test_with_graph_breaks(name):
+    assert_compiled_equals_eager(GRAPH_BREAKS[name], fullgraph=False)
+
+
+def test_what_reads_the_host_is_not_one_graph():
+    """The graph-break cases do break the graph: were one of them to trace whole, it belongs in
+    ONE_GRAPH (and the README's list of what compiles as one graph)."""
+    for name, case in GRAPH_BREAKS.items():
+        with pytest.raises(Exception, match="data-dependent"):
+            run(case, True, fullgraph=True)
