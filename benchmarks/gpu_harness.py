@@ -55,6 +55,14 @@ def host_seconds(fn, device, calls: int = 10) -> float:
     return seconds
 
 
+def failure(err: Exception, device) -> dict:
+    """``{"error": ...}`` of a provider that raised: its type and first line (memory freed)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    return {"error": f"{type(err).__name__}: {first}"}
+
+
 def measure(fn, device) -> dict:
     """Time (ms: median, p20, p80), host µs per call and peak MiB above the inputs of ``fn``;
     ``{"error": ...}`` when it fails (out of memory, a provider's missing API), so one provider
@@ -64,10 +72,7 @@ def measure(fn, device) -> dict:
         host = host_seconds(fn, device)
         peak = peak_above(fn, device)
     except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        first = (str(err).strip().splitlines() or [""])[0][:160]
-        return {"error": f"{type(err).__name__}: {first}"}
+        return failure(err, device)
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"median_ms": t["median_s"] * 1e3, "p20_ms": t["p20_s"] * 1e3, "p80_ms": t["p80_s"] * 1e3,
@@ -87,7 +92,8 @@ def gate(got, want, rtol, atol) -> str | None:
 def measure_providers(providers, make_step, device, label: str, derive, check=None) -> list[dict]:
     """One row per provider: ``check(provider)`` (the correctness gate: an error message or None),
     then ``make_step(provider)`` timed by :func:`measure` (or the ImportError of a provider that is
-    not installed), plus ``derive(seconds)`` metrics when it ran."""
+    not installed, or what a provider raised in its gate: out of memory, a kernel its Triton cannot
+    run), plus ``derive(seconds)`` metrics when it ran."""
     import sys
 
     rows = []
@@ -97,6 +103,8 @@ def measure_providers(providers, make_step, device, label: str, derive, check=No
             step = None if error else make_step(provider)
         except ImportError as err:
             row = {"error": f"not importable ({err})"}
+        except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
+            row = failure(err, device)
         else:
             row = {"error": error} if error else measure(step, device)
         if "median_ms" in row:

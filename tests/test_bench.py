@@ -155,3 +155,24 @@ def test_a_record_is_dirty_for_changed_code_not_for_changed_records(tmp_path, mo
     assert harness.git_state()["dirty"] is False
     (bench / "gpu_harness.py").write_text((bench / "gpu_harness.py").read_text() + "\n# changed\n")
     assert harness.git_state()["dirty"] is True
+
+
+def test_a_provider_that_raises_in_its_gate_is_a_failed_row_not_the_end_of_the_sweep():
+    """A GPU stage runs many providers; one that raises while it is gated (out of memory, a kernel
+    its Triton cannot launch) is a row that says so, and the providers after it still run."""
+    import gpu_harness
+
+    def check(provider):
+        if provider == "broken":
+            raise RuntimeError("0 active drivers ([]). There should only be one.\nmore")
+        if provider == "absent":
+            raise ImportError("No module named 'absent'")
+        return "failed the correctness gate: output 0 differs" if provider == "wrong" else None
+
+    rows = gpu_harness.measure_providers(["broken", "absent", "wrong", "fine"], lambda p: (lambda: None), "cpu",
+                                         "test", lambda s: {"derived": s}, check)
+    assert [r["provider"] for r in rows] == ["broken", "absent", "wrong", "fine"]
+    assert rows[0]["error"] == "RuntimeError: 0 active drivers ([]). There should only be one."
+    assert rows[1]["error"] == "not importable (No module named 'absent')"
+    assert rows[2]["error"].startswith("failed the correctness gate")
+    assert "error" not in rows[3] and rows[3]["median_ms"] >= 0 and "derived" in rows[3]
