@@ -106,6 +106,15 @@ def measure(provider: str, step, repeat: int, check=None) -> dict:
     return {"provider": provider, "times_s": times, "peak_above_inputs_mb": max(0.0, status_mb("VmHWM") - baseline)}
 
 
+def child_result(provider: str, out: subprocess.CompletedProcess) -> dict:
+    """A child's JSON row, or ``{"error": ...}`` with its exit status and last line of stderr when
+    it crashed (one provider cannot end a sweep)."""
+    if out.returncode == 0:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    last = (out.stderr.strip().splitlines() or [""])[-1][:160]
+    return {"provider": provider, "error": f"exited with status {out.returncode}: {last}"}
+
+
 def run_providers(script: str, providers, child_args, env_for=None, rounds: int = 1) -> list[dict]:
     """Run ``script --child PROVIDER child_args...`` in a fresh process per provider, ``rounds``
     times, the providers interleaved within each round (so a slow minute of a shared machine hits
@@ -115,9 +124,9 @@ def run_providers(script: str, providers, child_args, env_for=None, rounds: int 
         for provider in providers:
             env = env_for(provider) if env_for else None
             cmd = [sys.executable, script, "--child", provider, *map(str, child_args)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                  env=None if env is None else dict(os.environ, **env))
-            runs[provider].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[provider].append(child_result(provider, out))
     rows = []
     for provider, results in runs.items():
         failed = next((r for r in results if "error" in r), None)

@@ -176,3 +176,19 @@ def test_a_provider_that_raises_in_its_gate_is_a_failed_row_not_the_end_of_the_s
     assert rows[1]["error"] == "not importable (No module named 'absent')"
     assert rows[2]["error"].startswith("failed the correctness gate")
     assert "error" not in rows[3] and rows[3]["median_ms"] >= 0 and "derived" in rows[3]
+
+
+def test_a_cpu_provider_whose_process_crashes_is_a_failed_row(tmp_path):
+    """CPU providers run in fresh processes; one that crashes (a segfault, an exception outside its
+    gate) is a row with its exit status and last line of stderr, and the others still run."""
+    import cpu_harness
+
+    script = tmp_path / "child.py"
+    script.write_text("import json, sys\n"
+                      "provider = sys.argv[2]\n"
+                      "if provider == 'crash':\n"
+                      "    raise SystemExit('RuntimeError: the kernel faulted')\n"
+                      "print(json.dumps({'provider': provider, 'times_s': [0.5, 0.25], 'peak_above_inputs_mb': 1.0}))\n")
+    rows = cpu_harness.run_providers(str(script), ["crash", "fine"], [], rounds=2)
+    assert rows[0] == {"provider": "crash", "error": "exited with status 1: RuntimeError: the kernel faulted"}
+    assert rows[1]["provider"] == "fine" and rows[1]["median_s"] == pytest.approx(0.375)
