@@ -32,8 +32,9 @@ def batch():
                 scores=torch.randn(S, generator=gen))
 
 
-def loss(objective="dpo", backend="cpp", **kw):
-    return lambda: robalign.DoRALoss(objective, backend=backend, **kw)
+def loss(objective="dpo", backend="cpp", reduction=None, **kw):
+    """A maker of fresh losses (and of a fresh ``reduction()``: group DRO keeps state across steps)."""
+    return lambda: robalign.DoRALoss(objective, backend=backend, reduction=reduction and reduction(), **kw)
 
 
 # name: (a fresh loss, the batch's extra inputs, logits instead of hidden states, an accumulator)
@@ -44,14 +45,13 @@ ONE_GRAPH = {
     "one-pass, exact accumulator": (loss(lam=0.7), (), False, True),
     "recompute path, exact accumulator": (loss(lam=0.7, one_pass=False), (), False, True),
     "logits path, listwise with scores": (loss("plackett_luce", group_size=4), ("scores",), True, False),
-    "group DRO": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=GroupDRO(2, 0.1)), ("group_ids",),
-                  False, False),
+    "group DRO": (loss(reduction=lambda: GroupDRO(2, 0.1)), ("group_ids",), False, False),
     "chunked PyTorch backend": (loss(backend="torch", alpha=0.3), ("probs",), False, False),
 }
 GRAPH_BREAKS = {
-    "KL ball": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=KLBall(0.5)), (), False, False),
-    "chi-square ball": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=Chi2Ball(0.5)), (), False, False),
-    "CVaR": (lambda: robalign.DoRALoss("dpo", backend="cpp", reduction=CVaR(0.3)), (), False, False),
+    "KL ball": (loss(reduction=lambda: KLBall(0.5)), (), False, False),
+    "chi-square ball": (loss(reduction=lambda: Chi2Ball(0.5)), (), False, False),
+    "CVaR": (loss(reduction=lambda: CVaR(0.3)), (), False, False),
     "WPO weights": (loss(wpo=True), (), False, False),
 }
 

@@ -117,14 +117,13 @@ def interpreter_conflict() -> str | None:
 def _triton_missing(device: torch.device) -> str | None:
     if not HAS_TRITON:
         return "backend 'triton' needs the `triton` package: pip install triton"
-    if device.type == "cpu" and not triton_interpret():
+    if device.type != "cpu":
+        return None
+    if not triton_interpret():
         return ("backend 'triton' runs on CUDA tensors; CPU tensors need the Triton interpreter "
                 "(set TRITON_INTERPRET=1 before importing triton)")
-    if device.type == "cpu":
-        conflict = interpreter_conflict()
-        if conflict is not None:
-            return f"backend 'triton': {conflict}"
-    return None
+    conflict = interpreter_conflict()
+    return None if conflict is None else f"backend 'triton': {conflict}"
 
 
 def _cpp_missing(device: torch.device) -> str | None:
