@@ -1,0 +1,174 @@
+"""Combinatorial, at the level of the loss: seeded compositions of ``DoRALoss`` — objective,
+reduction, padded or packed rows, head transform, bias, reference source, WPO / LD-DPO /
+reference-free, DoRA weights from probabilities or given weights, float32 or bfloat16, one chunk
+of tokens or several — on every path (materialised logits, the recompute linear path, the
+one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
+weight, bias) of the float64 reference backend on the same values. The per-axis tests (test_one_pass, test_head_transform, test_loss,
+test_weights_dro, test_ambiguity, ...) pin each feature; this one looks for a wrong interaction.
+
+Tolerances, with the reason:
+- float32: the kernels accumulate in float32 over at most V·T = 40·7 terms per sequence and the
+  reduction over at most 12 samples, so errors stay near 100·2⁻²⁴ ≈ 6e-6 of the values' scale:
+  5e-5 of max(|loss|, 1) for the loss and of each gradient's largest element for the gradient
+  (measured over the 576 cases of the thorough run: 1.9e-6 and 8.6e-6);
+- bfloat16: the head's logits are rounded to 8 significant bits (relative 2⁻⁹) before the row
+  kernels read them, as in any bfloat16 head, and every gradient is rounded once to bfloat16, so
+  against float64 only 5e-2 of the scale is promised (measured: 3.4e-3 loss, 1.5e-2 gradients). The
+  backends are then compared with one another on the same path, where they read the same
+  bfloat16 logits (one ATen matmul): 1e-5 for the loss (float32 accumulation) and 2⁻⁷ of each
+  gradient's largest element (two bfloat16 roundings of one float32 value, 2⁻⁸ each; measured:
+  5.9e-7 and 1.1e-4).
+Three cases per objective (72, ~15 s), each case's choices seeded by its number so every run
+tests the same ones; ``HYPOTHESIS_PROFILE=thorough`` (the property tests' switch) makes 24 (~2 min).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+import robalign
+from robalign.losses import objectives as O
+from robalign.losses.reductions import CVaR, Chi2Ball, GroupDRO, KLBall, KLDRO
+from robalign.ops import linear, one_pass
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+CASES_PER_OBJECTIVE = 24 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 3
+TRANSFORMS = [{}, {}, dict(logit_softcap=3.0), dict(logit_scale=0.7, logit_temperature=1.3)]
+# objective -> candidates per sample (1: unpaired, the label in `scores`)
+OBJECTIVES = {"dpo": 2, "ipo": 2, "robust": 2, "hinge": 2, "exo_pair": 2, "nca_pair": 2, "bco_pair": 2,
+              "sppo_hard": 2, "apo_zero": 2, "apo_down": 2, "discopop": 2, "dpo_norm": 2, "ipo_norm": 2,
+              "simpo": 2, "cpo": 2, "orpo": 2, "sft": 2, "dpo+0.5*sft": 2, "dpo:js_divergence": 2,
+              "plackett_luce": 3, "rrhf": 3, "lire": 3, "kto": 1, "apo_zero_unpaired": 1}
+REDUCTIONS = {"kl 1": lambda: KLDRO(1.0), "kl 0.5": lambda: KLDRO(0.5), "kl inf": lambda: KLDRO(float("inf")),
+              "kl -2": lambda: KLDRO(-2.0), "kl ball": lambda: KLBall(0.5), "chi2 ball": lambda: Chi2Ball(1.0),
+              "cvar": lambda: CVaR(0.4), "group dro": lambda: GroupDRO(num_groups=2, step_size=0.5)}
+LISTWISE = ("plackett_luce", "rrhf", "lire")
+LD_OBJECTIVES = ("dpo", "ipo", "robust")                 # LD-DPO on a few pairwise objectives
+KERNELS = [("cpp", "cpu"), ("torch", DEV), ("triton", DEV)]
+
+
+def make_case(objective: str, n: int) -> dict:
+    """Case ``n`` of ``objective``: the reduction cycles with ``n``; the rest of the composition,
+    the shapes and the values are drawn from generators seeded with ``n``. Tensors are float64,
+    rounded once to the case's dtype."""
+    rng = random.Random(n)
+    gen = torch.Generator().manual_seed(n)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)    # noqa: E731
+    uniform = lambda size: torch.rand(size, generator=gen, dtype=torch.float64)       # noqa: E731
+    k = OBJECTIVES[objective]
+    b, t, h, v = rng.randint(2, 4), rng.randint(1, 7), rng.randint(3, 12), rng.randint(2, 40)
+    s = b * k
+    packed = rng.random() < 0.4
+    refs = ["ref_logps", "ref_hidden"]
+    if k > 1 and O.needs_reference(O.resolve(objective)):
+        refs.append("reference_free")
+    ref = rng.choice(refs)
+    pairwise_padded = not packed and k > 1 and objective not in LISTWISE
+    labels = torch.randint(v, (s, t), generator=gen)
+    labels[torch.rand(s, t, generator=gen) < rng.choice([0.0, 0.3, 0.7])] = -100
+    if rng.random() < 0.25:
+        labels[rng.randrange(s)] = -100                                    # an all-ignored row
+    weighting = rng.choice(["none", "probs", "weights"])
+    case = dict(objective=objective, k=k, b=b, reduction=sorted(REDUCTIONS)[n % len(REDUCTIONS)], ref=ref,
+                transform=rng.choice(TRANSFORMS), chunk=rng.choice([10 ** 6, 7, 2]),
+                dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]),
+                wpo=pairwise_padded and ref != "reference_free" and rng.random() < 0.4,
+                ld_alpha=0.5 if pairwise_padded and objective in LD_OBJECTIVES and rng.random() < 0.5 else None)
+    case.update(labels=labels, cu=None, hidden=randn(s, t, h), weight=randn(v, h) * 0.5,
+                bias=randn(v) * 0.1 if rng.random() < 0.35 else None,
+                ref_hidden=randn(s, t, h), ref_weight=randn(v, h) * 0.5, ref_logps=randn(s) * 3,
+                scores=(torch.rand(s, generator=gen) < 0.5).double() if k == 1 else randn(s),
+                group_ids=torch.randint(2, (b,), generator=gen),
+                kl=(randn(b), randn(b)) if objective == "kto" else None,
+                probs=uniform(s) * 0.9 + 0.05 if weighting == "probs" else None,
+                weights=uniform(b) * 2 if weighting == "weights" else None)
+    if packed:
+        lengths = [rng.randint(0, t) for _ in range(s)]
+        for name in ("hidden", "ref_hidden"):
+            case[name] = torch.cat([row[:m] for row, m in zip(case[name], lengths)])
+        case["labels"] = torch.cat([row[:m] for row, m in zip(labels, lengths)])
+        case["cu"] = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    rounded = lambda x: x if x is None else x.to(case["dtype"]).double()            # noqa: E731
+    for name in ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_logps", "probs", "weights"):
+        case[name] = rounded(case[name])
+    case["kl"] = case["kl"] and tuple(rounded(x) for x in case["kl"])
+    return case
+
+
+CASES = [(objective, i * CASES_PER_OBJECTIVE + j) for i, objective in enumerate(sorted(OBJECTIVES))
+         for j in range(CASES_PER_OBJECTIVE)]
+
+
+def run(case, backend, path, dtype, device):
+    """``(loss, [grad hidden, grad weight, grad bias])`` in float64 on the CPU."""
+    loss_fn = robalign.DoRALoss(case["objective"], beta=0.3, reduction=REDUCTIONS[case["reduction"]](),
+                                alpha=0.3 if case["probs"] is not None else None, backend=backend,
+                                one_pass=path == "one_pass", group_size=case["k"] if case["k"] > 1 else None,
+                                wpo=case["wpo"], ld_alpha=case["ld_alpha"],
+                                reference_free=case["ref"] == "reference_free", **case["transform"])
+    to = lambda x: None if x is None else x.to(device, dtype)                        # noqa: E731
+    leaf = lambda x: None if x is None else x.to(device, dtype, copy=True).requires_grad_(True)  # noqa: E731
+    hidden, weight, bias = leaf(case["hidden"]), leaf(case["weight"]), leaf(case["bias"])
+    reference = {"ref_logps": dict(ref_logps=to(case["ref_logps"])), "reference_free": {},
+                 "ref_hidden": dict(ref_hidden=to(case["ref_hidden"]), ref_head_weight=to(case["ref_weight"]))}
+    kl = case["kl"] and dict(kl_logps=to(case["kl"][0]), kl_ref_logps=to(case["kl"][1]))
+    inputs = dict(labels=case["labels"].to(device), cu_seqlens=None if case["cu"] is None else case["cu"].to(device),
+                  probs=to(case["probs"]), weights=to(case["weights"]), scores=to(case["scores"]),
+                  group_ids=case["group_ids"].to(device) if case["reduction"] == "group dro" else None,
+                  **reference[case["ref"]], **(kl or {}))
+    if path == "logits":
+        logits = hidden @ weight.T if bias is None else hidden @ weight.T + bias
+        out = loss_fn(logits=logits, **inputs)
+    else:
+        out = loss_fn(hidden=hidden, head_weight=weight, head_bias=bias, **inputs)
+    out.loss.backward()
+    grads = [x.grad.double().cpu() for x in (hidden, weight, bias) if x is not None]
+    return out.loss.detach().double().cpu(), grads
+
+
+def assert_close(got, want, rtol_loss, rtol_grad, what):
+    """Loss within ``rtol_loss`` of max(|loss|, 1); each gradient within ``rtol_grad`` of its
+    largest element; NaN only where the reference has NaN."""
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=rtol_loss * max(ref_loss.abs().nan_to_num().item(), 1.0),
+                               equal_nan=True, msg=lambda m: f"{what} loss: {m}")
+    for name, g, r in zip(("hidden", "weight", "bias")[:len(ref_grads)], grads, ref_grads, strict=True):
+        scale = r.abs().nan_to_num().max().item() if r.numel() else 0.0
+        torch.testing.assert_close(g, r, rtol=0, atol=rtol_grad * scale + 1e-12, equal_nan=True,
+                                   msg=lambda m, name=name: f"{what} grad {name}: {m}")
+
+
+@pytest.mark.parametrize("objective,n", CASES, ids=[f"{o}-{n}" for o, n in CASES])
+def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective, n, monkeypatch):
+    case = make_case(objective, n)
+    for module in (linear, one_pass):        # one chunk, or several: the one-pass loss's rescaling
+        monkeypatch.setattr(module, "chunk_tokens", lambda vocab, size, device: case["chunk"])
+    want = run(case, "reference", "recompute", torch.float64, "cpu")
+    paths = (["logits"] if not case["transform"] else []) + ["recompute", "one_pass"]
+    bf16 = case["dtype"] == torch.bfloat16
+    for path in paths:
+        results = {}
+        for backend, device in KERNELS:
+            got = results[backend] = run(case, backend, path, case["dtype"], device)
+            assert_close(got, want, 5e-2 if bf16 else 5e-5, 5e-2 if bf16 else 5e-5, (backend, path))
+        if bf16:
+            for backend in ("torch", "triton"):
+                assert_close(results[backend], results["cpp"], 1e-5, 2.0 ** -7, (backend, "cpp", path))
+
+
+def test_the_cases_cover_the_compositions():
+    """The cases hold every objective and reduction, both dtypes and layouts, each head
+    transform, reference source, weighting and chunk size, a bias, WPO and LD-DPO — so the test
+    above is not vacuous for any of them."""
+    cases = [make_case(objective, n) for objective, n in CASES]
+    seen = lambda key: {repr(c[key]) for c in cases}                                 # noqa: E731
+    assert seen("objective") == {repr(o) for o in OBJECTIVES} and seen("reduction") == {repr(r) for r in REDUCTIONS}
+    assert seen("dtype") == {"torch.float32", "torch.bfloat16"} and {c["cu"] is None for c in cases} == {True, False}
+    assert seen("transform") == {repr(t) for t in TRANSFORMS} and seen("wpo") == {"True", "False"}
+    assert seen("ref") == {repr(r) for r in ("ref_logps", "ref_hidden", "reference_free")}
+    assert {c["chunk"] for c in cases} == {10 ** 6, 7, 2} and {c["ld_alpha"] for c in cases} == {None, 0.5}
+    assert {c["bias"] is None for c in cases} == {True, False}
+    assert {(c["probs"] is None, c["weights"] is None) for c in cases} == {(True, True), (False, True), (True, False)}
