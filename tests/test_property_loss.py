@@ -41,7 +41,8 @@ TRANSFORMS = [{}, {}, dict(logit_softcap=3.0), dict(logit_scale=0.7, logit_tempe
 OBJECTIVES = {"dpo": 2, "ipo": 2, "robust": 2, "hinge": 2, "exo_pair": 2, "nca_pair": 2, "bco_pair": 2,
               "sppo_hard": 2, "apo_zero": 2, "apo_down": 2, "discopop": 2, "dpo_norm": 2, "ipo_norm": 2,
               "simpo": 2, "cpo": 2, "orpo": 2, "sft": 2, "dpo+0.5*sft": 2, "dpo:js_divergence": 2,
-              "plackett_luce": 3, "rrhf": 3, "lire": 3, "kto": 1, "apo_zero_unpaired": 1}
+              "aot": 2, "aot_unpaired": 2, "plackett_luce": 3, "rrhf": 3, "lire": 3, "kto": 1,
+              "apo_zero_unpaired": 1}
 REDUCTIONS = {"kl 1": lambda: KLDRO(1.0), "kl 0.5": lambda: KLDRO(0.5), "kl inf": lambda: KLDRO(float("inf")),
               "kl -2": lambda: KLDRO(-2.0), "kl ball": lambda: KLBall(0.5), "chi2 ball": lambda: Chi2Ball(1.0),
               "cvar": lambda: CVaR(0.4), "group dro": lambda: GroupDRO(num_groups=2, step_size=0.5)}
@@ -66,13 +67,15 @@ def make_case(objective: str, n: int) -> dict:
     if k > 1 and O.needs_reference(O.resolve(objective)):
         refs.append("reference_free")
     ref = rng.choice(refs)
-    pairwise_padded = not packed and k > 1 and objective not in LISTWISE
+    coupled = O.is_batch_coupled(O.resolve(objective))          # sorts the batch: no sample weights
+    pairwise_padded = not packed and k > 1 and objective not in LISTWISE and not coupled
     labels = torch.randint(v, (s, t), generator=gen)
     labels[torch.rand(s, t, generator=gen) < rng.choice([0.0, 0.3, 0.7])] = -100
     if rng.random() < 0.25:
         labels[rng.randrange(s)] = -100                                    # an all-ignored row
-    weighting = rng.choice(["none", "probs", "weights"])
-    case = dict(objective=objective, k=k, b=b, reduction=sorted(REDUCTIONS)[n % len(REDUCTIONS)], ref=ref,
+    weighting = "none" if coupled else rng.choice(["none", "probs", "weights"])
+    reductions = [r for r in sorted(REDUCTIONS) if not (coupled and r == "group dro")]   # no sample, no group
+    case = dict(objective=objective, k=k, b=b, reduction=reductions[n % len(reductions)], ref=ref,
                 transform=rng.choice(TRANSFORMS), chunk=rng.choice([10 ** 6, 7, 2]),
                 dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]),
                 wpo=pairwise_padded and ref != "reference_free" and rng.random() < 0.4,
@@ -168,6 +171,7 @@ def test_the_cases_cover_the_compositions():
     above is not vacuous for any of them."""
     cases = [make_case(objective, n) for objective, n in CASES]
     seen = lambda key: {repr(c[key]) for c in cases}                                 # noqa: E731
+    assert set(O.NAMES) <= set(OBJECTIVES), f"new objectives to add to OBJECTIVES: {set(O.NAMES) - set(OBJECTIVES)}"
     assert seen("objective") == {repr(o) for o in OBJECTIVES} and seen("reduction") == {repr(r) for r in REDUCTIONS}
     assert seen("dtype") == {"torch.float32", "torch.bfloat16"} and {c["cu"] is None for c in cases} == {True, False}
     assert seen("transform") == {repr(t) for t in TRANSFORMS} and seen("wpo") == {"True", "False"}
