@@ -163,21 +163,26 @@ def test_a_later_chunk_raises_the_maximum(backend, chunks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lam", [0.2, float("inf")])
-def test_groups_without_scored_tokens(backend, lam, chunks):
-    """Groups with no scored token have a loss (their log-probs are 0) but no gradient; the last
-    one here has the largest loss, in a chunk of its own, so the maximum grows at a chunk that
-    adds nothing to the gradients and the rescaling must wait for the next chunk that does."""
+@pytest.mark.parametrize("lam", [0.2, -0.5, float("inf")])
+@pytest.mark.parametrize("empty", [4, 5], ids=["then-a-chunk", "last"])
+def test_groups_without_scored_tokens(backend, lam, empty, chunks):
+    """Groups with no scored token have a loss (their log-probs are 0) but no gradient; group
+    ``empty`` has the largest w·ℓ/λ, in a chunk of its own, so the maximum grows at a chunk that adds nothing to the gradients: the rescaling of the
+    head's gradients waits for the next chunk that does — or, when that group is the last (every
+    candidate of the batch's last prompt truncated away), happens after the loop."""
     chunks(3)
     p = problem("dpo", groups=6)
-    for g in (2, 4):
+    for g in (2, empty):
         p["labels"][2 * g:2 * g + 2] = -100
-    p["ref"][8] = 40.0
+    if lam > 0:
+        p["ref"][2 * empty] = 40.0                                      # chosen far below the reference
+    else:
+        p["weights"][empty] = 1e-3                                      # w·ℓ ≈ 0, the others > 0
     group_tokens = (p["labels"] != -100).sum(1).view(6, 2).sum(1).tolist()
-    assert (4, 5) in one_pass.plan_chunks(group_tokens, 3)          # group 4 is a chunk of its own
+    assert (empty, empty + 1) in one_pass.plan_chunks(group_tokens, 3)     # a chunk of its own
     got, out = run(p, "dpo", lam, backend)
     if math.isfinite(lam):
-        assert (out.weights * out.losses).argmax() == 4
+        assert (out.weights * out.losses / lam).argmax() == empty
     assert_close(got, reference_run(p, "dpo", lam))
 
 

@@ -3,7 +3,8 @@ reduction, padded or packed rows, head transform, bias, reference source, WPO / 
 reference-free, DoRA weights from probabilities or given weights, float32 or bfloat16, one chunk
 of tokens or several — on every path (materialised logits, the recompute linear path, the
 one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
-weight, bias) of the float64 reference backend on the same values. The per-axis tests (test_one_pass, test_head_transform, test_loss,
+weight, bias) of the float64 reference backend on the same values; and, split into two micro-batches through the reduction's exact
+accumulator, the whole batch's. The per-axis tests (test_one_pass, test_head_transform, test_loss,
 test_weights_dro, test_ambiguity, ...) pin each feature; this one looks for a wrong interaction.
 
 Tolerances, with the reason:
@@ -18,8 +19,9 @@ Tolerances, with the reason:
   the same bfloat16 logits (one ATen matmul): 1e-5 for the loss (float32 accumulation) and 2⁻⁷ of each
   gradient's largest element (two bfloat16 roundings of one float32 value, 2⁻⁸ each; measured:
   5.9e-7 and 1.1e-4).
-Three cases per objective (72, ~15 s), each case's choices seeded by its number so every run
-tests the same ones; ``HYPOTHESIS_PROFILE=thorough`` (the property tests' switch) makes 24 (~2 min).
+Three cases per objective (78 and 66 accumulated, ~25 s), each case's choices seeded by its number
+so every run tests the same ones; ``HYPOTHESIS_PROFILE=thorough`` (the property tests' switch)
+makes 24 (~2.5 min).
 """
 
 import os
@@ -105,31 +107,53 @@ CASES = [(objective, i * CASES_PER_OBJECTIVE + j) for i, objective in enumerate(
          for j in range(CASES_PER_OBJECTIVE)]
 
 
-def run(case, backend, path, dtype, device):
-    """``(loss, [grad hidden, grad weight, grad bias])`` in float64 on the CPU."""
-    loss_fn = robalign.DoRALoss(case["objective"], beta=0.3, reduction=REDUCTIONS[case["reduction"]](),
-                                alpha=0.3 if case["probs"] is not None else None, backend=backend,
-                                one_pass=path == "one_pass", group_size=case["k"] if case["k"] > 1 else None,
-                                wpo=case["wpo"], ld_alpha=case["ld_alpha"],
-                                reference_free=case["ref"] == "reference_free", **case["transform"])
-    to = lambda x: None if x is None else x.to(device, dtype)                        # noqa: E731
-    leaf = lambda x: None if x is None else x.to(device, dtype, copy=True).requires_grad_(True)  # noqa: E731
-    hidden, weight, bias = leaf(case["hidden"]), leaf(case["weight"]), leaf(case["bias"])
+def make_loss(case, backend, path):
+    return robalign.DoRALoss(case["objective"], beta=0.3, reduction=REDUCTIONS[case["reduction"]](),
+                             alpha=0.3 if case["probs"] is not None else None, backend=backend,
+                             one_pass=path == "one_pass", group_size=case["k"] if case["k"] > 1 else None,
+                             wpo=case["wpo"], ld_alpha=case["ld_alpha"],
+                             reference_free=case["ref"] == "reference_free", **case["transform"])
+
+
+def call(loss_fn, case, path, leaves, dtype, device, samples=None, **extra):
+    """``loss_fn`` on samples ``[lo, hi)`` of the case (all by default), the head's leaves
+    ``(hidden, weight, bias)`` shared, so micro-batches accumulate into one gradient."""
+    lo, hi = samples or (0, case["b"])
+    k, cu = case["k"], case["cu"]
+    rows = slice(lo * k, hi * k)                                         # rows of the samples
+    tokens = rows if cu is None else slice(int(cu[lo * k]), int(cu[hi * k]))
+    to = lambda x, part=rows: None if x is None else x[part].to(device, dtype)       # noqa: E731
+    hidden, weight, bias = leaves
     reference = {"ref_logps": dict(ref_logps=to(case["ref_logps"])), "reference_free": {},
-                 "ref_hidden": dict(ref_hidden=to(case["ref_hidden"]), ref_head_weight=to(case["ref_weight"]))}
-    kl = case["kl"] and dict(kl_logps=to(case["kl"][0]), kl_ref_logps=to(case["kl"][1]))
-    inputs = dict(labels=case["labels"].to(device), cu_seqlens=None if case["cu"] is None else case["cu"].to(device),
-                  probs=to(case["probs"]), weights=to(case["weights"]), scores=to(case["scores"]),
-                  group_ids=case["group_ids"].to(device) if case["reduction"] == "group dro" else None,
-                  **reference[case["ref"]], **(kl or {}))
+                 "ref_hidden": dict(ref_hidden=to(case["ref_hidden"], tokens),
+                                    ref_head_weight=case["ref_weight"].to(device, dtype))}
+    kl = case["kl"] and dict(kl_logps=to(case["kl"][0], slice(lo, hi)), kl_ref_logps=to(case["kl"][1], slice(lo, hi)))
+    inputs = dict(labels=case["labels"][tokens].to(device),
+                  cu_seqlens=None if cu is None else (cu[lo * k:hi * k + 1] - cu[lo * k]).to(device),
+                  probs=to(case["probs"]), weights=to(case["weights"], slice(lo, hi)), scores=to(case["scores"]),
+                  group_ids=case["group_ids"][lo:hi].to(device) if case["reduction"] == "group dro" else None,
+                  **reference[case["ref"]], **(kl or {}), **extra)
     if path == "logits":
-        logits = hidden @ weight.T if bias is None else hidden @ weight.T + bias
-        out = loss_fn(logits=logits, **inputs)
-    else:
-        out = loss_fn(hidden=hidden, head_weight=weight, head_bias=bias, **inputs)
+        logits = hidden[tokens] @ weight.T if bias is None else hidden[tokens] @ weight.T + bias
+        return loss_fn(logits=logits, **inputs)
+    return loss_fn(hidden=hidden[tokens], head_weight=weight, head_bias=bias, **inputs)
+
+
+def leaves_of(case, dtype, device):
+    return [None if x is None else x.to(device, dtype, copy=True).requires_grad_(True)
+            for x in (case["hidden"], case["weight"], case["bias"])]
+
+
+def grads_of(leaves):
+    return [x.grad.double().cpu() for x in leaves if x is not None]
+
+
+def run(case, backend, path, dtype, device):
+    """``(loss, [grad hidden, grad weight, grad bias])`` of the whole batch, float64 on the CPU."""
+    leaves = leaves_of(case, dtype, device)
+    out = call(make_loss(case, backend, path), case, path, leaves, dtype, device)
     out.loss.backward()
-    grads = [x.grad.double().cpu() for x in (hidden, weight, bias) if x is not None]
-    return out.loss.detach().double().cpu(), grads
+    return out.loss.detach().double().cpu(), grads_of(leaves)
 
 
 def assert_close(got, want, rtol_loss, rtol_grad, what):
@@ -179,3 +203,33 @@ def test_the_cases_cover_the_compositions():
     assert {c["chunk"] for c in cases} == {10 ** 6, 7, 2} and {c["ld_alpha"] for c in cases} == {None, 0.5}
     assert {c["bias"] is None for c in cases} == {True, False}
     assert {(c["probs"] is None, c["weights"] is None) for c in cases} == {(True, True), (False, True), (True, False)}
+
+
+ACCUMULATED = [(o, n) for o, n in CASES if not O.is_unpaired(O.resolve(o)) and not O.is_batch_coupled(O.resolve(o))]
+
+
+@pytest.mark.parametrize("objective,n", ACCUMULATED, ids=[f"{o}-{n}" for o, n in ACCUMULATED])
+def test_micro_batches_through_the_accumulator_equal_one_batch(objective, n, monkeypatch):
+    """The same compositions as two micro-batches through the reduction's exact accumulator — online
+    rescaling for KL-DRO, or with a no-grad pre-pass (``prepare``) for the sets, group DRO and
+    KL-DRO's ``prepass=True`` — give the whole batch's loss and gradients (C++ backend, float32,
+    the tolerances above). Not for unpaired objectives (KTO's z₀ is the micro-batch's, as TRL's)
+    nor those that sort the batch (AOT: their losses belong to no sample)."""
+    case = make_case(objective, n)
+    for module in (linear, one_pass):
+        monkeypatch.setattr(module, "chunk_tokens", lambda vocab, size, device: case["chunk"])
+    want = run(case, "reference", "recompute", torch.float64, "cpu")
+    parts = [(0, case["b"] // 2), (case["b"] // 2, case["b"])]
+    for path in (["logits"] if not case["transform"] else []) + ["recompute", "one_pass"]:
+        leaves = leaves_of(case, torch.float32, "cpu")
+        loss_fn = make_loss(case, "cpp", path)
+        acc = loss_fn.reduction.accumulator([x for x in leaves if x is not None], accumulation_steps=len(parts),
+                                            prepass=n % 2 == 1)
+        if getattr(acc, "needs_prepare", False):
+            with torch.no_grad():
+                seen = [call(loss_fn, case, path, leaves, torch.float32, "cpu", part) for part in parts]
+            groups = [case["group_ids"][lo:hi] for lo, hi in parts] if case["reduction"] == "group dro" else None
+            acc.prepare([o.losses for o in seen], [o.weights for o in seen], groups)
+        for part in parts:
+            call(loss_fn, case, path, leaves, torch.float32, "cpu", part, accumulator=acc).loss.backward()
+        assert_close((torch.tensor(acc.loss, dtype=torch.float64), grads_of(leaves)), want, 5e-5, 5e-5, path)

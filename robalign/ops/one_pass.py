@@ -16,7 +16,8 @@ most ``chunk`` scored tokens, see :func:`robalign.ops.linear.chunk_tokens`):
     grad_h[c] = G·W;   grad_W ← e^{m_old − m}·grad_W + Gᵀ·h_c;   grad_b likewise
 
 When the running maximum m grows, what is already in ``grad_W``/``grad_b`` is rescaled inside the
-next ``addmm`` (its ``beta``), and the ``grad_h`` rows of earlier chunks once each at the end. The
+next ``addmm`` (its ``beta``) — or at the end, when no chunk with scored tokens follows — and the
+``grad_h`` rows of earlier chunks once each at the end. The
 result is the unnormalised gradient ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` with ``shift`` the final m:
 the caller (:mod:`robalign.losses`) turns it into the exact gradient of the DRO loss over the whole
 batch, every micro-batch and every rank with one scalar ``e^{shift − M}/S`` (M, S the global
@@ -245,6 +246,11 @@ def _linear_dora_loss(
 
     if need_weight and not accumulated:
         grad_w.zero_()
+    if accumulated and pending != 1.0:          # the maximum grew after the last chunk with tokens
+        if need_weight:
+            grad_w.mul_(pending)
+        if has_bias:
+            grad_b.mul_(pending)
     if need_hidden:
         for rows_i, m_i in rescale_h:
             if m_i != m:
