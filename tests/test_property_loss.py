@@ -3,8 +3,8 @@ reduction, padded or packed rows, head transform, bias, reference source, WPO / 
 reference-free, DoRA weights from probabilities or given weights, float32 or bfloat16, one chunk
 of tokens or several — on every path (materialised logits, the recompute linear path, the
 one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
-weight, bias) of the float64 reference backend on the same values; and, split into two micro-batches through the reduction's exact
-accumulator, the whole batch's. The per-axis tests (test_one_pass, test_head_transform, test_loss,
+weight, bias) of the float64 reference backend on the same values; and, split into two
+micro-batches through the reduction's exact accumulator, the whole batch's. The per-axis tests (test_one_pass, test_head_transform, test_loss,
 test_weights_dro, test_ambiguity, ...) pin each feature; this one looks for a wrong interaction.
 
 Tolerances, with the reason:
@@ -75,6 +75,9 @@ def make_case(objective: str, n: int) -> dict:
     labels[torch.rand(s, t, generator=gen) < rng.choice([0.0, 0.3, 0.7])] = -100
     if rng.random() < 0.25:
         labels[rng.randrange(s)] = -100                                    # an all-ignored row
+    truncated = rng.choice([b - 1, rng.randrange(b)]) if rng.random() < 0.25 else None
+    if truncated is not None:                   # a sample whose candidates were all truncated away
+        labels[truncated * k:(truncated + 1) * k] = -100
     weighting = "none" if coupled else rng.choice(["none", "probs", "weights"])
     reductions = [r for r in sorted(REDUCTIONS) if not (coupled and r == "group dro")]   # no sample, no group
     case = dict(objective=objective, k=k, b=b, reduction=reductions[n % len(reductions)], ref=ref,
@@ -82,7 +85,7 @@ def make_case(objective: str, n: int) -> dict:
                 dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]),
                 wpo=pairwise_padded and ref != "reference_free" and rng.random() < 0.4,
                 ld_alpha=0.5 if pairwise_padded and objective in LD_OBJECTIVES and rng.random() < 0.5 else None)
-    case.update(labels=labels, cu=None, hidden=randn(s, t, h), weight=randn(v, h) * 0.5,
+    case.update(labels=labels, truncated_last=truncated == b - 1, cu=None, hidden=randn(s, t, h), weight=randn(v, h) * 0.5,
                 bias=randn(v) * 0.1 if rng.random() < 0.35 else None,
                 ref_hidden=randn(s, t, h), ref_weight=randn(v, h) * 0.5, ref_logps=randn(s) * 3,
                 scores=(torch.rand(s, generator=gen) < 0.5).double() if k == 1 else randn(s),
@@ -191,8 +194,8 @@ def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective
 
 def test_the_cases_cover_the_compositions():
     """The cases hold every objective and reduction, both dtypes and layouts, each head
-    transform, reference source, weighting and chunk size, a bias, WPO and LD-DPO — so the test
-    above is not vacuous for any of them."""
+    transform, reference source, weighting and chunk size, a bias, WPO, LD-DPO and a last sample
+    with no scored token — so the test above is not vacuous for any of them."""
     cases = [make_case(objective, n) for objective, n in CASES]
     seen = lambda key: {repr(c[key]) for c in cases}                                 # noqa: E731
     assert set(O.NAMES) <= set(OBJECTIVES), f"new objectives to add to OBJECTIVES: {set(O.NAMES) - set(OBJECTIVES)}"
@@ -202,6 +205,7 @@ def test_the_cases_cover_the_compositions():
     assert seen("ref") == {repr(r) for r in ("ref_logps", "ref_hidden", "reference_free")}
     assert {c["chunk"] for c in cases} == {10 ** 6, 7, 2} and {c["ld_alpha"] for c in cases} == {None, 0.5}
     assert {c["bias"] is None for c in cases} == {True, False}
+    assert {c["truncated_last"] for c in cases} == {True, False}
     assert {(c["probs"] is None, c["weights"] is None) for c in cases} == {(True, True), (False, True), (True, False)}
 
 
