@@ -4,8 +4,10 @@ reference-free, DoRA weights from probabilities or given weights, float32 or bfl
 of tokens or several — on every path (materialised logits, the recompute linear path, the
 one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
 weight, bias) of the float64 reference backend on the same values; and, split into two
-micro-batches through the reduction's exact accumulator, the whole batch's. The per-axis tests (test_one_pass, test_head_transform, test_loss,
-test_weights_dro, test_ambiguity, ...) pin each feature; this one looks for a wrong interaction.
+micro-batches through the reduction's exact accumulator, the whole batch's. The per-axis tests
+(test_one_pass, test_head_transform, test_loss, test_weights_dro, test_ambiguity, ...) pin each
+feature; this one looks for a wrong interaction (it found one: the one-pass loss's head
+gradients when the last samples have no scored token, see test_one_pass).
 
 Tolerances, with the reason:
 - float32: the kernels accumulate in float32 over at most V·T = 40·7 terms per sequence and the
@@ -85,7 +87,8 @@ def make_case(objective: str, n: int) -> dict:
                 dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]),
                 wpo=pairwise_padded and ref != "reference_free" and rng.random() < 0.4,
                 ld_alpha=0.5 if pairwise_padded and objective in LD_OBJECTIVES and rng.random() < 0.5 else None)
-    case.update(labels=labels, truncated_last=truncated == b - 1, cu=None, hidden=randn(s, t, h), weight=randn(v, h) * 0.5,
+    case.update(labels=labels, truncated_last=truncated == b - 1, cu=None, hidden=randn(s, t, h),
+                weight=randn(v, h) * 0.5,
                 bias=randn(v) * 0.1 if rng.random() < 0.35 else None,
                 ref_hidden=randn(s, t, h), ref_weight=randn(v, h) * 0.5, ref_logps=randn(s) * 3,
                 scores=(torch.rand(s, generator=gen) < 0.5).double() if k == 1 else randn(s),
