@@ -1,5 +1,6 @@
 """Combinatorial, at the level of the loss: seeded compositions of ``DoRALoss`` — objective,
-reduction, padded or packed rows, head transform, bias, reference source, WPO / LD-DPO /
+reduction, padded or packed rows, head transform, bias, reference source (log-probs, logits,
+its own head or none), WPO / LD-DPO /
 reference-free, DoRA weights from probabilities or given weights, float32 or bfloat16, one chunk
 of tokens or several — on every path (materialised logits, the recompute linear path, the
 one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
@@ -20,7 +21,9 @@ Tolerances, with the reason:
   backends on one device are then compared with one another on the same path, where they read
   the same bfloat16 logits (one ATen matmul): 1e-5 for the loss (float32 accumulation) and 2⁻⁷ of each
   gradient's largest element (two bfloat16 roundings of one float32 value, 2⁻⁸ each; measured:
-  5.9e-7 and 1.1e-4).
+  5.9e-7 and 1.1e-4). AOT sorts the batch's log-ratios, so its gradient jumps where two of them
+  tie: bfloat16's rounding can swap a near tie (seen: −1.1460 and −1.1459), so in bfloat16 its
+  gradients are compared only between backends, which sort the same values.
 Three cases per objective (78 and 66 accumulated, ~25 s), each case's choices seeded by its number
 so every run tests the same ones; ``HYPOTHESIS_PROFILE=thorough`` (the property tests' switch)
 makes 24 (~2.5 min).
@@ -67,7 +70,8 @@ def make_case(objective: str, n: int) -> dict:
     b, t, h, v = rng.randint(2, 4), rng.randint(1, 7), rng.randint(3, 12), rng.randint(2, 40)
     s = b * k
     packed = rng.random() < 0.4
-    refs = ["ref_logps", "ref_hidden"]
+    transform = rng.choice(TRANSFORMS)
+    refs = ["ref_logps", "ref_hidden"] + ([] if transform else ["ref_logits"])     # logits are transformed
     if k > 1 and O.needs_reference(O.resolve(objective)):
         refs.append("reference_free")
     ref = rng.choice(refs)
@@ -83,7 +87,7 @@ def make_case(objective: str, n: int) -> dict:
     weighting = "none" if coupled else rng.choice(["none", "probs", "weights"])
     reductions = [r for r in sorted(REDUCTIONS) if not (coupled and r == "group dro")]   # no sample, no group
     case = dict(objective=objective, k=k, b=b, reduction=reductions[n % len(reductions)], ref=ref,
-                transform=rng.choice(TRANSFORMS), chunk=rng.choice([10 ** 6, 7, 2]),
+                transform=transform, chunk=rng.choice([10 ** 6, 7, 2]),
                 dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]),
                 wpo=pairwise_padded and ref != "reference_free" and rng.random() < 0.4,
                 ld_alpha=0.5 if pairwise_padded and objective in LD_OBJECTIVES and rng.random() < 0.5 else None)
@@ -132,7 +136,8 @@ def call(loss_fn, case, path, leaves, dtype, device, samples=None, **extra):
     hidden, weight, bias = leaves
     reference = {"ref_logps": dict(ref_logps=to(case["ref_logps"])), "reference_free": {},
                  "ref_hidden": dict(ref_hidden=to(case["ref_hidden"], tokens),
-                                    ref_head_weight=case["ref_weight"].to(device, dtype))}
+                                    ref_head_weight=case["ref_weight"].to(device, dtype)),
+                 "ref_logits": dict(ref_logits=to(case["ref_hidden"], tokens) @ case["ref_weight"].to(device, dtype).T)}
     kl = case["kl"] and dict(kl_logps=to(case["kl"][0], slice(lo, hi)), kl_ref_logps=to(case["kl"][1], slice(lo, hi)))
     inputs = dict(labels=case["labels"][tokens].to(device),
                   cu_seqlens=None if cu is None else (cu[lo * k:hi * k + 1] - cu[lo * k]).to(device),
@@ -164,11 +169,13 @@ def run(case, backend, path, dtype, device):
 
 def assert_close(got, want, rtol_loss, rtol_grad, what):
     """Loss within ``rtol_loss`` of max(|loss|, 1); each gradient within ``rtol_grad`` of its
-    largest element; NaN only where the reference has NaN."""
+    largest element (not compared when ``rtol_grad`` is None); NaN only where the reference has NaN."""
     (loss, grads), (ref_loss, ref_grads) = got, want
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=rtol_loss * max(ref_loss.abs().nan_to_num().item(), 1.0),
                                equal_nan=True, msg=lambda m: f"{what} loss: {m}")
     for name, g, r in zip(("hidden", "weight", "bias")[:len(ref_grads)], grads, ref_grads, strict=True):
+        if rtol_grad is None:
+            break
         scale = r.abs().nan_to_num().max().item() if r.numel() else 0.0
         torch.testing.assert_close(g, r, rtol=0, atol=rtol_grad * scale + 1e-12, equal_nan=True,
                                    msg=lambda m, name=name: f"{what} grad {name}: {m}")
@@ -182,11 +189,13 @@ def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective
     want = run(case, "reference", "recompute", torch.float64, "cpu")
     paths = (["logits"] if not case["transform"] else []) + ["recompute", "one_pass"]
     bf16 = case["dtype"] == torch.bfloat16
+    sorts = O.is_batch_coupled(O.resolve(objective))
     for path in paths:
         results = {}
         for backend, device in KERNELS:
             got = results[backend] = run(case, backend, path, case["dtype"], device)
-            assert_close(got, want, 5e-2 if bf16 else 5e-5, 5e-2 if bf16 else 5e-5, (backend, path))
+            assert_close(got, want, 5e-2 if bf16 else 5e-5, None if bf16 and sorts else 5e-2 if bf16 else 5e-5,
+                         (backend, path))
         if bf16:                                 # backends on one device read the same logits
             first = {}
             for backend, device in KERNELS:
@@ -205,7 +214,7 @@ def test_the_cases_cover_the_compositions():
     assert seen("objective") == {repr(o) for o in OBJECTIVES} and seen("reduction") == {repr(r) for r in REDUCTIONS}
     assert seen("dtype") == {"torch.float32", "torch.bfloat16"} and {c["cu"] is None for c in cases} == {True, False}
     assert seen("transform") == {repr(t) for t in TRANSFORMS} and seen("wpo") == {"True", "False"}
-    assert seen("ref") == {repr(r) for r in ("ref_logps", "ref_hidden", "reference_free")}
+    assert seen("ref") == {repr(r) for r in ("ref_logps", "ref_hidden", "ref_logits", "reference_free")}
     assert {c["chunk"] for c in cases} == {10 ** 6, 7, 2} and {c["ld_alpha"] for c in cases} == {None, 0.5}
     assert {c["bias"] is None for c in cases} == {True, False}
     assert {c["truncated_last"] for c in cases} == {True, False}
