@@ -1,14 +1,14 @@
 """Combinatorial, at the level of the loss: seeded compositions of ``DoRALoss`` — objective,
-reduction, padded or packed rows, head transform, bias, reference source (log-probs, logits,
-its own head or none), WPO / LD-DPO /
-reference-free, DoRA weights from probabilities or given weights, float32 or bfloat16, one chunk
-of tokens or several — on every path (materialised logits, the recompute linear path, the
+reduction, padded or packed rows, head transform, bias, reference source (log-probs, logits, its
+own head or none), WPO / LD-DPO / reference-free, DoRA weights from probabilities or given
+weights, float32 or bfloat16, one chunk of tokens or several, the head gradient accumulated in
+float32 or the head's dtype — on every path (materialised logits, the recompute linear path, the
 one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
-weight, bias) of the float64 reference backend on the same values; and, split into two
-micro-batches through the reduction's exact accumulator, the whole batch's. The per-axis tests
+weight, bias) of the float64 reference backend on the same values; and, split into two micro-
+batches through the reduction's exact accumulator, the whole batch's. The per-axis tests
 (test_one_pass, test_head_transform, test_loss, test_weights_dro, test_ambiguity, ...) pin each
-feature; this one looks for a wrong interaction (it found one: the one-pass loss's head
-gradients when the last samples have no scored token, see test_one_pass).
+feature; this one looks for a wrong interaction (it found one: the one-pass loss's head gradients
+when the last samples have no scored token, see test_one_pass).
 
 Tolerances, with the reason:
 - float32: the kernels accumulate in float32 over at most V·T = 40·7 terms per sequence, the
@@ -89,7 +89,7 @@ def make_case(objective: str, n: int) -> dict:
     reductions = [r for r in sorted(REDUCTIONS) if not (coupled and r == "group dro")]   # no sample, no group
     case = dict(objective=objective, k=k, b=b, reduction=reductions[n % len(reductions)], ref=ref,
                 transform=transform, chunk=rng.choice([10 ** 6, 7, 2]),
-                dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]),
+                dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]), fp32_head_grad=rng.random() < 0.7,
                 wpo=pairwise_padded and ref != "reference_free" and rng.random() < 0.4,
                 ld_alpha=0.5 if pairwise_padded and objective in LD_OBJECTIVES and rng.random() < 0.5 else None)
     case.update(labels=labels, truncated_last=truncated == b - 1, cu=None, hidden=randn(s, t, h),
@@ -122,7 +122,7 @@ def make_loss(case, backend, path):
     return robalign.DoRALoss(case["objective"], beta=0.3, reduction=REDUCTIONS[case["reduction"]](),
                              alpha=0.3 if case["probs"] is not None else None, backend=backend,
                              one_pass=path == "one_pass", group_size=case["k"] if case["k"] > 1 else None,
-                             wpo=case["wpo"], ld_alpha=case["ld_alpha"],
+                             wpo=case["wpo"], ld_alpha=case["ld_alpha"], fp32_head_grad=case["fp32_head_grad"],
                              reference_free=case["ref"] == "reference_free", **case["transform"])
 
 
@@ -218,6 +218,7 @@ def test_the_cases_cover_the_compositions():
     assert seen("ref") == {repr(r) for r in ("ref_logps", "ref_hidden", "ref_logits", "reference_free")}
     assert {c["chunk"] for c in cases} == {10 ** 6, 7, 2} and {c["ld_alpha"] for c in cases} == {None, 0.5}
     assert {c["bias"] is None for c in cases} == {True, False}
+    assert {(c["dtype"], c["fp32_head_grad"]) for c in cases} >= {(torch.bfloat16, True), (torch.bfloat16, False)}
     assert {c["truncated_last"] for c in cases} == {True, False}
     assert {(c["probs"] is None, c["weights"] is None) for c in cases} == {(True, True), (False, True), (True, False)}
 
