@@ -4,8 +4,8 @@ own head or none), WPO / LD-DPO / reference-free, DoRA weights from probabilitie
 weights, float32 or bfloat16, one chunk of tokens or several, the head gradient accumulated in
 float32 or the head's dtype — on every path (materialised logits, the recompute linear path, the
 one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
-weight, bias) of the float64 reference backend on the same values; and, split into two micro-
-batches through the reduction's exact accumulator, the whole batch's. The per-axis tests
+weight, bias) of the float64 reference backend on the same values; and, split into two
+micro-batches through the reduction's exact accumulator, the whole batch's. The per-axis tests
 (test_one_pass, test_head_transform, test_loss, test_weights_dro, test_ambiguity, ...) pin each
 feature; this one looks for a wrong interaction (it found one: the one-pass loss's head gradients
 when the last samples have no scored token, see test_one_pass).
