@@ -167,9 +167,10 @@ def test_a_later_chunk_raises_the_maximum(backend, chunks):
 @pytest.mark.parametrize("empty", [4, 5], ids=["then-a-chunk", "last"])
 def test_groups_without_scored_tokens(backend, lam, empty, chunks):
     """Groups with no scored token have a loss (their log-probs are 0) but no gradient; group
-    ``empty`` has the largest w·ℓ/λ, in a chunk of its own, so the maximum grows at a chunk that adds nothing to the gradients: the rescaling of the
-    head's gradients waits for the next chunk that does — or, when that group is the last (every
-    candidate of the batch's last prompt truncated away), happens after the loop."""
+    ``empty`` has the largest w·ℓ/λ, in a chunk of its own, so the maximum grows at a chunk that
+    adds nothing to the gradients: the rescaling of the head's gradients waits for the next chunk
+    that does — or, when that group is the last (every candidate of the batch's last prompt
+    truncated away), happens after the loop."""
     chunks(3)
     p = problem("dpo", groups=6)
     for g in (2, empty):

@@ -92,9 +92,8 @@ def make_case(objective: str, n: int) -> dict:
                 dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]), fp32_head_grad=rng.random() < 0.7,
                 wpo=pairwise_padded and ref != "reference_free" and rng.random() < 0.4,
                 ld_alpha=0.5 if pairwise_padded and objective in LD_OBJECTIVES and rng.random() < 0.5 else None)
-    case.update(labels=labels, truncated_last=truncated == b - 1, cu=None, hidden=randn(s, t, h),
-                weight=randn(v, h) * 0.5,
-                bias=randn(v) * 0.1 if rng.random() < 0.35 else None,
+    case.update(labels=labels, truncated_last=truncated == b - 1, cu=None,
+                hidden=randn(s, t, h), weight=randn(v, h) * 0.5, bias=randn(v) * 0.1 if rng.random() < 0.35 else None,
                 ref_hidden=randn(s, t, h), ref_weight=randn(v, h) * 0.5, ref_logps=randn(s) * 3,
                 scores=(torch.rand(s, generator=gen) < 0.5).double() if k == 1 else randn(s),
                 group_ids=torch.randint(2, (b,), generator=gen),

@@ -17,11 +17,11 @@ most ``chunk`` scored tokens, see :func:`robalign.ops.linear.chunk_tokens`):
 
 When the running maximum m grows, what is already in ``grad_W``/``grad_b`` is rescaled inside the
 next ``addmm`` (its ``beta``) — or at the end, when no chunk with scored tokens follows — and the
-``grad_h`` rows of earlier chunks once each at the end. The
-result is the unnormalised gradient ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` with ``shift`` the final m:
-the caller (:mod:`robalign.losses`) turns it into the exact gradient of the DRO loss over the whole
-batch, every micro-batch and every rank with one scalar ``e^{shift − M}/S`` (M, S the global
-maximum and Σ e^{a − M}); the backward only multiplies by the incoming gradient.
+``grad_h`` rows of earlier chunks once each at the end. The result is the unnormalised gradient
+``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` with ``shift`` the final m: the caller (:mod:`robalign.losses`)
+turns it into the exact gradient of the DRO loss over the whole batch, every micro-batch and every
+rank with one scalar ``e^{shift − M}/S`` (M, S the global maximum and Σ e^{a − M}); the backward
+only multiplies by the incoming gradient.
 
 A group with more scored tokens than ``chunk`` is processed in sub-chunks: their log-probs in a
 first pass, then their logits again for the gradient — one extra logits matmul for that group only.
