@@ -109,7 +109,7 @@ def test_the_reference_point_shifts_the_log_ratio_and_is_clamped_at_zero():
     label = torch.tensor([[1.0], [0.0]], dtype=D)
     got = objectives.kto(r, torch.zeros_like(r), scores=label, kl=0.25, beta=2.0, desirable_weight=1.5)
     sigmoid = lambda x: 1 / (1 + math.exp(-x))                                     # noqa: E731
-    want = torch.tensor([1.5 * (1 - sigmoid(2.0 * 0.25)), 1 - sigmoid(2.0 * 1.25)], dtype=D)
+    want = torch.tensor([1.5 * sigmoid(-2.0 * 0.25), sigmoid(-2.0 * 1.25)], dtype=D)   # 1 − σ(x) = σ(−x)
     torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
     torch.testing.assert_close(objectives.kto(r, torch.zeros_like(r), scores=label, kl=0.0),
                                objectives.apo_zero_unpaired(r, torch.zeros_like(r), scores=label), rtol=1e-15, atol=0)
