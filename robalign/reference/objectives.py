@@ -225,22 +225,30 @@ def sppo_hard(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
 
 
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """σ(x) as exp(log σ(x)): the same values, and a gradient σ(x)·σ(−x) that keeps its digits at
+    both tails in float32 (``torch.sigmoid``'s backward forms 1 − σ(x), 1e-4 off where σ(x) ≈
+    1 − 3e-4 and 0 beyond x ≈ 17). With σ(−x) for 1 − σ(x), the losses written with σ below are
+    as exact as their inputs."""
+    return torch.exp(F.logsigmoid(x))
+
+
 @objective(reference=True, pairwise=True, beta=BETA)
 def apo_zero(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7; TRL's ``apo_zero``), when the
     chosen responses are better than the model's own:  ℓ = 1 − σ(r_c) + σ(r_r), computed as
-    σ(−r_c) + σ(r_r) (1 − σ(x) loses its digits in float32 where σ(x) nears 1)."""
+    σ(−r_c) + σ(r_r) (see :func:`_sigmoid`)."""
     chosen, rejected = _pair_ratios(logps, ref_logps, scores)
-    return torch.sigmoid(-beta * chosen) + torch.sigmoid(beta * rejected)
+    return _sigmoid(-beta * chosen) + _sigmoid(beta * rejected)
 
 
 @objective(reference=True, pairwise=True, beta=BETA)
 def apo_down(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 8; TRL's ``apo_down``), when the
     chosen responses are worse than the model's own:  ℓ = σ(r_c) + 1 − σ(β·Δ), computed as
-    σ(r_c) + σ(−β·Δ)."""
+    σ(r_c) + σ(−β·Δ) (see :func:`_sigmoid`)."""
     chosen, rejected = _pair_ratios(logps, ref_logps, scores)
-    return torch.sigmoid(beta * chosen) + torch.sigmoid(-beta * (chosen - rejected))
+    return _sigmoid(beta * chosen) + _sigmoid(-beta * (chosen - rejected))
 
 
 @objective(reference=True, pairwise=True, beta=BETA, tau=Param(0.05, low=0, low_open=True))
@@ -416,10 +424,10 @@ CLASS_WEIGHT = Param(1.0, low=0, low_open=True)
 
 def _unpaired_losses(h, desirable, desirable_weight, undesirable_weight):
     """``λ_D·(1 − σ(h))`` for a desirable completion, ``λ_U·(1 − σ(−h))`` for an undesirable one,
-    computed as σ(−h) and σ(h): 1 − σ(x) loses its digits in float32 where σ(x) nears 1 (a
-    saturated sample's loss and gradient were 1e-4 off in float32; TRL writes 1 − σ)."""
+    computed as σ(−h) and σ(h) (see :func:`_sigmoid`; TRL writes 1 − σ, so a saturated sample's
+    float32 loss and gradient there are 1e-4 off)."""
     desirable = desirable > 0.5
-    return torch.where(desirable, desirable_weight * torch.sigmoid(-h), undesirable_weight * torch.sigmoid(h))
+    return torch.where(desirable, desirable_weight * _sigmoid(-h), undesirable_weight * _sigmoid(h))
 
 
 @objective(reference=True, pairwise=False, unpaired=True, kl_reference=True, scores="label", beta=BETA,
