@@ -41,6 +41,7 @@ import robalign
 from robalign.losses import objectives as O
 from robalign.losses.reductions import CVaR, Chi2Ball, GroupDRO, KLBall, KLDRO
 from robalign.ops import linear, one_pass
+from conftest import packed_from_padded
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -106,10 +107,8 @@ def make_case(objective: str, n: int) -> dict:
                 weights=uniform(b) * 2 if weighting == "weights" else None)
     if packed:
         lengths = [rng.randint(0, t) for _ in range(s)]
-        for name in ("hidden", "ref_hidden"):
-            case[name] = torch.cat([row[:m] for row, m in zip(case[name], lengths)])
-        case["labels"] = torch.cat([row[:m] for row, m in zip(labels, lengths)])
-        case["cu"] = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        case["hidden"], case["labels"], case["cu"] = packed_from_padded(case["hidden"], labels, lengths)
+        case["ref_hidden"] = packed_from_padded(case["ref_hidden"], labels, lengths)[0]
     rounded = lambda x: x if x is None else x.to(case["dtype"]).double()            # noqa: E731
     for name in ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_logps", "probs", "weights"):
         case[name] = rounded(case[name])
@@ -177,21 +176,26 @@ def assert_close(got, want, rtol_loss, rtol_grad, what):
     (loss, grads), (ref_loss, ref_grads) = got, want
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=rtol_loss * max(ref_loss.abs().nan_to_num().item(), 1.0),
                                equal_nan=True, msg=lambda m: f"{what} loss: {m}")
+    if rtol_grad is None:
+        return
     for name, g, r in zip(("hidden", "weight", "bias")[:len(ref_grads)], grads, ref_grads, strict=True):
-        if rtol_grad is None:
-            break
         scale = r.abs().nan_to_num().max().item() if r.numel() else 0.0
         torch.testing.assert_close(g, r, rtol=0, atol=rtol_grad * scale + GRAD_FLOOR, equal_nan=True,
                                    msg=lambda m, name=name: f"{what} grad {name}: {m}")
 
 
-@pytest.mark.parametrize("objective,n", CASES, ids=[f"{o}-{n}" for o, n in CASES])
-def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective, n, monkeypatch):
+def prepared(objective, n, monkeypatch):
+    """``(case, float64 reference result, paths)`` of case ``n``, its chunk size pinned."""
     case = make_case(objective, n)
     for module in (linear, one_pass):        # one chunk, or several: the one-pass loss's rescaling
         monkeypatch.setattr(module, "chunk_tokens", lambda vocab, size, device: case["chunk"])
-    want = run(case, "reference", "recompute", torch.float64, "cpu")
-    paths = (["logits"] if not case["transform"] else []) + ["recompute", "one_pass"]
+    paths = (["logits"] if not case["transform"] else []) + ["recompute", "one_pass"]   # logits: no transform
+    return case, run(case, "reference", "recompute", torch.float64, "cpu"), paths
+
+
+@pytest.mark.parametrize("objective,n", CASES, ids=[f"{o}-{n}" for o, n in CASES])
+def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective, n, monkeypatch):
+    case, want, paths = prepared(objective, n, monkeypatch)
     bf16 = case["dtype"] == torch.bfloat16
     sorts = O.is_batch_coupled(O.resolve(objective))
     for path in paths:
@@ -236,12 +240,9 @@ def test_micro_batches_through_the_accumulator_equal_one_batch(objective, n, mon
     KL-DRO's ``prepass=True`` — give the whole batch's loss and gradients (C++ backend, float32,
     the tolerances above). Not for unpaired objectives (KTO's z₀ is the micro-batch's, as TRL's)
     nor those that sort the batch (AOT: their losses belong to no sample)."""
-    case = make_case(objective, n)
-    for module in (linear, one_pass):
-        monkeypatch.setattr(module, "chunk_tokens", lambda vocab, size, device: case["chunk"])
-    want = run(case, "reference", "recompute", torch.float64, "cpu")
+    case, want, paths = prepared(objective, n, monkeypatch)
     parts = [(0, case["b"] // 2), (case["b"] // 2, case["b"])]
-    for path in (["logits"] if not case["transform"] else []) + ["recompute", "one_pass"]:
+    for path in paths:
         leaves = leaves_of(case, torch.float32, "cpu")
         loss_fn = make_loss(case, "cpp", path)
         acc = loss_fn.reduction.accumulator([x for x in leaves if x is not None], accumulation_steps=len(parts),
