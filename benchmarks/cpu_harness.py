@@ -115,10 +115,11 @@ def child_result(provider: str, out: subprocess.CompletedProcess) -> dict:
     return {"provider": provider, "error": f"exited with status {out.returncode}: {last}"}
 
 
-def run_providers(script: str, providers, child_args, env_for=None, rounds: int = 1) -> list[dict]:
+def run_providers(script: str, providers, child_args, env_for=None, rounds: int = 1, progress=None) -> list[dict]:
     """Run ``script --child PROVIDER child_args...`` in a fresh process per provider, ``rounds``
     times, the providers interleaved within each round (so a slow minute of a shared machine hits
-    them all); a row gives the median of all timed runs and the spread of the rounds' medians."""
+    them all); a row gives the median of all timed runs and the spread of the rounds' medians.
+    ``progress(1)`` is called after each process."""
     runs: dict[str, list[dict]] = {p: [] for p in providers}
     for _ in range(rounds):
         for provider in providers:
@@ -127,6 +128,8 @@ def run_providers(script: str, providers, child_args, env_for=None, rounds: int 
             out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                  env=None if env is None else dict(os.environ, **env))
             runs[provider].append(child_result(provider, out))
+            if progress is not None:
+                progress(1)
     rows = []
     for provider, results in runs.items():
         failed = next((r for r in results if "error" in r), None)

@@ -1,7 +1,7 @@
 """The benchmark suite: both heavy ops, every provider, a sweep of tokens per batch, against the
 naive path and the physical limits measured in the same run. One command per device:
 
-    python benchmarks/suite.py --device cpu [--quick]      # or: robalign bench --device cpu
+    python benchmarks/suite.py --device cpu [--quick]      # or: robalign bench --device cpu [--quick]
     python benchmarks/suite.py --device cuda [--quick]     # (benchmarks/gpu_check.sh runs the GPU scripts)
 
 Workloads (model shapes from MODELS: hidden size H and vocabulary V), each in two modes —
@@ -22,7 +22,12 @@ BLAS run faster per FLOP than a square product, so they are the honest compute l
 baseline is what TRL users run today (TRL 1.16: ``selective_log_softmax`` on logits, its fused
 LM head on hidden states); the token sweep masks 1/8 of each sequence, and at one token count
 the masked sweep runs 0, 1/2, and 1/4 prompt + 1/4 padding too. Every provider passes a
-correctness gate before it is timed. Writes ``<out>/suite_<device>.json`` (``--out``, default
+correctness gate before it is timed.
+
+``--quick`` is a smoke run that still shows every provider (the floors, the naive path, TRL's and
+robalign's): one small case per workload (512 tokens, 1/8 prompt), forward+backward only, one round
+of three timed runs (about 1.5 minutes on 2 cores). The full sweep is the long one: it says how
+many fresh processes it will start and shows a progress bar with the time left. Writes ``<out>/suite_<device>.json`` (``--out``, default
 ``./robalign-bench``; ``--out benchmarks/results`` rewrites the committed record) and, through
 plot.py, one PNG per workload and mode beside it.
 """
@@ -82,25 +87,38 @@ def cpu_limits(hidden: int, vocab: int, tokens: int) -> dict:
     return {"copy_bandwidth_bytes_per_s": bandwidth, "matmul_flop_per_s": rate}
 
 
-def run_cpu(workloads, model, tokens, repeat, modes=MODES, masks=MASKS, masked_sweep_tokens=None, rounds=2):
+def run_cpu(workloads, model, tokens, repeat, modes=MODES, masks=MASKS, masked_sweep_tokens=None, rounds=2,
+            progress=False):
     """Every (workload, mode): the token sweep at the first mask, then the other masks at
-    ``masked_sweep_tokens``; each case's providers in fresh, interleaved processes."""
+    ``masked_sweep_tokens``; each case's providers in fresh, interleaved processes. ``progress``:
+    say up front how many processes will run, and show a bar with the time left."""
     hidden, vocab = MODELS[model]
     limits = cpu_limits(hidden, vocab, max(tokens))
     masked_sweep_tokens = masked_sweep_tokens or tokens[len(tokens) // 2]
     cases = [(n, masks[0]) for n in tokens] + [(masked_sweep_tokens, m) for m in masks[1:]]
+    plan = [(w, mode, case) for w in workloads for mode in modes for case in cases]
+    total = sum(rounds * len(providers_for(w, mode)) for w, mode, _ in plan)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        print(f"{len(plan)} cases, {total} provider runs, each in a fresh process; the bar's estimate of the "
+              "time left settles after the first cases", file=sys.stderr)
+        bar = tqdm(total=total, unit="run", file=sys.stderr)
     rows = []
-    for workload in workloads:
-        script = HERE / f"cpu_{workload}.py"
-        for mode in modes:
-            for n, (masked, padding) in cases:
-                args = ["--tokens", n, "--vocab", vocab, "--repeat", repeat, "--mode", mode, "--masked", masked,
-                        "--padding", padding]
-                if workload == "linear":
-                    args += ["--hidden", hidden]
-                measured = cpu_harness.run_providers(str(script), providers_for(workload, mode), args, rounds=rounds)
-                rows += [{"workload": workload, "mode": mode, "tokens": n, "hidden": hidden, "vocab": vocab,
-                          "masked": masked, "padding": padding, **r} for r in measured]
+    for workload, mode, (n, (masked, padding)) in plan:
+        args = ["--tokens", n, "--vocab", vocab, "--repeat", repeat, "--mode", mode, "--masked", masked,
+                "--padding", padding]
+        if workload == "linear":
+            args += ["--hidden", hidden]
+        if bar is not None:
+            bar.set_description(f"{workload} {mode} {n} tokens {masked:g}/{padding:g}")
+        measured = cpu_harness.run_providers(str(HERE / f"cpu_{workload}.py"), providers_for(workload, mode), args,
+                                             rounds=rounds, progress=None if bar is None else bar.update)
+        rows += [{"workload": workload, "mode": mode, "tokens": n, "hidden": hidden, "vocab": vocab,
+                  "masked": masked, "padding": padding, **r} for r in measured]
+    if bar is not None:
+        bar.close()
     return derive_floors({"limits": limits, "rows": rows})
 
 
@@ -138,8 +156,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--workload", default="logits,linear", help="comma-separated: logits, linear")
     parser.add_argument("--model", choices=sorted(MODELS), help="shape (default: small on CPU)")
-    parser.add_argument("--mode", default=",".join(MODES), help="comma-separated: fwdbwd, fwd")
-    parser.add_argument("--quick", action="store_true", help="two token counts, three repeats")
+    parser.add_argument("--mode", help="comma-separated: fwdbwd, fwd (default both; --quick fwdbwd)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small case per workload, forward+backward, every provider (about 1.5 minutes)")
+    parser.add_argument("--tokens", help="comma-separated token counts of the sweep (default 512,1024,2048,4096)")
+    parser.add_argument("--repeat", type=int, help="timed runs per process (default 5; --quick 3)")
+    parser.add_argument("--rounds", type=int, help="fresh processes per provider and case (default 2; --quick 1)")
     parser.add_argument("--out", default=cpu_harness.DEFAULT_OUT,
                         help=f"folder for the JSON record and charts (default ./{cpu_harness.DEFAULT_OUT}; "
                              "benchmarks/results updates the committed records)")
@@ -148,7 +170,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(workloads) - {"logits", "linear"})
     if unknown:
         parser.error(f"unknown workloads {unknown}")
-    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    modes = [m.strip() for m in (args.mode or (MODES[0] if args.quick else ",".join(MODES))).split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         parser.error(f"--mode takes a comma-separated subset of {MODES}, got {args.mode!r}")
     if args.device == "cuda":
@@ -165,8 +187,16 @@ def main(argv=None) -> int:
     import torch
 
     model = args.model or "small"
-    tokens = (512, 1024) if args.quick else (512, 1024, 2048, 4096)
-    result = run_cpu(workloads, model, tokens, 3 if args.quick else 5, modes, rounds=1 if args.quick else 2)
+    try:
+        tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else \
+            ((512,) if args.quick else (512, 1024, 2048, 4096))
+    except ValueError:
+        parser.error(f"--tokens takes comma-separated integers, got {args.tokens!r}")
+    if min(tokens) < 8 or (args.repeat is not None and args.repeat < 1) or (args.rounds is not None and args.rounds < 1):
+        parser.error("--tokens must be >= 8, --repeat and --rounds >= 1")
+    result = run_cpu(workloads, model, tokens, args.repeat or (3 if args.quick else 5), modes,
+                     masks=MASKS[:1] if args.quick else MASKS, rounds=args.rounds or (1 if args.quick else 2),
+                     progress=not args.quick)
     result.update({"benchmark": "suite", "device": "cpu", "model": model, "threads": torch.get_num_threads()})
     path = cpu_harness.write_record("suite_cpu", result, args.out)
     print(f"\nwrote {path}")
