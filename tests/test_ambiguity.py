@@ -243,3 +243,41 @@ def test_trainer_accumulation_is_exact_for_sets_that_need_the_whole_batch(tmp_pa
     exact, approx = trainer_accumulation_gaps(tmp_path, dro=dro, **{key: 0.3})
     assert exact < 1e-5
     assert approx > 10 * max(exact, 1e-7)
+
+
+# -- the edges of the radii: each in closed form (a solver cannot resolve them) ---------------------
+
+@pytest.mark.parametrize("eta", [1e-32, 1e-20, 1e-12])
+def test_kl_ball_at_a_tiny_radius_is_the_mean_plus_its_first_order_term(eta):
+    """sup over KL(q‖u) ≤ η is mean + √(2η·var) + O(η) (the dual's λ·log-mean-exp cancelled to 0
+    at η = 1e-32 before: 2.3e-16 for a mean of 1.175)."""
+    x = values()
+    value, q, _ = ambiguity.kl_ball(x, eta)
+    want = float(x.mean()) + math.sqrt(2 * eta * float(x.var(unbiased=False)))
+    assert abs(float(value) - want) < 1e-9 and abs(float(q.sum()) - 1) < 1e-12
+    issue = KLBall(1e-32).reduce(torch.tensor([0.3, 1.2, 0.7, 2.5]))[0]
+    assert float(issue) == pytest.approx(1.175, rel=1e-6)
+
+
+@pytest.mark.parametrize("rho", [1e-300, 1e-17, 1e-9, 0.05])
+def test_chi2_ball_at_a_small_radius_is_in_closed_form(rho):
+    """While every q_i stays ≥ 0 the supremum is mean + √(2ρ·var) exactly (ρ ≤ 1e-16 divided by
+    zero before)."""
+    x = values(seed=1)
+    value, q, c = ambiguity.chi2_ball(x, rho)
+    want = float(x.mean()) + math.sqrt(2 * rho * float(x.var(unbiased=False)))
+    assert float(value) == pytest.approx(want, rel=1e-13, abs=1e-15)
+    assert float(q.min()) >= 0 and abs(float(q.sum()) - 1) < 1e-12 and c < float(x.min())
+    assert 0.5 * x.numel() * float(((q - 1 / x.numel()) ** 2).sum()) == pytest.approx(rho, rel=1e-9)
+
+
+@pytest.mark.parametrize("level", [5e-324, 1e-300, 0.05])
+def test_cvar_below_one_sample_is_the_maximum(level):
+    """level·N < 1: the cap 1/(level·N) (inf at 5e-324) binds nothing, q is one-hot on the worst
+    sample (0 and a zero gradient before)."""
+    x = values(n=10, seed=2).requires_grad_(True)
+    loss, stats = CVaR(level).reduce(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    x = x.detach()
+    assert float(loss) == float(x.max())
+    assert grad.tolist() == (x == x.max()).double().tolist()

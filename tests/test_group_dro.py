@@ -296,3 +296,22 @@ def test_group_dro_without_groups_in_the_data_names_the_file(tmp_path):
         run_training(TrainSettings(out=str(tmp_path / "o"), dro="group", max_steps=1), log=lambda *_: None)
     with pytest.raises(ValueError, match="`group_step` must be a finite number >= 0"):
         load_settings(dro="group", group_step=-0.1)
+
+
+@pytest.mark.parametrize("step_size", [1e308, 1e300])
+def test_a_step_past_float64s_range_takes_its_limit(step_size):
+    """η·L_g overflowing gives q one-hot on the worst group (NaN for the rest of training before);
+    the next steps and a checkpoint's round trip keep it."""
+    from robalign.losses.reductions import GroupDRO
+
+    dro = GroupDRO(3, step_size=step_size)
+    x = torch.tensor([0.3, 1.2, 0.7, 2.5, 0.0], dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([0, 1, 1, 2, 0])
+    for _ in range(3):
+        loss, stats = dro.reduce(x, group_ids=ids)
+        assert float(loss) == 2.5 and dro.q.tolist() == [0.0, 0.0, 1.0]
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+    again = GroupDRO(3, step_size=step_size)
+    again.load_state_dict(dro.state_dict())
+    assert again.q.tolist() == [0.0, 0.0, 1.0]

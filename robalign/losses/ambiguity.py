@@ -65,8 +65,9 @@ def kl_ball(x: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, fl
         lo, hi = (mid, hi) if kl > eta else (lo, mid)  # KL falls as λ grows
     lam = math.exp(0.5 * (lo + hi))
     _, q = _kl_to_uniform(x, lam)
-    value = lam * eta + lam * (torch.logsumexp(x / lam, 0) - math.log(n))
-    return value, q, lam
+    # the primal value Σ q·x equals the dual λη + λ·log mean e^{x/λ} at λ*, without its cancellation:
+    # at a tiny radius λ* is huge and the dual's two terms (≈ λ·mean(x)/λ) lose every digit
+    return (q * x).sum(), q, lam
 
 
 def _chi2_weights(x, c):
@@ -84,11 +85,17 @@ def chi2_ball(x: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor, 
     k_max = int((x == x.max()).sum())
     if 0.5 * (n / k_max - 1) <= rho:                    # the point mass on the maxima is in the ball
         return x.max(), (x == x.max()).double() / k_max, float(x.max())
+    m, var = float(x.mean()), float(x.var(unbiased=False))
+    # a small radius keeps every q_i = 1/n + √(2ρ/n)·(x_i − m)/‖x − m‖ non-negative: then the
+    # supremum is m + √(2ρ·var) in closed form, c* = m − √(var/(2ρ)), with nothing to cancel
+    # (the bisection's 1 − target² is 0 in float64 for ρ ≲ 1e-16)
+    q = 1 / n + math.sqrt(2 * rho / n) * (x - m) / float(torch.linalg.vector_norm(x - m))
+    if bool((q >= 0).all()):
+        return (q * x).sum(), q, m - math.sqrt(var / (2 * rho))
     target = 1 / math.sqrt(1 + 2 * rho)
     # mean(z)/√mean(z²) falls from 1 (c ≤ min x, and below) to √(k/n) (c → max x); c* meets target
     # below min x every z_i = x_i − c > 0 and the ratio is (m − c)/√((m − c)² + var): c* there is
     # m − t·√(var/(1 − t²)) (t = target), so the bracket starts below that
-    m, var = float(x.mean()), float(x.var(unbiased=False))
     lo = min(float(x.min()), m - target * math.sqrt(var / (1 - target * target))) - 1.0
     hi = float(x.max())
     for _ in range(_STEPS):
@@ -107,10 +114,10 @@ def cvar(x: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor, flo
     """``(value, q, c*)``: the mean of the worst ``level`` fraction, the boundary sample
     fractionally; c* is the ``1 − level`` quantile (the boundary value)."""
     n = x.numel()
-    cap = 1 / (level * n)
     order = torch.argsort(x, descending=True, stable=True)
     q = torch.zeros_like(x)
     full = min(n, int(math.floor(level * n + 1e-12)))
+    cap = 1 / (level * n) if full else 1.0     # level·n < 1: the cap (> 1, or inf) binds nothing; q is one-hot
     q[order[:full]] = cap
     rest = 1.0 - full * cap
     if full < n and rest > 1e-15:
