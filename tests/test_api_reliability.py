@@ -19,7 +19,8 @@ def exact_kl_dro(values, lam):
     with mpmath.workdps(50):
         xs = [mpmath.mpf(float(v)) for v in values]
         m = max(x / lam for x in xs)
-        return float(lam * (m + mpmath.log(sum(mpmath.e ** (x / lam - m) for x in xs) / len(xs))))
+        # expm1/log1p: at |λ| = 1e300 the exponents differ by 1e-300, which e^x − then-log would lose
+        return float(lam * (m + mpmath.log1p(sum(mpmath.expm1(x / lam - m) for x in xs) / len(xs))))
 
 
 @pytest.mark.parametrize("lam", LAMS)
@@ -54,6 +55,44 @@ def test_accumulator_value_for_any_lambda(lam):
         acc(part + 0 * param, w).backward()
     want = exact_kl_dro((weights.double() * losses.double()).tolist(), lam)
     assert acc.loss == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+EXTREME_LAMS = [1e300, 1e200, 1e38, 1e-38, 1e-300, 5e-324, -5e-324, -1e-38, -1e38, -1e300]
+
+
+@pytest.mark.parametrize("lam", EXTREME_LAMS)
+def test_lambda_at_float64s_edges_gives_the_limit_on_every_path(lam):
+    """λ beyond float32's range, or float64's: the value (against 50 digits), the gradient (the
+    softmax weights, uniform or one-hot in the limit) and the same on the accumulator and the
+    one-pass and recompute paths (NaN, 0.0 or inf·0 before)."""
+    losses = torch.tensor([0.3, 1.2, 0.7, 2.5, 1.9])
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.8])
+    want = exact_kl_dro((weights.double() * losses.double()).tolist(), lam)
+    x = losses.clone().requires_grad_(True)
+    loss = robalign.kl_dro(x, weights, lam=lam)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    wl = weights * losses
+    q = torch.full_like(wl, 1 / wl.numel()) if abs(lam) >= 1 else (wl == (wl.max() if lam > 0 else wl.min())).float()
+    torch.testing.assert_close(grad, q * weights, rtol=1e-6, atol=1e-7)
+    param = torch.nn.Parameter(torch.zeros(()))
+    acc = robalign.KLDROAccumulator([param], lam=lam)
+    for part, w in zip(losses.split([2, 3]), weights.split([2, 3])):
+        acc(part + param, w).backward()
+    assert acc.loss == pytest.approx(want, rel=1e-6)
+    assert float(param.grad) == pytest.approx(float((q * weights).sum()), rel=1e-6)
+    gen = torch.Generator().manual_seed(3)
+    hidden, head = torch.randn(4, 5, 6, generator=gen), torch.randn(11, 6, generator=gen)
+    labels, refs = torch.randint(11, (4, 5), generator=gen), torch.randn(4, generator=gen) - 12
+    runs = []
+    for one_pass in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        out = robalign.DoRALoss("dpo", beta=0.1, lam=lam, backend="cpp", one_pass=one_pass)(
+            hidden=h, head_weight=head, labels=labels, ref_logps=refs)
+        out.loss.backward()
+        runs.append((out.loss.detach(), h.grad))
+    assert all(torch.isfinite(t).all() for run in runs for t in run)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("make,exc,match", [

@@ -20,7 +20,21 @@ import torch.distributed as dist
 
 from .. import _validation as V
 
-__all__ = ["kl_dro", "kl_dro_with_stats", "kl_dro_gradient_scale", "DROStats", "KLDROAccumulator"]
+__all__ = ["kl_dro", "kl_dro_with_stats", "kl_dro_gradient_scale", "DROStats", "KLDROAccumulator", "effective_lam"]
+
+# λ at float64's edges. |λ| ≥ LAM_MEAN is the weighted mean: the KL-DRO value exceeds it by about
+# var(w·ℓ)/(2λ), below float64's resolution for any loss float32 can hold. 0 < |λ| < LAM_MIN is
+# taken as ±LAM_MIN: the max (λ > 0; the min for λ < 0) plus λ·log(k/N), within 1e-200·log N of the
+# limit, while a = w·ℓ/λ stays finite in float64 for any float32 loss (|w·ℓ|/LAM_MIN ≤ 3.4e238).
+LAM_MEAN, LAM_MIN = 1e200, 1e-200
+
+
+def effective_lam(lam: float) -> float:
+    """λ as the computations take it (see LAM_MEAN, LAM_MIN): ``inf`` for ``|λ| ≥ 1e200``,
+    ``±1e-200`` for ``0 < |λ| < 1e-200``, else λ itself."""
+    if abs(lam) >= LAM_MEAN:
+        return math.inf
+    return math.copysign(LAM_MIN, lam) if abs(lam) < LAM_MIN else float(lam)
 
 
 @dataclass(frozen=True)
@@ -128,15 +142,16 @@ def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
 
 
 def _scaled(losses, weights, lam):
-    """``(w, w·ℓ, a)``: weights (1 when None), weighted losses and the DRO exponents
-    ``a = w·ℓ/λ`` (all zero for the weighted mean, whose softmax is uniform), in at least
-    float32: float16 exponents overflow long before the loss does (kl_dro([100, 5000, 60000],
-    lam=0.5) fits float16, its exponents do not)."""
+    """``(w, w·ℓ, a)``: weights (1 when None) and weighted losses in at least float32, and the DRO
+    exponents ``a = w·ℓ/λ`` in float64 (all zero for the weighted mean, whose softmax is uniform):
+    float16 exponents overflow long before the loss does (kl_dro([100, 5000, 60000], lam=0.5) fits
+    float16, its exponents do not), float32 ones at λ = 1e-38."""
     dtype = torch.promote_types(losses.dtype, torch.float32)
     losses = losses.to(dtype)
     w = torch.ones_like(losses) if weights is None else weights.to(dtype)
     wl = w * losses
-    return w, wl, torch.zeros_like(wl) if _is_weighted_mean(lam) else wl / lam
+    a = wl.detach().double()
+    return w, wl, torch.zeros_like(a) if _is_weighted_mean(lam) else a / lam
 
 
 def _scale_gradient(loss: torch.Tensor, scale: float) -> torch.Tensor:
@@ -148,6 +163,7 @@ def kl_dro_with_stats(losses, weights=None, *, lam=1.0, group=None, ddp_average=
     """:func:`kl_dro` and the :class:`DROStats` of its sample weights, from the same collectives."""
     where = "robalign.kl_dro"
     _check(where, losses, weights, lam, group)
+    lam = effective_lam(lam)
     w, wl, a = _scaled(losses, weights, lam)
     moments = _BatchMoments(a, w, group)
     if _is_weighted_mean(lam):
@@ -157,9 +173,10 @@ def kl_dro_with_stats(losses, weights=None, *, lam=1.0, group=None, ddp_average=
         loss = total / moments.count.to(wl.dtype)
     else:
         # the value of the cancellation-free form; the gradient ∂L/∂ℓ_i = w_i·e^{a_i−m}/S with S the
-        # global Σ e^{a−m}, i.e. that of λ·(local Σ e^{a−m})/S with S held fixed
-        share = lam * torch.exp(a - moments.m.to(a.dtype)).sum() / moments.sum_exp.to(a.dtype)
-        value = _log_mean_exp(lam, moments.m, moments.sum_expm1, moments.count).to(a.dtype)
+        # global Σ e^{a−m}: that of Σ_i c_i·w_i·ℓ_i with the softmax c held fixed (no λ·(1/λ) to round)
+        coeff = (torch.exp(a - moments.m) / moments.sum_exp).to(wl.dtype)
+        share = (coeff * wl).sum()
+        value = _log_mean_exp(lam, moments.m, moments.sum_expm1, moments.count).to(wl.dtype)
         loss = value + (share - share.detach())
     scale = _world(group) if ddp_average else 1
     return _scale_gradient(loss, scale).to(losses.dtype), moments.stats()
@@ -176,6 +193,7 @@ def kl_dro_gradient_scale(losses, weights, shift, *, lam=1.0, group=None, ddp_av
     :func:`kl_dro`. ``shift`` is a 0-dim float64 tensor."""
     where = "robalign.kl_dro"
     _check(where, losses, weights, lam, group)
+    lam = effective_lam(lam)
     w, wl, a = _scaled(losses.detach(), None if weights is None else weights.detach(), lam)
     moments = _BatchMoments(a, w, group)
     value = _batch_value(lam, wl, moments, group)
@@ -251,7 +269,7 @@ class KLDROAccumulator:
         elif accumulation_steps is not None:
             V.check_int(where, "accumulation_steps", accumulation_steps, low=1)
         self.params = [p for p in params]
-        self.lam, self.group, self.ddp_average = lam, group, ddp_average
+        self.lam, self.group, self.ddp_average = effective_lam(lam), group, ddp_average
         self.exact, self.accumulation_steps = exact, accumulation_steps
         self.reset()
 
@@ -330,7 +348,7 @@ class KLDROAccumulator:
         w, _, a, mom = self._fold(losses, weights)
         m, s, scale = self._normaliser(mom)
         # d surrogate / dℓ_i = w_i·e^{a_i − m}/S·(scale); the λ of the loss cancels the 1/λ of a
-        coeff = (w * torch.exp(a - m.to(a.dtype)) / s.to(a.dtype)).detach()
+        coeff = (w * (torch.exp(a - m) / s).to(w.dtype)).detach()
         return (coeff * losses).sum() * scale
 
     def gradient_scale(self, losses: torch.Tensor, weights: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,8 @@ import torch.distributed as dist
 
 from .. import _validation as V
 from . import ambiguity, groups
-from .dro import (DROStats, KLDROAccumulator, _check, _log_mean_exp, _scaled, _world, kl_dro_gradient_scale,
-                  kl_dro_with_stats)
+from .dro import (DROStats, KLDROAccumulator, _check, _log_mean_exp, _scaled, _world, effective_lam,
+                  kl_dro_gradient_scale, kl_dro_with_stats)
 
 __all__ = ["Reduction", "Accumulator", "KLDRO", "KLBall", "Chi2Ball", "CVaR", "GroupDRO", "REDUCTIONS"]
 
@@ -119,7 +119,7 @@ class KLDRO(Reduction):
 
     @property
     def one_pass_temperature(self) -> float:
-        return self.lam
+        return effective_lam(self.lam)
 
     def reduce(self, losses, weights=None, *, group=None, ddp_average=True):
         return kl_dro_with_stats(losses, weights, lam=self.lam, group=group, ddp_average=ddp_average)
@@ -130,12 +130,12 @@ class KLDRO(Reduction):
     def solve(self, x):
         """``(value, q, None)`` over the values ``x = w·ℓ`` of the whole batch: the loss and the
         sample weights ``q = softmax(x/λ)`` (uniform for λ = ∞), float64 (for the two-pass form)."""
-        n = x.numel()
-        if math.isinf(self.lam) and self.lam > 0:
+        n, lam = x.numel(), effective_lam(self.lam)
+        if math.isinf(lam) and lam > 0:
             return x.mean(), torch.full_like(x, 1 / n), None
-        a = x / self.lam
+        a = x.double() / lam
         m = a.max()
-        return _log_mean_exp(self.lam, m, torch.expm1(a - m).sum(), n), torch.softmax(a, 0), None
+        return _log_mean_exp(lam, m, torch.expm1(a - m).sum(), n).to(x.dtype), torch.softmax(a, 0).to(x.dtype), None
 
     def solve_global(self, x_local, group, group_ids=None, update=True):
         """:meth:`solve` over every rank's ``x_local`` (gathered), as the per-batch sets do."""
@@ -401,9 +401,10 @@ class GroupDRO(_WorstCase):
 
     def load_state_dict(self, state: dict) -> None:
         log_q = torch.tensor(state["log_q"], dtype=torch.float64)
-        if log_q.shape != (self.num_groups,) or not bool(torch.isfinite(log_q).all()):
-            V.fail("robalign.GroupDRO.load_state_dict", f"`log_q` must be {self.num_groups} finite numbers, "
-                                                        f"got {state['log_q']!r}")
+        usable = (~torch.isnan(log_q) & ~torch.isposinf(log_q)).all() and torch.isfinite(log_q).any()
+        if log_q.shape != (self.num_groups,) or not bool(usable):
+            V.fail("robalign.GroupDRO.load_state_dict", f"`log_q` must be {self.num_groups} numbers, finite or "
+                                                        f"-inf (q = 0), one finite at least, got {state['log_q']!r}")
         self.log_q = torch.log_softmax(log_q, 0)
 
     def solve_global(self, x_local, group, group_ids=None, update=True):
