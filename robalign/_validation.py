@@ -199,9 +199,11 @@ def check_ignore_index(where, ignore_index, vocab):
 
 
 def check_lam(where, lam):
-    if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or math.isnan(lam):
+    # comparisons only, no math.isnan: under torch.compile a λ that changed between two compiles is a
+    # SymFloat, which math's functions do not take (fullgraph failed on a second DoRALoss)
+    if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or lam != lam:
         fail(where, f"`lam` must be a real number (float('inf') for the weighted mean), got {lam!r}")
     if lam == 0:
         fail(where, "`lam` must be non-zero: λ > 0 is DRO, λ < 0 a soft minimum, float('inf') the weighted mean")
-    if math.isinf(lam) and lam < 0:
+    if lam == -math.inf:
         fail(where, "`lam` = -inf is not supported (it is the hard minimum); use a finite negative value")

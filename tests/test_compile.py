@@ -101,3 +101,22 @@ def test_what_reads_the_host_is_not_one_graph():
     for name, case in GRAPH_BREAKS.items():
         with pytest.raises(Exception, match="data-dependent"):
             run(case, True, fullgraph=True)
+
+
+def test_losses_with_other_lambdas_compile_one_after_another():
+    """Dynamo turns a float that changed between two compiles of the same code into a SymFloat: a
+    second DoRALoss with another λ (and the functional kl_dro) must still be one graph (the λ check
+    called math.isnan on it: `torch.* op returned non-Tensor` before). No reset between them."""
+    b = batch()
+    torch._dynamo.reset()
+    for lam in (1.0, 0.5, -2.0, float("inf"), 3e-201):
+        loss_fn = robalign.DoRALoss("dpo", lam=lam, backend="cpp")
+
+        def step(h, w):
+            return loss_fn(hidden=h, head_weight=w, labels=b["labels"], ref_logps=b["ref_logps"]).loss
+
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(b["hidden"], b["weight"])
+        torch.testing.assert_close(got, step(b["hidden"], b["weight"]), rtol=1e-6, atol=1e-6)
+        losses = b["scores"].abs()
+        got = torch.compile(lambda x: robalign.kl_dro(x, lam=lam), fullgraph=True, backend="aot_eager")(losses)
+        torch.testing.assert_close(got, robalign.kl_dro(losses, lam=lam), rtol=1e-6, atol=1e-6)

@@ -32,9 +32,11 @@ LAM_MEAN, LAM_MIN = 1e200, 1e-200
 def effective_lam(lam: float) -> float:
     """λ as the computations take it (see LAM_MEAN, LAM_MIN): ``inf`` for ``|λ| ≥ 1e200``,
     ``±1e-200`` for ``0 < |λ| < 1e-200``, else λ itself."""
-    if abs(lam) >= LAM_MEAN:
+    if abs(lam) >= LAM_MEAN:     # comparisons only: a SymFloat under torch.compile (see check_lam)
         return math.inf
-    return math.copysign(LAM_MIN, lam) if abs(lam) < LAM_MIN else float(lam)
+    if abs(lam) < LAM_MIN:
+        return LAM_MIN if lam > 0 else -LAM_MIN
+    return lam
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class DROStats:
 
 
 def _is_weighted_mean(lam: float) -> bool:
-    return math.isinf(lam) and lam > 0
+    return lam == math.inf
 
 
 def _world(group) -> int:
