@@ -69,6 +69,35 @@ def test_the_suite_writes_into_out_never_into_the_committed_records(tmp_path, mo
     assert {p.name: p.stat().st_mtime_ns for p in (BENCH / "results").glob("*")} == committed
 
 
+def test_quick_is_one_small_case_per_workload_with_every_provider(tmp_path, monkeypatch):
+    """``--quick`` took 15–19 minutes (two token counts, the masked sweep, both modes): now one case
+    a workload, forward+backward, one round, and still every provider; the full sweep shows its
+    progress. (The runs themselves are timed in the note, not here.)"""
+    import suite
+
+    plans = []
+
+    def planned(workloads, model, tokens, repeat, modes, masks=suite.MASKS, rounds=2, progress=False, **_):
+        plans.append(dict(workloads=workloads, tokens=tokens, repeat=repeat, modes=list(modes), masks=masks,
+                          rounds=rounds, progress=progress))
+        return suite.derive_floors({"limits": {"copy_bandwidth_bytes_per_s": 1e10, "matmul_flop_per_s": 1e11},
+                                    "rows": []})
+
+    import plot
+
+    monkeypatch.setattr(suite, "run_cpu", planned)
+    monkeypatch.setattr(plot, "plot_suite", lambda path: [])
+    monkeypatch.chdir(tmp_path)
+    assert suite.main(["--quick"]) == 0
+    assert suite.main([]) == 0
+    quick, full = plans
+    assert quick == dict(workloads=["logits", "linear"], tokens=(512,), repeat=3, modes=["fwdbwd"],
+                         masks=suite.MASKS[:1], rounds=1, progress=False)
+    assert full == dict(workloads=["logits", "linear"], tokens=(512, 1024, 2048, 4096), repeat=5,
+                        modes=list(suite.MODES), masks=suite.MASKS, rounds=2, progress=True)
+    assert all(p in suite.providers_for(w, "fwdbwd") for w, ps in suite.CPU_PROVIDERS.items() for p in ps)
+
+
 def test_bench_cli_refuses_a_file_as_out(tmp_path, capsys):
     from robalign.app.cli import main
 

@@ -152,6 +152,25 @@ def test_what_is_not_supported_is_refused(setup, tmp_path):
                            train_dataset=dataset, processing_class=tokenizer)
 
 
+def test_a_weights_column_that_is_not_there_is_never_silent(setup, tmp_path):
+    """A misspelled weights column trained unweighted without a word before (``weights/mean 1``)."""
+    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+
+    dataset, model, tokenizer = setup
+
+    def build(column, data):
+        config = DoRADPOConfig(output_dir=str(tmp_path / "c"), dora_weights_column=column, **COMMON)
+        return DoRADPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
+                              train_dataset=data, processing_class=tokenizer)
+
+    with pytest.raises(ValueError, match=r"dora_weights_column='wieghts': the training dataset has no such column"):
+        build("wieghts", dataset)
+    with pytest.warns(UserWarning, match=r"has no 'weight' column: training without DoRA weights"):
+        trainer = build("weight", dataset.remove_columns("weight"))
+    assert "dora_weights" not in next(iter(trainer.get_train_dataloader()))
+    assert "dora_weights" in next(iter(build("weight", dataset).get_train_dataloader()))
+
+
 def test_loss_lists_become_mixtures():
     from types import SimpleNamespace
 

@@ -101,6 +101,11 @@ def test_weigh_warns_when_the_weights_collapse(tmp_path, capsys):
     (["weigh", "d.jsonl", "--target-sorce", "human", "--out", "o.jsonl"],
      "robalign weigh: unknown option --target-sorce (did you mean --target-source?)"),
     (["train", "--frobnicate"], "robalign train: unknown option --frobnicate; `robalign train --help` lists them"),
+    # no abbreviations: argparse took --max-step for --max-steps silently
+    (["train", "--max-step", "1"], "robalign train: unknown option --max-step (did you mean --max-steps?)"),
+    (["train", "--lr-rate", "1e-5"], "robalign train: unknown option --lr-rate (did you mean --lr?)"),
+    (["train", "--objective-args", "tau=1"],
+     "robalign train: unknown option --objective-args (did you mean --objective-arg?)"),
 ])
 def test_a_mistyped_option_names_the_subcommand_and_the_closest_option(capsys, argv, message):
     assert main(argv) == 2
@@ -147,3 +152,57 @@ def test_a_clone_seen_from_its_parent_folder_is_named(tmp_path):
     out = subprocess.run([sys.executable, "-m", "robalign", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().startswith(f"robalign: the folder {tmp_path / 'robalign'} hides the installed package")
+
+
+@pytest.mark.parametrize("argv", [["--objective-arg", "beta=0.3"], ["--config", "CONFIG"]])
+def test_beta_given_as_an_objective_argument_is_a_clear_error(tmp_path, capsys, argv):
+    """beta is a setting of its own; as an objective argument it reached DoRALoss twice (a
+    TypeError traceback, exit 1, before)."""
+    config = tmp_path / "run.yaml"
+    config.write_text("objective_kwargs: {beta: 0.3}\n")
+    argv = [str(config) if a == "CONFIG" else a for a in argv]
+    assert main(["train", "--out", str(tmp_path / "o"), "--max-steps", "1", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "`beta` is a setting of its own: give it as --beta" in err
+
+
+def _pairs(path, n=24, **fields):
+    from robalign.app.toy import ToySettings, make_toy_data
+
+    records, _ = make_toy_data(ToySettings(n_train=n, n_test=0, seed=1, target_fraction=1.0, flip_rate=0.0))
+    lines = []
+    for i, r in enumerate(records):
+        extra = {k: (v(i) if callable(v) else v) for k, v in fields.items()}
+        lines.append(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                                 **{k: v for k, v in extra.items() if v is not None}}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_without_weights_trains_unweighted_and_says_so(tmp_path):
+    logs = []
+    data = _pairs(tmp_path / "plain.jsonl")
+    summary = run_training(TrainSettings(out=str(tmp_path / "o"), data=str(data), max_steps=1, save_steps=100),
+                           log=logs.append)
+    assert any("has no `weights` or `probs` field" in line and "training without DoRA weights" in line
+               for line in logs)
+    assert summary["settings"]["use_weights"] is False and summary["weighting"]["source"] is None
+
+
+def test_weights_on_some_samples_only_are_refused(tmp_path):
+    data = _pairs(tmp_path / "some.jsonl", weights=lambda i: [1.0, 1.0] if i % 2 else None)
+    with pytest.raises(ValueError, match=r"12 of 24 samples have `weights` and the others do not \(sample 0 first\)"):
+        run_training(TrainSettings(out=str(tmp_path / "o"), data=str(data), max_steps=1), log=QUIET)
+
+
+def test_collapsed_weights_are_warned_about_and_all_zero_refused(tmp_path, capsys):
+    logs = []
+    data = _pairs(tmp_path / "collapsed.jsonl", weights=lambda i: [3.0, 3.0] if i < 4 else [0.0, 0.0])
+    summary = run_training(TrainSettings(out=str(tmp_path / "o"), data=str(data), max_steps=1, save_steps=100),
+                           log=logs.append)
+    assert any(line.startswith("robalign: WARNING: DoRA weights: effective sample size 17% of 24 samples, 83% of "
+                               "them at 0") for line in logs), logs
+    assert summary["settings"]["use_weights"] is True and summary["weighting"]["zero_share"] == pytest.approx(20 / 24)
+    zeros = _pairs(tmp_path / "zeros.jsonl", weights=[0.0, 0.0])
+    assert main(["train", "--data", str(zeros), "--out", str(tmp_path / "z"), "--max-steps", "1"]) == 2
+    assert "every sample's weight is 0" in capsys.readouterr().err

@@ -183,6 +183,9 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
         name = objectives.resolve(settings.objective)
     except ValueError as err:
         raise ValueError(f"{where}: `objective`: {err}") from None
+    if "beta" in settings.objective_kwargs:       # DoRALoss takes beta once: as the setting
+        raise ValueError(f"{where}: `objective_kwargs`: `beta` is a setting of its own: give it as --beta (YAML "
+                         f"`beta: {settings.objective_kwargs['beta']}`), not as an objective argument")
     try:
         objectives.check_hyperparameters(name, settings.objective_kwargs, where=where)
     except (TypeError, ValueError) as err:

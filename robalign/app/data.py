@@ -109,6 +109,27 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 unknown += sum(1 for t in ids if t == unk_token_id)
         return unknown / max(total, 1)
 
+    def weighting(self) -> dict:
+        """What the samples carry for DoRA's weights: ``source`` ``"weights"``, ``"probs"`` or
+        ``None``; for weights, their effective sample size as a fraction of N,
+        ``(Σw)² / (N·Σw²)`` over the per-sample weights (the mean of a sample's per-response
+        ones), and the share of samples whose weight is 0. Raises ValueError when only some
+        samples carry them: batches would then be weighted or not by chance."""
+        n = len(self.groups)
+        for name in ("weights", "probs"):
+            having = sum(getattr(g, name) is not None for g in self.groups)
+            if 0 < having < n:
+                first = next(i for i, g in enumerate(self.groups) if getattr(g, name) is None)
+                raise ValueError(f"{self.path or 'data'}: {having} of {n} samples have `{name}` and the others do "
+                                 f"not (sample {first} first); give every sample one, or none")
+        if n and self.groups[0].weights is not None:
+            w = torch.tensor([float(torch.tensor(g.weights, dtype=torch.float64).mean()) for g in self.groups],
+                             dtype=torch.float64)
+            sq = float((w * w).sum())
+            return {"source": "weights", "ess_fraction": float(w.sum()) ** 2 / (n * sq) if sq > 0 else 0.0,
+                    "zero_share": float((w == 0).double().mean())}
+        return {"source": "probs" if n and self.groups[0].probs is not None else None}
+
     def __getitem__(self, index):
         return self.groups[index]
 

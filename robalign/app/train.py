@@ -122,6 +122,35 @@ def data_layout(objective) -> dict:
     return {"unpaired": objectives.is_unpaired(name), "kl_rows": objectives.needs_kl_reference(name)}
 
 
+ESS_WARN = 0.25          # below this effective-sample-size fraction the weights are called collapsed
+
+
+def _check_weighting(settings, dataset, log):
+    """``(settings, weighting)``: the weights the run will use, said before training. Data with no
+    ``weights`` or ``probs`` trains unweighted, said so (and ``use_weights`` is then False in the
+    summary); weights that are all zero are refused; collapsed ones (ESS below 25 % of the
+    samples, or some zero) are warned about."""
+    weighting = dataset.weighting()
+    if not settings.use_weights:
+        return settings, {"source": None, "ignored": weighting["source"]}
+    if weighting["source"] is None:
+        log(f"robalign: {dataset.path or 'the data'} has no `weights` or `probs` field (`robalign weigh` adds them): "
+            "training without DoRA weights")
+        return dataclasses.replace(settings, use_weights=False), weighting
+    if weighting["source"] == "weights":
+        ess, zeros = weighting["ess_fraction"], weighting["zero_share"]
+        if zeros == 1:
+            raise ValueError(f"--data {dataset.path}: every sample's weight is 0: nothing would be trained (weigh "
+                             "again with a --weight-floor above 0, or train without weights: use_weights false)")
+        line = f"DoRA weights: effective sample size {ess:.0%} of {len(dataset)} samples, {zeros:.0%} of them at 0"
+        if ess < ESS_WARN or zeros > 0:
+            log(f"robalign: WARNING: {line}: a few samples carry the loss (weigh with --weight-floor or "
+                "--target-ess to spread it)")
+        else:
+            log(f"robalign: {line}")
+    return settings, weighting
+
+
 def run_training(settings: TrainSettings, log=print) -> dict:
     """Train; write checkpoints, the final model and ``summary.json`` to ``settings.out``."""
     import torch
@@ -161,6 +190,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     if eval_set is not None and eval_set.group_size != dataset.group_size:
         raise ValueError(f"--eval-data {settings.eval_data}: {eval_set.group_size} responses per sample, the training "
                          f"data has {dataset.group_size}")
+    settings, weighting = _check_weighting(settings, dataset, log)
     unknown = dataset.unknown_share(getattr(tokenizer, "unk_token_id", None))
     if unknown > UNKNOWN_REFUSE and settings.model is None:
         raise ValueError(f"--data {data}: {unknown:.0%} of its tokens are unknown to the embedded default's toy "
@@ -225,7 +255,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         "train_loss": result.training_loss, "seconds": round(time.perf_counter() - start, 1),
         "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
         "truncated_prompts": dataset.truncated_prompts, "truncated_responses": dataset.truncated_responses,
-        "settings": dataclasses.asdict(settings), "eval": evaluation,
+        "settings": dataclasses.asdict(settings), "weighting": weighting, "eval": evaluation,
     }
     from .._io import write_atomic
 

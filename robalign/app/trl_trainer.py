@@ -31,6 +31,8 @@ its ``label``, the mismatched ``KL_`` rows) becomes robalign's unpaired layout (
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +123,23 @@ def objective_of(args) -> tuple[str, dict]:
     return objective, hparams
 
 
+def _checked_weights_column(trainer: str, args, dataset) -> str | None:
+    """``args.dora_weights_column`` when the training dataset has it. A column named other than
+    the default that is absent is an error (a misspelling would train unweighted); the default
+    ``weight`` absent trains without weights, said once."""
+    column = getattr(args, "dora_weights_column", None)
+    names = getattr(dataset, "column_names", None)
+    if not column or names is None or column in names:
+        return column
+    default = next((f.default for f in dataclasses.fields(args) if f.name == "dora_weights_column"), None)
+    if column != default:
+        raise ValueError(f"robalign {trainer}: dora_weights_column={column!r}: the training dataset has no such "
+                         f"column (it has {', '.join(map(str, names))})")
+    warnings.warn(f"robalign {trainer}: the training dataset has no {column!r} column: training without DoRA "
+                  "weights (set dora_weights_column to the column that holds them, or None)", stacklevel=3)
+    return None
+
+
 class _WithWeights:
     """TRL's collator, plus the per-sample weights of ``column`` (``[B]`` or ``[B, 2]``) when every
     example of the batch has them."""
@@ -158,7 +177,8 @@ class _TRLBridge:
                 args.padding_free = packed
         if getattr(self, "_is_vision_dataset", False):
             raise ValueError(f"robalign {type(self).__name__}: vision preference data is not supported yet")
-        self.data_collator = _WithWeights(self.data_collator, getattr(args, "dora_weights_column", None))
+        column = _checked_weights_column(type(self).__name__, args, self.train_dataset)
+        self.data_collator = _WithWeights(self.data_collator, column)
         if reduction is not None:
             from ..losses.loss import DoRALoss
 
