@@ -95,7 +95,7 @@ def test_two_rank_torchrun_step_from_the_clone_root(tmp_path):
                          timeout=600)
     finally:
         script.unlink()
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-6000:]}"
     for rank in (0, 1):
         written = tmp_path / "run" / f"kernels-{rank}.txt"
         assert Path(written.read_text()).resolve() == _installed_kernels(), rank
