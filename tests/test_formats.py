@@ -48,7 +48,7 @@ def test_every_layout_gives_the_same_tokens(tmp_path, records, template):
     for name in ("standard", "conversational", "implicit"):
         rows = [layouts(r)[name] for r in records]
         datasets[name] = PreferenceDataset.from_file(write(tmp_path / f"{name}.jsonl", rows), tokenizer,
-                                                     max_length=64, max_prompt_length=32)
+                                                     max_length=64, max_prompt_length=32, chat_as_text=True)
     Dataset.from_list([layouts(r)["standard"] for r in records]).save_to_disk(str(tmp_path / "saved"))
     datasets["saved"] = PreferenceDataset.from_file(tmp_path / "saved", tokenizer, max_length=64, max_prompt_length=32)
     want = [(g.input_ids, g.labels) for g in datasets["standard"].groups]
@@ -99,12 +99,16 @@ def test_weigh_and_train_read_conversational_data_and_a_saved_folder(tmp_path, r
     assert report["samples"] == len(records)
     rows = [json.loads(line) for line in weighed.read_text().splitlines()]
     assert isinstance(rows[0]["prompt"], list) and len(rows[0]["weights"]) == 2
+    with pytest.raises(ValueError, match=r"record 1 is a conversation and the tokenizer has no chat template: .*"
+                                         r"--chat-as-text"):
+        run_training(TrainSettings(out=str(tmp_path / "refused"), data=str(weighed), max_steps=2), log=lambda *_: None)
     summary = run_training(TrainSettings(out=str(tmp_path / "run"), data=str(weighed), max_steps=2, batch_size=4,
-                                         grad_accum=1, save_steps=100), log=lambda *_: None)
+                                         grad_accum=1, save_steps=100, chat_as_text=True), log=lambda *_: None)
     assert summary["steps"] == 2
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     summary = run_training(TrainSettings(out=str(tmp_path / "run2"), data=str(tmp_path / "saved"), max_steps=2,
-                                         batch_size=4, grad_accum=1, save_steps=100), log=lambda *_: None)
+                                         batch_size=4, grad_accum=1, save_steps=100, chat_as_text=True),
+                           log=lambda *_: None)
     assert summary["steps"] == 2 and summary["samples"] == len(records)
 
 

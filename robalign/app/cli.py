@@ -209,7 +209,7 @@ def _cmd_train(args) -> int:
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
                                                "logging_steps", "eval_data", "eval_steps", "report_to")}
-    for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free"):
+    for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free", "chat_as_text"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.objective_args:
@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no reference model: the objective's reference log-probs are 0 (the DPO family)")
     train.add_argument("--padding-free", dest="padding_free", action="store_true",
                        help="pack each batch's rows into one without padding (the attention stays within each row)")
+    train.add_argument("--chat-as-text", dest="chat_as_text", action="store_true",
+                       help="conversational prompts as 'role: content' lines when the tokenizer has no chat template "
+                            "(without it such data is refused)")
     train.add_argument("--wpo", action="store_true",
                        help="WPO: weigh each sample by its responses' probability under the policy (per token)")
     train.add_argument("--ld-alpha", type=float, dest="ld_alpha",

@@ -85,7 +85,9 @@ class TrainSettings(DoRAConfig):
     settings of :class:`DoRAConfig`, which the trainer reads from this object as they are, and
     the run's. ``None`` in a field of :data:`MODEL_DEFAULTS` means "the default for this model"
     (:func:`resolve_defaults`): :data:`MODEL_DEFAULTS` with ``--model``, else
-    :data:`EMBEDDED_DEFAULTS`."""
+    :data:`EMBEDDED_DEFAULTS`. ``chat_as_text``: conversational prompts (lists of messages) as
+    ``role: content`` lines when the tokenizer has no chat template (without it such data is
+    refused: the model would learn a format it is never prompted with)."""
 
     out: str = "out/train"
     model: str | None = None
@@ -111,6 +113,7 @@ class TrainSettings(DoRAConfig):
     eval_data: str | None = None
     eval_steps: int | None = None
     report_to: str = "none"
+    chat_as_text: bool = False
 
 
 def resolve_defaults(settings: TrainSettings) -> TrainSettings:
@@ -155,6 +158,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
         "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "token_stats": flag, "reference_free": flag, "lora": flag, "merge": flag, "bf16": flag,
+        "chat_as_text": flag,
         "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),

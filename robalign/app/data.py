@@ -135,10 +135,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_file(cls, path, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
-                  unpaired: bool = False, kl_rows: bool = False) -> PreferenceDataset:
+                  unpaired: bool = False, kl_rows: bool = False, chat_as_text: bool = False) -> PreferenceDataset:
         """Read ``path`` (listwise, pairwise or unpaired JSONL, or a saved dataset) and tokenise it
         with ``tokenizer``. ``unpaired``: one labelled completion per sample (for KTO; a pairwise
-        file is unpaired); ``kl_rows``: each unpaired sample also gets its mismatched row."""
+        file is unpaired); ``kl_rows``: each unpaired sample also gets its mismatched row.
+        Conversational prompts need the tokenizer's chat template; ``chat_as_text`` reads them as
+        ``role: content`` lines instead (ValueError without either)."""
         if max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
         pref = read_preference_file(path)
@@ -151,7 +153,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
         eos = tokenizer.eos_token_id
         cut = {"prompts": 0, "responses": 0}
 
-        def prompt_ids_of(prompt):
+        def prompt_ids_of(prompt, line_index):
+            if not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None) and not chat_as_text:
+                raise ValueError(f"{path}: record {line_index + 1} is a conversation and the tokenizer has no chat "
+                                 "template: give the model's tokenizer one (`chat_template` in tokenizer_config.json), "
+                                 "or pass --chat-as-text (YAML `chat_as_text: true`) to train on its 'role: content' "
+                                 "lines")
             ids = tokenize_prompt(tokenizer, prompt)
             if len(ids) > max_prompt_length:
                 cut["prompts"] += 1
@@ -169,7 +176,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         # (group name, prompt ids, responses, scores, probs, weights) per sample
         items = []
         for line_index, (record, (prompt, responses)) in enumerate(zip(pref.records, pref.samples)):
-            ids = prompt_ids_of(prompt)
+            ids = prompt_ids_of(prompt, line_index)
             probs, weights = record.get("probs"), record.get("weights")
             if not unpaired:
                 scores = [1.0, 0.0] if pref.format == "pairwise" else [float(x) for x in record["scores"]]

@@ -61,7 +61,8 @@ def evaluate_run(run, data, *, batch_size: int = 16) -> dict:
         reference, _ = embedded_model(settings.get("seed", 0))
     prepare_tokenizer(tokenizer, log=lambda *_: None)
     dataset = PreferenceDataset.from_file(data, tokenizer, max_length=settings["max_length"],
-                                          max_prompt_length=settings["max_prompt_length"])
+                                          max_prompt_length=settings["max_prompt_length"],
+                                          chat_as_text=settings.get("chat_as_text", False))
     collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, fields=())
     k = dataset.group_size
     rewards, plain = [], []

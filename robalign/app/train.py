@@ -183,10 +183,11 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     data = Path(settings.data) if settings.data is not None else _embedded_data(out, settings.seed)
     layout = data_layout(settings.objective)
     dataset = PreferenceDataset.from_file(data, tokenizer, max_length=settings.max_length,
-                                          max_prompt_length=settings.max_prompt_length, **layout)
+                                          max_prompt_length=settings.max_prompt_length,
+                                          chat_as_text=settings.chat_as_text, **layout)
     eval_set = None if settings.eval_data is None else PreferenceDataset.from_file(
         settings.eval_data, tokenizer, max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
-        **layout)
+        chat_as_text=settings.chat_as_text, **layout)
     if eval_set is not None and eval_set.group_size != dataset.group_size:
         raise ValueError(f"--eval-data {settings.eval_data}: {eval_set.group_size} responses per sample, the training "
                          f"data has {dataset.group_size}")
