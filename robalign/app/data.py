@@ -109,6 +109,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 unknown += sum(1 for t in ids if t == unk_token_id)
         return unknown / max(total, 1)
 
+    def with_group_names(self, names: tuple) -> PreferenceDataset:
+        """This dataset with its samples' ``group_id`` indexing ``names`` (another file's, e.g.
+        the training data's for an evaluation file): a group id means the same group name in every
+        file. A group of this file that ``names`` lacks is a ValueError."""
+        if not self.group_names or tuple(names) == self.group_names:
+            return self
+        unknown = sorted(set(self.group_names) - set(names))
+        if unknown:
+            raise ValueError(f"{self.path}: groups {unknown} are not among the training data's {list(names)}")
+        index = {name: i for i, name in enumerate(names)}
+        for group in self.groups:
+            group.group_id = index[self.group_names[group.group_id]]
+        self.group_names = tuple(names)
+        return self
+
     def weighting(self) -> dict:
         """What the samples carry for DoRA's weights: ``source`` ``"weights"``, ``"probs"`` or
         ``None``; for weights, their effective sample size as a fraction of N,

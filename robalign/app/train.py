@@ -191,6 +191,8 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     if eval_set is not None and eval_set.group_size != dataset.group_size:
         raise ValueError(f"--eval-data {settings.eval_data}: {eval_set.group_size} responses per sample, the training "
                          f"data has {dataset.group_size}")
+    if eval_set is not None and dataset.group_names:
+        eval_set = eval_set.with_group_names(dataset.group_names)          # group ids by name, not position
     settings, weighting = _check_weighting(settings, dataset, log)
     unknown = dataset.unknown_share(getattr(tokenizer, "unk_token_id", None))
     if unknown > UNKNOWN_REFUSE and settings.model is None:

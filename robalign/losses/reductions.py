@@ -397,10 +397,23 @@ class GroupDRO(_WorstCase):
         return self.log_q.exp()
 
     def state_dict(self) -> dict:
-        return {"log_q": self.log_q.detach().cpu().tolist()}
+        """``{"log_q": [G], "names": [G] or None}``: q goes back to the groups by name."""
+        return {"log_q": self.log_q.detach().cpu().tolist(), "names": None if self.names is None else list(self.names)}
 
     def load_state_dict(self, state: dict) -> None:
-        log_q = torch.tensor(state["log_q"], dtype=torch.float64)
+        """q from :meth:`state_dict`. With names on both sides each group takes its own q, by name
+        (whatever the order); a group new to this run or gone from it is an error. Without names
+        (on either side) q is taken by position."""
+        log_q = state["log_q"]
+        saved_names, where = state.get("names"), "robalign.GroupDRO.load_state_dict"
+        if saved_names is not None and self.names is not None:
+            new, gone = sorted(set(self.names) - set(saved_names)), sorted(set(saved_names) - set(self.names))
+            if new or gone or len(saved_names) != len(log_q):
+                V.fail(where, f"the saved groups {list(saved_names)} are not this run's {list(self.names)} (new: {new}, "
+                              f"gone: {gone}); group DRO's q belongs to its groups by name")
+            by_name = dict(zip(saved_names, log_q))
+            log_q = [by_name[name] for name in self.names]
+        log_q = torch.tensor(log_q, dtype=torch.float64)
         usable = (~torch.isnan(log_q) & ~torch.isposinf(log_q)).all() and torch.isfinite(log_q).any()
         if log_q.shape != (self.num_groups,) or not bool(usable):
             V.fail("robalign.GroupDRO.load_state_dict", f"`log_q` must be {self.num_groups} numbers, finite or "
