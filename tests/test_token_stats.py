@@ -19,7 +19,8 @@ D = torch.float64
 def materialised(z, labels):
     scored = labels != -100
     h = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
-    return (h * scored).sum(-1), (z.mean(-1) * scored).sum(-1), scored.sum(-1)
+    top1 = (z.argmax(-1) == labels) & scored
+    return (h * scored).sum(-1), (z.mean(-1) * scored).sum(-1), scored.sum(-1), top1.sum(-1)
 
 
 @pytest.mark.parametrize("transform", [None, HeadTransform(softcap=2.0, scale=0.7, temperature=1.3)])
@@ -34,7 +35,9 @@ def test_entropy_and_mean_logit_from_logits_and_from_the_head(transform):
     z = hidden @ weight.T + bias
     if transform is not None:
         z = transform.apply_(z.clone())
+    labels[2, 2:5] = z[2, 2:5].argmax(-1)                                  # three top-1 tokens
     want = materialised(z, labels)
+    assert int(want[3][2]) >= 3
     for got in (token_stats(labels, logits=z), token_stats(labels, hidden=hidden, head_weight=weight, head_bias=bias,
                                                            transform=transform, chunk_rows=4)):
         for g, w in zip(got, want):
@@ -52,8 +55,9 @@ def test_entropy_and_mean_logit_from_logits_and_from_the_head(transform):
 
 
 def test_the_trainer_logs_trls_entropy_and_mean_logits(tmp_path):
-    """DoRADPOTrainer logs `entropy`, `logits/chosen` and `logits/rejected` as TRL's DPOTrainer does
-    (first step, the same batch): equal to rtol 1e-4 (TRL's fused head works in float32)."""
+    """DoRADPOTrainer logs TRL's DPOTrainer's keys — `entropy`, `logits/*`, `logps/*`, `rewards/*`,
+    `num_tokens`, `mean_token_accuracy` — as TRL does (first step, the same batch): equal to rtol
+    1e-4 (TRL's fused head works in float32), the counts exactly."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -84,3 +88,13 @@ def test_the_trainer_logs_trls_entropy_and_mean_logits(tmp_path):
     for name in ("logits/chosen", "logits/rejected"):
         assert mine[name] == pytest.approx(theirs[name], abs=1e-5), name
     assert mine["logits/chosen"] != pytest.approx(mine["logits/rejected"], rel=1e-3)
+    # exactly TRL's keys with TRL's meaning (rewards/accuracy and rewards/margin were logged beside
+    # TRL's names, logps/*, num_tokens and mean_token_accuracy were missing), robalign's own under dora/
+    common = {"loss", "grad_norm", "learning_rate", "epoch", "step"}
+    assert {k for k in mine if k not in common and not k.startswith("dora/")} == set(theirs) - common
+    assert {"dora/weights/mean", "dora/dro/ess"} <= set(mine)
+    assert mine["num_tokens"] == theirs["num_tokens"] and mine["mean_token_accuracy"] == pytest.approx(
+        theirs["mean_token_accuracy"], abs=1e-12)
+    for name in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                 "rewards/margins"):
+        assert mine[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name

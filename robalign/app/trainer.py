@@ -333,8 +333,10 @@ class DoRATrainer(Trainer):
 
     #: whether the trainer below this one takes ``ref_model`` itself (TRL's trainers do)
     _forwards_ref_model = False
-    #: metric name → a second name it is also logged under
-    _METRIC_ALIASES: dict = {}
+    def _logged_name(self, name: str) -> str:
+        """The key a metric is logged under (the TRL drop-ins log TRL's keys and robalign's own
+        under ``dora/``)."""
+        return name
 
     def __init__(self, *args, dora: DoRAConfig | None = None, ref_model=None, **kwargs):
         self.dora = dora or DoRAConfig()
@@ -366,6 +368,7 @@ class DoRATrainer(Trainer):
         self._last_loss = 0.0
         self._dora_metrics = defaultdict(list)
         self._eval_metrics = defaultdict(list)
+        self._tokens_seen = None            # TRL's `num_tokens`: the training batches' attended tokens, this rank
         self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
         self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
@@ -630,9 +633,12 @@ class DoRATrainer(Trainer):
         # the surrogate is already this micro-batch's share of the full-batch loss: DeepSpeed must
         # not divide it by the accumulation steps again
         self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
-        self._record(out)
+        self._record(out, scores=inputs.get("scores"))
         if stats:
             self._record_token_stats(stats["token_stats"], inputs.get("scores"))
+        mask = inputs.get("attention_mask")
+        tokens = (mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())).detach()
+        self._tokens_seen = tokens if self._tokens_seen is None else self._tokens_seen + tokens.to(self._tokens_seen)
         # Trainer sums what training_step returns over the micro-batches of an optimizer step:
         # returning the increments of the running full-batch loss makes that sum the final loss.
         # Everything stays on the device: a micro-batch reads no value on the host.
@@ -663,7 +669,7 @@ class DoRATrainer(Trainer):
             samples = self.dora_samples(model, inputs, stats_into=stats)
             loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group(),
                                                     **self.loss_fn.group_kwargs(samples))
-        self._record(samples, self._eval_metrics)
+        self._record(samples, self._eval_metrics, scores=inputs.get("scores"))
         if stats:
             self._record_token_stats(stats["token_stats"], inputs.get("scores"), self._eval_metrics)
         return loss.detach(), None, None
@@ -671,39 +677,48 @@ class DoRATrainer(Trainer):
     _RECORDED = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "weights/mean",
                  "weights/max")
 
-    def _record(self, out, into=None) -> None:
+    def _record(self, out, into=None, scores=None) -> None:
         into = self._dora_metrics if into is None else into
         # nanmean: unpaired samples reward only their own side (NaN on the other)
         for name, value in zip(self._RECORDED, (
                 out.reward_accuracy, out.reward_margin, out.chosen_rewards.nanmean(), out.rejected_rewards.nanmean(),
                 out.weights.mean(), out.weights.max())):
             into[name].append(value.detach().float())
+        logps = out.policy_logps.detach().float()            # TRL's logps/chosen, logps/rejected: per sequence
+        for name, mask in self._chosen_rejected_rows(scores, logps.numel(), logps.device).items():
+            into[f"logps/{name}"].append((logps * mask).sum() / mask.sum())
         if out.kl is not None:                              # KTO's reference point z₀ (TRL logs it as `kl`)
             into["kl"].append(out.kl.detach().float())
 
-    def _record_token_stats(self, stats, scores, into=None) -> None:
-        """TRL's ``entropy`` (per scored token) and ``logits/chosen``, ``logits/rejected`` (the mean
-        logit per token of each sample's best and worst row by ``scores``, or the first and the last
-        without; unpaired: the desirable and the undesirable rows), on the device."""
-        into = self._dora_metrics if into is None else into
-        entropy, mean_logit, counts = stats
-        counts = counts.to(entropy.dtype)
-        into["entropy"].append(entropy.sum() / counts.sum())
+    def _chosen_rejected_rows(self, scores, rows: int, device) -> dict:
+        """``{"chosen": mask, "rejected": mask}`` over a batch's ``rows`` sequences: each sample's
+        best and worst row by ``scores`` (the first and the last without); unpaired: the desirable
+        and the undesirable rows."""
         k = self.group_size
         if k == 1:
             chosen = scores.reshape(-1) > 0.5
-            rows = {"chosen": chosen, "rejected": ~chosen}
-        else:
-            if scores is None:                          # candidates in preference order, best first
-                scores = -torch.arange(k, device=counts.device, dtype=torch.float32).repeat(counts.numel() // k)
-            order = torch.sort(scores.view(-1, k), dim=-1, descending=True, stable=True).indices
-            best = torch.zeros(scores.numel() // k, k, dtype=torch.bool, device=scores.device)
-            worst = best.clone()
-            best.scatter_(1, order[:, :1], True)
-            worst.scatter_(1, order[:, -1:], True)
-            rows = {"chosen": best.view(-1), "rejected": worst.view(-1)}
+            return {"chosen": chosen, "rejected": ~chosen}
+        if scores is None:                              # candidates in preference order, best first
+            scores = -torch.arange(k, device=device, dtype=torch.float32).repeat(rows // k)
+        order = torch.sort(scores.view(-1, k), dim=-1, descending=True, stable=True).indices
+        best = torch.zeros(rows // k, k, dtype=torch.bool, device=scores.device)
+        worst = best.clone()
+        best.scatter_(1, order[:, :1], True)
+        worst.scatter_(1, order[:, -1:], True)
+        return {"chosen": best.view(-1), "rejected": worst.view(-1)}
+
+    def _record_token_stats(self, stats, scores, into=None) -> None:
+        """TRL's ``entropy`` (per scored token), ``logits/chosen``, ``logits/rejected`` (the mean
+        logit per token of the chosen and the rejected rows) and ``mean_token_accuracy`` (the
+        share of the chosen rows' tokens whose label is the top-1), on the device."""
+        into = self._dora_metrics if into is None else into
+        entropy, mean_logit, counts, top1 = stats
+        counts = counts.to(entropy.dtype)
+        into["entropy"].append(entropy.sum() / counts.sum())
+        rows = self._chosen_rejected_rows(scores, counts.numel(), counts.device)
         for name, mask in rows.items():              # NaN when no token: nanmean skips it at log time
             into[f"logits/{name}"].append((mean_logit * mask).sum() / (counts * mask).sum())
+        into["mean_token_accuracy"].append((top1 * rows["chosen"]).sum().float() / (counts * rows["chosen"]).sum())
 
     def log(self, logs, *args, **kwargs):
         """The Trainer's logs plus the DoRA metrics averaged since the last log (one device read
@@ -717,8 +732,9 @@ class DoRATrainer(Trainer):
                 # nanmean: a group absent from a step has no loss there (NaN), not a loss of 0
                 means = torch.stack([torch.stack([v.to(self.args.device) for v in metrics[n]]).nanmean()
                                      for n in names]).tolist()
-                logs.update({prefix + n: m for n, m in zip(names, means)})
-                logs.update({prefix + alias: logs[prefix + n] for n, alias in self._METRIC_ALIASES.items()
-                             if prefix + n in logs})
+                logs.update({prefix + self._logged_name(n): m for n, m in zip(names, means)})
                 metrics.clear()
+        if "loss" in logs and self._tokens_seen is not None:     # every rank's, as TRL counts them
+            logs[self._logged_name("num_tokens")] = int(
+                self.accelerator.gather_for_metrics(self._tokens_seen.reshape(1).to(self.args.device)).sum())
         return super().log(logs, *args, **kwargs)

@@ -159,8 +159,16 @@ class _TRLBridge:
     collator, and the reference log-probs (TRL's precomputed ones, or the reference model now)."""
 
     _forwards_ref_model = True
-    #: the reward metrics also under TRL's names
-    _METRIC_ALIASES = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
+    #: TRL 1.16 DPOTrainer's metric keys (robalign's names on the left where they differ); every
+    #: other metric of robalign's is logged under ``dora/``
+    _TRL_RENAMED = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
+    _TRL_KEYS = frozenset({"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
+                           "mean_token_accuracy", "num_tokens", "kl"})
+
+    def _logged_name(self, name: str) -> str:
+        name = self._TRL_RENAMED.get(name, name)
+        return name if name in self._TRL_KEYS else f"dora/{name}"
 
     def _bridge_init(self, objective, hparams, model, ref_model, args, reduction, kwargs, **dora_extra):
         dora = DoRAConfig(objective=objective, beta=float(args.beta), lam=float(getattr(args, "dora_lam", 1.0)),
@@ -260,6 +268,9 @@ class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
     with the weights column and the DRO reduction, exact across accumulation and ranks. Takes TRL's
     arguments (``args``: a :class:`DoRAKTOConfig` or ``KTOConfig``) and ``reduction``. With
     ``dora_lam=inf`` and no weights column the losses are TRL's own KTO losses."""
+    #: TRL 1.16 KTOTrainer's keys (no reward accuracy, no token accuracy)
+    _TRL_KEYS = frozenset({"kl", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "rewards/chosen",
+                           "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"})
 
     def __init__(self, model=None, ref_model=None, args=None, *, reduction=None, **kwargs):
         if args is None:
@@ -333,6 +344,10 @@ def _pairs_batch(inputs, pad_token_id):
 
 class _PairsBridge(_TRLBridge):
     """The CPO/ORPO drop-ins' shared part: TRL's pair collator, its batch as robalign's rows."""
+
+    #: TRL 1.16 CPOTrainer's and ORPOTrainer's keys that robalign computes (not their nll_loss, log_odds_*)
+    _TRL_KEYS = frozenset({"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"})
 
     _forwards_ref_model = False                        # reference-free: TRL's CPO/ORPO take no ref_model
 

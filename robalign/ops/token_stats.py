@@ -1,7 +1,8 @@
 """Per-token statistics of the policy for logging, what TRL's fused LM head reports beside the
-log-probs: the entropy of the next-token distribution and the mean logit, over the scored tokens
+log-probs: the entropy of the next-token distribution, the mean logit and whether the label is
+the top-1 token (TRL's ``mean_token_accuracy``), over the scored tokens
 
-    H_t = lse(z'_t) − Σ_v softmax(z'_t)_v · z'_{t,v}        m_t = (1/V) Σ_v z'_{t,v}
+    H_t = lse(z'_t) − Σ_v softmax(z'_t)_v · z'_{t,v}     m_t = (1/V) Σ_v z'_{t,v}     a_t = [argmax_v z'_{t,v} = y_t]
 
 summed per sequence (``[S]``, with the scored tokens per sequence to average them), from logits or
 from hidden states and the LM head (with its transform, :mod:`robalign.ops.head`) in chunks of
@@ -25,9 +26,10 @@ def token_stats(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hid
                 head_weight: torch.Tensor | None = None, head_bias: torch.Tensor | None = None,
                 ignore_index: int = -100, cu_seqlens: torch.Tensor | None = None,
                 transform: HeadTransform | None = None, chunk_rows: int = 2048):
-    """``(entropy_sum [S], mean_logit_sum [S], counts [S])`` of ``labels`` (``[S, T]``, or packed
-    ``[N]`` with ``cu_seqlens``) under ``logits`` (``[S, T, V]`` / ``[N, V]``) or ``hidden`` with
-    ``head_weight`` ``[V, H]`` (``head_bias``, ``transform``)."""
+    """``(entropy_sum [S], mean_logit_sum [S], counts [S], top1_sum [S])`` of ``labels`` (``[S, T]``,
+    or packed ``[N]`` with ``cu_seqlens``) under ``logits`` (``[S, T, V]`` / ``[N, V]``) or
+    ``hidden`` with ``head_weight`` ``[V, H]`` (``head_bias``, ``transform``); ``top1_sum`` counts
+    the scored tokens whose label is the argmax (ties: the first maximum, as ``argmax``)."""
     where = "robalign.ops.token_stats"
     dtype, chunks = scored_logit_chunks(where, labels, logits=logits, hidden=hidden, head_weight=head_weight,
                                         head_bias=head_bias, transform=transform, ignore_index=ignore_index,
@@ -35,11 +37,14 @@ def token_stats(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hid
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     entropy = torch.zeros(num_seqs, dtype=torch.float64, device=labels.device)
     mean_logit = torch.zeros_like(entropy)
+    top1 = torch.zeros(num_seqs, dtype=torch.int64, device=labels.device)
+    flat = labels.reshape(-1)
     for index, z in chunks:
         lse = torch.logsumexp(z, -1)
         h = lse - (torch.softmax(z, -1) * z).sum(-1)
         entropy.index_add_(0, seq_idx[index], h.double())
         mean_logit.index_add_(0, seq_idx[index], z.mean(-1).double())
-    scored = labels.reshape(-1) != ignore_index
+        top1.index_add_(0, seq_idx[index], (z.argmax(-1) == flat[index]).long())
+    scored = flat != ignore_index
     counts = torch.zeros(num_seqs, dtype=torch.int64, device=labels.device).index_add_(0, seq_idx, scored.long())
-    return entropy.float(), mean_logit.float(), counts
+    return entropy.float(), mean_logit.float(), counts, top1
