@@ -153,14 +153,8 @@ def _check_weighting(settings, dataset, log):
 
 def run_training(settings: TrainSettings, log=print) -> dict:
     """Train; write checkpoints, the final model and ``summary.json`` to ``settings.out``."""
-    import torch
-    from transformers import TrainingArguments
-
-    from .data import PreferenceDataset, prepare_tokenizer
-    from .trainer import DoRATrainer
-
     from .checkpoints import check_model_folder, resolve_resume
-    from .launch import check_engine, describe_engine
+    from .ratio.data import read_preference_file
 
     settings = resolve_defaults(settings)
     check_settings(settings)
@@ -168,16 +162,25 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         raise ValueError("--merge merges a LoRA adapter: it needs --lora")
     log(describe(settings))
     out = Path(settings.out)
-    # every file is checked before anything is loaded
+    # every file is checked, its records included, before transformers is imported or anything loaded
     if settings.model is not None:
         if not Path(settings.model).is_dir():
             raise FileNotFoundError(f"model path not found: {settings.model} (a local folder; nothing is downloaded)")
         check_model_folder(Path(settings.model))
-    if settings.data is not None and not Path(settings.data).exists():
-        raise FileNotFoundError(f"--data: no such file: {settings.data}")
-    if settings.eval_data is not None and not Path(settings.eval_data).exists():
-        raise FileNotFoundError(f"--eval-data: no such file: {settings.eval_data}")
+    for flag, path in (("--data", settings.data), ("--eval-data", settings.eval_data)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag}: no such file: {path}")
+        if path is not None:
+            read_preference_file(path)
     resume = None if settings.resume is None else resolve_resume(out, settings.resume, log)
+
+    import torch
+    from transformers import TrainingArguments
+
+    from .data import PreferenceDataset, prepare_tokenizer
+    from .launch import check_engine, describe_engine
+    from .trainer import DoRATrainer
+
     model, tokenizer = _load_model(settings, log)
     prepare_tokenizer(tokenizer, log)
     data = Path(settings.data) if settings.data is not None else _embedded_data(out, settings.seed)
