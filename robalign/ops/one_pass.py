@@ -213,7 +213,7 @@ def _linear_dora_loss(
         if mean:
             coeff_g = w_c
         else:
-            a = w_c.double() * loss_c.double() / lam                   # float64: λ may be 1e-200
+            a = (w_c * loss_c).double() / lam                          # in float64: λ may be 1e-200
             chunk_max = a.max().item() if a.numel() else -math.inf
             new_m = chunk_max if (math.isnan(chunk_max) or chunk_max > m) else m
             coeff_g = (w_c.double() * torch.exp(a - new_m)).float()
