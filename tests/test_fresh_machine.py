@@ -70,6 +70,17 @@ def test_python_m_robalign_train_help_from_the_clone_root():
     assert "--objective" in result.stdout
 
 
+def test_demo_data_and_weigh_run_from_the_clone_root(tmp_path):
+    """``robalign demo`` and ``robalign weigh`` import transformers too: from the clone's root they
+    failed with the shadowed ``kernels`` (the demo's message sent the user to the extras)."""
+    exported = _python(["-m", "robalign", "demo", "--export-data", str(tmp_path)], ROOT)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    weighed = _python(["-m", "robalign", "weigh", str(tmp_path / "train.jsonl"), "--target-source", "human",
+                       "--features", "tfidf", "--folds", "2", "--out", str(tmp_path / "weighed.jsonl")], ROOT)
+    assert weighed.returncode == 0, weighed.stderr[-3000:]
+    assert (tmp_path / "weighed.jsonl").read_text().count("\n") == (tmp_path / "train.jsonl").read_text().count("\n")
+
+
 TORCHRUN_SCRIPT = """
 import sys
 from pathlib import Path
