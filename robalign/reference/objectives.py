@@ -124,14 +124,20 @@ def _length_normalised(logps, counts):
     return logps / counts.clamp(min=1).to(logps.dtype)
 
 
+def _smoothed_sigmoid_loss(h: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """``−(1 − ε)·log σ(h) − ε·log σ(−h)``; without smoothing (ε = 0) the second term is left out
+    rather than multiplied by 0, so an infinite margin h = +∞ gives the limit 0 (not 0·∞ = NaN)."""
+    loss = -(1 - label_smoothing) * F.logsigmoid(h)
+    return loss if label_smoothing == 0 else loss - label_smoothing * F.logsigmoid(-h)
+
+
 @objective(reference=True, pairwise=True, beta=BETA, label_smoothing=SMOOTHING)
 def dpo(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoothing=0.0):
     """DPO, sigmoid loss (Rafailov et al. 2023, arXiv 2305.18290), with cDPO smoothing ε:
 
         ℓ = −(1 − ε)·log σ(β·Δ) − ε·log σ(−β·Δ)
     """
-    h = beta * _pair_margin(logps, ref_logps, scores)
-    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return _smoothed_sigmoid_loss(beta * _pair_margin(logps, ref_logps, scores), label_smoothing)
 
 
 @objective(reference=True, pairwise=True, beta=BETA, label_smoothing=SMOOTHING)
@@ -143,7 +149,8 @@ def robust(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smooth
     """
     h = beta * _pair_margin(logps, ref_logps, scores)
     eps = label_smoothing
-    return (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+    clean = -(1 - eps) * F.logsigmoid(h)                   # ε = 0: no 0·∞ at an infinite margin
+    return (clean if eps == 0 else clean + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
 
 
 @objective(reference=True, pairwise=True, beta=BETA)
@@ -268,10 +275,6 @@ def _alpha_reward(logp: torch.Tensor, alpha: float) -> torch.Tensor:
     return logp if alpha == 0 else -torch.expm1(-alpha * logp) / alpha
 
 
-def _smoothed_sigmoid_loss(h: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-
-
 @objective(reference=False, pairwise=True, counts=True, beta=Param(2.0, low=0, low_open=True), gamma=Param(0.5),
            label_smoothing=SMOOTHING, alpha=Param(0.0))
 def simpo(logps, ref_logps=None, *, counts, scores=None, beta=2.0, gamma=0.5, label_smoothing=0.0, alpha=0.0):
@@ -387,7 +390,7 @@ def sft(logps, ref_logps=None, *, counts, scores=None):
 def _sorted_pair_loss(u, v, beta, label_smoothing):
     """The cDPO-smoothed loss of ``β·(sort(u) − sort(v))``, position by position of the sorted batch."""
     h = beta * (torch.sort(u, dim=0).values - torch.sort(v, dim=0).values)
-    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return _smoothed_sigmoid_loss(h, label_smoothing)
 
 
 @objective(reference=True, pairwise=True, batch_coupled=True, beta=BETA, label_smoothing=SMOOTHING)
