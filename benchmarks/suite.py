@@ -26,7 +26,7 @@ correctness gate before it is timed.
 
 ``--quick`` is a smoke run that still shows every provider (the floors, the naive path, TRL's and
 robalign's): one small case per workload (512 tokens, 1/8 prompt), forward+backward only, one round
-of three timed runs (about 1.5 minutes on 2 cores). The full sweep is the long one: it says how
+of three timed runs (70 s on 2 cores, no GPU). The full sweep is the long one: it says how
 many fresh processes it will start and shows a progress bar with the time left. Writes ``<out>/suite_<device>.json`` (``--out``, default
 ``./robalign-bench``; ``--out benchmarks/results`` rewrites the committed record) and, through
 plot.py, one PNG per workload and mode beside it.
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), help="shape (default: small on CPU)")
     parser.add_argument("--mode", help="comma-separated: fwdbwd, fwd (default both; --quick fwdbwd)")
     parser.add_argument("--quick", action="store_true",
-                        help="one small case per workload, forward+backward, every provider (about 1.5 minutes)")
+                        help="one small case per workload, forward+backward, every provider (about 70 s on 2 cores)")
     parser.add_argument("--tokens", help="comma-separated token counts of the sweep (default 512,1024,2048,4096)")
     parser.add_argument("--repeat", type=int, help="timed runs per process (default 5; --quick 3)")
     parser.add_argument("--rounds", type=int, help="fresh processes per provider and case (default 2; --quick 1)")

@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="model shape: small, llama3-8b, qwen2.5-7b, mistral-7b")
     bench.add_argument("--mode", help="comma-separated: fwdbwd (forward+backward), fwd (forward, no_grad); default both")
     bench.add_argument("--quick", action="store_true",
-                       help="one small case per workload, forward+backward, every provider (about 1.5 minutes)")
+                       help="one small case per workload, forward+backward, every provider (about 70 s on 2 cores)")
     bench.add_argument("--out", default="robalign-bench",
                        help="folder for the JSON record and charts (default ./robalign-bench); the committed "
                             "records are rewritten only with --out benchmarks/results")
