@@ -229,3 +229,27 @@ def test_files_are_checked_before_transformers_is_imported(tmp_path, argv, messa
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1].split() == ["2", "False"], result.stderr[-2000:]
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_every_yaml_key_has_a_flag(monkeypatch):
+    """Every setting of a YAML config is on the command line too (save_steps, optim, shuffle, ... were
+    YAML-only), and reaches the run."""
+    import dataclasses
+
+    import robalign.app.train as train
+    from robalign.app.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices["train"]
+    dests = {a.dest for a in sub._actions}
+    negated = {"exact_dro": "no_dro_exact", "one_pass": "recompute", "objective_kwargs": "objective_args",
+               "shuffle": "no_shuffle", "token_stats": "no_token_stats", "use_weights": "no_weights",
+               "fused": "no_fused"}
+    assert [f.name for f in dataclasses.fields(TrainSettings) if negated.get(f.name, f.name) not in dests] == []
+    seen = {}
+    monkeypatch.setattr(train, "run_training", lambda settings: seen.setdefault("s", settings) and None)
+    with pytest.raises(TypeError):                   # the stand-in returns no summary: the settings are what counts
+        main(["train", "--optim", "sgd", "--save-steps", "7", "--fsdp-config", '{"min_num_params": 10}', "--no-shuffle",
+              "--no-token-stats", "--no-weights", "--no-fused", "--recompute", "--no-dro-exact"])
+    s = seen["s"]
+    assert (s.optim, s.save_steps, s.fsdp_config) == ("sgd", 7, {"min_num_params": 10})
+    assert not any((s.shuffle, s.token_stats, s.use_weights, s.fused, s.one_pass, s.exact_dro))

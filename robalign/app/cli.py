@@ -129,6 +129,19 @@ def _objective_hparam(value: str) -> tuple[str, float]:
     return name.strip(), number
 
 
+def _json_object(value: str) -> dict:
+    """A JSON object given on the command line."""
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({err.msg})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
 def _existing_file(value: str) -> Path:
     """A preference file (or a folder saved by ``datasets``) that exists."""
     path = Path(value)
@@ -208,14 +221,17 @@ def _cmd_train(args) -> int:
                                                "level", "group_step", "ld_alpha", "alpha", "lr",
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
-                                               "logging_steps", "eval_data", "eval_steps", "report_to")}
+                                               "logging_steps", "eval_data", "eval_steps", "report_to", "optim",
+                                               "save_steps", "fsdp_config")}
     for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free", "chat_as_text"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.objective_args:
         overrides["objective_kwargs"] = dict(args.objective_args)
-    if args.no_dro_exact:
-        overrides["exact_dro"] = False
+    for flag, setting in (("no_dro_exact", "exact_dro"), ("no_shuffle", "shuffle"), ("no_token_stats", "token_stats"),
+                          ("no_weights", "use_weights"), ("no_fused", "fused")):
+        if getattr(args, flag):
+            overrides[setting] = False
     if args.recompute:
         overrides["one_pass"] = False
     with _user_errors():
@@ -378,6 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--deepspeed", help="DeepSpeed JSON config for TrainingArguments (ZeRO-3 heads use the logits path)")
     train.add_argument("--bf16", action="store_true",
                        help="bfloat16 mixed precision (autocast; the fused LM head runs in bfloat16)")
+    train.add_argument("--optim", help=f"the Trainer's optimizer (TrainingArguments.optim; default {d.optim})")
+    train.add_argument("--save-steps", type=int, dest="save_steps",
+                       help=f"checkpoint every N optimizer steps (default {d.save_steps})")
+    train.add_argument("--fsdp-config", type=_json_object, dest="fsdp_config", metavar="JSON",
+                       help="FSDP's fsdp_config as a JSON object, e.g. '{\"min_num_params\": 1000}'")
+    train.add_argument("--no-shuffle", action="store_true", help="keep the data's order (default: shuffled)")
+    train.add_argument("--no-token-stats", action="store_true",
+                       help="do not log entropy, mean logits and token accuracy (one fewer pass over the head)")
+    train.add_argument("--no-weights", action="store_true",
+                       help="ignore the data's `weights`/`probs`: train without DoRA weights")
+    train.add_argument("--no-fused", action="store_true",
+                       help="materialise the logits instead of the fused linear path (models whose logits are not "
+                            "hidden @ Wᵀ + b with a known transform)")
     train.add_argument("--no-dro-exact", action="store_true",
                        help="per-micro-batch DRO normaliser (the cheaper approximation)")
     train.add_argument("--recompute", action="store_true",
