@@ -150,15 +150,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_file(cls, path, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
-                  unpaired: bool = False, kl_rows: bool = False, chat_as_text: bool = False) -> PreferenceDataset:
+                  unpaired: bool = False, kl_rows: bool = False, chat_as_text: bool = False,
+                  parsed=None) -> PreferenceDataset:
         """Read ``path`` (listwise, pairwise or unpaired JSONL, or a saved dataset) and tokenise it
         with ``tokenizer``. ``unpaired``: one labelled completion per sample (for KTO; a pairwise
         file is unpaired); ``kl_rows``: each unpaired sample also gets its mismatched row.
         Conversational prompts need the tokenizer's chat template; ``chat_as_text`` reads them as
-        ``role: content`` lines instead (ValueError without either)."""
+        ``role: content`` lines instead (ValueError without either). ``parsed``: ``path`` as
+        :func:`~robalign.app.ratio.data.read_preference_file` already returned it (not read again)."""
         if max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
-        pref = read_preference_file(path)
+        pref = parsed if parsed is not None else read_preference_file(path)
         if pref.format == "unpaired" and not unpaired:
             raise ValueError(f"{path}: unpaired data (`completion`, `label`) trains an unpaired objective: "
                              "kto or apo_zero_unpaired")

@@ -167,11 +167,12 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         if not Path(settings.model).is_dir():
             raise FileNotFoundError(f"model path not found: {settings.model} (a local folder; nothing is downloaded)")
         check_model_folder(Path(settings.model))
+    parsed = {}                                  # path -> its records, read once
     for flag, path in (("--data", settings.data), ("--eval-data", settings.eval_data)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag}: no such file: {path}")
         if path is not None:
-            read_preference_file(path)
+            parsed[path] = read_preference_file(path)
     resume = None if settings.resume is None else resolve_resume(out, settings.resume, log)
 
     import torch
@@ -187,10 +188,10 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     layout = data_layout(settings.objective)
     dataset = PreferenceDataset.from_file(data, tokenizer, max_length=settings.max_length,
                                           max_prompt_length=settings.max_prompt_length,
-                                          chat_as_text=settings.chat_as_text, **layout)
+                                          chat_as_text=settings.chat_as_text, parsed=parsed.get(settings.data), **layout)
     eval_set = None if settings.eval_data is None else PreferenceDataset.from_file(
         settings.eval_data, tokenizer, max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
-        chat_as_text=settings.chat_as_text, **layout)
+        chat_as_text=settings.chat_as_text, parsed=parsed[settings.eval_data], **layout)
     if eval_set is not None and eval_set.group_size != dataset.group_size:
         raise ValueError(f"--eval-data {settings.eval_data}: {eval_set.group_size} responses per sample, the training "
                          f"data has {dataset.group_size}")

@@ -333,6 +333,7 @@ class DoRATrainer(Trainer):
 
     #: whether the trainer below this one takes ``ref_model`` itself (TRL's trainers do)
     _forwards_ref_model = False
+
     def _logged_name(self, name: str) -> str:
         """The key a metric is logged under (the TRL drop-ins log TRL's keys and robalign's own
         under ``dora/``)."""
@@ -633,9 +634,10 @@ class DoRATrainer(Trainer):
         # the surrogate is already this micro-batch's share of the full-batch loss: DeepSpeed must
         # not divide it by the accumulation steps again
         self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
-        self._record(out, scores=inputs.get("scores"))
+        rows = self._chosen_rejected_rows(inputs.get("scores"), out.policy_logps.numel(), out.policy_logps.device)
+        self._record(out, rows)
         if stats:
-            self._record_token_stats(stats["token_stats"], inputs.get("scores"))
+            self._record_token_stats(stats["token_stats"], rows)
         mask = inputs.get("attention_mask")
         tokens = (mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())).detach()
         self._tokens_seen = tokens if self._tokens_seen is None else self._tokens_seen + tokens.to(self._tokens_seen)
@@ -669,15 +671,19 @@ class DoRATrainer(Trainer):
             samples = self.dora_samples(model, inputs, stats_into=stats)
             loss, _ = self.loss_fn.reduction.reduce(samples.losses, samples.weights, group=self._group(),
                                                     **self.loss_fn.group_kwargs(samples))
-        self._record(samples, self._eval_metrics, scores=inputs.get("scores"))
+        rows = self._chosen_rejected_rows(inputs.get("scores"), samples.policy_logps.numel(),
+                                          samples.policy_logps.device)
+        self._record(samples, rows, self._eval_metrics)
         if stats:
-            self._record_token_stats(stats["token_stats"], inputs.get("scores"), self._eval_metrics)
+            self._record_token_stats(stats["token_stats"], rows, self._eval_metrics)
         return loss.detach(), None, None
 
     _RECORDED = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "weights/mean",
                  "weights/max")
 
-    def _record(self, out, into=None, scores=None) -> None:
+    def _record(self, out, rows: dict, into=None) -> None:
+        """The reward, weight and log-prob metrics of one micro-batch; ``rows``: its chosen and
+        rejected rows (:meth:`_chosen_rejected_rows`)."""
         into = self._dora_metrics if into is None else into
         # nanmean: unpaired samples reward only their own side (NaN on the other)
         for name, value in zip(self._RECORDED, (
@@ -685,7 +691,7 @@ class DoRATrainer(Trainer):
                 out.weights.mean(), out.weights.max())):
             into[name].append(value.detach().float())
         logps = out.policy_logps.detach().float()            # TRL's logps/chosen, logps/rejected: per sequence
-        for name, mask in self._chosen_rejected_rows(scores, logps.numel(), logps.device).items():
+        for name, mask in rows.items():
             into[f"logps/{name}"].append((logps * mask).sum() / mask.sum())
         if out.kl is not None:                              # KTO's reference point z₀ (TRL logs it as `kl`)
             into["kl"].append(out.kl.detach().float())
@@ -707,7 +713,7 @@ class DoRATrainer(Trainer):
         worst.scatter_(1, order[:, -1:], True)
         return {"chosen": best.view(-1), "rejected": worst.view(-1)}
 
-    def _record_token_stats(self, stats, scores, into=None) -> None:
+    def _record_token_stats(self, stats, rows: dict, into=None) -> None:
         """TRL's ``entropy`` (per scored token), ``logits/chosen``, ``logits/rejected`` (the mean
         logit per token of the chosen and the rejected rows) and ``mean_token_accuracy`` (the
         share of the chosen rows' tokens whose label is the top-1), on the device."""
@@ -715,7 +721,6 @@ class DoRATrainer(Trainer):
         entropy, mean_logit, counts, top1 = stats
         counts = counts.to(entropy.dtype)
         into["entropy"].append(entropy.sum() / counts.sum())
-        rows = self._chosen_rejected_rows(scores, counts.numel(), counts.device)
         for name, mask in rows.items():              # NaN when no token: nanmean skips it at log time
             into[f"logits/{name}"].append((mean_logit * mask).sum() / (counts * mask).sum())
         into["mean_token_accuracy"].append((top1 * rows["chosen"]).sum().float() / (counts * rows["chosen"]).sum())

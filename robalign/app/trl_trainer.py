@@ -268,6 +268,7 @@ class DoRAKTOTrainer(_TRLBridge, DoRATrainer, KTOTrainer):
     with the weights column and the DRO reduction, exact across accumulation and ranks. Takes TRL's
     arguments (``args``: a :class:`DoRAKTOConfig` or ``KTOConfig``) and ``reduction``. With
     ``dora_lam=inf`` and no weights column the losses are TRL's own KTO losses."""
+
     #: TRL 1.16 KTOTrainer's keys (no reward accuracy, no token accuracy)
     _TRL_KEYS = frozenset({"kl", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "rewards/chosen",
                            "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"})

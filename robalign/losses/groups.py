@@ -11,9 +11,10 @@ sample, one step of the online algorithm is
 so q drifts toward the groups with the largest loss, and the training objective is the q-weighted
 group losses, ``max_{q ∈ Δ} Σ_g q_g·L_g`` played online. A group absent from the batch keeps its
 unnormalised q (its factor is e⁰). A step η·L_g beyond float64's range takes its limit: q uniform on
-the groups whose η·L_g overflowed, 0 elsewhere (and a group at q = 0 stays there). Everything stays on the device: the per-group sums and counts
-of every rank come from one SUM all-reduce of ``2G`` float64 numbers, so every rank — and the
-whole step, when its micro-batches' values are folded together — takes the same q step.
+the groups whose η·L_g overflowed, 0 elsewhere (and a group at q = 0 stays there). Everything stays
+on the device: the per-group sums and counts of every rank come from one SUM all-reduce of ``2G``
+float64 numbers, so every rank — and the whole step, when its micro-batches' values are folded
+together — takes the same q step.
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ import torch.distributed as dist
 
 from .. import _validation as V
 from . import ambiguity, groups
-from .dro import (DROStats, KLDROAccumulator, _check, _log_mean_exp, _scaled, _world, effective_lam,
-                  kl_dro_gradient_scale, kl_dro_with_stats)
+from .dro import (DROStats, KLDROAccumulator, _check, _is_weighted_mean, _log_mean_exp, _scaled, _world,
+                  effective_lam, kl_dro_gradient_scale, kl_dro_with_stats)
 
 __all__ = ["Reduction", "Accumulator", "KLDRO", "KLBall", "Chi2Ball", "CVaR", "GroupDRO", "REDUCTIONS"]
 
@@ -131,11 +131,12 @@ class KLDRO(Reduction):
         """``(value, q, None)`` over the values ``x = w·ℓ`` of the whole batch: the loss and the
         sample weights ``q = softmax(x/λ)`` (uniform for λ = ∞), float64 (for the two-pass form)."""
         n, lam = x.numel(), effective_lam(self.lam)
-        if math.isinf(lam) and lam > 0:
+        if _is_weighted_mean(lam):
             return x.mean(), torch.full_like(x, 1 / n), None
         a = x.double() / lam
         m = a.max()
-        return _log_mean_exp(lam, m, torch.expm1(a - m).sum(), n).to(x.dtype), torch.softmax(a, 0).to(x.dtype), None
+        value = _log_mean_exp(lam, m, torch.expm1(a - m).sum(), n)
+        return value.to(x.dtype), torch.softmax(a, 0).to(x.dtype), None
 
     def solve_global(self, x_local, group, group_ids=None, update=True):
         """:meth:`solve` over every rank's ``x_local`` (gathered), as the per-batch sets do."""
@@ -398,7 +399,8 @@ class GroupDRO(_WorstCase):
 
     def state_dict(self) -> dict:
         """``{"log_q": [G], "names": [G] or None}``: q goes back to the groups by name."""
-        return {"log_q": self.log_q.detach().cpu().tolist(), "names": None if self.names is None else list(self.names)}
+        names = None if self.names is None else list(self.names)
+        return {"log_q": self.log_q.detach().cpu().tolist(), "names": names}
 
     def load_state_dict(self, state: dict) -> None:
         """q from :meth:`state_dict`. With names on both sides each group takes its own q, by name
@@ -416,8 +418,8 @@ class GroupDRO(_WorstCase):
         log_q = torch.tensor(log_q, dtype=torch.float64)
         usable = (~torch.isnan(log_q) & ~torch.isposinf(log_q)).all() and torch.isfinite(log_q).any()
         if log_q.shape != (self.num_groups,) or not bool(usable):
-            V.fail("robalign.GroupDRO.load_state_dict", f"`log_q` must be {self.num_groups} numbers, finite or "
-                                                        f"-inf (q = 0), one finite at least, got {state['log_q']!r}")
+            V.fail(where, f"`log_q` must be {self.num_groups} numbers, finite or -inf (q = 0), one finite at least, "
+                          f"got {state['log_q']!r}")
         self.log_q = torch.log_softmax(log_q, 0)
 
     def solve_global(self, x_local, group, group_ids=None, update=True):
