@@ -1,7 +1,8 @@
 """What -ffp-contract=off costs the C++ row kernels: the extension built twice (GCC's default
 contraction, and off, as robalign builds it since the head-transform accuracy fix), timed on one
 [2048, 32000] float32 chunk, forward (rows_lse_target) and backward (rows_softmax_grad), with the
-identity and with a soft-cap, interleaved rounds in one process.
+identity and with a soft-cap, interleaved rounds in one process, after a gate that both builds give
+the same lse and gradient to float32 rounding. No floor: it compares one kernel with itself.
 
     python benchmarks/cpu_fp_contract.py      # builds into ./robalign-bench/fp_contract (about 2 minutes)
 
@@ -36,6 +37,13 @@ def main() -> None:
     y = torch.randint(32000, (2048,), generator=gen)
     out, coeff = torch.empty_like(z), torch.ones(2048)
     for scale, cap in ((1.0, 0.0), (0.7, 30.0)):
+        # the gate: both builds compute the same lse and gradient (to float32 rounding) before either is timed
+        results = []
+        for m in modules.values():
+            lse = m.rows_lse_target(z, y, -100, scale, cap)[0]
+            m.rows_softmax_grad(z, y, lse, coeff, -100, out, scale, cap)
+            results.append((lse.clone(), out.clone()))
+        torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
         for rnd in range(3):
             for name, m in modules.items():
                 lse = m.rows_lse_target(z, y, -100, scale, cap)[0]
