@@ -6,9 +6,10 @@ the same lse and gradient to float32 rounding. No floor: it compares one kernel 
 
     python benchmarks/cpu_fp_contract.py      # builds into ./robalign-bench/fp_contract (about 2 minutes)
 
-Measured on the 2-core CI machine (AVX-512 build; fwd/bwd ms, three rounds): identity 38–44 /
-42–58 with contraction, 41–46 / 43–50 without; soft-cap 84–87 / 79–80 with, 85–86 / 81–85 without:
-within a few per cent, inside the rounds' spread.
+Measured on the 2-core CI machine (AVX-512 build; ms, three interleaved rounds, two runs): with the
+identity, forward 37–44 with contraction against 37–46 without, backward 40–58 against 41–50; with
+the soft-cap, forward 75–87 against 75–86, backward 71–80 against 75–85 — the soft-capped
+backward 5–11 % slower in the second run, the rest within the rounds' spread.
 """
 
 import sys
