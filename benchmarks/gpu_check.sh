@@ -14,6 +14,8 @@
 #            chunked op and one-pass loss against materialised logits, TRL's fused head, Liger FLCE and
 #            CCE with their soft-caps, and robalign's paths without the cap in the same run (the cap's
 #            cost on a GPU: the row kernels apply it, never measured there)
+#   tests    CUDA tests: kernels, reliability, property test, sync-free step under
+#            torch.cuda.set_sync_debug_mode("error"), torch.compile, no recompilation
 #   linear   the honest fused-linear sweep: both floors (all and scored tokens), prompt and padding
 #            fractions 1/8, 0, 1/2, 1/4 + 1/4, against TRL's fused head, Liger (DPO with a
 #            reference model, chunk 1 and 4; fused linear cross-entropy) and Cut Cross-Entropy
@@ -24,8 +26,6 @@
 #   long     long sequences: 8 × 8192 tokens
 #   models   Qwen2.5-7B and Mistral-7B shapes (logits and linear)
 #   chunks   the fused linear path's chunk size, by the rule and at fixed budgets
-#   tests    CUDA tests: kernels, reliability, property test, sync-free step under
-#            torch.cuda.set_sync_debug_mode("error"), torch.compile, no recompilation
 #   charts   the charts of the JSON written
 # ROBALIGN_COMMIT (and ROBALIGN_DIRTY=1) name the commit measured where the copy's .git is not
 # this checkout's. The machine has no network: wheels of what it lacks (TRL, accelerate,
@@ -45,7 +45,7 @@ sync_out() {       # $OUT takes at most 8 files: one tarball, rewritten after ev
   if [ -n "${OUT:-}" ]; then (cd "$RESULTS" && tar -cf "$OUT/gpu_results.tar.tmp" gpu_* && mv "$OUT/gpu_results.tar.tmp" "$OUT/gpu_results.tar"); fi
   return 0
 }
-STAGES=" ${GPU_CHECK_STAGES:-onepass softcap linear logits fwd packed long models chunks tests charts} "
+STAGES=" ${GPU_CHECK_STAGES:-onepass softcap tests linear logits fwd packed long models chunks charts} "
 stage() {  # stage KEY SECONDS LOG COMMAND...
   local key=$1 limit=$2 log=$3; shift 3
   [[ "$STAGES" == *" $key "* ]] || { echo "== $key skipped (GPU_CHECK_STAGES)"; return 0; }
@@ -84,6 +84,10 @@ stage onepass 90 gpu_one_pass.md bash -c "$G/gpu_linear.py --quick --masks 0.125
 stage softcap 45 gpu_softcap.md $G/gpu_linear.py --quick --masks 0.125/0 --softcap 30 \
   --providers naive,trl_fused,matmul_floor_scored,triton,triton_uncapped,one_pass,one_pass_uncapped,liger_flce,cce \
   --out "$RESULTS"
+stage tests 120 gpu_tests.log $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py \
+  tests/test_one_pass.py tests/test_head_transform.py \
+  tests/test_kernel_reliability.py tests/test_property_backends.py tests/test_sync_free.py \
+  -k "triton-cuda or torch-cuda or recompile or property or sync" -p no:cacheprovider
 stage linear 170 gpu_linear.md $G/gpu_linear.py --out "$RESULTS"
 stage logits 110 gpu_logits.md $G/gpu_logits.py --model llama3-8b --tokens 4096,16384 --out "$RESULTS"
 stage fwd 60 gpu_fwd.md bash -c "$G/gpu_logits.py --mode fwd --quick --masks 0.125/0 --out '$RESULTS' && \
@@ -97,10 +101,6 @@ stage models 80 gpu_models.md bash -c "for m in qwen2.5-7b mistral-7b; do \
 stage chunks 50 gpu_linear_chunk_sizes.log bash -c "for mb in rule 256 1024 4096; do echo \"ROBALIGN_CHUNK_MB=\$mb\"; \
   if [ \$mb = rule ]; then unset ROBALIGN_CHUNK_MB; else export ROBALIGN_CHUNK_MB=\$mb; fi; \
   $G/gpu_linear.py --quick --masks 0.125/0 --providers matmul_floor_scored,triton --out /tmp/chunks_\$mb | grep -E '^\\| [0-9]'; done"
-stage tests 120 gpu_tests.log $PY -m pytest tests/test_logits_backends.py tests/test_linear_backends.py \
-  tests/test_one_pass.py tests/test_head_transform.py \
-  tests/test_kernel_reliability.py tests/test_property_backends.py tests/test_sync_free.py \
-  -k "triton-cuda or torch-cuda or recompile or property or sync" -p no:cacheprovider
 if [[ "$STAGES" == *" charts "* ]]; then
   echo "== charts"
   $PY benchmarks/plot.py "$RESULTS"/gpu_logits_*.json "$RESULTS"/gpu_linear_*.json || status=1
