@@ -143,11 +143,28 @@ def _stats(sum_q, sum_q2, log_max_q, count) -> DROStats:
     return DROStats(ess=ess, max_share=share, num_samples=count.round().long())
 
 
-def _scaled(losses, weights, lam):
+def check_finite_losses(where: str, losses: torch.Tensor) -> None:
+    """Every per-sample loss must be finite: a +∞ loss (an objective's limit where a response the
+    policy must prefer has log-prob −∞, e.g. a token masked by a −∞ head bias) makes every
+    reduction +∞, with no gradient to train on; a NaN one comes from NaN inputs."""
+    losses = losses.detach()
+
+    def message(lazy):
+        text = "every per-sample loss must be finite (a +inf loss — e.g. a chosen response with log-prob -inf — " \
+               "makes the objective +inf, with no gradient; NaN comes from NaN inputs)"
+        if lazy:
+            return text
+        bad = (~torch.isfinite(losses)).nonzero().flatten()[:4].tolist()
+        return text + f"; samples {bad} have losses {[float(losses[i]) for i in bad]}"
+    V.check_values(where, torch.isfinite(losses), message)
+
+
+def _scaled(losses, weights, lam, where="robalign.kl_dro"):
     """``(w, w·ℓ, a)``: weights (1 when None) and weighted losses in at least float32, and the DRO
     exponents ``a = w·ℓ/λ`` in float64 (all zero for the weighted mean, whose softmax is uniform):
     float16 exponents overflow long before the loss does (kl_dro([100, 5000, 60000], lam=0.5) fits
-    float16, its exponents do not), float32 ones at λ = 1e-38."""
+    float16, its exponents do not), float32 ones at λ = 1e-38. The losses are checked finite."""
+    check_finite_losses(where, losses)
     dtype = torch.promote_types(losses.dtype, torch.float32)
     losses = losses.to(dtype)
     w = torch.ones_like(losses) if weights is None else weights.to(dtype)
@@ -302,7 +319,7 @@ class KLDROAccumulator:
         the running maximum or sum changes); ``(w, wl, a, moments of this micro-batch)``."""
         where = "robalign.KLDROAccumulator"
         _check(where, losses, weights, self.lam, self.group)
-        w, wl, a = _scaled(losses, weights, self.lam)
+        w, wl, a = _scaled(losses, weights, self.lam, "robalign.KLDRO accumulator")
         mom = _BatchMoments(a, w, self.group)
         if self._m is None:
             m, s, factor = mom.m, mom.sum_exp, None

@@ -8,6 +8,7 @@ default) turns ℓ and w into the trained scalar, exactly over ranks (``reduce``
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, fields
 
@@ -89,6 +90,21 @@ class DoRAOutput(DoRASamples):
         cannot trace ``vars()`` of a dataclass (``fullgraph`` fails)."""
         return cls(**{f.name: getattr(samples, f.name) for f in fields(samples)}, loss=loss, dro=dro)
 
+
+
+def _check_log_probs(where, logps, ref_logps) -> None:
+    """A log-prob may be −∞ (a response the model cannot produce: the objective then takes its limit)
+    but not +∞; a sequence that neither the policy nor the reference can produce has no log-ratio
+    (−∞ − (−∞)). NaN passes (it comes from NaN logits and is refused with the losses)."""
+    ok = logps != math.inf
+    if ref_logps is not None:
+        ok = ok & (ref_logps != math.inf) & ~((logps == -math.inf) & (ref_logps == -math.inf))
+
+    def message(lazy):
+        text = ("log-probs must be < +inf, and a sequence whose policy and reference log-probs are both -inf has "
+                "no log-ratio (-inf - -inf): drop it, or unmask its tokens in one of the models")
+        return text if lazy else text + f"; sequences {(~ok).nonzero().flatten()[:4].tolist()}"
+    V.check_values(where, ok, message)
 
 class DoRALoss(nn.Module):
     """Distribution-aware robust alignment loss (DoRA, arXiv 2504.05831), as a module.
@@ -418,6 +434,7 @@ class DoRALoss(nn.Module):
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
             hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
             fp32_grad_weight=self.fp32_head_grad, transform=self.head_transform)
+        _check_log_probs(where, logps, ref_logps)
         logratios = None if ref_logps is None else logps - ref_logps
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         if accumulator is not None:
@@ -454,6 +471,7 @@ class DoRALoss(nn.Module):
                 V.fail(where, f"`counts` must be [S] = [{num_seqs}] like `policy_logps`, got {tuple(counts.shape)}")
 
         ref_logps = self._reference(where, ref_logps, num_seqs, policy_logps.dtype, policy_logps.device)
+        _check_log_probs(where, policy_logps, ref_logps)
         logratios = None if ref_logps is None else policy_logps - ref_logps
 
         grouped = policy_logps.reshape(num_samples, k)

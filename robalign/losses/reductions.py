@@ -192,7 +192,7 @@ class _WorstCase(Reduction):
     def reduce(self, losses, weights=None, *, group_ids=None, group=None, ddp_average=True):
         where = f"robalign.{type(self).__name__}"
         _check(where, losses, weights, 1.0, group)
-        _, wl, _ = _scaled(losses, weights, math.inf)
+        _, wl, _ = _scaled(losses, weights, math.inf, where)
         value, q, stats = self.solve_global(wl, group, group_ids, update=torch.is_grad_enabled())
         scale = _world(group) if ddp_average else 1
         loss = value.to(wl.dtype) + scale * (q.to(wl.dtype) * (wl - wl.detach())).sum()
@@ -230,7 +230,9 @@ class _TwoPass:
         ``group_ids[j]``) of micro-batch j on this rank, from the pass whose forward the gradient
         pass repeats."""
         weights = weights or [None] * len(losses)
-        values = [_scaled(l.detach(), None if w is None else w.detach(), math.inf)[1] for l, w in zip(losses, weights)]
+        where = f"robalign.{type(self.reduction).__name__} accumulator"
+        values = [_scaled(l.detach(), None if w is None else w.detach(), math.inf, where)[1]
+                  for l, w in zip(losses, weights)]
         ids = None if group_ids is None else torch.cat(list(group_ids))
         self.loss_value, q, self._stats = self.reduction.solve_global(torch.cat(values), self.group, ids, update=True)
         self._q = list(torch.split(q, [v.numel() for v in values]))
@@ -252,7 +254,7 @@ class _TwoPass:
         """The micro-batch's surrogate with the q that :meth:`prepare` fixed (``group_ids`` were
         read there)."""
         q = self._take(losses)
-        _, wl, _ = _scaled(losses, weights, math.inf)
+        _, wl, _ = _scaled(losses, weights, math.inf, f"robalign.{type(self.reduction).__name__} accumulator")
         scale = _world(self.group) if self.ddp_average else 1
         return scale * (q.to(wl.dtype) * wl).sum()
 

@@ -115,6 +115,17 @@ def sort_by_scores(x: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor
     return x.gather(-1, order)
 
 
+#: |h| beyond which every bounded objective of h (a σ, log σ or e^{−h} of it) has reached its limit
+#: in float64 (e^{−1e4} underflows to 0): infinite margins are stood in for by ±this
+SATURATED = 1e4
+
+
+def _saturated(h: torch.Tensor) -> torch.Tensor:
+    """``h`` clamped to ±:data:`SATURATED`: an infinite margin gives the loss's limit, and its
+    gradient 0 (the limit too), where ``σ(±∞)·log σ(∓∞)`` would form 0·∞ = NaN."""
+    return h.clamp(-SATURATED, SATURATED)
+
+
 def _pair_margin(logps, ref_logps, scores):
     ratios = sort_by_scores(logps - ref_logps, scores)
     return ratios[:, 0] - ratios[:, 1]
@@ -201,7 +212,7 @@ def exo_pair(logps, ref_logps, *, counts=None, scores=None, beta=0.1, label_smoo
 
         ℓ = p·(log p − log(1 − ε)) + (1 − p)·(log(1 − p) − log ε),   ε > 0
     """
-    h = beta * _pair_margin(logps, ref_logps, scores)
+    h = _saturated(beta * _pair_margin(logps, ref_logps, scores))
     eps = label_smoothing
     return (torch.sigmoid(h) * (F.logsigmoid(h) - math.log1p(-eps))
             + torch.sigmoid(-h) * (F.logsigmoid(-h) - math.log(eps)))
@@ -266,8 +277,11 @@ def discopop(logps, ref_logps, *, counts=None, scores=None, beta=0.1, tau=0.05):
         ℓ = (1 − m)·(−log σ(h)) + m·e^{−h}
     """
     h = beta * _pair_margin(logps, ref_logps, scores)
-    m = torch.sigmoid(h / tau)
-    return (1 - m) * -F.logsigmoid(h) + m * torch.exp(-h)
+    infinite = torch.isinf(h)                # limits: 0 at h = +∞, +∞ at h = −∞ (the log σ term)
+    hs = torch.where(infinite, 0.0, h)
+    # m·e^{−h} as e^{log σ(h/τ) − h}: the plain product is 0·∞ = NaN once e^{−h} overflows (h < −709)
+    loss = torch.sigmoid(-hs / tau) * -F.logsigmoid(hs) + torch.exp(F.logsigmoid(hs / tau) - hs)
+    return torch.where(infinite, torch.where(h > 0, 0.0, math.inf), loss)
 
 
 def _alpha_reward(logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -338,8 +352,18 @@ def plackett_luce(logps, ref_logps, *, counts=None, scores=None, beta=0.1):
     which equals :func:`dpo` for K = 2.
     """
     r = sort_by_scores(beta * (logps - ref_logps), scores)
-    tail_lse = torch.logcumsumexp(r.flip(-1), dim=-1).flip(-1)
-    return -(r - tail_lse).sum(-1)
+    # infinite rewards, by their limits: a term whose candidate is impossible (r = −∞), or that
+    # trails an infinite reward, is −∞ (the loss +∞); the n infinite rewards of a tail share its
+    # mass equally, so an infinite reward's own term is −log n (0 when it is alone). The sums run
+    # over finite stand-ins, so no NaN reaches the backward; the last term (r − r = 0) is left out.
+    up, down = r == math.inf, r == -math.inf
+    tiny = torch.finfo(r.dtype).min / 4
+    finite_r = torch.where(up, 0.0, torch.where(down, tiny, r))
+    terms = finite_r - torch.logcumsumexp(finite_r.flip(-1), dim=-1).flip(-1)
+    ups_in_tail = torch.cumsum(up.flip(-1).to(r.dtype), dim=-1).flip(-1)
+    terms = torch.where(up, -torch.log(ups_in_tail.clamp(min=1)),
+                        torch.where(down | (ups_in_tail > 0), -math.inf, terms))
+    return -terms[:, :-1].sum(-1)
 
 
 @objective(reference=False, pairwise=False, counts=True, scores="values", sft_weight=Param(1.0, low=0))
@@ -356,7 +380,11 @@ def rrhf(logps, ref_logps=None, *, counts, scores=None, sft_weight=1.0):
     p = _length_normalised(logps, counts)
     s = rank_scores(scores, logps)
     worse = s[:, :, None] < s[:, None, :]                                  # [B, K, K] s_i < s_j
-    rank = (F.relu(p[:, :, None] - p[:, None, :]) * worse).sum((-2, -1))
+    # an impossible worse response (p_i = −∞) costs nothing, whatever p_j (no ∞ − ∞ formed)
+    counted = worse & (p[:, :, None] > -math.inf)
+    finite_p = torch.where(p == -math.inf, 0.0, p)
+    gap = torch.where(p[:, None, :] == -math.inf, math.inf, finite_p[:, :, None] - finite_p[:, None, :])
+    rank = torch.where(counted, F.relu(gap), 0.0).sum((-2, -1))
     best = s.argmax(-1, keepdim=True)
     return rank - sft_weight * p.gather(-1, best).squeeze(-1)
 
@@ -527,8 +555,12 @@ def mixture(terms) -> str:
     def fn(logps, ref_logps=None, *, counts=None, scores=None, **hparams):
         total = 0.0
         for entry, coef in parts:
+            if coef == 0:                                    # 0·ℓ is 0, also where ℓ = +∞
+                continue
             own = {k: v for k, v in hparams.items() if k in entry.params}
             total = total + coef * entry.fn(logps, ref_logps, counts=counts, scores=scores, **own)
+        if isinstance(total, float):                         # every coefficient 0: a zero loss, still a graph
+            return (logps.nan_to_num(0.0, 0.0, 0.0) * 0).sum(-1)
         return total
 
     fn.__name__ = fn.__qualname__ = name
@@ -578,7 +610,12 @@ def with_divergence(name: str, kind: str, alpha: float = 0.5) -> str:
     base = OBJECTIVES[name]
 
     def fn(logps, ref_logps=None, *, counts=None, scores=None, **hparams):
-        score = _f_score(kind, alpha, logps - ref_logps)
+        r = logps - ref_logps
+        # an infinite log-ratio takes f′'s limit there, with no gradient (f′(e^r)'s derivative is
+        # infinite there, and 0·∞ would reach the backward)
+        infinite = torch.isinf(r)
+        score = torch.where(infinite, _f_score(kind, alpha, r.detach()),
+                            _f_score(kind, alpha, torch.where(infinite, 0.0, r)))
         return base.fn(score, torch.zeros_like(score), counts=counts, scores=scores, **hparams)
 
     fn.__name__ = fn.__qualname__ = registered
