@@ -208,6 +208,39 @@ def test_collapsed_weights_are_warned_about_and_all_zero_refused(tmp_path, capsy
     assert "every sample's weight is 0" in capsys.readouterr().err
 
 
+def test_a_step_whose_weights_are_all_zero_is_refused_unless_allowed(tmp_path):
+    """The first optimizer step (16 samples: 8 × 2 micro-batches, unshuffled) has only zero weights:
+    it would train on nothing — an error naming the setting that lets it pass (before: it trained,
+    loss 0, without a word)."""
+    data = _pairs(tmp_path / "front.jsonl", weights=lambda i: [0.0, 0.0] if i < 16 else [2.0, 2.0])
+    settings = dict(data=str(data), max_steps=2, save_steps=100, shuffle=False, batch_size=8, grad_accum=2)
+    with pytest.raises(ValueError, match=r"DoRATrainer: every sample of this optimizer step has DoRA weight 0.*"
+                                         r"allow_zero_weight_steps"):
+        run_training(TrainSettings(out=str(tmp_path / "o"), **settings), log=QUIET)
+    summary = run_training(TrainSettings(out=str(tmp_path / "p"), allow_zero_weight_steps=True, **settings), log=QUIET)
+    assert summary["settings"]["allow_zero_weight_steps"] is True
+
+
+def test_warmup_ratio_reaches_the_scheduler(tmp_path, monkeypatch):
+    """--warmup-ratio (the issue's list of expected flags): a linear warmup, then constant."""
+    import robalign.app.trainer as trainer
+
+    seen = {}
+    real = trainer.DoRATrainer
+
+    def spy(*args, **kwargs):
+        seen["args"] = kwargs["args"]
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer, "DoRATrainer", spy)
+    data = _pairs(tmp_path / "w.jsonl")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--max-steps", "1",
+                 "--warmup-ratio", "0.5"]) == 0
+    args = seen["args"]
+    assert getattr(args.lr_scheduler_type, "value", None) == "constant_with_warmup" and args.get_warmup_steps(10) == 5
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "o2"), "--max-steps", "1",
+                 "--warmup-ratio", "1"]) == 2
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--data", "/no/such.jsonl"], "--data: no such file: /no/such.jsonl"),
     (["--model", "/no/such/model"], "model path not found: /no/such/model"),

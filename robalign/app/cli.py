@@ -222,8 +222,9 @@ def _cmd_train(args) -> int:
                                                "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
                                                "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
                                                "logging_steps", "eval_data", "eval_steps", "report_to", "optim",
-                                               "save_steps", "fsdp_config")}
-    for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free", "chat_as_text"):
+                                               "save_steps", "fsdp_config", "warmup_ratio")}
+    for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free", "chat_as_text",
+                 "allow_zero_weight_steps"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.objective_args:
@@ -397,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optim", help=f"the Trainer's optimizer (TrainingArguments.optim; default {d.optim})")
     train.add_argument("--save-steps", type=int, dest="save_steps",
                        help=f"checkpoint every N optimizer steps (default {d.save_steps})")
+    train.add_argument("--warmup-ratio", type=float, dest="warmup_ratio",
+                       help="the share of the optimizer steps over which the learning rate rises from 0 "
+                            f"(default {d.warmup_ratio}: none)")
+    train.add_argument("--allow-zero-weight-steps", dest="allow_zero_weight_steps", action="store_true",
+                       help="let an optimizer step whose samples all have DoRA weight 0 pass (by default an error: "
+                            "it trains on nothing)")
     train.add_argument("--fsdp-config", type=_json_object, dest="fsdp_config", metavar="JSON",
                        help="FSDP's fsdp_config as a JSON object, e.g. '{\"min_num_params\": 1000}'")
     train.add_argument("--no-shuffle", action="store_true", help="keep the data's order (default: shuffled)")

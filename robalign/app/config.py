@@ -45,6 +45,8 @@ class DoRAConfig:
     ``logits/rejected``) from the first micro-batch of each optimizer step and every evaluation batch:
     one more pass over the LM head there, without gradient (:func:`robalign.ops.token_stats.token_stats`).
     objective_kwargs: the objective's other hyper-parameters.
+    allow_zero_weight_steps: let an optimizer step whose samples all have DoRA weight 0 pass (it
+    trains on nothing); by default such a step is an error, with ``use_weights``.
     """
 
     objective: str = "dpo"
@@ -67,6 +69,7 @@ class DoRAConfig:
     token_stats: bool = True
     reference_free: bool = False
     objective_kwargs: dict = field(default_factory=dict)
+    allow_zero_weight_steps: bool = False
 
 
 DRO_PARAMETER = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level", "group": "group_step"}
@@ -87,7 +90,8 @@ class TrainSettings(DoRAConfig):
     (:func:`resolve_defaults`): :data:`MODEL_DEFAULTS` with ``--model``, else
     :data:`EMBEDDED_DEFAULTS`. ``chat_as_text``: conversational prompts (lists of messages) as
     ``role: content`` lines when the tokenizer has no chat template (without it such data is
-    refused: the model would learn a format it is never prompted with)."""
+    refused: the model would learn a format it is never prompted with). ``warmup_ratio``: the share
+    of the optimizer steps over which the learning rate rises linearly from 0 (then constant)."""
 
     out: str = "out/train"
     model: str | None = None
@@ -109,6 +113,7 @@ class TrainSettings(DoRAConfig):
     seed: int = 0
     logging_steps: int = 5
     save_steps: int = 50
+    warmup_ratio: float = 0.0
     resume: str | None = None
     eval_data: str | None = None
     eval_steps: int | None = None
@@ -158,7 +163,8 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
         "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "token_stats": flag, "reference_free": flag, "lora": flag, "merge": flag, "bf16": flag,
-        "chat_as_text": flag,
+        "chat_as_text": flag, "allow_zero_weight_steps": flag,
+        "warmup_ratio": (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
         "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
         "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),

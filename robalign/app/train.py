@@ -222,7 +222,10 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         eval_strategy="steps" if eval_set is not None and settings.eval_steps else "no",
         eval_steps=settings.eval_steps, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
         optim=settings.optim, bf16=settings.bf16, fsdp=settings.fsdp, fsdp_config=settings.fsdp_config or None,
-        deepspeed=_deepspeed_config(settings.deepspeed, log), lr_scheduler_type="constant", warmup_steps=0, dataloader_drop_last=True, disable_tqdm=False,
+        deepspeed=_deepspeed_config(settings.deepspeed, log), dataloader_drop_last=True, disable_tqdm=False,
+        # a float warmup_steps in (0, 1) is a share of the steps (transformers 5)
+        lr_scheduler_type="constant_with_warmup" if settings.warmup_ratio else "constant",
+        warmup_steps=float(settings.warmup_ratio) if settings.warmup_ratio else 0,
     )
     trainer = DoRATrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_set,
                           processing_class=tokenizer, dora=settings)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from .. import _validation as V
 from .._io import write_atomic
 from .config import DoRAConfig, check_settings, reduction_of
 from .data import PreferenceCollator
@@ -370,6 +371,7 @@ class DoRATrainer(Trainer):
         self._dora_metrics = defaultdict(list)
         self._eval_metrics = defaultdict(list)
         self._tokens_seen = None            # TRL's `num_tokens`: the training batches' attended tokens, this rank
+        self._step_max_weight = None        # the largest DoRA weight of the optimizer step so far
         self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
         self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
@@ -636,6 +638,9 @@ class DoRATrainer(Trainer):
         self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
         rows = self._chosen_rejected_rows(inputs.get("scores"), out.policy_logps.numel(), out.policy_logps.device)
         self._record(out, rows)
+        heaviest = out.weights.detach().max() if out.weights.numel() else torch.zeros((), device=out.weights.device)
+        self._step_max_weight = heaviest if self._step_max_weight is None else torch.maximum(self._step_max_weight,
+                                                                                             heaviest)
         if stats:
             self._record_token_stats(stats["token_stats"], rows)
         mask = inputs.get("attention_mask")
@@ -650,6 +655,14 @@ class DoRATrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._count_step_loss(loss_value)
             stats = self._acc.stats()
+            if self.dora.use_weights and not self.dora.allow_zero_weight_steps:
+                heaviest, self._step_max_weight = self._step_max_weight.clone(), None
+                if self._group() is not None:                # a step's samples span every rank
+                    dist.all_reduce(heaviest, op=dist.ReduceOp.MAX, group=self._group())
+                V.check_values("robalign.DoRATrainer", heaviest > 0, lambda lazy: (
+                    "every sample of this optimizer step has DoRA weight 0: the step would train on nothing "
+                    "(set allow_zero_weight_steps / --allow-zero-weight-steps to let such steps pass, or weigh "
+                    "with a --weight-floor above 0)"))
             self._dora_metrics["dro/ess"].append(stats.ess.detach().float())
             self._dora_metrics["dro/max_share"].append(stats.max_share.detach().float())
             if stats.dual is not None:                      # λ* of a KL ball, c* of a χ² ball or CVaR
