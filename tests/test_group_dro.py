@@ -315,6 +315,15 @@ def test_a_step_past_float64s_range_takes_its_limit(step_size):
     again = GroupDRO(3, step_size=step_size)
     again.load_state_dict(dro.state_dict())
     assert again.q.tolist() == [0.0, 0.0, 1.0]
+    # two groups overflow (L = 2.0 and 2.5): the limit is still the worst one alone (uniform on both
+    # before, found by tests/test_hunt_reductions.py); a tie shares q in proportion to its prior q
+    both = GroupDRO(3, step_size=step_size)
+    loss, _ = both.reduce(torch.tensor([2.0, 2.5, 0.1], dtype=torch.float64), group_ids=torch.tensor([0, 1, 2]))
+    assert float(loss) == 2.5 and both.q.tolist() == [0.0, 1.0, 0.0]
+    tied = GroupDRO(3, step_size=step_size)
+    tied.log_q = torch.log(torch.tensor([0.2, 0.6, 0.2], dtype=torch.float64))
+    tied.reduce(torch.tensor([2.5, 2.5, 0.1], dtype=torch.float64), group_ids=torch.tensor([0, 1, 2]))
+    assert tied.q.tolist() == pytest.approx([0.25, 0.75, 0.0], abs=1e-15)
 
 
 def test_q_goes_back_to_its_groups_by_name():

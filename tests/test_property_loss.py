@@ -2,13 +2,18 @@
 reduction, padded or packed rows, head transform, bias, reference source (log-probs, logits, its
 own head or none), WPO / LD-DPO / reference-free, DoRA weights from probabilities or given
 weights, float32 or bfloat16, one chunk of tokens or several, the head gradient accumulated in
-float32 or the head's dtype — on every path (materialised logits, the recompute linear path, the
+float32 or the head's dtype, a token masked by a −∞ head bias in one sample's worst candidate (an
+infinite log-prob: the limit, or the same refusal everywhere where the limit is +∞), every
+reduction also at the edge of its parameter (λ = 1e-250 and 1e250, a ball of radius 1e-32 or
+1e-18, CVaR below one sample, a group-DRO step of 1e308), group DRO's q loaded by group name with
+the names in either order — on every path (materialised logits, the recompute linear path, the
 one-pass loss) and every kernel backend give the loss and every gradient (hidden states, head
 weight, bias) of the float64 reference backend on the same values; and, split into two
 micro-batches through the reduction's exact accumulator, the whole batch's. The per-axis tests
 (test_one_pass, test_head_transform, test_loss, test_weights_dro, test_ambiguity, ...) pin each
 feature; this one looks for a wrong interaction (it found one: the one-pass loss's head gradients
-when the last samples have no scored token, see test_one_pass).
+when the last samples have no scored token, see test_one_pass). With the masked tokens, the edges
+and the group names drawn, it fails 35 of its cases on e62d3a8, before the second reliability pass.
 
 Tolerances, with the reason:
 - float32: the kernels accumulate in float32 over at most V·T = 40·7 terms per sequence, the
@@ -26,7 +31,7 @@ Tolerances, with the reason:
   3.5e-7 and 8.6e-4). AOT sorts the batch's log-ratios, so its gradient jumps where two of them
   tie: bfloat16's rounding can swap a near tie (seen: −1.1460 and −1.1459), so in bfloat16 its
   gradients are compared only between backends, which sort the same values.
-Three cases per objective (78 and 66 accumulated, ~20 s), each case's choices seeded by its number
+Three cases per objective (78 and 66 accumulated, ~30 s), each case's choices seeded by its number
 so every run tests the same ones; ``HYPOTHESIS_PROFILE=thorough`` (the property tests' switch)
 makes 24 (~2.5 min).
 """
@@ -55,7 +60,16 @@ OBJECTIVES = {"dpo": 2, "ipo": 2, "robust": 2, "hinge": 2, "exo_pair": 2, "nca_p
               "apo_zero_unpaired": 1}
 REDUCTIONS = {"kl 1": lambda: KLDRO(1.0), "kl 0.5": lambda: KLDRO(0.5), "kl inf": lambda: KLDRO(float("inf")),
               "kl -2": lambda: KLDRO(-2.0), "kl ball": lambda: KLBall(0.5), "chi2 ball": lambda: Chi2Ball(1.0),
-              "cvar": lambda: CVaR(0.4), "group dro": lambda: GroupDRO(num_groups=2, step_size=0.5)}
+              "cvar": lambda: CVaR(0.4), "group dro": lambda names: GroupDRO(2, step_size=0.5, names=names),
+              # the edges of each set, where their limits hold (the second reliability pass): the max and
+              # the mean of KL-DRO, balls that are nearly a point, CVaR below one sample, a step past float64
+              "kl 1e-250": lambda: KLDRO(1e-250), "kl 1e250": lambda: KLDRO(1e250),
+              "kl ball 1e-32": lambda: KLBall(1e-32), "chi2 ball 1e-18": lambda: Chi2Ball(1e-18),
+              "cvar 1e-300": lambda: CVaR(1e-300),
+              "group dro 1e308": lambda names: GroupDRO(2, step_size=1e308, names=names)}
+#: group DRO's groups by name: the reference runs with these, and a "renamed" case gives the kernel
+#: paths the names in the other order, the ids swapped and q loaded by name from the same state
+GROUP_NAMES = ("m", "o")
 LISTWISE = ("plackett_luce", "rrhf", "lire")
 LD_OBJECTIVES = ("dpo", "ipo", "robust")                 # LD-DPO on a few pairwise objectives
 KERNELS = [("cpp", "cpu"), ("torch", DEV), ("triton", DEV)]
@@ -91,7 +105,7 @@ def make_case(objective: str, n: int) -> dict:
     if truncated is not None:                   # a sample whose candidates were all truncated away
         labels[truncated * k:(truncated + 1) * k] = -100
     weighting = "none" if coupled else rng.choice(["none", "probs", "weights"])
-    reductions = [r for r in sorted(REDUCTIONS) if not (coupled and r == "group dro")]   # no sample, no group
+    reductions = [r for r in sorted(REDUCTIONS) if not (coupled and r.startswith("group dro"))]   # no sample, no group
     case = dict(objective=objective, k=k, b=b, reduction=reductions[n % len(reductions)], ref=ref,
                 transform=transform, chunk=rng.choice([10 ** 6, 7, 2]),
                 dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]), fp32_head_grad=rng.random() < 0.7,
@@ -105,6 +119,20 @@ def make_case(objective: str, n: int) -> dict:
                 kl=(randn(b), randn(b)) if objective == "kto" else None,
                 probs=uniform(s) * 0.9 + 0.05 if weighting == "probs" else None,
                 weights=uniform(b) * 2 if weighting == "weights" else None)
+    case["renamed"] = case["reduction"].startswith("group dro") and rng.random() < 0.5
+    case["log_q"] = torch.log_softmax(randn(2), 0).tolist()          # group DRO's q, non-uniform
+    case["masked"] = k > 1 and v >= 3 and rng.random() < 0.3
+    if case["masked"]:
+        # a token masked by a −∞ head bias in one sample's worst candidate: its log-prob is −∞ and the
+        # objective takes its limit (or every path refuses the +∞ one, test_infinite_logps)
+        mask = v - 1
+        labels[labels == mask] = 0
+        sample = rng.randrange(b)
+        worst = sample * k + int(case["scores"][sample * k:(sample + 1) * k].argmin())
+        labels[worst, rng.randrange(t)] = mask
+        bias = torch.zeros(v, dtype=torch.float64) if case["bias"] is None else case["bias"].clone()
+        bias[mask] = -float("inf")
+        case["bias"] = bias
     if packed:
         lengths = [rng.randint(0, t) for _ in range(s)]
         case["hidden"], case["labels"], case["cu"] = packed_from_padded(case["hidden"], labels, lengths)
@@ -120,8 +148,18 @@ CASES = [(objective, i * CASES_PER_OBJECTIVE + j) for i, objective in enumerate(
          for j in range(CASES_PER_OBJECTIVE)]
 
 
+def make_reduction(case, renamed):
+    make = REDUCTIONS[case["reduction"]]
+    if not case["reduction"].startswith("group dro"):
+        return make()
+    reduction = make(GROUP_NAMES[::-1] if renamed else GROUP_NAMES)
+    reduction.load_state_dict({"log_q": case["log_q"], "names": list(GROUP_NAMES)})
+    return reduction
+
+
 def make_loss(case, backend, path):
-    return robalign.DoRALoss(case["objective"], beta=0.3, reduction=REDUCTIONS[case["reduction"]](),
+    renamed = case["renamed"] and backend != "reference"
+    return robalign.DoRALoss(case["objective"], beta=0.3, reduction=make_reduction(case, renamed),
                              alpha=0.3 if case["probs"] is not None else None, backend=backend,
                              one_pass=path == "one_pass", group_size=case["k"] if case["k"] > 1 else None,
                              wpo=case["wpo"], ld_alpha=case["ld_alpha"], fp32_head_grad=case["fp32_head_grad"],
@@ -145,12 +183,19 @@ def call(loss_fn, case, path, leaves, dtype, device, samples=None, **extra):
     inputs = dict(labels=case["labels"][tokens].to(device),
                   cu_seqlens=None if cu is None else (cu[lo * k:hi * k + 1] - cu[lo * k]).to(device),
                   probs=to(case["probs"]), weights=to(case["weights"], slice(lo, hi)), scores=to(case["scores"]),
-                  group_ids=case["group_ids"][lo:hi].to(device) if case["reduction"] == "group dro" else None,
+                  group_ids=group_ids(case, loss_fn)[lo:hi].to(device) if case["reduction"].startswith("group dro")
+                  else None,
                   **reference[case["ref"]], **(kl or {}), **extra)
     if path == "logits":
         logits = hidden[tokens] @ weight.T if bias is None else hidden[tokens] @ weight.T + bias
         return loss_fn(logits=logits, **inputs)
     return loss_fn(hidden=hidden[tokens], head_weight=weight, head_bias=bias, **inputs)
+
+
+def group_ids(case, loss_fn):
+    """The case's group ids in the numbering of ``loss_fn``'s group names."""
+    names = loss_fn.reduction.names
+    return torch.tensor([names.index(GROUP_NAMES[i]) for i in case["group_ids"].tolist()], dtype=torch.long)
 
 
 def leaves_of(case, dtype, device):
@@ -162,10 +207,19 @@ def grads_of(leaves):
     return [x.grad.double().cpu() for x in leaves if x is not None]
 
 
+REFUSED = "every per-sample loss must be finite"
+
+
 def run(case, backend, path, dtype, device):
-    """``(loss, [grad hidden, grad weight, grad bias])`` of the whole batch, float64 on the CPU."""
+    """``(loss, [grad hidden, grad weight, grad bias])`` of the whole batch, float64 on the CPU, or
+    :data:`REFUSED` where the objective's limit is +∞ (a masked token in a response it must prefer)."""
     leaves = leaves_of(case, dtype, device)
-    out = call(make_loss(case, backend, path), case, path, leaves, dtype, device)
+    try:
+        out = call(make_loss(case, backend, path), case, path, leaves, dtype, device)
+    except ValueError as err:
+        if case["masked"] and REFUSED in str(err):
+            return REFUSED
+        raise
     out.loss.backward()
     return out.loss.detach().double().cpu(), grads_of(leaves)
 
@@ -200,6 +254,9 @@ def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective
     sorts = O.is_batch_coupled(O.resolve(objective))
     for path in paths:
         results = {}
+        if want == REFUSED:                     # +∞ in float64: refused on every path and backend alike
+            assert all(run(case, backend, path, case["dtype"], device) == REFUSED for backend, device in KERNELS)
+            continue
         for backend, device in KERNELS:
             got = results[backend] = run(case, backend, path, case["dtype"], device)
             assert_close(got, want, 5e-2 if bf16 else 5e-5, None if bf16 and sorts else 5e-2 if bf16 else 5e-5,
@@ -228,6 +285,11 @@ def test_the_cases_cover_the_compositions():
     assert {(c["dtype"], c["fp32_head_grad"]) for c in cases} >= {(torch.bfloat16, True), (torch.bfloat16, False)}
     assert {c["truncated_last"] for c in cases} == {True, False}
     assert {(c["probs"] is None, c["weights"] is None) for c in cases} == {(True, True), (False, True), (True, False)}
+    assert {c["masked"] for c in cases} == {True, False} and {c["renamed"] for c in cases} == {True, False}
+    refused = {o for o, n in CASES if make_case(o, n)["masked"]
+               and run(make_case(o, n), "reference", "recompute", torch.float64, "cpu") == REFUSED}
+    trained = {o for o, n in CASES if make_case(o, n)["masked"]} - refused
+    assert refused and trained, (refused, trained)          # both outcomes of an infinite log-prob occur
 
 
 ACCUMULATED = [(o, n) for o, n in CASES if not O.is_unpaired(O.resolve(o)) and not O.is_batch_coupled(O.resolve(o))]
@@ -243,15 +305,27 @@ def test_micro_batches_through_the_accumulator_equal_one_batch(objective, n, mon
     case, want, paths = prepared(objective, n, monkeypatch)
     parts = [(0, case["b"] // 2), (case["b"] // 2, case["b"])]
     for path in paths:
-        leaves = leaves_of(case, torch.float32, "cpu")
-        loss_fn = make_loss(case, "cpp", path)
-        acc = loss_fn.reduction.accumulator([x for x in leaves if x is not None], accumulation_steps=len(parts),
-                                            prepass=n % 2 == 1)
-        if getattr(acc, "needs_prepare", False):
-            with torch.no_grad():
-                seen = [call(loss_fn, case, path, leaves, torch.float32, "cpu", part) for part in parts]
-            groups = [case["group_ids"][lo:hi] for lo, hi in parts] if case["reduction"] == "group dro" else None
-            acc.prepare([o.losses for o in seen], [o.weights for o in seen], groups)
-        for part in parts:
-            call(loss_fn, case, path, leaves, torch.float32, "cpu", part, accumulator=acc).loss.backward()
+        if want == REFUSED:
+            with pytest.raises(ValueError, match=REFUSED):
+                accumulate(case, path, parts, n)
+            continue
+        leaves, acc = accumulate(case, path, parts, n)
         assert_close((torch.tensor(acc.loss, dtype=torch.float64), grads_of(leaves)), want, 5e-5, 5e-5, path)
+
+
+def accumulate(case, path, parts, n):
+    """The case's micro-batches ``parts`` through the exact accumulator: ``(leaves, accumulator)``."""
+    leaves = leaves_of(case, torch.float32, "cpu")
+    loss_fn = make_loss(case, "cpp", path)
+    acc = loss_fn.reduction.accumulator([x for x in leaves if x is not None], accumulation_steps=len(parts),
+                                        prepass=n % 2 == 1)
+    if getattr(acc, "needs_prepare", False):
+        with torch.no_grad():
+            seen = [call(loss_fn, case, path, leaves, torch.float32, "cpu", part) for part in parts]
+        groups = None
+        if case["reduction"].startswith("group dro"):
+            groups = [group_ids(case, loss_fn)[lo:hi] for lo, hi in parts]
+        acc.prepare([o.losses for o in seen], [o.weights for o in seen], groups)
+    for part in parts:
+        call(loss_fn, case, path, leaves, torch.float32, "cpu", part, accumulator=acc).loss.backward()
+    return leaves, acc

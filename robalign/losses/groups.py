@@ -10,8 +10,9 @@ sample, one step of the online algorithm is
 
 so q drifts toward the groups with the largest loss, and the training objective is the q-weighted
 group losses, ``max_{q ∈ Δ} Σ_g q_g·L_g`` played online. A group absent from the batch keeps its
-unnormalised q (its factor is e⁰). A step η·L_g beyond float64's range takes its limit: q uniform on
-the groups whose η·L_g overflowed, 0 elsewhere (and a group at q = 0 stays there). Everything stays
+unnormalised q (its factor is e⁰). The step is formed as ``log q + η·(L − max L)`` (the same
+softmax), so η·L beyond float64's range takes its limit — all of q on the groups of the largest L_g,
+shared in proportion to their q — and a group at q = 0 stays there. Everything stays
 on the device: the per-group sums and counts of every rank come from one SUM all-reduce of ``2G``
 float64 numbers, so every rank — and the whole step, when its micro-batches' values are folded
 together — takes the same q step.
@@ -47,11 +48,11 @@ def group_dro_step(sums: torch.Tensor, counts: torch.Tensor, log_q: torch.Tensor
     ``update=False`` q is used as it is (evaluation)."""
     losses = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
     if update:
-        z = log_q + step_size * losses
-        z = torch.where(torch.isneginf(log_q), -math.inf, z)          # q_g = 0 stays 0 (not −inf + inf)
-        # η·L_g past float64's range: the step's limit, q uniform on the groups that overflowed
-        over = torch.isposinf(z)
-        z = torch.where(over.any(), torch.where(over, 0.0, -math.inf), z)
+        # log q + η·(L − max L), the same softmax as log q + η·L, but η·L never overflows and never
+        # absorbs log q (η = 1e300: the prior of two tied groups is kept); a q_g = 0 stays 0
+        alive = ~torch.isneginf(log_q)
+        top = torch.where(alive, losses, -math.inf).max()
+        z = torch.where(alive, log_q + step_size * (losses - top), -math.inf)
         log_q = torch.log_softmax(z, 0)
     q = log_q.exp()
     per_group = torch.where(counts > 0, q / counts.clamp(min=1), 0.0)
