@@ -71,6 +71,24 @@ class DoRAConfig:
     objective_kwargs: dict = field(default_factory=dict)
     allow_zero_weight_steps: bool = False
 
+    def build_loss(self, *, reduction=None, group_names=(), data: str = "the training data", group_size=None,
+                   head: dict | None = None):
+        """The :class:`~robalign.DoRALoss` these settings describe — the one place a loss is built
+        from settings (the trainer, every TRL drop-in and the demo call it).
+
+        reduction: a reduction object in place of the one ``dro`` and its parameter name (the TRL
+        drop-ins' ``reduction=``); group_names and data: the groups of ``dro="group"`` and the data
+        named when there are none; group_size: candidates per sample (``None``: the objective's);
+        head: the model's LM-head transform as ``DoRALoss`` keyword arguments (see
+        :func:`robalign.ops.head.head_transform`)."""
+        from ..losses.loss import DoRALoss
+
+        if reduction is None:
+            reduction = reduction_of(self, group_names, data)
+        return DoRALoss(self.objective, beta=self.beta, reduction=reduction, alpha=self.alpha, group_size=group_size,
+                        one_pass=self.one_pass, ld_alpha=self.ld_alpha, wpo=self.wpo,
+                        reference_free=self.reference_free, **(head or {}), **self.objective_kwargs)
+
 
 DRO_PARAMETER = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level", "group": "group_step"}
 DRO_SETS = tuple(DRO_PARAMETER)

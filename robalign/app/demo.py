@@ -37,13 +37,15 @@ from pathlib import Path
 import torch
 
 from .data import PreferenceCollator, PreferenceDataset, prepare_tokenizer
-from ..losses.loss import DoRALoss
+from .config import DoRAConfig
 from .toy import ToySettings, make_toy_data, reward_target, write_jsonl
 from .trainer import one_pass_loss, policy_logps
 
 __all__ = ["ARMS", "DemoSettings", "run_demo"]
 
 INF = float("inf")
+#: each arm: its alignment settings (:class:`~robalign.app.config.DoRAConfig` fields; β is the
+#: demo's), whether it trains on the DoRA weights, and whether it reads whole candidate lists
 ARMS = {
     "dpo": dict(objective="dpo", lam=INF, weighted=False, listwise=False),
     "iw_dpo": dict(objective="dpo", lam=INF, weighted=True, listwise=False),
@@ -52,21 +54,18 @@ ARMS = {
     "dr_dpo": dict(objective="dpo", lam=-1.0, weighted=False, listwise=False),
     "dora_pl": dict(objective="plackett_luce", lam=1.0, weighted=True, listwise=True),
     # the other ambiguity sets, with the DoRA weights (robalign.losses.reductions)
-    "kl_ball": dict(objective="dpo", reduction=("kl-ball", 0.5), weighted=True, listwise=False),
-    "chi2": dict(objective="dpo", reduction=("chi2", 1.0), weighted=True, listwise=False),
-    "cvar": dict(objective="dpo", reduction=("cvar", 0.3), weighted=True, listwise=False),
+    "kl_ball": dict(objective="dpo", dro="kl-ball", eta=0.5, weighted=True, listwise=False),
+    "chi2": dict(objective="dpo", dro="chi2", rho=1.0, weighted=True, listwise=False),
+    "cvar": dict(objective="dpo", dro="cvar", level=0.3, weighted=True, listwise=False),
     # the sources as known groups instead of a classifier's weights
-    "group_dro": dict(objective="dpo", reduction=("group", 0.5), weighted=False, listwise=False),
+    "group_dro": dict(objective="dpo", dro="group", group_step=0.5, weighted=False, listwise=False),
 }
 
 
-def _reduction(arm, group_names=()):
-    from ..losses.reductions import REDUCTIONS, GroupDRO
-
-    name, parameter = arm.get("reduction", ("kl", arm.get("lam")))
-    if name == "group":
-        return GroupDRO(len(group_names), parameter, names=group_names)
-    return REDUCTIONS[name](parameter)
+def arm_settings(arm: dict, beta: float) -> DoRAConfig:
+    """An arm's alignment settings, from which its loss is built like the trainer's."""
+    return DoRAConfig(beta=beta, use_weights=arm["weighted"],
+                      **{k: v for k, v in arm.items() if k not in ("weighted", "listwise")})
 
 
 @dataclass
@@ -129,8 +128,7 @@ def _train_arm(sft, arm, train_set, settings, collate, seed):
     torch.manual_seed(seed)
     model = copy.deepcopy(sft).train()
     k = train_set.group_size if arm["listwise"] else 2
-    loss_fn = DoRALoss(arm["objective"], beta=settings.beta, reduction=_reduction(arm, train_set.group_names),
-                       group_size=k)
+    loss_fn = arm_settings(arm, settings.beta).build_loss(group_names=train_set.group_names, group_size=k)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(settings.steps):

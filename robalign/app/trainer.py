@@ -38,10 +38,9 @@ from transformers import Trainer, TrainerCallback
 
 from .. import _validation as V
 from .._io import write_atomic
-from .config import DoRAConfig, check_settings, reduction_of
+from .config import DoRAConfig, check_settings
 from .data import PreferenceCollator
 from ..losses.layout import ld_split
-from ..losses.loss import DoRALoss
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 from ..ops.head import HeadTransform
 from ..ops.token_stats import token_stats
@@ -340,7 +339,7 @@ class DoRATrainer(Trainer):
         under ``dora/``)."""
         return name
 
-    def __init__(self, *args, dora: DoRAConfig | None = None, ref_model=None, **kwargs):
+    def __init__(self, *args, dora: DoRAConfig | None = None, ref_model=None, reduction=None, **kwargs):
         self.dora = dora or DoRAConfig()
         check_settings(self.dora, "DoRATrainer(dora=...)")
         tokenizer = kwargs.get("processing_class")
@@ -356,11 +355,9 @@ class DoRATrainer(Trainer):
         d = self.dora
         # built once: the objective, weights and reduction of every micro-batch (the process group is
         # the reduction's argument, read per call, so a group set up after construction is seen)
-        reduction = reduction_of(d, getattr(dataset, "group_names", ()), getattr(dataset, "path", "") or "the training data")
-        self.loss_fn = DoRALoss(d.objective, beta=d.beta, reduction=reduction, alpha=d.alpha,
-                                group_size=getattr(dataset, "group_size", None), one_pass=d.one_pass,
-                                ld_alpha=d.ld_alpha, wpo=d.wpo, reference_free=d.reference_free, **self.head_kwargs(),
-                                **d.objective_kwargs)
+        self.loss_fn = d.build_loss(reduction=reduction, group_names=getattr(dataset, "group_names", ()),
+                                    data=getattr(dataset, "path", "") or "the training data",
+                                    group_size=getattr(dataset, "group_size", None), head=self.head_kwargs())
         self.group_size = self.loss_fn.group_size
         if not self._forwards_ref_model:
             self.ref_model = ref_model

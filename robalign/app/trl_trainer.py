@@ -179,7 +179,7 @@ class _TRLBridge:
         if packed:                          # robalign packs; TRL 1.16's DPOTrainer would warn and ignore it
             args.padding_free = False
         try:
-            super().__init__(model=model, args=args, dora=dora, ref_model=ref_model, **kwargs)
+            super().__init__(model=model, args=args, dora=dora, ref_model=ref_model, reduction=reduction, **kwargs)
         finally:
             if packed:
                 args.padding_free = packed
@@ -187,11 +187,6 @@ class _TRLBridge:
             raise ValueError(f"robalign {type(self).__name__}: vision preference data is not supported yet")
         column = _checked_weights_column(type(self).__name__, args, self.train_dataset)
         self.data_collator = _WithWeights(self.data_collator, column)
-        if reduction is not None:
-            from ..losses.loss import DoRALoss
-
-            self.loss_fn = DoRALoss(objective, beta=dora.beta, reduction=reduction, one_pass=dora.one_pass,
-                                    group_size=self.loss_fn.group_size, **self.head_kwargs(), **hparams)
         self.reference_cache = "TRL's (precomputed, or the reference model every step)"
 
     def compute_reference_logps(self, *args, **kwargs) -> None:
