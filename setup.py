@@ -49,7 +49,7 @@ CMDCLASS["build_py"] = BuildPyWithKernels
 
 setup(
     name="robalign",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused kernels for distribution-aware robust preference alignment (DoRA)",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -18,7 +18,7 @@ import importlib
 
 from . import _compat
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _compat.install()
 

@@ -1,11 +1,11 @@
-"""Module paths of release 0.1, kept importable for one release.
+"""Module paths that moved, kept importable for one release.
 
-The package is now layered (``robalign.ops`` → ``robalign.losses`` → ``robalign.app``). The old
-flat paths (``robalign.trainer``, ``robalign.linear``, ...) resolve to the same module objects
+An old path (``robalign.app.trl_trainer``, now ``robalign.trl``) resolves to the same module object
 through a meta-path finder, with a DeprecationWarning naming the new path; nothing is imported
 before it is asked for, so ``import robalign`` stays as light as before. ``robalign.objectives``
 and ``robalign.backends`` stay public names of the losses' objective registry and the ops'
-backend registry, without a warning.
+backend registry, without a warning. Release 0.1's flat paths (``robalign.trainer``, ...) were
+removed in 0.2.
 """
 
 from __future__ import annotations
@@ -21,25 +21,7 @@ PERMANENT = {
     "robalign.backends": "robalign.ops.registry",
 }
 MOVED = {
-    "robalign.library": "robalign.ops.library",
-    "robalign.linear": "robalign.ops.linear",
-    "robalign.cpu": "robalign.ops.cpu",
-    "robalign.chunked": "robalign.ops.chunked",
-    "robalign._cpp": "robalign.ops._cpp",
-    "robalign.weights": "robalign.losses.weights",
-    "robalign.dro": "robalign.losses.dro",
-    "robalign.loss": "robalign.losses.loss",
-    "robalign.data": "robalign.app.data",
-    "robalign.trainer": "robalign.app.trainer",
-    "robalign.train": "robalign.app.train",
-    "robalign.cli": "robalign.app.cli",
-    "robalign.demo": "robalign.app.demo",
-    "robalign.toy": "robalign.app.toy",
-    "robalign.ratio": "robalign.app.ratio",
-    "robalign.ratio.classifier": "robalign.app.ratio.classifier",
-    "robalign.ratio.data": "robalign.app.ratio.data",
-    "robalign.ratio.features": "robalign.app.ratio.features",
-    "robalign.ratio.weigh": "robalign.app.ratio.weigh",
+    "robalign.app.trl_trainer": "robalign.trl",          # release 0.2; goes away in 0.3
 }
 
 

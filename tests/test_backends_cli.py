@@ -86,17 +86,19 @@ def test_every_backend_module_named_by_the_registry_has_the_one_signature():
             assert all(callable(getattr(rows, f)) for f in ("rows_lse_target", "rows_softmax_grad", "empty_grad_like"))
 
 
-def test_old_module_paths_still_import_with_a_deprecation_warning():
+def test_moved_module_paths_import_with_a_deprecation_warning_and_0_1_paths_are_gone():
     import importlib
 
-    with pytest.warns(DeprecationWarning, match=r"`robalign.trainer` moved to `robalign.app.trainer`"):
-        old = importlib.import_module("robalign.trainer")
-    import robalign.app.trainer as new
+    with pytest.warns(DeprecationWarning, match=r"`robalign.app.trl_trainer` moved to `robalign.trl`"):
+        old = importlib.import_module("robalign.app.trl_trainer")
+    import robalign.trl as new
 
-    assert old is new and new.__spec__.name == "robalign.app.trainer"
+    assert old is new and old.DoRADPOTrainer is importlib.import_module("robalign.app.trl").DoRADPOTrainer
     import robalign.objectives                                   # a permanent public name, no warning
 
     assert robalign.objectives is robalign.losses.objectives
+    with pytest.raises(ModuleNotFoundError):                     # release 0.1's flat paths: removed in 0.2
+        importlib.import_module("robalign.trainer")
 
 
 def test_cli_unknown_subcommand_and_missing_file(capsys):

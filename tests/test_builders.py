@@ -118,7 +118,7 @@ def test_the_trl_drop_in_keeps_every_setting_with_a_reduction(tiny, tmp_path, re
     pytest.importorskip("trl")
     from datasets import Dataset
 
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     model, tokenizer, _ = tiny
     rows = Dataset.from_list([{"prompt": f"p{i}", "chosen": "tree leaf", "rejected": "thing"} for i in range(4)])

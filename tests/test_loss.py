@@ -141,17 +141,15 @@ def test_a_new_reduction_is_one_class():
     torch.testing.assert_close(out.loss, (out.losses * w).max())
 
 
-def test_release_01_argument_names_still_work_with_a_warning():
+def test_release_01_argument_names_are_gone():
+    """``weight``/``bias``/``ref_weight``/``ref_bias`` and ``group`` warned through release 0.1 and
+    are refused in 0.2 (``head_weight``, ... and ``process_group``)."""
     hidden, weight = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     labels, ref = torch.randint(5, (2, 3)), torch.zeros(2, dtype=torch.float64)
-    want = robalign.DoRALoss("dpo")(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref).loss
-    with pytest.warns(DeprecationWarning, match=r"`weight` is now `head_weight`"):
-        got = robalign.DoRALoss("dpo")(hidden=hidden, weight=weight, labels=labels, ref_logps=ref).loss
-    torch.testing.assert_close(got, want)
-    with pytest.warns(DeprecationWarning, match=r"`group` is now `process_group`"):
-        assert robalign.DoRALoss("dpo", group=None).process_group is None
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['heads'\]"):
-        robalign.DoRALoss("dpo")(hidden=hidden, heads=weight, labels=labels, ref_logps=ref)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'weight'"):
+        robalign.DoRALoss("dpo")(hidden=hidden, weight=weight, labels=labels, ref_logps=ref)
+    with pytest.raises(TypeError, match=r"objective 'dpo' has no hyper-parameter \['group'\]"):
+        robalign.DoRALoss("dpo", group=None)
 
 
 @pytest.mark.parametrize("one_pass", [True, False])

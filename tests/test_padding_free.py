@@ -99,7 +99,7 @@ def test_dora_dpo_trainer_padding_free(tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
 
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     records, _ = make_toy_data(ToySettings(n_train=8, n_test=0, seed=2, target_fraction=0.5))
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])

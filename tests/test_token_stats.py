@@ -64,7 +64,7 @@ def test_the_trainer_logs_trls_entropy_and_mean_logits(tmp_path):
 
     from robalign.app.toy import ToySettings, make_toy_data
     from robalign.app.train import embedded_model
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     records, _ = make_toy_data(ToySettings(n_train=8, n_test=0, seed=2, target_fraction=0.5))
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])

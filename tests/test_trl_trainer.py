@@ -1,4 +1,4 @@
-"""DoRADPOTrainer (robalign.app.trl_trainer): DoRA in a TRL script, against TRL's own DPOTrainer and
+"""DoRADPOTrainer (robalign.trl): DoRA in a TRL script, against TRL's own DPOTrainer and
 against a float64 reference trajectory written by hand.
 
 Set-up: the embedded tiny Llama in float64, 8 toy pairs, one batch of 8 per step (so every step
@@ -97,7 +97,7 @@ def _assert_params(got, want, tol):
 def test_with_lambda_inf_and_no_weights_it_is_trls_dpo(setup, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     theirs, _, _ = _train(DPOTrainer, DPOConfig(output_dir=str(tmp_path / "trl"), **COMMON), setup, tmp_path)
     mine, policy, batch = _train(DoRADPOTrainer, DoRADPOConfig(output_dir=str(tmp_path / "dora"), dora_lam=math.inf,
@@ -114,7 +114,7 @@ def test_aot_losses_step_for_step_with_trl(setup, tmp_path, loss_type):
     equal TRL's DPOTrainer's, step for step (rtol 5e-4 as above)."""
     from trl import DPOConfig, DPOTrainer
 
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     common = dict(COMMON, loss_type=[loss_type])
     theirs, _, _ = _train(DPOTrainer, DPOConfig(output_dir=str(tmp_path / "trl"), **common), setup, tmp_path)
@@ -128,7 +128,7 @@ def test_aot_losses_step_for_step_with_trl(setup, tmp_path, loss_type):
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_weights_and_kl_dro_follow_the_reference_trajectory(setup, tmp_path, one_pass):
     """The `weight` column and λ = 1, on the one-pass and the recompute path."""
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     config = DoRADPOConfig(output_dir=str(tmp_path / "w"), dora_lam=1.0, dora_weights_column="weight",
                            dora_one_pass=one_pass, **COMMON)
@@ -140,7 +140,7 @@ def test_weights_and_kl_dro_follow_the_reference_trajectory(setup, tmp_path, one
 
 
 def test_what_is_not_supported_is_refused(setup, tmp_path):
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     dataset, model, tokenizer = setup
     for extra, message in (({"ld_alpha": 0.5, "precompute_ref_log_probs": True},
@@ -154,7 +154,7 @@ def test_what_is_not_supported_is_refused(setup, tmp_path):
 
 def test_a_weights_column_that_is_not_there_is_never_silent(setup, tmp_path):
     """A misspelled weights column trained unweighted without a word before (``weights/mean 1``)."""
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     dataset, model, tokenizer = setup
 
@@ -174,7 +174,7 @@ def test_a_weights_column_that_is_not_there_is_never_silent(setup, tmp_path):
 def test_loss_lists_become_mixtures():
     from types import SimpleNamespace
 
-    from robalign.app.trl_trainer import objective_of
+    from robalign.trl import objective_of
 
     args = SimpleNamespace(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], label_smoothing=0.0,
                            f_divergence_type="reverse_kl", ld_alpha=None, use_weighting=False, padding_free=False)
@@ -214,7 +214,7 @@ def test_the_readme_example_runs_as_written(tmp_path):
 def test_evaluation_in_a_trl_script(setup, tmp_path):
     """`evaluate()` on an eval set (one batch of 8): the weighted DoRA loss and the reward metrics,
     under TRL's names too."""
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     dataset, model, tokenizer = setup
     config = DoRADPOConfig(output_dir=str(tmp_path / "e"), dora_lam=1.0, **{**COMMON, "max_steps": 1})
@@ -231,7 +231,7 @@ def test_tr_dpo_reference_sync_reaches_the_loss(setup, tmp_path):
     """TR-DPO (TRL's ``sync_ref_model``): TRL's own callback updates the reference model, and
     DoRADPOTrainer's loss reads that model every step — with a hard copy every step (α = 1), the
     reference after training is the policy, so a fresh evaluation sees log-ratios of 0 (loss log 2)."""
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     dataset, model, tokenizer = setup
     config = DoRADPOConfig(output_dir=str(tmp_path / "tr"), dora_lam=math.inf, dora_weights_column=None,
@@ -252,7 +252,7 @@ def test_use_weighting_gives_trls_wpo_losses(setup, tmp_path):
     and differ from the unweighted run's."""
     from trl import DPOConfig, DPOTrainer
 
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     theirs, _, _ = _train(DPOTrainer, DPOConfig(output_dir=str(tmp_path / "t"), use_weighting=True, **COMMON),
                           setup, tmp_path)
@@ -319,7 +319,7 @@ def test_dora_kto_with_lambda_inf_and_no_weights_is_trls_kto(unpaired_setup, tmp
     hand-written KTO trajectory to 1e-12."""
     from trl import KTOConfig, KTOTrainer
 
-    from robalign.app.trl_trainer import DoRAKTOConfig, DoRAKTOTrainer
+    from robalign.trl import DoRAKTOConfig, DoRAKTOTrainer
 
     extra = dict(desirable_weight=1.2, undesirable_weight=0.9)
     theirs, _, _ = _train(KTOTrainer, KTOConfig(output_dir=str(tmp_path / "trl"), **KTO_COMMON, **extra),
@@ -337,7 +337,7 @@ def test_dora_kto_with_lambda_inf_and_no_weights_is_trls_kto(unpaired_setup, tmp
 
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_dora_kto_weights_and_kl_dro_follow_the_reference_trajectory(unpaired_setup, tmp_path, one_pass):
-    from robalign.app.trl_trainer import DoRAKTOConfig, DoRAKTOTrainer
+    from robalign.trl import DoRAKTOConfig, DoRAKTOTrainer
 
     config = DoRAKTOConfig(output_dir=str(tmp_path / "w"), dora_lam=1.0, dora_weights_column="weight",
                            dora_one_pass=one_pass, **KTO_COMMON)
@@ -377,7 +377,7 @@ def test_cpo_drop_in_step_for_step_with_trl(equal_length_setup, tmp_path, kind):
     materialised logits, robalign through its fused path). The NLL terms agree because the chosen
     responses have equal lengths (see DoRACPOTrainer's docstring). TRL's ORPOTrainer's NLL also
     covers the prompt, so ORPO is checked against its hand-written trajectory below instead."""
-    from robalign.app.trl_trainer import DoRACPOConfig, DoRACPOTrainer, _CPOConfig, _CPOTrainer
+    from robalign.trl import DoRACPOConfig, DoRACPOTrainer, _CPOConfig, _CPOTrainer
 
     dataset, model, tokenizer = equal_length_setup
     extra = {"cpo-simpo": dict(loss_type="simpo", cpo_alpha=0.0), "cpo-sigmoid": dict(loss_type="sigmoid", beta=0.3)}[kind]
@@ -395,7 +395,7 @@ def test_cpo_drop_in_step_for_step_with_trl(equal_length_setup, tmp_path, kind):
 def test_orpo_drop_in_with_weights_follows_the_reference_trajectory(equal_length_setup, tmp_path):
     """The weights column and λ = 1: the parameters equal 3 hand-written float64 SGD steps on
     KL-DRO of ORPO's per-sample loss (NLL per chosen token − β·log σ(log odds)), to 1e-12."""
-    from robalign.app.trl_trainer import DoRAORPOConfig, DoRAORPOTrainer
+    from robalign.trl import DoRAORPOConfig, DoRAORPOTrainer
 
     dataset, model, tokenizer = equal_length_setup
     config = DoRAORPOConfig(output_dir=str(tmp_path / "w"), dora_lam=1.0, dora_weights_column="weight", beta=0.2,

@@ -3,7 +3,7 @@
     ratio/          the classifier stage (``robalign weigh``)
     data.py         preference files → tokenised groups → group-major batches
     trainer.py      DoRATrainer, a transformers Trainer
-    trl_trainer.py  DoRADPOTrainer: DoRA in a TRL script (TRL's DPOTrainer, robalign's loss and log-probs)
+    trl.py          DoRADPOTrainer & co.: DoRA in a TRL script, public as ``robalign.trl``
     launch.py       distributed launches: refusing silent fallbacks, what ran, DeepSpeed's one-time build
     config.py       the one configuration (DoRAConfig, TrainSettings) and its checks
     train.py        ``robalign train``: model loading, the run

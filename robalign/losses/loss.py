@@ -9,7 +9,6 @@ default) turns ℓ and w into the trained scalar, exactly over ranks (``reduce``
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,23 +29,6 @@ from .unpaired import reference_point, unpaired_rewards
 from .weights import dora_weights
 
 __all__ = ["DoRALoss", "DoRAOutput", "DoRASamples"]
-
-# names of release 0.1, accepted for one release with a DeprecationWarning
-_RENAMED_INIT = {"group": "process_group"}
-_RENAMED_FORWARD = {"weight": "head_weight", "bias": "head_bias", "ref_weight": "ref_head_weight",
-                    "ref_bias": "ref_head_bias"}
-
-
-def _take_renamed(where, kwargs: dict, renamed: dict) -> dict:
-    """Pop the old names out of ``kwargs`` (warning once each) and return them under the new names."""
-    moved = {}
-    for old, new in renamed.items():
-        if old in kwargs:
-            warnings.warn(f"{where}: `{old}` is now `{new}`; the old name goes away in the next release",
-                          DeprecationWarning, stacklevel=3)
-            moved[new] = kwargs.pop(old)
-    return moved
-
 
 @dataclass
 class DoRASamples:
@@ -171,8 +153,6 @@ class DoRALoss(nn.Module):
                  reference_free: bool = False, **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
-        renamed = _take_renamed(where, objective_kwargs, _RENAMED_INIT)
-        process_group = renamed.get("process_group", process_group)
         objective = _objectives.resolve(objective)
         self.objective_fn = _objectives.get(objective)
         if reduction is None:
@@ -286,7 +266,7 @@ class DoRALoss(nn.Module):
     def forward(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
                 ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
                 weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
-                kl_logps=None, kl_ref_logps=None, **renamed) -> DoRAOutput:
+                kl_logps=None, kl_ref_logps=None) -> DoRAOutput:
         """Compute the loss of one batch of S = B·K sequences, rows group-major.
 
         The policy's log-probs come from ``logits``, or from ``hidden`` and the LM head
@@ -318,16 +298,8 @@ class DoRALoss(nn.Module):
 
         With ``hidden`` and the head, and gradients wanted, the one-pass fused loss runs (see
         ``one_pass``): the loss and every gradient in this forward.
-
-        ``weight``, ``bias``, ``ref_weight``, ``ref_bias`` are the 0.1 names of the head arguments.
         """
         where = "robalign.DoRALoss"
-        moved = _take_renamed(where, renamed, _RENAMED_FORWARD)
-        if renamed:
-            V.fail(where, f"unexpected argument(s) {sorted(renamed)}", TypeError)
-        head_weight, head_bias = moved.get("head_weight", head_weight), moved.get("head_bias", head_bias)
-        ref_head_weight = moved.get("ref_head_weight", ref_head_weight)
-        ref_head_bias = moved.get("ref_head_bias", ref_head_bias)
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
         if self.reference_free and (given or ref_logps is not None):
             V.fail(where, "this loss is `reference_free`: pass no reference (`ref_logps`, `ref_logits`, `ref_hidden`)")

@@ -10,7 +10,7 @@ collator), reference model, logging and callbacks. What changes:
     the log-probs robalign's fused paths on the decoder's hidden states and the LM head (the
                   one-pass loss by default), on TRL's batch reordered to robalign's group-major rows
 
-    from robalign.app.trl_trainer import DoRADPOConfig, DoRADPOTrainer
+    from robalign.trl import DoRADPOConfig, DoRADPOTrainer
     args = DoRADPOConfig(output_dir="out", dora_lam=1.0, dora_weights_column="weight")   # any DPOConfig field too
     DoRADPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
 
@@ -48,7 +48,7 @@ try:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 except ImportError as err:                      # the `bench` extra pins TRL; say so instead of a bare ImportError
-    raise ImportError("robalign.app.trl_trainer needs TRL (pip install 'trl==1.16.0', or robalign[bench])") from err
+    raise ImportError("robalign.trl needs TRL (pip install 'trl==1.16.0', or robalign[bench])") from err
 
 __all__ = ["DoRADPOConfig", "DoRADPOTrainer", "DoRAKTOConfig", "DoRAKTOTrainer", "DoRACPOConfig", "DoRACPOTrainer",
            "DoRAORPOConfig", "DoRAORPOTrainer", "TRL_LOSS_TYPES", "TRL_KTO_LOSS_TYPES", "objective_of",
