@@ -21,7 +21,7 @@ from robalign.losses.reductions import CVaR, Chi2Ball, GroupDRO, KLBall, KLDRO
 
 #: setting -> (a value other than the default, how to read it back from a DoRALoss)
 LOSS = {
-    "objective": ("ipo", lambda loss: loss.objective),
+    "objective": ("ipo", lambda loss: loss.objective.removesuffix("/mean")),
     "beta": (0.37, lambda loss: loss.hparams["beta"]),
     "lam": (2.5, lambda loss: loss.reduction.lam),
     "alpha": (0.3, lambda loss: loss.alpha),
@@ -29,6 +29,7 @@ LOSS = {
     "wpo": (True, lambda loss: loss.wpo),
     "one_pass": (False, lambda loss: loss.one_pass),
     "reference_free": (True, lambda loss: loss.reference_free),
+    "average_logps": (True, lambda loss: loss.average_logps and loss.objective.endswith("/mean")),
     "objective_kwargs": ({"label_smoothing": 0.2}, lambda loss: {"label_smoothing": loss.hparams["label_smoothing"]}),
 }
 #: the ambiguity set and its parameters: (settings, the reduction they must give)
@@ -63,7 +64,7 @@ def test_build_loss_carries_each_setting(name):
     settings = {name: value}
     if name == "objective_kwargs":
         settings["objective"] = "dpo"                       # an objective with label smoothing
-    if name == "reference_free":
+    if name in ("reference_free", "average_logps"):
         settings["objective"] = "dpo"
     _check(DoRAConfig(**settings).build_loss(), **settings)
 

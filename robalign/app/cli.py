@@ -224,7 +224,7 @@ def _cmd_train(args) -> int:
                                                "logging_steps", "eval_data", "eval_steps", "report_to", "optim",
                                                "save_steps", "fsdp_config", "warmup_ratio")}
     for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free", "chat_as_text",
-                 "allow_zero_weight_steps"):
+                 "allow_zero_weight_steps", "average_logps"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.objective_args:
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--chat-as-text", dest="chat_as_text", action="store_true",
                        help="conversational prompts as 'role: content' lines when the tokenizer has no chat template "
                             "(without it such data is refused)")
+    train.add_argument("--average-logps", dest="average_logps", action="store_true",
+                       help="the objective reads per-token mean log-probs, logp/|y| (Liger's average_log_prob; "
+                            "dpo with it is dpo_norm)")
     train.add_argument("--wpo", action="store_true",
                        help="WPO: weigh each sample by its responses' probability under the policy (per token)")
     train.add_argument("--ld-alpha", type=float, dest="ld_alpha",

@@ -47,6 +47,7 @@ class DoRAConfig:
     objective_kwargs: the objective's other hyper-parameters.
     allow_zero_weight_steps: let an optimizer step whose samples all have DoRA weight 0 pass (it
     trains on nothing); by default such a step is an error, with ``use_weights``.
+    average_logps: the objective reads per-token mean log-probs (``DoRALoss(average_logps=True)``).
     """
 
     objective: str = "dpo"
@@ -70,6 +71,7 @@ class DoRAConfig:
     reference_free: bool = False
     objective_kwargs: dict = field(default_factory=dict)
     allow_zero_weight_steps: bool = False
+    average_logps: bool = False
 
     def build_loss(self, *, reduction=None, group_names=(), data: str = "the training data", group_size=None,
                    head: dict | None = None):
@@ -87,7 +89,8 @@ class DoRAConfig:
             reduction = reduction_of(self, group_names, data)
         return DoRALoss(self.objective, beta=self.beta, reduction=reduction, alpha=self.alpha, group_size=group_size,
                         one_pass=self.one_pass, ld_alpha=self.ld_alpha, wpo=self.wpo,
-                        reference_free=self.reference_free, **(head or {}), **self.objective_kwargs)
+                        reference_free=self.reference_free, average_logps=self.average_logps, **(head or {}),
+                        **self.objective_kwargs)
 
 
 DRO_PARAMETER = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level", "group": "group_step"}
@@ -181,7 +184,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
                 "a non-zero number (inf for the weighted mean)"),
         "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
         "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "token_stats": flag, "reference_free": flag, "lora": flag, "merge": flag, "bf16": flag,
-        "chat_as_text": flag, "allow_zero_weight_steps": flag,
+        "chat_as_text": flag, "allow_zero_weight_steps": flag, "average_logps": flag,
         "warmup_ratio": (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
         "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
         "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),

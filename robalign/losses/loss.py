@@ -141,6 +141,10 @@ class DoRALoss(nn.Module):
         reference_free: for an objective with a reference model, take the reference's log-probs as 0
             (``r = logp``; the DPO family without a reference, as TRL's former ``reference_free``);
             reference inputs are then refused.
+        average_logps: read every candidate's log-probs (policy and reference) as per-token means
+            ``logp/|y|`` — Liger-Kernel's ``average_log_prob`` — for any objective that does not
+            already normalise by length, on every path (``dpo`` with it is ``dpo_norm``); the
+            rewards reported are then β times the mean log-ratios. Not for KTO's objectives.
         **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
     """
 
@@ -150,10 +154,16 @@ class DoRALoss(nn.Module):
                  ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
                  fp32_head_grad: bool = True, ld_alpha: float | None = None, wpo: bool = False,
                  logit_scale: float = 1.0, logit_softcap: float | None = None, logit_temperature: float = 1.0,
-                 reference_free: bool = False, **objective_kwargs):
+                 reference_free: bool = False, average_logps: bool = False, **objective_kwargs):
         super().__init__()
         where = "robalign.DoRALoss"
         objective = _objectives.resolve(objective)
+        if average_logps:
+            try:
+                objective = _objectives.with_mean_logps(objective)
+            except ValueError as err:
+                V.fail(where, f"`average_logps`: {err}")
+        self.average_logps = bool(average_logps)
         self.objective_fn = _objectives.get(objective)
         if reduction is None:
             if lam is not None:
@@ -525,6 +535,8 @@ class DoRALoss(nn.Module):
     def _rewards(self, policy_logps, logratios, counts, scores_g, kl=None) -> dict:
         """The implicit rewards of the best and worst candidate and their batch comparison."""
         beta = self.hparams.get("beta", self.beta)
+        if logratios is not None and self.average_logps:                 # the log-ratios the objective read
+            logratios = logratios / counts.clamp(min=1)
         rewards = beta * (logratios if logratios is not None else policy_logps / counts.clamp(min=1))
         if self.unpaired:
             return unpaired_rewards(rewards, scores_g[:, 0], 0.0 if kl is None else beta * kl)

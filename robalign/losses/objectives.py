@@ -60,10 +60,11 @@ from ..reference import objectives as _ref
 NAMES = tuple(_ref.OBJECTIVES)
 __all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "is_unpaired",
            "is_batch_coupled", "needs_kl_reference", "check_labels", "hyperparameters",
-           "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve", "with_divergence"]
+           "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve", "with_divergence", "with_mean_logps"]
 
 mixture = _ref.mixture
 with_divergence = _ref.with_divergence
+with_mean_logps = _ref.with_mean_logps
 
 
 def resolve(objective) -> str:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "cpo", "orpo", "plackett_luce", "rrhf", "lire", "sft",
+__all__ = ["with_mean_logps", "dpo", "robust", "ipo", "ipo_norm", "dpo_norm", "hinge", "simpo", "cpo", "orpo", "plackett_luce", "rrhf", "lire", "sft",
            "kto", "apo_zero_unpaired", "aot", "aot_unpaired", "DATA_KEYWORDS",
            "OBJECTIVES", "Objective", "Param", "objective", "mixture", "parse_mixture", "with_divergence",
            "F_DIVERGENCES"]
@@ -622,4 +622,38 @@ def with_divergence(name: str, kind: str, alpha: float = 0.5) -> str:
     fn.__doc__ = f"{name} on f'(e^r) of the {kind} instead of the log-ratio r"
     OBJECTIVES[registered] = Objective(registered, fn, base.reference, base.counts, base.pairwise, base.scores,
                                        dict(base.params))
+    return registered
+
+
+#: the suffix of an objective read on per-token mean log-probs (:func:`with_mean_logps`)
+MEAN_LOGPS = "/mean"
+
+
+def with_mean_logps(name: str) -> str:
+    """Register objective ``name`` read on length-averaged log-probs — each candidate's policy and
+    reference log-prob divided by its scored tokens ``|y|`` (at least 1) before the objective sees
+    them, as Liger-Kernel's ``average_log_prob`` and TRL's ``*_norm`` loss types do — and return its
+    name, ``name + "/mean"``: ``dpo/mean`` is ``dpo_norm``, ``ipo/mean`` is ``ipo_norm``. Not for an
+    objective that already divides by length (it would divide twice), nor KTO's (its reference point
+    reads mismatched rows whose lengths the objective does not see)."""
+    if name.endswith(MEAN_LOGPS) and name in OBJECTIVES:
+        return name
+    base = OBJECTIVES[name]
+    if base.counts:
+        raise ValueError(f"objective {name!r} already reads length-normalised log-probs; averaging them again "
+                         "would divide by the length twice")
+    if base.kl_reference:
+        raise ValueError(f"objective {name!r}: averaged log-probs are not supported (its reference point reads "
+                         "mismatched completions whose lengths it does not see)")
+    registered = name + MEAN_LOGPS
+
+    def fn(logps, ref_logps=None, *, counts, scores=None, **hparams):
+        length = counts.clamp(min=1).to(logps.dtype)
+        return base.fn(logps / length, None if ref_logps is None else ref_logps / length, counts=counts,
+                       scores=scores, **hparams)
+
+    fn.__name__ = fn.__qualname__ = registered
+    fn.__doc__ = f"{name} on per-token mean log-probs logp/|y| (and ref/|y|)"
+    OBJECTIVES[registered] = Objective(registered, fn, base.reference, True, base.pairwise, base.scores,
+                                       dict(base.params), unpaired=base.unpaired, batch_coupled=base.batch_coupled)
     return registered
