@@ -14,7 +14,7 @@ PIN    := $(if $(CONSTRAINTS),-c $(VENV)/constraints.txt,)
 # is kept, and then the constraints' torch, triton and nvidia-* pins are left out.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-latest test-gpu-versions constraints install clean
+.PHONY: demo test test-latest test-gpu-versions constraints install clean settings-table
 
 demo: $(STAMP)
 	$(PY) -m robalign demo
@@ -23,6 +23,11 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 install: $(STAMP)
+
+# docs/settings.md from the settings' fields (tests/test_settings.py checks it is current)
+settings-table: $(STAMP)
+	$(PY) -c "from robalign.app.config import settings_markdown; print(settings_markdown(), end='')" > docs/settings.md.tmp
+	mv docs/settings.md.tmp docs/settings.md
 
 # The suite in a second environment, .venv-latest, with the newest versions the ranges allow
 # (torch held at TORCH_SPEC, the CPU build); not part of .ci/run.

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings
+from .settings import add_flags
 from .ratio.classifier import CALIBRATIONS
 from .ratio.features import FEATURES
 
@@ -217,24 +218,9 @@ def _cmd_weigh(args) -> int:
 def _cmd_train(args) -> int:
     with _needs_extras("train"):
         from .train import load_settings, run_training
-    overrides = {k: getattr(args, k) for k in ("out", "model", "data", "objective", "beta", "lam", "dro", "eta", "rho",
-                                               "level", "group_step", "ld_alpha", "alpha", "lr",
-                                               "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-                                               "max_prompt_length", "seed", "resume", "fsdp", "deepspeed",
-                                               "logging_steps", "eval_data", "eval_steps", "report_to", "optim",
-                                               "save_steps", "fsdp_config", "warmup_ratio")}
-    for flag in ("lora", "merge", "bf16", "wpo", "padding_free", "reference_free", "chat_as_text",
-                 "allow_zero_weight_steps", "average_logps"):
-        if getattr(args, flag):
-            overrides[flag] = True
-    if args.objective_args:
-        overrides["objective_kwargs"] = dict(args.objective_args)
-    for flag, setting in (("no_dro_exact", "exact_dro"), ("no_shuffle", "shuffle"), ("no_token_stats", "token_stats"),
-                          ("no_weights", "use_weights"), ("no_fused", "fused")):
-        if getattr(args, flag):
-            overrides[setting] = False
-    if args.recompute:
-        overrides["one_pass"] = False
+    from .settings import overrides as given
+
+    overrides = given(args, TrainSettings)
     with _user_errors():
         summary = run_training(load_settings(args.config, **overrides))
     if summary["engine"]["rank"] != 0:                 # one report per run, from rank 0
@@ -332,97 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a causal LM with DoRA",
                            description="Train a causal LM on a preference file with DoRA (or any robalign "
                                        "objective). With no --model and --data: the embedded default.")
-    train.add_argument("--model", help="local Hugging Face model folder (default: the embedded tiny Llama)")
-    train.add_argument("--data", help="listwise, pairwise or unpaired (KTO) JSONL, or a saved dataset folder "
-                                      "(default: the embedded toy preferences)")
-    train.add_argument("--out", help="output folder (default out/train)")
     train.add_argument("--config", help="YAML file with the same settings (flags win)")
-    d, by_model, embedded = TrainSettings(), MODEL_DEFAULTS, EMBEDDED_DEFAULTS
-
-    def per_model(key, what):
-        return f"{what} (default {by_model[key]:g} for --model, {embedded[key]:g} for the embedded default)"
-
-    train.add_argument("--objective", type=_objective_arg,
-                       help=f"the base objective: one of {{{','.join(objective_names())}}}, or a weighted sum such "
-                            f"as dpo+0.5*sft (default {d.objective})")
-    train.add_argument("--objective-arg", dest="objective_args", metavar="NAME=VALUE", action="append",
-                       type=_objective_hparam,
-                       help="another hyper-parameter of the objective, e.g. label_smoothing=0.1 or, for kto, "
-                            "desirable_weight=1.33 (repeatable; `objective_kwargs` in the YAML config)")
-    train.add_argument("--lam", type=float, help=f"DRO temperature λ; inf: the weighted mean (default {d.lam:g})")
-    train.add_argument("--dro", choices=("kl", "kl-ball", "chi2", "cvar", "group"),
-                       help=f"ambiguity set: kl (temperature --lam, DoRA's), kl-ball (radius --eta), chi2 (radius "
-                            f"--rho), cvar (--level, the worst fraction), group (group DRO over the data's `group` "
-                            f"field or sources, step --group-step); default {d.dro}")
-    train.add_argument("--eta", type=float, help=f"radius of the KL ball (default {d.eta:g})")
-    train.add_argument("--rho", type=float, help=f"radius of the χ² ball (default {d.rho:g})")
-    train.add_argument("--level", type=float, help=f"CVaR level: the worst fraction of the batch (default {d.level:g})")
-    train.add_argument("--reference-free", dest="reference_free", action="store_true",
-                       help="no reference model: the objective's reference log-probs are 0 (the DPO family)")
-    train.add_argument("--padding-free", dest="padding_free", action="store_true",
-                       help="pack each batch's rows into one without padding (the attention stays within each row)")
-    train.add_argument("--chat-as-text", dest="chat_as_text", action="store_true",
-                       help="conversational prompts as 'role: content' lines when the tokenizer has no chat template "
-                            "(without it such data is refused)")
-    train.add_argument("--average-logps", dest="average_logps", action="store_true",
-                       help="the objective reads per-token mean log-probs, logp/|y| (Liger's average_log_prob; "
-                            "dpo with it is dpo_norm)")
-    train.add_argument("--wpo", action="store_true",
-                       help="WPO: weigh each sample by its responses' probability under the policy (per token)")
-    train.add_argument("--ld-alpha", type=float, dest="ld_alpha",
-                       help="LD-DPO: weight of the tokens past the shorter response of each pair (0 to 1)")
-    train.add_argument("--group-step", type=float, dest="group_step",
-                       help=f"group DRO's exponentiated-gradient step η_q (default {d.group_step:g})")
-    train.add_argument("--alpha", type=float, help="target fraction α (needed with probs and no weights)")
-    train.add_argument("--beta", type=float, help=f"the objective's β (default {d.beta:g})")
-    train.add_argument("--lr", type=float, help=per_model("lr", "learning rate"))
-    train.add_argument("--epochs", type=float, help=f"passes over the data (default {d.epochs:g})")
-    train.add_argument("--max-steps", type=int, help="optimizer steps, overriding --epochs (default: -1, by epochs)")
-    train.add_argument("--batch-size", type=int, help=per_model("batch_size", "samples per device per micro-batch"))
-    train.add_argument("--grad-accum", type=int, help=per_model("grad_accum", "micro-batches per optimizer step"))
-    train.add_argument("--max-length", type=int, help=per_model("max_length", "tokens per row, prompt included"))
-    train.add_argument("--max-prompt-length", type=int, help=per_model("max_prompt_length", "prompt tokens kept"))
-    train.add_argument("--eval-data", metavar="FILE", dest="eval_data",
-                       help="held-out preference file: eval loss and reward accuracy/margin at the end "
-                            "(and every --eval-steps)")
-    train.add_argument("--eval-steps", type=int, dest="eval_steps", help="evaluate every N optimizer steps")
-    train.add_argument("--report-to", dest="report_to", choices=("none", "tensorboard", "wandb", "all"),
-                       help="experiment tracker (its package must be installed; default none)")
-    train.add_argument("--logging-steps", type=int,
-                       help=f"log every N optimizer steps; the first and last are always logged (default {d.logging_steps})")
-    train.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
-    train.add_argument("--merge", action="store_true",
-                       help="with --lora: merge the adapter into the model, so final/ loads as a plain model")
-    train.add_argument("--fsdp", help="FSDP options for TrainingArguments, e.g. 'full_shard auto_wrap' "
-                                      "(fsdp_config in --config); launch with torchrun or accelerate")
-    train.add_argument("--deepspeed", help="DeepSpeed JSON config for TrainingArguments (ZeRO-3 heads use the logits path)")
-    train.add_argument("--bf16", action="store_true",
-                       help="bfloat16 mixed precision (autocast; the fused LM head runs in bfloat16)")
-    train.add_argument("--optim", help=f"the Trainer's optimizer (TrainingArguments.optim; default {d.optim})")
-    train.add_argument("--save-steps", type=int, dest="save_steps",
-                       help=f"checkpoint every N optimizer steps (default {d.save_steps})")
-    train.add_argument("--warmup-ratio", type=float, dest="warmup_ratio",
-                       help="the share of the optimizer steps over which the learning rate rises from 0 "
-                            f"(default {d.warmup_ratio}: none)")
-    train.add_argument("--allow-zero-weight-steps", dest="allow_zero_weight_steps", action="store_true",
-                       help="let an optimizer step whose samples all have DoRA weight 0 pass (by default an error: "
-                            "it trains on nothing)")
-    train.add_argument("--fsdp-config", type=_json_object, dest="fsdp_config", metavar="JSON",
-                       help="FSDP's fsdp_config as a JSON object, e.g. '{\"min_num_params\": 1000}'")
-    train.add_argument("--no-shuffle", action="store_true", help="keep the data's order (default: shuffled)")
-    train.add_argument("--no-token-stats", action="store_true",
-                       help="do not log entropy, mean logits and token accuracy (one fewer pass over the head)")
-    train.add_argument("--no-weights", action="store_true",
-                       help="ignore the data's `weights`/`probs`: train without DoRA weights")
-    train.add_argument("--no-fused", action="store_true",
-                       help="materialise the logits instead of the fused linear path (models whose logits are not "
-                            "hidden @ Wᵀ + b with a known transform)")
-    train.add_argument("--no-dro-exact", action="store_true",
-                       help="per-micro-batch DRO normaliser (the cheaper approximation)")
-    train.add_argument("--recompute", action="store_true",
-                       help="the recompute path instead of the one-pass fused loss (for comparison)")
-    train.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint folder (default: latest)")
-    train.add_argument("--seed", type=int)
+    add_flags(train, TrainSettings, {"objective": _objective_arg, "objective_hparam": _objective_hparam,
+                                     "json": _json_object}, MODEL_DEFAULTS, EMBEDDED_DEFAULTS)
     train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser("eval", help="reward accuracy of a trained policy on a preference file",

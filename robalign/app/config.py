@@ -9,11 +9,20 @@ it loads torch or transformers.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from .settings import (FLAG, MAPPING, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, TEXT, Check, between,
+                       check_fields, one_of, setting)
+from .settings import _is_int as _int, _is_real as _real
+
 __all__ = ["DoRAConfig", "TrainSettings", "MODEL_DEFAULTS", "EMBEDDED_DEFAULTS", "check_settings", "describe",
-           "load_settings", "reduction_of", "resolve_defaults"]
+           "load_settings", "reduction_of", "resolve_defaults", "settings_markdown"]
+
+
+DRO_PARAMETER = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level", "group": "group_step"}
+DRO_SETS = tuple(DRO_PARAMETER)
 
 
 @dataclass
@@ -50,28 +59,50 @@ class DoRAConfig:
     average_logps: the objective reads per-token mean log-probs (``DoRALoss(average_logps=True)``).
     """
 
-    objective: str = "dpo"
-    beta: float = 0.1
-    lam: float = 1.0
-    alpha: float | None = None
-    use_weights: bool = True
-    exact_dro: bool = True
-    dro: str = "kl"
-    eta: float = 0.1
-    rho: float = 0.5
-    level: float = 0.2
-    group_step: float = 0.01
-    ld_alpha: float | None = None
-    wpo: bool = False
-    fused: bool = True
-    one_pass: bool = True
-    shuffle: bool = True
-    padding_free: bool = False
-    token_stats: bool = True
-    reference_free: bool = False
-    objective_kwargs: dict = field(default_factory=dict)
-    allow_zero_weight_steps: bool = False
-    average_logps: bool = False
+    objective: str = setting(
+        "dpo", "the base objective: a registered name, or a weighted sum such as dpo+0.5*sft",
+        Check(lambda v, s: isinstance(v, (str, dict)), "an objective's name or {name: coefficient}"), parse="objective")
+    beta: float = setting(0.1, "the objective's β", POSITIVE)
+    lam: float = setting(1.0, "DRO temperature λ of dro=kl; inf: the weighted mean, < 0: a soft minimum", Check(
+        lambda v, s: _real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
+        "a non-zero number (inf for the weighted mean)"))
+    alpha: float | None = setting(None, "the target fraction α (needed with probs and no weights)",
+                                  between(0, 1, low_open=True, optional=True))
+    use_weights: bool = setting(True, "train on the data's `weights` or `probs`, the DoRA weights (off: unweighted)", FLAG,
+                                flag="--no-weights", negated=True)
+    exact_dro: bool = setting(True, "the DRO normaliser exact across micro-batches (off: per micro-batch, the cheaper approximation)", FLAG,
+                              flag="--no-dro-exact", negated=True)
+    dro: str = setting("kl", "the ambiguity set: kl (temperature --lam, DoRA's), kl-ball (radius --eta), chi2 "
+                       "(radius --rho), cvar (--level, the worst fraction), group (group DRO over the data's "
+                       "`group` field or sources, step --group-step)", one_of(*DRO_SETS), choices=DRO_SETS)
+    eta: float = setting(0.1, "radius of the KL ball", NON_NEGATIVE)
+    rho: float = setting(0.5, "radius of the χ² ball", NON_NEGATIVE)
+    level: float = setting(0.2, "CVaR level: the worst fraction of the batch", between(0, 1, low_open=True))
+    group_step: float = setting(0.01, "group DRO's exponentiated-gradient step η_q", NON_NEGATIVE)
+    ld_alpha: float | None = setting(None, "LD-DPO: weight of the tokens past the shorter response of each pair",
+                                     between(0, 1, optional=True))
+    wpo: bool = setting(False, "WPO: weigh each sample by its responses' probability under the policy (per token)",
+                        FLAG)
+    fused: bool = setting(True, "the fused linear path (off: materialised logits, for models whose logits are not "
+                          "hidden @ Wᵀ + b with a known transform)", FLAG, flag="--no-fused", negated=True)
+    one_pass: bool = setting(True, "the one-pass fused loss (off: the recompute path, for comparison)", FLAG,
+                             flag="--recompute", negated=True)
+    shuffle: bool = setting(True, "shuffle the training samples (off: the data's order)", FLAG, flag="--no-shuffle",
+                            negated=True)
+    padding_free: bool = setting(False, "pack each batch's rows into one without padding (the attention stays "
+                                 "within each row)", FLAG)
+    token_stats: bool = setting(True, "log entropy, mean logits and token accuracy (off: one fewer pass over the "
+                                "head)", FLAG, flag="--no-token-stats", negated=True)
+    reference_free: bool = setting(False, "no reference model: the objective's reference log-probs are 0 (the DPO "
+                                   "family)", FLAG)
+    objective_kwargs: dict = setting(None, "another hyper-parameter of the objective, e.g. label_smoothing=0.1 or, "
+                                     "for kto, desirable_weight=1.33 (repeatable)", MAPPING, flag="--objective-arg",
+                                     parse="objective_hparam", metavar="NAME=VALUE", cli={"action": "append"},
+                                     factory=dict)
+    allow_zero_weight_steps: bool = setting(False, "let an optimizer step whose samples all have DoRA weight 0 "
+                                            "pass (by default an error: it trains on nothing)", FLAG)
+    average_logps: bool = setting(False, "the objective reads per-token mean log-probs, logp/|y| (Liger's "
+                                  "average_log_prob; dpo with it is dpo_norm)", FLAG)
 
     def build_loss(self, *, reduction=None, group_names=(), data: str = "the training data", group_size=None,
                    head: dict | None = None):
@@ -93,8 +124,6 @@ class DoRAConfig:
                         **self.objective_kwargs)
 
 
-DRO_PARAMETER = {"kl": "lam", "kl-ball": "eta", "chi2": "rho", "cvar": "level", "group": "group_step"}
-DRO_SETS = tuple(DRO_PARAMETER)
 
 # Settings whose sensible value depends on the model: a real model (``--model``) gets the usual
 # values for DPO-style fine-tuning of a 1–8B model (TRL's DPO default learning rate, an effective
@@ -114,32 +143,48 @@ class TrainSettings(DoRAConfig):
     refused: the model would learn a format it is never prompted with). ``warmup_ratio``: the share
     of the optimizer steps over which the learning rate rises linearly from 0 (then constant)."""
 
-    out: str = "out/train"
-    model: str | None = None
-    data: str | None = None
-    lr: float | None = None
-    optim: str = "adamw_torch"
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int | None = None
-    grad_accum: int | None = None
-    max_length: int | None = None
-    max_prompt_length: int | None = None
-    lora: bool = False
-    merge: bool = False
-    bf16: bool = False
-    fsdp: str = ""
-    fsdp_config: dict = field(default_factory=dict)
-    deepspeed: str | None = None
-    seed: int = 0
-    logging_steps: int = 5
-    save_steps: int = 50
-    warmup_ratio: float = 0.0
-    resume: str | None = None
-    eval_data: str | None = None
-    eval_steps: int | None = None
-    report_to: str = "none"
-    chat_as_text: bool = False
+    out: str = setting("out/train", "output folder", TEXT)
+    model: str | None = setting(None, "local Hugging Face model folder (none: the embedded tiny Llama)", PATH)
+    data: str | None = setting(None, "listwise, pairwise or unpaired (KTO) JSONL, or a saved dataset folder (none: "
+                               "the embedded toy preferences)", PATH)
+    lr: float | None = setting(None, "learning rate", POSITIVE, per_model=True)
+    optim: str = setting("adamw_torch", "the Trainer's optimizer (TrainingArguments.optim)", TEXT)
+    epochs: float = setting(1.0, "passes over the data", POSITIVE)
+    max_steps: int = setting(-1, "optimizer steps, overriding --epochs (-1: by epochs)", Check(
+        lambda v, s: _int(v) and (v == -1 or v >= 1), "-1 (train for `epochs`) or an integer >= 1"))
+    batch_size: int | None = setting(None, "samples per device per micro-batch", POSITIVE_INT, per_model=True)
+    grad_accum: int | None = setting(None, "micro-batches per optimizer step", POSITIVE_INT, per_model=True)
+    max_length: int | None = setting(None, "tokens per row, prompt included", Check(
+        lambda v, s: _int(v) and v > (s.max_prompt_length or 0),
+        "an integer above max_prompt_length ({settings.max_prompt_length})"), per_model=True)
+    max_prompt_length: int | None = setting(None, "prompt tokens kept", POSITIVE_INT, per_model=True)
+    lora: bool = setting(False, "train LoRA adapters (needs peft)", FLAG)
+    merge: bool = setting(False, "with --lora: merge the adapter into the model, so final/ loads as a plain model",
+                          FLAG)
+    bf16: bool = setting(False, "bfloat16 mixed precision (autocast; the fused LM head runs in bfloat16)", FLAG)
+    fsdp: str = setting("", "FSDP options for TrainingArguments, e.g. 'full_shard auto_wrap'; launch with "
+                        "torchrun or accelerate", TEXT)
+    fsdp_config: dict = setting(None, "FSDP's fsdp_config as a JSON object, e.g. '{\"min_num_params\": 1000}'",
+                                MAPPING, parse="json", metavar="JSON", factory=dict)
+    deepspeed: str | None = setting(None, "DeepSpeed JSON config for TrainingArguments (ZeRO-3 heads use the "
+                                    "logits path)", PATH)
+    seed: int = setting(0, "the run's seed", Check(lambda v, s: _int(v) and v >= 0, "an integer >= 0"))
+    logging_steps: int = setting(5, "log every N optimizer steps; the first and last are always logged",
+                                 POSITIVE_INT)
+    save_steps: int = setting(50, "checkpoint every N optimizer steps", POSITIVE_INT)
+    warmup_ratio: float = setting(0.0, "the share of the optimizer steps over which the learning rate rises "
+                                  "linearly from 0 (then constant)", between(0, 1, high_open=True))
+    resume: str | None = setting(None, "resume from a checkpoint folder (the flag alone: the latest)", PATH,
+                                 cli={"nargs": "?", "const": "latest"})
+    eval_data: str | None = setting(None, "held-out preference file: eval loss and reward accuracy/margin at the "
+                                    "end (and every --eval-steps)", PATH, metavar="FILE")
+    eval_steps: int | None = setting(None, "evaluate every N optimizer steps (none: at the end only)", Check(
+        lambda v, s: v is None or (_int(v) and v >= 1), "an integer >= 1 (or null: at the end only)"))
+    report_to: str = setting("none", "experiment tracker (its package must be installed)",
+                             one_of("none", "tensorboard", "wandb", "all"),
+                             choices=("none", "tensorboard", "wandb", "all"))
+    chat_as_text: bool = setting(False, "conversational prompts as 'role: content' lines when the tokenizer has no "
+                                 "chat template (without it such data is refused)", FLAG)
 
 
 def resolve_defaults(settings: TrainSettings) -> TrainSettings:
@@ -159,57 +204,9 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
     """Every field of ``settings`` (a :class:`DoRAConfig` or :class:`TrainSettings`) has its type
     and lies in its range; ``where`` prefixes the message (a config file's path). Raises
     ValueError naming the key."""
-    import math
-    import numbers
-
     from ..losses import objectives
 
-    def is_int(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    def is_real(v):
-        return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-    positive_int = (lambda v: is_int(v) and v >= 1, "an integer >= 1")
-    positive_float = (lambda v: is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0")
-    flag = (lambda v: isinstance(v, bool), "true or false")
-    text = (lambda v: isinstance(v, str), "a string")
-    path = (lambda v: v is None or isinstance(v, str), "a string (a path)")
-    mapping = (lambda v: isinstance(v, dict), "a mapping (key: value)")
-    prompt = getattr(settings, "max_prompt_length", 0) or 0
-    rules = {
-        "objective": (lambda v: isinstance(v, (str, dict)), "an objective's name or {name: coefficient}"),
-        "beta": positive_float, "lr": positive_float, "epochs": positive_float,
-        "lam": (lambda v: is_real(v) and not math.isnan(v) and v != 0 and v != -math.inf,
-                "a non-zero number (inf for the weighted mean)"),
-        "alpha": (lambda v: v is None or (is_real(v) and 0 < v <= 1), "a number in (0, 1]"),
-        "use_weights": flag, "wpo": flag, "exact_dro": flag, "fused": flag, "one_pass": flag, "shuffle": flag, "padding_free": flag, "token_stats": flag, "reference_free": flag, "lora": flag, "merge": flag, "bf16": flag,
-        "chat_as_text": flag, "allow_zero_weight_steps": flag, "average_logps": flag,
-        "warmup_ratio": (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "dro": (lambda v: v in DRO_SETS, f"one of {', '.join(DRO_SETS)}"),
-        "eta": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
-        "rho": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
-        "level": (lambda v: is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "group_step": (lambda v: is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
-        "ld_alpha": (lambda v: v is None or (is_real(v) and 0 <= v <= 1), "a number in [0, 1] (or null)"),
-        "objective_kwargs": mapping, "fsdp_config": mapping,
-        "out": text, "optim": text, "fsdp": text,
-        "model": path, "data": path, "deepspeed": path, "resume": path, "eval_data": path,
-        "eval_steps": (lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1 (or null: at the end only)"),
-        "report_to": (lambda v: isinstance(v, str) and v in ("none", "tensorboard", "wandb", "all"),
-                      "one of none, tensorboard, wandb, all"),
-        "batch_size": positive_int, "grad_accum": positive_int, "max_prompt_length": positive_int,
-        "logging_steps": positive_int, "save_steps": positive_int,
-        "max_length": (lambda v: is_int(v) and v > prompt, f"an integer above max_prompt_length ({prompt})"),
-        "max_steps": (lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (train for `epochs`) or an integer >= 1"),
-        "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    }
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        ok, expected = rules[f.name]
-        if not ok(value):
-            shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} of {len(str(value))} characters"
-            raise ValueError(f"{where}: `{f.name}` must be {expected}, got {shown}")
+    check_fields(settings, where)
     try:
         name = objectives.resolve(settings.objective)
     except ValueError as err:
@@ -240,9 +237,24 @@ def _yaml_loader():
     return Loader
 
 
-def load_settings(config_path=None, **overrides) -> TrainSettings:
-    """Settings from a YAML file (optional) with ``overrides`` (non-None values) on top, checked
-    (:func:`check_settings`); errors name the file and the key."""
+def settings_markdown(cls=None) -> str:
+    """``docs/settings.md``: every setting of ``robalign train`` (and of ``DoRAConfig``, the first
+    rows), generated from the fields (``make settings-table`` writes it; a test checks it is current)."""
+    from .settings import settings_table
+
+    cls = cls or TrainSettings
+    return ("# Settings\n\nEvery setting of `robalign train`: its YAML key, its flag (a flag wins over the "
+            "file), its default, what it accepts and what it does. The alignment settings — `objective` to "
+            "`average_logps` — are also `DoRAConfig`'s, which `DoRATrainer` takes. Generated from the fields "
+            "of `robalign/app/config.py` by `make settings-table`; do not edit by hand.\n\n"
+            + settings_table(cls, MODEL_DEFAULTS, EMBEDDED_DEFAULTS))
+
+
+def load_settings(config_path=None, cls=None, **overrides) -> TrainSettings:
+    """Settings (a ``cls``, default :class:`TrainSettings`) from a YAML file (optional) with
+    ``overrides`` (non-None values) on top, checked (:func:`check_settings`); errors name the file
+    and the key."""
+    cls = cls or TrainSettings
     values = {}
     where = "settings"
     if config_path is not None:
@@ -262,13 +274,13 @@ def load_settings(config_path=None, **overrides) -> TrainSettings:
             raise ValueError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of setting: value")
-        known = {f.name for f in dataclasses.fields(TrainSettings)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in set(loaded) - known)
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    settings = resolve_defaults(TrainSettings(**values))
+    settings = resolve_defaults(cls(**values))
     check_settings(settings, where)
     return settings
 
