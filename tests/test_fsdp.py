@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from robalign import DoRALoss, KLDROAccumulator
 from robalign.app.train import embedded_model
-from robalign.app.trainer import one_pass_loss, policy_logps
+from robalign.app.causal_lm import one_pass_loss, policy_logps
 from conftest import run_on_gloo_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -13,7 +13,7 @@ from robalign.app.config import DoRAConfig, TrainSettings, check_settings
 from robalign.app.data import PreferenceCollator, PreferenceDataset, pack_padded
 from robalign.app.toy import ToySettings, make_toy_data
 from robalign.app.train import embedded_model, run_training
-from robalign.app.trainer import one_pass_loss, policy_logps
+from robalign.app.causal_lm import one_pass_loss, policy_logps
 from robalign.losses.loss import DoRALoss
 
 

@@ -227,7 +227,7 @@ def test_an_evaluation_set_and_the_model_card(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from robalign import DoRALoss
-    from robalign.app.trainer import policy_logps
+    from robalign.app.causal_lm import policy_logps
 
     policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ev" / "final")).eval()
     initial, tokenizer = embedded_model(seed=0)

@@ -2,7 +2,9 @@
 
     ratio/          the classifier stage (``robalign weigh``)
     data.py         preference files → tokenised groups → group-major batches
-    trainer.py      DoRATrainer, a transformers Trainer
+    trainer.py      DoRATrainer, a transformers Trainer: the training loop
+    causal_lm.py    the Hugging Face model's passes: hidden states, the fused head, log-probs, one-pass loss
+    settings.py     a setting written once: its field gives the YAML key, check, flag and docs row
     trl.py          DoRADPOTrainer & co.: DoRA in a TRL script, public as ``robalign.trl``
     launch.py       distributed launches: refusing silent fallbacks, what ran, DeepSpeed's one-time build
     config.py       the one configuration (DoRAConfig, TrainSettings) and its checks

@@ -39,7 +39,7 @@ import torch
 from .data import PreferenceCollator, PreferenceDataset, prepare_tokenizer
 from .config import DoRAConfig
 from .toy import ToySettings, make_toy_data, reward_target, write_jsonl
-from .trainer import one_pass_loss, policy_logps
+from .causal_lm import one_pass_loss, policy_logps
 
 __all__ = ["ARMS", "DemoSettings", "run_demo"]
 

@@ -43,7 +43,7 @@ def evaluate_run(run, data, *, batch_size: int = 16) -> dict:
 
     from .data import PreferenceCollator, PreferenceDataset, prepare_tokenizer
     from .train import embedded_model
-    from .trainer import policy_logps
+    from .causal_lm import policy_logps
 
     run, data = Path(run), Path(data)
     summary_path = run / "summary.json"

@@ -41,7 +41,8 @@ from ..losses.layout import pairs_to_group_major
 from ..losses.objectives import hyperparameters, resolve, with_divergence
 from .config import DoRAConfig
 from .data import pack_padded
-from .trainer import DoRATrainer, mismatched_batch, policy_logps
+from .causal_lm import mismatched_batch, policy_logps
+from .trainer import DoRATrainer
 
 try:
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
