@@ -260,18 +260,29 @@ class _TwoPass:
 
     def gradient_scale(self, losses, weights, shift) -> torch.Tensor:
         """κ for the one-pass loss's gradient ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` of the next
-        micro-batch (KL-DRO only): the prepared weights are ``q_i = e^{a_i − log Z}`` with
-        ``log Z = log N + value/λ``, so ``κ = e^{shift − log Z}`` (times the world size under
-        ``ddp_average``); nothing already accumulated is touched."""
+        micro-batch (KL-DRO only), such that each sample's coefficient is its prepared ``q_i·w_i``
+        (times the world size under ``ddp_average``); nothing already accumulated is touched.
+
+        The mean (λ = ∞): ``κ = e^{shift}/N``. Otherwise κ is matched at the micro-batch's largest
+        exponent a_j (``a = w·ℓ/λ`` from the losses this pass formed, as the op formed them):
+        ``κ = q_j·e^{shift − a_j}``, and then every other sample's coefficient is ``q_j·w_i·e^{a_i −
+        a_j} = q_i·w_i`` too. Not ``e^{shift − log Z}`` with ``log Z = log N + value/λ``: the value
+        comes from the prepare pass, whose float32 losses differ from this pass's in the last bits,
+        and at λ = 1e-200 that difference times 1/λ made κ 0 or inf."""
         lam = self.reduction.one_pass_temperature
         if lam is None:
             V.fail(f"robalign.{type(self.reduction).__name__} accumulator", "takes no gradient formed ahead of it")
-        self._take(losses)
-        log_z = math.log(float(self._stats.num_samples))
-        if not (math.isinf(lam) and lam > 0):
-            log_z = log_z + self.loss_value / lam
+        q = self._take(losses)
         scale = _world(self.group) if self.ddp_average else 1
-        return torch.exp(shift.double() - torch.as_tensor(log_z, dtype=torch.float64, device=shift.device)) * scale
+        if math.isinf(lam) and lam > 0:
+            log_z = torch.tensor(math.log(float(self._stats.num_samples)), dtype=torch.float64, device=shift.device)
+            return torch.exp(shift.double() - log_z) * scale
+        _, _, a = _scaled(losses.detach(), None if weights is None else weights.detach(), effective_lam(lam),
+                          f"robalign.{type(self.reduction).__name__} accumulator")
+        if a.numel() == 0:
+            return torch.zeros((), dtype=torch.float64, device=shift.device)
+        j = torch.argmax(a)
+        return q.double()[j] * torch.exp(shift.double() - a[j]) * scale
 
     def stats(self):
         if self._stats is None:
