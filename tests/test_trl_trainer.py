@@ -377,7 +377,8 @@ def test_cpo_drop_in_step_for_step_with_trl(equal_length_setup, tmp_path, kind):
     materialised logits, robalign through its fused path). The NLL terms agree because the chosen
     responses have equal lengths (see DoRACPOTrainer's docstring). TRL's ORPOTrainer's NLL also
     covers the prompt, so ORPO is checked against its hand-written trajectory below instead."""
-    from robalign.trl import DoRACPOConfig, DoRACPOTrainer, _CPOConfig, _CPOTrainer
+    from robalign.app.trl import _CPOConfig, _CPOTrainer
+    from robalign.trl import DoRACPOConfig, DoRACPOTrainer
 
     dataset, model, tokenizer = equal_length_setup
     extra = {"cpo-simpo": dict(loss_type="simpo", cpo_alpha=0.0), "cpo-sigmoid": dict(loss_type="sigmoid", beta=0.3)}[kind]

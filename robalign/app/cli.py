@@ -169,7 +169,8 @@ def _cmd_demo(args) -> int:
             raise UsageError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
     if not 0 < settings.target_fraction < 1 or not 0 <= settings.flip_rate < 0.5 or settings.seeds < 1:
         raise UsageError("need 0 < --target-fraction < 1, 0 <= --flip-rate < 0.5 and --seeds >= 1")
-    summary = run_demo(settings)
+    with _needs_extras("weigh", "train"):         # transformers' own imports happen when the model is built
+        summary = run_demo(settings)
     print(f"results: {settings.out}/results.json, chart: {settings.out}/results.png")
     return 0 if summary else 1
 
