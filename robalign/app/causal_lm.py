@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from ..losses.layout import ld_split
+from ..losses.layout import ld_logps
 from ..ops import linear_sequence_logps, sequence_logps, shift_labels
 from ..ops.head import HeadTransform
 from ..ops.token_stats import token_stats
@@ -189,7 +189,7 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     and the LM head (:func:`_through_head`, which also handles a head that FSDP2 or ZeRO-3 shards);
     a model whose logits are not ``hidden @ Wᵀ + b`` takes the logits path (``fused=False``) instead.
     With ``ld_alpha`` the log-prob is LD-DPO's ``logp_shared + α·logp_tail`` (groups of
-    ``group_size`` rows; :func:`robalign.losses.layout.ld_split`): two passes on one forward. With
+    ``group_size`` rows; :func:`robalign.losses.layout.ld_logps`): two passes on one forward. With
     ``wpo`` a third result, WPO's per-row ω (:func:`robalign.ops.wpo.wpo_weights`, no gradient),
     from the same logits or hidden states. A packed batch (``cu_seqlens``, padding-free) takes
     neither ``ld_alpha`` nor ``wpo``. ``stats_into``: a dict that receives ``"token_stats"``, the
@@ -197,12 +197,9 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     labels, cu = aligned_labels(batch)
     if cu is not None and (ld_alpha is not None or wpo):
         raise ValueError("robalign: `ld_alpha` and `wpo` take padded rows, not padding-free (packed) batches")
-    parts = [labels] if ld_alpha is None else list(ld_split(labels, -100, group_size))
-    scale = [1.0] if ld_alpha is None else [1.0, ld_alpha]
 
     def combined(logps_of):
-        logps = sum(c * logps_of(part)[0] for c, part in zip(scale, parts))
-        return logps, (labels != -100).sum(-1)
+        return ld_logps(logps_of, labels, ld_alpha, group_size)
 
     if _plain_logits(model, fused):
         logits = _flat(model(**model_inputs(batch)).logits, cu)

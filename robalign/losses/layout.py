@@ -3,7 +3,8 @@ consecutive rows (pairs: chosen, rejected, chosen, rejected, ...) — while TRL 
 stack all chosen rows first, then all rejected rows. These two functions convert any per-row
 tensor (``[2B, ...]``: logits, hidden states, labels, log-probs) between the two, as views where
 they can be. ``ld_split`` splits a group-major batch's labels at each group's shortest response
-(LD-DPO)."""
+and ``ld_logps`` forms LD-DPO's log-probs from the two parts — the one LD-DPO of ``DoRALoss`` and of
+the trainer's model passes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from .. import _validation as V
 
-__all__ = ["pairs_to_group_major", "pairs_to_chosen_first", "ld_split"]
+__all__ = ["pairs_to_group_major", "pairs_to_chosen_first", "ld_split", "ld_logps"]
 
 
 def _check(where, x):
@@ -42,3 +43,11 @@ def ld_split(labels: torch.Tensor, ignore_index: int, k: int) -> tuple[torch.Ten
     shared = n.min(-1, keepdim=True).values.expand(-1, k).reshape(-1, 1)
     return (labels.masked_fill(~(scored & (rank <= shared)), ignore_index),
             labels.masked_fill(~(scored & (rank > shared)), ignore_index))
+
+
+def ld_logps(logps_of, labels: torch.Tensor, alpha: float, k: int, ignore_index: int = -100):
+    """LD-DPO's per-sequence log-probs ``logp_shared + α·logp_tail`` (Liu et al. 2024) and the
+    scored tokens ``[S]``: ``logps_of(part)`` gives ``(logps [S], counts [S])`` of one label set of
+    :func:`ld_split` — two passes of whichever log-prob op the caller runs, on one forward."""
+    shared, tail = ld_split(labels, ignore_index, k)
+    return logps_of(shared)[0] + alpha * logps_of(tail)[0], (labels != ignore_index).sum(-1)

@@ -23,7 +23,7 @@ from ..ops.wpo import wpo_weights
 from ..ops.registry import resolve
 from . import objectives as _objectives
 from .dro import DROStats
-from .layout import ld_split
+from .layout import ld_logps
 from .reductions import KLDRO, Reduction
 from .unpaired import reference_point, unpaired_rewards
 from .weights import dora_weights
@@ -243,11 +243,9 @@ class DoRALoss(nn.Module):
         if self.ld_alpha is not None:
             if cu_seqlens is not None:
                 V.fail(where, "`ld_alpha` takes padded rows ([S, T] labels), not packed ones (`cu_seqlens`)")
-            shared, tail = ld_split(labels, self.ignore_index, self.group_size)
-            logps_shared, _ = self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, shared, None)
-            logps_tail, _ = self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, tail, None)
-            counts = (labels != self.ignore_index).sum(-1)
-            return logps_shared + self.ld_alpha * logps_tail, counts
+            return ld_logps(lambda part: self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias,
+                                                           part, None),
+                            labels, self.ld_alpha, self.group_size, self.ignore_index)
         return self._plain_logps(where, prefix, logits, hidden, head_weight, head_bias, labels, cu_seqlens)
 
     def _plain_logps(self, where, prefix, logits, hidden, head_weight, head_bias, labels, cu_seqlens):
