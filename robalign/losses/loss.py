@@ -18,7 +18,7 @@ from .. import _validation as V
 from ..ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
 from ..ops.api import check_linear_inputs
 from ..ops.head import HeadTransform
-from ..ops.one_pass import linear_dora_loss
+from ..ops.one_pass import fused_dora_loss
 from ..ops.wpo import wpo_weights
 from ..ops.registry import resolve
 from . import objectives as _objectives
@@ -408,22 +408,28 @@ class DoRALoss(nn.Module):
         need = (hidden.requires_grad, head_weight.requires_grad, head_bias is not None and head_bias.requires_grad)
         # KTO's r − z₀ is the log-ratio against the reference shifted by z₀ (a constant of the step)
         shifted_ref = ref_logps if kl is None else ref_logps + kl      # KTO needs a reference
-        logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
-            hidden, head_weight, labels, bias=head_bias, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
-            ref_logps=shifted_ref, sample_weights=sample_weights,
+        dro = {}
+
+        def scale(logps, losses, shift):
+            """The reduction's value and κ for the gradient the op formed (the log-probs checked first)."""
+            _check_log_probs(where, logps, ref_logps)
+            if accumulator is not None:
+                kappa = accumulator.gradient_scale(losses, sample_weights, shift)
+                dro["stats"] = accumulator.stats()
+                return accumulator.loss_value, kappa
+            value, kappa, dro["stats"] = self.reduction.gradient_scale(
+                losses, sample_weights, shift, group=self.process_group, ddp_average=self.ddp_average)
+            return value, kappa
+
+        loss, logps, counts, losses = fused_dora_loss(
+            hidden, head_weight, labels, scale=scale, bias=head_bias, ignore_index=self.ignore_index,
+            cu_seqlens=cu_seqlens, ref_logps=shifted_ref, sample_weights=sample_weights,
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
             hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
             fp32_grad_weight=self.fp32_head_grad, transform=self.head_transform)
-        _check_log_probs(where, logps, ref_logps)
+        stats = dro["stats"]
         logratios = None if ref_logps is None else logps - ref_logps
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
-        if accumulator is not None:
-            kappa = accumulator.gradient_scale(losses, sample_weights, shift)
-            value, stats = accumulator.loss_value, accumulator.stats()
-        else:
-            value, kappa, stats = self.reduction.gradient_scale(losses, sample_weights, shift,
-                                                                group=self.process_group, ddp_average=self.ddp_average)
-        loss = _FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, head_weight, head_bias)
         return DoRAOutput(losses=losses, weights=sample_weights, policy_logps=logps, logratios=logratios, **rewards,
                           group_ids=group_ids, kl=kl, loss=loss, dro=stats)
 
@@ -568,31 +574,3 @@ class DoRALoss(nn.Module):
         if weights.dim() == 1 and weights.shape[0] == num_samples:
             return weights.to(losses.dtype)
         return self._per_row(where, "weights", weights, num_seqs).to(losses.dtype).mean(-1)
-
-
-class _FormedGradient(torch.autograd.Function):
-    """The one-pass loss as an autograd node: ``value`` forward; backward hands each input its
-    gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once)."""
-
-    @staticmethod
-    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias):
-        ctx.formed = (kappa, grad_h, grad_w, grad_b)
-        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.formed is None:
-            raise RuntimeError("robalign.DoRALoss: the one-pass loss holds its gradients once; to backward twice "
-                               "build DoRALoss(one_pass=False)")
-        kappa, *grads = ctx.formed
-        ctx.formed = None
-        needs = ctx.needs_input_grad[5:]
-        out = []
-        for grad, need, dtype in zip(grads, needs, ctx.dtypes):
-            if not need:
-                out.append(None)
-                continue
-            scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
-            out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
-        return (None, None, None, None, None, *out)

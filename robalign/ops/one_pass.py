@@ -53,7 +53,7 @@ from .library import check_kernel_dtypes, flat_labels, row_kernels
 from .head import HeadTransform
 from .linear import _chunk_logits, chunk_tokens
 
-__all__ = ["linear_dora_loss", "plan_chunks"]
+__all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks"]
 
 
 def plan_chunks(group_tokens: list[int], chunk: int) -> list[tuple[int, int]]:
@@ -304,3 +304,46 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
             None if scores is None else scores.detach(), objective, ",".join(names),
             [float(hparams[n]) for n in names], group_size, float(lam), ignore_index, kernel, chunk, *need,
             fp32_grad_weight, *transform.args)
+
+
+def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bias: Tensor | None = None,
+                    **op_kwargs):
+    """The one-pass loss as a differentiable scalar: :func:`linear_dora_loss` (``op_kwargs``: its
+    keyword arguments), then ``scale(logps, losses, shift) → (value, κ)`` — the reduction's value of
+    the per-sample losses and the scalar κ of the gradient formed ahead of it (see
+    :meth:`robalign.losses.reductions.Reduction.gradient_scale`). Returns ``(loss, logps [S],
+    counts [S], losses [B])``; ``loss.backward()`` hands ``hidden``, ``weight`` and ``bias`` their
+    gradients formed in the forward, times κ (:class:`FormedGradient`)."""
+    logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(hidden, weight, labels, bias=bias,
+                                                                            **op_kwargs)
+    value, kappa = scale(logps, losses, shift)
+    loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias)
+    return loss, logps, counts, losses
+
+
+class FormedGradient(torch.autograd.Function):
+    """The one-pass loss as an autograd node: ``value`` forward; backward hands each input its
+    gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once)."""
+
+    @staticmethod
+    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias):
+        ctx.formed = (kappa, grad_h, grad_w, grad_b)
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.formed is None:
+            raise RuntimeError("robalign.DoRALoss: the one-pass loss holds its gradients once; to backward twice "
+                               "build DoRALoss(one_pass=False)")
+        kappa, *grads = ctx.formed
+        ctx.formed = None
+        needs = ctx.needs_input_grad[5:]
+        out = []
+        for grad, need, dtype in zip(grads, needs, ctx.dtypes):
+            if not need:
+                out.append(None)
+                continue
+            scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
+            out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
+        return (None, None, None, None, None, *out)
