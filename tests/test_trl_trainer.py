@@ -415,3 +415,35 @@ def test_orpo_drop_in_with_weights_follows_the_reference_trajectory(equal_length
         return reference.kl_dro(losses, weights, lam=1.0)
 
     _assert_params(policy, _sgd_steps(copy.deepcopy(model).train(), loss_of), 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["cpo", "orpo"])
+def test_cpo_and_orpo_drop_ins_log_trls_keys_with_trls_values(equal_length_setup, tmp_path, kind):
+    """The drop-ins log TRL's keys (``nll_loss``; ORPO's ``log_odds_ratio``, ``log_odds_chosen``,
+    not logged before) and nothing else outside ``dora/``; at the first step, before the paths
+    diverge, the log-prob and odds metrics equal TRL's (1e-6; both float64 models) — and ``nll_loss``
+    for CPO, whose NLL is the chosen response's (ORPO's TRL counts the prompt too)."""
+    from robalign.app.trl import _CPOConfig, _CPOTrainer, _ORPOConfig, _ORPOTrainer
+    from robalign.trl import DoRACPOConfig, DoRACPOTrainer, DoRAORPOConfig, DoRAORPOTrainer
+
+    dataset, model, tokenizer = equal_length_setup
+    classes = {"cpo": (_CPOConfig, _CPOTrainer, DoRACPOConfig, DoRACPOTrainer),
+               "orpo": (_ORPOConfig, _ORPOTrainer, DoRAORPOConfig, DoRAORPOTrainer)}[kind]
+    common = PAIR_COMMON | {"max_steps": 1, "beta": 0.2}
+    logs = []
+    for config_cls, trainer_cls, extra in ((classes[0], classes[1], {}),
+                                           (classes[2], classes[3], {"dora_lam": math.inf, "dora_weights_column": None})):
+        trainer = trainer_cls(model=copy.deepcopy(model), args=config_cls(output_dir=str(tmp_path / config_cls.__name__),
+                                                                          **common, **extra),
+                              train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+        logs.append(next(h for h in trainer.state.log_history if "loss" in h))
+    theirs, mine = logs
+    generic = {"loss", "grad_norm", "learning_rate", "epoch", "num_tokens", "entropy", "mean_token_accuracy"}
+    trl_keys = set(theirs) - generic
+    assert trl_keys <= set(mine) and not {k for k in set(mine) - generic - trl_keys if not k.startswith("dora/")}
+    compared = ["logps/chosen", "logps/rejected"] + (["nll_loss"] if kind == "cpo" else
+                                                     ["log_odds_ratio", "log_odds_chosen"])
+    for key in compared:     # 1e-6 absolute too: TRL's logged metrics pass through float32 (the log odds
+        # is a difference of terms near 4.5, so float32's 2⁻²⁴ of them is 3e-7 of a value near 0.035)
+        assert float(mine[key]) == pytest.approx(float(theirs[key]), rel=1e-6, abs=1e-6), key

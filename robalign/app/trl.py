@@ -39,6 +39,7 @@ import torch
 
 from ..losses.layout import pairs_to_group_major
 from ..losses.objectives import hyperparameters, resolve, with_divergence
+from ..reference.objectives import _log1mexp
 from .config import DoRAConfig
 from .data import pack_padded
 from .causal_lm import mismatched_batch, policy_logps
@@ -342,9 +343,27 @@ def _pairs_batch(inputs, pad_token_id):
 class _PairsBridge(_TRLBridge):
     """The CPO/ORPO drop-ins' shared part: TRL's pair collator, its batch as robalign's rows."""
 
-    #: TRL 1.16 CPOTrainer's and ORPOTrainer's keys that robalign computes (not their nll_loss, log_odds_*)
+    #: TRL 1.16 CPOTrainer's keys (ORPOTrainer's add log_odds_ratio and log_odds_chosen, below)
     _TRL_KEYS = frozenset({"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"})
+                           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss"})
+
+    def _record(self, out, rows: dict, into=None) -> None:
+        """DoRATrainer's metrics and TRL's ``nll_loss``: the chosen responses' NLL per token over the
+        micro-batch (TRL's cross-entropy of the chosen rows; ORPO's also counts the prompt's tokens)."""
+        super()._record(out, rows, into)
+        into = self._dora_metrics if into is None else into
+        if out.counts is not None:
+            chosen = rows["chosen"]
+            logps, counts = out.policy_logps.detach().float(), out.counts.float()
+            into["nll_loss"].append(-(logps * chosen).sum() / (counts * chosen).sum().clamp(min=1))
+            if self._logs_mean_logps:                   # TRL's logps/* are per-token means for SimPO and ORPO
+                mean = logps / counts.clamp(min=1)
+                for name, mask in rows.items():
+                    into[f"logps/{name}"][-1] = (mean * mask).sum() / mask.sum()
+
+    @property
+    def _logs_mean_logps(self) -> bool:
+        return self.loss_fn.objective.split("+")[0] in ("simpo", "orpo")
 
     _forwards_ref_model = False                        # reference-free: TRL's CPO/ORPO take no ref_model
 
@@ -417,7 +436,21 @@ class DoRAORPOTrainer(_PairsBridge, DoRATrainer, _ORPOTrainer):
     (its code says so), so the two differ by the prompt tokens' NLL and the normalisation; the
     trainer follows the hand-written float64 trajectory of the per-sample loss (tested)."""
 
+    _TRL_KEYS = _PairsBridge._TRL_KEYS | {"log_odds_ratio", "log_odds_chosen"}
+
     def __init__(self, model=None, args=None, *, reduction=None, **kwargs):
         if args is None:
             raise ValueError("robalign DoRAORPOTrainer: pass `args` (a DoRAORPOConfig)")
         self._pairs_init(resolve("orpo+sft"), {}, model, args, reduction, kwargs)
+
+    def _record(self, out, rows: dict, into=None) -> None:
+        """And TRL's ``log_odds_chosen`` (the mean log odds ratio of the chosen over the rejected
+        response, on token-mean log-probs) and ``log_odds_ratio`` (the mean of its log σ)."""
+        super()._record(out, rows, into)
+        into = self._dora_metrics if into is None else into
+        if out.counts is not None:
+            mean = out.policy_logps.detach().double() / out.counts.clamp(min=1).double()
+            chosen, rejected = mean[rows["chosen"].bool()], mean[rows["rejected"].bool()]
+            log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+            into["log_odds_chosen"].append(log_odds.mean().float())
+            into["log_odds_ratio"].append(torch.nn.functional.logsigmoid(log_odds).mean().float())

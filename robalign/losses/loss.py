@@ -41,7 +41,8 @@ class DoRASamples:
     reward_accuracy and reward_margin: their batch mean comparison. The rewards are detached.
     group_ids ``[B]``: the group of each sample, as given (for :class:`robalign.GroupDRO`), or ``None``.
     kl: KTO's reference point z₀ (0-d, detached) for an objective that takes one, else ``None``.
-    Unpaired samples (KTO) have one completion: ``chosen_rewards`` holds the rewards of the desirable
+    counts ``[S]``: the scored tokens of each sequence, when known (``None`` from :meth:`per_sample`
+    without them). Unpaired samples (KTO) have one completion: ``chosen_rewards`` holds the rewards of the desirable
     ones (NaN elsewhere), ``rejected_rewards`` those of the undesirable ones
     (:func:`robalign.losses.unpaired.unpaired_rewards`).
     """
@@ -56,6 +57,7 @@ class DoRASamples:
     reward_margin: torch.Tensor
     group_ids: torch.Tensor | None = None
     kl: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
 
 @dataclass
@@ -431,7 +433,7 @@ class DoRALoss(nn.Module):
         logratios = None if ref_logps is None else logps - ref_logps
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         return DoRAOutput(losses=losses, weights=sample_weights, policy_logps=logps, logratios=logratios, **rewards,
-                          group_ids=group_ids, kl=kl, loss=loss, dro=stats)
+                          group_ids=group_ids, kl=kl, counts=counts, loss=loss, dro=stats)
 
     def per_sample(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None,
                    scores=None, group_ids=None, extra_weights=None, kl_logps=None, kl_ref_logps=None) -> DoRASamples:
@@ -473,7 +475,8 @@ class DoRALoss(nn.Module):
         self._check_group_ids(where, group_ids, num_samples)
 
         return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
-                           **self._rewards(policy_logps, logratios, counts, scores_g, kl), group_ids=group_ids, kl=kl)
+                           **self._rewards(policy_logps, logratios, counts, scores_g, kl), group_ids=group_ids, kl=kl,
+                           counts=counts)
 
     def _reference(self, where, ref_logps, num_seqs, dtype, device):
         """The reference log-probs ``[S]`` the objective reads, detached, in ``dtype``: the given ones
