@@ -12,6 +12,7 @@
     evaluate.py     ``robalign eval``: reward accuracy of a run's policy on a file
     checkpoints.py  checks of model, checkpoint and cache files before they load
     toy.py, demo.py the embedded default and ``robalign demo``
+    samples.py      what the policy writes: sampling, win rates, KL from samples, bootstrap intervals
     cli.py          the ``robalign`` command
 
 Modules here import transformers, scikit-learn and friends lazily or at their top; nothing in
