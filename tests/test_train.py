@@ -156,11 +156,11 @@ def test_one_pass_and_recompute_paths_train_the_same_model(tmp_path, monkeypatch
     (3 SGD steps, 2 micro-batches, λ = 0.5) within float32 noise; a spy shows which path ran. With
     WPO both paths take ω from the same forward (the one-pass path in DoRALoss, the recompute path
     in policy_logps), and WPO changes the result."""
-    import robalign.losses.loss as loss_module
+    import robalign.ops.one_pass as one_pass_module
 
     calls = []
-    real = loss_module.linear_dora_loss
-    monkeypatch.setattr(loss_module, "linear_dora_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = one_pass_module.linear_dora_loss
+    monkeypatch.setattr(one_pass_module, "linear_dora_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     quiet = lambda *_: None
     kw = dict(max_steps=3, lam=0.5, save_steps=100, optim="sgd", lr=0.5, batch_size=4, grad_accum=2, wpo=wpo)
     run_training(_settings(tmp_path, "one", **kw), log=quiet)
