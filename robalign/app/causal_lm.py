@@ -198,9 +198,6 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
     if cu is not None and (ld_alpha is not None or wpo):
         raise ValueError("robalign: `ld_alpha` and `wpo` take padded rows, not padding-free (packed) batches")
 
-    def combined(logps_of):
-        return ld_logps(logps_of, labels, ld_alpha, group_size)
-
     if _plain_logits(model, fused):
         logits = _flat(model(**model_inputs(batch)).logits, cu)
         if stats_into is not None:
@@ -208,7 +205,7 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
         if ld_alpha is None:
             result = sequence_logps(logits, labels, backend=backend, cu_seqlens=cu)
         else:
-            result = combined(lambda part: sequence_logps(logits, part, backend=backend))
+            result = ld_logps(lambda part: sequence_logps(logits, part, backend=backend), labels, ld_alpha, group_size)
         return (*result, wpo_weights(labels, logits=logits.detach())) if wpo else result
 
     transform = head_transform(model)
@@ -221,8 +218,9 @@ def policy_logps(model, batch, *, fused: bool = True, backend=None, ld_alpha: fl
             logps, counts = linear_sequence_logps(hidden, weight, labels, bias=bias, backend=backend, cu_seqlens=cu,
                                                   **head)
         else:
-            logps, counts = combined(lambda part: linear_sequence_logps(hidden, weight, part, bias=bias,
-                                                                        backend=backend, **head))
+            logps, counts = ld_logps(lambda part: linear_sequence_logps(hidden, weight, part, bias=bias,
+                                                                        backend=backend, **head),
+                                     labels, ld_alpha, group_size)
         extra = (wpo_weights(labels, hidden=hidden.detach(), head_weight=weight, head_bias=bias,
                              transform=transform),) if wpo else ()
         return (_gathered_for_backward(head_module, logps), counts, *extra)

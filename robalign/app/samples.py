@@ -23,6 +23,10 @@ __all__ = ["sample_responses", "response_logps", "win_rate", "kl_from_samples", 
            "paired_bootstrap_ci"]
 
 
+def _device(model) -> torch.device:
+    return next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+
+
 @torch.no_grad()
 def sample_responses(model, prompt: Sequence[int], *, n: int, max_new_tokens: int, eos_token_id: int | None,
                      temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None):
@@ -35,7 +39,7 @@ def sample_responses(model, prompt: Sequence[int], *, n: int, max_new_tokens: in
         raise ValueError(f"sample_responses: need n >= 1 and max_new_tokens >= 1, got {n} and {max_new_tokens}")
     if not greedy and not temperature > 0:
         raise ValueError(f"sample_responses: temperature must be > 0 (or greedy=True), got {temperature}")
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    device = _device(model)
     ids = torch.tensor([list(prompt)] * n, dtype=torch.long, device=device)
     logps = torch.zeros(n, dtype=torch.float64, device=device)
     alive = torch.ones(n, dtype=torch.bool, device=device)
@@ -63,7 +67,7 @@ def sample_responses(model, prompt: Sequence[int], *, n: int, max_new_tokens: in
 def response_logps(model, prompt: Sequence[int], responses: Sequence[Sequence[int]]) -> torch.Tensor:
     """``[len(responses)]`` float64: ``log π(y | x) = Σ_t log softmax(z_t)[y_t]`` of each response
     after ``prompt`` under ``model`` (one forward per response)."""
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    device = _device(model)
     out = []
     for y in responses:
         ids = torch.tensor([list(prompt) + list(y)], dtype=torch.long, device=device)

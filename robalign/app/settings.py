@@ -96,7 +96,7 @@ def flag_of(f) -> str:
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
-def _default_text(f, cls, model_defaults, embedded_defaults) -> str:
+def _default_text(f, model_defaults, embedded_defaults) -> str:
     if f.metadata["per_model"]:
         return f"{model_defaults[f.name]:g} for --model, {embedded_defaults[f.name]:g} for the embedded default"
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -121,7 +121,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, parsers: dict, model_default
         if isinstance(f.default, bool):
             parser.add_argument(flag_of(f), dest=f.name, action="store_true", default=None, help=help_text)
             continue
-        default = _default_text(f, cls, model_defaults, embedded_defaults)
+        default = _default_text(f, model_defaults, embedded_defaults)
         kwargs = dict(dest=f.name, default=None, help=f"{help_text} (default {default})", **m["cli"])
         parse = parsers[m["parse"]] if isinstance(m["parse"], str) else m["parse"]
         if parse is None and not m["choices"]:                 # the annotation's number type: "int | None" → int
@@ -153,7 +153,7 @@ def settings_table(cls, model_defaults, embedded_defaults) -> str:
     rows = ["| YAML key | flag | default | allowed | what it does |", "| --- | --- | --- | --- | --- |"]
     for f in _settings_fields(cls):
         m = f.metadata
-        default = "on" if m["negated"] else _default_text(f, cls, model_defaults, embedded_defaults)
+        default = "on" if m["negated"] else _default_text(f, model_defaults, embedded_defaults)
         expected = re.sub(r"\s*\(\{settings\.\w+\}\)", "", m["check"].expected)     # "(20)": the value at hand
         cells = [f"`{f.name}`", f"`{flag_of(f)}`", default, expected, m["help"]]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

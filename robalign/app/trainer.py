@@ -102,6 +102,7 @@ class DoRATrainer(Trainer):
         self._eval_metrics = defaultdict(list)
         self._tokens_seen = None            # TRL's `num_tokens`: the training batches' attended tokens, this rank
         self._step_max_weight = None        # the largest DoRA weight of the optimizer step so far
+        self._checks_zero_weight_steps = self.dora.use_weights and not self.dora.allow_zero_weight_steps
         self._loss_total = None             # Σ full-batch losses over optimizer steps, kept across resumes
         self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
@@ -368,9 +369,10 @@ class DoRATrainer(Trainer):
         self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
         rows = self._chosen_rejected_rows(inputs.get("scores"), out.policy_logps.numel(), out.policy_logps.device)
         self._record(out, rows)
-        heaviest = out.weights.detach().max() if out.weights.numel() else torch.zeros((), device=out.weights.device)
-        self._step_max_weight = heaviest if self._step_max_weight is None else torch.maximum(self._step_max_weight,
-                                                                                             heaviest)
+        if self._checks_zero_weight_steps:
+            heaviest = out.weights.detach().max() if out.weights.numel() else torch.zeros((), device=out.weights.device)
+            self._step_max_weight = heaviest if self._step_max_weight is None else torch.maximum(
+                self._step_max_weight, heaviest)
         if stats:
             self._record_token_stats(stats["token_stats"], rows)
         mask = inputs.get("attention_mask")
@@ -385,7 +387,7 @@ class DoRATrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._count_step_loss(loss_value)
             stats = self._acc.stats()
-            if self.dora.use_weights and not self.dora.allow_zero_weight_steps:
+            if self._checks_zero_weight_steps:
                 heaviest, self._step_max_weight = self._step_max_weight.clone(), None
                 if self._group() is not None:                # a step's samples span every rank
                     dist.all_reduce(heaviest, op=dist.ReduceOp.MAX, group=self._group())

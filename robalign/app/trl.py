@@ -352,14 +352,19 @@ class _PairsBridge(_TRLBridge):
         micro-batch (TRL's cross-entropy of the chosen rows; ORPO's also counts the prompt's tokens)."""
         super()._record(out, rows, into)
         into = self._dora_metrics if into is None else into
-        if out.counts is not None:
-            chosen = rows["chosen"]
-            logps, counts = out.policy_logps.detach().float(), out.counts.float()
-            into["nll_loss"].append(-(logps * chosen).sum() / (counts * chosen).sum().clamp(min=1))
-            if self._logs_mean_logps:                   # TRL's logps/* are per-token means for SimPO and ORPO
-                mean = logps / counts.clamp(min=1)
-                for name, mask in rows.items():
-                    into[f"logps/{name}"][-1] = (mean * mask).sum() / mask.sum()
+        if out.counts is None:
+            return
+        chosen = rows["chosen"]
+        logps, counts = out.policy_logps.detach().double(), out.counts.double()
+        into["nll_loss"].append((-(logps * chosen).sum() / (counts * chosen).sum().clamp(min=1)).float())
+        mean = logps / counts.clamp(min=1)                  # per-token mean log-probs
+        if self._logs_mean_logps:                           # TRL's logps/* for SimPO and ORPO
+            for name, mask in rows.items():
+                into[f"logps/{name}"][-1] = ((mean * mask).sum() / mask.sum()).float()
+        self._record_pairs(mean, rows, into)
+
+    def _record_pairs(self, mean, rows: dict, into) -> None:
+        """A trainer's own metrics of the per-token mean log-probs ``mean`` ``[S]`` (none here)."""
 
     @property
     def _logs_mean_logps(self) -> bool:
@@ -443,14 +448,10 @@ class DoRAORPOTrainer(_PairsBridge, DoRATrainer, _ORPOTrainer):
             raise ValueError("robalign DoRAORPOTrainer: pass `args` (a DoRAORPOConfig)")
         self._pairs_init(resolve("orpo+sft"), {}, model, args, reduction, kwargs)
 
-    def _record(self, out, rows: dict, into=None) -> None:
-        """And TRL's ``log_odds_chosen`` (the mean log odds ratio of the chosen over the rejected
+    def _record_pairs(self, mean, rows: dict, into) -> None:
+        """TRL's ``log_odds_chosen`` (the mean log odds ratio of the chosen over the rejected
         response, on token-mean log-probs) and ``log_odds_ratio`` (the mean of its log σ)."""
-        super()._record(out, rows, into)
-        into = self._dora_metrics if into is None else into
-        if out.counts is not None:
-            mean = out.policy_logps.detach().double() / out.counts.clamp(min=1).double()
-            chosen, rejected = mean[rows["chosen"].bool()], mean[rows["rejected"].bool()]
-            log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-            into["log_odds_chosen"].append(log_odds.mean().float())
-            into["log_odds_ratio"].append(torch.nn.functional.logsigmoid(log_odds).mean().float())
+        chosen, rejected = mean[rows["chosen"].bool()], mean[rows["rejected"].bool()]
+        log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+        into["log_odds_chosen"].append(log_odds.mean().float())
+        into["log_odds_ratio"].append(torch.nn.functional.logsigmoid(log_odds).mean().float())

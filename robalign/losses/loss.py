@@ -75,7 +75,6 @@ class DoRAOutput(DoRASamples):
         return cls(**{f.name: getattr(samples, f.name) for f in fields(samples)}, loss=loss, dro=dro)
 
 
-
 def _check_log_probs(where, logps, ref_logps) -> None:
     """A log-prob may be −∞ (a response the model cannot produce: the objective then takes its limit)
     but not +∞; a sequence that neither the policy nor the reference can produce has no log-ratio
@@ -89,6 +88,7 @@ def _check_log_probs(where, logps, ref_logps) -> None:
                 "no log-ratio (-inf - -inf): drop it, or unmask its tokens in one of the models")
         return text if lazy else text + f"; sequences {(~ok).nonzero().flatten()[:4].tolist()}"
     V.check_values(where, ok, message)
+
 
 class DoRALoss(nn.Module):
     """Distribution-aware robust alignment loss (DoRA, arXiv 2504.05831), as a module.

@@ -274,10 +274,10 @@ class _TwoPass:
             V.fail(f"robalign.{type(self.reduction).__name__} accumulator", "takes no gradient formed ahead of it")
         q = self._take(losses)
         scale = _world(self.group) if self.ddp_average else 1
-        if math.isinf(lam) and lam > 0:
+        if _is_weighted_mean(lam):
             log_z = torch.tensor(math.log(float(self._stats.num_samples)), dtype=torch.float64, device=shift.device)
             return torch.exp(shift.double() - log_z) * scale
-        _, _, a = _scaled(losses.detach(), None if weights is None else weights.detach(), effective_lam(lam),
+        _, _, a = _scaled(losses.detach(), None if weights is None else weights.detach(), lam,   # λ as the op took it
                           f"robalign.{type(self.reduction).__name__} accumulator")
         if a.numel() == 0:
             return torch.zeros((), dtype=torch.float64, device=shift.device)
