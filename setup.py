@@ -54,7 +54,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["robalign", "robalign.reference", "robalign.ops", "robalign.losses", "robalign.app",
+    packages=["robalign", "robalign.ground_truth", "robalign.ops", "robalign.losses", "robalign.app",
               "robalign.app.ratio", "robalign.kernels"],
     package_data={"robalign.app": ["assets/*.json"]},
     # A range, never a bare "torch": the Makefile installs the CPU build first where none is

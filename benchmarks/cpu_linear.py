@@ -93,7 +93,7 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
     def check():
         h, w = hidden.detach()[:1].clone(), weight.detach().clone()
         want_h, want_w = h.double().requires_grad_(True), w.double().requires_grad_(True)
-        want_logps, _ = robalign.reference.linear_sequence_logps(want_h, want_w, labels[:1], logit_softcap=softcap)
+        want_logps, _ = robalign.ground_truth.linear_sequence_logps(want_h, want_w, labels[:1], logit_softcap=softcap)
         want = (want_logps.detach(),) if mode == "fwd" else \
             (want_logps.detach(), *torch.autograd.grad((want_logps * coeff[:1].double()).sum(), (want_h, want_w)))
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():

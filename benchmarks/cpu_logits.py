@@ -84,7 +84,7 @@ def measure(provider: str, tokens: int, vocab: int, repeat: int, mode: str = "fw
         k = min(2, num_seqs)
         z, y, c = base[:k].clone(), labels[:k], coeff[:k]
         want_z = z.double().requires_grad_(True)
-        want_logps, _ = robalign.reference.sequence_logps(want_z, y)
+        want_logps, _ = robalign.ground_truth.sequence_logps(want_z, y)
         want = (want_logps.detach(),) if mode == "fwd" else \
             (want_logps.detach(), torch.autograd.grad((want_logps * c.double()).sum(), want_z)[0])
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():

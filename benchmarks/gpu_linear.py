@@ -172,7 +172,7 @@ def run_case(seqlen, device, dtype, rate, hidden_size, vocab, providers, mode="f
             logps = logps_of(provider, h, weight.detach(), labels[:1], cap)
             got = (logps,) if mode == "fwd" else (logps, torch.autograd.grad(logps.sum(), h)[0])
         want_h = hidden.detach()[:1].double().requires_grad_(True)
-        want, _ = robalign.reference.linear_sequence_logps(want_h, weight.detach().double(), labels[:1],
+        want, _ = robalign.ground_truth.linear_sequence_logps(want_h, weight.detach().double(), labels[:1],
                                                            logit_softcap=cap)
         want_all = (want,) if mode == "fwd" else (want, torch.autograd.grad(want.sum(), want_h)[0])
         # bfloat16 head: the logits of a bfloat16 matmul carry ~2⁻⁸ relative error each

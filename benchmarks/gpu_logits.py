@@ -89,7 +89,7 @@ def check(provider, logits, labels, coeff, mode, ref_logits, cu_seqlens):
     against the float64 reference (bfloat16 gradients: 2⁻⁷ relative, one rounding)."""
     if cu_seqlens is not None:               # packed: the whole batch, log-probs only
         got = logps_fn(provider, ref_logits, cu_seqlens)(logits, labels)
-        want, _ = robalign.reference.sequence_logps(logits.double(), labels, cu_seqlens=cu_seqlens)
+        want, _ = robalign.ground_truth.sequence_logps(logits.double(), labels, cu_seqlens=cu_seqlens)
         return gate((got,), (want,), rtol=1e-4, atol=1e-5)
     z = logits[:1].detach().clone().requires_grad_(mode == "fwdbwd")
     ref = None if ref_logits is None else ref_logits[:1]
@@ -97,7 +97,7 @@ def check(provider, logits, labels, coeff, mode, ref_logits, cu_seqlens):
         logps = logps_fn(provider, ref, None)(z, labels[:1])
         got = (logps,) if mode == "fwd" else (logps, torch.autograd.grad((logps * coeff[:1]).sum(), z)[0])
     want_z = logits[:1].double().requires_grad_(True)
-    want_logps, _ = robalign.reference.sequence_logps(want_z, labels[:1])
+    want_logps, _ = robalign.ground_truth.sequence_logps(want_z, labels[:1])
     want = (want_logps,) if mode == "fwd" else \
         (want_logps, torch.autograd.grad((want_logps * coeff[:1].double()).sum(), want_z)[0])
     return gate(got, want, rtol=2.0 ** -7 if logits.dtype != torch.float32 else 1e-4, atol=1e-5)

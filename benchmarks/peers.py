@@ -50,13 +50,13 @@ def trl_fused_logps(hidden, weight, labels, softcap=None):
 
 def reference_dora_dpo(hidden, weight, labels, ref_logps, *, beta=0.1, lam=1.0, softcap=None):
     """The float64 ground truth of the loss providers' gate: ``(loss, grad_hidden, grad_weight)``
-    of the DoRA loss of the rows as pairs (DPO, KL-DRO λ, no weights), from robalign.reference
+    of the DoRA loss of the rows as pairs (DPO, KL-DRO λ, no weights), from robalign.ground_truth
     (with the head's soft-cap ``softcap``)."""
-    from robalign import reference
+    from robalign import ground_truth
 
     h = hidden.detach().double().requires_grad_(True)
     w = weight.detach().double().requires_grad_(True)
-    logps, _ = reference.linear_sequence_logps(h, w, labels, logit_softcap=softcap)
-    losses = reference.objectives.dpo(logps.view(-1, 2), ref_logps.double().view(-1, 2), beta=beta)
-    loss = reference.kl_dro(losses, None, lam)
+    logps, _ = ground_truth.linear_sequence_logps(h, w, labels, logit_softcap=softcap)
+    losses = ground_truth.objectives.dpo(logps.view(-1, 2), ref_logps.double().view(-1, 2), beta=beta)
+    loss = ground_truth.kl_dro(losses, None, lam)
     return (loss.detach(), *torch.autograd.grad(loss, (h, w)))

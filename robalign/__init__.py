@@ -5,11 +5,11 @@
     classifier probs ──dora_weights──▶ w [B]
     ℓ, w ──kl_dro──▶ λ·log mean exp(w·ℓ/λ)   (over every micro-batch and rank)
 
-:class:`DoRALoss` composes the four; :mod:`robalign.reference` is the plain-PyTorch ground truth.
+:class:`DoRALoss` composes the four; :mod:`robalign.ground_truth` is the plain-PyTorch ground truth.
 
 Three layers, each importing only the ones below it:
 
-    robalign.ops      the heavy ops and their backends (Triton, C++, chunked PyTorch, reference)
+    robalign.ops      the heavy ops and their backends (Triton, C++, chunked PyTorch, ground truth)
     robalign.losses   objectives, density-ratio weights, DRO reductions, DoRALoss
     robalign.app      the classifier stage, data, trainer, command line, demo
 """
@@ -33,11 +33,13 @@ _LAZY = {
     "Chi2Ball": ".losses.reductions", "CVaR": ".losses.reductions", "GroupDRO": ".losses.reductions",
     "pairs_to_group_major": ".losses.layout", "pairs_to_chosen_first": ".losses.layout",
 }
-_MODULES = {"objectives": ".losses.objectives", "backends": ".ops.registry", "reference": ".reference",
+_MODULES = {"objectives": ".losses.objectives", "backends": ".ops.registry", "ground_truth": ".ground_truth",
             "ops": ".ops", "losses": ".losses", "app": ".app"}
 
 
 def __getattr__(name: str):
+    if name == "reference":                      # the old name of ground_truth: through the alias, with its warning
+        return importlib.import_module(__name__ + ".reference")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     elif name in _MODULES:
@@ -74,6 +76,6 @@ __all__ = [
     "pairs_to_group_major",
     "pairs_to_chosen_first",
     "objectives",
-    "reference",
+    "ground_truth",
     "backends",
 ]

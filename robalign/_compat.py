@@ -1,6 +1,7 @@
 """Module paths that moved, kept importable for one release.
 
-An old path (``robalign.app.trl_trainer``, now ``robalign.trl``) resolves to the same module object
+An old path (``robalign.app.trl_trainer``, now ``robalign.trl``; ``robalign.reference``, the
+float64 ground truth whose name read as the reference *model*, now ``robalign.ground_truth``) resolves to the same module object
 through a meta-path finder, with a DeprecationWarning naming the new path; nothing is imported
 before it is asked for, so ``import robalign`` stays as light as before. ``robalign.objectives``
 and ``robalign.backends`` stay public names of the losses' objective registry and the ops'
@@ -20,19 +21,30 @@ PERMANENT = {
     "robalign.objectives": "robalign.losses.objectives",
     "robalign.backends": "robalign.ops.registry",
 }
-MOVED = {
-    "robalign.app.trl_trainer": "robalign.trl",          # release 0.2; goes away in 0.3
+MOVED = {                                                  # release 0.2; they go away in 0.3
+    "robalign.app.trl_trainer": "robalign.trl",
+    "robalign.reference": "robalign.ground_truth",         # and its submodules
 }
+
+
+def new_path(fullname: str) -> tuple[str | None, bool]:
+    """The module an old path names, and whether the old path is deprecated (``None``: not an alias)."""
+    if fullname in PERMANENT:
+        return PERMANENT[fullname], False
+    for old, new in MOVED.items():
+        if fullname == old or fullname.startswith(old + "."):
+            return new + fullname[len(old):], True
+    return None, False
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds an old path and loads it as the module at its new path (the same object)."""
 
     def find_spec(self, fullname, path=None, target=None):
-        new = PERMANENT.get(fullname) or MOVED.get(fullname)
+        new, deprecated = new_path(fullname)
         if new is None:
             return None
-        if fullname in MOVED:
+        if deprecated:
             warnings.warn(f"`{fullname}` moved to `{new}`; the old path goes away in the next release",
                           DeprecationWarning, stacklevel=2)
         return importlib.util.spec_from_loader(fullname, self, origin=new)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import robalign
-from robalign.reference.objectives import OBJECTIVES
+from robalign.ground_truth.objectives import OBJECTIVES
 from test_linear_backends import BACKENDS
 
 AVERAGED = sorted(n for n, e in OBJECTIVES.items()

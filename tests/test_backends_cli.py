@@ -14,7 +14,7 @@ from robalign.ops import registry as backends
 
 def test_reference_backend_forced_and_by_env(monkeypatch):
     z, y = torch.randn(2, 3, 4), torch.randint(4, (2, 3))
-    want = robalign.reference.sequence_logps(z, y)
+    want = robalign.ground_truth.sequence_logps(z, y)
     torch.testing.assert_close(robalign.sequence_logps(z, y, backend="reference"), want)
     monkeypatch.setenv("ROBALIGN_BACKEND", "reference")
     assert backends.resolve("f", None, z).name == "reference"
@@ -99,6 +99,24 @@ def test_moved_module_paths_import_with_a_deprecation_warning_and_0_1_paths_are_
     assert robalign.objectives is robalign.losses.objectives
     with pytest.raises(ModuleNotFoundError):                     # release 0.1's flat paths: removed in 0.2
         importlib.import_module("robalign.trainer")
+
+
+def test_the_ground_truth_answers_to_its_old_name_with_a_warning():
+    import importlib
+    import sys
+
+    import robalign
+    import robalign.ground_truth.objectives as new
+
+    for name in ("robalign.reference", "robalign.reference.objectives"):
+        sys.modules.pop(name, None)
+    vars(robalign).pop("reference", None)
+    with pytest.warns(DeprecationWarning, match=r"`robalign.reference` moved to `robalign.ground_truth`"):
+        assert robalign.reference is robalign.ground_truth
+    with pytest.warns(DeprecationWarning, match=r"`robalign.reference.objectives` moved to "
+                                                r"`robalign.ground_truth.objectives`"):
+        old = importlib.import_module("robalign.reference.objectives")
+    assert old is new and old.OBJECTIVES is new.OBJECTIVES
 
 
 def test_cli_unknown_subcommand_and_missing_file(capsys):

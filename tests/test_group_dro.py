@@ -1,5 +1,5 @@
 """Group DRO (robalign.GroupDRO, robalign.losses.groups) against the plain reference of Sagawa et
-al.'s online algorithm (robalign.reference.group_dro, written group by group with Python loops),
+al.'s online algorithm (robalign.ground_truth.group_dro, written group by group with Python loops),
 its limits, the exact accumulator over micro-batches and gloo ranks, and every place a user meets it.
 
 Tolerances: float64 throughout; the vectorised step and the reference differ only in summation
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import robalign
-from robalign import reference
+from robalign import ground_truth
 from robalign.losses.reductions import GroupDRO
 from conftest import run_on_gloo_ranks, trainer_accumulation_gaps
 
@@ -41,7 +41,7 @@ def test_steps_follow_the_reference_algorithm():
         loss, stats = reduction.reduce(mine, weights, group_ids=ids)
         (grad,) = torch.autograd.grad(loss, mine)
         theirs = losses.clone().requires_grad_(True)
-        want, q = reference.group_dro(theirs, ids, q, 0.3, weights)
+        want, q = ground_truth.group_dro(theirs, ids, q, 0.3, weights)
         (want_grad,) = torch.autograd.grad(want, theirs)
         torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)

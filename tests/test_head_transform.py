@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import robalign
-from robalign import reference
+from robalign import ground_truth
 from robalign.ops import linear, one_pass, shift_labels
 from test_linear_backends import BACKENDS, assert_close, problem, ref_run, run
 
@@ -142,8 +142,8 @@ def test_dora_loss_one_pass_and_recompute_with_a_soft_cap(backend, one_pass_, sm
     out.loss.backward()
     assert (out.policy_logps.grad_fn is None) == one_pass_
     d = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
-    logps, _ = reference.linear_sequence_logps(d[0], d[1], labels, bias=d[2], **kw)
-    loss = reference.kl_dro(reference.objectives.dpo(logps.view(-1, 2), ref.view(-1, 2)), weights.double(), 0.5)
+    logps, _ = ground_truth.linear_sequence_logps(d[0], d[1], labels, bias=d[2], **kw)
+    loss = ground_truth.kl_dro(ground_truth.objectives.dpo(logps.view(-1, 2), ref.view(-1, 2)), weights.double(), 0.5)
     loss.backward()
     torch.testing.assert_close(out.loss.double().cpu(), loss.detach(), rtol=1e-5, atol=1e-6)
     for got, want in zip(leaves, d):
@@ -211,7 +211,7 @@ def test_models_that_transform_their_logits_keep_the_fused_path(kind, expected):
     loss_fn = robalign.DoRALoss("dpo", lam=1.0, **t.kwargs)
     out = one_pass_loss(model, dict(batch, ref_logps=ref), loss_fn)
     grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
-    want = reference.kl_dro(reference.objectives.dpo(tok.sum(1).view(-1, 2), ref.view(-1, 2)), None, 1.0)
+    want = ground_truth.kl_dro(ground_truth.objectives.dpo(tok.sum(1).view(-1, 2), ref.view(-1, 2)), None, 1.0)
     want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
     torch.testing.assert_close(out.loss.double(), want.double(), rtol=1e-6, atol=0)    # one-pass value: float32
     for g, w in zip(grads, want_grads):

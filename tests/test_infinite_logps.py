@@ -21,7 +21,7 @@ import torch
 
 import robalign
 from robalign.losses.reductions import CVaR, Chi2Ball, GroupDRO, KLBall, KLDRO
-from robalign.reference.objectives import OBJECTIVES, mixture, with_divergence
+from robalign.ground_truth.objectives import OBJECTIVES, mixture, with_divergence
 from test_linear_backends import BACKENDS
 
 inf = math.inf
@@ -113,7 +113,7 @@ def test_doraloss_trains_on_finite_limits_and_refuses_infinite_ones(name):
     out = dora.from_logps(x, kw["counts"].reshape(-1), **extra)
     out.loss.backward()
     x64 = logps.clone().requires_grad_(True)
-    ref_out = robalign.reference.kl_dro(entry.fn(x64, ref if entry.reference else None, **kw, **dora.hparams), lam=1.0)
+    ref_out = robalign.ground_truth.kl_dro(entry.fn(x64, ref if entry.reference else None, **kw, **dora.hparams), lam=1.0)
     ref_out.backward()
     assert out.loss.item() == pytest.approx(ref_out.item(), rel=5e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad.reshape(-1), rtol=5e-6, atol=5e-7)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import robalign
-from robalign import reference
+from robalign import ground_truth
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -127,7 +127,7 @@ def test_the_issue_example_gives_the_reference_value():
     x[..., :4096] = -INF
     y = torch.tensor([[4150]])
     values = {name: robalign.sequence_logps(x, y, backend=name)[0].item() for name in ("triton", "cpp", "torch")}
-    want = reference.sequence_logps(x.double(), y)[0].item()
+    want = ground_truth.sequence_logps(x.double(), y)[0].item()
     for name, value in values.items():
         assert value == pytest.approx(want, rel=1e-5), name
 
@@ -202,7 +202,7 @@ def test_an_ignore_index_inside_the_vocabulary_skips_that_token():
     z, y = torch.randn(2, 3, 5, dtype=torch.float64), torch.tensor([[0, 1, 2], [2, 2, 4]])
     logps, counts = robalign.sequence_logps(z, y, ignore_index=2)
     assert counts.tolist() == [2, 1]
-    want, _ = reference.sequence_logps(z, torch.where(y == 2, -100, y))
+    want, _ = ground_truth.sequence_logps(z, torch.where(y == 2, -100, y))
     torch.testing.assert_close(logps, want)
 
 

@@ -189,4 +189,4 @@ def test_weights_and_the_dro_reduction_apply_to_unpaired_losses():
     out = robalign.DoRALoss("kto", beta=0.3, lam=0.5).from_logps(logps, torch.ones(6, dtype=torch.long), ref_logps=ref,
                                                                  scores=label, weights=weights, **kl)
     losses = objectives.kto(logps[:, None], ref[:, None], scores=label[:, None], kl=out.kl, beta=0.3)
-    torch.testing.assert_close(out.loss, robalign.reference.kl_dro(losses, weights, 0.5), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.loss, robalign.ground_truth.kl_dro(losses, weights, 0.5), rtol=1e-12, atol=0)

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # layer of a module: 0 the utilities and the ground truth, 1 the ops, 2 the losses, 3 the application
-LAYERS = {"robalign._validation": 0, "robalign._io": 0, "robalign.reference": 0, "robalign.kernels": 1,
+LAYERS = {"robalign._validation": 0, "robalign._io": 0, "robalign.ground_truth": 0, "robalign.kernels": 1,
           "robalign.ops": 1, "robalign.losses": 2, "robalign.app": 3}
 
 

@@ -4,19 +4,19 @@ import pytest
 import torch
 
 import robalign
-from robalign import reference
+from robalign import ground_truth
 from conftest import packed_from_padded, random_batch
 
 D = torch.float64
 
 
 def _compose(logits, ref_logits, labels, probs, k, alpha, lam, beta, objective):
-    logps, counts = reference.sequence_logps(logits, labels)
-    ref_logps, _ = reference.sequence_logps(ref_logits, labels)
-    fn = getattr(reference.objectives, objective)
+    logps, counts = ground_truth.sequence_logps(logits, labels)
+    ref_logps, _ = ground_truth.sequence_logps(ref_logits, labels)
+    fn = getattr(ground_truth.objectives, objective)
     losses = fn(logps.reshape(-1, k), ref_logps.reshape(-1, k), counts=counts.reshape(-1, k), beta=beta)
-    w = reference.dora_weights(probs, alpha).reshape(-1, k).mean(-1)
-    return reference.kl_dro(losses, w, lam=lam), losses, w
+    w = ground_truth.dora_weights(probs, alpha).reshape(-1, k).mean(-1)
+    return ground_truth.kl_dro(losses, w, lam=lam), losses, w
 
 
 @pytest.mark.parametrize("objective,k", [("dpo", 2), ("plackett_luce", 3)])
@@ -45,9 +45,9 @@ def test_fused_linear_input_and_precomputed_ref_logps():
     labels = torch.randint(11, (4, 6))
     ref_logps = torch.randn(4, dtype=D)
     out = robalign.DoRALoss("dpo")(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref_logps)
-    logps, _ = reference.linear_sequence_logps(hidden, weight, labels)
-    losses = reference.objectives.dpo(logps.reshape(2, 2), ref_logps.reshape(2, 2), beta=0.1)
-    torch.testing.assert_close(out.loss, reference.kl_dro(losses, lam=1.0))
+    logps, _ = ground_truth.linear_sequence_logps(hidden, weight, labels)
+    losses = ground_truth.objectives.dpo(logps.reshape(2, 2), ref_logps.reshape(2, 2), beta=0.1)
+    torch.testing.assert_close(out.loss, ground_truth.kl_dro(losses, lam=1.0))
     torch.testing.assert_close(out.weights, torch.ones(2, dtype=D))
 
 
@@ -69,7 +69,7 @@ def test_reference_free_objective_needs_no_ref_and_reports_rewards():
     scores = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=D)            # rows 1 and 3 are best
     out = robalign.DoRALoss("simpo", beta=2.0)(logits=logits, labels=labels, scores=scores)
     assert out.logratios is None
-    logps, counts = reference.sequence_logps(logits, labels)
+    logps, counts = ground_truth.sequence_logps(logits, labels)
     avg = 2.0 * logps / counts
     torch.testing.assert_close(out.chosen_rewards, avg[[1, 3]])
     torch.testing.assert_close(out.rejected_rewards, avg[[0, 2]])
@@ -91,8 +91,8 @@ def test_objective_kwargs_reach_the_objective():
     logits, labels = random_batch(2, 5, 7)
     ref_logps = torch.randn(2, dtype=D)
     a = robalign.DoRALoss("dpo", label_smoothing=0.2)(logits=logits, labels=labels, ref_logps=ref_logps)
-    logps, _ = reference.sequence_logps(logits, labels)
-    want = reference.objectives.dpo(logps.reshape(1, 2), ref_logps.reshape(1, 2), beta=0.1, label_smoothing=0.2)
+    logps, _ = ground_truth.sequence_logps(logits, labels)
+    want = ground_truth.objectives.dpo(logps.reshape(1, 2), ref_logps.reshape(1, 2), beta=0.1, label_smoothing=0.2)
     torch.testing.assert_close(a.losses, want)
 
 

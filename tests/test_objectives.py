@@ -115,7 +115,7 @@ def test_registry_flags():
 def test_a_registered_objective_is_usable_everywhere_at_once():
     """Adding an objective is one decorated function: the public wrapper (with its range
     checks), DoRALoss and the settings check all read the one registry."""
-    from robalign.reference.objectives import OBJECTIVES, Param, objective
+    from robalign.ground_truth.objectives import OBJECTIVES, Param, objective
 
     @objective(reference=True, pairwise=True, beta=Param(0.5, low=0, low_open=True))
     def sigmoid_margin_test(logps, ref_logps, *, counts=None, scores=None, beta=0.5):
@@ -166,7 +166,7 @@ def test_mixtures_sum_their_terms_and_run_everywhere():
     """``mixture`` registers Σ c_k·ℓ_k once (by name, idempotent); DoRALoss, the one-pass loss and
     the settings take it by name or as {name: c}; terms that disagree on a shared hyper-parameter,
     unknown names and negative coefficients are clear errors."""
-    from robalign.reference.objectives import OBJECTIVES
+    from robalign.ground_truth.objectives import OBJECTIVES
 
     name = objectives.mixture({"dpo": 1.0, "sft": 0.5})
     assert name == "dpo+0.5*sft" and objectives.resolve("dpo + 0.5 * sft") == name
@@ -206,7 +206,7 @@ def test_mixtures_sum_their_terms_and_run_everywhere():
 def test_f_divergence_variants(kind, alpha):
     """``with_divergence`` replaces each log-ratio r by f'(e^r): at r = 0 every f' is 0 (the same
     loss as the plain objective there); the one-pass loss and the recompute path agree on it."""
-    from robalign.reference.objectives import OBJECTIVES
+    from robalign.ground_truth.objectives import OBJECTIVES
 
     name = objectives.with_divergence("dpo", kind, alpha)
     logps = torch.randn(4, 2, dtype=D)

@@ -1,7 +1,7 @@
 """The one-pass fused loss (robalign.ops.one_pass) against the float64 reference and the recompute path.
 
 The reference materialises the logits in float64, sums log-probs, applies the objective
-(robalign.reference.objectives) and the KL-DRO (robalign.reference.kl_dro), and autograd gives the
+(robalign.ground_truth.objectives) and the KL-DRO (robalign.ground_truth.kl_dro), and autograd gives the
 gradients. Tolerances, float32: the loss and the three gradients within 1e-5 relative (plus
 1e-5·scale absolute), as for the fused linear path (tests/test_linear_backends.py): the
 chunk's logits come from a float32 matmul, the per-sequence sums are float64, the DRO
@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 import robalign
-from robalign import reference
+from robalign import ground_truth
 from robalign.losses.reductions import Reduction
 from robalign.ops import one_pass
-from robalign.reference.objectives import OBJECTIVES
+from robalign.ground_truth.objectives import OBJECTIVES
 from conftest import packed_from_padded, run_on_gloo_ranks
 
 CUDA = torch.cuda.is_available()
@@ -93,7 +93,7 @@ def run(p, objective, lam, backend, *, one_pass_=True, device=DEVICE, cu_seqlens
 def reference_run(p, objective, lam, cu_seqlens=None):
     d = lambda x: None if x is None else x.detach().double().clone().requires_grad_(True)
     h, w, b = d(p["hidden"]), d(p["weight"]), d(p["bias"])
-    logps, counts = reference.linear_sequence_logps(h, w, p["labels"], bias=b, cu_seqlens=cu_seqlens)
+    logps, counts = ground_truth.linear_sequence_logps(h, w, p["labels"], bias=b, cu_seqlens=cu_seqlens)
     k = p["k"]
     hp = {n: v for n, v in HPARAMS.get(objective, {}).items() if n in OBJECTIVES[objective].params}
     extra = unpaired_inputs(p, objective)
@@ -102,7 +102,7 @@ def reference_run(p, objective, lam, cu_seqlens=None):
     scores = extra.get("scores")
     losses = OBJECTIVES[objective].fn(logps.view(-1, k), p["ref"].double().view(-1, k), counts=counts.view(-1, k),
                                       scores=None if scores is None else scores.double().view(-1, k), **hp)
-    loss = reference.kl_dro(losses, p["weights"].double(), lam)
+    loss = ground_truth.kl_dro(losses, p["weights"].double(), lam)
     (1.5 * loss).backward()
     return [loss.detach(), h.grad, w.grad, None if b is None else b.grad]
 
@@ -218,7 +218,7 @@ def bf16_pytorch_run(p, objective, lam):
     k = p["k"]
     losses = OBJECTIVES[objective].fn(tok.sum(-1).view(-1, k), p["ref"].to(z.dtype).view(-1, k),
                                       counts=(labels != -100).sum(-1).view(-1, k), scores=None)
-    loss = reference.kl_dro(losses, p["weights"].to(z.dtype), lam)
+    loss = ground_truth.kl_dro(losses, p["weights"].to(z.dtype), lam)
     (1.5 * loss).backward()
     return [loss.detach(), *[x.grad for x in leaves]]
 

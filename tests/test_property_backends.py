@@ -1,6 +1,6 @@
 """Property-based: drawn shapes, layouts, strides, label dtypes, ignore holes, logit dtypes and
 non-finite values; every kernel backend (C++, Triton under the interpreter or on CUDA, chunked
-PyTorch) agrees with ``robalign.reference`` in float64 on the same values — or every backend
+PyTorch) agrees with ``robalign.ground_truth`` in float64 on the same values — or every backend
 raises the same error.
 
 Tolerances, with the reason:

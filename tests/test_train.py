@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
 
-from robalign import reference  # noqa: E402
+from robalign import ground_truth  # noqa: E402
 from robalign.app.data import PreferenceCollator, PreferenceDataset, prepare_tokenizer  # noqa: E402
 from robalign.app.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
 
@@ -90,9 +90,9 @@ def test_trainer_loss_and_gradients_equal_the_reference_composition(tmp_path, to
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, _ = reference.sequence_logps(logits, reference.shift_labels(batch["labels"]))
-    losses = reference.objectives.dpo(logps.reshape(4, 2), batch["ref_logps"].double().reshape(4, 2), beta=0.3)
-    want_loss = reference.kl_dro(losses, batch["weights"].double().reshape(4, 2).mean(-1), lam=0.7)
+    logps, _ = ground_truth.sequence_logps(logits, ground_truth.shift_labels(batch["labels"]))
+    losses = ground_truth.objectives.dpo(logps.reshape(4, 2), batch["ref_logps"].double().reshape(4, 2), beta=0.3)
+    want_loss = ground_truth.kl_dro(losses, batch["weights"].double().reshape(4, 2).mean(-1), lam=0.7)
     want_loss.backward()
     torch.testing.assert_close(loss, want_loss)
     for g, p in zip(got, model.parameters()):

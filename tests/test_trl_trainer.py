@@ -6,7 +6,7 @@ sees every sample and the sampler's order cannot matter), SGD at lr 0.5, TRL's d
 clipping at norm 1, 3 steps.
 
 Tolerances: against the hand-made float64 trajectory (plain PyTorch: full logits, log-softmax,
-the DPO loss, robalign.reference.kl_dro, clip, SGD) 1e-12 — both are float64 throughout (measured: 6e-17). Against
+the DPO loss, robalign.ground_truth.kl_dro, clip, SGD) 1e-12 — both are float64 throughout (measured: 6e-17). Against
 TRL's DPOTrainer, the per-step losses to rtol 5e-4: TRL's fused LM head returns float32
 log-probs even for a float64 model (measured: 5.5e-6 off the float64 values on these rows,
 robalign's 1.4e-14), and at the reference point the DPO gradient cancels each chosen term against
@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("trl", reason="the TRL integration needs TRL (robalign[bench])")
 
-from robalign import reference  # noqa: E402
+from robalign import ground_truth  # noqa: E402
 from robalign.app.toy import ToySettings, make_toy_data  # noqa: E402
 from robalign.app.train import embedded_model  # noqa: E402
 from robalign.ops import shift_labels  # noqa: E402
@@ -84,7 +84,7 @@ def _by_hand(model, batch, lam, weights):
     def loss_of(m):
         lp = logps(m)
         delta = (lp[:b] - ref[:b]) - (lp[b:] - ref[b:])
-        return reference.kl_dro(-torch.nn.functional.logsigmoid(0.1 * delta), weights, lam=lam)
+        return ground_truth.kl_dro(-torch.nn.functional.logsigmoid(0.1 * delta), weights, lam=lam)
 
     return _sgd_steps(model, loss_of)
 
@@ -308,7 +308,7 @@ def _kto_by_hand(model, batch, lam, weights, *, beta=0.1, desirable=1.0, undesir
         r = logps(m) - ref
         losses = torch.where(label, desirable * (1 - torch.sigmoid(beta * (r - z0))),
                              undesirable * (1 - torch.sigmoid(beta * (z0 - r))))
-        return reference.kl_dro(losses, weights, lam=lam)
+        return ground_truth.kl_dro(losses, weights, lam=lam)
 
     return _sgd_steps(model, loss_of)
 
@@ -412,7 +412,7 @@ def test_orpo_drop_in_with_weights_follows_the_reference_trajectory(equal_length
         mean = (tok.sum(1) / (labels >= 0).sum(1)).view(-1, 2)
         log_odds = (mean[:, 0] - mean[:, 1]) - (torch.log1p(-mean[:, 0].exp()) - torch.log1p(-mean[:, 1].exp()))
         losses = -mean[:, 0] - 0.2 * torch.nn.functional.logsigmoid(log_odds)
-        return reference.kl_dro(losses, weights, lam=1.0)
+        return ground_truth.kl_dro(losses, weights, lam=1.0)
 
     _assert_params(policy, _sgd_steps(copy.deepcopy(model).train(), loss_of), 1e-12)
 

@@ -34,14 +34,14 @@ class _Parser(argparse.ArgumentParser):
 
 def objective_names() -> tuple:
     """The registered objectives' names — from the registry when it is loaded, else read from its
-    source (the ``@objective``-decorated functions of robalign/reference/objectives.py), so that
+    source (the ``@objective``-decorated functions of robalign/ground_truth/objectives.py), so that
     building the parser imports no torch and ``--help`` is instant."""
     import ast
 
     loaded = sys.modules.get("robalign.losses.objectives")
     if loaded is not None:
         return loaded.NAMES
-    source = Path(__file__).resolve().parents[1] / "reference" / "objectives.py"
+    source = Path(__file__).resolve().parents[1] / "ground_truth" / "objectives.py"
     tree = ast.parse(source.read_text(encoding="utf-8"))
     return tuple(node.name for node in tree.body if isinstance(node, ast.FunctionDef) and any(
         isinstance(d, ast.Call) and getattr(d.func, "id", None) == "objective" for d in node.decorator_list))

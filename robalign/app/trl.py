@@ -39,7 +39,7 @@ import torch
 
 from ..losses.layout import pairs_to_group_major
 from ..losses.objectives import hyperparameters, resolve, with_divergence
-from ..reference.objectives import _log1mexp
+from ..ground_truth.objectives import _log1mexp
 from .config import DoRAConfig
 from .data import pack_padded
 from .causal_lm import mismatched_batch, policy_logps

@@ -3,7 +3,7 @@
 All share one signature, ``fn(logps, ref_logps=None, *, counts=None, scores=None, **hparams)``,
 on group-major ``[B, K]`` tensors (K candidates per sample; for pairs K = 2, chosen first).
 The formulas and papers are in each function's docstring. The math, and what each objective
-needs, live in one place: the ``@objective`` registry of :mod:`robalign.reference.objectives`.
+needs, live in one place: the ``@objective`` registry of :mod:`robalign.ground_truth.objectives`.
 Every registered objective appears here as a function of the same name that validates its
 arguments (shapes, dtypes, counts, hyper-parameters against their ranges) and then calls it.
 
@@ -55,7 +55,7 @@ import math
 import torch
 
 from .. import _validation as V
-from ..reference import objectives as _ref
+from ..ground_truth import objectives as _ref
 
 NAMES = tuple(_ref.OBJECTIVES)
 __all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "is_unpaired",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from .. import reference
+from .. import ground_truth
 
 __all__ = ["dora_weights"]
 
@@ -48,4 +48,4 @@ def dora_weights(probs, alpha, beta=None, *, class_ratio: float = 1.0) -> torch.
             if tuple(torch.broadcast_shapes(probs.shape, value.shape)) != tuple(probs.shape):
                 V.fail(where, f"`{name}` of shape {tuple(value.shape)} would change the shape of `probs` "
                               f"{tuple(probs.shape)}; the weights have one entry per probability")
-    return reference.dora_weights(probs, alpha, beta, class_ratio)
+    return ground_truth.dora_weights(probs, alpha, beta, class_ratio)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from .. import reference
+from .. import ground_truth
 from .head import HeadTransform
 from .registry import resolve
 
@@ -166,4 +166,4 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100, *, cu_seqlens: 
         if labels.dim() != 1:
             V.fail(where, f"with `cu_seqlens`, `labels` must be packed [N], got shape {tuple(labels.shape)}")
         V.check_cu_seqlens(where, cu_seqlens, labels.shape[0])
-    return reference.shift_labels(labels, ignore_index, cu_seqlens)
+    return ground_truth.shift_labels(labels, ignore_index, cu_seqlens)

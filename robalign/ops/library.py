@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference.logps import sequence_index
+from ..ground_truth.logps import sequence_index
 from .registry import get
 
 __all__ = ["sequence_logps", "sequence_logps_with_ref", "row_kernels", "check_kernel_dtypes", "flat_labels"]

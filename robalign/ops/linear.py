@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference.logps import sequence_index
+from ..ground_truth.logps import sequence_index
 from .head import HeadTransform
 from .library import check_kernel_dtypes, flat_labels, per_sequence, row_kernels
 

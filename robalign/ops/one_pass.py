@@ -47,8 +47,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference.logps import sequence_index
-from ..reference.objectives import OBJECTIVES
+from ..ground_truth.logps import sequence_index
+from ..ground_truth.objectives import OBJECTIVES
 from .library import check_kernel_dtypes, flat_labels, row_kernels
 from .head import HeadTransform
 from .linear import _chunk_logits, chunk_tokens

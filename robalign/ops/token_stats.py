@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.logps import sequence_index
+from ..ground_truth.logps import sequence_index
 from .head import HeadTransform, scored_logit_chunks
 
 __all__ = ["token_stats"]

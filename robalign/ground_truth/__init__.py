@@ -1,4 +1,4 @@
-"""robalign.reference — the ground truth: plain PyTorch written from the equations.
+"""robalign.ground_truth — the ground truth: plain PyTorch written from the equations.
 
 Every backend (Triton, C++, chunked PyTorch) is tested against these functions, run in
 float64. They validate nothing and are not fast; the public functions in :mod:`robalign`
