@@ -26,7 +26,7 @@ install: $(STAMP)
 
 # docs/settings.md from the settings' fields (tests/test_settings.py checks it is current)
 settings-table: $(STAMP)
-	$(PY) -c "from robalign.app.config import settings_markdown; print(settings_markdown(), end='')" > docs/settings.md.tmp
+	$(PY) -c "from robalign.app.training.config import settings_markdown; print(settings_markdown(), end='')" > docs/settings.md.tmp
 	mv docs/settings.md.tmp docs/settings.md
 
 # The suite in a second environment, .venv-latest, with the newest versions the ranges allow
@@ -61,7 +61,7 @@ $(STAMP): setup.py Makefile $(CONSTRAINTS) $(wildcard csrc/*.cpp) | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(PIN) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
 	# DeepSpeed compiles its CPU communication extension on first use: once here, not mid-test
-	$(PY) -m robalign.app.launch
+	$(PY) -m robalign.app.training.launch
 	touch $(STAMP)
 
 clean:

@@ -55,7 +55,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["robalign", "robalign.ground_truth", "robalign.ops", "robalign.losses", "robalign.app",
-              "robalign.app.ratio", "robalign.kernels"],
+              "robalign.app.ratio", "robalign.app.data", "robalign.app.training", "robalign.app.evaluation",
+              "robalign.app.commands", "robalign.kernels"],
     package_data={"robalign.app": ["assets/*.json"]},
     # A range, never a bare "torch": the Makefile installs the CPU build first where none is
     # importable, and a satisfied range installs nothing more.
@@ -73,5 +74,5 @@ setup(
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
-    entry_points={"console_scripts": ["robalign = robalign.app.cli:main"]},
+    entry_points={"console_scripts": ["robalign = robalign.app.commands.cli:main"]},
 )

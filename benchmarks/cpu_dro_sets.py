@@ -25,8 +25,8 @@ CONFIGS = {"kl": {"dro": "kl"}, "cvar_exact": {"dro": "cvar", "level": 0.3},
 
 
 def child(name: str, steps: int) -> dict:
-    from robalign.app.config import TrainSettings
-    from robalign.app.train import run_training
+    from robalign.app.training.config import TrainSettings
+    from robalign.app.commands.train import run_training
 
     with tempfile.TemporaryDirectory() as out:
         settings = TrainSettings(out=out, max_steps=steps, grad_accum=2, batch_size=8, save_steps=10 ** 6,

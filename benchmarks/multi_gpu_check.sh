@@ -24,7 +24,7 @@ LOG=benchmarks/results/multi_gpu_${DEVICE}.log
   ROBALIGN_MULTI_GPU=1 timeout 1200 $PY -m pytest tests/test_engines.py -p no:cacheprovider -rA 2>&1 | tail -40
   echo "## 2. robalign train --model on 2 GPUs, bf16"
   TMP=$(mktemp -d)
-  $PY -c "from robalign.app.train import embedded_model; m, t = embedded_model(); m.save_pretrained('$TMP/model'); t.save_pretrained('$TMP/model')"
+  $PY -c "from robalign.app.commands.train import embedded_model; m, t = embedded_model(); m.save_pretrained('$TMP/model'); t.save_pretrained('$TMP/model')"
   timeout 600 $PY -m torch.distributed.run --nproc-per-node 2 --standalone -m robalign train --model "$TMP/model" \
       --out "$TMP/run" --bf16 --max-steps 20 --batch-size 4 --grad-accum 2 --lr 5e-4 --logging-steps 10 2>&1 \
       | grep -E "attention:|trained|Error|error" | head -20

@@ -24,6 +24,13 @@ PERMANENT = {
 MOVED = {                                                  # release 0.2; they go away in 0.3
     "robalign.app.trl_trainer": "robalign.trl",
     "robalign.reference": "robalign.ground_truth",         # and its submodules
+    # the application grouped into folders (robalign.app.data is now the package of preferences.py)
+    **{f"robalign.app.{old}": f"robalign.app.{new}" for old, new in (
+        ("toy", "data.toy"), ("trainer", "training.trainer"), ("causal_lm", "training.causal_lm"),
+        ("trl", "training.trl"), ("config", "training.config"), ("settings", "training.settings"),
+        ("checkpoints", "training.checkpoints"), ("launch", "training.launch"), ("evaluate", "evaluation.accuracy"),
+        ("samples", "evaluation.samples"), ("cli", "commands.cli"), ("train", "commands.train"),
+        ("demo", "commands.demo"))},
 }
 
 

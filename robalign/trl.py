@@ -9,10 +9,10 @@
 ``DoRACPOTrainer``/``DoRACPOConfig`` and ``DoRAORPOTrainer``/``DoRAORPOConfig`` take TRL's arguments
 and data, and train with robalign's loss (the density-ratio weights of a dataset column and the
 DRO reduction, exact across accumulation and ranks) and fused log-probs. The implementation lives
-in :mod:`robalign.app.trl`; importing this module needs TRL (``pip install 'trl==1.16.0'``, or
+in :mod:`robalign.app.training.trl`; importing this module needs TRL (``pip install 'trl==1.16.0'``, or
 ``robalign[bench]``). ``robalign.app.trl_trainer``, its path in release 0.1, warns and goes away
 in 0.3.
 """
 
-from .app.trl import *  # noqa: F401,F403
-from .app.trl import __all__  # noqa: F401
+from .app.training.trl import *  # noqa: F401,F403
+from .app.training.trl import __all__  # noqa: F401

@@ -67,8 +67,8 @@ def trainer_accumulation_gaps(tmp_path, **settings):
     accumulator, and with the per-micro-batch approximation (``exact_dro=False``)."""
     from safetensors.torch import load_file
 
-    from robalign.app.config import TrainSettings
-    from robalign.app.train import run_training
+    from robalign.app.training.config import TrainSettings
+    from robalign.app.commands.train import run_training
 
     def params(name, **kw):
         run_training(TrainSettings(out=str(tmp_path / name), max_steps=3, save_steps=100, optim="sgd", lr=0.5,

@@ -215,8 +215,8 @@ def test_two_ranks_and_two_micro_batches_reduce_the_same_global_batch_as_one_pro
 # -- everywhere a user meets it -----------------------------------------------------------------
 
 def test_robalign_train_takes_each_set_and_logs_its_dual(tmp_path):
-    from robalign.app.config import TrainSettings
-    from robalign.app.train import run_training
+    from robalign.app.training.config import TrainSettings
+    from robalign.app.commands.train import run_training
 
     for dro, key in (("kl-ball", "eta"), ("chi2", "rho"), ("cvar", "level")):
         settings = TrainSettings(out=str(tmp_path / dro), dro=dro, **{key: 0.3}, grad_accum=1, max_steps=3,
@@ -227,7 +227,7 @@ def test_robalign_train_takes_each_set_and_logs_its_dual(tmp_path):
 
 
 def test_bad_settings_name_the_key():
-    from robalign.app.config import load_settings
+    from robalign.app.training.config import load_settings
 
     assert load_settings(dro="chi2", grad_accum=4).dro == "chi2"
     with pytest.raises(ValueError, match="`level` must be a number in \\(0, 1\\]"):

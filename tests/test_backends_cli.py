@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import robalign
-from robalign.app.cli import main
+from robalign.app.commands.cli import main
 from robalign.ops import registry as backends
 
 
@@ -93,7 +93,7 @@ def test_moved_module_paths_import_with_a_deprecation_warning_and_0_1_paths_are_
         old = importlib.import_module("robalign.app.trl_trainer")
     import robalign.trl as new
 
-    assert old is new and old.DoRADPOTrainer is importlib.import_module("robalign.app.trl").DoRADPOTrainer
+    assert old is new and old.DoRADPOTrainer is importlib.import_module("robalign.app.training.trl").DoRADPOTrainer
     import robalign.objectives                                   # a permanent public name, no warning
 
     assert robalign.objectives is robalign.losses.objectives
@@ -117,6 +117,25 @@ def test_the_ground_truth_answers_to_its_old_name_with_a_warning():
                                                 r"`robalign.ground_truth.objectives`"):
         old = importlib.import_module("robalign.reference.objectives")
     assert old is new and old.OBJECTIVES is new.OBJECTIVES
+
+
+@pytest.mark.parametrize("old, new", [("trainer", "training.trainer"), ("config", "training.config"),
+                                      ("cli", "commands.cli"), ("evaluate", "evaluation.accuracy")])
+def test_the_applications_flat_paths_import_from_its_folders_with_a_warning(old, new):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"robalign.app.{old}", None)
+    with pytest.warns(DeprecationWarning, match=rf"`robalign.app.{old}` moved to `robalign.app.{new}`"):
+        module = importlib.import_module(f"robalign.app.{old}")
+    assert module is importlib.import_module(f"robalign.app.{new}")
+
+
+def test_the_data_folder_keeps_the_preference_names_of_the_old_data_module():
+    from robalign.app.data import PreferenceCollator
+    from robalign.app.data.preferences import PreferenceCollator as moved
+
+    assert PreferenceCollator is moved
 
 
 def test_cli_unknown_subcommand_and_missing_file(capsys):

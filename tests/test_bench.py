@@ -44,7 +44,7 @@ def test_cpu_suite_tiny_sweep_and_charts(tmp_path, monkeypatch):
 
 
 def test_bench_cli_rejects_an_unknown_workload():
-    from robalign.app.cli import main
+    from robalign.app.commands.cli import main
 
     assert main(["bench", "--workload", "nope"]) == 2
 
@@ -99,7 +99,7 @@ def test_quick_is_one_small_case_per_workload_with_every_provider(tmp_path, monk
 
 
 def test_bench_cli_refuses_a_file_as_out(tmp_path, capsys):
-    from robalign.app.cli import main
+    from robalign.app.commands.cli import main
 
     target = tmp_path / "f.json"
     target.write_text("{}")

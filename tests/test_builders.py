@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from robalign.app.config import DoRAConfig
+from robalign.app.training.config import DoRAConfig
 from robalign.losses.reductions import CVaR, Chi2Ball, GroupDRO, KLBall, KLDRO
 
 #: setting -> (a value other than the default, how to read it back from a DoRALoss)
@@ -84,8 +84,8 @@ ALL = dict(objective="dpo", beta=0.37, lam=2.5, alpha=0.3, ld_alpha=0.4, wpo=Tru
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from robalign.app.data import PreferenceDataset
-    from robalign.app.train import embedded_model
+    from robalign.app.data.preferences import PreferenceDataset
+    from robalign.app.commands.train import embedded_model
 
     model, tokenizer = embedded_model(seed=0)
     path = tmp_path_factory.mktemp("data") / "d.jsonl"
@@ -98,7 +98,7 @@ def tiny(tmp_path_factory):
 def test_the_trainer_builds_the_settings_loss(tiny, tmp_path):
     from transformers import TrainingArguments
 
-    from robalign.app.trainer import DoRATrainer
+    from robalign.app.training.trainer import DoRATrainer
 
     model, tokenizer, dataset = tiny
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
@@ -135,7 +135,7 @@ def test_the_trl_drop_in_keeps_every_setting_with_a_reduction(tiny, tmp_path, re
 
 
 def test_the_demo_arms_build_their_losses_from_settings():
-    from robalign.app.demo import ARMS, arm_settings
+    from robalign.app.commands.demo import ARMS, arm_settings
 
     for name, arm in ARMS.items():
         loss = arm_settings(arm, 0.2).build_loss(group_names=("a", "b"), group_size=3 if arm["listwise"] else 2)

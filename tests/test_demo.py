@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("sklearn", reason="the demo needs the `weigh` extra")
 pytest.importorskip("transformers", reason="the demo needs the `train` extra")
 
-from robalign.app.toy import ToySettings, make_toy_data, reward_biased, reward_target  # noqa: E402
+from robalign.app.data.toy import ToySettings, make_toy_data, reward_biased, reward_target  # noqa: E402
 
 
 def test_generator_ground_truth():
@@ -52,14 +52,14 @@ def test_quick_demo_end_to_end(tmp_path):
 
 
 def test_demo_bad_arguments():
-    from robalign.app.cli import main
+    from robalign.app.commands.cli import main
 
     assert main(["demo", "--arms", "dpo,nope"]) == 2
     assert main(["demo", "--target-fraction", "1.5"]) == 2
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path):
-    from robalign.app.demo import DemoSettings, run_demo
+    from robalign.app.commands.demo import DemoSettings, run_demo
 
     def once(name):
         settings = DemoSettings(seeds=1, steps=5, sft_steps=5, n_train=120, n_test=40, arms=["dpo", "dora"],

@@ -35,8 +35,8 @@ BACKEND = "nccl" if MULTI_GPU else "gloo"
 SCRIPT = """
 import json, sys
 from pathlib import Path
-from robalign.app.config import TrainSettings
-from robalign.app.train import run_training
+from robalign.app.training.config import TrainSettings
+from robalign.app.commands.train import run_training
 out, data, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 summary = run_training(TrainSettings(out=out, data=data, max_steps=3, batch_size=batch, grad_accum=2, lam=0.5, lr=0.5,
@@ -73,7 +73,7 @@ def _params(out):
 def setup(tmp_path_factory):
     """The script, a pairwise data file with DoRA weights (0.2–2, per sample), and the one-process run
     of the default settings (other settings get theirs from :func:`_one_process`)."""
-    from robalign.app.toy import ToySettings, make_toy_data
+    from robalign.app.data.toy import ToySettings, make_toy_data
 
     tmp = tmp_path_factory.mktemp("engines")
     script = tmp / "train_script.py"
@@ -91,7 +91,7 @@ def setup(tmp_path_factory):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     one = _params(tmp / "one")
-    from robalign.app.train import embedded_model
+    from robalign.app.commands.train import embedded_model
 
     initial = embedded_model(seed=0)[0].state_dict()
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3       # training moved them
@@ -175,7 +175,7 @@ if MULTI_GPU:                                   # what a CPU cannot run: the Tra
 @pytest.fixture(scope="module")
 def deepspeed_ready():
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (`pip install robalign[deepspeed]`)")
-    from robalign.app.launch import prebuild_deepspeed
+    from robalign.app.training.launch import prebuild_deepspeed
 
     prebuild_deepspeed(log=lambda *_: None)         # usually done by `make` already: then a cache hit
 
@@ -246,7 +246,7 @@ def test_fsdp_that_would_become_ddp_is_refused(setup):
 
 
 def test_expected_world_size_reads_every_launcher():
-    from robalign.app.launch import expected_world_size
+    from robalign.app.training.launch import expected_world_size
 
     assert expected_world_size({"WORLD_SIZE": "4"}) == (4, "WORLD_SIZE")
     assert expected_world_size({"OMPI_COMM_WORLD_SIZE": "8"}) == (8, "OMPI_COMM_WORLD_SIZE")
@@ -261,7 +261,7 @@ def test_independent_processes_are_refused(monkeypatch):
     whose processes never joined one group): refused before training."""
     from types import SimpleNamespace
 
-    from robalign.app.launch import EngineError, check_engine
+    from robalign.app.training.launch import EngineError, check_engine
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     trainer = SimpleNamespace(args=SimpleNamespace(world_size=1), is_fsdp_enabled=False, is_deepspeed_enabled=False)
@@ -275,7 +275,7 @@ def test_independent_processes_are_refused(monkeypatch):
 def test_a_stale_deepspeed_build_lock_is_cleared(tmp_path, monkeypatch):
     """A build killed mid-way leaves torch's `lock` file, on which every later build waits forever."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
-    from robalign.app import launch
+    from robalign.app.training import launch
 
     folder = launch._extensions_dir()
     folder.mkdir(parents=True, exist_ok=True)

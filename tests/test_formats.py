@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from robalign.app.data import PreferenceDataset, tokenize_prompt
+from robalign.app.data.preferences import PreferenceDataset, tokenize_prompt
 from robalign.app.ratio.data import DataError, read_preference_file
-from robalign.app.toy import ToySettings, make_toy_data, toy_tokenizer
+from robalign.app.data.toy import ToySettings, make_toy_data, toy_tokenizer
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
             "{% if add_generation_prompt %}assistant : {% endif %}")
@@ -89,9 +89,9 @@ def test_weigh_and_train_read_conversational_data_and_a_saved_folder(tmp_path, r
     `robalign train` trains on the weighed file and on a saved dataset folder."""
     from datasets import Dataset
 
-    from robalign.app.config import TrainSettings
+    from robalign.app.training.config import TrainSettings
     from robalign.app.ratio.weigh import weigh_file
-    from robalign.app.train import run_training
+    from robalign.app.commands.train import run_training
 
     data = write(tmp_path / "conv.jsonl", [layouts(r)["conversational"] for r in records])
     weighed = tmp_path / "weighed.jsonl"
@@ -175,9 +175,9 @@ def test_robalign_train_runs_kto_on_weighed_unpaired_data(tmp_path, records):
     --objective kto` trains on it: the first loss is KTO's at the reference (each completion ½·λ),
     z0 is logged as `kl`, the reference log-probs of the mismatched rows are cached with the others
     (a second run reads them), and the one-pass and recompute paths agree."""
-    from robalign.app.config import TrainSettings
+    from robalign.app.training.config import TrainSettings
     from robalign.app.ratio.weigh import weigh_file
-    from robalign.app.train import run_training
+    from robalign.app.commands.train import run_training
 
     data = write(tmp_path / "u.jsonl", unpaired_rows(records))
     weighed = tmp_path / "w.jsonl"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from robalign.app import cli
+from robalign.app.commands import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = "import kernels, transformers; from transformers import Trainer; print(kernels.__file__)"
@@ -85,7 +85,7 @@ TORCHRUN_SCRIPT = """
 import sys
 from pathlib import Path
 import kernels, torch.distributed as dist
-from robalign.app.cli import main
+from robalign.app.commands.cli import main
 out = Path(sys.argv[1])
 code = main(["train", "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1"])
 out.joinpath(f"kernels-{dist.get_rank() if dist.is_initialized() else 'solo'}.txt").write_text(kernels.__file__)
@@ -167,7 +167,7 @@ def test_a_missing_module_of_an_extra_names_that_extra():
                     "name='sklearn')")
     assert str(err.value) == "needs the `weigh` extra: pip install 'robalign[weigh]' (no module named 'sklearn')"
     with pytest.raises(cli.UsageError) as err, cli._needs_extras("weigh", "train"):
-        _raise_from("robalign.app.trainer", "import transformers.no_such_module_here")
+        _raise_from("robalign.app.training.trainer", "import transformers.no_such_module_here")
     assert "needs the `weigh` and `train` extras" not in str(err.value)       # transformers is there
 
 

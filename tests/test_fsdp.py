@@ -1,6 +1,6 @@
 """The fused linear path under FSDP2 (``fully_shard``; gloo, 2 processes on CPU).
 
-:func:`robalign.app.trainer.policy_logps` runs the LM head through ``linear_sequence_logps`` inside
+:func:`robalign.app.training.trainer.policy_logps` runs the LM head through ``linear_sequence_logps`` inside
 the head's forward, while FSDP has gathered its weight. Each rank trains on its half of the
 batch with ``DoRALoss(process_group=WORLD)``; the sharded gradients, gathered, must equal one process's
 gradient of the whole batch. Two wrappings: the head inside the root's FSDP group (kept
@@ -9,7 +9,7 @@ forward: reading ``head.weight`` after the model's forward would see a shard). A
 splits each rank's half into two micro-batches under ``KLDROAccumulator``: FSDP reduce-scatters
 after each backward and the accumulator rescales the sharded ``.grad``. Each case runs twice:
 through the recompute path (``policy_logps`` then ``DoRALoss.from_logps``) and through the
-one-pass fused loss (:func:`robalign.app.trainer.one_pass_loss`, what ``DoRATrainer`` runs).
+one-pass fused loss (:func:`robalign.app.training.trainer.one_pass_loss`, what ``DoRATrainer`` runs).
 Tolerance: float32, 1e-5 relative (the two runs differ in summation order: per-rank sums and
 reduce-scatter against one batch).
 """
@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from robalign import DoRALoss, KLDROAccumulator
-from robalign.app.train import embedded_model
-from robalign.app.causal_lm import one_pass_loss, policy_logps
+from robalign.app.commands.train import embedded_model
+from robalign.app.training.causal_lm import one_pass_loss, policy_logps
 from conftest import run_on_gloo_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

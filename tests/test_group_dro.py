@@ -215,9 +215,9 @@ def test_doraloss_passes_group_ids_and_refuses_them_elsewhere():
 # -- the data and the trainer --------------------------------------------------------------------
 
 def test_a_samples_group_is_its_group_field_else_its_sources(tmp_path):
-    from robalign.app.data import PreferenceCollator, PreferenceDataset
+    from robalign.app.data.preferences import PreferenceCollator, PreferenceDataset
     from robalign.app.ratio.data import DataError, sample_group
-    from robalign.app.toy import toy_tokenizer
+    from robalign.app.data.toy import toy_tokenizer
 
     assert sample_group({"group": 3, "sources": ["a", "b"]}) == "3"
     assert sample_group({"sources": ["synthetic", "human", "synthetic"]}) == "human+synthetic"
@@ -243,7 +243,7 @@ def test_a_samples_group_is_its_group_field_else_its_sources(tmp_path):
 
 
 def _mixed_data(tmp_path, n=64):
-    from robalign.app.toy import ToySettings, make_toy_data, write_jsonl
+    from robalign.app.data.toy import ToySettings, make_toy_data, write_jsonl
 
     train, _ = make_toy_data(ToySettings(n_train=n, n_test=0, target_fraction=0.5, seed=1))
     return str(write_jsonl(tmp_path / "mixed.jsonl", train, fields=("prompt", "chosen", "rejected", "source")))
@@ -254,8 +254,8 @@ def test_robalign_train_logs_q_and_resumes_it(tmp_path):
     step-2 checkpoint ends with the q and the parameters of the uninterrupted run."""
     from safetensors.torch import load_file
 
-    from robalign.app.config import TrainSettings
-    from robalign.app.train import run_training
+    from robalign.app.training.config import TrainSettings
+    from robalign.app.commands.train import run_training
 
     data = _mixed_data(tmp_path)
     base = dict(data=data, dro="group", group_step=0.5, batch_size=4, grad_accum=2, max_steps=4, logging_steps=1,
@@ -289,8 +289,8 @@ def test_trainer_accumulation_is_exact_for_group_dro(tmp_path):
 
 
 def test_group_dro_without_groups_in_the_data_names_the_file(tmp_path):
-    from robalign.app.config import TrainSettings, load_settings
-    from robalign.app.train import run_training
+    from robalign.app.training.config import TrainSettings, load_settings
+    from robalign.app.commands.train import run_training
 
     with pytest.raises(ValueError, match=r"dro=group: every sample of .*train.jsonl needs a group"):
         run_training(TrainSettings(out=str(tmp_path / "o"), dro="group", max_steps=1), log=lambda *_: None)
@@ -347,9 +347,9 @@ def test_evaluation_reads_group_ids_by_name(tmp_path):
     """Trained on groups human and synthetic (q ≈ 1 on synthetic after a large step), an evaluation
     file holding only one group is weighed by that group's q: its ids index the training data's
     names, not the evaluation file's own (synthetic-only evaluated with human's q ≈ 0 before)."""
-    from robalign.app.config import TrainSettings
-    from robalign.app.toy import ToySettings, make_toy_data, write_jsonl
-    from robalign.app.train import run_training
+    from robalign.app.training.config import TrainSettings
+    from robalign.app.data.toy import ToySettings, make_toy_data, write_jsonl
+    from robalign.app.commands.train import run_training
 
     train, _ = make_toy_data(ToySettings(n_train=64, n_test=0, target_fraction=0.5, seed=1))
     data = write_jsonl(tmp_path / "mixed.jsonl", train, fields=("prompt", "chosen", "rejected", "source"))

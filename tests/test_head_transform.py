@@ -190,7 +190,7 @@ def test_models_that_transform_their_logits_keep_the_fused_path(kind, expected):
     """Gemma 2's soft-cap, Cohere's logit scale and Granite's logits scaling are read from the
     config; the trainer's fused log-probs (and the one-pass loss's gradient) equal those of the
     model's own logits to 1e-12 in float64."""
-    from robalign.app.causal_lm import _plain_logits, head_transform, one_pass_loss, policy_logps
+    from robalign.app.training.causal_lm import _plain_logits, head_transform, one_pass_loss, policy_logps
     from robalign.ops.head import HeadTransform
 
     model = _tiny(kind)

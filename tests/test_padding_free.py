@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from robalign.app.config import DoRAConfig, TrainSettings, check_settings
-from robalign.app.data import PreferenceCollator, PreferenceDataset, pack_padded
-from robalign.app.toy import ToySettings, make_toy_data
-from robalign.app.train import embedded_model, run_training
-from robalign.app.causal_lm import one_pass_loss, policy_logps
+from robalign.app.training.config import DoRAConfig, TrainSettings, check_settings
+from robalign.app.data.preferences import PreferenceCollator, PreferenceDataset, pack_padded
+from robalign.app.data.toy import ToySettings, make_toy_data
+from robalign.app.commands.train import embedded_model, run_training
+from robalign.app.training.causal_lm import one_pass_loss, policy_logps
 from robalign.losses.loss import DoRALoss
 
 

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("sklearn", reason="the classifier stage needs the `weigh` extra (scikit-learn)")
 
 from robalign.app.ratio import DataError, cross_fit, embed, read_preference_file, weigh_file  # noqa: E402
-from robalign.app.cli import main  # noqa: E402
+from robalign.app.commands.cli import main  # noqa: E402
 
 COMMON = "the of and a to in is it that for on with as".split()
 TARGET_STYLE = "honestly maybe think perhaps wonder feel guess suppose".split()

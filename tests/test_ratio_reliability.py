@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the classifier stage needs the `weigh` extra (scikit-learn)")
 
-from robalign.app.cli import main  # noqa: E402
+from robalign.app.commands.cli import main  # noqa: E402
 from robalign.app.ratio import DataError, weigh_file  # noqa: E402
 from test_ratio import write_dataset  # noqa: E402
 

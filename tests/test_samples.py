@@ -1,4 +1,4 @@
-"""The generation study's tools (robalign.app.samples): win rates and bootstrap intervals on
+"""The generation study's tools (robalign.app.evaluation.samples): win rates and bootstrap intervals on
 hand-made inputs, and the sampled KL(π ‖ π_ref) against its exact value on a language model with a
 tiny vocabulary (a bigram table: 2 words and an end token, responses of at most 3 tokens, every
 response enumerable)."""
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from robalign.app.samples import (bootstrap_ci, kl_from_samples, paired_bootstrap_ci, response_logps,
+from robalign.app.evaluation.samples import (bootstrap_ci, kl_from_samples, paired_bootstrap_ci, response_logps,
                                   sample_responses, win_rate)
 
 EOS = 2

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from robalign.app import settings as S
-from robalign.app.cli import build_parser
-from robalign.app.config import (EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings, load_settings,
+from robalign.app.training import settings as S
+from robalign.app.commands.cli import build_parser
+from robalign.app.training.config import (EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings, load_settings,
                                  settings_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -62,8 +62,8 @@ def test_the_trainer_logs_trls_entropy_and_mean_logits(tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from robalign.app.toy import ToySettings, make_toy_data
-    from robalign.app.train import embedded_model
+    from robalign.app.data.toy import ToySettings, make_toy_data
+    from robalign.app.commands.train import embedded_model
     from robalign.trl import DoRADPOConfig, DoRADPOTrainer
 
     records, _ = make_toy_data(ToySettings(n_train=8, n_test=0, seed=2, target_fraction=0.5))

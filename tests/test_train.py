@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
 
 from robalign import ground_truth  # noqa: E402
-from robalign.app.data import PreferenceCollator, PreferenceDataset, prepare_tokenizer  # noqa: E402
-from robalign.app.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
+from robalign.app.data.preferences import PreferenceCollator, PreferenceDataset, prepare_tokenizer  # noqa: E402
+from robalign.app.commands.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_listwise_and_collator(tmp_path, tokenizer):
 def test_trainer_loss_and_gradients_equal_the_reference_composition(tmp_path, tokenizer):
     from transformers import TrainingArguments
 
-    from robalign.app.trainer import DoRAConfig, DoRATrainer
+    from robalign.app.training.trainer import DoRAConfig, DoRATrainer
 
     model, _ = embedded_model(seed=3)
     model = model.double()
@@ -176,7 +176,7 @@ def test_one_pass_and_recompute_paths_train_the_same_model(tmp_path, monkeypatch
 
 
 def test_bad_inputs(tmp_path, capsys):
-    from robalign.app.cli import main
+    from robalign.app.commands.cli import main
 
     assert main(["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")]) == 2
     assert "model path not found" in capsys.readouterr().err
@@ -211,7 +211,7 @@ def test_an_evaluation_set_and_the_model_card(tmp_path):
     loss and reward metrics are logged during training and in `summary.json`, and the evaluation
     equals the DoRA loss of the trained policy on that file computed directly; `final/README.md`
     records the run."""
-    from robalign.app.toy import ToySettings, make_toy_data, write_jsonl
+    from robalign.app.data.toy import ToySettings, make_toy_data, write_jsonl
 
     train, test = make_toy_data(ToySettings(n_train=64, n_test=16, seed=5))
     data = write_jsonl(tmp_path / "train.jsonl", train, fields=("prompt", "chosen", "rejected"))
@@ -227,7 +227,7 @@ def test_an_evaluation_set_and_the_model_card(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from robalign import DoRALoss
-    from robalign.app.causal_lm import policy_logps
+    from robalign.app.training.causal_lm import policy_logps
 
     policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ev" / "final")).eval()
     initial, tokenizer = embedded_model(seed=0)
@@ -255,8 +255,8 @@ def test_ld_alpha_in_the_trainer_is_doralosss(tmp_path, tokenizer):
     """`DoRAConfig(ld_alpha=α)`: the trainer's log-probs (fused head, two passes) and its loss equal
     DoRALoss(ld_alpha=α) on the logits of the same batch (float64 model, 1e-9)."""
     from robalign import DoRALoss
-    from robalign.app.config import DoRAConfig
-    from robalign.app.trainer import DoRATrainer, policy_logps
+    from robalign.app.training.config import DoRAConfig
+    from robalign.app.training.trainer import DoRATrainer, policy_logps
     from robalign.ops import shift_labels
     from transformers import TrainingArguments
 
@@ -287,8 +287,8 @@ def test_evaluate_before_training_takes_the_reference_first(tmp_path, tokenizer)
     `ref_model` the reference can no longer be taken, which is a clear error."""
     from transformers import TrainingArguments
 
-    from robalign.app.config import DoRAConfig
-    from robalign.app.trainer import DoRATrainer
+    from robalign.app.training.config import DoRAConfig
+    from robalign.app.training.trainer import DoRATrainer
 
     path = write(tmp_path / "d.jsonl", [{"prompt": "tell me about the ocean .", "chosen": "wave tide", "rejected": "thing"}
                                         for _ in range(4)])

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
 
-from robalign.app.cli import main  # noqa: E402
-from robalign.app.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
+from robalign.app.commands.cli import main  # noqa: E402
+from robalign.app.commands.train import TrainSettings, embedded_model, load_settings, run_training  # noqa: E402
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -185,7 +185,7 @@ def test_one_configuration_for_the_trainer_and_the_command_line():
     """TrainSettings is a DoRAConfig (no copied fields), and both are checked by one function."""
     import dataclasses
 
-    from robalign.app.config import DoRAConfig, check_settings
+    from robalign.app.training.config import DoRAConfig, check_settings
 
     assert issubclass(TrainSettings, DoRAConfig)
     names = [f.name for f in dataclasses.fields(TrainSettings)]

@@ -23,8 +23,8 @@ import torch
 pytest.importorskip("trl", reason="the TRL integration needs TRL (robalign[bench])")
 
 from robalign import ground_truth  # noqa: E402
-from robalign.app.toy import ToySettings, make_toy_data  # noqa: E402
-from robalign.app.train import embedded_model  # noqa: E402
+from robalign.app.data.toy import ToySettings, make_toy_data  # noqa: E402
+from robalign.app.commands.train import embedded_model  # noqa: E402
 from robalign.ops import shift_labels  # noqa: E402
 
 COMMON = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=3, learning_rate=0.5,
@@ -377,7 +377,7 @@ def test_cpo_drop_in_step_for_step_with_trl(equal_length_setup, tmp_path, kind):
     materialised logits, robalign through its fused path). The NLL terms agree because the chosen
     responses have equal lengths (see DoRACPOTrainer's docstring). TRL's ORPOTrainer's NLL also
     covers the prompt, so ORPO is checked against its hand-written trajectory below instead."""
-    from robalign.app.trl import _CPOConfig, _CPOTrainer
+    from robalign.app.training.trl import _CPOConfig, _CPOTrainer
     from robalign.trl import DoRACPOConfig, DoRACPOTrainer
 
     dataset, model, tokenizer = equal_length_setup
@@ -423,7 +423,7 @@ def test_cpo_and_orpo_drop_ins_log_trls_keys_with_trls_values(equal_length_setup
     not logged before) and nothing else outside ``dora/``; at the first step, before the paths
     diverge, the log-prob and odds metrics equal TRL's (1e-6; both float64 models) — and ``nll_loss``
     for CPO, whose NLL is the chosen response's (ORPO's TRL counts the prompt too)."""
-    from robalign.app.trl import _CPOConfig, _CPOTrainer, _ORPOConfig, _ORPOTrainer
+    from robalign.app.training.trl import _CPOConfig, _CPOTrainer, _ORPOConfig, _ORPOTrainer
     from robalign.trl import DoRACPOConfig, DoRACPOTrainer, DoRAORPOConfig, DoRAORPOTrainer
 
     dataset, model, tokenizer = equal_length_setup

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("transformers", reason="training needs the `train` extra (transformers)")
 
-from robalign.app.cli import main  # noqa: E402
-from robalign.app.config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings, resolve_defaults  # noqa: E402
-from robalign.app.train import embedded_model, run_training  # noqa: E402
+from robalign.app.commands.cli import main  # noqa: E402
+from robalign.app.training.config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings, resolve_defaults  # noqa: E402
+from robalign.app.commands.train import embedded_model, run_training  # noqa: E402
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -134,7 +134,7 @@ def test_help_and_argument_errors_import_no_torch():
     import subprocess
     import sys
 
-    script = ("import sys; from robalign.app.cli import build_parser, objective_names; build_parser(); "
+    script = ("import sys; from robalign.app.commands.cli import build_parser, objective_names; build_parser(); "
               "assert 'torch' not in sys.modules, 'torch was imported'; print(','.join(objective_names()))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     import robalign
@@ -167,7 +167,7 @@ def test_beta_given_as_an_objective_argument_is_a_clear_error(tmp_path, capsys, 
 
 
 def _pairs(path, n=24, **fields):
-    from robalign.app.toy import ToySettings, make_toy_data
+    from robalign.app.data.toy import ToySettings, make_toy_data
 
     records, _ = make_toy_data(ToySettings(n_train=n, n_test=0, seed=1, target_fraction=1.0, flip_rate=0.0))
     lines = []
@@ -223,7 +223,7 @@ def test_a_step_whose_weights_are_all_zero_is_refused_unless_allowed(tmp_path):
 
 def test_warmup_ratio_reaches_the_scheduler(tmp_path, monkeypatch):
     """--warmup-ratio (the issue's list of expected flags): a linear warmup, then constant."""
-    import robalign.app.trainer as trainer
+    import robalign.app.training.trainer as trainer
 
     seen = {}
     real = trainer.DoRATrainer
@@ -256,7 +256,7 @@ def test_files_are_checked_before_transformers_is_imported(tmp_path, argv, messa
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
     argv = [str(bad) if a == "BAD" else a for a in argv]
-    probe = ("import sys; from robalign.app.cli import main; code = main(sys.argv[1:]); "
+    probe = ("import sys; from robalign.app.commands.cli import main; code = main(sys.argv[1:]); "
              "print(code, 'transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe, "train", "--out", str(tmp_path / "o"), *argv],
                             capture_output=True, text=True, timeout=120)
@@ -269,8 +269,8 @@ def test_every_yaml_key_has_a_flag(monkeypatch):
     YAML-only), and reaches the run."""
     import dataclasses
 
-    import robalign.app.train as train
-    from robalign.app.cli import build_parser
+    import robalign.app.commands.train as train
+    from robalign.app.commands.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices["train"]
     dests = {a.dest for a in sub._actions}

@@ -41,9 +41,9 @@ def evaluate_run(run, data, *, batch_size: int = 16) -> dict:
     """Reward accuracy and margin of the policy in ``run`` on ``data`` (see the module docstring)."""
     import torch
 
-    from .data import PreferenceCollator, PreferenceDataset, prepare_tokenizer
-    from .train import embedded_model
-    from .causal_lm import policy_logps
+    from ..data.preferences import PreferenceCollator, PreferenceDataset, prepare_tokenizer
+    from ..commands.train import embedded_model
+    from ..training.causal_lm import policy_logps
 
     run, data = Path(run), Path(data)
     summary_path = run / "summary.json"

@@ -1,7 +1,7 @@
 """``DoRATrainer``: a ``transformers.Trainer`` that trains a causal LM with DoRA (or any
 robalign objective), exactly across gradient-accumulation steps and data-parallel ranks.
 
-Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robalign.app.data`):
+Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robalign.app.data.preferences`):
 
     hidden = the model's last hidden states        (the model runs with logits_to_keep=1, so
                                                     no [rows, T, V] logits tensor is made)
@@ -34,14 +34,14 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from .. import _validation as V
-from .._io import write_atomic
+from ... import _validation as V
+from ..._io import write_atomic
 from .causal_lm import _plain_logits, head_transform, mismatched_batch, one_pass_loss, policy_logps
 from .config import DoRAConfig, check_settings
-from .data import PreferenceCollator
-from ..ops.head import HeadTransform
+from ..data.preferences import PreferenceCollator
+from ...ops.head import HeadTransform
 
-# policy_logps, one_pass_loss and mismatched_batch live in robalign.app.causal_lm; importable from here too
+# policy_logps, one_pass_loss and mismatched_batch live in robalign.app.training.causal_lm; importable from here too
 __all__ = ["DoRAConfig", "DoRATrainer", "policy_logps", "one_pass_loss", "mismatched_batch"]
 
 
@@ -58,7 +58,7 @@ class _LogLastStep(TrainerCallback):
 class DoRATrainer(Trainer):
     """A ``transformers.Trainer`` for preference data with exact KL-DRO.
 
-    Pass a :class:`robalign.app.data.PreferenceDataset` as ``train_dataset`` and a
+    Pass a :class:`robalign.app.data.preferences.PreferenceDataset` as ``train_dataset`` and a
     :class:`DoRAConfig` as ``dora``; the collator and ``remove_unused_columns=False`` are set
     for you. Logs loss (the full-batch DRO loss), reward accuracy and margin, chosen/rejected
     rewards, DRO effective sample size and largest share, and weight statistics.
@@ -226,7 +226,7 @@ class DoRATrainer(Trainer):
         return TrainOutput(result.global_step, mean, metrics)
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
-        """``Trainer.evaluate``; a :class:`~robalign.app.data.PreferenceDataset` without reference
+        """``Trainer.evaluate``; a :class:`~robalign.app.data.preferences.PreferenceDataset` without reference
         log-probs gets them first (from the initial policy: before training, or from ``ref_model``)."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if hasattr(dataset, "groups") and self.loss_fn.needs_reference:
@@ -473,7 +473,7 @@ class DoRATrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         """The Trainer's logs plus the DoRA metrics averaged since the last log (one device read
         for all of them), after the lazy value checks queued since then."""
-        from .. import _validation
+        from ... import _validation
 
         _validation.raise_pending()
         for metrics, trigger, prefix in ((self._dora_metrics, "loss", ""), (self._eval_metrics, "eval_loss", "eval_")):

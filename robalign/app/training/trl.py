@@ -6,7 +6,7 @@ collator), reference model, logging and callbacks. What changes:
     the loss      TRL's loss types (``loss_type``, ``loss_weights``, ``beta``, ``label_smoothing``) as
                   robalign objectives (:data:`TRL_LOSS_TYPES`; several types: a mixture), with the
                   per-sample weights of a dataset column and the DRO reduction — exact across
-                  gradient accumulation and data-parallel ranks (:class:`~robalign.app.trainer.DoRATrainer`'s steps)
+                  gradient accumulation and data-parallel ranks (:class:`~robalign.app.training.trainer.DoRATrainer`'s steps)
     the log-probs robalign's fused paths on the decoder's hidden states and the LM head (the
                   one-pass loss by default), on TRL's batch reordered to robalign's group-major rows
 
@@ -20,7 +20,7 @@ objective is TRL's own (tested: the same losses
 and parameters as TRL's ``DPOTrainer``, step for step). TRL options robalign does not implement
 yet (vision data, ``ld_alpha`` with precomputed reference log-probs) are refused at
 construction with a clear error; ``f_divergence_type`` maps to :func:`robalign.objectives.with_divergence`.
-``padding_free`` packs each batch's rows into one without padding (:func:`robalign.app.data.pack_padded`),
+``padding_free`` packs each batch's rows into one without padding (:func:`robalign.app.data.preferences.pack_padded`),
 which TRL 1.16's own DPOTrainer has switched off ("temporarily unavailable").
 
 KTO (``loss_type`` ``kto`` or ``apo_zero_unpaired``): TRL's unpaired batch (one completion per row,
@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..losses.layout import pairs_to_group_major
-from ..losses.objectives import hyperparameters, resolve, with_divergence
-from ..ground_truth.objectives import _log1mexp
+from ...losses.layout import pairs_to_group_major
+from ...losses.objectives import hyperparameters, resolve, with_divergence
+from ...ground_truth.objectives import _log1mexp
 from .config import DoRAConfig
-from .data import pack_padded
+from ..data.preferences import pack_padded
 from .causal_lm import mismatched_batch, policy_logps
 from .trainer import DoRATrainer
 

@@ -1,7 +1,7 @@
 """A setting written once: one dataclass field carries its default, help, check and command-line
 form, and the four places a setting appears are generated from it —
 
-    the YAML keys          the fields' names (:func:`robalign.app.config.load_settings`)
+    the YAML keys          the fields' names (:func:`robalign.app.training.config.load_settings`)
     the check              :func:`check_fields`, each field's :class:`Check` (run once per load)
     the flags              :func:`add_flags` / :func:`overrides` (``robalign train``)
     the docs' table        :func:`settings_table` (``docs/settings.md``, checked by the tests)

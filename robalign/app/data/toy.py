@@ -137,7 +137,7 @@ def make_toy_data(settings: ToySettings) -> tuple[list, list]:
 
 def write_jsonl(path, records, *, fields=None) -> Path:
     """Write records (optionally only ``fields``) as JSON lines, atomically."""
-    from .._io import write_atomic
+    from ..._io import write_atomic
 
     path = Path(path)
     keep = (lambda r: {k: r[k] for k in fields if k in r}) if fields else (lambda r: r)

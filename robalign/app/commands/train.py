@@ -2,7 +2,7 @@
 
 With no model and no data it trains the embedded default: a small Llama-architecture model
 built from ``assets/tiny_llama.json`` with a word-level tokenizer of the toy vocabulary, on a
-seeded toy preference set (:mod:`robalign.app.toy`), in well under a minute on 2 CPU cores.
+seeded toy preference set (:mod:`robalign.app.data.toy`), in well under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import json
 import time
 from pathlib import Path
 
-from .config import TrainSettings, check_settings, describe, load_settings, resolve_defaults
+from ..training.config import TrainSettings, check_settings, describe, load_settings, resolve_defaults
 
 __all__ = ["TrainSettings", "run_training", "load_settings", "embedded_model"]
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 UNKNOWN_WARN, UNKNOWN_REFUSE = 0.02, 0.5       # shares of unknown tokens: warn, and refuse on the embedded default
 
 
@@ -26,7 +26,7 @@ def embedded_model(seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .toy import toy_tokenizer
+    from ..data.toy import toy_tokenizer
 
     tokenizer = toy_tokenizer()
     config = LlamaConfig(**{k: v for k, v in json.loads((ASSETS / "tiny_llama.json").read_text()).items()
@@ -62,7 +62,7 @@ def _load_model(settings: TrainSettings, log):
 
 
 def _embedded_data(out: Path, seed: int) -> Path:
-    from .toy import ToySettings, make_toy_data, write_jsonl
+    from ..data.toy import ToySettings, make_toy_data, write_jsonl
 
     train, _ = make_toy_data(ToySettings(n_train=400, n_test=0, seed=seed, target_fraction=1.0, flip_rate=0.0))
     return write_jsonl(out / "data" / "train.jsonl", train, fields=("prompt", "chosen", "rejected"))
@@ -116,7 +116,7 @@ def model_card(summary: dict) -> str:
 def data_layout(objective) -> dict:
     """How the data must be laid out for ``objective``: ``{"unpaired": ..., "kl_rows": ...}`` for
     :meth:`PreferenceDataset.from_file` (KTO: unpaired samples with their mismatched rows)."""
-    from ..losses import objectives
+    from ...losses import objectives
 
     name = objectives.resolve(objective)
     return {"unpaired": objectives.is_unpaired(name), "kl_rows": objectives.needs_kl_reference(name)}
@@ -153,8 +153,8 @@ def _check_weighting(settings, dataset, log):
 
 def run_training(settings: TrainSettings, log=print) -> dict:
     """Train; write checkpoints, the final model and ``summary.json`` to ``settings.out``."""
-    from .checkpoints import check_model_folder, resolve_resume
-    from .ratio.data import read_preference_file
+    from ..training.checkpoints import check_model_folder, resolve_resume
+    from ..ratio.data import read_preference_file
 
     settings = resolve_defaults(settings)
     check_settings(settings)
@@ -178,9 +178,9 @@ def run_training(settings: TrainSettings, log=print) -> dict:
     import torch
     from transformers import TrainingArguments
 
-    from .data import PreferenceDataset, prepare_tokenizer
-    from .launch import check_engine, describe_engine
-    from .trainer import DoRATrainer
+    from ..data.preferences import PreferenceDataset, prepare_tokenizer
+    from ..training.launch import check_engine, describe_engine
+    from ..training.trainer import DoRATrainer
 
     model, tokenizer = _load_model(settings, log)
     prepare_tokenizer(tokenizer, log)
@@ -267,7 +267,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         "truncated_prompts": dataset.truncated_prompts, "truncated_responses": dataset.truncated_responses,
         "settings": dataclasses.asdict(settings), "weighting": weighting, "eval": evaluation,
     }
-    from .._io import write_atomic
+    from ..._io import write_atomic
 
     if trainer.is_world_process_zero():
         write_atomic(out / "summary.json", lambda h: h.write(json.dumps(summary, indent=2, default=str).encode()))

@@ -11,10 +11,10 @@ import contextlib
 import sys
 from pathlib import Path
 
-from .config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings
-from .settings import add_flags
-from .ratio.classifier import CALIBRATIONS
-from .ratio.features import FEATURES
+from ..training.config import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, TrainSettings
+from ..training.settings import add_flags
+from ..ratio.classifier import CALIBRATIONS
+from ..ratio.features import FEATURES
 
 
 class UsageError(Exception):
@@ -41,7 +41,7 @@ def objective_names() -> tuple:
     loaded = sys.modules.get("robalign.losses.objectives")
     if loaded is not None:
         return loaded.NAMES
-    source = Path(__file__).resolve().parents[1] / "ground_truth" / "objectives.py"
+    source = Path(__file__).resolve().parents[2] / "ground_truth" / "objectives.py"
     tree = ast.parse(source.read_text(encoding="utf-8"))
     return tuple(node.name for node in tree.body if isinstance(node, ast.FunctionDef) and any(
         isinstance(d, ast.Call) and getattr(d.func, "id", None) == "objective" for d in node.decorator_list))
@@ -178,7 +178,7 @@ def _cmd_demo(args) -> int:
 def _export_demo_data(folder: Path, args) -> int:
     """The demo's toy data as files shaped like a user's: ``train.jsonl`` (pairwise, a ``source``
     per line) and ``test.jsonl`` (target pairs), to try ``weigh`` and ``train`` on."""
-    from .toy import ToySettings, make_toy_data, write_jsonl
+    from ..data.toy import ToySettings, make_toy_data, write_jsonl
 
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--export-data {folder} is a file; give a folder")
@@ -196,7 +196,7 @@ def _export_demo_data(folder: Path, args) -> int:
 def _cmd_weigh(args) -> int:
     _existing_file(args.data)
     with _needs_extras("weigh"):
-        from .ratio import weigh_file
+        from ..ratio import weigh_file
     with _user_errors():
         report = weigh_file(args.data, args.target_source, args.out, features=args.features, encoder=args.encoder,
                             feature_array=args.feature_array, folds=args.folds, calibration=args.calibration,
@@ -219,7 +219,7 @@ def _cmd_weigh(args) -> int:
 def _cmd_train(args) -> int:
     with _needs_extras("train"):
         from .train import load_settings, run_training
-    from .settings import overrides as given
+    from ..training.settings import overrides as given
 
     overrides = given(args, TrainSettings)
     with _user_errors():
@@ -236,7 +236,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     with _needs_extras("train"):
-        from .evaluate import evaluate_run
+        from ..evaluation.accuracy import evaluate_run
     with _user_errors():
         result = evaluate_run(args.run, args.data, batch_size=args.batch_size)
     print(f"{result['samples']} samples of {result['data']}: reward accuracy {result['reward_accuracy']:.3f}, "
@@ -248,7 +248,7 @@ def _cmd_eval(args) -> int:
 def _cmd_bench(args) -> int:
     import subprocess
 
-    suite = Path(__file__).resolve().parents[2] / "benchmarks" / "suite.py"
+    suite = Path(__file__).resolve().parents[3] / "benchmarks" / "suite.py"
     if not suite.is_file():
         raise UsageError("the benchmark suite lives in the source checkout's benchmarks/ folder; "
                          "run it from a clone installed with `pip install -e .`")
@@ -267,7 +267,7 @@ def _cmd_bench(args) -> int:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ... import __version__
 
     return __version__
 

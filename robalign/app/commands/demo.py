@@ -1,6 +1,6 @@
 """``robalign demo``: a controlled distribution-shift experiment that shows what DoRA does.
 
-Data (:mod:`robalign.app.toy`, seeded): a fraction α of the training samples come from the target
+Data (:mod:`robalign.app.data.toy`, seeded): a fraction α of the training samples come from the target
 (``human``) source and are ranked by the target reward r0; the rest come from a ``synthetic``
 source with its own style, ranked by a biased reward r1 and partly flipped. The test set holds
 target samples ranked by r0.
@@ -9,7 +9,7 @@ Pipeline per seed, through the public API:
     1. SFT a tiny Llama (embedded default) on every training sample's top-ranked response;
     2. ``weigh_file`` the training set (cross-fitted classifier on the responses) → DoRA weights;
     3. reference log-probs of the SFT model; then, for each arm, train a copy with
-       ``DoRALoss`` through the one-pass fused loss (``robalign.app.trainer.one_pass_loss``):
+       ``DoRALoss`` through the one-pass fused loss (``robalign.app.training.trainer.one_pass_loss``):
            dpo       DPO (ERM)                      λ = ∞, no weights
            iw_dpo    importance-weighted DPO        λ = ∞, DoRA weights
            dro_only  KL-DRO without weights         λ = 1
@@ -36,15 +36,15 @@ from pathlib import Path
 
 import torch
 
-from .data import PreferenceCollator, PreferenceDataset, prepare_tokenizer
-from .config import DoRAConfig
-from .toy import ToySettings, make_toy_data, reward_target, write_jsonl
-from .causal_lm import one_pass_loss, policy_logps
+from ..data.preferences import PreferenceCollator, PreferenceDataset, prepare_tokenizer
+from ..training.config import DoRAConfig
+from ..data.toy import ToySettings, make_toy_data, reward_target, write_jsonl
+from ..training.causal_lm import one_pass_loss, policy_logps
 
 __all__ = ["ARMS", "DemoSettings", "run_demo"]
 
 INF = float("inf")
-#: each arm: its alignment settings (:class:`~robalign.app.config.DoRAConfig` fields; β is the
+#: each arm: its alignment settings (:class:`~robalign.app.training.config.DoRAConfig` fields; β is the
 #: demo's), whether it trains on the DoRA weights, and whether it reads whole candidate lists
 ARMS = {
     "dpo": dict(objective="dpo", lam=INF, weighted=False, listwise=False),
@@ -158,7 +158,7 @@ def _greedy_reward(model, tokenizer, test_records, limit=60, new_tokens=12):
 
 
 def _run_seed(seed, settings, workdir, log):
-    from .ratio import weigh_file
+    from ..ratio import weigh_file
     from .train import embedded_model
 
     toy = ToySettings(n_train=settings.n_train, n_test=settings.n_test, group_size=4,
@@ -243,7 +243,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
     }
     if "dpo" in arms and "dora" in arms:
         summary["dora_minus_dpo_points"] = 100 * (arms["dora"]["target_pref_acc_mean"] - arms["dpo"]["target_pref_acc_mean"])
-    from .._io import write_atomic
+    from ..._io import write_atomic
 
     write_atomic(out / "results.json", lambda h: h.write(json.dumps(summary, indent=2).encode()))
     _plot(out / "results.png", arms, settings)
@@ -295,7 +295,7 @@ def _plot(path, arms, settings):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .._io import write_atomic
+    from ..._io import write_atomic
 
     names = list(arms)
     means = [100 * arms[n]["target_pref_acc_mean"] for n in names]

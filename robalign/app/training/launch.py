@@ -10,7 +10,7 @@ what it reports after, and the one-time DeepSpeed set-up.
     describe_engine(trainer)    world size, rank, backend, wrapper class, ZeRO stage, and the share of
                                 the LM head this rank holds — written to ``summary.json``
     prebuild_deepspeed()        compile DeepSpeed's CPU communication extension once, up front, and
-                                clear a lock left by a killed build (``python -m robalign.app.launch``)
+                                clear a lock left by a killed build (``python -m robalign.app.training.launch``)
 
 Why: on a CPU-only machine several launch paths exit 0 having trained something else — see the
 README's "Distributed engines" section for the list, each measured.
@@ -145,7 +145,7 @@ def prebuild_deepspeed(log=print) -> float | None:
     return time.perf_counter() - start
 
 
-if __name__ == "__main__":                       # python -m robalign.app.launch  (the Makefile's set-up)
+if __name__ == "__main__":                       # python -m robalign.app.training.launch  (the Makefile's set-up)
     seconds = prebuild_deepspeed()
     print("robalign: DeepSpeed is not installed; nothing to build" if seconds is None else
           f"robalign: DeepSpeed's CPU communication extension is ready ({seconds:.0f} s)")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ratio.data import read_preference_file, sample_group
+from ..ratio.data import read_preference_file, sample_group
 
 __all__ = ["TokenizedGroup", "PreferenceDataset", "PreferenceCollator", "prepare_tokenizer", "tokenize_prompt",
            "pack_padded"]
@@ -52,7 +52,7 @@ def tokenize_prompt(tokenizer, prompt) -> list[int]:
     """Token ids of a prompt — a string (one user turn) or a list of messages — through the
     tokenizer's chat template with the generation prompt; without a template, the text (a
     conversation as ``role: content`` lines)."""
-    from .ratio.data import prompt_text
+    from ..ratio.data import prompt_text
 
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

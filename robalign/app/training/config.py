@@ -1,5 +1,5 @@
 """The one configuration of training: :class:`DoRAConfig` (the alignment settings that
-:class:`~robalign.app.trainer.DoRATrainer` reads) and :class:`TrainSettings` (those plus the run:
+:class:`~robalign.app.training.trainer.DoRATrainer` reads) and :class:`TrainSettings` (those plus the run:
 model, data, optimisation, output), which is what ``robalign train`` and its YAML config take —
 one set of keys, one check (:func:`check_settings`) naming the key (and the file) of a bad value.
 Light on purpose: nothing heavy is imported here, so the command line can check a config before
@@ -49,7 +49,7 @@ class DoRAConfig:
     form from ``hidden @ Wᵀ + b`` and the head's known transforms). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
     padding_free: pack each batch's rows into one row without padding (``position_ids`` restart at
-    each row; the attention stays within each row), see :class:`~robalign.app.data.PreferenceCollator`.
+    each row; the attention stays within each row), see :class:`~robalign.app.data.preferences.PreferenceCollator`.
     token_stats: log the policy's per-token entropy and mean logit (TRL's ``entropy``, ``logits/chosen``,
     ``logits/rejected``) from the first micro-batch of each optimizer step and every evaluation batch:
     one more pass over the LM head there, without gradient (:func:`robalign.ops.token_stats.token_stats`).
@@ -114,7 +114,7 @@ class DoRAConfig:
         named when there are none; group_size: candidates per sample (``None``: the objective's);
         head: the model's LM-head transform as ``DoRALoss`` keyword arguments (see
         :func:`robalign.ops.head.head_transform`)."""
-        from ..losses.loss import DoRALoss
+        from ...losses.loss import DoRALoss
 
         if reduction is None:
             reduction = reduction_of(self, group_names, data)
@@ -204,7 +204,7 @@ def check_settings(settings: DoRAConfig, where: str = "settings") -> None:
     """Every field of ``settings`` (a :class:`DoRAConfig` or :class:`TrainSettings`) has its type
     and lies in its range; ``where`` prefixes the message (a config file's path). Raises
     ValueError naming the key."""
-    from ..losses import objectives
+    from ...losses import objectives
 
     check_fields(settings, where)
     try:
@@ -246,7 +246,7 @@ def settings_markdown(cls=None) -> str:
     return ("# Settings\n\nEvery setting of `robalign train`: its YAML key, its flag (a flag wins over the "
             "file), its default, what it accepts and what it does. The alignment settings — `objective` to "
             "`average_logps` — are also `DoRAConfig`'s, which `DoRATrainer` takes. Generated from the fields "
-            "of `robalign/app/config.py` by `make settings-table`; do not edit by hand.\n\n"
+            "of `robalign/app/training/config.py` by `make settings-table`; do not edit by hand.\n\n"
             + settings_table(cls, MODEL_DEFAULTS, EMBEDDED_DEFAULTS))
 
 
@@ -289,7 +289,7 @@ def reduction_of(settings: DoRAConfig, group_names=(), data: str = "the training
     """The :class:`~robalign.losses.reductions.Reduction` that ``settings.dro`` names, with its
     parameter; ``group`` is over ``group_names`` (the dataset's, which ``data`` names in the error
     when there are none)."""
-    from ..losses.reductions import REDUCTIONS, GroupDRO
+    from ...losses.reductions import REDUCTIONS, GroupDRO
 
     if settings.dro == "group":
         if not group_names:

@@ -3,7 +3,7 @@
 FSDP2 and ZeRO-3 shards gathered, the head's logit transform read from the model's config — and the
 passes the trainer makes through it: the policy's (or the reference's) per-sequence log-probs
 (:func:`policy_logps`, with LD-DPO's split) and the one-pass loss (:func:`one_pass_loss`).
-:class:`~robalign.app.trainer.DoRATrainer` is the training loop over these.
+:class:`~robalign.app.training.trainer.DoRATrainer` is the training loop over these.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import inspect
 
 import torch
 
-from ..losses.layout import ld_logps
-from ..ops import linear_sequence_logps, sequence_logps, shift_labels
-from ..ops.head import HeadTransform
-from ..ops.token_stats import token_stats
-from ..ops.wpo import wpo_weights
+from ...losses.layout import ld_logps
+from ...ops import linear_sequence_logps, sequence_logps, shift_labels
+from ...ops.head import HeadTransform
+from ...ops.token_stats import token_stats
+from ...ops.wpo import wpo_weights
 
 __all__ = ["policy_logps", "one_pass_loss", "mismatched_batch", "head_transform", "model_inputs", "aligned_labels"]
 
