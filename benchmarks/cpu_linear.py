@@ -114,8 +114,10 @@ def measure(provider: str, tokens: int, hidden_size: int, vocab: int, repeat: in
 def _dora_loss(h, w, y, ref, *, one_pass: bool, backend: str = "cpp", softcap=None):
     import robalign
 
-    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=one_pass, logit_softcap=softcap)
-    return fn(hidden=h, head_weight=w, labels=y, ref_logps=ref).loss
+    fn = robalign.FusedLinearDoRALoss(robalign.Objective("dpo", beta=0.1), robalign.KLDRO(1.0),
+                                      head=robalign.HeadTransform(softcap=softcap),
+                                      params=robalign.LossParams(backend=backend, one_pass=one_pass))
+    return fn(h, w, y, ref).loss
 
 
 def _measure_loss(provider, hidden, weight, labels, ref_logps, repeat, mode, scored, softcap=None) -> dict:

@@ -64,11 +64,11 @@ def measure(provider, tokens, hidden_size, vocab, repeat, masked=0.125) -> dict:
         h = hidden.detach().reshape(-1, hidden_size)[:scored].contiguous()
         w, g = weight.detach(), torch.randn(scored, vocab)
         return {**cpu_harness.measure(provider, lambda: (h @ w.T, g @ w, g.T @ h), repeat), "scored_tokens": scored}
-    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend="cpp", one_pass=not provider.startswith("recompute"),
-                           fp32_head_grad=provider != "bf16_head_dtype_grad")
+    fn = robalign.FusedLinearDoRALoss(robalign.Objective("dpo", beta=0.1), robalign.KLDRO(1.0), params=robalign.LossParams(
+        backend="cpp", one_pass=not provider.startswith("recompute"), fp32_head_grad=provider != "bf16_head_dtype_grad"))
 
     def step():
-        loss = fn(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref_logps).loss
+        loss = fn(hidden, weight, labels, ref_logps).loss
         return torch.autograd.grad(loss, (hidden, weight))
 
     want = reference_dora_dpo(hidden, weight, labels, ref_logps)[2]

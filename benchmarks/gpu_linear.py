@@ -62,9 +62,10 @@ LOSS_PROVIDERS = ("recompute", "one_pass")
 
 def dora_loss(provider, hidden, weight, labels, ref_logps, backend, softcap=None):
     """The DoRA loss of the rows as pairs (DPO, KL-DRO λ = 1) by the recompute path or the one-pass op."""
-    fn = robalign.DoRALoss("dpo", beta=0.1, lam=1.0, backend=backend, one_pass=provider == "one_pass",
-                           logit_softcap=softcap)
-    return fn(hidden=hidden, head_weight=weight, labels=labels, ref_logps=ref_logps).loss
+    fn = robalign.FusedLinearDoRALoss(robalign.Objective("dpo", beta=0.1), robalign.KLDRO(1.0),
+                                      head=robalign.HeadTransform(softcap=softcap),
+                                      params=robalign.LossParams(backend=backend, one_pass=provider == "one_pass"))
+    return fn(hidden, weight, labels, ref_logps).loss
 MASKS = ((0.125, 0.0), (0.0, 0.0), (0.5, 0.0), (0.25, 0.25))
 
 

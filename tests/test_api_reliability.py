@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import robalign
-from robalign import objectives, reference
+from robalign import ground_truth, objectives
 
 LAMS = [s * 10.0 ** e for e in range(-6, 13, 2) for s in (1, -1)]
 
@@ -34,7 +34,7 @@ def test_kl_dro_value_for_any_lambda(lam, dtype, rtol):
         # rtol is relative to the value; 1e-6·|λ|·… is below it for these losses at every λ
         assert robalign.kl_dro(losses, weights, lam=lam).item() == pytest.approx(want, rel=rtol, abs=rtol)
         if dtype == torch.float64:
-            assert reference.kl_dro(losses, weights, lam=lam).item() == pytest.approx(want, rel=rtol, abs=rtol)
+            assert ground_truth.kl_dro(losses, weights, lam=lam).item() == pytest.approx(want, rel=rtol, abs=rtol)
 
 
 def test_the_issue_examples():

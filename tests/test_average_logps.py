@@ -7,8 +7,9 @@ Checked three ways: (1) on log-probs, float64, the option equals the plain objec
 log-probs by hand, and ``dpo``/``ipo`` with it equal TRL's ``dpo_norm``/``ipo_norm`` (to rounding);
 (2) every path and backend, float32, against the float64 reference backend with the option (the
 loss and the hidden-state gradient within 1e-5 relative, as tests/test_linear_backends.py: float32
-sums over at most 7·11 terms per sequence); (3) objectives that already normalise, and KTO's, are
-refused with a clear error.
+sums over at most 7·11 terms per sequence); (3) objectives that already normalise are refused with a
+clear error; (4) KTO's, whose reference point z₀ is formed from mismatched rows, read those rows'
+mean log-probs too (their ``kl_counts``).
 """
 
 import pytest
@@ -20,6 +21,7 @@ from test_linear_backends import BACKENDS
 
 AVERAGED = sorted(n for n, e in OBJECTIVES.items()
                   if "+" not in n and ":" not in n and "/" not in n and not e.counts and not e.kl_reference)
+# KTO's reference point reads mismatched rows: tested on its own below
 
 
 def _k(name):
@@ -95,8 +97,39 @@ def test_every_path_and_backend_averages(name, backend, path):
 
 @pytest.mark.parametrize("name,why", [("dpo_norm", "already reads length-normalised"),
                                       ("simpo", "already reads length-normalised"),
-                                      ("dpo+0.5*sft", "already reads length-normalised"),
-                                      ("kto", "averaged log-probs are not supported")])
-def test_objectives_that_normalise_already_or_kto_are_refused(name, why):
+                                      ("dpo+0.5*sft", "already reads length-normalised")])
+def test_objectives_that_normalise_already_are_refused(name, why):
     with pytest.raises(ValueError, match=rf"robalign.DoRALoss: `average_logps`: objective .* {why}"):
-        robalign.DoRALoss(name, average_logps=True, group_size=1 if name == "kto" else None)
+        robalign.DoRALoss(name, average_logps=True)
+    with pytest.raises(ValueError, match=rf"robalign.Objective: `average_logps`: objective .* {why}"):
+        robalign.Objective(name, average_logps=True)
+
+
+def test_kto_averages_its_rows_and_its_reference_point(name="kto"):
+    """KTO with averaged log-probs: the samples' log-ratios and z₀ (from the mismatched rows) are
+    per-token means — the plain objective fed both averaged by hand, loss and gradient."""
+    gen = torch.Generator().manual_seed(5)
+    n = 6
+    logps = -torch.rand(n, generator=gen, dtype=torch.float64) * 20 - 1
+    ref = -torch.rand(n, generator=gen, dtype=torch.float64) * 20 - 1
+    counts, kl_counts = torch.randint(0, 9, (n,), generator=gen), torch.randint(1, 9, (n,), generator=gen)
+    kl_logps = -torch.rand(n, generator=gen, dtype=torch.float64) * 20
+    kl_ref = -torch.rand(n, generator=gen, dtype=torch.float64) * 20
+    labels = (torch.arange(n) % 2).double()
+    length, kl_length = counts.clamp(min=1).double(), kl_counts.double()
+    x1, x2 = logps.clone().requires_grad_(True), logps.clone().requires_grad_(True)
+    reduction = robalign.KLDRO(0.7)
+    averaged = robalign.DoRALoss(robalign.Objective(name, beta=0.2, average_logps=True), reduction)
+    got = averaged.from_logps(x1, counts, ref, extras=robalign.BatchExtras(
+        scores=labels, kl_logps=kl_logps, kl_ref_logps=kl_ref, kl_counts=kl_counts))
+    kl_by_hand = robalign.BatchExtras(scores=labels, kl_logps=kl_logps / kl_length, kl_ref_logps=kl_ref / kl_length)
+    by_hand = robalign.DoRALoss(robalign.Objective(name, beta=0.2), reduction).from_logps(
+        x2 / length, counts, ref / length, extras=kl_by_hand)
+    got.loss.backward()
+    by_hand.loss.backward()
+    torch.testing.assert_close(got.loss, by_hand.loss, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got.kl, by_hand.kl, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match=r"averaged log-probs need `kl_counts`"):
+        averaged.from_logps(x1, counts, ref, extras=robalign.BatchExtras(scores=labels, kl_logps=kl_logps,
+                                                                          kl_ref_logps=kl_ref))

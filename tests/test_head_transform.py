@@ -208,7 +208,7 @@ def test_models_that_transform_their_logits_keep_the_fused_path(kind, expected):
 
     ref = tok.sum(1).detach() + torch.randn(4, generator=gen, dtype=torch.float64)
     t = head_transform(model)
-    loss_fn = robalign.DoRALoss("dpo", lam=1.0, **t.kwargs)
+    loss_fn = robalign.FusedLinearDoRALoss("dpo", robalign.KLDRO(1.0), head=t)
     out = one_pass_loss(model, dict(batch, ref_logps=ref), loss_fn)
     grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
     want = ground_truth.kl_dro(ground_truth.objectives.dpo(tok.sum(1).view(-1, 2), ref.view(-1, 2)), None, 1.0)

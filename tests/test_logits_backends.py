@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import robalign
-from robalign import backends, reference
+from robalign import backends, ground_truth
 from conftest import packed_from_padded, random_batch
 
 CUDA = torch.cuda.is_available()
@@ -197,7 +197,7 @@ def test_policy_and_reference_in_one_pass(backend, ref_dtype):
     ref_logits = (torch.randn(4, 6, 97) * 2).to(ref_dtype).to(device)
     z = logits.clone().requires_grad_(True)
     logps, ref_logps, counts = robalign.sequence_logps_with_ref(z, ref_logits, labels, backend=name)
-    want_ref, _ = reference.sequence_logps(ref_logits.double().cpu(), labels.cpu())
+    want_ref, _ = ground_truth.sequence_logps(ref_logits.double().cpu(), labels.cpu())
     torch.testing.assert_close(ref_logps.double().cpu(), want_ref, rtol=1e-5, atol=1e-5)
     assert not ref_logps.requires_grad
     coeff = torch.tensor([1.0, -2.0, 0.5, 3.0])

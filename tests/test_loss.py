@@ -146,7 +146,7 @@ def test_release_01_argument_names_are_gone():
     are refused in 0.2 (``head_weight``, ... and ``process_group``)."""
     hidden, weight = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     labels, ref = torch.randint(5, (2, 3)), torch.zeros(2, dtype=torch.float64)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'weight'"):
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['weight'\]"):
         robalign.DoRALoss("dpo")(hidden=hidden, weight=weight, labels=labels, ref_logps=ref)
     with pytest.raises(TypeError, match=r"objective 'dpo' has no hyper-parameter \['group'\]"):
         robalign.DoRALoss("dpo", group=None)

@@ -14,7 +14,8 @@ from robalign.app.data.preferences import PreferenceCollator, PreferenceDataset,
 from robalign.app.data.toy import ToySettings, make_toy_data
 from robalign.app.commands.train import embedded_model, run_training
 from robalign.app.training.causal_lm import one_pass_loss, policy_logps
-from robalign.losses.loss import DoRALoss
+from robalign.losses.loss import FusedLinearDoRALoss
+from robalign.losses.reductions import KLDRO
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_the_one_pass_loss_on_a_packed_batch(data):
     losses, grads = [], []
     for padding_free in (False, True):
         batch = PreferenceCollator(tokenizer.pad_token_id, padding_free=padding_free)(groups)
-        out = one_pass_loss(model, dict(batch, ref_logps=ref), DoRALoss("dpo", lam=1.0))
+        out = one_pass_loss(model, dict(batch, ref_logps=ref), FusedLinearDoRALoss("dpo", KLDRO(1.0)))
         losses.append(out.loss)
         grads.append(torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)

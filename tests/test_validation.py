@@ -101,7 +101,7 @@ def test_objective_errors():
 def test_dora_loss_errors():
     z, y = logits_labels(s=4)
     ref = torch.randn(4, dtype=D)
-    with pytest.raises(ValueError, match=r"`probs` needs `alpha`"):
+    with pytest.raises(ValueError, match=r"`probs` needs a weighting with `alpha`"):
         robalign.DoRALoss()(logits=z, labels=y, ref_logps=ref, probs=torch.rand(4, dtype=D))
     with pytest.raises(ValueError, match=r"`group_size`=3 must divide the number of sequences, got 4"):
         robalign.DoRALoss("plackett_luce", group_size=3)(logits=z, labels=y, ref_logps=ref)

@@ -634,17 +634,15 @@ def with_mean_logps(name: str) -> str:
     reference log-prob divided by its scored tokens ``|y|`` (at least 1) before the objective sees
     them, as Liger-Kernel's ``average_log_prob`` and TRL's ``*_norm`` loss types do — and return its
     name, ``name + "/mean"``: ``dpo/mean`` is ``dpo_norm``, ``ipo/mean`` is ``ipo_norm``. Not for an
-    objective that already divides by length (it would divide twice), nor KTO's (its reference point
-    reads mismatched rows whose lengths the objective does not see)."""
+    objective that already divides by length (it would divide twice). KTO's reference point ``kl`` is
+    passed through: the caller forms it from the mismatched rows' mean log-probs
+    (:class:`robalign.DoRALoss` does, from their ``kl_counts``)."""
     if name.endswith(MEAN_LOGPS) and name in OBJECTIVES:
         return name
     base = OBJECTIVES[name]
     if base.counts:
         raise ValueError(f"objective {name!r} already reads length-normalised log-probs; averaging them again "
                          "would divide by the length twice")
-    if base.kl_reference:
-        raise ValueError(f"objective {name!r}: averaged log-probs are not supported (its reference point reads "
-                         "mismatched completions whose lengths it does not see)")
     registered = name + MEAN_LOGPS
 
     def fn(logps, ref_logps=None, *, counts, scores=None, **hparams):
@@ -655,5 +653,6 @@ def with_mean_logps(name: str) -> str:
     fn.__name__ = fn.__qualname__ = registered
     fn.__doc__ = f"{name} on per-token mean log-probs logp/|y| (and ref/|y|)"
     OBJECTIVES[registered] = Objective(registered, fn, base.reference, True, base.pairwise, base.scores,
-                                       dict(base.params), unpaired=base.unpaired, batch_coupled=base.batch_coupled)
+                                       dict(base.params), unpaired=base.unpaired, kl_reference=base.kl_reference,
+                                       batch_coupled=base.batch_coupled)
     return registered

@@ -9,6 +9,7 @@ default) turns ℓ and w into the trained scalar, exactly over ranks (``reduce``
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,11 +25,13 @@ from ..ops.registry import resolve
 from . import objectives as _objectives
 from .dro import DROStats
 from .layout import ld_logps
+from .objectives import Objective
+from .options import BatchExtras, LossParams
 from .reductions import KLDRO, Reduction
 from .unpaired import reference_point, unpaired_rewards
-from .weights import dora_weights
+from .weights import DoRAWeights
 
-__all__ = ["DoRALoss", "DoRAOutput", "DoRASamples"]
+__all__ = ["DoRALoss", "FusedLinearDoRALoss", "fused_linear_dora_loss", "DoRAOutput", "DoRASamples"]
 
 @dataclass
 class DoRASamples:
@@ -90,147 +93,184 @@ def _check_log_probs(where, logps, ref_logps) -> None:
     V.check_values(where, ok, message)
 
 
+#: the 0.2 flat constructor arguments and where each now lives
+_FLAT_ARGS = {
+    "beta": "Objective(name, beta=...)", "average_logps": "Objective(name, average_logps=True)",
+    "lam": "reduction=KLDRO(lam)", "alpha": "weighting=DoRAWeights(alpha, ...)",
+    "synthetic_fraction": "weighting=DoRAWeights(alpha, synthetic_fraction=...)",
+    "class_ratio": "weighting=DoRAWeights(alpha, class_ratio=...)",
+    "logit_scale": "FusedLinearDoRALoss(..., head=HeadTransform(scale=...))",
+    "logit_softcap": "FusedLinearDoRALoss(..., head=HeadTransform(softcap=...))",
+    "logit_temperature": "FusedLinearDoRALoss(..., head=HeadTransform(temperature=...))",
+    **{name: f"params=LossParams({name}=...)" for name in (f.name for f in fields(LossParams))},
+}
+#: the 0.2 flat forward arguments: BatchExtras fields, and the hidden-state path's three
+_FLAT_INPUTS = {f.name for f in fields(BatchExtras)} | {"extra_weights"}
+_HIDDEN_INPUTS = ("hidden", "head_weight", "head_bias")
+
+
+def _deprecated(where: str, given, moves: str) -> None:
+    warnings.warn(f"{where}: flat arguments {sorted(given)} are deprecated and go away in 0.3: {moves}",
+                  DeprecationWarning, stacklevel=3)
+
+
 class DoRALoss(nn.Module):
-    """Distribution-aware robust alignment loss (DoRA, arXiv 2504.05831), as a module.
+    """Distribution-aware robust alignment loss (DoRA, arXiv 2504.05831), from log-probs or logits.
 
         ℓ_i = objective(logp_policy, logp_ref)_i          per sample i (K candidates)
-        w_i = mean_k dora_weights(p_ik, α, β_mix, class_ratio)
+        w_i = mean_k dora_weights(p_ik, α, β_mix, class_ratio)    (or given ``weights``; 1 without)
         L   = reduction(ℓ, w)      default KL-DRO: λ · log( (1/N) Σ_i exp(w_i·ℓ_i/λ) ) over the
-                                   whole batch (and every rank of ``process_group``)
+                                   whole batch (and every rank of the process group)
+
+    ::
+
+        loss_fn = DoRALoss(Objective("dpo", beta=0.1), KLDRO(lam=1.0), DoRAWeights(alpha=0.3))
+        out = loss_fn(logits, labels, ref_logps, probs=probs)        # logits [S, T, V], labels [S, T]
+        out.loss.backward()
+
+    From hidden states and the LM head, without materialising logits: :class:`FusedLinearDoRALoss`.
 
     Args:
-        objective: a name from :mod:`robalign.objectives`, or a weighted sum of them
-            (``"dpo+0.5*sft"`` or ``{"dpo": 1.0, "sft": 0.5}``, see :func:`robalign.objectives.mixture`).
-        beta: the objective's β (ignored by objectives without one: rrhf, lire).
-        lam: the KL-DRO temperature λ (``float('inf')``: weighted mean; < 0: soft minimum);
-            default 1. Shorthand for ``reduction=KLDRO(lam)``.
-        alpha: the target fraction α of the training mixture; required with ``probs``.
-        synthetic_fraction: the mixture's β (default ``1 − α``); a number or a tensor per
-            candidate position.
-        class_ratio: ``n_target / n_source`` of the classifier's training set.
-        group_size: K, the candidates per sample (rows are group-major); default 2, and 1 for an
-            unpaired objective (KTO: one labelled completion per sample, see
-            :mod:`robalign.losses.unpaired`).
-        ignore_index: label value of unscored tokens.
-        reduction: a :class:`~robalign.losses.reductions.Reduction` (instead of ``lam``).
-        process_group, ddp_average: the process group whose ranks share the reduction's batch
-            (see :func:`robalign.kl_dro`); ``group`` is the 0.1 name of ``process_group``.
-        backend: backend of the heavy op (see :func:`robalign.sequence_logps`).
-        one_pass: with ``hidden`` and the LM head, form the loss **and** its gradients in one
-            forward (:mod:`robalign.ops.one_pass`: three matmul passes instead of four, the
-            backward only scales). It is used when gradients are wanted, the reduction takes a
-            gradient formed ahead (KL-DRO does) and the backend is a kernel one; the outputs'
-            ``policy_logps`` and ``logratios`` then carry no graph (only ``loss`` does). False
-            selects the recompute path: log-probs with a graph, autograd through the objective.
-        fp32_head_grad: in the one-pass path, accumulate the head's gradient in float32 for a
-            bfloat16/float16 head (one extra [V, H] float32 buffer); False keeps the head's dtype
-            (one rounding per chunk).
-        ld_alpha: LD-DPO's length desensitisation (Liu et al. 2024, arXiv 2409.06411; TRL's
-            ``ld_alpha``), α ∈ [0, 1]: a response's log-prob counts its first ``min_k |y_k|`` scored
-            tokens (the length its group shares) fully and the rest times α,
-            ``logp = logp_shared + α·logp_tail``; for the policy and for a reference given as logits
-            or hidden states (``ref_logps`` given directly are taken as they are). Padded rows only;
-            the recompute path (two fused log-prob passes, one per part).
-        wpo: WPO's weighting (Zhou et al. 2024, arXiv 2406.11827; TRL's ``use_weighting``): each
-            sample's weight is multiplied by ``Π_k ω_k``, ``ω = exp(mean_t(log p(y_t) − log Σ_v p(v)²))``
-            of the policy, without gradient (:func:`robalign.ops.wpo.wpo_weights`: one more pass over
-            the head, chunked). Padded rows only.
-        logit_scale, logit_softcap, logit_temperature: the LM head's logit transform on the
-            hidden-state paths, ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap c;
-            :mod:`robalign.ops.head`): Gemma 2/3's ``final_logit_softcapping`` is ``logit_softcap``,
-            Cohere's ``logit_scale`` is ``logit_scale``.
-            Logits given as ``logits`` are taken as the head's output, so they refuse a transform.
-        reference_free: for an objective with a reference model, take the reference's log-probs as 0
-            (``r = logp``; the DPO family without a reference, as TRL's former ``reference_free``);
-            reference inputs are then refused.
-        average_logps: read every candidate's log-probs (policy and reference) as per-token means
-            ``logp/|y|`` — Liger-Kernel's ``average_log_prob`` — for any objective that does not
-            already normalise by length, on every path (``dpo`` with it is ``dpo_norm``); the
-            rewards reported are then β times the mean log-ratios. Not for KTO's objectives.
-        **objective_kwargs: the objective's other hyper-parameters (e.g. ``label_smoothing``).
+        objective: an :class:`~robalign.objectives.Objective` (the base loss and its hyper-parameters),
+            or a name, taken with its defaults (``"dpo"`` is ``Objective("dpo", beta=0.1)``).
+        reduction: a :class:`~robalign.losses.reductions.Reduction` over the batch's weighted losses
+            (default ``KLDRO(1.0)``; ``KLDRO(float("inf"))`` is the weighted mean; KLBall, Chi2Ball,
+            CVaR, GroupDRO).
+        weighting: a :class:`~robalign.losses.weights.DoRAWeights`, which turns the classifier's
+            ``probs`` into per-sample weights; needed only when ``probs`` are given.
+        params: a :class:`~robalign.losses.options.LossParams`: candidates per sample, ignore_index,
+            backend, one-pass or recompute, LD-DPO, WPO, reference-free, process group.
+
+    Release 0.2's flat arguments (``beta=``, ``lam=``, ``alpha=``, ``group_size=``, ...) still work,
+    with a DeprecationWarning naming where each now lives; they go away in 0.3.
     """
 
-    def __init__(self, objective: str = "dpo", beta: float = 0.1, lam: float | None = None, alpha=None,
-                 synthetic_fraction=None, class_ratio: float = 1.0, group_size: int | None = None,
-                 ignore_index: int = -100, *, reduction: Reduction | None = None, process_group=None,
-                 ddp_average: bool = True, backend: str | None = None, one_pass: bool = True,
-                 fp32_head_grad: bool = True, ld_alpha: float | None = None, wpo: bool = False,
-                 logit_scale: float = 1.0, logit_softcap: float | None = None, logit_temperature: float = 1.0,
-                 reference_free: bool = False, average_logps: bool = False, **objective_kwargs):
+    def __init__(self, objective="dpo", reduction: Reduction | None = None, weighting: DoRAWeights | None = None,
+                 params: LossParams | None = None, **flat):
         super().__init__()
+        head = HeadTransform()
+        if flat:
+            objective, reduction, weighting, params, head = self._from_flat(objective, reduction, weighting, params,
+                                                                            flat)
+        self._configure(objective, reduction, weighting, params, head)
+
+    @staticmethod
+    def _from_flat(objective, reduction, weighting, params, flat):
+        """The objects of the 0.2 flat arguments, with a DeprecationWarning that names the new ones."""
         where = "robalign.DoRALoss"
-        objective = _objectives.resolve(objective)
-        if average_logps:
-            try:
-                objective = _objectives.with_mean_logps(objective)
-            except ValueError as err:
-                V.fail(where, f"`average_logps`: {err}")
-        self.average_logps = bool(average_logps)
-        self.objective_fn = _objectives.get(objective)
+        name = objective.base if isinstance(objective, Objective) else objective
+        hparams = dict(objective.hparams) if isinstance(objective, Objective) else {}
+        average = bool(flat.pop("average_logps", False)) or (isinstance(objective, Objective) and objective.average_logps)
+        resolved = None
+        try:
+            resolved = _objectives.resolve(name)
+        except ValueError:
+            pass
+        takes = _objectives.hyperparameters(resolved) if resolved else {}
+        moves = {key: _FLAT_ARGS.get(key, "Objective(name, ...=...)") for key in flat}
+        beta = flat.pop("beta", None)
+        if beta is not None and (resolved is None or "beta" in takes):
+            hparams["beta"] = beta
+        hparams.update({key: flat.pop(key) for key in list(flat) if key not in _FLAT_ARGS})
+        lam = flat.pop("lam", None)
+        if lam is not None:
+            if reduction is not None:
+                V.fail(where, "pass `lam` or `reduction`, not both (`lam` is short for reduction=KLDRO(lam))")
+            V.check_lam(where, lam)
+            reduction = KLDRO(lam)
+        mix = {key: flat.pop(key) for key in ("alpha", "synthetic_fraction", "class_ratio") if key in flat}
+        if mix:
+            if weighting is not None:
+                V.fail(where, "pass `weighting` or the flat `alpha`, `synthetic_fraction`, `class_ratio`, not both")
+            if mix.get("alpha") is not None:
+                weighting = DoRAWeights(**mix)
+            else:
+                for key, value in mix.items():
+                    if key == "synthetic_fraction" and value is not None:
+                        V.check_number(where, key, value, low=0, allow_tensor=True)
+                    elif key == "class_ratio":
+                        V.check_number(where, key, value, low=0, low_open=True)
+                        if value == float("inf"):
+                            V.fail(where, "`class_ratio` must be finite")
+        head = HeadTransform.checked(where, flat.pop("logit_scale", 1.0), flat.pop("logit_softcap", None),
+                                     flat.pop("logit_temperature", 1.0))
+        if flat:
+            if params is not None:
+                V.fail(where, f"pass `params` or the flat {sorted(flat)}, not both")
+            params = LossParams(**flat)
+        _deprecated(where, moves, "; ".join(f"{key} → {value}" for key, value in moves.items()))
+        objective = Objective.checked(where, name, average, **hparams) if resolved else objective
+        return objective, reduction, weighting, params, head
+
+    def _configure(self, objective, reduction, weighting, params, head: HeadTransform):
+        where = "robalign.DoRALoss"
+        if not isinstance(objective, Objective):
+            if not isinstance(objective, (str, dict)):
+                V.fail(where, f"`objective` must be a robalign.Objective or a name, got {type(objective).__name__}",
+                       TypeError)
+            objective = Objective.checked(where, objective)
         if reduction is None:
-            if lam is not None:
-                V.check_lam(where, lam)
-            reduction = KLDRO(1.0 if lam is None else lam)
-        elif lam is not None:
-            V.fail(where, "pass `lam` or `reduction`, not both (`lam` is short for reduction=KLDRO(lam))")
+            reduction = KLDRO(1.0)
         elif not isinstance(reduction, Reduction):
-            V.fail(where, f"`reduction` must be a robalign.losses.reductions.Reduction, got {type(reduction).__name__}",
-                   TypeError)
+            hint = (" (λ of KL-DRO: reduction=robalign.KLDRO(lam); β belongs to the objective: "
+                    "Objective('dpo', beta=...))") if isinstance(reduction, (int, float)) else ""
+            V.fail(where, f"`reduction` must be a robalign.losses.reductions.Reduction, got "
+                          f"{type(reduction).__name__}{hint}", TypeError)
+        if weighting is not None and not isinstance(weighting, DoRAWeights):
+            V.fail(where, f"`weighting` must be a robalign.DoRAWeights, got {type(weighting).__name__}", TypeError)
+        params = LossParams() if params is None else params
+        if not isinstance(params, LossParams):
+            V.fail(where, f"`params` must be a robalign.LossParams, got {type(params).__name__}", TypeError)
+        self.spec = objective
         self.reduction = reduction
-        if alpha is not None:
-            V.check_number(where, "alpha", alpha, low=0, high=1, low_open=True)
-        if synthetic_fraction is not None:
-            V.check_number(where, "synthetic_fraction", synthetic_fraction, low=0, allow_tensor=True)
-        V.check_number(where, "class_ratio", class_ratio, low=0, low_open=True)
-        if class_ratio == float("inf"):
-            V.fail(where, "`class_ratio` must be finite")
+        self.weighting = weighting
+        self.params = params
+        name = objective.name
+        self.objective, self.hparams, self.average_logps = name, dict(objective.hparams), objective.average_logps
+        self.objective_fn = _objectives.get(name)
+        self.beta = objective.beta if objective.beta is not None else _objectives.DEFAULT_BETA
+        self.alpha = None if weighting is None else weighting.alpha
+        self.synthetic_fraction = None if weighting is None else weighting.synthetic_fraction
+        self.class_ratio = 1.0 if weighting is None else weighting.class_ratio
+        group_size, ignore_index, ld_alpha, wpo = params.group_size, params.ignore_index, params.ld_alpha, params.wpo
         V.check_int(where, "ignore_index", ignore_index)
-        self.unpaired = _objectives.is_unpaired(objective)
-        self.batch_coupled = _objectives.is_batch_coupled(objective)
+        self.unpaired = _objectives.is_unpaired(name)
+        self.batch_coupled = _objectives.is_batch_coupled(name)
         if self.batch_coupled and wpo:
-            V.fail(where, f"`wpo` weighs samples; objective {objective!r} sorts the batch, so its losses are not "
+            V.fail(where, f"`wpo` weighs samples; objective {name!r} sorts the batch, so its losses are not "
                           "per sample")
         if group_size is None:
             group_size = 1 if self.unpaired else 2
         if self.unpaired:
             if group_size != 1:
-                V.fail(where, f"objective {objective!r} reads unpaired data (one completion per sample): "
+                V.fail(where, f"objective {name!r} reads unpaired data (one completion per sample): "
                               f"`group_size` must be 1, got {group_size!r}")
-            for name, value in (("ld_alpha", ld_alpha), ("wpo", wpo or None)):
+            for key, value in (("ld_alpha", ld_alpha), ("wpo", wpo or None)):
                 if value is not None:
-                    V.fail(where, f"`{name}` compares the candidates of a sample; objective {objective!r} has one")
+                    V.fail(where, f"`{key}` compares the candidates of a sample; objective {name!r} has one")
         elif not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
             V.fail(where, f"`group_size` must be an int ≥ 2 (candidates per sample), got {group_size!r}")
-        if _objectives.is_pairwise(objective) and group_size != 2:
-            V.fail(where, f"objective {objective!r} is pairwise: `group_size` must be 2, got {group_size}")
-        self.objective = objective
-        self.beta, self.alpha = beta, alpha
-        self.synthetic_fraction, self.class_ratio = synthetic_fraction, class_ratio
+        if _objectives.is_pairwise(name) and group_size != 2:
+            V.fail(where, f"objective {name!r} is pairwise: `group_size` must be 2, got {group_size}")
         self.group_size, self.ignore_index = group_size, ignore_index
-        self.process_group, self.ddp_average, self.backend = process_group, ddp_average, backend
-        self.one_pass, self.fp32_head_grad = bool(one_pass), bool(fp32_head_grad)
+        self.process_group, self.ddp_average, self.backend = params.process_group, params.ddp_average, params.backend
+        self.one_pass, self.fp32_head_grad = bool(params.one_pass), bool(params.fp32_head_grad)
         if ld_alpha is not None:
             V.check_number(where, "ld_alpha", ld_alpha, low=0, high=1)
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
-        self.head_transform = HeadTransform.checked(where, logit_scale, logit_softcap, logit_temperature)
-        if reference_free and not _objectives.needs_reference(objective):
-            V.fail(where, f"`reference_free`: objective {objective!r} takes no reference model already")
+        if not isinstance(head, HeadTransform):
+            V.fail(where, f"`head` must be a robalign.HeadTransform, got {type(head).__name__}", TypeError)
+        self.head_transform = head
+        reference_free = params.reference_free
+        if reference_free and not _objectives.needs_reference(name):
+            V.fail(where, f"`reference_free`: objective {name!r} takes no reference model already")
         if reference_free and self.unpaired:
-            V.fail(where, f"`reference_free`: objective {objective!r} compares with its reference point; keep the "
+            V.fail(where, f"`reference_free`: objective {name!r} compares with its reference point; keep the "
                           "reference model")
         self.reference_free = bool(reference_free)
-        self.needs_reference = _objectives.needs_reference(objective) and not self.reference_free
-        self.needs_kl = _objectives.needs_kl_reference(objective)
-        takes = _objectives.hyperparameters(objective)
-        self.hparams = dict(objective_kwargs)
-        if "beta" in takes:
-            self.hparams["beta"] = beta
-        unknown = set(self.hparams) - set(takes)
-        if unknown:
-            V.fail(where, f"objective {objective!r} has no hyper-parameter {sorted(unknown)}; "
-                          f"it takes {sorted(takes)}", TypeError)
-        _objectives.check_hyperparameters(objective, self.hparams, where)     # at construction, not first use
+        self.needs_reference = _objectives.needs_reference(name) and not self.reference_free
+        self.needs_kl = _objectives.needs_kl_reference(name)
 
     @property
     def lam(self) -> float | None:
@@ -273,42 +313,66 @@ class DoRALoss(nn.Module):
             return t
         V.fail(where, f"`{name}` must be [S] = [{num_seqs}] or [B, K] = [{num_seqs // k}, {k}], got {tuple(t.shape)}")
 
-    def forward(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
-                ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
-                weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
-                kl_logps=None, kl_ref_logps=None) -> DoRAOutput:
-        """Compute the loss of one batch of S = B·K sequences, rows group-major.
-
-        The policy's log-probs come from ``logits``, or from ``hidden`` and the LM head
-        (``head_weight``, ``head_bias``) through the fused linear path; the reference's from
-        exactly one of ``ref_logps``, ``ref_logits``, or ``ref_hidden`` with ``ref_head_weight``
-        (``ref_head_bias``), without gradient. With both ``logits`` and ``ref_logits`` one pass
-        reads the two (one launch on the Triton backend).
+    def forward(self, logits=None, labels=None, ref_logps=None, *, probs=None, weights=None,
+                extras: BatchExtras | None = None, **flat) -> DoRAOutput:
+        """The loss of one batch of S = B·K sequences from the policy's logits, rows group-major.
 
         Args:
-            labels: ``[S, T]`` (or ``[N]`` packed with ``cu_seqlens``), aligned with the logits.
-            logits: ``[S, T, V]`` / ``[N, V]`` policy logits; or ``hidden`` ``[S, T, H]`` /
-                ``[N, H]`` with ``head_weight`` ``[V, H]`` (and ``head_bias`` ``[V]``).
-            ref_logps: ``[S]`` precomputed reference log-probs; or ``ref_logits``, or
-                ``ref_hidden`` with ``ref_head_weight`` (and ``ref_head_bias``).
-            probs: ``[S]`` or ``[B, K]`` classifier probabilities P(target | candidate).
-            weights: ``[B]`` per-sample or ``[S]``/``[B, K]`` per-candidate weights (instead of
-                ``probs``).
-            scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better.
-            group_ids: ``[B]`` integer group of each sample, for a reduction that reads them
-                (:class:`robalign.GroupDRO`).
-            kl_logps, kl_ref_logps: ``[B]`` policy and reference log-probs of mismatched completions
-                (prompt i with another sample's completion, no gradient), for KTO's reference point
-                (:func:`robalign.losses.unpaired.reference_point`); unpaired objectives read their labels
-                (1 desirable, 0 undesirable) from ``scores``.
-            accumulator: the reduction's accumulator (``loss_fn.reduction.accumulator(params)``)
-                when this batch is one micro-batch of a gradient-accumulation step: ``loss`` is
-                then this micro-batch's share to ``backward()``, with the value of the full-batch
-                loss folded in so far (``accumulator.loss``).
+            logits: ``[S, T, V]`` policy logits (or ``[N, V]`` packed, with ``extras.cu_seqlens``).
+            labels: ``[S, T]`` (``[N]`` packed), aligned with the logits (:func:`robalign.shift_labels`);
+                ``ignore_index`` marks unscored tokens.
+            ref_logps: ``[S]`` the reference's sequence log-probs (or ``extras.ref_logits``), without gradient.
+            probs: ``[S]`` or ``[B, K]`` classifier probabilities P(target | candidate), turned into weights
+                by the ``weighting``; or
+            weights: ``[B]`` per-sample or ``[S]``/``[B, K]`` per-candidate weights.
+            extras: a :class:`~robalign.losses.options.BatchExtras` (scores, group ids, packed rows, the
+                micro-batch accumulator, KTO's mismatched rows, reference logits).
 
-        With ``hidden`` and the head, and gradients wanted, the one-pass fused loss runs (see
-        ``one_pass``): the loss and every gradient in this forward.
+        Returns a :class:`DoRAOutput`: ``loss`` (0-d, to ``backward()``) and the per-sample losses,
+        weights, log-ratios and rewards. With ``extras.accumulator``, ``loss`` is this micro-batch's share
+        of the accumulated step's loss, whose value so far is ``accumulator.loss``.
         """
+        inputs = self._inputs("robalign.DoRALoss", extras, flat, hidden_ok=True)
+        return self._compute(labels=labels, logits=logits, ref_logps=ref_logps, probs=probs, weights=weights, **inputs)
+
+    def _inputs(self, where, extras, flat, *, hidden_ok=False, logps=False) -> dict:
+        """``extras`` as keyword arguments, with 0.2's flat forward arguments merged in (deprecated)."""
+        if extras is not None and not isinstance(extras, BatchExtras):
+            V.fail(where, f"`extras` must be a robalign.BatchExtras, got {type(extras).__name__}", TypeError)
+        inputs = {} if extras is None else {k: v for k, v in extras.as_dict().items() if v is not None}
+        if not flat:
+            return self._logps_inputs(where, inputs) if logps else inputs
+        allowed = _FLAT_INPUTS | (set(_HIDDEN_INPUTS) if hidden_ok else set())
+        unknown = set(flat) - allowed
+        if unknown:
+            V.fail(where, f"unexpected argument(s) {sorted(unknown)}", TypeError)
+        if "extra_weights" in flat:
+            flat["weight_factors"] = flat.pop("extra_weights")
+        moves = [f"{key} → extras=BatchExtras({key}=...)" for key in sorted(flat) if key not in _HIDDEN_INPUTS]
+        if any(key in flat for key in _HIDDEN_INPUTS):
+            moves.append("hidden, head_weight, head_bias → FusedLinearDoRALoss(...)(hidden, head_weight, labels, "
+                         "..., bias=...)")
+        _deprecated(where, flat, "; ".join(moves))
+        clash = set(inputs) & set(flat)
+        if clash:
+            V.fail(where, f"{sorted(clash)} given twice: in `extras` and as arguments")
+        inputs.update({k: v for k, v in flat.items() if v is not None})
+        return self._logps_inputs(where, inputs) if logps else inputs
+
+    @staticmethod
+    def _logps_inputs(where, inputs) -> dict:
+        for key in ("cu_seqlens", "ref_logits", "ref_hidden", "ref_head_weight", "ref_head_bias"):
+            if inputs.get(key) is not None:
+                V.fail(where, f"`extras.{key}` is an input of the logits or hidden-state paths; the loss from "
+                              "log-probs reads per-sequence values only")
+        return inputs
+
+    def _compute(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
+                ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
+                weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
+                kl_logps=None, kl_ref_logps=None, kl_counts=None,
+                 weight_factors=None) -> DoRAOutput:
+        """The loss of one batch from any of its sources (every public entry ends here)."""
         where = "robalign.DoRALoss"
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
         if self.reference_free and (given or ref_logps is not None):
@@ -323,19 +387,20 @@ class DoRALoss(nn.Module):
             with torch.no_grad():
                 ref_logps, _ = self._logps(where, "ref_", ref_logits, ref_hidden, ref_head_weight, ref_head_bias,
                                            labels, cu_seqlens)
-        extra = None
+        extra = weight_factors
         if self.wpo:
             if cu_seqlens is not None:
                 V.fail(where, "`wpo` takes padded rows ([S, T] labels), not packed ones (`cu_seqlens`)")
             omega = wpo_weights(labels, logits=None if logits is None else logits.detach(),
                                 hidden=None if hidden is None else hidden.detach(), head_weight=head_weight,
                                 head_bias=head_bias, ignore_index=self.ignore_index, transform=self.head_transform)
-            extra = omega.view(-1, self.group_size).prod(-1)
+            omega = omega.view(-1, self.group_size).prod(-1)
+            extra = omega if extra is None else extra * omega.to(extra)
         kernel = self._one_pass_kernel(where, logits, hidden, head_weight, head_bias)
         if kernel is not None:
             return self._forward_one_pass(where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens,
                                           ref_logps, probs, weights, scores, group_ids, accumulator, extra,
-                                          self._kl(where, kl_logps, kl_ref_logps))
+                                          self._kl(where, kl_logps, kl_ref_logps, kl_counts))
         if with_ref:
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
@@ -343,19 +408,29 @@ class DoRALoss(nn.Module):
             policy_logps, counts = self._logps(where, "", logits, hidden, head_weight, head_bias, labels, cu_seqlens)
         if missing_ref and not given:
             V.fail(where, "pass exactly one of `ref_logits` or `ref_hidden` (with `ref_head_weight`)")
-        return self.from_logps(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights, scores=scores,
-                               group_ids=group_ids, accumulator=accumulator, extra_weights=extra,
-                               kl_logps=kl_logps, kl_ref_logps=kl_ref_logps)
+        return self._from_logps(policy_logps, counts, ref_logps, probs, weights, dict(
+            scores=scores, group_ids=group_ids, accumulator=accumulator, weight_factors=extra, kl_logps=kl_logps,
+            kl_ref_logps=kl_ref_logps, kl_counts=kl_counts))
 
-    def from_logps(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None, scores=None,
-                   group_ids=None, accumulator=None, extra_weights=None, kl_logps=None,
-                   kl_ref_logps=None) -> DoRAOutput:
-        """The loss from per-sequence log-probabilities ``[S]`` (and token ``counts`` ``[S]``)
-        computed elsewhere: :meth:`per_sample`, then the reduction over the batch (and ranks), or
-        the ``accumulator``'s step (see :meth:`forward`)."""
-        samples = self.per_sample(policy_logps, counts, ref_logps=ref_logps, probs=probs, weights=weights,
-                                  scores=scores, group_ids=group_ids, extra_weights=extra_weights,
-                                  kl_logps=kl_logps, kl_ref_logps=kl_ref_logps)
+    def from_logps(self, policy_logps, counts, ref_logps=None, *, probs=None, weights=None,
+                   extras: BatchExtras | None = None, **flat) -> DoRAOutput:
+        """The loss from per-sequence log-probabilities computed elsewhere.
+
+        Args:
+            policy_logps: ``[S]`` the policy's sequence log-probs (with their graph).
+            counts: ``[S]`` integer scored tokens per sequence (needed by length-normalised objectives
+                and averaged log-probs; ``None`` otherwise allowed).
+            ref_logps, probs, weights, extras: as in :meth:`forward` (``extras`` without the
+                logits-path fields).
+
+        :meth:`per_sample`, then the reduction over the batch (and ranks), or the accumulator's step.
+        """
+        inputs = self._inputs("robalign.DoRALoss.from_logps", extras, flat, logps=True)
+        return self._from_logps(policy_logps, counts, ref_logps, probs, weights, inputs)
+
+    def _from_logps(self, policy_logps, counts, ref_logps, probs, weights, inputs) -> DoRAOutput:
+        accumulator = inputs.pop("accumulator", None)
+        samples = self._per_sample(policy_logps, counts, ref_logps, probs, weights, **inputs)
         grouped = self.group_kwargs(samples)
         if accumulator is not None:
             surrogate = accumulator(samples.losses, samples.weights, **grouped)
@@ -435,12 +510,18 @@ class DoRALoss(nn.Module):
         return DoRAOutput(losses=losses, weights=sample_weights, policy_logps=logps, logratios=logratios, **rewards,
                           group_ids=group_ids, kl=kl, counts=counts, loss=loss, dro=stats)
 
-    def per_sample(self, policy_logps, counts, *, ref_logps=None, probs=None, weights=None,
-                   scores=None, group_ids=None, extra_weights=None, kl_logps=None, kl_ref_logps=None) -> DoRASamples:
+    def per_sample(self, policy_logps, counts, ref_logps=None, *, probs=None, weights=None,
+                   extras: BatchExtras | None = None, **flat) -> DoRASamples:
         """The per-sample losses, weights, log-ratios and rewards of one batch, before any
-        reduction: what a reduction's accumulator takes micro-batch by micro-batch.
-        ``extra_weights`` ``[B]`` multiply the sample weights (WPO's, see ``wpo``); ``kl_logps`` and
-        ``kl_ref_logps`` give KTO's reference point (see :meth:`forward`)."""
+        reduction: what a reduction's accumulator takes micro-batch by micro-batch. Arguments as
+        :meth:`from_logps` (``extras.accumulator`` is not read here)."""
+        inputs = self._inputs("robalign.DoRALoss.per_sample", extras, flat, logps=True)
+        inputs.pop("accumulator", None)
+        return self._per_sample(policy_logps, counts, ref_logps, probs, weights, **inputs)
+
+    def _per_sample(self, policy_logps, counts, ref_logps=None, probs=None, weights=None, *, scores=None,
+                    group_ids=None, weight_factors=None, kl_logps=None, kl_ref_logps=None,
+                    kl_counts=None) -> DoRASamples:
         where = "robalign.DoRALoss"
         V.check_tensor(where, "policy_logps", policy_logps, ndim=1, floating=True)
         num_seqs, k = policy_logps.shape[0], self.group_size
@@ -466,12 +547,12 @@ class DoRALoss(nn.Module):
         ref_grouped = None if ref_logps is None else ref_logps.reshape(num_samples, k)
         counts_g = None if counts is None else counts.reshape(num_samples, k)
         scores_g = self._scores(where, scores, num_seqs, policy_logps.dtype)
-        kl = self._kl(where, kl_logps, kl_ref_logps)
+        kl = self._kl(where, kl_logps, kl_ref_logps, kl_counts)
         extra = {} if kl is None else {"kl": kl.to(policy_logps.dtype)}
         losses = self.objective_fn(grouped, ref_grouped, counts=counts_g, scores=scores_g, **extra, **self.hparams)
         sample_weights = self._weights(where, probs, weights, num_seqs, losses)
-        if extra_weights is not None:
-            sample_weights = sample_weights * extra_weights.to(sample_weights)
+        if weight_factors is not None:
+            sample_weights = sample_weights * weight_factors.to(sample_weights)
         self._check_group_ids(where, group_ids, num_samples)
 
         return DoRASamples(losses=losses, weights=sample_weights, policy_logps=policy_logps, logratios=logratios,
@@ -503,9 +584,10 @@ class DoRALoss(nn.Module):
             _objectives.check_labels(where, scores_g)
         return scores_g
 
-    def _kl(self, where, kl_logps, kl_ref_logps):
-        """KTO's reference point from the mismatched rows (``None`` for other objectives)."""
-        given = kl_logps is not None or kl_ref_logps is not None
+    def _kl(self, where, kl_logps, kl_ref_logps, kl_counts=None):
+        """KTO's reference point from the mismatched rows (``None`` for other objectives); with
+        averaged log-probs, from their per-token means (``kl_counts`` their scored tokens)."""
+        given = kl_logps is not None or kl_ref_logps is not None or kl_counts is not None
         if not self.needs_kl:
             if given:
                 V.fail(where, f"`kl_logps`/`kl_ref_logps` feed KTO's reference point; objective {self.objective!r} "
@@ -514,6 +596,13 @@ class DoRALoss(nn.Module):
         if kl_logps is None or kl_ref_logps is None:
             V.fail(where, f"objective {self.objective!r} needs `kl_logps` and `kl_ref_logps` ([B] policy and "
                           "reference log-probs of mismatched completions) for its reference point")
+        if self.average_logps:
+            if kl_counts is None:
+                V.fail(where, "averaged log-probs need `kl_counts` ([B] scored tokens of the mismatched completions) "
+                              "for KTO's reference point")
+            V.check_tensor(where, "kl_counts", kl_counts, ndim=1, integer=True)
+            length = kl_counts.clamp(min=1)
+            kl_logps, kl_ref_logps = kl_logps / length.to(kl_logps.dtype), kl_ref_logps / length.to(kl_ref_logps.dtype)
         return reference_point(kl_logps, kl_ref_logps, group=self.process_group)
 
     def _check_group_ids(self, where, group_ids, num_samples):
@@ -564,16 +653,68 @@ class DoRALoss(nn.Module):
             V.fail(where, f"objective {self.objective!r} sorts the batch: its losses belong to the sorted positions, "
                           "not to samples, so per-sample `probs`/`weights` do not apply")
         if probs is not None:
-            if self.alpha is None:
-                V.fail(where, "`probs` needs `alpha` (the target fraction of the training mixture) "
-                              "set on DoRALoss(alpha=...)")
+            if self.weighting is None:
+                V.fail(where, "`probs` needs a weighting with `alpha` (the target fraction of the training mixture): "
+                              "DoRALoss(..., weighting=DoRAWeights(alpha=...))")
             V.check_probs(where, "probs", probs)
-            p = self._per_row(where, "probs", probs, num_seqs)
-            w = dora_weights(p.to(losses.dtype), self.alpha, self.synthetic_fraction, class_ratio=self.class_ratio)
-            return w.mean(-1)
+            return self.weighting(self._per_row(where, "probs", probs, num_seqs).to(losses.dtype))
         if weights is None:
             return torch.ones_like(losses)
         V.check_tensor(where, "weights", weights, floating=True)
         if weights.dim() == 1 and weights.shape[0] == num_samples:
             return weights.to(losses.dtype)
         return self._per_row(where, "weights", weights, num_seqs).to(losses.dtype).mean(-1)
+
+
+class FusedLinearDoRALoss(DoRALoss):
+    """:class:`DoRALoss` from the decoder's hidden states and the LM head, never materialising the
+    ``[N, V]`` logits: the head's matmul, log-softmax and the objective run chunk by chunk, and with
+    a KL-DRO reduction (and gradients wanted) the loss **and** its gradients form in one forward
+    (:mod:`robalign.ops.one_pass`: three matmul passes over the scored tokens; ``backward`` only scales).
+
+    ::
+
+        loss_fn = FusedLinearDoRALoss(Objective("dpo", beta=0.1), KLDRO(1.0), DoRAWeights(alpha=0.3))
+        out = loss_fn(hidden, lm_head.weight, labels, ref_logps, probs=probs)   # hidden [S, T, H]
+        out.loss.backward()                                                     # → hidden.grad, weight.grad
+
+    Args:
+        objective, reduction, weighting, params: as :class:`DoRALoss`.
+        head: the model's logit transform after the head's matmul, a :class:`robalign.HeadTransform`
+            (Gemma's soft-cap, Cohere's scale; default the identity).
+    """
+
+    def __init__(self, objective="dpo", reduction: Reduction | None = None, weighting: DoRAWeights | None = None,
+                 head: HeadTransform | None = None, params: LossParams | None = None):
+        nn.Module.__init__(self)
+        self._configure(objective, reduction, weighting, params, HeadTransform() if head is None else head)
+
+    def forward(self, hidden, head_weight, labels, ref_logps=None, *, probs=None, weights=None,
+                extras: BatchExtras | None = None, bias=None) -> DoRAOutput:
+        """The loss of one batch of S = B·K sequences from hidden states, rows group-major.
+
+        Args:
+            hidden: ``[S, T, H]`` the decoder's last hidden states (``[N, H]`` packed, with
+                ``extras.cu_seqlens``), aligned with ``labels``.
+            head_weight: ``[V, H]`` the LM head's weight; bias: its ``[V]`` bias, if any.
+            labels: ``[S, T]`` (``[N]`` packed); ``ignore_index`` marks unscored tokens.
+            ref_logps, probs, weights, extras: as in :meth:`DoRALoss.forward` (the reference may come as
+                ``extras.ref_hidden`` with ``extras.ref_head_weight``).
+
+        Returns a :class:`DoRAOutput`. On the one-pass path its ``policy_logps`` and ``logratios``
+        carry no graph; only ``loss`` does.
+        """
+        inputs = self._inputs("robalign.FusedLinearDoRALoss", extras, {})
+        return self._compute(labels=labels, hidden=hidden, head_weight=head_weight, head_bias=bias,
+                             ref_logps=ref_logps, probs=probs, weights=weights, **inputs)
+
+
+def fused_linear_dora_loss(hidden, head_weight, labels, ref_logps=None, *, objective="dpo", reduction=None,
+                           weighting=None, probs=None, weights=None, bias=None, head=None, params=None,
+                           extras=None) -> DoRAOutput:
+    """:class:`FusedLinearDoRALoss` as a function: ``FusedLinearDoRALoss(objective, reduction,
+    weighting, head, params)(hidden, head_weight, labels, ref_logps, probs=..., weights=..., extras=...,
+    bias=...)``. Shapes and arguments as there; returns a :class:`DoRAOutput` whose ``loss`` is
+    differentiable with respect to ``hidden``, ``head_weight`` and ``bias``."""
+    loss_fn = FusedLinearDoRALoss(objective, reduction, weighting, head, params)
+    return loss_fn(hidden, head_weight, labels, ref_logps, probs=probs, weights=weights, extras=extras, bias=bias)

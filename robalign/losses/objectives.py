@@ -58,7 +58,7 @@ from .. import _validation as V
 from ..ground_truth import objectives as _ref
 
 NAMES = tuple(_ref.OBJECTIVES)
-__all__ = [*NAMES, "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "is_unpaired",
+__all__ = [*NAMES, "Objective", "get", "spec", "needs_reference", "needs_counts", "is_pairwise", "is_unpaired",
            "is_batch_coupled", "needs_kl_reference", "check_labels", "hyperparameters",
            "check_hyperparameters", "check_counts", "NAMES", "mixture", "resolve", "with_divergence", "with_mean_logps"]
 
@@ -212,6 +212,88 @@ def _public(entry: _ref.Objective):
         return entry.fn(logps, ref_logps, counts=counts, scores=scores, **hparams)
 
     return objective
+
+
+#: β of an objective that takes one, when none is given (the DPO family's usual value)
+DEFAULT_BETA = 0.1
+
+
+class Objective:
+    """A base objective with its hyper-parameters — what :class:`robalign.DoRALoss` optimises per sample.
+
+        Objective("dpo", beta=0.1)                  ℓ = −log σ(β·(r_chosen − r_rejected)), r = logp − logp_ref
+        Objective("dpo", beta=0.1, label_smoothing=0.1)                   cDPO
+        Objective("dpo+0.5*sft", beta=0.1)          a weighted sum, hyper-parameters shared by name
+        Objective("simpo", beta=2.0, gamma=0.5)
+        Objective("plackett_luce", beta=0.1)        K candidates, ranked by the batch's ``scores``
+        Objective("dpo", average_logps=True)        every log-prob read as logp/|y| (this is dpo_norm)
+
+    Args:
+        name: a registered objective (:data:`NAMES`, the table of :mod:`robalign.objectives`), a
+            weighted sum (``"dpo+0.5*sft"`` or ``{"dpo": 1.0, "sft": 0.5}``) or an f-divergence
+            variant (``"dpo:js_divergence"``).
+        average_logps: read every candidate's policy and reference log-probs as per-token means
+            ``logp/|y|`` before the objective (Liger-Kernel's ``average_log_prob``), for any objective
+            that does not already normalise by length; the rewards reported are then β times the
+            mean log-ratios.
+        **hparams: the objective's hyper-parameters, checked here against their ranges (an unknown
+            name raises TypeError); ``beta`` is 0.1 when the objective takes one and none is given.
+
+    Attributes: ``name`` (the registered name the loss runs: ``"dpo/mean"`` with ``average_logps``),
+    ``base`` (the name given, resolved), ``average_logps`` and ``hparams`` (every hyper-parameter passed).
+    """
+
+    __slots__ = ("name", "base", "average_logps", "hparams")
+
+    def __init__(self, name="dpo", *, average_logps: bool = False, **hparams):
+        self._set(name, average_logps, hparams, "robalign.Objective")
+
+    @classmethod
+    def checked(cls, where: str, name, average_logps: bool = False, **hparams) -> Objective:
+        """``Objective(name, average_logps=..., **hparams)``, its errors naming ``where``."""
+        objective = cls.__new__(cls)
+        objective._set(name, average_logps, hparams, where)
+        return objective
+
+    def _set(self, name, average_logps, hparams, where):
+        try:
+            base = resolve(name)
+        except ValueError as err:
+            V.fail(where, f"`name`: {err}")
+        registered = base
+        if average_logps:
+            try:
+                registered = with_mean_logps(base)
+            except ValueError as err:
+                V.fail(where, f"`average_logps`: {err}")
+        takes = hyperparameters(registered)
+        unknown = set(hparams) - set(takes)
+        if unknown:
+            V.fail(where, f"objective {base!r} has no hyper-parameter {sorted(unknown)}; it takes {sorted(takes)}",
+                   TypeError)
+        if "beta" in takes:
+            hparams.setdefault("beta", DEFAULT_BETA)
+        check_hyperparameters(registered, hparams, where)
+        for key, value in (("name", registered), ("base", base), ("average_logps", bool(average_logps)),
+                           ("hparams", dict(hparams))):
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"robalign.Objective is immutable; build another (setting {key!r})")
+
+    @property
+    def beta(self) -> float | None:
+        """β, for an objective that takes one."""
+        return self.hparams.get("beta")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Objective) and (self.name, self.hparams) == (other.name, other.hparams)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        args = [repr(self.base)] + (["average_logps=True"] if self.average_logps else [])
+        return f"Objective({', '.join(args + [f'{k}={v!r}' for k, v in self.hparams.items()])})"
 
 
 _PUBLIC: dict = {}

@@ -31,11 +31,28 @@ __all__ = ["HeadTransform", "scored_logit_chunks"]
 
 @dataclass(frozen=True)
 class HeadTransform:
-    """The logit transform of an LM head: ``scale`` s, ``softcap`` c (0: none), ``temperature`` T."""
+    """The logit transform of an LM head, ``z' = c·tanh(s·z/c)/T`` (``s·z/T`` without a soft-cap):
+    ``scale`` s (Cohere's ``logit_scale``; 1/``logits_scaling`` for Granite), ``softcap`` c (Gemma 2/3's
+    ``final_logit_softcapping``; 0 or ``None``: none), ``temperature`` T; each finite and > 0.
+    ``HeadTransform()`` is the identity, a plain head."""
 
     scale: float = 1.0
-    softcap: float = 0.0
+    softcap: float | None = 0.0
     temperature: float = 1.0
+
+    def __post_init__(self):
+        where = "robalign.HeadTransform"
+        for name, value in (("scale", self.scale), ("temperature", self.temperature)):
+            V.check_number(where, name, value, low=0, low_open=True)
+            if not math.isfinite(value):
+                V.fail(where, f"`{name}` must be finite, got {value}")
+        if self.softcap is None:
+            object.__setattr__(self, "softcap", 0.0)
+        V.check_number(where, "softcap", self.softcap, low=0)
+        if not math.isfinite(self.softcap):
+            V.fail(where, f"`softcap` must be finite (0 or None: no soft-cap), got {self.softcap}")
+        for name in ("scale", "softcap", "temperature"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
     def checked(cls, where: str, scale=1.0, softcap=None, temperature=1.0) -> HeadTransform:

@@ -335,7 +335,7 @@ class FormedGradient(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.formed is None:
             raise RuntimeError("robalign.DoRALoss: the one-pass loss holds its gradients once; to backward twice "
-                               "build DoRALoss(one_pass=False)")
+                               "build the loss with LossParams(one_pass=False)")
         kappa, *grads = ctx.formed
         ctx.formed = None
         needs = ctx.needs_input_grad[5:]

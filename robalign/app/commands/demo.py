@@ -9,7 +9,7 @@ Pipeline per seed, through the public API:
     1. SFT a tiny Llama (embedded default) on every training sample's top-ranked response;
     2. ``weigh_file`` the training set (cross-fitted classifier on the responses) → DoRA weights;
     3. reference log-probs of the SFT model; then, for each arm, train a copy with
-       ``DoRALoss`` through the one-pass fused loss (``robalign.app.training.trainer.one_pass_loss``):
+       ``FusedLinearDoRALoss`` through the one-pass fused loss (``robalign.app.training.causal_lm.one_pass_loss``):
            dpo       DPO (ERM)                      λ = ∞, no weights
            iw_dpo    importance-weighted DPO        λ = ∞, DoRA weights
            dro_only  KL-DRO without weights         λ = 1

@@ -15,6 +15,8 @@ import torch
 
 from ...losses.layout import ld_logps
 from ...ops import linear_sequence_logps, sequence_logps, shift_labels
+from ...losses.loss import FusedLinearDoRALoss
+from ...losses.options import BatchExtras
 from ...ops.head import HeadTransform
 from ...ops.token_stats import token_stats
 from ...ops.wpo import wpo_weights
@@ -250,12 +252,16 @@ def mismatched_batch(batch) -> dict:
 def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool = True, kl=None,
                   stats_into: dict | None = None):
     """The :class:`robalign.DoRAOutput` of one collated micro-batch through the one-pass fused loss:
-    ``loss_fn`` runs on the decoder's hidden states and the LM head inside the head's forward
+    ``loss_fn`` (a :class:`robalign.FusedLinearDoRALoss`) runs on the decoder's hidden states and the LM
+    head inside the head's forward
     (:func:`_through_head`); ``loss`` is what to ``backward()`` (with ``accumulator``, this
     micro-batch's share of the effective batch). A reduction without a one-pass form (group DRO,
     the per-batch ambiguity sets) takes ``DoRALoss``'s recompute path here, on the same hidden
     states; the batch's ``group_ids`` go to a reduction that reads them. ``kl``: KTO's
-    ``{"kl_logps", "kl_ref_logps"}``; ``stats_into``: as in :func:`policy_logps`."""
+    ``{"kl_logps", "kl_ref_logps", "kl_counts"}``; ``stats_into``: as in :func:`policy_logps`."""
+    if not isinstance(loss_fn, FusedLinearDoRALoss):
+        raise TypeError(f"robalign: one_pass_loss runs the loss on hidden states and the head: `loss_fn` must be a "
+                        f"robalign.FusedLinearDoRALoss, got {type(loss_fn).__name__}")
     labels, cu = aligned_labels(batch)
     weights = probs = None
     if use_weights:
@@ -265,9 +271,10 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
 
     def head_fn(head, hidden, weight, bias):
         _head_stats(stats_into, labels, cu, _flat(hidden, cu), weight, bias, loss_fn.head_transform)
-        out = loss_fn(hidden=_flat(hidden, cu), head_weight=weight, head_bias=bias, labels=labels, cu_seqlens=cu,
-                      ref_logps=batch.get("ref_logps"), probs=probs, weights=weights, scores=batch.get("scores"),
-                      group_ids=group_ids, accumulator=accumulator, **(kl or {}))
+        extras = BatchExtras(scores=batch.get("scores"), group_ids=group_ids, cu_seqlens=cu, accumulator=accumulator,
+                             **(kl or {}))
+        out = loss_fn(_flat(hidden, cu), weight, labels, batch.get("ref_logps"), probs=probs, weights=weights,
+                      extras=extras, bias=bias)
         out.loss = _gathered_for_backward(head, out.loss)
         return out
 

@@ -29,7 +29,7 @@ DRO_SETS = tuple(DRO_PARAMETER)
 class DoRAConfig:
     """The alignment settings; ``transformers.TrainingArguments`` holds the optimisation ones.
 
-    objective, beta, lam: as :class:`robalign.DoRALoss`. alpha: the target fraction, needed only
+    objective, beta: the :class:`robalign.Objective`; lam: KL-DRO's λ (:class:`robalign.KLDRO`). alpha: the target fraction, needed only
     when the data carries ``probs`` and no ``weights``. use_weights: use the data's ``weights``
     (from ``robalign weigh``) or ``probs``; False trains without DoRA weights.
     exact_dro: the exact accumulator (False: the per-micro-batch approximation).
@@ -43,8 +43,8 @@ class DoRAConfig:
     pre-pass with several micro-batches).
     ld_alpha: LD-DPO's weight of the tokens past the shorter response (``None``: plain log-probs).
     reference_free: the objective's reference log-probs taken as 0 (no reference model is run),
-    see ``DoRALoss(reference_free=True)``.
-    wpo: WPO's weighting (each sample's weight times its responses' ω, see ``DoRALoss(wpo=True)``).
+    see ``LossParams(reference_free=True)``.
+    wpo: WPO's weighting (each sample's weight times its responses' ω, see ``LossParams(wpo=True)``).
     fused: the fused linear path (False: materialise logits, for models whose logits robalign cannot
     form from ``hidden @ Wᵀ + b`` and the head's known transforms). one_pass: on the fused linear path, the
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
@@ -56,7 +56,7 @@ class DoRAConfig:
     objective_kwargs: the objective's other hyper-parameters.
     allow_zero_weight_steps: let an optimizer step whose samples all have DoRA weight 0 pass (it
     trains on nothing); by default such a step is an error, with ``use_weights``.
-    average_logps: the objective reads per-token mean log-probs (``DoRALoss(average_logps=True)``).
+    average_logps: the objective reads per-token mean log-probs (``Objective(name, average_logps=True)``).
     """
 
     objective: str = setting(
@@ -105,23 +105,31 @@ class DoRAConfig:
                                   "average_log_prob; dpo with it is dpo_norm)", FLAG)
 
     def build_loss(self, *, reduction=None, group_names=(), data: str = "the training data", group_size=None,
-                   head: dict | None = None):
-        """The :class:`~robalign.DoRALoss` these settings describe — the one place a loss is built
-        from settings (the trainer, every TRL drop-in and the demo call it).
+                   head=None):
+        """The :class:`~robalign.FusedLinearDoRALoss` these settings describe — the one place a loss is
+        built from settings (the trainer, every TRL drop-in and the demo call it); it takes hidden
+        states and the head, and, as every :class:`~robalign.DoRALoss`, log-probs (``per_sample``).
 
         reduction: a reduction object in place of the one ``dro`` and its parameter name (the TRL
         drop-ins' ``reduction=``); group_names and data: the groups of ``dro="group"`` and the data
         named when there are none; group_size: candidates per sample (``None``: the objective's);
-        head: the model's LM-head transform as ``DoRALoss`` keyword arguments (see
-        :func:`robalign.ops.head.head_transform`)."""
-        from ...losses.loss import DoRALoss
+        head: the model's LM-head transform, a :class:`robalign.HeadTransform` (see
+        :func:`robalign.app.training.causal_lm.head_transform`)."""
+        from ...losses.loss import FusedLinearDoRALoss
+        from ...losses.objectives import Objective, hyperparameters, resolve
+        from ...losses.options import LossParams
+        from ...losses.weights import DoRAWeights
 
         if reduction is None:
             reduction = reduction_of(self, group_names, data)
-        return DoRALoss(self.objective, beta=self.beta, reduction=reduction, alpha=self.alpha, group_size=group_size,
-                        one_pass=self.one_pass, ld_alpha=self.ld_alpha, wpo=self.wpo,
-                        reference_free=self.reference_free, average_logps=self.average_logps, **(head or {}),
-                        **self.objective_kwargs)
+        hparams = dict(self.objective_kwargs)
+        if "beta" in hyperparameters(resolve(self.objective)):
+            hparams["beta"] = self.beta
+        return FusedLinearDoRALoss(
+            Objective(self.objective, average_logps=self.average_logps, **hparams), reduction,
+            None if self.alpha is None else DoRAWeights(self.alpha), head,
+            LossParams(group_size=group_size, one_pass=self.one_pass, ld_alpha=self.ld_alpha, wpo=self.wpo,
+                       reference_free=self.reference_free))
 
 
 

@@ -5,7 +5,7 @@ Per micro-batch of B samples × K candidates (rows group-major, see :mod:`robali
 
     hidden = the model's last hidden states        (the model runs with logits_to_keep=1, so
                                                     no [rows, T, V] logits tensor is made)
-    DoRALoss(hidden, lm_head, accumulator=acc)      the one-pass fused loss (default): log-probs,
+    FusedLinearDoRALoss(hidden, lm_head, ...)       the one-pass fused loss (default): log-probs,
                                                     objective, DoRA weights and the gradients of
                                                     hidden and head in the head's forward
     loss.backward()                                 the head's gradient scaled, hidden's through
@@ -39,6 +39,7 @@ from ..._io import write_atomic
 from .causal_lm import _plain_logits, head_transform, mismatched_batch, one_pass_loss, policy_logps
 from .config import DoRAConfig, check_settings
 from ..data.preferences import PreferenceCollator
+from ...losses.options import BatchExtras
 from ...ops.head import HeadTransform
 
 # policy_logps, one_pass_loss and mismatched_batch live in robalign.app.training.causal_lm; importable from here too
@@ -90,7 +91,7 @@ class DoRATrainer(Trainer):
         # the reduction's argument, read per call, so a group set up after construction is seen)
         self.loss_fn = d.build_loss(reduction=reduction, group_names=getattr(dataset, "group_names", ()),
                                     data=getattr(dataset, "path", "") or "the training data",
-                                    group_size=getattr(dataset, "group_size", None), head=self.head_kwargs())
+                                    group_size=getattr(dataset, "group_size", None), head=self.head())
         self.group_size = self.loss_fn.group_size
         if not self._forwards_ref_model:
             self.ref_model = ref_model
@@ -107,10 +108,9 @@ class DoRATrainer(Trainer):
         self._state_restored = False        # the reduction's state (group DRO's q) read from a resumed checkpoint
         self.reference_cache = None
 
-    def head_kwargs(self) -> dict:
-        """The model's LM-head transform as DoRALoss arguments (the one-pass path runs the head)."""
-        t = head_transform(self.model) or HeadTransform()
-        return t.kwargs
+    def head(self) -> HeadTransform:
+        """The model's LM-head transform (the one-pass path runs the head)."""
+        return head_transform(self.model) or HeadTransform()
 
     # -- data ---------------------------------------------------------------------------------
     def _get_train_sampler(self, *args, **kwargs):
@@ -286,19 +286,21 @@ class DoRATrainer(Trainer):
             weights = inputs.get("weights")
             probs = inputs.get("probs") if weights is None else None
         group_ids = inputs.get("group_ids") if self.loss_fn.reduction.takes_group_ids else None
-        return self.loss_fn.per_sample(logps, counts, ref_logps=inputs.get("ref_logps"), probs=probs,
-                                       weights=weights, scores=inputs.get("scores"), group_ids=group_ids,
-                                       extra_weights=extra, **self._kl_inputs(model, inputs))
+        extras = BatchExtras(scores=inputs.get("scores"), group_ids=group_ids, weight_factors=extra,
+                             **self._kl_inputs(model, inputs))
+        return self.loss_fn.per_sample(logps, counts, inputs.get("ref_logps"), probs=probs, weights=weights,
+                                       extras=extras)
 
     def _kl_inputs(self, model, inputs) -> dict:
-        """KTO's ``{"kl_logps", "kl_ref_logps"}``: the policy's log-probs of the batch's mismatched
-        rows (a forward without gradient) and the reference's; ``{}`` for other objectives."""
+        """KTO's ``{"kl_logps", "kl_ref_logps", "kl_counts"}``: the policy's log-probs of the batch's
+        mismatched rows (a forward without gradient), the reference's and the rows' scored tokens;
+        ``{}`` for other objectives."""
         if not self.loss_fn.needs_kl:
             return {}
         self.loss_fn.process_group = self._group()          # z₀ spans the ranks' micro-batches, as in TRL
         with torch.no_grad():
-            kl_logps, _ = policy_logps(model, mismatched_batch(inputs), fused=self.dora.fused)
-        return {"kl_logps": kl_logps, "kl_ref_logps": inputs["kl_ref_logps"]}
+            kl_logps, kl_counts = policy_logps(model, mismatched_batch(inputs), fused=self.dora.fused)
+        return {"kl_logps": kl_logps, "kl_ref_logps": inputs["kl_ref_logps"], "kl_counts": kl_counts}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-batch's reduced loss (used for evaluation; training goes through the accumulator)."""

@@ -1,0 +1,81 @@
+"""The options of :class:`robalign.DoRALoss` that a call rarely sets, grouped so that the common
+call stays short: :class:`LossParams` (how the loss runs, fixed at construction) and
+:class:`BatchExtras` (what some batches carry besides log-probs, labels and weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+__all__ = ["LossParams", "BatchExtras"]
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """How a :class:`robalign.DoRALoss` runs: options most calls leave at their defaults.
+
+    group_size: K, the candidates per sample, rows group-major (``None``: 2, or 1 for an unpaired
+        objective such as KTO). ignore_index: the label of unscored tokens.
+    backend: the heavy op's backend (``None``: ``$ROBALIGN_BACKEND``, else the fastest available;
+        see :func:`robalign.sequence_logps`).
+    one_pass: with hidden states and the head, form the loss and its gradients in one forward
+        (:mod:`robalign.ops.one_pass`) where the reduction allows; False: the recompute path.
+    fp32_head_grad: in the one-pass path, accumulate a bfloat16/float16 head's gradient in float32.
+    ld_alpha: LD-DPO's length desensitisation α ∈ [0, 1] (arXiv 2409.06411): a response's tokens past
+        the length its group shares count α times. Padded rows only.
+    wpo: WPO's weighting (arXiv 2406.11827): each sample's weight times ``Π_k ω_k``,
+        ``ω = exp(mean_t(log p(y_t) − log Σ_v p(v)²))`` of the policy, without gradient. Padded rows only.
+    reference_free: the reference's log-probs are taken as 0 (the DPO family without a reference model).
+    process_group, ddp_average: the ranks whose samples share the reduction's normaliser (``None``:
+        the default group when torch.distributed is initialised) and DDP's averaging convention
+        (see :func:`robalign.kl_dro`).
+    """
+
+    group_size: int | None = None
+    ignore_index: int = -100
+    backend: str | None = None
+    one_pass: bool = True
+    fp32_head_grad: bool = True
+    ld_alpha: float | None = None
+    wpo: bool = False
+    reference_free: bool = False
+    process_group: Any = None
+    ddp_average: bool = True
+
+
+@dataclass(frozen=True)
+class BatchExtras:
+    """What some batches carry besides the policy's log-probs (or logits), labels, the reference's
+    log-probs and the weights: each field is ``None`` unless the batch has it. S sequences, B samples.
+
+    scores: ``[S]`` or ``[B, K]`` candidate scores, higher is better (listwise objectives; an unpaired
+        objective's 1 desirable / 0 undesirable labels).
+    group_ids: ``[B]`` the group of each sample, for :class:`robalign.GroupDRO`.
+    cu_seqlens: ``[S + 1]`` boundaries of packed rows (labels ``[N]``, logits ``[N, V]``).
+    accumulator: the reduction's accumulator when the batch is one micro-batch of an accumulated step
+        (``loss_fn.reduction.accumulator(params)``): ``loss`` is then this micro-batch's share.
+    kl_logps, kl_ref_logps: ``[B]`` policy and reference log-probs of mismatched completions, for KTO's
+        reference point; kl_counts: ``[B]`` their scored tokens (needed with averaged log-probs).
+    ref_logits, ref_hidden, ref_head_weight, ref_head_bias: the reference's log-probs computed here,
+        without gradient, from its logits or hidden states and head (instead of ``ref_logps``).
+    weight_factors: ``[B]`` factors multiplying the sample weights (WPO's, computed elsewhere).
+    """
+
+    scores: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    accumulator: Any = None
+    kl_logps: torch.Tensor | None = None
+    kl_ref_logps: torch.Tensor | None = None
+    kl_counts: torch.Tensor | None = None
+    ref_logits: torch.Tensor | None = None
+    ref_hidden: torch.Tensor | None = None
+    ref_head_weight: torch.Tensor | None = None
+    ref_head_bias: torch.Tensor | None = None
+    weight_factors: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        """The fields by name (a dict of the same values, no copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
