@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import robalign
-from robalign import CVaR, Chi2Ball, GroupDRO, KLBall, KLDROAccumulator
+from robalign import (KLDRO, BatchExtras, CVaR, Chi2Ball, DoRAWeights, FusedLinearDoRALoss, GroupDRO, HeadTransform,
+                      KLBall, KLDROAccumulator, LossParams)
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +33,25 @@ def batch():
                 scores=torch.randn(S, generator=gen))
 
 
-def loss(objective="dpo", backend="cpp", reduction=None, **kw):
-    """A maker of fresh losses (and of a fresh ``reduction()``: group DRO keeps state across steps)."""
-    return lambda: robalign.DoRALoss(objective, backend=backend, reduction=reduction and reduction(), **kw)
+def loss(objective="dpo", backend="cpp", reduction=None, alpha=None, softcap=None, logits=False, **params):
+    """A maker of fresh losses (and of a fresh ``reduction()``: group DRO keeps state across steps):
+    a FusedLinearDoRALoss, or with ``logits`` a DoRALoss."""
+    def make():
+        args = (objective, reduction and reduction(), alpha and DoRAWeights(alpha))
+        if logits:
+            return robalign.DoRALoss(*args, LossParams(backend=backend, **params))
+        return FusedLinearDoRALoss(*args, HeadTransform(softcap=softcap), LossParams(backend=backend, **params))
+    return make
 
 
 # name: (a fresh loss, the batch's extra inputs, logits instead of hidden states, an accumulator)
 ONE_GRAPH = {
     "one-pass, a mixture, DoRA weights": (loss("dpo+0.5*sft", alpha=0.3), ("probs",), False, False),
-    "one-pass, reference-free, weighted mean": (loss("simpo", lam=float("inf")), (), False, False),
-    "one-pass, soft minimum, soft-capped head": (loss(lam=-0.5, logit_softcap=3.0), (), False, False),
-    "one-pass, exact accumulator": (loss(lam=0.7), (), False, True),
-    "recompute path, exact accumulator": (loss(lam=0.7, one_pass=False), (), False, True),
-    "logits path, listwise with scores": (loss("plackett_luce", group_size=4), ("scores",), True, False),
+    "one-pass, reference-free, weighted mean": (loss("simpo", reduction=lambda: KLDRO(float("inf"))), (), False, False),
+    "one-pass, soft minimum, soft-capped head": (loss(reduction=lambda: KLDRO(-0.5), softcap=3.0), (), False, False),
+    "one-pass, exact accumulator": (loss(reduction=lambda: KLDRO(0.7)), (), False, True),
+    "recompute path, exact accumulator": (loss(reduction=lambda: KLDRO(0.7), one_pass=False), (), False, True),
+    "logits path, listwise with scores": (loss("plackett_luce", group_size=4, logits=True), ("scores",), True, False),
     "group DRO": (loss(reduction=lambda: GroupDRO(2, 0.1)), ("group_ids",), False, False),
     "chunked PyTorch backend": (loss(backend="torch", alpha=0.3), ("probs",), False, False),
 }
@@ -62,12 +69,15 @@ def run(case, compiled, fullgraph):
     b = batch()
     loss_fn = make()
     inputs = {name: GROUP_IDS if name == "group_ids" else b[name] for name in extra}
+    probs = inputs.pop("probs", None)
     if with_acc:
         inputs["accumulator"] = KLDROAccumulator([torch.nn.Parameter(torch.zeros(()))], lam=0.7)
 
     def step(h, w):
-        head = dict(logits=h @ w.T) if from_logits else dict(hidden=h, head_weight=w)
-        return loss_fn(**head, labels=b["labels"], ref_logps=b["ref_logps"], **inputs).loss
+        extras = BatchExtras(**inputs)
+        if from_logits:
+            return loss_fn(h @ w.T, b["labels"], b["ref_logps"], probs=probs, extras=extras).loss
+        return loss_fn(h, w, b["labels"], b["ref_logps"], probs=probs, extras=extras).loss
 
     if compiled:
         torch._dynamo.reset()
@@ -97,7 +107,7 @@ def test_with_graph_breaks(name):
 
 def test_what_reads_the_host_is_not_one_graph():
     """The graph-break cases do break the graph: were one of them to trace whole, it belongs in
-    ONE_GRAPH (and the README's list of what compiles as one graph)."""
+    ONE_GRAPH (and the docs' list of what compiles as one graph, docs/kernels.md)."""
     for name, case in GRAPH_BREAKS.items():
         with pytest.raises(Exception, match="data-dependent"):
             run(case, True, fullgraph=True)
@@ -110,13 +120,30 @@ def test_losses_with_other_lambdas_compile_one_after_another():
     b = batch()
     torch._dynamo.reset()
     for lam in (1.0, 0.5, -2.0, float("inf"), 3e-201):
-        loss_fn = robalign.DoRALoss("dpo", lam=lam, backend="cpp")
+        loss_fn = FusedLinearDoRALoss("dpo", KLDRO(lam), params=LossParams(backend="cpp"))
 
         def step(h, w):
-            return loss_fn(hidden=h, head_weight=w, labels=b["labels"], ref_logps=b["ref_logps"]).loss
+            return loss_fn(h, w, b["labels"], b["ref_logps"]).loss
 
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(b["hidden"], b["weight"])
         torch.testing.assert_close(got, step(b["hidden"], b["weight"]), rtol=1e-6, atol=1e-6)
         losses = b["scores"].abs()
         got = torch.compile(lambda x: robalign.kl_dro(x, lam=lam), fullgraph=True, backend="aot_eager")(losses)
         torch.testing.assert_close(got, robalign.kl_dro(losses, lam=lam), rtol=1e-6, atol=1e-6)
+
+
+def test_flat_arguments_still_compile_as_one_graph():
+    """0.2's flat arguments warn in eager and stay one graph under torch.compile (a warning inside
+    the compiled region would break it)."""
+    b = batch()
+    with pytest.warns(DeprecationWarning):
+        loss_fn = robalign.DoRALoss("dpo", lam=0.5, backend="cpp")
+
+    def step(h, w):
+        return loss_fn(hidden=h, head_weight=w, labels=b["labels"], ref_logps=b["ref_logps"]).loss
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(b["hidden"], b["weight"])
+    with pytest.warns(DeprecationWarning, match="FusedLinearDoRALoss"):
+        want = step(b["hidden"], b["weight"])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

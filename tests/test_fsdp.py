@@ -2,7 +2,7 @@
 
 :func:`robalign.app.training.trainer.policy_logps` runs the LM head through ``linear_sequence_logps`` inside
 the head's forward, while FSDP has gathered its weight. Each rank trains on its half of the
-batch with ``DoRALoss(process_group=WORLD)``; the sharded gradients, gathered, must equal one process's
+batch with ``LossParams(process_group=WORLD)``; the sharded gradients, gathered, must equal one process's
 gradient of the whole batch. Two wrappings: the head inside the root's FSDP group (kept
 gathered after the forward), and the head sharded on its own (resharded right after its
 forward: reading ``head.weight`` after the model's forward would see a shard). A third case
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from robalign import DoRALoss, KLDROAccumulator
+from robalign import KLDRO, DoRALoss, FusedLinearDoRALoss, KLDROAccumulator, LossParams, Objective
 from robalign.app.commands.train import embedded_model
 from robalign.app.training.causal_lm import one_pass_loss, policy_logps
 from conftest import run_on_gloo_ranks
@@ -45,22 +45,22 @@ def make_batch(vocab):
 
 
 def dora_grads(model, batch, ref, weights, group=None):
-    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5, process_group=group)
+    loss_fn = DoRALoss(Objective("dpo", beta=0.5), KLDRO(0.5), params=LossParams(process_group=group))
     logps, counts = policy_logps(model, batch)
-    out = loss_fn.from_logps(logps, counts, ref_logps=ref, weights=weights)
+    out = loss_fn.from_logps(logps, counts, ref, weights=weights)
     out.loss.backward()
     return out.loss.detach()
 
 
 def one_pass_grads(model, batch, ref, weights, group=None):
-    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5, process_group=group)
+    loss_fn = FusedLinearDoRALoss(Objective("dpo", beta=0.5), KLDRO(0.5), params=LossParams(process_group=group))
     out = one_pass_loss(model, dict(batch, ref_logps=ref, weights=weights), loss_fn)
     out.loss.backward()
     return out.loss.detach()
 
 
 def one_pass_accumulated_grads(model, batch, ref, weights):
-    loss_fn = DoRALoss(objective="dpo", beta=0.5, lam=0.5)
+    loss_fn = FusedLinearDoRALoss(Objective("dpo", beta=0.5), KLDRO(0.5))
     acc = loss_fn.reduction.accumulator(list(model.parameters()), group=dist.group.WORLD)
     rows, pairs = ROWS // MICRO, ROWS // 2 // MICRO
     for j in range(MICRO):

@@ -110,6 +110,8 @@ _HIDDEN_INPUTS = ("hidden", "head_weight", "head_bias")
 
 
 def _deprecated(where: str, given, moves: str) -> None:
+    if torch.compiler.is_compiling():          # a warning would break the graph; the eager call warned
+        return
     warnings.warn(f"{where}: flat arguments {sorted(given)} are deprecated and go away in 0.3: {moves}",
                   DeprecationWarning, stacklevel=3)
 

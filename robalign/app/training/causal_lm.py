@@ -261,7 +261,7 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
     ``{"kl_logps", "kl_ref_logps", "kl_counts"}``; ``stats_into``: as in :func:`policy_logps`."""
     if not isinstance(loss_fn, FusedLinearDoRALoss):
         raise TypeError(f"robalign: one_pass_loss runs the loss on hidden states and the head: `loss_fn` must be a "
-                        f"robalign.FusedLinearDoRALoss, got {type(loss_fn).__name__}")
+                        f"robalign.FusedLinearDoRALoss (or DoRAConfig.build_loss()'s), got {type(loss_fn).__name__}")
     labels, cu = aligned_labels(batch)
     weights = probs = None
     if use_weights:
