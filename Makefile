@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.robalign-installed
-EXTRAS := test,weigh,train,bench,deepspeed
+EXTRAS := test,weigh,train,bench,deepspeed,docs
 # The exact versions the suite last passed under: every install goes through them, so a fresh
 # machine gets the tested environment whatever the registry serves that day. Empty: the newest
 # versions setup.py's ranges allow (make test-latest). Refresh: make test-latest && make constraints
@@ -14,7 +14,7 @@ PIN    := $(if $(CONSTRAINTS),-c $(VENV)/constraints.txt,)
 # is kept, and then the constraints' torch, triton and nvidia-* pins are left out.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-latest test-gpu-versions constraints install clean settings-table
+.PHONY: demo test test-latest test-gpu-versions constraints install clean settings-table docs docs-check
 
 demo: $(STAMP)
 	$(PY) -m robalign demo
@@ -23,6 +23,16 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 install: $(STAMP)
+
+# The documentation site (docs/ → site/) with --strict: a broken link, anchor or API name fails it
+# (tests/test_docs.py builds it in the suite too)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
+# The built site opened in headless Chromium (Debian's `chromium`): no console error, every image
+# loaded, a screenshot of the index and the API page in site/_check/
+docs-check: docs
+	$(PY) tests/docs_check.py site
 
 # docs/settings.md from the settings' fields (tests/test_settings.py checks it is current)
 settings-table: $(STAMP)

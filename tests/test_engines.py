@@ -202,7 +202,7 @@ def test_each_launcher_is_distributed_and_equals_one_process(setup, name, reques
 
 def test_two_nodes_by_rendezvous_equal_one_process(setup):
     """`torchrun --nnodes 2 --nproc-per-node 1` started twice with a c10d rendezvous on localhost
-    stands for two nodes (the README's multi-node recipe)."""
+    stands for two nodes (the multi-node recipe of docs/training.md)."""
     script, data, one, tmp = setup
     port, out = _free_port(), tmp / "two-nodes"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",

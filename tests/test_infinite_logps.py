@@ -1,8 +1,8 @@
 """Infinite log-probs — a response the policy (or the reference) cannot produce, log-prob −∞, e.g. a
-token masked by a −∞ head-bias entry, which the README supports — on every objective, path and
+token masked by a −∞ head-bias entry, which robalign supports — on every objective, path and
 kernel backend.
 
-The rule (README, Reliability): each objective's per-sample loss is its **limit** as the log-prob
+The rule (docs/reliability.md): each objective's per-sample loss is its **limit** as the log-prob
 goes to −∞, and its gradient the limit of the gradient. Where the limit is finite (the sigmoid
 family, EXO, APO, NCA/BCO's bounded side, Plackett–Luce's worst candidate, ...) the loss trains on;
 where it is +∞ (a chosen response the policy cannot produce under DPO, IPO's squares, ...) every

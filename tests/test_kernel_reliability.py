@@ -1,8 +1,8 @@
 """Valid but unusual input on every kernel backend, both paths: strided and narrow labels,
 masked vocabularies, non-finite logits, and the arguments that must be refused up front.
 
-Semantics of non-finite logits (the reference's, which every backend follows; README
-"Reliability"): a token's log-prob is ``z[y] − logsumexp(z)`` in IEEE arithmetic — NaN if the row
+Semantics of non-finite logits (the reference's, which every backend follows;
+docs/reliability.md): a token's log-prob is ``z[y] − logsumexp(z)`` in IEEE arithmetic — NaN if the row
 holds a NaN, ``−inf`` if it holds a ``+inf`` logit other than the label's (NaN if the label's is
 ``+inf``), ``−inf`` for a ``−inf`` label logit, NaN for a row of ``−inf`` only. The gradient is
 ``coeff·(onehot − exp(z − lse))`` elementwise with the same arithmetic. Ignored tokens are never

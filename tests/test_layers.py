@@ -1,4 +1,4 @@
-"""The package's layers import only downwards (README "Layout"): the kernel library (ops,
+"""The package's layers import only downwards (docs/layout.md): the kernel library (ops,
 reference, kernels) knows nothing of the losses, the losses nothing of the application; the
 Triton kernels import nothing of robalign. Checked on the source (lazy imports included)."""
 
