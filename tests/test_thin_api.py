@@ -153,6 +153,18 @@ def test_the_fused_loss_equals_materialised_logits_on_the_ground_truth():
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_the_warning_names_the_new_home_of_every_flat_argument():
+    with pytest.warns(DeprecationWarning) as record:
+        DoRALoss("dpo", beta=0.2, lam=0.5, alpha=0.3, label_smoothing=0.1, average_logps=True, group_size=2,
+                 logit_softcap=3.0)
+    text = str(record[0].message)
+    for move in ("beta → Objective(name, beta=...)", "lam → reduction=KLDRO(lam)", "alpha → weighting=DoRAWeights",
+                 "label_smoothing → Objective(name, label_smoothing=...)",
+                 "average_logps → Objective(name, average_logps=True)", "group_size → params=LossParams(group_size",
+                 "logit_softcap → FusedLinearDoRALoss(..., head=HeadTransform(softcap=...))"):
+        assert move in text, move
+
+
 def test_flat_forward_arguments_warn_and_mixing_them_with_extras_is_refused():
     b = _batch(k=3)
     loss_fn = DoRALoss("plackett_luce", KLDRO(1.0), params=LossParams(group_size=3))

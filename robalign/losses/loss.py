@@ -162,6 +162,7 @@ class DoRALoss(nn.Module):
         where = "robalign.DoRALoss"
         name = objective.base if isinstance(objective, Objective) else objective
         hparams = dict(objective.hparams) if isinstance(objective, Objective) else {}
+        moves = {key: _FLAT_ARGS.get(key, f"Objective(name, {key}=...)") for key in flat}
         average = bool(flat.pop("average_logps", False)) or (isinstance(objective, Objective) and objective.average_logps)
         resolved = None
         try:
@@ -169,7 +170,6 @@ class DoRALoss(nn.Module):
         except ValueError:
             pass
         takes = _objectives.hyperparameters(resolved) if resolved else {}
-        moves = {key: _FLAT_ARGS.get(key, "Objective(name, ...=...)") for key in flat}
         beta = flat.pop("beta", None)
         if beta is not None and (resolved is None or "beta" in takes):
             hparams["beta"] = beta
