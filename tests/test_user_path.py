@@ -221,8 +221,9 @@ def test_a_step_whose_weights_are_all_zero_is_refused_unless_allowed(tmp_path):
     assert summary["settings"]["allow_zero_weight_steps"] is True
 
 
-def test_warmup_ratio_reaches_the_scheduler(tmp_path, monkeypatch):
-    """--warmup-ratio (the issue's list of expected flags): a linear warmup, then constant."""
+def test_warmup_ratio_and_max_grad_norm_reach_the_trainer(tmp_path, monkeypatch):
+    """--warmup-ratio (the issue's list of expected flags): a linear warmup, then constant; and
+    --max-grad-norm, the gradient clipping (TrainingArguments' default 1 unless given)."""
     import robalign.app.training.trainer as trainer
 
     seen = {}
@@ -239,6 +240,10 @@ def test_warmup_ratio_reaches_the_scheduler(tmp_path, monkeypatch):
     assert getattr(args.lr_scheduler_type, "value", None) == "constant_with_warmup" and args.get_warmup_steps(10) == 5
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "o2"), "--max-steps", "1",
                  "--warmup-ratio", "1"]) == 2
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "o3"), "--max-steps", "1",
+                 "--max-grad-norm", "0.25"]) == 0
+    assert seen["args"].max_grad_norm == 0.25
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "o4"), "--max-grad-norm", "-1"]) == 2
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -217,7 +217,7 @@ def run_training(settings: TrainSettings, log=print) -> dict:
         per_device_eval_batch_size=max(settings.batch_size, 8), gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.lr, num_train_epochs=settings.epochs, max_steps=settings.max_steps,
         logging_steps=settings.logging_steps, logging_first_step=True, save_steps=settings.save_steps,
-        save_total_limit=2,
+        save_total_limit=2, max_grad_norm=settings.max_grad_norm,
         report_to=[] if settings.report_to == "none" else [settings.report_to], seed=settings.seed,
         eval_strategy="steps" if eval_set is not None and settings.eval_steps else "no",
         eval_steps=settings.eval_steps, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,

@@ -180,6 +180,8 @@ class TrainSettings(DoRAConfig):
     logging_steps: int = setting(5, "log every N optimizer steps; the first and last are always logged",
                                  POSITIVE_INT)
     save_steps: int = setting(50, "checkpoint every N optimizer steps", POSITIVE_INT)
+    max_grad_norm: float = setting(1.0, "clip the gradient's global norm at this value each optimizer step (0: no "
+                                   "clipping)", between(0, math.inf))
     warmup_ratio: float = setting(0.0, "the share of the optimizer steps over which the learning rate rises "
                                   "linearly from 0 (then constant)", between(0, 1, high_open=True))
     resume: str | None = setting(None, "resume from a checkpoint folder (the flag alone: the latest)", PATH,
