@@ -11,6 +11,27 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+CUDA = torch.cuda.is_available()
+
+
+def kernel_backends() -> list[tuple[str, str]]:
+    """``(backend, device)`` of every kernel backend of robalign's registry (all but the float64
+    ground truth): on CUDA where there is one and the backend runs there, else on CPU (the Triton
+    kernels under TRITON_INTERPRET=1). A backend added to the registry is tested by every backend
+    test with no edit here."""
+    from robalign.ops.registry import BACKENDS
+
+    return [(name, "cuda" if CUDA and (entry.devices is None or "cuda" in entry.devices) else "cpu")
+            for name, entry in BACKENDS.items() if entry.rows is not None]
+
+
+def backend_id(backend: tuple[str, str]) -> str:
+    name, device = backend
+    return {("triton", "cpu"): "triton-interpret", ("cpp", "cpu"): "cpp"}.get(backend, f"{name}-{device}")
+
+
+KERNEL_BACKENDS = [pytest.param(b, id=backend_id(b)) for b in kernel_backends()]
+
 
 @pytest.fixture(autouse=True)
 def _seed():

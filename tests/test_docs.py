@@ -43,7 +43,7 @@ def test_the_site_builds_with_strict(tmp_path):
     assert time.perf_counter() - start < BUILD_BUDGET_S
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
     for name in ("DoRALoss", "FusedLinearDoRALoss", "Objective", "LossParams", "KLDRO", "linear_sequence_logps"):
-        assert f'id="robalign.' in api and name in api
+        assert 'id="robalign.' in api and name in api
 
 
 def test_there_are_blocks_that_run():

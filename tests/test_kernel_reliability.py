@@ -14,12 +14,11 @@ import torch
 
 import robalign
 from robalign import ground_truth
+from conftest import KERNEL_BACKENDS
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-BACKENDS = [pytest.param(("cpp", "cpu"), id="cpp"),
-            pytest.param(("triton", DEV), id="triton-cuda" if CUDA else "triton-interpret"),
-            pytest.param(("torch", DEV), id="torch-cuda" if CUDA else "torch-cpu")]
+BACKENDS = KERNEL_BACKENDS        # every kernel backend of the registry (conftest)
 NAN = float("nan")
 INF = float("inf")
 

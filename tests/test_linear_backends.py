@@ -15,12 +15,10 @@ import torch
 
 import robalign
 from robalign.ops import linear
-from conftest import packed_from_padded
+from conftest import KERNEL_BACKENDS, packed_from_padded
 
 CUDA = torch.cuda.is_available()
-BACKENDS = [pytest.param(("cpp", "cpu"), id="cpp"),
-            pytest.param(("triton", "cuda" if CUDA else "cpu"), id="triton-cuda" if CUDA else "triton-interpret"),
-            pytest.param(("torch", "cuda" if CUDA else "cpu"), id="torch-cuda" if CUDA else "torch-cpu")]
+BACKENDS = KERNEL_BACKENDS        # every kernel backend of the registry (conftest)
 
 
 def problem(s, t, h, v, *, dtype=torch.float32, bias=True, all_ignored=(), seed=0):

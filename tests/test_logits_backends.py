@@ -12,15 +12,12 @@ import torch
 
 import robalign
 from robalign import backends, ground_truth
-from conftest import packed_from_padded, random_batch
+from conftest import KERNEL_BACKENDS, packed_from_padded, random_batch
 
 CUDA = torch.cuda.is_available()
 # (backend, device): the C++ kernels on CPU; the Triton kernels compiled on CUDA, or under
 # TRITON_INTERPRET=1 on CPU tensors where there is no GPU (conftest sets it).
 # The chunked PyTorch backend runs on CPU, and on CUDA when there is one.
-KERNEL_BACKENDS = [pytest.param(("cpp", "cpu"), id="cpp"),
-                   pytest.param(("triton", "cuda" if CUDA else "cpu"), id="triton-cuda" if CUDA else "triton-interpret"),
-                   pytest.param(("torch", "cuda" if CUDA else "cpu"), id="torch-cuda" if CUDA else "torch-cpu")]
 
 
 @pytest.fixture(autouse=True)

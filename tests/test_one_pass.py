@@ -26,13 +26,14 @@ from robalign import ground_truth
 from robalign.losses.reductions import Reduction
 from robalign.ops import one_pass
 from robalign.ground_truth.objectives import OBJECTIVES
-from conftest import packed_from_padded, run_on_gloo_ranks
+from conftest import backend_id, kernel_backends, packed_from_padded, run_on_gloo_ranks
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-BACKENDS = [pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(CUDA, reason="CPU backend")),
-            pytest.param("triton", id="triton-cuda" if CUDA else "triton-interpret"),
-            pytest.param("torch", id="torch")]
+# every kernel backend of the registry, on this run's device (the CPU-only ones skipped on a GPU machine)
+BACKENDS = [pytest.param(name, id=backend_id((name, dev)) if name != "torch" else "torch",
+                         marks=pytest.mark.skipif(dev != DEVICE, reason=f"a {dev} backend"))
+            for name, dev in kernel_backends()]
 OBJECTIVE_K = {name: 1 if spec.unpaired else 2 if spec.pairwise else 3 for name, spec in OBJECTIVES.items()}
 #: what the one-pass loss runs: every objective whose losses are per sample (AOT's sort the batch)
 ONE_PASS_OBJECTIVES = sorted(name for name, spec in OBJECTIVES.items() if not spec.batch_coupled)

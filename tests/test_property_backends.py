@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import robalign
+from conftest import kernel_backends
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-BACKENDS = (("cpp", "cpu"), ("triton", DEV), ("torch", DEV))
+BACKENDS = tuple(kernel_backends())        # every kernel backend of the registry (conftest)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"

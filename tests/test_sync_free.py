@@ -11,13 +11,11 @@ import torch
 
 import robalign
 from robalign import _validation
-from conftest import packed_from_padded, random_batch
+from conftest import KERNEL_BACKENDS, packed_from_padded, random_batch
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-BACKENDS = [pytest.param(("cpp", "cpu"), id="cpp"),
-            pytest.param(("triton", DEV), id="triton-cuda" if CUDA else "triton-interpret"),
-            pytest.param(("torch", DEV), id="torch-cuda" if CUDA else "torch-cpu")]
+BACKENDS = KERNEL_BACKENDS        # every kernel backend of the registry (conftest)
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
 
 
