@@ -133,3 +133,19 @@ def test_kto_averages_its_rows_and_its_reference_point(name="kto"):
     with pytest.raises(ValueError, match=r"averaged log-probs need `kl_counts`"):
         averaged.from_logps(x1, counts, ref, extras=robalign.BatchExtras(scores=labels, kl_logps=kl_logps,
                                                                           kl_ref_logps=kl_ref))
+
+
+@pytest.mark.slow
+def test_the_trainer_gives_kto_its_rows_counts(tmp_path):
+    """`robalign train --objective kto --average-logps`: the trainer passes the mismatched rows' token
+    counts with their log-probs (without them the loss refuses: "averaged log-probs need
+    `kl_counts`"), and the run trains."""
+    import math
+
+    from robalign.app.commands.train import run_training
+    from robalign.app.training.config import TrainSettings
+
+    summary = run_training(TrainSettings(objective="kto", average_logps=True, max_steps=2, out=str(tmp_path / "k")),
+                           log=lambda *args: None)
+    assert summary["settings"]["average_logps"] is True
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"]) and math.isfinite(summary["last_log"]["loss"])

@@ -1,0 +1,1 @@
+from .dpo_loss import LigerFusedLinearDPOLoss  # noqa: F401

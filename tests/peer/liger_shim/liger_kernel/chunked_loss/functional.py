@@ -1,0 +1,3 @@
+from .dpo_loss import LigerFusedLinearDPOFunction
+
+liger_fused_linear_dpo = LigerFusedLinearDPOFunction.apply
