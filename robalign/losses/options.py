@@ -17,20 +17,36 @@ class LossParams:
     """How a :class:`robalign.DoRALoss` runs: options most calls leave at their defaults.
 
     group_size: K, the candidates per sample, rows group-major (``None``: 2, or 1 for an unpaired
-        objective such as KTO). ignore_index: the label of unscored tokens.
+        objective such as KTO, one labelled completion per sample, see :mod:`robalign.losses.unpaired`).
+    ignore_index: the label of unscored tokens.
     backend: the heavy op's backend (``None``: ``$ROBALIGN_BACKEND``, else the fastest available;
         see :func:`robalign.sequence_logps`).
-    one_pass: with hidden states and the head, form the loss and its gradients in one forward
-        (:mod:`robalign.ops.one_pass`) where the reduction allows; False: the recompute path.
-    fp32_head_grad: in the one-pass path, accumulate a bfloat16/float16 head's gradient in float32.
-    ld_alpha: LD-DPO's length desensitisation α ∈ [0, 1] (arXiv 2409.06411): a response's tokens past
-        the length its group shares count α times. Padded rows only.
-    wpo: WPO's weighting (arXiv 2406.11827): each sample's weight times ``Π_k ω_k``,
-        ``ω = exp(mean_t(log p(y_t) − log Σ_v p(v)²))`` of the policy, without gradient. Padded rows only.
-    reference_free: the reference's log-probs are taken as 0 (the DPO family without a reference model).
+    one_pass: with hidden states and the head (:class:`robalign.FusedLinearDoRALoss`), form the loss
+        **and** its gradients in one forward (:mod:`robalign.ops.one_pass`: three matmul passes
+        instead of four, the backward only scales). It runs when gradients are wanted, the reduction
+        takes a gradient formed ahead (KL-DRO does) and the backend is a kernel one; the outputs'
+        ``policy_logps`` and ``logratios`` then carry no graph (only ``loss`` does). False: the
+        recompute path (log-probs with a graph, autograd through the objective).
+    fp32_head_grad: in the one-pass path, accumulate a bfloat16/float16 head's gradient in float32
+        (one extra ``[V, H]`` float32 buffer); False keeps the head's dtype (one rounding per chunk).
+    ld_alpha: LD-DPO's length desensitisation α ∈ [0, 1] (Liu et al. 2024, arXiv 2409.06411; TRL's
+        ``ld_alpha``): a response's log-prob counts its first ``min_k |y_k|`` scored tokens (the length
+        its group shares) fully and the rest α times, ``logp = logp_shared + α·logp_tail``, for the
+        policy and for a reference given as logits or hidden states (``ref_logps`` given directly are
+        taken as they are). Padded rows only; the recompute path (two fused log-prob passes).
+    wpo: WPO's weighting (Zhou et al. 2024, arXiv 2406.11827; TRL's ``use_weighting``): each sample's
+        weight times ``Π_k ω_k``, ``ω = exp(mean_t(log p(y_t) − log Σ_v p(v)²))`` of the policy, without
+        gradient (:func:`robalign.ops.wpo.wpo_weights`: one more chunked pass over the head). Padded
+        rows only.
+    reference_free: for an objective with a reference model, the reference's log-probs are taken as
+        0 (``r = logp``; the DPO family without a reference, TRL's former ``reference_free``);
+        reference inputs are then refused.
     process_group, ddp_average: the ranks whose samples share the reduction's normaliser (``None``:
         the default group when torch.distributed is initialised) and DDP's averaging convention
         (see :func:`robalign.kl_dro`).
+
+    Logits given to :class:`robalign.DoRALoss` are the head's output, so a head transform
+    (:class:`robalign.HeadTransform`) belongs to :class:`robalign.FusedLinearDoRALoss` only.
     """
 
     group_size: int | None = None
