@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import warnings
@@ -44,6 +45,16 @@ def new_path(fullname: str) -> tuple[str | None, bool]:
     return None, False
 
 
+class _AliasSpec(importlib.machinery.ModuleSpec):
+    """An old path's spec whose ``parent`` is the new module's package, so that ``python -m <old
+    path>`` (runpy sets ``__package__`` from it) resolves the module's relative imports."""
+
+    @property
+    def parent(self):
+        new, _ = new_path(self.name)
+        return new if self.submodule_search_locations is not None else new.rpartition(".")[0]
+
+
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds an old path and loads it as the module at its new path (the same object)."""
 
@@ -54,12 +65,21 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if deprecated:
             warnings.warn(f"`{fullname}` moved to `{new}`; the old path goes away in the next release",
                           DeprecationWarning, stacklevel=2)
-        return importlib.util.spec_from_loader(fullname, self, origin=new)
+        return _AliasSpec(fullname, self, origin=new, is_package=self.is_package(fullname))
 
     def create_module(self, spec):
         module = importlib.import_module(spec.origin)
         spec.loader_state = module.__spec__
         return module
+
+    def get_code(self, fullname):
+        """The new module's code: what ``python -m <old path>`` (runpy) runs."""
+        new, _ = new_path(fullname)
+        return importlib.util.find_spec(new).loader.get_code(new)
+
+    def is_package(self, fullname):
+        new, _ = new_path(fullname)
+        return importlib.util.find_spec(new).submodule_search_locations is not None
 
     def exec_module(self, module):
         # the import system has just set __spec__ to the alias's spec: give the module back its own

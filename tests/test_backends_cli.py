@@ -131,6 +131,19 @@ def test_the_applications_flat_paths_import_from_its_folders_with_a_warning(old,
     assert module is importlib.import_module(f"robalign.app.{new}")
 
 
+def test_an_old_module_path_runs_with_python_m():
+    """`python -m robalign.app.launch` (0.2's path, which scripts call) runs the moved module, its
+    relative imports resolved from the new package, with the DeprecationWarning."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "robalign.app.launch"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "`robalign.app.launch` moved to `robalign.app.training.launch`" in out.stderr
+    assert "DeepSpeed's CPU communication extension is ready" in out.stdout
+
+
 def test_the_data_folder_keeps_the_preference_names_of_the_old_data_module():
     from robalign.app.data import PreferenceCollator
     from robalign.app.data.preferences import PreferenceCollator as moved
