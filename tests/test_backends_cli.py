@@ -1,7 +1,6 @@
 """Backend dispatch rules and the command line's error handling."""
 
 import subprocess
-from pathlib import Path
 import sys
 
 import pytest
