@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 BLOCK = re.compile(r"<!-- runs -->\s*```(python|bash)\n(.*?)```", re.S)
-BUILD_BUDGET_S = 300            # measured: 3 s on the 2-core CI machine; the budget allows a cold import
+BUILD_TIMEOUT_S = 300           # a hang guard only: the build's time is measured by `make docs`, not asserted
 
 
 def runnable_blocks():
@@ -35,12 +34,10 @@ def marked(text: str, name: str) -> str:
 def test_the_site_builds_with_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="the `docs` extra builds the site")
     mkdocs = Path(sys.executable).with_name("mkdocs")
-    start = time.perf_counter()
     out = subprocess.run([str(mkdocs), "build", "--strict", "-q", "-d", str(tmp_path / "site")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=BUILD_BUDGET_S,
+                         capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
                          env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert time.perf_counter() - start < BUILD_BUDGET_S
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
     for name in ("DoRALoss", "FusedLinearDoRALoss", "Objective", "LossParams", "KLDRO", "linear_sequence_logps"):
         assert 'id="robalign.' in api and name in api
@@ -108,7 +105,7 @@ def test_the_pages_open_clean_in_chromium(tmp_path):
         pytest.skip("needs Chromium (Debian: apt-get install chromium); `make docs-check` says the same")
     site = tmp_path / "site"
     subprocess.run([str(Path(sys.executable).with_name("mkdocs")), "build", "--strict", "-q", "-d", str(site)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=BUILD_BUDGET_S)
+                   cwd=ROOT, check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
     reports = docs_check.check_site(site, ("index.html", "api/index.html", "benchmarks/index.html"))
     assert not docs_check.problems(reports)
     assert sum(len(r["images"]) for r in reports) >= 4 and all(Path(r["screenshot"]).is_file() for r in reports)

@@ -223,7 +223,6 @@ class DoRALoss(nn.Module):
         params = LossParams() if params is None else params
         if not isinstance(params, LossParams):
             V.fail(where, f"`params` must be a robalign.LossParams, got {type(params).__name__}", TypeError)
-        self.spec = objective
         self.reduction = reduction
         self.weighting = weighting
         self.params = params
