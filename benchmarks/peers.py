@@ -60,3 +60,44 @@ def reference_dora_dpo(hidden, weight, labels, ref_logps, *, beta=0.1, lam=1.0, 
     losses = ground_truth.objectives.dpo(logps.view(-1, 2), ref_logps.double().view(-1, 2), beta=beta)
     loss = ground_truth.kl_dro(losses, None, lam)
     return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+def reference_dora_chunked(hidden, weight, labels, ref_logps, weights, *, objective="dpo", group=2, lam=1.0,
+                           chunk=512, **hparams):
+    """The float64 ground truth of the sweep's gate at any size: ``(loss, grad_hidden, grad_weight)``
+    of ``λ·log mean_i exp(w_i·ℓ_i/λ)`` over groups of ``group`` rows (the registered ``objective``
+    with ``hparams``), the logits formed ``chunk`` scored tokens at a time in float64, never all:
+
+        logp_s = Σ_t log_softmax(h_t·Wᵀ)[y_t];   c_s = ∂L/∂logp_s (autograd on [S] float64)
+        G_t = c_{s(t)}·(onehot(y_t) − softmax(h_t·Wᵀ));   grad_h_t = G_t·W;   grad_W = Σ_t G_tᵀ·h_t
+
+    ``hidden`` [S, T, H], ``weight`` [V, H], ``labels`` [S, T] (-100 masked), ``ref_logps`` [S],
+    ``weights`` [S / group]."""
+    from robalign import ground_truth
+    from robalign.ground_truth.objectives import OBJECTIVES
+
+    num_seqs, seqlen, size = hidden.shape
+    h = hidden.detach().reshape(-1, size).double()
+    w = weight.detach().double()
+    y = labels.reshape(-1)
+    seq = torch.arange(num_seqs).repeat_interleave(seqlen)
+    idx = (y != -100).nonzero().squeeze(1)
+    pieces = [idx[i:i + chunk] for i in range(0, idx.numel(), chunk)]
+    logps = torch.zeros(num_seqs, dtype=torch.float64)
+    for i in pieces:
+        lsm = torch.log_softmax(h[i] @ w.T, -1)
+        logps.index_add_(0, seq[i], lsm.gather(1, y[i, None]).squeeze(1))
+    lp = logps.requires_grad_(True)
+    counts = torch.zeros(num_seqs, dtype=torch.int64).index_add_(0, seq[idx], torch.ones_like(idx))
+    losses = OBJECTIVES[objective].fn(lp.view(-1, group), ref_logps.double().view(-1, group),
+                                      counts=counts.view(-1, group), scores=None, **hparams)
+    loss = ground_truth.kl_dro(losses, weights.double(), lam)
+    (dlp,) = torch.autograd.grad(loss, lp)
+    grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w)
+    for i in pieces:
+        g = torch.softmax(h[i] @ w.T, -1).neg_()
+        g[torch.arange(i.numel()), y[i]] += 1.0
+        g.mul_(dlp[seq[i]][:, None])
+        grad_h[i] = g @ w
+        grad_w += g.T @ h[i]
+    return loss.detach(), grad_h.view(hidden.shape), grad_w

@@ -240,6 +240,189 @@ void rows_softmax_grad(const Tensor& logits3d, const Tensor& labels, const Tenso
   });
 }
 
+namespace {
+
+// Where a row's float32 values are formed: the output row itself for float32, else `buffer`.
+template <typename scalar_t>
+float* float_row(scalar_t* out, int64_t V, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return out;
+  } else {
+    buffer.resize(V);
+    return buffer.data();
+  }
+}
+
+// max over x[0, V): four vector accumulators, so the compare chain does not serialise the loop; NaN
+// propagates (at::vec::maximum), as in the reference.
+float row_max(const float* x, int64_t V) {
+  constexpr int64_t L = Vec::size();
+  Vec m0(-INFINITY), m1(-INFINITY), m2(-INFINITY), m3(-INFINITY);
+  int64_t v = 0;
+  for (; v + 4 * L <= V; v += 4 * L) {
+    m0 = at::vec::maximum(m0, Vec::loadu(x + v));
+    m1 = at::vec::maximum(m1, Vec::loadu(x + v + L));
+    m2 = at::vec::maximum(m2, Vec::loadu(x + v + 2 * L));
+    m3 = at::vec::maximum(m3, Vec::loadu(x + v + 3 * L));
+  }
+  for (; v + L <= V; v += L) m0 = at::vec::maximum(m0, Vec::loadu(x + v));
+  const Vec m = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+  float lanes[L];
+  m.store(lanes);
+  float max = lanes[0];
+  for (int64_t i = 1; i < L; ++i) max = (std::isnan(max) || std::isnan(lanes[i])) ? NAN : std::max(max, lanes[i]);
+  for (; v < V; ++v) max = (std::isnan(max) || std::isnan(x[v])) ? NAN : std::max(max, x[v]);
+  return max;
+}
+
+// e[v] = exp(x[v] - max) into e (which may be x), returning sum_v e[v]: float32 lanes within blocks
+// of kSumBlock elements, the block sums in double (as row_logsumexp). One exponential per element.
+double exp_and_sum(const float* x, float* e, int64_t V, float max) {
+  constexpr int64_t L = Vec::size();
+  constexpr int64_t kSumBlock = 2048;
+  const Vec vmax(max);
+  double sum = 0.0;
+  for (int64_t b0 = 0; b0 < V; b0 += kSumBlock) {
+    const int64_t b1 = std::min(V, b0 + kSumBlock);
+    Vec s0(0.f), s1(0.f);
+    int64_t v = b0;
+    for (; v + 2 * L <= b1; v += 2 * L) {
+      const Vec e0 = (Vec::loadu(x + v) - vmax).exp_u20();
+      const Vec e1 = (Vec::loadu(x + v + L) - vmax).exp_u20();
+      e0.store(e + v);
+      e1.store(e + v + L);
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+    }
+    for (; v + L <= b1; v += L) {
+      const Vec e0 = (Vec::loadu(x + v) - vmax).exp_u20();
+      e0.store(e + v);
+      s0 = s0 + e0;
+    }
+    if (v < b1) {  // the tail, under L: loadu fills the missing lanes with 0, masked out of the sum
+      const int64_t n = b1 - v;
+      const Vec e0 = (Vec::loadu(x + v, n) - vmax).exp_u20();
+      e0.store(e + v, n);
+      s0 = s0 + Vec::set(Vec(0.f), e0, n);
+    }
+    sum += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s0 + s1);
+  }
+  return sum;
+}
+
+}  // namespace
+
+// Forward and the unit gradient in one visit of each row (the one-pass loss's chunk kernel):
+// lse[n] = logsumexp_v z'[n, v], target[n] = z'[n, y_n], and out[n, v] = (onehot(y_n)[v] -
+// softmax(z'[n])[v]) * dz'/dz -- rows_softmax_grad with coeff = 1, whose per-sequence coefficient the
+// caller applies to the much smaller matmul operands. Under the identity transform a row is read
+// from memory once and each element takes one exponential (exp(z - max), kept and divided by the
+// sum), against three reads and two exponentials for rows_lse_target then rows_softmax_grad; other
+// transforms run those two per row. `out` may alias the logits; ignored rows are 0, lse and target 0.
+std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Tensor& labels, int64_t ignore_index,
+                                                Tensor& out3d, double scale, double softcap) {
+  TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1 && out3d.stride(2) == 1, "rows_lse_target_grad: rows must be contiguous");
+  TORCH_CHECK(out3d.scalar_type() == logits3d.scalar_type() && out3d.sizes() == logits3d.sizes(), "rows_lse_target_grad: out must match logits");
+  const Transform f{static_cast<float>(scale), static_cast<float>(softcap)};
+  if (!f.identity()) {
+    auto [lse, target] = rows_lse_target(logits3d, labels, ignore_index, scale, softcap);
+    const int64_t N = logits3d.size(0) * logits3d.size(1);
+    rows_softmax_grad(logits3d, labels, lse, at::ones({N}, lse.options()), ignore_index, out3d, scale, softcap);
+    return {lse, target};
+  }
+  const Rows r = rows_of(logits3d);
+  const Rows ro = rows_of(out3d);
+  const int64_t N = logits3d.size(0) * r.T;
+  auto labels_c = labels.reshape({N}).to(at::kLong).contiguous();
+  auto opts = logits3d.options().dtype(at::kFloat);
+  Tensor lse = at::zeros({N}, opts);
+  Tensor target = at::zeros({N}, opts);
+  const int64_t* y = labels_c.data_ptr<int64_t>();
+  float* p_lse = lse.data_ptr<float>();
+  float* p_tgt = target.data_ptr<float>();
+  ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_lse_target_grad", [&] {
+    const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
+    scalar_t* out_base = out3d.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer;
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* out = ro.row(out_base, n);
+        if (y[n] == ignore_index) {
+          std::fill(out, out + r.V, scalar_t(0));
+          continue;
+        }
+        const float* x = as_float(r.row(base, n), r.V, buffer);  // bfloat16/float16: converted into buffer
+        if (y[n] < 0 || y[n] >= r.V) {  // an invalid label: its log-prob and gradient are NaN
+          p_lse[n] = row_logsumexp(x, r.V);
+          p_tgt[n] = std::nanf("");
+          std::fill(out, out + r.V, scalar_t(std::nanf("")));
+          continue;
+        }
+        const float z_y = x[y[n]];  // read before an in-place write covers it
+        const float max = row_max(x, r.V);
+        p_tgt[n] = z_y;
+        if (!std::isfinite(max)) {
+          // all -inf, a +inf or a NaN logit: the reference's limits, by std::exp (exp_u20 is exact
+          // only for finite arguments)
+          const float lse_n = std::isinf(max) ? max : NAN;
+          p_lse[n] = lse_n;
+          for (int64_t v = 0; v < r.V; ++v) {
+            const float xv = static_cast<float>(r.row(base, n)[v]);
+            out[v] = static_cast<scalar_t>((v == y[n] ? 1.f : 0.f) - std::exp(xv - lse_n));
+          }
+          continue;
+        }
+        // e = exp(z - max): in place for float32 rows written in place, else in the float32 buffer
+        float* e = float_row(out, r.V, buffer);
+        const double sum = exp_and_sum(x, e, r.V, max);
+        p_lse[n] = max + static_cast<float>(std::log(sum));
+        const Vec minus_inv(static_cast<float>(-1.0 / sum));
+        at::vec::map([minus_inv](Vec v) { return v * minus_inv; }, e, e, r.V);
+        e[y[n]] += 1.f;
+        if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(e, out, r.V);
+      }
+    });
+  });
+  return {lse, target};
+}
+
+// buffer <- beta * buffer + product for a float32 buffer and a bfloat16/float16 (or float32) product of
+// the same shape, in one pass (beta == 0 ignores what the buffer held, which may be uninitialised):
+// the one-pass loss's float32 accumulation of a half-precision head's gradient, one chunk's matmul
+// product at a time. ATen's mixed-dtype add_ converts the product into a float32 temporary first.
+void accumulate_(Tensor& buffer, const Tensor& product, double beta) {
+  TORCH_CHECK(buffer.scalar_type() == at::kFloat && buffer.is_contiguous(), "accumulate_: buffer must be contiguous float32");
+  TORCH_CHECK(product.sizes() == buffer.sizes(), "accumulate_: product must match buffer");
+  const Tensor p = product.contiguous();
+  const int64_t n = buffer.numel();
+  float* out = buffer.data_ptr<float>();
+  const float b = static_cast<float>(beta);
+  ROBALIGN_DISPATCH(p.scalar_type(), "accumulate_", [&] {
+    const scalar_t* in = p.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+      constexpr int64_t kBlock = 4096;
+      float tmp[kBlock];
+      for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+        const int64_t len = std::min(kBlock, end - i0);
+        const float* x;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          x = reinterpret_cast<const float*>(in + i0);
+        } else {
+          at::vec::convert(in + i0, tmp, len);
+          x = tmp;
+        }
+        if (b == 0.f) {
+          std::copy(x, x + len, out + i0);
+        } else if (b == 1.f) {
+          at::vec::map2([](Vec o, Vec v) { return o + v; }, out + i0, out + i0, x, len);
+        } else {
+          at::vec::map2([b](Vec o, Vec v) { return at::vec::fmadd(o, Vec(b), v); }, out + i0, out + i0, x, len);
+        }
+      }
+    });
+  });
+}
+
 // An uninitialised tensor shaped like `like`, backed by transparent huge pages when it is large
 // (Linux, madvise mode): first touch of a fresh 500 MB gradient then costs ~250 page faults
 // instead of ~128k, which otherwise dominates the backward on CPU.
@@ -266,5 +449,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_softmax_grad", &rows_softmax_grad, "coeff * (onehot - softmax) * dz'/dz per row, into out (may alias logits)",
         py::arg("logits3d"), py::arg("labels"), py::arg("lse"), py::arg("coeff"), py::arg("ignore_index"), py::arg("out3d"),
         py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
+  m.def("rows_lse_target_grad", &rows_lse_target_grad, "lse, label logit and (onehot - softmax) * dz'/dz per row, in one visit",
+        py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("out3d"), py::arg("scale") = 1.0,
+        py::arg("softcap") = 0.0);
+  m.def("accumulate_", &accumulate_, "buffer <- beta * buffer + product, a float32 buffer, in one pass",
+        py::arg("buffer"), py::arg("product"), py::arg("beta"));
   m.def("empty_huge_like", &empty_huge_like, "uninitialised contiguous tensor like `like`, on huge pages when large");
 }

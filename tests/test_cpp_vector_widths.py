@@ -1,8 +1,8 @@
 """The C++ kernels compiled for each vector width this CPU runs (``robalign.ops._cpp.ARCHS``:
 AVX-512, AVX2, generic), not only the one the installed extension was built for: a CI machine
 may build another, and the kernels use width-specific ATen code (Sleef-free exp, blends, bfloat16
-conversion). Each build's row kernels — forward and backward, float32 and bfloat16, the head
-transforms, an ignored row, in place — against float64 autograd at the tolerances of
+conversion). Each build's row kernels — forward, backward and the one-pass step's fused kernel, float32 and
+bfloat16, the head transforms, an ignored row, in place — against float64 autograd at the tolerances of
 test_head_transform (float32 rows 1e-6 relative; bfloat16 inputs are exact in float64, so the
 same, the gradient written in bfloat16 within its half-ulp), and the non-finite rows equal to
 the installed extension's.
@@ -39,7 +39,7 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
                                 extra_cflags=_cpp.compile_args(arch), build_directory=str(directory), verbose=False)
     installed = _cpp.load()
     gen = torch.Generator().manual_seed(0)
-    v = 1003                                                          # not a multiple of any vector width
+    v = 3001                            # 2048 + 953: tails under one vector and over one, of any width
     for dtype in (torch.float32, torch.bfloat16):
         for scale, cap in TRANSFORMS:
             logits = (torch.randn(2, 4, v, generator=gen) * 5).to(dtype)[:, :-1]     # [2, 3, V], strided
@@ -56,6 +56,12 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
                 module.rows_softmax_grad(x, labels, lse, coeff, -100, out, scale, cap)
                 tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-6)
                 torch.testing.assert_close(out.double().reshape(6, v), want, **tol)
+                x = logits.clone()                                          # the fused step: coefficient 1
+                out = x if inplace else torch.full_like(x, float("nan"))
+                lse1, target1 = module.rows_lse_target_grad(x, labels, -100, out, scale, cap)
+                unit = transformed_rows_reference(logits, labels, torch.ones(6), scale, cap)[2]
+                torch.testing.assert_close(lse1.double(), lse_want, rtol=1e-6, atol=1e-5)
+                torch.testing.assert_close(out.double().reshape(6, v), unit, **tol)
     # non-finite logits: the same NaN / inf pattern and values as the installed extension
     logits = torch.randn(1, 5, v, generator=gen)
     logits[0, 0, 3], logits[0, 1, :], logits[0, 2, 7] = float("nan"), -float("inf"), float("inf")

@@ -1,9 +1,10 @@
 """The ``"cpp"`` backend: the heavy ops on CPU tensors through the C++ extension (csrc/).
 
 It provides the same row-kernel interface as :mod:`robalign.kernels` (``rows_lse_target``,
-``rows_softmax_grad``, ``empty_grad_like``) for :mod:`robalign.ops.library`. Importing this module
-loads (or builds once) the extension and raises ImportError when it cannot, which
-:mod:`robalign.ops.registry` reports for a forced backend and skips under "auto".
+``rows_softmax_grad``, ``empty_grad_like``), and the fused ``rows_lse_target_grad`` of the one-pass
+loss, for :mod:`robalign.ops.library`. Importing this module loads (or builds once) the extension
+and raises ImportError when it cannot, which :mod:`robalign.ops.registry` reports for a forced
+backend and skips under "auto".
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def rows_lse_target(logits3d, labels, ignore_index, ref3d=None, *, scale=1.0, so
     return lse, target, ref_target - ref_lse
 
 
+def rows_lse_target_grad(logits3d, labels, ignore_index, out3d, *, scale=1.0, softcap=0.0):
+    """``(lse, target)`` and the unit gradient into ``out3d`` in one visit of each row, as
+    :func:`robalign.ops.library.rows_lse_target_grad`."""
+    return _C.rows_lse_target_grad(logits3d, labels, ignore_index, out3d, scale, softcap)
+
+
 rows_softmax_grad = _C.rows_softmax_grad
+accumulate_ = _C.accumulate_                   # a float32 buffer += a half-precision product, one pass
 empty_grad_like = _C.empty_huge_like           # huge pages: far fewer first-touch page faults
 

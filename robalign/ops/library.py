@@ -27,12 +27,29 @@ from torch import Tensor
 from ..ground_truth.logps import sequence_index
 from .registry import get
 
-__all__ = ["sequence_logps", "sequence_logps_with_ref", "row_kernels", "check_kernel_dtypes", "flat_labels"]
+__all__ = ["sequence_logps", "sequence_logps_with_ref", "row_kernels", "rows_lse_target_grad", "check_kernel_dtypes",
+           "flat_labels"]
 
 
 def row_kernels(kernel: str):
     """The module implementing ``rows_lse_target`` / ``rows_softmax_grad`` for backend ``kernel``."""
     return get(kernel).load_rows()
+
+
+def rows_lse_target_grad(rows, logits3d: Tensor, labels: Tensor, ignore_index: int, out3d: Tensor, *,
+                         scale: float = 1.0, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(lse [N], target [N])`` of each row of the ``[B, T, V]`` view and, into ``out3d`` (which may
+    be the logits), the unit gradient ``(onehot(y) − softmax(z'))·f'(z)`` (0 on ignored rows): the
+    one-pass loss's chunk step. The row-kernel module ``rows``' own fused kernel where it has one
+    (the C++ backend: one read of each row, one exponential per logit), else its
+    ``rows_lse_target`` then ``rows_softmax_grad`` with a coefficient of 1."""
+    fused = getattr(rows, "rows_lse_target_grad", None)
+    if fused is not None:
+        return fused(logits3d, labels, ignore_index, out3d, scale=scale, softcap=softcap)
+    lse, target, _ = rows.rows_lse_target(logits3d, labels, ignore_index, scale=scale, softcap=softcap)
+    rows.rows_softmax_grad(logits3d, labels, lse, torch.ones_like(lse), ignore_index, out3d, scale=scale,
+                           softcap=softcap)
+    return lse, target
 
 
 def _as_rows(t: Tensor) -> Tensor:

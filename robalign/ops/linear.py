@@ -40,19 +40,26 @@ __all__ = ["linear_sequence_logps", "chunk_tokens"]
 # BLAS's rate (TARGET_TOKENS), within a memory budget for the [C, V] logits (MAX_BYTES).
 # Measured (README, "The fused linear path"): on CPU, H = 512, 2048 tokens, the time falls until
 # ~1024 tokens a chunk and is flat after; on an H100, 16 × 1024 tokens, H = 4096, from 103.6 ms
-# at ~1000 tokens to 92.7 ms at ~4000 and 91.4 ms at ~8000. ROBALIGN_CHUNK_MB overrides both.
+# at ~1000 tokens to 92.7 ms at ~4000 and 91.4 ms at ~8000. On CPU the target is in float32
+# tokens, so a half-precision chunk holds twice as many (the same bytes): oneDNN's AMX bfloat16
+# G·W ran at 84 µs a token below 1536 rows against 45 µs from 1536 on (H 512, V 32000;
+# benchmarks/results/cpu_sweep.json), and each chunk costs one pass over the float32 head
+# gradient. ROBALIGN_CHUNK_MB overrides both.
 TARGET_TOKENS = {"cpu": 1024, "cuda": 4096}
 MAX_BYTES = {"cpu": 512 << 20, "cuda": 2 << 30}
 
 
 def chunk_tokens(vocab: int, element_size: int, device: torch.device) -> int:
-    """Tokens per chunk: ``TARGET_TOKENS`` of the device, fewer when their ``[C, V]`` logits would
-    exceed ``MAX_BYTES``; with ``$ROBALIGN_CHUNK_MB``, the most that fit that many MiB. At least 1."""
+    """Tokens per chunk: ``TARGET_TOKENS`` of the device (on CPU, times ``4 / element_size``), fewer
+    when their ``[C, V]`` logits would exceed ``MAX_BYTES``; with ``$ROBALIGN_CHUNK_MB``, the most
+    that fit that many MiB. At least 1."""
     row_bytes = vocab * element_size
     override = int(os.environ.get("ROBALIGN_CHUNK_MB", 0)) << 20
     if override:
         return max(1, override // row_bytes)
     target = TARGET_TOKENS.get(device.type, TARGET_TOKENS["cpu"])
+    if device.type == "cpu":
+        target = target * 4 // element_size
     return max(1, min(target, MAX_BYTES.get(device.type, MAX_BYTES["cpu"]) // row_bytes))
 
 

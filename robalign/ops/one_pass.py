@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..ground_truth.logps import sequence_index
 from ..ground_truth.objectives import OBJECTIVES
-from .library import check_kernel_dtypes, flat_labels, row_kernels
+from .library import check_kernel_dtypes, flat_labels, row_kernels, rows_lse_target_grad
 from .head import HeadTransform
 from .linear import _chunk_logits, chunk_tokens
 
@@ -57,11 +57,15 @@ __all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks
 
 
 def plan_chunks(group_tokens: list[int], chunk: int) -> list[tuple[int, int]]:
-    """Greedy ``[g0, g1)`` ranges of consecutive groups whose scored tokens fit ``chunk``; a group
-    larger than ``chunk`` is a range of its own (processed in sub-chunks)."""
+    """``[g0, g1)`` ranges of consecutive groups whose scored tokens fit ``chunk``, balanced: a
+    range closes once it holds the even share ``⌈total / ⌈total / chunk⌉⌉`` (3072 tokens at a
+    2048-token chunk are two chunks of 1536, not 2048 + 1024: the BLAS runs a small chunk's matmuls
+    at a lower rate). A group larger than ``chunk`` is a range of its own (processed in sub-chunks)."""
+    total = sum(group_tokens)
+    share = -(-total // max(1, -(-total // chunk))) if total else chunk
     ranges, start, tokens = [], 0, 0
     for g, n in enumerate(group_tokens):
-        if g > start and tokens + n > chunk:
+        if g > start and (tokens + n > chunk or tokens >= share):
             ranges.append((start, g))
             start, tokens = g, 0
         tokens += n
@@ -117,6 +121,16 @@ def _helper() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="robalign-objective")
 
 
+def _dead_rows_zeroed(u: Tensor, c: Tensor, lse: Tensor) -> Tensor:
+    """``U`` with 0 on the rows whose coefficient is 0 and whose logsumexp is not finite: such a
+    row's unit gradient holds NaN (an infinite logit), which ``0·NaN`` would carry into the
+    products, while its true gradient is 0 (the rows of a zero-weight sample)."""
+    dead = (c == 0) & ~torch.isfinite(lse)
+    if bool(dead.any()):
+        u.masked_fill_(dead[:, None], 0.0)
+    return u
+
+
 def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool) -> torch.dtype:
     return torch.float32 if (fp32_grad_weight and weight.dtype in (torch.bfloat16, torch.float16)) else weight.dtype
 
@@ -124,9 +138,10 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool) -> torch.dtype:
 _OUT_DTYPE_MM: dict[str, bool] = {}
 
 
-def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
+def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows) -> None:
     """``buffer ← beta·buffer + a·b``, the product accumulated in ``buffer``'s dtype when it is wider
-    than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added)."""
+    than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added: in one pass by
+    the row-kernel module ``rows``' ``accumulate_`` where it has one, the C++ backend's)."""
     if buffer.dtype == a.dtype:
         buffer.addmm_(a, b, beta=beta)
         return
@@ -138,6 +153,10 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_MM[device] = False
+    fused = getattr(rows, "accumulate_", None)
+    if fused is not None:
+        fused(buffer, a @ b, beta)
+        return
     if beta == 0.0:
         buffer.zero_()                  # what was there may be uninitialised memory
     elif beta != 1.0:
@@ -198,11 +217,13 @@ def _linear_dora_loss(
                 continue
             h_p = h.index_select(0, i_c[p0:p1])
             z = _chunk_logits(h_p, weight, bias)
-            lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
+            if len(pieces) == 1:                                        # z becomes U, in place
+                lse_p, target_p = rows_lse_target_grad(rows, z.unsqueeze(0), y_c, ignore_index, z.unsqueeze(0), **f)
+                kept, kept_h = z, h_p
+            else:
+                lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
             lse_c[p0:p1] = lse_p
             logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
-            if len(pieces) == 1:
-                kept, kept_h = z, h_p
             del z, h_p
         lp = logps64[s0:s1].float().view(-1, k)
         ref = None if ref_logps is None else ref_logps[s0:s1].float().view(-1, k)
@@ -227,22 +248,27 @@ def _linear_dora_loss(
         for p0, p1 in pieces:
             i_p = i_c[p0:p1]
             h_p = kept_h if kept_h is not None else h.index_select(0, i_p)
-            z = kept if kept is not None else _chunk_logits(h_p, weight, bias)
+            if kept is not None:
+                u = kept
+            else:                                                       # a sub-chunk: its logits again
+                u = _chunk_logits(h_p, weight, bias)
+                rows.rows_softmax_grad(u.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], torch.ones(p1 - p0, device=device),
+                                       ignore_index, u.unsqueeze(0), **f)
             kept = kept_h = None
-            rows.rows_softmax_grad(z.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], coeff_tok[p0:p1], ignore_index,
-                                   z.unsqueeze(0), **f)                 # in place: z becomes G
-            if need_hidden:
-                grad_h.index_copy_(0, i_p, z @ weight)
+            c = coeff_tok[p0:p1]
+            u = _dead_rows_zeroed(u, c, lse_c[p0:p1])
+            if need_hidden:                                             # G·W = c ⊙ (U·W)
+                grad_h.index_copy_(0, i_p, (u @ weight).mul(c[:, None]).to(h.dtype))
                 rescale_h.append((i_p, m))
-            if need_weight:
-                _accumulate(grad_w, z.T, h_p, beta)
-            if has_bias:
+            if need_weight:                                             # Gᵀ·h = Uᵀ·(c ⊙ h)
+                _accumulate(grad_w, u.T, h_p.mul(c[:, None]).to(h_p.dtype), beta, rows)
+            if has_bias:                                                # Σ_t G[t] = Uᵀ·c
                 if beta != 1.0:
                     grad_b.mul_(beta)
-                grad_b.add_(z.sum(0, dtype=torch.float32))
+                grad_b.add_(torch.mv(u.T, c.to(u.dtype)))
             beta, pending = 1.0, 1.0
             accumulated = True
-            del z, h_p
+            del u, h_p
 
     if need_weight and not accumulated:
         grad_w.zero_()

@@ -1,0 +1,143 @@
+"""The one-pass loss's chunk step and its helpers (robalign.ops.library.rows_lse_target_grad, the
+C++ backend's fused ``rows_lse_target_grad`` and ``accumulate_``), and what the one-pass loss gains
+from them in bfloat16.
+
+- ``rows_lse_target_grad`` on every kernel backend (the C++ fused kernel; Triton under the
+  interpreter and the torch backend through their two kernels): lse, label logit and the unit
+  gradient ``(onehot − softmax(z'))·f'(z)`` against float64 autograd, float32 and bfloat16, strided
+  views, V not a multiple of any vector width, an ignored row, in place and out, with and without
+  a head transform. Tolerances as test_cpp_vector_widths: float32 1e-6 relative on lse (its float32
+  rounding), 1e-5 on the gradient; bfloat16 rows are exact in float64 and the gradient is written
+  in bfloat16, so within its half-ulp (2⁻⁸ relative).
+- Non-finite rows (NaN, all −inf, a +inf logit): the fused kernel gives the two kernels' values.
+- ``accumulate_``: ``beta·buffer + product`` for beta 0 (over garbage), 1 and 0.5, against float64.
+- The one-pass loss in bfloat16: its head gradient's error against float64 is within twice that
+  of materialised bfloat16 logits (the naive path, float32 log-softmax), the bound the issue set.
+"""
+
+import math
+
+import pytest
+import torch
+
+import robalign
+from conftest import KERNEL_BACKENDS
+from robalign.ops import library
+from robalign.ops.registry import get
+from test_head_transform import transformed_rows_reference
+
+TRANSFORMS = [pytest.param((1.0, 0.0), id="identity"), pytest.param((0.7, 2.0), id="softcap"),
+              pytest.param((1.3, 0.0), id="scale")]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("v", [1003, 3001])
+def test_lse_target_and_unit_gradient_in_one_step(backend, dtype, transform, inplace, v):
+    """V 1003 ends in a tail under one vector, 3001 in a tail of one vector and a part of one
+    (3001 = 2048 + 953, 953 = 29·32 + 16 + 9): every element is written (``out`` starts as NaN)."""
+    name, device = backend
+    rows = get(name).load_rows()
+    scale, cap = transform
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 4, v, generator=gen) * 4).to(dtype)[:, :-1].to(device)   # [2, 3, V], strided
+    labels = torch.randint(v, (6,), generator=gen)
+    labels[4] = -100
+    labels = labels.to(device)
+    lse_want, tgt_want, grad_want = transformed_rows_reference(logits.cpu(), labels.cpu(), torch.ones(6), scale, cap)
+    x = logits.clone()
+    out = x if inplace else torch.full_like(x, float("nan"))
+    lse, target = library.rows_lse_target_grad(rows, x, labels, -100, out, scale=scale, softcap=cap)
+    torch.testing.assert_close(lse.double().cpu(), lse_want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(target.double().cpu(), tgt_want, rtol=1e-6, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(out.double().cpu().reshape(6, v), grad_want, **tol)
+    assert (out.reshape(6, v)[4] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_fused_kernel_takes_the_two_kernels_limits_on_non_finite_rows(dtype):
+    from robalign.ops import cpu
+
+    gen = torch.Generator().manual_seed(2)
+    v = 1003
+    logits = torch.randn(1, 5, v, generator=gen)
+    logits[0, 0, 3], logits[0, 1, :], logits[0, 2, 7] = float("nan"), -float("inf"), float("inf")
+    logits[0, 3, 4] = -float("inf")                                   # the label's logit alone is −inf
+    logits = logits.to(dtype)
+    labels = torch.tensor([1, 2, 7, 4, 5])
+    lse_want, tgt_want, _ = cpu.rows_lse_target(logits, labels, -100)
+    want = torch.empty_like(logits)
+    cpu.rows_softmax_grad(logits, labels, lse_want, torch.ones(5), -100, want)
+    out = torch.empty_like(logits)
+    lse, target = cpu.rows_lse_target_grad(logits, labels, -100, out)
+    torch.testing.assert_close(lse, lse_want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(target, tgt_want, equal_nan=True)
+    # bfloat16: each kernel rounds its float32 value once, so the two may be one ulp (2⁻⁷ relative) apart
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(out.float(), want.float(), **tol, equal_nan=True)
+    assert math.isnan(lse[0]) and lse[1] == -math.inf and lse[2] == math.inf
+
+
+def test_cpp_fused_kernel_rows_as_long_as_a_256k_vocabulary():
+    from robalign.ops import cpu
+
+    gen = torch.Generator().manual_seed(3)
+    v = 262147
+    logits = torch.randn(1, 2, v, generator=gen) * 3
+    labels = torch.tensor([5, v - 1])
+    lse_want, tgt_want, grad_want = transformed_rows_reference(logits, labels, torch.ones(2), 1.0, 0.0)
+    out = torch.full_like(logits, float("nan"))
+    lse, target = cpu.rows_lse_target_grad(logits, labels, -100, out)
+    torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.double().reshape(2, v), grad_want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_cpp_accumulate_into_a_float32_buffer(dtype, beta):
+    from robalign.ops import cpu
+
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(300, 77, generator=gen)
+    product = torch.randn(300, 77, generator=gen).to(dtype)
+    buffer = start.clone() if beta else torch.full_like(start, float("nan"))   # beta 0 ignores what is there
+    cpu.accumulate_(buffer, product, beta)
+    want = (beta * start.double() if beta else 0) + product.double()
+    torch.testing.assert_close(buffer.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_one_pass_head_gradient_within_twice_materialised_logits():
+    """The one-pass loss in bfloat16 (the unit gradient written in bfloat16, the coefficient applied
+    to the small operands, the head gradient accumulated in float32) against float64 from the same
+    bfloat16 values, next to the naive path on materialised bfloat16 logits."""
+    from robalign import ground_truth
+
+    gen = torch.Generator().manual_seed(5)
+    s, t, h, v = 8, 40, 96, 3001
+    hidden = torch.randn(s, t, h, generator=gen).bfloat16()
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).bfloat16()
+    labels = torch.randint(v, (s, t), generator=gen)
+    labels[:, :9] = -100
+    ref_logps = torch.randn(s, generator=gen) - 5 * t
+    objective = robalign.Objective("dpo", beta=0.1)
+
+    def head_grad(hid, w, materialise):
+        hid, w = hid.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        if materialise:
+            logits = hid @ w.T
+            logps = ground_truth.sequence_logps(logits.float() if w.dtype != torch.float64 else logits, labels)[0]
+            loss = robalign.DoRALoss(objective, robalign.KLDRO(1.0)).from_logps(
+                logps, (labels != -100).sum(-1), ref_logps.to(logps.dtype)).loss
+        else:
+            loss = robalign.FusedLinearDoRALoss(objective, robalign.KLDRO(1.0),
+                                                params=robalign.LossParams(backend="cpp"))(hid, w, labels, ref_logps).loss
+        return torch.autograd.grad(loss, w)[0].double()
+
+    want = head_grad(hidden.double(), weight.double(), True)
+    error = lambda g: float((g - want).norm() / want.norm())                        # noqa: E731
+    one_pass, materialised = error(head_grad(hidden, weight, False)), error(head_grad(hidden, weight, True))
+    assert one_pass <= 2 * materialised, (one_pass, materialised)
+    assert one_pass < 2e-2
