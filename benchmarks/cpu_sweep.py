@@ -41,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cpu_harness
 

@@ -6,6 +6,8 @@
                         the peak memory, one bar per provider
     gpu_linear_*.json   time and peak memory against tokens per batch, one line per provider, the
                         three bare matmuls (the compute floor) dashed
+    cpu_sweep.json      the one-pass loss's time over its floor at every point of the sweep, one
+                        bar per dtype, each dtype's limit dashed
 
     python benchmarks/plot.py results/suite_cpu.json results/gpu_*.json
 """
@@ -46,7 +48,38 @@ def _read(path) -> tuple[Path, dict]:
 def plot(path) -> list[Path]:
     """The charts of one result file, by its ``benchmark`` field."""
     kind = json.loads(Path(path).read_text()).get("benchmark")
-    return {"gpu_logits": plot_gpu_logits, "gpu_linear": plot_gpu_linear}.get(kind, plot_suite)(path)
+    return {"gpu_logits": plot_gpu_logits, "gpu_linear": plot_gpu_linear,
+            "cpu_sweep": plot_cpu_sweep}.get(kind, plot_suite)(path)
+
+
+def plot_cpu_sweep(path) -> list[Path]:
+    plt = _pyplot()
+    path, result = _read(path)
+    rows = result["rows"]
+    points = list(dict.fromkeys(r["point"] for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    width = 0.8 / len(dtypes)
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    for i, dtype in enumerate(dtypes):
+        mine = {r["point"]: r for r in rows if r["dtype"] == dtype}
+        xs = [p + (i - (len(dtypes) - 1) / 2) * width for p in range(len(points))]
+        bars = ax.bar(xs, [mine[p].get("ratio", 0) if p in mine else 0 for p in points], width, label=dtype)
+        limit = result["limits"].get(dtype)
+        if limit:
+            ax.axhline(limit, color=bars[0].get_facecolor(), linestyle="--", linewidth=1,
+                       label=f"{dtype} limit {limit}×")
+    first = {r["point"]: r for r in rows if "ratio" in r}
+    labels = [f"{p}\n{first[p]['scored_tokens']} tok, V {first[p]['vocab'] // 1000}k, H {first[p]['hidden']}"
+              if p in first else p for p in points]
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="the floor: three bare matmuls, scored tokens")
+    ax.set_xticks(range(len(points)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set(ylabel="one-pass loss time / floor (lower is better)", ylim=(0.9, None),
+           title="the one-pass DoRA loss, forward + backward, against its compute floor (C++ row kernels, oneDNN)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return [_save(fig, path.with_suffix(".png"),
+                  f"{result.get('threads', '?')} threads, torch {result.get('torch', '?')}, commit "
+                  f"{result.get('commit', '?')}; median of {result.get('repeat', '?')} interleaved rounds per point")]
 
 
 def plot_gpu_logits(path) -> list[Path]:
