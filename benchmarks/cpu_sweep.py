@@ -3,8 +3,10 @@
 At each point of the sweep the one-pass loss (``FusedLinearDoRALoss``, C++ row kernels, KL-DRO
 λ = 1, DoRA weights from classifier probabilities), forward + backward, is timed against the
 **floor**: the three bare matmuls over the scored tokens only, in the same dtype
-(``h·Wᵀ``, ``G·W``, ``Gᵀ·h`` for M scored tokens; the same ``torch.matmul`` → oneDNN path the
-loss takes, AMX-BF16 for bfloat16 on this CPU). ``ratio`` is the median over rounds of the loss's
+(``h·Wᵀ``, ``G·W``, ``Gᵀ·h`` for M scored tokens; the same ``torch.mm`` → oneDNN path the loss
+takes, ``brg_matmul:avx10_1_512_amx`` for bfloat16 on this CPU, as ``ONEDNN_VERBOSE=1`` shows),
+written into outputs allocated once (so the floor pays no allocation and no page fault; the
+loss allocates its workspaces once per call). ``ratio`` is the median over rounds of the loss's
 time over the floor's measured next to it, interleaved in one fresh process per point (a slow
 minute of the shared machine hits both); ``ratio_of_minima`` is the ratio of the fastest runs.
 
@@ -157,9 +159,11 @@ def measure(name: str, repeat: int, dtype_name: str) -> dict:
     h = hidden.detach().reshape(-1, p["hidden"])[:scored].contiguous()
     w = weight.detach()
     g = torch.randn(scored, p["vocab"]).to(dtype)
+    outs = (torch.empty(scored, p["vocab"], dtype=dtype), torch.empty(scored, p["hidden"], dtype=dtype),
+            torch.empty(p["vocab"], p["hidden"], dtype=dtype))
 
-    def floor():
-        return h @ w.T, g @ w, g.T @ h
+    def floor():                        # into outputs allocated once: no allocation, no page fault
+        return torch.mm(h, w.T, out=outs[0]), torch.mm(g, w, out=outs[1]), torch.mm(g.T, h, out=outs[2])
 
     times = {"loss": [], "floor": []}
     order = [("loss", step), ("floor", floor)]

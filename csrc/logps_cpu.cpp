@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -423,23 +424,30 @@ void accumulate_(Tensor& buffer, const Tensor& product, double beta) {
   });
 }
 
-// An uninitialised tensor shaped like `like`, backed by transparent huge pages when it is large
-// (Linux, madvise mode): first touch of a fresh 500 MB gradient then costs ~250 page faults
-// instead of ~128k, which otherwise dominates the backward on CPU.
-Tensor empty_huge_like(const Tensor& like) {
+// An uninitialised contiguous tensor of `sizes` and `options`, backed by transparent huge pages when
+// it is large (Linux, madvise mode): first touch of a fresh 500 MB gradient then costs ~250 page
+// faults instead of ~128k, which otherwise dominates the backward on CPU.
+Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr int64_t kHuge = int64_t(1) << 21;
-  const int64_t nbytes = like.numel() * like.element_size();
+  int64_t numel = 1;
+  for (const int64_t d : sizes) numel *= d;
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (nbytes >= 4 * kHuge) {
     const int64_t size = (nbytes + kHuge - 1) / kHuge * kHuge;
     void* data = nullptr;
     if (posix_memalign(&data, kHuge, size) == 0) {
       madvise(data, size, MADV_HUGEPAGE);  // a hint: ignored where THP is off
-      return at::from_blob(data, like.sizes(), [](void* p) { std::free(p); }, like.options());
+      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
     }
   }
 #endif
-  return at::empty(like.sizes(), like.options());
+  return at::empty(sizes, options);
+}
+
+// empty_huge shaped like `like`, in `like`'s dtype or `dtype`.
+Tensor empty_huge_like(const Tensor& like, std::optional<at::ScalarType> dtype) {
+  return empty_huge(like.sizes(), like.options().dtype(dtype.value_or(like.scalar_type())));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -454,5 +462,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softcap") = 0.0);
   m.def("accumulate_", &accumulate_, "buffer <- beta * buffer + product, a float32 buffer, in one pass",
         py::arg("buffer"), py::arg("product"), py::arg("beta"));
-  m.def("empty_huge_like", &empty_huge_like, "uninitialised contiguous tensor like `like`, on huge pages when large");
+  m.def("empty_huge", [](std::vector<int64_t> sizes, at::ScalarType dtype) { return empty_huge(sizes, at::TensorOptions().dtype(dtype)); },
+        "uninitialised contiguous CPU tensor of `sizes` and `dtype`, on huge pages when large", py::arg("sizes"), py::arg("dtype"));
+  m.def("empty_huge_like", &empty_huge_like, "uninitialised contiguous tensor like `like` (in `dtype`), on huge pages when large",
+        py::arg("like"), py::arg("dtype") = py::none());
 }

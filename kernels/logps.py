@@ -207,6 +207,6 @@ def rows_softmax_grad(logits3d, labels, lse, coeff, ignore_index: int, out3d, *,
         **_transform_args(scale, softcap), BLOCK_V=block, num_warps=warps)
 
 
-def empty_grad_like(logits: torch.Tensor) -> torch.Tensor:
-    """The gradient buffer of the out-of-place backward: contiguous, the shape of ``logits``."""
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+def empty_grad_like(logits: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A buffer for a gradient or a workspace: contiguous, the shape of ``logits``, its dtype or ``dtype``."""
+    return torch.empty(logits.shape, dtype=dtype or logits.dtype, device=logits.device)

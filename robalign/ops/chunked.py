@@ -107,6 +107,7 @@ def rows_softmax_grad(logits3d: Tensor, labels: Tensor, lse: Tensor, coeff: Tens
         out.copy_(g.masked_fill_(c_chunk == 0, 0.0))     # rows with no gradient are 0, even if non-finite
 
 
-def empty_grad_like(logits: Tensor) -> Tensor:
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def empty_grad_like(logits: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A buffer for a gradient or a workspace: contiguous, the shape of ``logits``, its dtype or ``dtype``."""
+    return torch.empty_like(logits, dtype=dtype, memory_format=torch.contiguous_format)
 

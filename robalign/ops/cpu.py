@@ -33,5 +33,6 @@ def rows_lse_target_grad(logits3d, labels, ignore_index, out3d, *, scale=1.0, so
 
 rows_softmax_grad = _C.rows_softmax_grad
 accumulate_ = _C.accumulate_                   # a float32 buffer += a half-precision product, one pass
-empty_grad_like = _C.empty_huge_like           # huge pages: far fewer first-touch page faults
+empty_huge = _C.empty_huge                     # (sizes, dtype): the one-pass loss's workspaces
+empty_grad_like = _C.empty_huge_like           # (like, dtype=None); huge pages: far fewer first-touch page faults
 

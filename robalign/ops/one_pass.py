@@ -51,7 +51,7 @@ from ..ground_truth.logps import sequence_index
 from ..ground_truth.objectives import OBJECTIVES
 from .library import check_kernel_dtypes, flat_labels, row_kernels, rows_lse_target_grad
 from .head import HeadTransform
-from .linear import _chunk_logits, chunk_tokens
+from .linear import chunk_tokens
 
 __all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks"]
 
@@ -138,10 +138,27 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool) -> torch.dtype:
 _OUT_DTYPE_MM: dict[str, bool] = {}
 
 
-def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows) -> None:
+def _empty(rows, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised workspace: on huge pages through the C++ backend's ``empty_huge`` (a fresh
+    CPU buffer's first touch otherwise costs a page fault every 4 KiB)."""
+    make = getattr(rows, "empty_huge", None)
+    if make is not None and device.type == "cpu":
+        return make(list(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """``h_chunk·Wᵀ (+ b)`` written into ``out`` (the chunk's rows of the logits workspace)."""
+    if bias is None:
+        return torch.mm(h_chunk, weight.T, out=out)
+    return torch.addmm(bias, h_chunk, weight.T, out=out)
+
+
+def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product: list) -> None:
     """``buffer ← beta·buffer + a·b``, the product accumulated in ``buffer``'s dtype when it is wider
     than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added: in one pass by
-    the row-kernel module ``rows``' ``accumulate_`` where it has one, the C++ backend's)."""
+    the row-kernel module ``rows``' ``accumulate_`` where it has one, the C++ backend's, the product
+    in a workspace kept in ``product`` for the next chunk)."""
     if buffer.dtype == a.dtype:
         buffer.addmm_(a, b, beta=beta)
         return
@@ -155,7 +172,9 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows) -> None
             _OUT_DTYPE_MM[device] = False
     fused = getattr(rows, "accumulate_", None)
     if fused is not None:
-        fused(buffer, a @ b, beta)
+        if not product:
+            product.append(_empty(rows, buffer.shape, a.dtype, buffer.device))
+        fused(buffer, torch.mm(a, b, out=product[0]), beta)
         return
     if beta == 0.0:
         buffer.zero_()                  # what was there may be uninitialised memory
@@ -194,7 +213,7 @@ def _linear_dora_loss(
     acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
     # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none
-    grad_w = torch.empty(weight.shape, dtype=acc_dtype, device=device) if need_weight else weight.new_empty(0)
+    grad_w = _empty(rows, weight.shape, acc_dtype, device) if need_weight else weight.new_empty(0)
     has_bias = need_bias and bias is not None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if has_bias else weight.new_empty(0)
     w_all = sample_weights.float()
@@ -203,6 +222,11 @@ def _linear_dora_loss(
     accumulated = False                                                 # grad_w / grad_b hold something
     pending = 1.0                                                       # their rescaling not yet applied
     rescale_h: list[tuple[Tensor, float]] = []                          # (token rows, m when written)
+    # one [C, V] workspace for every chunk's logits (then its unit gradient), allocated once
+    widest = max([p1 - p0 for g0, g1 in plan_chunks(group_tokens, chunk)
+                  for p0, p1 in _pieces(token_start[g1] - token_start[g0], chunk)], default=0)
+    logits_buffer = _empty(rows, (widest, weight.shape[0]), weight.dtype, device)
+    product = []                                                        # grad_W's per-chunk product, if needed
 
     for g0, g1 in plan_chunks(group_tokens, chunk):
         t0, t1 = token_start[g0], token_start[g1]
@@ -216,7 +240,7 @@ def _linear_dora_loss(
             if p1 == p0:
                 continue
             h_p = h.index_select(0, i_c[p0:p1])
-            z = _chunk_logits(h_p, weight, bias)
+            z = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
             if len(pieces) == 1:                                        # z becomes U, in place
                 lse_p, target_p = rows_lse_target_grad(rows, z.unsqueeze(0), y_c, ignore_index, z.unsqueeze(0), **f)
                 kept, kept_h = z, h_p
@@ -251,7 +275,7 @@ def _linear_dora_loss(
             if kept is not None:
                 u = kept
             else:                                                       # a sub-chunk: its logits again
-                u = _chunk_logits(h_p, weight, bias)
+                u = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
                 rows.rows_softmax_grad(u.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], torch.ones(p1 - p0, device=device),
                                        ignore_index, u.unsqueeze(0), **f)
             kept = kept_h = None
@@ -261,7 +285,7 @@ def _linear_dora_loss(
                 grad_h.index_copy_(0, i_p, (u @ weight).mul(c[:, None]).to(h.dtype))
                 rescale_h.append((i_p, m))
             if need_weight:                                             # Gᵀ·h = Uᵀ·(c ⊙ h)
-                _accumulate(grad_w, u.T, h_p.mul(c[:, None]).to(h_p.dtype), beta, rows)
+                _accumulate(grad_w, u.T, h_p.mul(c[:, None]).to(h_p.dtype), beta, rows, product)
             if has_bias:                                                # Σ_t G[t] = Uᵀ·c
                 if beta != 1.0:
                     grad_b.mul_(beta)
