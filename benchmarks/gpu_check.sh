@@ -10,6 +10,10 @@
 #   onepass  the one-pass fused DoRA loss (never run on a GPU) at 16 × 1024, llama3-8b, bfloat16: its
 #            time against the scored bare matmuls, the recompute path, Liger's DPO loss and fused
 #            linear cross-entropy, and its CUDA tests
+#   train    the whole DPO step (benchmarks/train_step.py --device cuda): Qwen2.5-0.5B's shape, all 24
+#            layers, bfloat16, 8192-token micro-batches, 2 accumulation steps: robalign's
+#            DoRADPOTrainer against TRL's DPOTrainer with and without use_liger_kernel, and Liger's
+#            fused DPO loss in a plain loop (tokens/s, peak memory above the model, first losses checked)
 #   softcap  a Gemma-style soft-capped head (c = 30) at 16 × 1024, llama3-8b, bfloat16: robalign's
 #            chunked op and one-pass loss against materialised logits, TRL's fused head, Liger FLCE and
 #            CCE with their soft-caps, and robalign's paths without the cap in the same run (the cap's
@@ -45,7 +49,7 @@ sync_out() {       # $OUT takes at most 8 files: one tarball, rewritten after ev
   if [ -n "${OUT:-}" ]; then (cd "$RESULTS" && tar -cf "$OUT/gpu_results.tar.tmp" gpu_* && mv "$OUT/gpu_results.tar.tmp" "$OUT/gpu_results.tar"); fi
   return 0
 }
-STAGES=" ${GPU_CHECK_STAGES:-onepass softcap tests linear logits fwd packed long models chunks charts} "
+STAGES=" ${GPU_CHECK_STAGES:-onepass train softcap tests linear logits fwd packed long models chunks charts} "
 stage() {  # stage KEY SECONDS LOG COMMAND...
   local key=$1 limit=$2 log=$3; shift 3
   [[ "$STAGES" == *" $key "* ]] || { echo "== $key skipped (GPU_CHECK_STAGES)"; return 0; }
@@ -81,6 +85,8 @@ G="$PY benchmarks"
 stage onepass 90 gpu_one_pass.md bash -c "$G/gpu_linear.py --quick --masks 0.125/0 \
   --providers matmul_floor_scored,triton,recompute,one_pass,liger_dpo_c1,liger_flce --out /tmp/onepass && \
   $PY -m pytest tests/test_one_pass.py -k 'triton-cuda or torch' -p no:cacheprovider -q"
+stage train 150 gpu_train_step.md $G/train_step.py --device cuda --models qwen2.5-0.5b --micro 8192 \
+  --dtypes bfloat16 --arms robalign,trl,trl_liger,liger --layers 0 --steps 2 --warmup 1 --out "$RESULTS"
 stage softcap 45 gpu_softcap.md $G/gpu_linear.py --quick --masks 0.125/0 --softcap 30 \
   --providers naive,trl_fused,matmul_floor_scored,triton,triton_uncapped,one_pass,one_pass_uncapped,liger_flce,cce \
   --out "$RESULTS"

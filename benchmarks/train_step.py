@@ -21,7 +21,10 @@ Same model, same data, same optimiser for every arm:
 
 Arms (``--arms``): ``robalign`` (DoRADPOTrainer, λ = ∞ and no weights, so its loss is TRL's DPO
 loss and can be checked against it), ``robalign_dora`` (λ = 1 with DoRA weights: the objective
-robalign exists for; its loss differs, its cost should not), ``trl``, ``liger``. Each (model,
+robalign exists for; its loss differs, its cost should not), ``trl``, ``trl_liger`` (TRL's
+DPOTrainer with ``use_liger_kernel=True``; GPU only) and ``liger``. ``--device cuda`` runs the
+same on a GPU (benchmarks/gpu_check.sh's ``train`` stage: all the model's layers, bfloat16), peak
+memory from ``torch.cuda.max_memory_allocated``. Each (model,
 micro-batch, dtype, arm) runs in a fresh process, the arms interleaved, ``--rounds`` times.
 
 Before anything counts, the first two steps' losses of every arm must equal TRL's (float32 rtol
@@ -58,7 +61,7 @@ MODELS = {
     "smollm-v128k": dict(arch="llama", hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=128256, layers=30),
     "qwen2.5-0.5b": dict(arch="qwen2", hidden=896, intermediate=4864, heads=14, kv_heads=2, vocab=151936, layers=24),
 }
-ARMS = ("robalign", "robalign_dora", "trl", "liger")
+ARMS = ("robalign", "robalign_dora", "trl", "trl_liger", "liger")
 PROMPT, COMPLETION, ACCUMULATION = 128, 384, 2
 LOSS_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}
 
@@ -107,22 +110,35 @@ def dataset_rows(vocab: int, pairs: int, seed: int = 0) -> list[dict]:
 
 
 class StepClock:
-    """A TrainerCallback's worth of timing: the duration of each optimizer step, and the peak
-    resident set reset when the warm-up steps are over."""
+    """The duration of each optimizer step, and the peak memory (the resident set on CPU, CUDA's
+    allocated bytes on a GPU) reset when the warm-up steps are over."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self._start = warmup, [], None
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.times, self._start = warmup, device, [], None
+
+    def _sync(self):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
 
     def begin(self):
+        self._sync()
         if len(self.times) == self.warmup:
-            cpu_harness.reset_peak_rss()
+            if self.device == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                cpu_harness.reset_peak_rss()
         self._start = time.perf_counter()
 
     def end(self):
+        self._sync()
         self.times.append(time.perf_counter() - self._start)
 
 
-def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, dtype_name, clock, out_dir):
+def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, device, clock, out_dir):
     import math
 
     from datasets import Dataset
@@ -130,7 +146,7 @@ def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, dtype_name, clock, o
 
     common = dict(output_dir=out_dir, per_device_train_batch_size=pairs, gradient_accumulation_steps=ACCUMULATION,
                   max_steps=steps, learning_rate=1e-6, optim="adamw_torch", lr_scheduler_type="constant",
-                  logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no", beta=0.1,
+                  logging_steps=1, report_to=[], use_cpu=device == "cpu", seed=0, save_strategy="no", beta=0.1,
                   precompute_ref_log_probs=True, dataloader_num_workers=0, disable_tqdm=True)
 
     class Clock(TrainerCallback):
@@ -140,10 +156,10 @@ def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, dtype_name, clock, o
         def on_step_end(self, *a, **k):
             clock.end()
 
-    if arm == "trl":
+    if arm in ("trl", "trl_liger"):
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows),
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common, use_liger_kernel=arm == "trl_liger"), train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, callbacks=[Clock()])
     else:
         from robalign.trl import DoRADPOConfig, DoRADPOTrainer
@@ -157,7 +173,7 @@ def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, dtype_name, clock, o
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def _liger_arm(model, rows, tokenizer, pairs, steps, clock):
+def _liger_arm(model, rows, tokenizer, pairs, steps, device, clock):
     """Liger's fused DPO loss in a plain loop, as its README shows it: the model body's hidden
     states, the loss from them and the LM head (the reference's hidden states precomputed once per
     micro-batch by a frozen copy of the initial model), AdamW and clipping as the Trainer does."""
@@ -173,7 +189,7 @@ def _liger_arm(model, rows, tokenizer, pairs, steps, clock):
     for m in range(steps * ACCUMULATION):
         chunk = rows[m * pairs:(m + 1) * pairs]
         texts = [r["prompt"] + r["chosen"] for r in chunk] + [r["prompt"] + r["rejected"] for r in chunk]
-        input_ids = torch.tensor([tokenizer(t)["input_ids"] for t in texts])     # chosen rows first, as Liger takes them
+        input_ids = torch.tensor([tokenizer(t)["input_ids"] for t in texts], device=device)  # chosen rows first
         labels = input_ids.clone()
         labels[:, :PROMPT] = -100
         with torch.no_grad():
@@ -197,7 +213,7 @@ def _liger_arm(model, rows, tokenizer, pairs, steps, clock):
     return losses
 
 
-def measure(arm, model_name, micro, dtype_name, layers, steps, warmup) -> dict:
+def measure(arm, model_name, micro, dtype_name, layers, steps, warmup, device="cpu") -> dict:
     import tempfile
 
     import torch
@@ -205,20 +221,27 @@ def measure(arm, model_name, micro, dtype_name, layers, steps, warmup) -> dict:
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     spec = MODELS[model_name]
+    layers = layers or spec["layers"]
     pairs = pairs_per_micro(micro)
     total_steps = warmup + steps
     tokenizer = build_tokenizer(spec["vocab"])
     rows = dataset_rows(spec["vocab"], pairs * ACCUMULATION * total_steps)
-    model = build_model(model_name, layers, dtype)
+    model = build_model(model_name, layers, dtype).to(device)
     params = sum(p.numel() for p in model.parameters())
-    loaded = cpu_harness.reset_peak_rss()
-    clock = StepClock(warmup)
+    if device == "cuda":
+        loaded = torch.cuda.memory_allocated() / 2**20
+    else:
+        loaded = cpu_harness.reset_peak_rss()
+    clock = StepClock(warmup, device)
     with tempfile.TemporaryDirectory() as out_dir:
         if arm == "liger":
-            losses = _liger_arm(model, rows, tokenizer, pairs, total_steps, clock)
+            losses = _liger_arm(model, rows, tokenizer, pairs, total_steps, device, clock)
         else:
-            losses = _trainer_arm(arm, model, tokenizer, rows, pairs, total_steps, dtype_name, clock, out_dir)
-    peak = cpu_harness.status_mb("VmHWM") - loaded
+            losses = _trainer_arm(arm, model, tokenizer, rows, pairs, total_steps, device, clock, out_dir)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20 - loaded
+    else:
+        peak = cpu_harness.status_mb("VmHWM") - loaded
     timed = clock.times[warmup:]
     step_s = statistics.median(timed)
     tokens = ACCUMULATION * pairs * 2 * (PROMPT + COMPLETION)
@@ -226,11 +249,12 @@ def measure(arm, model_name, micro, dtype_name, layers, steps, warmup) -> dict:
     from robalign.ops.linear import chunk_tokens
 
     scored = pairs * 2 * COMPLETION
-    logits = {"robalign": min(scored, chunk_tokens(spec["vocab"], size, torch.device("cpu"))) * spec["vocab"] * size,
-              "robalign_dora": min(scored, chunk_tokens(spec["vocab"], size, torch.device("cpu"))) * spec["vocab"] * size,
-              "trl": 2 * (tokens // ACCUMULATION) * spec["vocab"] * 4,            # float32 logits and their gradient
-              "liger": 2 * (tokens // ACCUMULATION) // (2 * pairs) * spec["vocab"] * 4}   # one pair's chunk, policy and reference
-    return {"arm": arm, "model": model_name, "micro": micro, "dtype": dtype_name, "layers": layers,
+    ours = min(scored, chunk_tokens(spec["vocab"], size, torch.device(device))) * spec["vocab"] * size
+    pair_rows = 2 * (PROMPT + COMPLETION)                                 # Liger's chunk: one pair, policy and reference
+    logits = {"robalign": ours, "robalign_dora": ours,
+              "trl": 2 * (tokens // ACCUMULATION) * spec["vocab"] * 4,    # float32 logits and their gradient
+              "trl_liger": 2 * pair_rows * spec["vocab"] * 4, "liger": 2 * pair_rows * spec["vocab"] * 4}
+    return {"arm": arm, "model": model_name, "micro": micro, "dtype": dtype_name, "layers": layers, "device": device,
             "params": params, "tokens_per_step": tokens, "losses": losses, "step_times_s": clock.times,
             "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_above_models_mb": peak,
             "peak_parts_mb": {"adamw_state": 2 * params * size / 2**20, "logits_buffers": logits[arm] / 2**20}}
@@ -259,7 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--micro", default="1024,8192")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--arms", default="robalign,trl,liger")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (0: the real model's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per process")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation, first touch)")
     parser.add_argument("--rounds", type=int, default=1)
@@ -268,12 +293,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         arm, model, micro, dtype = args.child
-        print(json.dumps(measure(arm, model, int(micro), dtype, args.layers, args.steps, args.warmup)))
+        print(json.dumps(measure(arm, model, int(micro), dtype, args.layers, args.steps, args.warmup, args.device)))
         return 0
     for name, allowed in (("models", MODELS), ("arms", ARMS), ("dtypes", LOSS_RTOL)):
         bad = sorted(set(getattr(args, name).split(",")) - set(allowed))
         if bad:
             parser.error(f"--{name}: unknown {bad}; choose from {', '.join(allowed)}")
+    if args.device == "cpu" and "trl_liger" in args.arms.split(","):
+        parser.error("--arms trl_liger needs --device cuda: Liger's RMSNorm kernel inside TRL needs a GPU driver "
+                     "(on CPU, the 'liger' arm runs Liger's fused DPO loss in a plain loop)")
     runs: dict[tuple, list[dict]] = {}
     cases = [(m, int(mb), d) for m in args.models.split(",") for mb in args.micro.split(",")
              for d in args.dtypes.split(",")]
@@ -281,7 +309,8 @@ def main(argv=None) -> int:
         for case in cases:
             for arm in args.arms.split(","):
                 cmd = [sys.executable, __file__, "--child", arm, case[0], str(case[1]), case[2], "--layers",
-                       str(args.layers), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                       str(args.layers), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device",
+                       args.device]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                      env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
                 row = cpu_harness.child_result(arm, out)
@@ -303,11 +332,22 @@ def main(argv=None) -> int:
         rows.append(row)
     _check_losses(rows)
     print_table(rows)
-    path = cpu_harness.write_record("train_step", {"benchmark": "train_step", "layers": args.layers,
-                                                   "steps": args.steps, "warmup": args.warmup, "rows": rows},
-                                    args.out)
+    name = "train_step" if args.device == "cpu" else "gpu_train_step"
+    path = cpu_harness.write_record(name, {"benchmark": "train_step", "device": _device_name(args.device),
+                                           "layers": args.layers, "steps": args.steps, "warmup": args.warmup,
+                                           "rows": rows}, args.out)
     print(f"\nwrote {path}")
     return 0
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def print_table(rows: list[dict]) -> None:

@@ -221,3 +221,69 @@ def test_a_cpu_provider_whose_process_crashes_is_a_failed_row(tmp_path):
     rows = cpu_harness.run_providers(str(script), ["crash", "fine"], [], rounds=2)
     assert rows[0] == {"provider": "crash", "error": "exited with status 1: RuntimeError: the kernel faulted"}
     assert rows[1]["provider"] == "fine" and rows[1]["median_s"] == pytest.approx(0.375)
+
+
+TINY_POINT = {"tokens": 512, "prompt": 0.25, "vocab": 1000, "hidden": 32, "objective": "dpo", "chunks": "rule"}
+
+
+def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch):
+    """benchmarks/cpu_sweep.py on a tiny point, in process: the one-pass loss passes its float64
+    gate (and in bfloat16 records the materialised logits' error next to its own), both providers
+    are timed interleaved, the table names the worst point, and the chart is drawn."""
+    import cpu_harness
+    import cpu_sweep
+    from plot import plot_cpu_sweep
+
+    monkeypatch.setattr(cpu_sweep, "points", lambda: {"tiny": dict(TINY_POINT),
+                                                      "tiny_pl": {**TINY_POINT, "objective": "plackett_luce"}})
+    rows = [cpu_sweep.measure(name, 2, dtype) for dtype in ("float32", "bfloat16") for name in ("tiny", "tiny_pl")]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["scored_tokens"] == 384 and len(row["times_s"]["loss"]) == 2 and row["ratio"] > 0
+        assert row["grad_weight_rel_error"] < cpu_sweep.GATE[row["dtype"]]
+    assert rows[1]["group"] == 4
+    bf16 = rows[2]
+    assert 0 < bf16["materialised_grad_weight_rel_error"] < 2e-2 and bf16["error_vs_materialised"] <= 2
+    path = cpu_harness.write_record("cpu_sweep", {"benchmark": "cpu_sweep", "limits": cpu_sweep.LIMITS,
+                                                  "gate": cpu_sweep.GATE, "repeat": 2, "rows": rows}, tmp_path)
+    (chart,) = plot_cpu_sweep(path)
+    assert chart.stat().st_size > 5000
+
+
+def test_sweep_point_off_the_reference_is_a_failed_row(monkeypatch):
+    import cpu_sweep
+
+    monkeypatch.setattr(cpu_sweep, "points", lambda: {"tiny": dict(TINY_POINT)})
+    monkeypatch.setitem(cpu_sweep.GATE, "float32", 1e-12)           # a bound no float32 loss meets
+    row = cpu_sweep.measure("tiny", 1, "float32")
+    assert row["error"].startswith("failed the correctness gate") and "ratio" not in row
+
+
+def test_sweep_several_chunks_keep_groups_whole():
+    import cpu_sweep
+
+    env = cpu_sweep._chunk_env({**cpu_sweep.BASE, "chunks": "quarter"}, "float32")
+    chunk = int(env["ROBALIGN_CHUNK_MB"]) * 2**20 // (cpu_sweep.BASE["vocab"] * 4)
+    assert 384 <= chunk < 768                        # one group of 2 × 192 scored tokens a chunk: 4 chunks
+
+
+@pytest.mark.slow
+def test_train_step_arms_agree_on_the_loss_and_are_timed(monkeypatch):
+    """benchmarks/train_step.py on a tiny Llama, in process: robalign's DoRADPOTrainer, TRL's
+    DPOTrainer and Liger's fused loss in a plain loop give TRL's first losses, and each arm records
+    its step times, throughput and peak memory; λ = 1 DoRA's loss is not compared."""
+    import train_step
+
+    pytest.importorskip("liger_kernel", reason="Liger-Kernel is in robalign[bench]")
+    monkeypatch.setitem(train_step.MODELS, "tiny", dict(arch="llama", hidden=32, intermediate=64, heads=2,
+                                                        kv_heads=1, vocab=500, layers=2))
+    rows = []
+    for arm in ("robalign", "robalign_dora", "trl", "liger"):
+        row = train_step.measure(arm, "tiny", 1024, "float32", layers=1, steps=2, warmup=1)
+        assert len(row["losses"]) == 3 and len(row["step_times_s"]) == 3 and row["tokens_per_s"] > 0
+        assert row["tokens_per_step"] == 2 * 2 * (train_step.PROMPT + train_step.COMPLETION)
+        rows.append(row)
+    train_step._check_losses(rows)
+    assert [r.get("losses_match_trl") for r in rows] == [True, None, None, True]
+    assert rows[0]["losses"][0] == pytest.approx(0.6931, abs=1e-4)      # log 2: the policy is the reference
+    train_step.print_table(rows)
