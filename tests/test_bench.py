@@ -286,4 +286,5 @@ def test_train_step_arms_agree_on_the_loss_and_are_timed(monkeypatch):
     train_step._check_losses(rows)
     assert [r.get("losses_match_trl") for r in rows] == [True, None, None, True]
     assert rows[0]["losses"][0] == pytest.approx(0.6931, abs=1e-4)      # log 2: the policy is the reference
+    assert rows[0]["first_logps_chosen"] == pytest.approx(rows[2]["first_logps_chosen"], rel=1e-5)
     train_step.print_table(rows)

@@ -132,8 +132,9 @@ def test_bfloat16_one_pass_head_gradient_within_twice_materialised_logits():
             loss = robalign.DoRALoss(objective, robalign.KLDRO(1.0)).from_logps(
                 logps, (labels != -100).sum(-1), ref_logps.to(logps.dtype)).loss
         else:
-            loss = robalign.FusedLinearDoRALoss(objective, robalign.KLDRO(1.0),
-                                                params=robalign.LossParams(backend="cpp"))(hid, w, labels, ref_logps).loss
+            loss_fn = robalign.FusedLinearDoRALoss(objective, robalign.KLDRO(1.0),
+                                                   params=robalign.LossParams(backend="cpp"))
+            loss = loss_fn(hid, w, labels, ref_logps).loss
         return torch.autograd.grad(loss, w)[0].double()
 
     want = head_grad(hidden.double(), weight.double(), True)

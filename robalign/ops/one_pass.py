@@ -42,6 +42,8 @@ import concurrent.futures
 import contextlib
 import functools
 import math
+import os
+import threading
 from typing import Optional
 
 import torch
@@ -139,12 +141,34 @@ _OUT_DTYPE_MM: dict[str, bool] = {}
 
 
 def _empty(rows, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised workspace: on huge pages through the C++ backend's ``empty_huge`` (a fresh
+    """An uninitialised buffer: on huge pages through the C++ backend's ``empty_huge`` (a fresh
     CPU buffer's first touch otherwise costs a page fault every 4 KiB)."""
     make = getattr(rows, "empty_huge", None)
     if make is not None and device.type == "cpu":
         return make(list(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+_KEPT = threading.local()
+
+
+def _workspace(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A workspace of ``shape``: on CPU a view of a buffer this thread keeps for the next call
+    (``name``: the chunk's logits, grad_W's product), grown when too small. The kernel zeroes every
+    fresh page on its first touch: for a 100 MB chunk that was 2–5 % of the loss against matmuls
+    writing into warm memory. What is kept: at most one chunk (the chunk rule's ``MAX_BYTES``) and
+    one ``[V, H]`` product; ``ROBALIGN_KEEP_WORKSPACE=0`` frees them after each call. On CUDA the
+    caching allocator keeps memory already."""
+    if device.type != "cpu" or os.environ.get("ROBALIGN_KEEP_WORKSPACE", "1") == "0":
+        return _empty(rows, shape, dtype, device)
+    numel = math.prod(shape)
+    kept = getattr(_KEPT, name, None)
+    if kept is None or kept.dtype != dtype or kept.numel() < numel:
+        kept = None
+        setattr(_KEPT, name, None)                                      # free the old one first
+        kept = _empty(rows, (numel,), dtype, device)
+        setattr(_KEPT, name, kept)
+    return kept[:numel].view(shape)
 
 
 def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
@@ -173,7 +197,7 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
     fused = getattr(rows, "accumulate_", None)
     if fused is not None:
         if not product:
-            product.append(_empty(rows, buffer.shape, a.dtype, buffer.device))
+            product.append(_workspace(rows, "product", buffer.shape, a.dtype, buffer.device))
         fused(buffer, torch.mm(a, b, out=product[0]), beta)
         return
     if beta == 0.0:
@@ -225,7 +249,7 @@ def _linear_dora_loss(
     # one [C, V] workspace for every chunk's logits (then its unit gradient), allocated once
     widest = max([p1 - p0 for g0, g1 in plan_chunks(group_tokens, chunk)
                   for p0, p1 in _pieces(token_start[g1] - token_start[g0], chunk)], default=0)
-    logits_buffer = _empty(rows, (widest, weight.shape[0]), weight.dtype, device)
+    logits_buffer = _workspace(rows, "logits", (widest, weight.shape[0]), weight.dtype, device)
     product = []                                                        # grad_W's per-chunk product, if needed
 
     for g0, g1 in plan_chunks(group_tokens, chunk):
