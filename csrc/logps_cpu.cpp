@@ -136,6 +136,16 @@ float row_logsumexp(const float* x, int64_t V) {
 
 int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
+// The forward kernels' outputs: per row lse and label logit (float32, 0 on ignored rows), and the
+// labels as contiguous int64.
+struct RowOutputs {
+  Tensor labels, lse, target;
+  RowOutputs(const Tensor& logits3d, const Tensor& labels_in, int64_t N)
+      : labels(labels_in.reshape({N}).to(at::kLong).contiguous()),
+        lse(at::zeros({N}, logits3d.options().dtype(at::kFloat))),
+        target(at::zeros({N}, logits3d.options().dtype(at::kFloat))) {}
+};
+
 }  // namespace
 
 // Forward: lse[n] = logsumexp_v z'[n, v] and target[n] = z'[n, y_n] for every scored row n of
@@ -147,13 +157,10 @@ std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor&
   const Rows r = rows_of(logits3d);
   const Transform f{static_cast<float>(scale), static_cast<float>(softcap)};
   const int64_t N = logits3d.size(0) * r.T;
-  auto labels_c = labels.reshape({N}).to(at::kLong).contiguous();
-  auto opts = logits3d.options().dtype(at::kFloat);
-  Tensor lse = at::zeros({N}, opts);
-  Tensor target = at::zeros({N}, opts);
-  const int64_t* y = labels_c.data_ptr<int64_t>();
-  float* p_lse = lse.data_ptr<float>();
-  float* p_tgt = target.data_ptr<float>();
+  RowOutputs o(logits3d, labels, N);
+  const int64_t* y = o.labels.data_ptr<int64_t>();
+  float* p_lse = o.lse.data_ptr<float>();
+  float* p_tgt = o.target.data_ptr<float>();
   ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_lse_target", [&] {
     const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
     at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
@@ -167,7 +174,7 @@ std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor&
       }
     });
   });
-  return {lse, target};
+  return {o.lse, o.target};
 }
 
 // Backward: out[n, v] = coeff[n] * (onehot(y_n)[v] - exp(z'[n, v] - lse[n])) * dz'/dz, 0 on ignored
@@ -334,13 +341,10 @@ std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Te
   const Rows r = rows_of(logits3d);
   const Rows ro = rows_of(out3d);
   const int64_t N = logits3d.size(0) * r.T;
-  auto labels_c = labels.reshape({N}).to(at::kLong).contiguous();
-  auto opts = logits3d.options().dtype(at::kFloat);
-  Tensor lse = at::zeros({N}, opts);
-  Tensor target = at::zeros({N}, opts);
-  const int64_t* y = labels_c.data_ptr<int64_t>();
-  float* p_lse = lse.data_ptr<float>();
-  float* p_tgt = target.data_ptr<float>();
+  RowOutputs o(logits3d, labels, N);
+  const int64_t* y = o.labels.data_ptr<int64_t>();
+  float* p_lse = o.lse.data_ptr<float>();
+  float* p_tgt = o.target.data_ptr<float>();
   ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_lse_target_grad", [&] {
     const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
     scalar_t* out_base = out3d.data_ptr<scalar_t>();
@@ -384,7 +388,7 @@ std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Te
       }
     });
   });
-  return {lse, target};
+  return {o.lse, o.target};
 }
 
 // buffer <- beta * buffer + product for a float32 buffer and a bfloat16/float16 (or float32) product of
