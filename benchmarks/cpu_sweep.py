@@ -107,11 +107,11 @@ def _materialised_error(hidden, weight, labels, ref_logps, weights, objective, g
     from robalign import ground_truth
     from robalign.ground_truth.objectives import OBJECTIVES
 
+    from peers import naive_logps
+
     h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
-    logits = h @ w.T
     mask = labels != -100
-    lsm = torch.log_softmax(logits.float(), -1)
-    logps = (lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask).sum(-1)
+    logps = naive_logps(h @ w.T, labels)
     losses = OBJECTIVES[objective].fn(logps.view(-1, group), ref_logps.view(-1, group).float(),
                                       counts=mask.sum(-1).view(-1, group), scores=None, beta=0.1)
     loss = ground_truth.kl_dro(losses, weights.float(), 1.0)

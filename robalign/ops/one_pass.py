@@ -247,12 +247,13 @@ def _linear_dora_loss(
     pending = 1.0                                                       # their rescaling not yet applied
     rescale_h: list[tuple[Tensor, float]] = []                          # (token rows, m when written)
     # one [C, V] workspace for every chunk's logits (then its unit gradient), allocated once
-    widest = max([p1 - p0 for g0, g1 in plan_chunks(group_tokens, chunk)
-                  for p0, p1 in _pieces(token_start[g1] - token_start[g0], chunk)], default=0)
+    plan = plan_chunks(group_tokens, chunk)
+    widest = max([p1 - p0 for g0, g1 in plan for p0, p1 in _pieces(token_start[g1] - token_start[g0], chunk)],
+                 default=0)
     logits_buffer = _workspace(rows, "logits", (widest, weight.shape[0]), weight.dtype, device)
     product = []                                                        # grad_W's per-chunk product, if needed
 
-    for g0, g1 in plan_chunks(group_tokens, chunk):
+    for g0, g1 in plan:
         t0, t1 = token_start[g0], token_start[g1]
         s0, s1 = g0 * k, g1 * k
         i_c = idx[t0:t1]
