@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from robalign.app.evaluation.samples import (bootstrap_ci, kl_from_samples, paired_bootstrap_ci, response_logps,
-                                  sample_responses, win_rate)
+from robalign.app.evaluation.samples import (bootstrap_ci, kl_from_samples, paired_bootstrap_ci,
+                                             paired_seeds_bootstrap_ci, response_logps, sample_prompts,
+                                             sample_responses, score_responses, seeds_bootstrap_ci, text_stats,
+                                             win_rate)
 
 EOS = 2
 
@@ -75,3 +77,80 @@ def test_sampled_log_probs_and_kl_match_the_exact_values():
     assert frequency == pytest.approx(math.exp(float(response_logps(policy, prompt, [[0, EOS]]))), abs=0.01)
     greedy, _ = sample_responses(policy, prompt, n=2, max_new_tokens=3, eos_token_id=EOS, greedy=True)
     assert greedy == [[1, 1, 1]] * 2                                         # argmax after 1 is 1
+
+
+def test_seed_bootstrap_holds_the_seeds_spread():
+    x = torch.tensor([[0.0] * 40, [1.0] * 40])              # two training seeds that disagree
+    mean, low, high = seeds_bootstrap_ci(x, n_boot=4000)
+    assert (mean, low, high) == (0.5, 0.0, 1.0)             # seeds resampled: 0, ½ or 1
+    _, pooled_low, pooled_high = bootstrap_ci(x.flatten(), n_boot=4000)
+    assert 0.35 < pooled_low < pooled_high < 0.65           # prompts alone would claim far more
+    assert seeds_bootstrap_ci(torch.full((5, 7), 0.25)) == (0.25, 0.25, 0.25)
+    y = torch.randn(5, 30, generator=torch.Generator().manual_seed(1))
+    assert paired_seeds_bootstrap_ci(y + 2, y) == pytest.approx((2.0, 2.0, 2.0))
+    with pytest.raises(ValueError, match="seeds, prompts"):
+        seeds_bootstrap_ci([1.0, 2.0])
+    with pytest.raises(ValueError, match="share seeds"):
+        paired_seeds_bootstrap_ci(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_text_stats_on_hand_made_responses():
+    stats = text_stats([[5, 5, 6, EOS], [7, 8, 7, 8, 7], [EOS]], eos_token_id=EOS)
+    assert stats["responses"] == 3 and stats["end_rate"] == pytest.approx(2 / 3)
+    assert stats["mean_length"] == pytest.approx((3 + 5 + 0) / 3)
+    assert stats["repeat_rate"] == pytest.approx(1 / 6)                 # (5, 5) among 2 + 4 pairs
+    assert stats["distinct_1"] == pytest.approx((2 / 3 + 2 / 5) / 2)     # the empty response has none
+    assert stats["distinct_2"] == pytest.approx((2 / 2 + 2 / 4) / 2)
+    assert stats["corpus_distinct_2"] == pytest.approx(4 / 6)           # (5,5) (5,6) (7,8) (8,7)
+    with pytest.raises(ValueError, match="no responses"):
+        text_stats([], eos_token_id=EOS)
+
+
+def test_batched_sampling_and_scoring_match_one_prompt_at_a_time():
+    policy = Bigram([[1.0, -0.5, 0.2], [0.3, 0.8, -1.0], [0.0, 0.0, 0.0]])
+    prompts = [[0, 1], [1], [0, 0], [1, 1, 0]]                          # three lengths
+    ys, logps = sample_prompts(policy, prompts, n=3, max_new_tokens=3, eos_token_id=EOS,
+                               generator=torch.Generator().manual_seed(0), batch_rows=4)
+    assert len(ys) == 4 and all(len(r) == 3 for r in ys) and logps.shape == (4, 3)
+    flat_prompts = [p for p, r in zip(prompts, ys) for _ in r]
+    flat = [y for r in ys for y in r]
+    torch.testing.assert_close(score_responses(policy, flat_prompts, flat, batch_rows=5), logps.flatten(),
+                               rtol=0, atol=1e-12)
+    for prompt, r in zip(prompts, ys):
+        torch.testing.assert_close(score_responses(policy, [prompt] * 3, r),
+                                   torch.stack([response_logps(policy, prompt, [y])[0] for y in r]), rtol=0, atol=1e-12)
+    # a prompt's samples follow its own last token: after 0 the end token is likelier than after 1
+    many, _ = sample_prompts(policy, [[0], [1]], n=4000, max_new_tokens=1, eos_token_id=EOS,
+                             generator=torch.Generator().manual_seed(1))
+    ends = [sum(y == [EOS] for y in r) / len(r) for r in many]
+    assert ends[0] == pytest.approx(math.exp(0.2) / (math.exp(1) + math.exp(-0.5) + math.exp(0.2)), abs=0.03)
+    assert ends[1] == pytest.approx(math.exp(-1) / (math.exp(0.3) + math.exp(0.8) + math.exp(-1)), abs=0.03)
+    assert score_responses(policy, [[0]], [[]]).tolist() == [0.0]                       # nothing to score
+    with pytest.raises(ValueError, match="2 prompts for 1"):
+        score_responses(policy, [[0], [1]], [[1]])
+    with pytest.raises(ValueError, match="empty prompt"):
+        sample_prompts(policy, [[]], n=1, max_new_tokens=1, eos_token_id=EOS)
+
+
+def test_a_hugging_face_model_samples_the_same_with_its_cache():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from robalign.app.evaluation import samples
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64, eos_token_id=EOS)
+    model = LlamaForCausalLM(config).eval()
+    prompts = [[1, 4, 5], [3, 3, 7], [9]]
+    assert samples._cache_argument(model) in ("cache", "past_key_values")
+    cached = sample_prompts(model, prompts, n=5, max_new_tokens=8, eos_token_id=EOS,
+                            generator=torch.Generator().manual_seed(3))
+    model.config.use_cache = False                               # every step sees the whole row
+    assert samples._cache_argument(model) is None
+    plain = sample_prompts(model, prompts, n=5, max_new_tokens=8, eos_token_id=EOS,
+                           generator=torch.Generator().manual_seed(3))
+    assert cached[0] == plain[0]
+    torch.testing.assert_close(cached[1], plain[1], rtol=0, atol=1e-5)      # float32 model, summed in float64
+    flat = [y for ys in cached[0] for y in ys]
+    scored = score_responses(model, [p for p, ys in zip(prompts, cached[0]) for _ in ys], flat)
+    torch.testing.assert_close(scored.reshape(3, 5), cached[1], rtol=0, atol=1e-5)
