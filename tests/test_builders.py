@@ -135,7 +135,7 @@ def test_the_trl_drop_in_keeps_every_setting_with_a_reduction(tiny, tmp_path, re
 
 
 def test_the_demo_arms_build_their_losses_from_settings():
-    from robalign.app.commands.demo import ARMS, arm_settings
+    from robalign.app.commands.experiment import ARMS, arm_settings
 
     for name, arm in ARMS.items():
         loss = arm_settings(arm, 0.2).build_loss(group_names=("a", "b"), group_size=3 if arm["listwise"] else 2)

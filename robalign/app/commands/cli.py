@@ -154,12 +154,23 @@ def _existing_file(value: str) -> Path:
 def _cmd_demo(args) -> int:
     with _needs_extras("weigh", "train"):
         from .demo import ARMS, DemoSettings, run_demo
+        from .study import StudySettings, run_study
     if args.export_data is not None:
         return _export_demo_data(Path(args.export_data), args)
-    settings = DemoSettings()
-    if args.quick:
-        settings = DemoSettings(seeds=1, steps=20, sft_steps=30, n_train=200, n_test=100)
-    for name in ("seeds", "target_fraction", "flip_rate", "steps", "out", "features"):
+    if args.study:
+        settings = StudySettings()
+        if args.quick:
+            settings = StudySettings(seeds=1, target_fractions=[0.25], steps=20, eval_every=10, sft_steps=60,
+                                     n_train=200, n_test=60, n_prompts=16, arms=["dpo", "iw_dpo", "dora"])
+        if args.target_fraction is not None:
+            settings.target_fractions = [args.target_fraction]
+    else:
+        settings = DemoSettings()
+        if args.quick:
+            settings = DemoSettings(seeds=1, steps=20, sft_steps=30, n_train=200, n_test=100, n_prompts=16)
+        if args.target_fraction is not None:
+            settings.target_fraction = args.target_fraction
+    for name in ("seeds", "flip_rate", "steps", "out", "features"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if args.arms is not None:
@@ -167,11 +178,19 @@ def _cmd_demo(args) -> int:
         unknown = sorted(set(settings.arms) - set(ARMS))
         if unknown:
             raise UsageError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
-    if not 0 < settings.target_fraction < 1 or not 0 <= settings.flip_rate < 0.5 or settings.seeds < 1:
+    fractions = settings.target_fractions if args.study else [settings.target_fraction]
+    if not all(0 < a < 1 for a in fractions) or not 0 <= settings.flip_rate < 0.5 or settings.seeds < 1:
         raise UsageError("need 0 < --target-fraction < 1, 0 <= --flip-rate < 0.5 and --seeds >= 1")
+    if args.study and settings.steps < settings.eval_every:
+        raise UsageError(f"--steps must be at least the study's look interval ({settings.eval_every})")
     with _needs_extras("weigh", "train"):         # transformers' own imports happen when the model is built
-        summary = run_demo(settings)
-    print(f"results: {settings.out}/results.json, chart: {settings.out}/results.png")
+        if args.study:
+            summary = run_study(settings)
+            print(f"results: {settings.out}/study.json, tables: {settings.out}/study.md, "
+                  f"frontier: {settings.out}/study.png")
+        else:
+            summary = run_demo(settings)
+            print(f"results: {settings.out}/results.json, chart: {settings.out}/results.png")
     return 0 if summary else 1
 
 
@@ -281,13 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the distribution-shift experiment on the embedded default",
                           description="A seeded toy distribution shift: DPO, importance-weighted DPO, DRO only, "
                                       "DoRA, Dr.DPO and listwise DoRA, scored on the target distribution.")
-    demo.add_argument("--seeds", type=int, help="number of seeds (default 3)")
-    demo.add_argument("--target-fraction", type=float, help="fraction α of target training samples (default 0.25)")
+    demo.add_argument("--study", action="store_true",
+                      help="the generation study instead: samples judged by the gold reward, with intervals and the "
+                           "reward-KL frontier, at α 0.25 and 0.1 (about 15 min on 2 cores; out/study)")
+    demo.add_argument("--seeds", type=int, help="number of seeds (default 3; the study's 5)")
+    demo.add_argument("--target-fraction", type=float,
+                      help="fraction α of target training samples (default 0.25; the study's 0.25 and 0.1)")
     demo.add_argument("--flip-rate", type=float, help="label-flip rate of the synthetic samples (default 0.2)")
-    demo.add_argument("--steps", type=int, help="preference training steps per arm (default 80)")
-    demo.add_argument("--arms", help="comma-separated arms (default: all)")
+    demo.add_argument("--steps", type=int, help="preference training steps per arm (default 80; the study's 200)")
+    demo.add_argument("--arms", help="comma-separated arms (default: the demo's ten; the study's dpo, iw_dpo, dora "
+                                     "and DoRA's remedies dora_lam3, dora_ess50, dora_floor)")
     demo.add_argument("--features", choices=("tfidf", "minilm"), help="classifier features (default tfidf)")
-    demo.add_argument("--out", help="output folder (default out/demo)")
+    demo.add_argument("--out", help="output folder (default out/demo; the study's out/study)")
     demo.add_argument("--quick", action="store_true", help="one seed, few steps, small data (a smoke test)")
     demo.add_argument("--export-data", metavar="DIR",
                       help="only write the demo's data as DIR/train.jsonl and DIR/test.jsonl (pairwise, with "

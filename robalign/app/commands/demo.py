@@ -5,7 +5,7 @@ Data (:mod:`robalign.app.data.toy`, seeded): a fraction α of the training sampl
 source with its own style, ranked by a biased reward r1 and partly flipped. The test set holds
 target samples ranked by r0.
 
-Pipeline per seed, through the public API:
+Pipeline per seed, through the public API (:mod:`robalign.app.commands.experiment`):
     1. SFT a tiny Llama (embedded default) on every training sample's top-ranked response;
     2. ``weigh_file`` the training set (cross-fitted classifier on the responses) → DoRA weights;
     3. reference log-probs of the SFT model; then, for each arm, train a copy with
@@ -21,12 +21,15 @@ Pipeline per seed, through the public API:
            cvar      DoRA weights, CVaR of the worst 30 %
            group_dro group DRO over the two sources (human, synthetic), no weights (η_q = 0.5)
     4. metrics on the target test set: preference accuracy of the implicit reward β·logratio
-       (best vs worst response by r0) and the mean r0 of greedy samples.
+       (best vs worst response by r0), and what the policy writes: the gold reward r0 of samples at
+       temperature 1, their win rate against the SFT model's samples and KL(π ‖ π_SFT)
+       (:class:`~robalign.app.commands.experiment.SampleJudge`). The generation study
+       (``robalign demo --study``, :mod:`robalign.app.commands.study`) measures the same with
+       intervals, along training, on more seeds.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import tempfile
@@ -36,36 +39,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.preferences import PreferenceCollator, PreferenceDataset, prepare_tokenizer
-from ..training.config import DoRAConfig
-from ..data.toy import ToySettings, make_toy_data, reward_target, write_jsonl
-from ..training.causal_lm import one_pass_loss, policy_logps
+from ..data.toy import ToySettings
+from .experiment import ARMS, SampleJudge, prepare_seed, preference_accuracy, train_arm
 
-__all__ = ["ARMS", "DemoSettings", "run_demo"]
+__all__ = ["ARMS", "DEMO_ARMS", "DemoSettings", "run_demo"]
 
-INF = float("inf")
-#: each arm: its alignment settings (:class:`~robalign.app.training.config.DoRAConfig` fields; β is the
-#: demo's), whether it trains on the DoRA weights, and whether it reads whole candidate lists
-ARMS = {
-    "dpo": dict(objective="dpo", lam=INF, weighted=False, listwise=False),
-    "iw_dpo": dict(objective="dpo", lam=INF, weighted=True, listwise=False),
-    "dro_only": dict(objective="dpo", lam=1.0, weighted=False, listwise=False),
-    "dora": dict(objective="dpo", lam=1.0, weighted=True, listwise=False),
-    "dr_dpo": dict(objective="dpo", lam=-1.0, weighted=False, listwise=False),
-    "dora_pl": dict(objective="plackett_luce", lam=1.0, weighted=True, listwise=True),
-    # the other ambiguity sets, with the DoRA weights (robalign.losses.reductions)
-    "kl_ball": dict(objective="dpo", dro="kl-ball", eta=0.5, weighted=True, listwise=False),
-    "chi2": dict(objective="dpo", dro="chi2", rho=1.0, weighted=True, listwise=False),
-    "cvar": dict(objective="dpo", dro="cvar", level=0.3, weighted=True, listwise=False),
-    # the sources as known groups instead of a classifier's weights
-    "group_dro": dict(objective="dpo", dro="group", group_step=0.5, weighted=False, listwise=False),
-}
-
-
-def arm_settings(arm: dict, beta: float) -> DoRAConfig:
-    """An arm's alignment settings, from which its loss is built like the trainer's."""
-    return DoRAConfig(beta=beta, use_weights=arm["weighted"],
-                      **{k: v for k, v in arm.items() if k not in ("weighted", "listwise")})
+#: the arms the demo runs by default (``ARMS`` also holds the generation study's remedies)
+DEMO_ARMS = ["dpo", "iw_dpo", "dro_only", "dora", "dr_dpo", "dora_pl", "kl_ball", "chi2", "cvar", "group_dro"]
 
 
 @dataclass
@@ -74,136 +54,46 @@ class DemoSettings:
     target_fraction: float = 0.25
     flip_rate: float = 0.2
     steps: int = 80
-    sft_steps: int = 60
+    sft_steps: int = 300
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-4
     beta: float = 0.1
     n_train: int = 600
     n_test: int = 200
     features: str = "tfidf"
-    arms: list = field(default_factory=lambda: list(ARMS))
+    n_prompts: int = 48
+    n_samples: int = 4
+    max_new_tokens: int = 24
+    arms: list = field(default_factory=lambda: list(DEMO_ARMS))
     out: str = "out/demo"
 
 
-def _rows(dataset, indices, listwise):
-    """Groups for the given samples: all K candidates (listwise) or the best and the worst."""
-    groups = []
-    for i in indices:
-        g = dataset.groups[i]
-        keep = range(len(g.input_ids)) if listwise else (0, len(g.input_ids) - 1)    # sorted best first
-        weights = None if g.weights is None else [sum(g.weights) / len(g.weights)] * len(keep)
-        groups.append(type(g)([g.input_ids[j] for j in keep], [g.labels[j] for j in keep],
-                              [g.scores[j] for j in keep], weights=weights,
-                              ref_logps=None if g.ref_logps is None else [g.ref_logps[j] for j in keep],
-                              group_id=g.group_id))
-    return groups
-
-
-def _sft(model, dataset, collate, steps, batch_size, lr, gen):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(dataset), (batch_size,), generator=gen).tolist()
-        groups = [type(g)([g.input_ids[0]], [g.labels[0]], [g.scores[0]]) for g in (dataset.groups[i] for i in idx)]
-        batch = collate(groups)
-        logps, counts = policy_logps(model, batch)
-        loss = -logps.sum() / counts.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def _logps_of(model, groups, collate, batch=64):
-    out = []
-    for start in range(0, len(groups), batch):
-        logps, _ = policy_logps(model, collate(groups[start:start + batch]))
-        out.append(logps.float())
-    return torch.cat(out)
-
-
-def _train_arm(sft, arm, train_set, settings, collate, seed):
-    torch.manual_seed(seed)
-    model = copy.deepcopy(sft).train()
-    k = train_set.group_size if arm["listwise"] else 2
-    loss_fn = arm_settings(arm, settings.beta).build_loss(group_names=train_set.group_names, group_size=k)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(settings.steps):
-        idx = torch.randint(len(train_set), (settings.batch_size,), generator=gen).tolist()
-        batch = collate(_rows(train_set, idx, arm["listwise"]))
-        opt.zero_grad()
-        out = one_pass_loss(model, batch, loss_fn, use_weights=arm["weighted"])
-        out.loss.backward()
-        opt.step()
-    return model.eval(), loss_fn.reduction
-
-
-@torch.no_grad()
-def _greedy_reward(model, tokenizer, test_records, limit=60, new_tokens=12):
-    records = test_records[:limit]
-    prompts = [tokenizer(r["prompt"])["input_ids"] for r in records]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):                                   # left padding for generation
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    return statistics.mean(reward_target(r["topic"], t) for r, t in zip(records, texts))
-
-
 def _run_seed(seed, settings, workdir, log):
-    from ..ratio import weigh_file
-    from .train import embedded_model
-
     toy = ToySettings(n_train=settings.n_train, n_test=settings.n_test, group_size=4,
                       target_fraction=settings.target_fraction, flip_rate=settings.flip_rate, seed=seed)
-    train, test = make_toy_data(toy)
-    # test samples are ranked by r0 (they are target samples): best first
-    train_file = write_jsonl(workdir / f"train-{seed}.jsonl", train,
-                             fields=("prompt", "responses", "scores", "sources"))
-    weighted_file = workdir / f"train-{seed}-weighted.jsonl"
-    log(f"seed {seed}: toy data ({settings.n_train} training, {settings.n_test} test samples), classifier ...")
-    report = weigh_file(train_file, "human", weighted_file, features=settings.features, progress=False, seed=seed,
-                        log=lambda *_: None)
-    log(f"seed {seed}: classifier AUC {report['auc']:.3f}, weights' ESS {report['ess_fraction']:.0%}; "
-        f"SFT ({settings.sft_steps} steps) and reference log-probs ...")
-    test_file = write_jsonl(workdir / f"test-{seed}.jsonl", test, fields=("prompt", "responses", "scores"))
-
-    sft, tokenizer = embedded_model(seed)
-    prepare_tokenizer(tokenizer, log=lambda *_: None)
-    train_set = PreferenceDataset.from_file(weighted_file, tokenizer, max_length=48, max_prompt_length=16)
-    test_set = PreferenceDataset.from_file(test_file, tokenizer, max_length=48, max_prompt_length=16)
-    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
-    gen = torch.Generator().manual_seed(seed)
-    _sft(sft, train_set, collate, settings.sft_steps, 32, 3e-3, gen)
-
-    ref_train = _logps_of(sft, _rows(train_set, range(len(train_set)), True), collate).reshape(len(train_set), -1)
-    for g, r in zip(train_set.groups, ref_train):
-        g.ref_logps = r.tolist()
-    test_pairs = _rows(test_set, range(len(test_set)), False)
-    ref_test = _logps_of(sft, test_pairs, collate).reshape(-1, 2)
-
+    variants = sorted({ARMS[name].get("weights", "default") for name in settings.arms} | {"default"},
+                      key=lambda v: v != "default")
+    prepared = prepare_seed(seed, toy, workdir, features=settings.features, sft_steps=settings.sft_steps,
+                            variants=tuple(variants), log=log)
+    judge = SampleJudge(prepared, n_prompts=min(settings.n_prompts, settings.n_test), n_samples=settings.n_samples,
+                        max_new_tokens=settings.max_new_tokens)
     results = {}
     for name in settings.arms:
         start = time.perf_counter()
-        model, reduction = _train_arm(sft, ARMS[name], train_set, settings, collate, seed)
-        ratios = _logps_of(model, test_pairs, collate).reshape(-1, 2) - ref_test
-        acc = float((ratios[:, 0] > ratios[:, 1]).float().mean())
-        reward = _greedy_reward(model, tokenizer, test)
-        results[name] = {"target_pref_acc": acc, "target_reward": reward}
+        model, reduction = train_arm(prepared, ARMS[name], steps=settings.steps, batch_size=settings.batch_size,
+                                     lr=settings.lr, beta=settings.beta)
+        acc = preference_accuracy(model, prepared)
+        samples = judge(model, stream=settings.steps)
+        results[name] = {"target_pref_acc": acc, "target_reward": statistics.mean(samples["reward"]),
+                         "win_rate": statistics.mean(samples["win"]), "kl": statistics.mean(samples["kl"])}
         final_q = ""
         if getattr(reduction, "names", None):                          # group DRO: where q ended
             results[name]["group_q"] = dict(zip(reduction.names, reduction.q.tolist()))
             final_q = "  q " + ", ".join(f"{k} {v:.2f}" for k, v in results[name]["group_q"].items())
-        log(f"  seed {seed} {name:<9} target pref. acc {acc:.3f}  greedy r0 {reward:+.3f}{final_q}  "
-            f"({time.perf_counter() - start:.1f}s)")
-    return results, report
+        r = results[name]
+        log(f"  seed {seed} {name:<9} target pref. acc {acc:.3f}  sampled r0 {r['target_reward']:+.3f}  "
+            f"win vs SFT {r['win_rate']:.3f}  KL {r['kl']:.2f}{final_q}  ({time.perf_counter() - start:.1f}s)")
+    return results, prepared.reports["default"], statistics.mean(judge.sft_rewards.mean(1).tolist())
 
 
 def run_demo(settings: DemoSettings, log=print) -> dict:
@@ -214,29 +104,32 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed, reports = [], []
+    per_seed, reports, sft_rewards = [], [], []
     log(f"robalign demo: {settings.seeds} seed(s) × {len(settings.arms)} arms ({', '.join(settings.arms)}), "
         f"{settings.steps} steps each; target fraction {settings.target_fraction}, flip rate {settings.flip_rate} "
-        f"(about {25 * settings.seeds} s on 2 cores)")
+        f"(about {40 * settings.seeds} s on 2 cores)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(settings.seeds):
-            results, report = _run_seed(seed, settings, Path(tmp), log)
+            results, report, sft_reward = _run_seed(seed, settings, Path(tmp), log)
             per_seed.append(results)
             reports.append(report)
+            sft_rewards.append(sft_reward)
     arms = {}
     for name in settings.arms:
         accs = [r[name]["target_pref_acc"] for r in per_seed]
-        rewards = [r[name]["target_reward"] for r in per_seed]
         arms[name] = {"target_pref_acc": accs, "target_pref_acc_mean": statistics.mean(accs),
                       "target_pref_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      "target_reward": rewards, "target_reward_mean": statistics.mean(rewards),
                       "description": _DESCRIPTIONS[name]}
+        for key in ("target_reward", "win_rate", "kl"):
+            values = [r[name][key] for r in per_seed]
+            arms[name][key], arms[name][f"{key}_mean"] = values, statistics.mean(values)
         if "group_q" in per_seed[0][name]:
             arms[name]["group_q"] = [r[name]["group_q"] for r in per_seed]
     summary = {
         "settings": asdict(settings),
         "arms": arms,
+        "sft_target_reward": sft_rewards,
         "classifier": {"auc": [r["auc"] for r in reports], "ess_fraction": [r["ess_fraction"] for r in reports],
                        "alpha": [r["alpha"] for r in reports]},
         "seconds": round(time.perf_counter() - start, 1),
@@ -262,6 +155,9 @@ _DESCRIPTIONS = {
     "chi2": "weights + χ² ball, ρ = 1",
     "cvar": "weights + CVaR, worst 30 %",
     "group_dro": "group DRO over the sources, no weights",
+    "dora_lam3": "DoRA with a softer DRO, λ = 3",
+    "dora_ess50": "DoRA, weights tempered to ESS 50 %",
+    "dora_floor": "DoRA, weights floored at 20 % of the mean",
 }
 
 
@@ -272,11 +168,15 @@ def _print_table(summary, log):
         f"flip rate {s['flip_rate']}, {s['steps']} steps. Classifier AUC "
         f"{statistics.mean(summary['classifier']['auc']):.3f}, weights' ESS "
         f"{100 * statistics.mean(summary['classifier']['ess_fraction']):.0f}% of samples.\n")
-    log(f"| {'arm':<9} | {'what':<38} | {'preference accuracy':>21} | {'greedy r0':>9} |")
-    log(f"| {'-' * 9} | {'-' * 38} | {'-' * 20}: | {'-' * 8}: |")
+    log(f"| {'arm':<9} | {'what':<38} | {'preference accuracy':>21} | {'sampled r0':>10} | {'win vs SFT':>10} "
+        f"| {'KL':>5} |")
+    log(f"| {'-' * 9} | {'-' * 38} | {'-' * 20}: | {'-' * 9}: | {'-' * 9}: | {'-' * 4}: |")
+    log(f"| {'sft':<9} | {'the SFT model (reference)':<38} | {'':>21} | "
+        f"{statistics.mean(summary['sft_target_reward']):>+10.3f} | {0.5:>10.3f} | {0.0:>5.2f} |")
     for name, a in arms.items():
         log(f"| {name:<9} | {a['description']:<38} | {100 * a['target_pref_acc_mean']:>8.1f} ± "
-            f"{100 * a['target_pref_acc_std']:<4.1f} points | {a['target_reward_mean']:>+9.3f} |")
+            f"{100 * a['target_pref_acc_std']:<4.1f} points | {a['target_reward_mean']:>+10.3f} | "
+            f"{a['win_rate_mean']:>10.3f} | {a['kl_mean']:>5.2f} |")
     if "dora_minus_dpo_points" in summary:
         d = summary["dora_minus_dpo_points"]
         verdict = "better" if d > 0 else "worse"
@@ -287,6 +187,9 @@ def _print_table(summary, log):
                  for name, label in (("iw_dpo", "weights alone"), ("dro_only", "DRO alone")) if name in arms]
         if parts:
             log("Ablations vs DPO (points): " + ", ".join(parts) + ".")
+        log(f"Samples at temperature 1 (r0, the target reward): DoRA wins {arms['dora']['win_rate_mean']:.1%} against "
+            f"the SFT model's, DPO {arms['dpo']['win_rate_mean']:.1%}. The generation study (robalign demo --study) "
+            "gives the intervals and the reward-KL frontier.")
 
 
 def _plot(path, arms, settings):

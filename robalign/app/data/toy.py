@@ -17,7 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ToySettings", "make_toy_data", "reward_target", "reward_biased", "write_jsonl", "toy_tokenizer"]
+__all__ = ["ToySettings", "make_toy_data", "reward_target", "reward_biased", "write_jsonl", "toy_tokenizer",
+           "topic_share"]
 
 TOPICS = {
     "ocean": "wave tide coral reef salt current whale shore deep fish".split(),
@@ -31,6 +32,7 @@ FILLER = "thing stuff whatever something anyway basically really very just quite
 HUMAN_STYLE = "honestly maybe guess think perhaps".split()
 SYNTH_STYLE = "certainly furthermore comprehensive delve crucial moreover additionally".split()
 SOURCES = ("human", "synthetic")
+_ANY_TOPIC = {w for words in TOPICS.values() for w in words}
 
 
 @dataclass
@@ -78,6 +80,20 @@ def reward_target(prompt_topic: str, response: str) -> float:
     good = sum(w in TOPICS[prompt_topic] for w in words)
     bad = sum(w in FILLER for w in words)
     return (good - bad) / max(len(words), 1)
+
+
+def topic_share(topics, responses) -> float:
+    """Of all topic words in ``responses`` (any topic's), the share that belong to the topic asked
+    for (``topics[i]`` for ``responses[i]``): 1 for the generator's own responses, about 1/6 for a
+    model that has not learnt to follow the prompt."""
+    if len(topics) != len(responses):
+        raise ValueError(f"topic_share: {len(topics)} topics for {len(responses)} responses")
+    on = every = 0
+    for topic, response in zip(topics, responses):
+        words = [w for w in _words(response) if w in _ANY_TOPIC]
+        every += len(words)
+        on += sum(w in TOPICS[topic] for w in words)
+    return on / every if every else 0.0
 
 
 def reward_biased(prompt_topic: str, response: str, bias: float) -> float:
