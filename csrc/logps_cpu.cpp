@@ -327,6 +327,53 @@ double exp_and_sum(const float* x, float* e, int64_t V, float max) {
 // from memory once and each element takes one exponential (exp(z - max), kept and divided by the
 // sum), against three reads and two exponentials for rows_lse_target then rows_softmax_grad; other
 // transforms run those two per row. `out` may alias the logits; ignored rows are 0, lse and target 0.
+// A half-precision row (bfloat16/float16) of the fused step in two sweeps instead of five (convert,
+// max, exp, scale, convert back). The first takes blocks of kBlock logits: each is converted into an
+// L1-resident block, its maximum raises the running maximum m (the sum so far rescaled by
+// exp(m_old - m)), and e = exp(z - m) goes to the float32 buffer `e` with the m it used. The second
+// scales each block by exp(m_block - m) * (-1/sum), adds the onehot and converts into `out` (which may
+// be the logits themselves: the first sweep read them all). Returns false, having written nothing to
+// `out`, for a row with a NaN or +inf or only -inf logits, whose exact limits the caller writes.
+template <typename scalar_t>
+bool half_row_grad(const scalar_t* x, scalar_t* out, int64_t V, int64_t y, std::vector<float>& e,
+                   std::vector<float>& block_m, float& lse) {
+  constexpr int64_t kBlock = 2048;
+  float tmp[kBlock];
+  const int64_t blocks = (V + kBlock - 1) / kBlock;
+  e.resize(V);
+  block_m.resize(blocks);
+  float m = -INFINITY;
+  double sum = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t b0 = b * kBlock, len = std::min(kBlock, V - b0);
+    at::vec::convert(x + b0, tmp, len);
+    const float block_max = row_max(tmp, len);
+    if (std::isnan(block_max) || block_max == INFINITY) return false;
+    if (block_max > m) {
+      if (sum != 0.0) sum *= std::exp(static_cast<double>(m) - block_max);
+      m = block_max;
+    }
+    block_m[b] = m;
+    if (m == -INFINITY) continue;  // only -inf so far: this block's e is never read
+    sum += exp_and_sum(tmp, e.data() + b0, len, m);
+  }
+  if (m == -INFINITY) return false;
+  lse = m + static_cast<float>(std::log(sum));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t b0 = b * kBlock, len = std::min(kBlock, V - b0);
+    const float factor = block_m[b] == -INFINITY ? 0.f : static_cast<float>(-std::exp(static_cast<double>(block_m[b]) - m) / sum);
+    if (factor == 0.f) {
+      std::fill(tmp, tmp + len, 0.f);
+    } else {
+      const Vec f(factor);
+      at::vec::map([f](Vec v) { return v * f; }, tmp, e.data() + b0, len);
+    }
+    if (y >= b0 && y < b0 + len) tmp[y - b0] += 1.f;
+    at::vec::convert(tmp, out + b0, len);
+  }
+  return true;
+}
+
 std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Tensor& labels, int64_t ignore_index,
                                                 Tensor& out3d, double scale, double softcap) {
   TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1 && out3d.stride(2) == 1, "rows_lse_target_grad: rows must be contiguous");
@@ -349,12 +396,21 @@ std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Te
     const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
     scalar_t* out_base = out3d.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer;
+      std::vector<float> buffer, block_m;
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* out = ro.row(out_base, n);
         if (y[n] == ignore_index) {
           std::fill(out, out + r.V, scalar_t(0));
           continue;
+        }
+        if constexpr (!std::is_same_v<scalar_t, float>) {
+          if (y[n] >= 0 && y[n] < r.V) {
+            const float z_y = static_cast<float>(r.row(base, n)[y[n]]);  // before an in-place write covers it
+            if (half_row_grad(r.row(base, n), out, r.V, y[n], buffer, block_m, p_lse[n])) {
+              p_tgt[n] = z_y;
+              continue;
+            }
+          }
         }
         const float* x = as_float(r.row(base, n), r.V, buffer);  // bfloat16/float16: converted into buffer
         if (y[n] < 0 || y[n] >= r.V) {  // an invalid label: its log-prob and gradient are NaN

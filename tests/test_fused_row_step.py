@@ -57,6 +57,47 @@ def test_lse_target_and_unit_gradient_in_one_step(backend, dtype, transform, inp
     assert (out.reshape(6, v)[4] == 0).all()
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_cpp_half_precision_rows_across_blocks_of_a_running_maximum(inplace):
+    """The C++ kernel takes a bfloat16 row in blocks of 2048 with a running maximum (the sum rescaled
+    when it grows, each block scaled by its own maximum's factor at the end). Rows of V 5000 (three
+    blocks) whose maximum lies in the first, the middle or the last block, whose first block is all
+    −inf (its factor is 0) or whose first two are, and rows with a NaN or +inf only in the last block
+    (the first sweep has stored e for the blocks before; the two kernels' limits must still come out,
+    and an in-place row must be intact for them). Finite rows against float64 autograd within
+    bfloat16's half-ulp; non-finite ones against the two kernels, one ulp apart at most."""
+    from robalign.ops import cpu
+
+    v, rows = 5000, 8
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(1, rows, v, generator=gen) * 3
+    logits[0, 0, 10] = 40.0                                            # the maximum in the first block
+    logits[0, 1, 3000] = 40.0                                          # in the middle block
+    logits[0, 2, 4999] = 40.0                                          # in the last block, the last logit
+    logits[0, 3, :2048] = -float("inf")                                # the first block all −inf
+    logits[0, 4, :4096] = -float("inf")                                # the first two blocks
+    logits[0, 5, 4500] = float("nan")
+    logits[0, 6, 4700] = float("inf")
+    logits[0, 7] = logits[0, 7] - 80.0                                 # far below 0: no overflow, no underflow of the sum
+    logits = logits.to(torch.bfloat16)
+    labels = torch.tensor([10, 5, 4999, 2500, 4500, 1, 4700, 123])
+    finite = [0, 1, 2, 3, 4, 7]
+    lse_want, tgt_want, grad_want = transformed_rows_reference(logits[:, finite], labels[finite], torch.ones(6), 1.0, 0.0)
+    x = logits.clone()
+    out = x if inplace else torch.full_like(x, float("nan"))
+    lse, target = cpu.rows_lse_target_grad(x, labels, -100, out)
+    torch.testing.assert_close(lse[finite].double(), lse_want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(target[finite].double(), tgt_want, rtol=0, atol=0)
+    torch.testing.assert_close(out[0, finite].double(), grad_want, rtol=2 ** -8, atol=1e-6)
+    assert (out[0, 3, :2048] == 0).all() and (out[0, 4, :4096] == 0).all()
+    odd = torch.tensor([5, 6])
+    lse_two, _, _ = cpu.rows_lse_target(logits[:, odd], labels[odd], -100)
+    want = torch.empty_like(logits[:, odd])
+    cpu.rows_softmax_grad(logits[:, odd], labels[odd], lse_two, torch.ones(2), -100, want)
+    torch.testing.assert_close(lse[odd], lse_two, equal_nan=True)
+    torch.testing.assert_close(out[:, odd].float(), want.float(), rtol=2 ** -7, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_fused_kernel_takes_the_two_kernels_limits_on_non_finite_rows(dtype):
     from robalign.ops import cpu
