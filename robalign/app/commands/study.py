@@ -123,6 +123,25 @@ def _run_seed(seed, alpha, settings, workdir, log):
     return seed_out
 
 
+def _rounded(values):
+    return [round(v, 5) for v in values]
+
+
+def _kept(seeds_out, summary, settings):
+    """What study.json keeps of each seed: the per-prompt values of the two checkpoints the tables
+    read (the end, the last within the KL budget), rounded to 5 decimals; every checkpoint's means."""
+    kept = []
+    for i, seed in enumerate(seeds_out):
+        arms = {}
+        for name, arm in seed["arms"].items():
+            steps = {settings.steps, summary["arms"][name]["budget_steps"][i]}
+            arms[name] = {**arm, "greedy_reward": _rounded(arm["greedy_reward"]),
+                          "per_prompt": {step: {m: _rounded(arm["per_prompt"][step][m]) for m in METRICS}
+                                         for step in sorted(steps)}}
+        kept.append({**seed, "arms": arms, "sft": {**seed["sft"], "reward": _rounded(seed["sft"]["reward"])}})
+    return kept
+
+
 def _within_budget(arm_seed, budget):
     """The last checkpoint whose mean sampled KL is ≤ budget (the SFT model, step 0, at worst)."""
     ok = [s for s, kl in zip(arm_seed["steps"], arm_seed["curve"]["kl"]) if kl <= budget]
@@ -208,13 +227,14 @@ def run_study(settings: StudySettings, log=print) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(settings.seeds):
                 seeds_out.append(_run_seed(seed, alpha, settings, Path(tmp), log))
-        shifts[str(alpha)] = {"summary": _summarise(seeds_out, settings), "per_seed": seeds_out}
+        summary = _summarise(seeds_out, settings)
+        shifts[str(alpha)] = {"summary": summary, "per_seed": _kept(seeds_out, summary, settings)}
     summary = {"settings": asdict(settings), "versions": _versions(), "seconds": round(time.perf_counter() - start, 1),
                "shifts": shifts}
     from ..._io import write_atomic
 
     text = _tables(summary)
-    write_atomic(out / "study.json", lambda h: h.write(json.dumps(summary, indent=1).encode()))
+    write_atomic(out / "study.json", lambda h: h.write(json.dumps(summary).encode()))
     write_atomic(out / "study.md", lambda h: h.write(text.encode()))
     _plot(out / "study.png", summary)
     log("\n" + text)
@@ -269,7 +289,7 @@ def _plot(path, summary):
     from ..._io import write_atomic
 
     shifts = summary["shifts"]
-    fig, axes = plt.subplots(1, len(shifts), figsize=(6.2 * len(shifts), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(shifts), figsize=(6.2 * len(shifts), 5.0), squeeze=False)
     for ax, (alpha, shift) in zip(axes[0], shifts.items()):
         sm = shift["summary"]
         for name, a in sm["arms"].items():
@@ -278,12 +298,15 @@ def _plot(path, summary):
             line, = ax.plot(fr["kl"], fr["reward"], style, marker="o", markersize=3, label=a["description"])
             ax.annotate(f"{fr['steps'][-1]}", (fr["kl"][-1], fr["reward"][-1]), textcoords="offset points",
                         xytext=(3, 3), fontsize=7, color=line.get_color())
-        ax.axvline(summary["settings"]["kl_budget"], color="grey", linestyle=":", linewidth=1)
+        ax.axvline(summary["settings"]["kl_budget"], color="grey", linestyle=":", linewidth=1,
+                   label=f"KL budget ({summary['settings']['kl_budget']:g} nats)")
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
         ax.set(xlabel="KL(π ‖ π_SFT), nats (from samples; symlog)", ylabel="gold reward r0 of samples (T = 1)",
                title=f"α = {alpha}: mean over {summary['settings']['seeds']} seeds, a point every "
-                     f"{summary['settings']['eval_every']} steps")
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+                     f"{summary['settings']['eval_every']} steps (the last labelled)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     write_atomic(path, lambda h: fig.savefig(h, format="png", dpi=110))
     plt.close(fig)
