@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "DoRA, Dr.DPO and listwise DoRA, scored on the target distribution.")
     demo.add_argument("--study", action="store_true",
                       help="the generation study instead: samples judged by the gold reward, with intervals and the "
-                           "reward-KL frontier, at α 0.25 and 0.1 (about 15 min on 2 cores; out/study)")
+                           "reward-KL frontier, at α 0.25 and 0.1 (about 13 min on 2 cores; out/study)")
     demo.add_argument("--seeds", type=int, help="number of seeds (default 3; the study's 5)")
     demo.add_argument("--target-fraction", type=float,
                       help="fraction α of target training samples (default 0.25; the study's 0.25 and 0.1)")

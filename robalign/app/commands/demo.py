@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..data.toy import ToySettings
-from .experiment import ARMS, SampleJudge, prepare_seed, preference_accuracy, train_arm
+from .experiment import ARMS, ExperimentSettings, SampleJudge, prepare_seed, preference_accuracy, train_arm
 
 __all__ = ["ARMS", "DEMO_ARMS", "DemoSettings", "run_demo"]
 
@@ -49,21 +49,10 @@ DEMO_ARMS = ["dpo", "iw_dpo", "dro_only", "dora", "dr_dpo", "dora_pl", "kl_ball"
 
 
 @dataclass
-class DemoSettings:
+class DemoSettings(ExperimentSettings):
     seeds: int = 3
     target_fraction: float = 0.25
-    flip_rate: float = 0.2
     steps: int = 80
-    sft_steps: int = 300
-    batch_size: int = 16
-    lr: float = 5e-4
-    beta: float = 0.1
-    n_train: int = 600
-    n_test: int = 200
-    features: str = "tfidf"
-    n_prompts: int = 48
-    n_samples: int = 4
-    max_new_tokens: int = 24
     arms: list = field(default_factory=lambda: list(DEMO_ARMS))
     out: str = "out/demo"
 

@@ -24,8 +24,8 @@ from ..evaluation.samples import sample_prompts, score_responses, text_stats, wi
 from ..training.causal_lm import one_pass_loss, policy_logps
 from ..training.config import DoRAConfig
 
-__all__ = ["ARMS", "WEIGHT_VARIANTS", "arm_settings", "prepare_seed", "Prepared", "train_arm", "SampleJudge",
-           "preference_accuracy"]
+__all__ = ["ARMS", "WEIGHT_VARIANTS", "ExperimentSettings", "arm_settings", "prepare_seed", "Prepared", "train_arm",
+           "SampleJudge", "preference_accuracy"]
 
 INF = float("inf")
 #: each arm: its alignment settings (:class:`~robalign.app.training.config.DoRAConfig` fields; β is the
@@ -56,6 +56,25 @@ WEIGHT_VARIANTS = {
     "floor20": {"weight_floor": 0.2},     # no response weighs less than 20 % of an average one
 }
 _NOT_LOSS_FIELDS = ("weighted", "weights", "listwise")
+
+
+@dataclass
+class ExperimentSettings:
+    """What the demo and the study share: the shift's flip rate, the data's size, the classifier's
+    features, SFT, the arms' training, and the sample judge's sizes (prompts, samples a prompt,
+    tokens a sample)."""
+
+    flip_rate: float = 0.2
+    sft_steps: int = 300
+    batch_size: int = 16
+    lr: float = 5e-4
+    beta: float = 0.1
+    n_train: int = 600
+    n_test: int = 200
+    features: str = "tfidf"
+    n_prompts: int = 48
+    n_samples: int = 4
+    max_new_tokens: int = 24
 
 
 def arm_settings(arm: dict, beta: float) -> DoRAConfig:

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.toy import ToySettings, topic_share, toy_tokenizer
+from ..data.toy import ToySettings, topic_share
 from ..evaluation.samples import paired_seeds_bootstrap_ci, seeds_bootstrap_ci, text_stats
-from .experiment import ARMS, SampleJudge, prepare_seed, preference_accuracy, train_arm
+from .experiment import ARMS, ExperimentSettings, SampleJudge, prepare_seed, preference_accuracy, train_arm
 
 __all__ = ["StudySettings", "run_study", "STUDY_ARMS"]
 
@@ -46,23 +46,14 @@ METRICS = ("reward", "win", "kl")
 
 
 @dataclass
-class StudySettings:
+class StudySettings(ExperimentSettings):
     seeds: int = 5
-    target_fractions: list = field(default_factory=lambda: [0.25, 0.1])   # the second: sharp weights
-    flip_rate: float = 0.2
+    target_fractions: list = field(default_factory=lambda: [0.25, 0.1])   # the second: 60 target samples of 600
     steps: int = 200
     eval_every: int = 10
-    sft_steps: int = 300
-    batch_size: int = 16
-    lr: float = 5e-4
-    beta: float = 0.1
-    n_train: int = 600
-    n_test: int = 200
     n_prompts: int = 100
     n_samples: int = 8
-    max_new_tokens: int = 24
     kl_budget: float = 5.0
-    features: str = "tfidf"
     arms: list = field(default_factory=lambda: list(STUDY_ARMS))
     out: str = "out/study"
 
