@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the distribution-shift experiment on the embedded default",
                           description="A seeded toy distribution shift: DPO, importance-weighted DPO, DRO only, "
-                                      "DoRA, Dr.DPO and listwise DoRA, scored on the target distribution.")
+                                      "DoRA, Dr.DPO, listwise DoRA and other ambiguity sets, scored on the target "
+                                      "distribution by preference accuracy and by what the policy writes (the gold "
+                                      "reward of samples, their win rate against the SFT model's, KL).")
     demo.add_argument("--study", action="store_true",
                       help="the generation study instead: samples judged by the gold reward, with intervals and the "
                            "reward-KL frontier, at α 0.25 and 0.1 (about 13 min on 2 cores; out/study)")
