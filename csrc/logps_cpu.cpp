@@ -318,15 +318,6 @@ double exp_and_sum(const float* x, float* e, int64_t V, float max) {
   return sum;
 }
 
-}  // namespace
-
-// Forward and the unit gradient in one visit of each row (the one-pass loss's chunk kernel):
-// lse[n] = logsumexp_v z'[n, v], target[n] = z'[n, y_n], and out[n, v] = (onehot(y_n)[v] -
-// softmax(z'[n])[v]) * dz'/dz -- rows_softmax_grad with coeff = 1, whose per-sequence coefficient the
-// caller applies to the much smaller matmul operands. Under the identity transform a row is read
-// from memory once and each element takes one exponential (exp(z - max), kept and divided by the
-// sum), against three reads and two exponentials for rows_lse_target then rows_softmax_grad; other
-// transforms run those two per row. `out` may alias the logits; ignored rows are 0, lse and target 0.
 // A half-precision row (bfloat16/float16) of the fused step in two sweeps instead of five (convert,
 // max, exp, scale, convert back). The first takes blocks of kBlock logits: each is converted into an
 // L1-resident block, its maximum raises the running maximum m (the sum so far rescaled by
@@ -374,6 +365,16 @@ bool half_row_grad(const scalar_t* x, scalar_t* out, int64_t V, int64_t y, std::
   return true;
 }
 
+}  // namespace
+
+// Forward and the unit gradient in one visit of each row (the one-pass loss's chunk kernel):
+// lse[n] = logsumexp_v z'[n, v], target[n] = z'[n, y_n], and out[n, v] = (onehot(y_n)[v] -
+// softmax(z'[n])[v]) * dz'/dz -- rows_softmax_grad with coeff = 1, whose per-sequence coefficient the
+// caller applies to the much smaller matmul operands. Under the identity transform a row is read
+// from memory once and each element takes one exponential (exp(z - max), kept and divided by the
+// sum), against three reads and two exponentials for rows_lse_target then rows_softmax_grad; other
+// transforms run those two per row; half-precision rows take half_row_grad's two sweeps. `out` may
+// alias the logits; ignored rows are 0, lse and target 0.
 std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Tensor& labels, int64_t ignore_index,
                                                 Tensor& out3d, double scale, double softcap) {
   TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1 && out3d.stride(2) == 1, "rows_lse_target_grad: rows must be contiguous");

@@ -38,7 +38,7 @@ def token_stats(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hid
     logits (two such tensors are alive at once: the logits and their softmax)."""
     where = "robalign.ops.token_stats"
     if chunk_rows is None:
-        vocab = (logits if logits is not None else head_weight).shape[-1 if logits is not None else 0]
+        vocab = logits.shape[-1] if logits is not None else head_weight.shape[0]
         chunk_rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
     dtype, chunks = scored_logit_chunks(where, labels, logits=logits, hidden=hidden, head_weight=head_weight,
                                         head_bias=head_bias, transform=transform, ignore_index=ignore_index,

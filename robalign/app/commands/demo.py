@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.toy import ToySettings
-from .experiment import ARMS, ExperimentSettings, SampleJudge, prepare_seed, preference_accuracy, train_arm
+from .experiment import (ARMS, DESCRIPTIONS, ExperimentSettings, SampleJudge, prepare_seed, preference_accuracy,
+                         train_arm, weight_variants)
 
 __all__ = ["ARMS", "DEMO_ARMS", "DemoSettings", "run_demo"]
 
@@ -58,12 +58,8 @@ class DemoSettings(ExperimentSettings):
 
 
 def _run_seed(seed, settings, workdir, log):
-    toy = ToySettings(n_train=settings.n_train, n_test=settings.n_test, group_size=4,
-                      target_fraction=settings.target_fraction, flip_rate=settings.flip_rate, seed=seed)
-    variants = sorted({ARMS[name].get("weights", "default") for name in settings.arms} | {"default"},
-                      key=lambda v: v != "default")
-    prepared = prepare_seed(seed, toy, workdir, features=settings.features, sft_steps=settings.sft_steps,
-                            variants=tuple(variants), log=log)
+    prepared = prepare_seed(seed, settings.toy(settings.target_fraction, seed), workdir, features=settings.features,
+                            sft_steps=settings.sft_steps, variants=weight_variants(settings.arms), log=log)
     judge = SampleJudge(prepared, n_prompts=min(settings.n_prompts, settings.n_test), n_samples=settings.n_samples,
                         max_new_tokens=settings.max_new_tokens)
     results = {}
@@ -109,7 +105,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
         accs = [r[name]["target_pref_acc"] for r in per_seed]
         arms[name] = {"target_pref_acc": accs, "target_pref_acc_mean": statistics.mean(accs),
                       "target_pref_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      "description": _DESCRIPTIONS[name]}
+                      "description": DESCRIPTIONS[name]}
         for key in ("target_reward", "win_rate", "kl"):
             values = [r[name][key] for r in per_seed]
             arms[name][key], arms[name][f"{key}_mean"] = values, statistics.mean(values)
@@ -133,21 +129,6 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
     return summary
 
 
-_DESCRIPTIONS = {
-    "dpo": "DPO (ERM), λ = ∞, no weights",
-    "iw_dpo": "importance-weighted DPO, λ = ∞",
-    "dro_only": "KL-DRO, λ = 1, no weights",
-    "dora": "DoRA: weights + KL-DRO, λ = 1",
-    "dr_dpo": "Dr.DPO, λ = −1",
-    "dora_pl": "listwise DoRA (Plackett–Luce, K = 4)",
-    "kl_ball": "weights + KL ball, η = 0.5",
-    "chi2": "weights + χ² ball, ρ = 1",
-    "cvar": "weights + CVaR, worst 30 %",
-    "group_dro": "group DRO over the sources, no weights",
-    "dora_lam3": "DoRA with a softer DRO, λ = 3",
-    "dora_ess50": "DoRA, weights tempered to ESS 50 %",
-    "dora_floor": "DoRA, weights floored at 20 % of the mean",
-}
 
 
 def _print_table(summary, log):

@@ -24,8 +24,8 @@ from ..evaluation.samples import sample_prompts, score_responses, text_stats, wi
 from ..training.causal_lm import one_pass_loss, policy_logps
 from ..training.config import DoRAConfig
 
-__all__ = ["ARMS", "WEIGHT_VARIANTS", "ExperimentSettings", "arm_settings", "prepare_seed", "Prepared", "train_arm",
-           "SampleJudge", "preference_accuracy"]
+__all__ = ["ARMS", "DESCRIPTIONS", "WEIGHT_VARIANTS", "ExperimentSettings", "arm_settings", "weight_variants",
+           "prepare_seed", "Prepared", "train_arm", "SampleJudge", "preference_accuracy"]
 
 INF = float("inf")
 #: each arm: its alignment settings (:class:`~robalign.app.training.config.DoRAConfig` fields; β is the
@@ -48,6 +48,22 @@ ARMS = {
     "dora_lam3": dict(objective="dpo", lam=3.0, weighted=True, listwise=False),
     "dora_ess50": dict(objective="dpo", lam=1.0, weighted=True, weights="ess50", listwise=False),
     "dora_floor": dict(objective="dpo", lam=1.0, weighted=True, weights="floor20", listwise=False),
+}
+#: each arm in a few words, for tables and charts
+DESCRIPTIONS = {
+    "dpo": "DPO, λ = ∞, no weights",
+    "iw_dpo": "importance-weighted DPO, λ = ∞",
+    "dro_only": "KL-DRO, λ = 1, no weights",
+    "dora": "DoRA: weights + KL-DRO, λ = 1",
+    "dr_dpo": "Dr.DPO, λ = −1",
+    "dora_pl": "listwise DoRA (Plackett–Luce, K = 4)",
+    "kl_ball": "weights + KL ball, η = 0.5",
+    "chi2": "weights + χ² ball, ρ = 1",
+    "cvar": "weights + CVaR, worst 30 %",
+    "group_dro": "group DRO over the sources, no weights",
+    "dora_lam3": "DoRA, softer DRO, λ = 3",
+    "dora_ess50": "DoRA, weights tempered to ESS 50 %",
+    "dora_floor": "DoRA, weights floored at 20 % of the mean",
 }
 #: ``weigh_file`` options of each weight variant an arm may train on
 WEIGHT_VARIANTS = {
@@ -75,6 +91,16 @@ class ExperimentSettings:
     n_prompts: int = 48
     n_samples: int = 4
     max_new_tokens: int = 24
+
+    def toy(self, target_fraction: float, seed: int) -> ToySettings:
+        """The toy data of one seed at ``target_fraction`` (groups of K = 4 candidates)."""
+        return ToySettings(n_train=self.n_train, n_test=self.n_test, group_size=4, target_fraction=target_fraction,
+                           flip_rate=self.flip_rate, seed=seed)
+
+
+def weight_variants(arm_names) -> tuple:
+    """The weight variants the arms train on, ``"default"`` first (the classifier report shown)."""
+    return ("default", *sorted({ARMS[name].get("weights", "default") for name in arm_names} - {"default"}))
 
 
 def arm_settings(arm: dict, beta: float) -> DoRAConfig:
@@ -231,33 +257,30 @@ class SampleJudge:
         self.topics = [r["topic"] for r in records]
         self.prompts = [tok(r["prompt"])["input_ids"] for r in records]
         self.n, self.max_new_tokens, self.seed = n_samples, max_new_tokens, prepared.seed
-        self.sft_rewards = torch.tensor(self._rewards(self._sample(self.sft, stream=-1)[0]), dtype=torch.float64)
-        self.sft_stats = self.last_stats
+        rewards, self.sft_stats = self._rewards(self._sample(self.sft, stream=-1)[0])
+        self.sft_rewards = torch.tensor(rewards, dtype=torch.float64)
 
     def _sample(self, model, stream, greedy=False):
         gen = torch.Generator().manual_seed(1_000_003 * (self.seed + 1) + stream)
         return sample_prompts(model, self.prompts, n=1 if greedy else self.n, max_new_tokens=self.max_new_tokens,
                               eos_token_id=self.eos, greedy=greedy, generator=gen)
 
-    def _texts(self, responses):
-        return [[self.tokenizer.decode(y, skip_special_tokens=True) for y in ys] for ys in responses]
-
     def _rewards(self, responses):
-        texts = self._texts(responses)
-        flat = [y for ys in responses for y in ys]
-        self.last_stats = {**text_stats(flat, self.eos),
-                           "topic_share": topic_share([t for t, ts in zip(self.topics, texts) for _ in ts],
-                                                      [x for ts in texts for x in ts])}
-        return [[reward_target(topic, t) for t in ts] for topic, ts in zip(self.topics, texts)]
+        """``([P][n] r0 of the responses, their text statistics and topic share)``."""
+        texts = [[self.tokenizer.decode(y, skip_special_tokens=True) for y in ys] for ys in responses]
+        stats = {**text_stats([y for ys in responses for y in ys], self.eos),
+                 "topic_share": topic_share([t for t, ts in zip(self.topics, texts) for _ in ts],
+                                            [x for ts in texts for x in ts])}
+        return [[reward_target(topic, t) for t in ts] for topic, ts in zip(self.topics, texts)], stats
 
     def __call__(self, model, stream: int, *, greedy: bool = False) -> dict:
         responses, logps = self._sample(model, stream, greedy)
-        rewards = torch.tensor(self._rewards(responses), dtype=torch.float64)
+        rewards, stats = self._rewards(responses)
+        rewards = torch.tensor(rewards, dtype=torch.float64)
         if greedy:
             return {"reward": rewards[:, 0].tolist()}
         flat_prompts = [p for p, ys in zip(self.prompts, responses) for _ in ys]
         ref = score_responses(self.sft, flat_prompts, [y for ys in responses for y in ys]).reshape(logps.shape)
         wins = [win_rate(r[:, None].expand(-1, len(s)), s[None, :].expand(len(r), -1))
                 for r, s in zip(rewards, self.sft_rewards)]
-        return {"reward": rewards.mean(1).tolist(), "win": wins, "kl": (logps - ref).mean(1).tolist(),
-                "stats": self.last_stats}
+        return {"reward": rewards.mean(1).tolist(), "win": wins, "kl": (logps - ref).mean(1).tolist(), "stats": stats}

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.toy import ToySettings, topic_share
+from ..data.toy import topic_share
 from ..evaluation.samples import paired_seeds_bootstrap_ci, seeds_bootstrap_ci, text_stats
-from .experiment import ARMS, ExperimentSettings, SampleJudge, prepare_seed, preference_accuracy, train_arm
+from .experiment import (ARMS, DESCRIPTIONS, ExperimentSettings, SampleJudge, prepare_seed, preference_accuracy,
+                         train_arm, weight_variants)
 
 __all__ = ["StudySettings", "run_study", "STUDY_ARMS"]
 
@@ -80,11 +81,8 @@ def _data_stats(records, tokenizer):
 
 
 def _run_seed(seed, alpha, settings, workdir, log):
-    toy = ToySettings(n_train=settings.n_train, n_test=settings.n_test, group_size=4, target_fraction=alpha,
-                      flip_rate=settings.flip_rate, seed=seed)
-    variants = ["default"] + sorted({ARMS[a].get("weights", "default") for a in settings.arms} - {"default"})
-    prepared = prepare_seed(seed, toy, workdir, features=settings.features, sft_steps=settings.sft_steps,
-                            variants=tuple(variants), log=log)
+    prepared = prepare_seed(seed, settings.toy(alpha, seed), workdir, features=settings.features,
+                            sft_steps=settings.sft_steps, variants=weight_variants(settings.arms), log=log)
     judge = SampleJudge(prepared, n_prompts=settings.n_prompts, n_samples=settings.n_samples,
                         max_new_tokens=settings.max_new_tokens)
     seed_out = {"classifier": {v: {k: r[k] for k in ("auc", "ess_fraction")} for v, r in prepared.reports.items()},
@@ -149,7 +147,7 @@ def _summarise(seeds_out, settings):
         return torch.tensor([s["arms"][name]["per_prompt"][step][metric] for s, step in zip(seeds_out, steps)])
 
     for name in settings.arms:
-        entry = {"description": _DESCRIPTIONS.get(name, name), "budget_steps": picks[name]}
+        entry = {"description": DESCRIPTIONS[name], "budget_steps": picks[name]}
         for when in ("final", "budget"):
             for metric in METRICS:
                 entry[f"{when}_{metric}"] = seeds_bootstrap_ci(matrix(name, metric, when))
@@ -177,11 +175,6 @@ def _summarise(seeds_out, settings):
     return {"arms": arms, "pairs": pairs, "sft_reward": sft_reward, "fluency": fluency, "classifier": classifier}
 
 
-_DESCRIPTIONS = {
-    "dpo": "DPO, λ = ∞, no weights", "iw_dpo": "importance-weighted DPO, λ = ∞", "dro_only": "KL-DRO, λ = 1, no weights",
-    "dora": "DoRA: weights + KL-DRO, λ = 1", "dora_lam3": "DoRA, softer DRO, λ = 3",
-    "dora_ess50": "DoRA, weights tempered to ESS 50 %", "dora_floor": "DoRA, weights floored at 20 % of the mean",
-}
 
 
 def _versions():

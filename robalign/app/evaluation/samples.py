@@ -17,7 +17,8 @@
 A causal LM here is anything called as ``model(input_ids=ids).logits`` (a Hugging Face model, or a
 table in the tests); prompts and responses are lists of token ids. Sampling is a plain loop, so the
 log-prob of each sampled token comes with it; a Hugging Face model keeps its key-value cache
-between steps (``past_key_values``), any other model sees the whole row each step.
+between steps (``cache``, ``past_key_values`` before transformers 5.25), any other model sees the
+whole row each step.
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ def _cache_argument(model) -> str | None:
         return None
     parameters = inspect.signature(model.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _by_length(prompts, keep=lambda i: True) -> dict:
+    """``{prompt length: [indices]}`` of the prompts ``keep`` accepts: rows of one length batch
+    without padding the prompt."""
+    groups: dict = {}
+    for i, prompt in enumerate(prompts):
+        if keep(i):
+            groups.setdefault(len(prompt), []).append(i)
+    return groups
 
 
 def _check_sampling(n, max_new_tokens, temperature, greedy, who):
@@ -109,10 +120,7 @@ def sample_prompts(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_t
     responses: list = [None] * len(prompts)
     logps = torch.zeros(len(prompts), n, dtype=torch.float64)
     per_batch = max(1, batch_rows // n)
-    by_length: dict = {}
-    for p, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(p)
-    for members in by_length.values():
+    for members in _by_length(prompts).values():
         for start in range(0, len(members), per_batch):
             chunk = members[start:start + per_batch]
             ids = torch.tensor([list(prompts[p]) for p in chunk for _ in range(n)], dtype=torch.long,
@@ -141,11 +149,7 @@ def score_responses(model, prompts: Sequence[Sequence[int]], responses: Sequence
         raise ValueError(f"score_responses: {len(prompts)} prompts for {len(responses)} responses")
     out = torch.zeros(len(responses), dtype=torch.float64)
     device = _device(model)
-    by_length: dict = {}
-    for i, prompt in enumerate(prompts):
-        if len(responses[i]):
-            by_length.setdefault(len(prompt), []).append(i)
-    for length, members in by_length.items():
+    for length, members in _by_length(prompts, keep=lambda i: len(responses[i]) > 0).items():
         if length == 0:
             raise ValueError("score_responses: an empty prompt (a response needs a position to be predicted from)")
         for start in range(0, len(members), batch_rows):
@@ -179,16 +183,15 @@ def text_stats(responses: Sequence[Sequence[int]], eos_token_id: int | None) -> 
     ends = [len(y) > 0 and y[-1] == eos_token_id for y in responses]
     bodies = [list(y[:-1]) if end else list(y) for y, end in zip(responses, ends)]
     pairs = [list(zip(b, b[1:])) for b in bodies]
-    n_pairs = sum(map(len, pairs))
+    every_pair = [p for ps in pairs for p in ps]
 
     def distinct(items):
         rated = [len(set(x)) / len(x) for x in items if x]
         return sum(rated) / len(rated) if rated else 0.0
 
-    every_pair = [p for ps in pairs for p in ps]
     return {"responses": len(responses), "end_rate": sum(ends) / len(ends),
             "mean_length": sum(map(len, bodies)) / len(bodies),
-            "repeat_rate": sum(a == b for ps in pairs for a, b in ps) / n_pairs if n_pairs else 0.0,
+            "repeat_rate": sum(a == b for a, b in every_pair) / len(every_pair) if every_pair else 0.0,
             "distinct_1": distinct(bodies), "distinct_2": distinct(pairs),
             "corpus_distinct_2": len(set(every_pair)) / len(every_pair) if every_pair else 0.0}
 
@@ -216,6 +219,13 @@ def _check_level(level):
         raise ValueError(f"the interval's level must lie in (0, 1), got {level}")
 
 
+def _percentiles(means: torch.Tensor, level: float) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates' ``means`` at ``level``."""
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
+
+
 def bootstrap_ci(values, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """``(mean, low, high)``: the mean of per-prompt ``values`` and its percentile bootstrap interval
     (prompts resampled with replacement ``n_boot`` times, seeded)."""
@@ -225,10 +235,7 @@ def bootstrap_ci(values, *, level: float = 0.95, n_boot: int = 2000, seed: int =
         raise ValueError("bootstrap_ci: no values")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(x.numel(), (n_boot, x.numel()), generator=gen)
-    means = x[idx].mean(1)
-    tail = (1 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return float(x.mean()), low, high
+    return (float(x.mean()), *_percentiles(x[idx].mean(1), level))
 
 
 def paired_bootstrap_ci(a, b, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0):
@@ -253,10 +260,7 @@ def seeds_bootstrap_ci(values, *, level: float = 0.95, n_boot: int = 2000, seed:
     gen = torch.Generator().manual_seed(seed)
     pick_seed = torch.randint(seeds, (n_boot, seeds, 1), generator=gen)
     pick_prompt = torch.randint(prompts, (n_boot, seeds, prompts), generator=gen)
-    means = x[pick_seed, pick_prompt].mean((1, 2))
-    tail = (1 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return float(x.mean()), low, high
+    return (float(x.mean()), *_percentiles(x[pick_seed, pick_prompt].mean((1, 2)), level))
 
 
 def paired_seeds_bootstrap_ci(a, b, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0):
