@@ -26,7 +26,8 @@ def cpp_extensions():
     cpp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpp)
     sources = [f"csrc/{name}" for name in cpp.SOURCES]
-    ext = CppExtension("robalign.ops._C", sources, extra_compile_args=cpp.compile_args())
+    ext = CppExtension("robalign.ops._C", sources, extra_compile_args=cpp.compile_args() + cpp.parallel_args(),
+                       extra_link_args=cpp.parallel_args())
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -19,6 +19,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <optional>
@@ -365,6 +367,7 @@ bool half_row_grad(const scalar_t* x, scalar_t* out, int64_t V, int64_t y, std::
   return true;
 }
 
+
 }  // namespace
 
 // Forward and the unit gradient in one visit of each row (the one-pass loss's chunk kernel):
@@ -511,6 +514,48 @@ Tensor empty_huge_like(const Tensor& like, std::optional<at::ScalarType> dtype) 
   return empty_huge(like.sizes(), like.options().dtype(dtype.value_or(like.scalar_type())));
 }
 
+// buffer * scale in `dtype` (bfloat16 or float16), for a contiguous float32 buffer: the one-pass loss's
+// last step for a half-precision head's gradient, accumulated in float32 and scaled by the reduction's
+// scalar. One pass (float32 product, rounded once to nearest even, as buffer.mul_(scale).to(dtype)),
+// into a fresh tensor on huge pages.
+Tensor scaled_to(const Tensor& buffer, double scale, at::ScalarType dtype) {
+  TORCH_CHECK(buffer.scalar_type() == at::kFloat && buffer.is_contiguous(), "scaled_to: buffer must be contiguous float32");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "scaled_to: dtype must be bfloat16 or float16");
+  Tensor out = empty_huge(buffer.sizes(), buffer.options().dtype(dtype));
+  const float* in = buffer.const_data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  const int64_t n = buffer.numel();
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "scaled_to", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+      constexpr int64_t kBlock = 4096;
+      float tmp[kBlock];
+      for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+        const int64_t len = std::min(kBlock, end - i0);
+        at::vec::map([s](Vec v) { return v * Vec(s); }, tmp, in + i0, len);
+        at::vec::convert(tmp, o + i0, len);
+      }
+    });
+  });
+  return out;
+}
+
+// How many threads at::parallel_for ran `n` unit tasks on: the test that the extension was built with
+// torch's parallel backend (built without -fopenmp, its parallel_for runs serially).
+int64_t parallel_threads(int64_t n) {
+  std::vector<std::atomic<int>> seen(at::get_num_threads());
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[t].store(1);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
+    while (std::chrono::steady_clock::now() < until) {
+    }  // each task long enough that one thread cannot take them all before the others start
+  });
+  int64_t used = 0;
+  for (const auto& s : seen) used += s.load();
+  return used;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "robalign C++ CPU kernels (see csrc/logps_cpu.cpp)";
   m.def("rows_lse_target", &rows_lse_target, "per-row logsumexp and label logit of [B, T, V] (transformed) logits",
@@ -521,6 +566,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_lse_target_grad", &rows_lse_target_grad, "lse, label logit and (onehot - softmax) * dz'/dz per row, in one visit",
         py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("out3d"), py::arg("scale") = 1.0,
         py::arg("softcap") = 0.0);
+  m.def("scaled_to", &scaled_to, "buffer * scale in a half-precision dtype, one pass (buffer: contiguous float32)",
+        py::arg("buffer"), py::arg("scale"), py::arg("dtype"));
+  m.def("parallel_threads", &parallel_threads, "how many threads at::parallel_for runs n unit tasks on", py::arg("n"));
   m.def("accumulate_", &accumulate_, "buffer <- beta * buffer + product, a float32 buffer, in one pass",
         py::arg("buffer"), py::arg("product"), py::arg("beta"));
   m.def("empty_huge", [](std::vector<int64_t> sizes, at::ScalarType dtype) { return empty_huge(sizes, at::TensorOptions().dtype(dtype)); },

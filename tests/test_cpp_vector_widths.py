@@ -36,7 +36,8 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
     directory = build_root / arch
     directory.mkdir()
     module = cpp_extension.load(name=f"robalign_C_{arch}", sources=[str(_cpp.csrc_dir() / s) for s in _cpp.SOURCES],
-                                extra_cflags=_cpp.compile_args(arch), build_directory=str(directory), verbose=False)
+                                extra_cflags=_cpp.compile_args(arch) + _cpp.parallel_args(),
+                                extra_ldflags=_cpp.parallel_args(), build_directory=str(directory), verbose=False)
     installed = _cpp.load()
     gen = torch.Generator().manual_seed(0)
     v = 3001                            # 2048 + 953: tails under one vector and over one, of any width

@@ -136,6 +136,57 @@ def test_cpp_fused_kernel_rows_as_long_as_a_256k_vocabulary():
     torch.testing.assert_close(out.double().reshape(2, v), grad_want, rtol=1e-5, atol=1e-7)
 
 
+def test_cpp_kernels_run_on_torchs_threads():
+    """Built without torch's OpenMP flags, at::parallel_for is serial: the row kernels then ran on one
+    thread whatever torch.get_num_threads() said (found in session 15, after fourteen sessions)."""
+    from robalign.ops import cpu
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one thread here")
+    assert cpu.parallel_threads(64) == torch.get_num_threads()
+    was = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(was)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_scaled_to_is_mul_then_to(dtype):
+    """One pass of ``buffer·scale`` narrowed to ``dtype``: the same float32 product and the same rounding
+    as ``buffer.mul(scale).to(dtype)``, bit for bit; the buffer is left as it was."""
+    from robalign.ops import cpu
+
+    gen = torch.Generator().manual_seed(6)
+    buffer = torch.randn(1000, 77, generator=gen) * 100
+    before = buffer.clone()
+    for scale in (1.0, 0.37, 3e-5):
+        got = cpu.scaled_to(buffer, scale, dtype)
+        assert got.dtype == dtype and got.shape == buffer.shape
+        assert torch.equal(got, buffer.mul(torch.tensor(scale, dtype=torch.float32)).to(dtype))
+    assert torch.equal(buffer, before)
+    with pytest.raises(RuntimeError, match="scaled_to: dtype must be bfloat16 or float16"):
+        cpu.scaled_to(buffer, 1.0, torch.float64)
+    with pytest.raises(RuntimeError, match="scaled_to: buffer must be contiguous float32"):
+        cpu.scaled_to(buffer.double(), 1.0, dtype)
+
+
+@pytest.mark.parametrize("rows", [200, 384, 700, 1407, 1408])
+def test_half_precision_times_weight_in_pieces(rows):
+    """``U·W`` of a bfloat16 chunk in equal pieces of at most 320 rows where oneDNN runs it on one thread
+    (384–1407 rows), whole elsewhere: the same product, within bfloat16's rounding of each output."""
+    from robalign.ops.one_pass import _times_weight
+
+    gen = torch.Generator().manual_seed(8)
+    u = torch.randn(rows, 600, generator=gen).bfloat16()
+    w = torch.randn(600, 40, generator=gen).bfloat16()
+    want = u.double() @ w.double()
+    got = _times_weight(u, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 40)
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
 def test_cpp_accumulate_into_a_float32_buffer(dtype, beta):

@@ -64,6 +64,16 @@ def compile_args(arch: str | None = None) -> list[str]:
     return ["-O3", "-ffp-contract=off", *ARCHS[arch or build_arch()][0]]
 
 
+def parallel_args() -> list[str]:
+    """``-fopenmp`` (compile and link) where torch's CPU parallel backend is OpenMP (Linux wheels):
+    ``at::parallel_for`` is header code whose ``#pragma omp parallel`` a build without it ignores,
+    so every row kernel then ran on one thread whatever ``torch.get_num_threads()`` said. The
+    extension then shares the libgomp that torch has loaded (same soname), so one thread pool."""
+    import torch
+
+    return ["-fopenmp"] if torch._C.has_openmp and platform.system() == "Linux" else []
+
+
 def build_dir() -> Path:
     import torch
 
@@ -89,7 +99,8 @@ def load():
     directory.mkdir(parents=True, exist_ok=True)
     print(f"robalign: building the C++ CPU extension in {directory} (once)", file=sys.stderr)
     try:
-        return cpp_extension.load(name="robalign_C", sources=sources, extra_cflags=compile_args(),
+        return cpp_extension.load(name="robalign_C", sources=sources, extra_cflags=compile_args() + parallel_args(),
+                                  extra_ldflags=parallel_args(),
                                   build_directory=str(directory), verbose=False)
     except Exception as err:  # a missing compiler, headers, ninja...
         return _unavailable(f"building it failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")

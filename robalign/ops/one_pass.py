@@ -178,6 +178,27 @@ def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: 
     return torch.addmm(bias, h_chunk, weight.T, out=out)
 
 
+# oneDNN's AMX GEMM for bfloat16/float16 ``U·W`` (a long reduction over V into 512 columns) runs on one of
+# this CPU's two threads from 384 to 1407 rows: 24–27 ms per 1000 rows at V 32000, against 13–16 in
+# pieces of 192–368 rows and 12–14 whole from 1408 rows on (docs/benchmarks.md). MKL's float32 GEMM has
+# no such gap.
+_HALF_SLOW_ROWS = (384, 1408)
+_HALF_PIECE_ROWS = 320
+
+
+def _times_weight(u: Tensor, weight: Tensor) -> Tensor:
+    """``U·W`` ``[C, H]``; for a half-precision chunk on CPU of ``_HALF_SLOW_ROWS`` rows, in equal
+    pieces of at most ``_HALF_PIECE_ROWS`` rows (each output row is the same dot products)."""
+    rows = u.shape[0]
+    if u.device.type != "cpu" or u.dtype not in (torch.bfloat16, torch.float16) or \
+            not _HALF_SLOW_ROWS[0] <= rows < _HALF_SLOW_ROWS[1]:
+        return u @ weight
+    out = u.new_empty(rows, weight.shape[1])
+    for r0, r1 in _pieces(rows, _HALF_PIECE_ROWS):
+        torch.mm(u[r0:r1], weight, out=out[r0:r1])
+    return out
+
+
 def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product: list) -> None:
     """``buffer ← beta·buffer + a·b``, the product accumulated in ``buffer``'s dtype when it is wider
     than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added: in one pass by
@@ -307,7 +328,7 @@ def _linear_dora_loss(
             c = coeff_tok[p0:p1]
             u = _dead_rows_zeroed(u, c, lse_c[p0:p1])
             if need_hidden:                                             # G·W = c ⊙ (U·W)
-                grad_h.index_copy_(0, i_p, (u @ weight).mul(c[:, None]).to(h.dtype))
+                grad_h.index_copy_(0, i_p, _times_weight(u, weight).mul(c[:, None]).to(h.dtype))
                 rescale_h.append((i_p, m))
             if need_weight:                                             # Gᵀ·h = Uᵀ·(c ⊙ h)
                 _accumulate(grad_w, u.T, h_p.mul(c[:, None]).to(h_p.dtype), beta, rows, product)
@@ -392,18 +413,22 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
     logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(hidden, weight, labels, bias=bias,
                                                                             **op_kwargs)
     value, kappa = scale(logps, losses, shift)
-    loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias)
+    narrow = getattr(row_kernels(op_kwargs["kernel"]), "scaled_to", None)
+    loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow)
     return loss, logps, counts, losses
 
 
 class FormedGradient(torch.autograd.Function):
     """The one-pass loss as an autograd node: ``value`` forward; backward hands each input its
-    gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once)."""
+    gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once). ``narrow``
+    (the C++ backend's ``scaled_to``, or None) scales a float32 gradient of a half-precision input
+    and rounds it to that dtype in one pass, as ``mul_`` then ``to`` would in two."""
 
     @staticmethod
-    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias):
+    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None):
         ctx.formed = (kappa, grad_h, grad_w, grad_b)
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        ctx.narrow = narrow
         return value.detach().clone()
 
     @staticmethod
@@ -420,5 +445,9 @@ class FormedGradient(torch.autograd.Function):
                 out.append(None)
                 continue
             scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
+            if ctx.narrow is not None and grad.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16) \
+                    and grad.device.type == "cpu" and grad.is_contiguous():
+                out.append(ctx.narrow(grad, float(scale), dtype))
+                continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
-        return (None, None, None, None, None, *out)
+        return (None, None, None, None, None, *out, None)
