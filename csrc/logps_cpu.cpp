@@ -451,6 +451,66 @@ std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Te
   return {o.lse, o.target};
 }
 
+// The logged per-token statistics of each scored row of the [B, T, V] view, in one visit of the row
+// (robalign/ops/token_stats.py; z' the transformed logits): lse = logsumexp z', entropy = lse -
+// sum softmax(z') z', mean = sum z' / V, top1 = whether the label is the first maximum (argmax's
+// tie rule); 0 on ignored rows. float32 sums in blocks (as row_logsumexp), the block sums in double.
+// A NaN or an infinite logit gives what float arithmetic gives (NaN entropy, an infinite mean), as the
+// ATen path does: 0 * -inf is NaN there too.
+std::tuple<Tensor, Tensor, Tensor, Tensor> rows_token_stats(const Tensor& logits3d, const Tensor& labels,
+                                                            int64_t ignore_index, double scale, double softcap) {
+  TORCH_CHECK(logits3d.dim() == 3 && logits3d.stride(2) == 1, "rows_token_stats: logits must be [B, T, V] with a contiguous last dimension");
+  const Rows r = rows_of(logits3d);
+  const Transform f{static_cast<float>(scale), static_cast<float>(softcap)};
+  const int64_t N = logits3d.size(0) * r.T;
+  RowOutputs o(logits3d, labels, N);  // lse, and target's buffer for the entropy
+  Tensor mean = at::zeros({N}, o.lse.options());
+  Tensor top1 = at::zeros({N}, o.lse.options().dtype(at::kBool));
+  const int64_t* y = o.labels.data_ptr<int64_t>();
+  float* p_lse = o.lse.data_ptr<float>();
+  float* p_ent = o.target.data_ptr<float>();
+  float* p_mean = mean.data_ptr<float>();
+  bool* p_top1 = top1.data_ptr<bool>();
+  ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_token_stats", [&] {
+    const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer;
+      for (int64_t n = begin; n < end; ++n) {
+        if (y[n] == ignore_index) continue;
+        const float* x = transformed(r.row(base, n), r.V, f, buffer);
+        const float max = row_max(x, r.V);
+        constexpr int64_t kSumBlock = 2048;
+        double sum = 0.0, sum_ex = 0.0, sum_x = 0.0;
+        for (int64_t v0 = 0; v0 < r.V; v0 += kSumBlock) {
+          const int64_t len = std::min(kSumBlock, r.V - v0);
+          sum += at::vec::map_reduce_all<float>([max](Vec v) { return (v - Vec(max)).exp_u20(); },
+                                                [](Vec& a, Vec& b) { return a + b; }, x + v0, len);
+          sum_ex += at::vec::map_reduce_all<float>([max](Vec v) { return (v - Vec(max)).exp_u20() * v; },
+                                                   [](Vec& a, Vec& b) { return a + b; }, x + v0, len);
+          sum_x += at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x + v0, len);
+        }
+        if (!std::isfinite(max)) {  // exp_u20 is exact only for finite arguments: float arithmetic's limits
+          sum = sum_ex = 0.0;
+          for (int64_t v = 0; v < r.V; ++v) {
+            const double e = std::exp(static_cast<double>(x[v]) - max);
+            sum += e;
+            sum_ex += e * x[v];
+          }
+        }
+        const float lse = max + static_cast<float>(std::log(sum));
+        p_lse[n] = lse;
+        p_ent[n] = lse - static_cast<float>(sum_ex / sum);
+        p_mean[n] = static_cast<float>(sum_x / static_cast<double>(r.V));
+        const bool valid = y[n] >= 0 && y[n] < r.V;
+        bool first = valid && (x[y[n]] == max || (std::isnan(max) && std::isnan(x[y[n]])));
+        for (int64_t v = 0; first && v < y[n]; ++v) first = !(x[v] == max || (std::isnan(max) && std::isnan(x[v])));
+        p_top1[n] = first;
+      }
+    });
+  });
+  return {o.lse, o.target, mean, top1};
+}
+
 // buffer <- beta * buffer + product for a float32 buffer and a bfloat16/float16 (or float32) product of
 // the same shape, in one pass (beta == 0 ignores what the buffer held, which may be uninitialised):
 // the one-pass loss's float32 accumulation of a half-precision head's gradient, one chunk's matmul
@@ -569,6 +629,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scaled_to", &scaled_to, "buffer * scale in a half-precision dtype, one pass (buffer: contiguous float32)",
         py::arg("buffer"), py::arg("scale"), py::arg("dtype"));
   m.def("parallel_threads", &parallel_threads, "how many threads at::parallel_for runs n unit tasks on", py::arg("n"));
+  m.def("rows_token_stats", &rows_token_stats, "lse, entropy, mean logit and top-1 of each scored row, in one visit",
+        py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
   m.def("accumulate_", &accumulate_, "buffer <- beta * buffer + product, a float32 buffer, in one pass",
         py::arg("buffer"), py::arg("product"), py::arg("beta"));
   m.def("empty_huge", [](std::vector<int64_t> sizes, at::ScalarType dtype) { return empty_huge(sizes, at::TensorOptions().dtype(dtype)); },

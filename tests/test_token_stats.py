@@ -54,6 +54,57 @@ def test_entropy_and_mean_logit_from_logits_and_from_the_head(transform):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transform", [None, HeadTransform(softcap=2.0, scale=0.7, temperature=1.3)])
+def test_the_cpp_kernel_gives_the_aten_statistics(dtype, transform, monkeypatch):
+    """On CPU float32/bfloat16 tensors the C++ backend's ``rows_token_stats`` reads each chunk's logits
+    in their dtype, once: the same sums as the ATen path (which upcasts each chunk to float32 first),
+    from logits and from the head, chunks of 5 rows, V 3001 (a tail of every vector width), ties for
+    the top-1 (the first maximum counts, as argmax) and a row whose label is a later maximum. Within
+    float32 summation order (rtol 1e-5); the top-1 counts exactly."""
+    from robalign.ops import token_stats as module
+
+    if module._cpp_rows(torch.zeros(1, dtype=dtype)) is None:
+        pytest.skip("no C++ extension here")
+    gen = torch.Generator().manual_seed(3)
+    v = 3001
+    hidden = torch.randn(4, 7, 16, generator=gen).to(dtype)
+    weight = (torch.randn(v, 16, generator=gen) / 4).to(dtype)
+    logits = (torch.randn(4, 7, v, generator=gen) * 3).to(dtype)
+    labels = torch.randint(v, (4, 7), generator=gen)
+    labels[:, :2] = -100
+    labels[3] = -100
+    logits[0, 2, [10, 20]] = 50.0                                          # a tie: the label is the first maximum
+    logits[0, 3, [10, 20]] = 50.0                                          # ... and the second: not top-1
+    labels[0, 2], labels[0, 3] = 10, 20
+    labels[1, 4] = int(logits[1, 4].float().argmax())
+    cases = [dict(logits=logits), dict(hidden=hidden, head_weight=weight)]
+    for kwargs in cases:
+        got = token_stats(labels, **kwargs, transform=transform, chunk_rows=5)
+        with monkeypatch.context() as m:
+            m.setattr(module, "_cpp_rows", lambda source: None)
+            want = token_stats(labels, **kwargs, transform=transform, chunk_rows=5)
+        for g, w in zip(got[:2], want[:2]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    if transform is None:
+        assert int(token_stats(labels, logits=logits)[3][0]) >= 1
+
+
+def test_the_cpp_kernel_keeps_non_finite_rows_non_finite():
+    """A NaN logit, an infinite one, a −inf logit: NaN entropy and the infinite mean that float
+    arithmetic gives, as the ATen path (0·(−inf) is NaN in its Σ p·z too)."""
+    from robalign.ops import cpu
+
+    z = torch.randn(1, 4, 100)
+    z[0, 0, 3], z[0, 1, 5], z[0, 2, 7] = float("nan"), float("inf"), -float("inf")
+    labels = torch.tensor([3, 5, 1, 2])
+    _, entropy, mean, top1 = cpu.rows_token_stats(z, labels, -100)
+    assert entropy[:3].isnan().all() and torch.isfinite(entropy[3])
+    assert mean[0].isnan() and mean[1] == float("inf") and mean[2] == -float("inf")
+    assert top1[0] and top1[1] and not top1[2]
+
+
 def test_the_trainer_logs_trls_entropy_and_mean_logits(tmp_path):
     """DoRADPOTrainer logs TRL's DPOTrainer's keys — `entropy`, `logits/*`, `logps/*`, `rewards/*`,
     `num_tokens`, `mean_token_accuracy` — as TRL does (first step, the same batch): equal to rtol

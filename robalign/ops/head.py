@@ -98,14 +98,18 @@ class HeadTransform:
 
 def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hidden: Tensor | None,
                         head_weight: Tensor | None, head_bias: Tensor | None, transform: HeadTransform | None,
-                        ignore_index: int, chunk_rows: int, float32_head: bool = False):
+                        ignore_index: int, chunk_rows: int, float32_head: bool = False, raw: bool = False,
+                        out: Tensor | None = None):
     """``(dtype, chunks)``: the dtype of the logits (float32 at least; float64 stays) and an iterator
     of ``(index, z)`` for chunks of at most ``chunk_rows`` scored tokens of ``labels`` — their rows of
     ``logits``, or ``hidden @ head_weightᵀ (+ head_bias)`` with the head's ``transform``, so no
     ``[N, V]`` tensor exists on the hidden-state path. The head's matmul runs in the hidden states'
     dtype, or in float32 at least with ``float32_head``; the transform on its float32 (or float64)
-    result, as the row kernels apply it. The arguments are checked here, before any chunk. For the
-    no-gradient passes over the head (WPO's weights, the logged token statistics)."""
+    result, as the row kernels apply it. ``raw``: each chunk as the logits hold it or the matmul gives
+    it, in its dtype and without the transform (for a row kernel that converts and transforms as it
+    reads); with ``out`` (``[chunk_rows, V]``, raw only) the head's chunks are written into its rows
+    (each chunk is then valid until the next is drawn). The arguments are checked here, before any chunk. For the no-gradient passes over the
+    head (WPO's weights, the logged token statistics)."""
     if (logits is None) == (hidden is None):
         V.fail(where, "pass exactly one of `logits` or `hidden` (with `head_weight`)")
     if hidden is not None and head_weight is None:
@@ -125,10 +129,15 @@ def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hi
         for index in (flat != ignore_index).nonzero().squeeze(-1).split(chunk_rows):
             z = rows[index]
             if weight is None:
-                yield index, z.to(dtype)
+                yield index, z if raw else z.to(dtype)
                 continue
             z = z.to(matmul_dtype)
-            z = (z @ weight.T if bias is None else torch.addmm(bias, z, weight.T)).to(dtype)
+            into = None if out is None else out[:z.shape[0]]
+            z = torch.mm(z, weight.T, out=into) if bias is None else torch.addmm(bias, z, weight.T, out=into)
+            if raw:
+                yield index, z
+                continue
+            z = z.to(dtype)
             yield index, z if transform is None else transform.apply_(z)      # z is this chunk's own
 
     return dtype, chunks()

@@ -42,8 +42,6 @@ import concurrent.futures
 import contextlib
 import functools
 import math
-import os
-import threading
 from typing import Optional
 
 import torch
@@ -53,6 +51,7 @@ from ..ground_truth.logps import sequence_index
 from ..ground_truth.objectives import OBJECTIVES
 from .library import check_kernel_dtypes, flat_labels, row_kernels, rows_lse_target_grad
 from .head import HeadTransform
+from . import workspace
 from .linear import chunk_tokens
 
 __all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks"]
@@ -140,37 +139,6 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool) -> torch.dtype:
 _OUT_DTYPE_MM: dict[str, bool] = {}
 
 
-def _empty(rows, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised buffer: on huge pages through the C++ backend's ``empty_huge`` (a fresh
-    CPU buffer's first touch otherwise costs a page fault every 4 KiB)."""
-    make = getattr(rows, "empty_huge", None)
-    if make is not None and device.type == "cpu":
-        return make(list(shape), dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-_KEPT = threading.local()
-
-
-def _workspace(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A workspace of ``shape``: on CPU a view of a buffer this thread keeps for the next call
-    (``name``: the chunk's logits, grad_W's product), grown when too small. The kernel zeroes every
-    fresh page on its first touch: for a 100 MB chunk that was 2–5 % of the loss against matmuls
-    writing into warm memory. What is kept: at most one chunk (the chunk rule's ``MAX_BYTES``) and
-    one ``[V, H]`` product; ``ROBALIGN_KEEP_WORKSPACE=0`` frees them after each call. On CUDA the
-    caching allocator keeps memory already."""
-    if device.type != "cpu" or os.environ.get("ROBALIGN_KEEP_WORKSPACE", "1") == "0":
-        return _empty(rows, shape, dtype, device)
-    numel = math.prod(shape)
-    kept = getattr(_KEPT, name, None)
-    if kept is None or kept.dtype != dtype or kept.numel() < numel:
-        kept = None
-        setattr(_KEPT, name, None)                                      # free the old one first
-        kept = _empty(rows, (numel,), dtype, device)
-        setattr(_KEPT, name, kept)
-    return kept[:numel].view(shape)
-
-
 def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
     """``h_chunk·Wᵀ (+ b)`` written into ``out`` (the chunk's rows of the logits workspace)."""
     if bias is None:
@@ -218,7 +186,7 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
     fused = getattr(rows, "accumulate_", None)
     if fused is not None:
         if not product:
-            product.append(_workspace(rows, "product", buffer.shape, a.dtype, buffer.device))
+            product.append(workspace.kept(rows, "product", buffer.shape, a.dtype, buffer.device))
         fused(buffer, torch.mm(a, b, out=product[0]), beta)
         return
     if beta == 0.0:
@@ -258,7 +226,7 @@ def _linear_dora_loss(
     acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
     # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none
-    grad_w = _empty(rows, weight.shape, acc_dtype, device) if need_weight else weight.new_empty(0)
+    grad_w = workspace.empty(rows, weight.shape, acc_dtype, device) if need_weight else weight.new_empty(0)
     has_bias = need_bias and bias is not None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if has_bias else weight.new_empty(0)
     w_all = sample_weights.float()
@@ -271,7 +239,7 @@ def _linear_dora_loss(
     plan = plan_chunks(group_tokens, chunk)
     widest = max([p1 - p0 for g0, g1 in plan for p0, p1 in _pieces(token_start[g1] - token_start[g0], chunk)],
                  default=0)
-    logits_buffer = _workspace(rows, "logits", (widest, weight.shape[0]), weight.dtype, device)
+    logits_buffer = workspace.kept(rows, "logits", (widest, weight.shape[0]), weight.dtype, device)
     product = []                                                        # grad_W's per-chunk product, if needed
 
     for g0, g1 in plan:
