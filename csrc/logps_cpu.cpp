@@ -148,6 +148,25 @@ struct RowOutputs {
         target(at::zeros({N}, logits3d.options().dtype(at::kFloat))) {}
 };
 
+// body(n, x) for every scored row n of the [B, T, V] view (y[n] != ignore_index), x its transformed
+// float32 values (the row itself for float32 under the identity, else a thread-local copy); rows in
+// parallel on torch's threads.
+template <typename Body>
+void for_each_scored_row(const Tensor& logits3d, const Rows& r, const int64_t* y, int64_t ignore_index,
+                         const Transform& f, Body body) {
+  const int64_t N = logits3d.size(0) * r.T;
+  ROBALIGN_DISPATCH(logits3d.scalar_type(), "robalign_scored_rows", [&] {
+    const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer;
+      for (int64_t n = begin; n < end; ++n) {
+        if (y[n] == ignore_index) continue;
+        body(n, transformed(r.row(base, n), r.V, f, buffer));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 // Forward: lse[n] = logsumexp_v z'[n, v] and target[n] = z'[n, y_n] for every scored row n of
@@ -163,18 +182,10 @@ std::tuple<Tensor, Tensor> rows_lse_target(const Tensor& logits3d, const Tensor&
   const int64_t* y = o.labels.data_ptr<int64_t>();
   float* p_lse = o.lse.data_ptr<float>();
   float* p_tgt = o.target.data_ptr<float>();
-  ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_lse_target", [&] {
-    const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
-    at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer;
-      for (int64_t n = begin; n < end; ++n) {
-        if (y[n] == ignore_index) continue;
-        const float* x = transformed(r.row(base, n), r.V, f, buffer);
-        p_lse[n] = row_logsumexp(x, r.V);
-        // a label outside [0, V) (queued as an error by a lazy value check) is never read: NaN
-        p_tgt[n] = (y[n] >= 0 && y[n] < r.V) ? x[y[n]] : std::nanf("");
-      }
-    });
+  for_each_scored_row(logits3d, r, y, ignore_index, f, [&](int64_t n, const float* x) {
+    p_lse[n] = row_logsumexp(x, r.V);
+    // a label outside [0, V) (queued as an error by a lazy value check) is never read: NaN
+    p_tgt[n] = (y[n] >= 0 && y[n] < r.V) ? x[y[n]] : std::nanf("");
   });
   return {o.lse, o.target};
 }
@@ -471,42 +482,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rows_token_stats(const Tensor& logits
   float* p_ent = o.target.data_ptr<float>();
   float* p_mean = mean.data_ptr<float>();
   bool* p_top1 = top1.data_ptr<bool>();
-  ROBALIGN_DISPATCH(logits3d.scalar_type(), "rows_token_stats", [&] {
-    const scalar_t* base = logits3d.const_data_ptr<scalar_t>();
-    at::parallel_for(0, N, grain_for(r.V), [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer;
-      for (int64_t n = begin; n < end; ++n) {
-        if (y[n] == ignore_index) continue;
-        const float* x = transformed(r.row(base, n), r.V, f, buffer);
-        const float max = row_max(x, r.V);
-        constexpr int64_t kSumBlock = 2048;
-        double sum = 0.0, sum_ex = 0.0, sum_x = 0.0;
-        for (int64_t v0 = 0; v0 < r.V; v0 += kSumBlock) {
-          const int64_t len = std::min(kSumBlock, r.V - v0);
-          sum += at::vec::map_reduce_all<float>([max](Vec v) { return (v - Vec(max)).exp_u20(); },
-                                                [](Vec& a, Vec& b) { return a + b; }, x + v0, len);
-          sum_ex += at::vec::map_reduce_all<float>([max](Vec v) { return (v - Vec(max)).exp_u20() * v; },
-                                                   [](Vec& a, Vec& b) { return a + b; }, x + v0, len);
-          sum_x += at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x + v0, len);
-        }
-        if (!std::isfinite(max)) {  // exp_u20 is exact only for finite arguments: float arithmetic's limits
-          sum = sum_ex = 0.0;
-          for (int64_t v = 0; v < r.V; ++v) {
-            const double e = std::exp(static_cast<double>(x[v]) - max);
-            sum += e;
-            sum_ex += e * x[v];
-          }
-        }
-        const float lse = max + static_cast<float>(std::log(sum));
-        p_lse[n] = lse;
-        p_ent[n] = lse - static_cast<float>(sum_ex / sum);
-        p_mean[n] = static_cast<float>(sum_x / static_cast<double>(r.V));
-        const bool valid = y[n] >= 0 && y[n] < r.V;
-        bool first = valid && (x[y[n]] == max || (std::isnan(max) && std::isnan(x[y[n]])));
-        for (int64_t v = 0; first && v < y[n]; ++v) first = !(x[v] == max || (std::isnan(max) && std::isnan(x[v])));
-        p_top1[n] = first;
+  for_each_scored_row(logits3d, r, y, ignore_index, f, [&](int64_t n, const float* x) {
+    const float max = row_max(x, r.V);
+    constexpr int64_t kSumBlock = 2048;
+    double sum = 0.0, sum_ex = 0.0, sum_x = 0.0;
+    for (int64_t v0 = 0; v0 < r.V; v0 += kSumBlock) {
+      const int64_t len = std::min(kSumBlock, r.V - v0);
+      sum += at::vec::map_reduce_all<float>([max](Vec v) { return (v - Vec(max)).exp_u20(); },
+                                            [](Vec& a, Vec& b) { return a + b; }, x + v0, len);
+      sum_ex += at::vec::map_reduce_all<float>([max](Vec v) { return (v - Vec(max)).exp_u20() * v; },
+                                               [](Vec& a, Vec& b) { return a + b; }, x + v0, len);
+      sum_x += at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x + v0, len);
+    }
+    if (!std::isfinite(max)) {  // exp_u20 is exact only for finite arguments: float arithmetic's limits
+      sum = sum_ex = 0.0;
+      for (int64_t v = 0; v < r.V; ++v) {
+        const double e = std::exp(static_cast<double>(x[v]) - max);
+        sum += e;
+        sum_ex += e * x[v];
       }
-    });
+    }
+    const float lse = max + static_cast<float>(std::log(sum));
+    p_lse[n] = lse;
+    p_ent[n] = lse - static_cast<float>(sum_ex / sum);
+    p_mean[n] = static_cast<float>(sum_x / static_cast<double>(r.V));
+    auto is_max = [max](float value) { return value == max || (std::isnan(max) && std::isnan(value)); };
+    bool first = y[n] >= 0 && y[n] < r.V && is_max(x[y[n]]);
+    for (int64_t v = 0; first && v < y[n]; ++v) first = !is_max(x[v]);
+    p_top1[n] = first;
   });
   return {o.lse, o.target, mean, top1};
 }
