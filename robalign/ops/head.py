@@ -108,8 +108,8 @@ def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hi
     result, as the row kernels apply it. ``raw``: each chunk as the logits hold it or the matmul gives
     it, in its dtype and without the transform (for a row kernel that converts and transforms as it
     reads); with ``out`` (``[chunk_rows, V]``, raw only) the head's chunks are written into its rows
-    (each chunk is then valid until the next is drawn). The arguments are checked here, before any chunk. For the no-gradient passes over the
-    head (WPO's weights, the logged token statistics)."""
+    (each chunk is then valid until the next is drawn). The arguments are checked here, before any
+    chunk. For the no-gradient passes over the head (WPO's weights, the logged token statistics)."""
     if (logits is None) == (hidden is None):
         V.fail(where, "pass exactly one of `logits` or `hidden` (with `head_weight`)")
     if hidden is not None and head_weight is None:
