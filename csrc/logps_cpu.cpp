@@ -577,25 +577,32 @@ Tensor empty_huge_like(const Tensor& like, std::optional<at::ScalarType> dtype) 
   return empty_huge(like.sizes(), like.options().dtype(dtype.value_or(like.scalar_type())));
 }
 
-// buffer * scale in `dtype` (bfloat16 or float16), for a contiguous float32 buffer: the one-pass loss's
-// last step for a half-precision head's gradient, accumulated in float32 and scaled by the reduction's
-// scalar. One pass (float32 product, rounded once to nearest even, as buffer.mul_(scale).to(dtype)),
-// into a fresh tensor on huge pages.
+// buffer * scale in `dtype` (bfloat16 or float16), for a contiguous buffer in float32 or in `dtype`: the
+// one-pass loss's last step for a half-precision head's gradient, scaled by the reduction's scalar. One
+// pass (float32 product, rounded once to nearest even, as buffer.float().mul_(scale).to(dtype)): into a
+// fresh tensor on huge pages from float32, in place (and returned) from `dtype`.
 Tensor scaled_to(const Tensor& buffer, double scale, at::ScalarType dtype) {
-  TORCH_CHECK(buffer.scalar_type() == at::kFloat && buffer.is_contiguous(), "scaled_to: buffer must be contiguous float32");
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "scaled_to: dtype must be bfloat16 or float16");
-  Tensor out = empty_huge(buffer.sizes(), buffer.options().dtype(dtype));
-  const float* in = buffer.const_data_ptr<float>();
+  TORCH_CHECK((buffer.scalar_type() == at::kFloat || buffer.scalar_type() == dtype) && buffer.is_contiguous(),
+              "scaled_to: buffer must be contiguous float32 or ", dtype);
+  Tensor out = buffer.scalar_type() == dtype ? buffer : empty_huge(buffer.sizes(), buffer.options().dtype(dtype));
   const float s = static_cast<float>(scale);
   const int64_t n = buffer.numel();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "scaled_to", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
+    const bool narrow = buffer.scalar_type() == at::kFloat;
+    const float* in32 = narrow ? buffer.const_data_ptr<float>() : nullptr;
     at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
       constexpr int64_t kBlock = 4096;
       float tmp[kBlock];
       for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
         const int64_t len = std::min(kBlock, end - i0);
-        at::vec::map([s](Vec v) { return v * Vec(s); }, tmp, in + i0, len);
+        if (narrow) {
+          at::vec::map([s](Vec v) { return v * Vec(s); }, tmp, in32 + i0, len);
+        } else {
+          at::vec::convert(o + i0, tmp, len);
+          at::vec::map([s](Vec v) { return v * Vec(s); }, tmp, tmp, len);
+        }
         at::vec::convert(tmp, o + i0, len);
       }
     });
@@ -629,7 +636,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_lse_target_grad", &rows_lse_target_grad, "lse, label logit and (onehot - softmax) * dz'/dz per row, in one visit",
         py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("out3d"), py::arg("scale") = 1.0,
         py::arg("softcap") = 0.0);
-  m.def("scaled_to", &scaled_to, "buffer * scale in a half-precision dtype, one pass (buffer: contiguous float32)",
+  m.def("scaled_to", &scaled_to, "buffer * scale in a half-precision dtype, one pass (buffer: contiguous float32, or in dtype: in place)",
         py::arg("buffer"), py::arg("scale"), py::arg("dtype"));
   m.def("parallel_threads", &parallel_threads, "how many threads at::parallel_for runs n unit tasks on", py::arg("n"));
   m.def("rows_token_stats", &rows_token_stats, "lse, entropy, mean logit and top-1 of each scored row, in one visit",

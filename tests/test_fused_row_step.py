@@ -168,8 +168,28 @@ def test_cpp_scaled_to_is_mul_then_to(dtype):
     assert torch.equal(buffer, before)
     with pytest.raises(RuntimeError, match="scaled_to: dtype must be bfloat16 or float16"):
         cpu.scaled_to(buffer, 1.0, torch.float64)
-    with pytest.raises(RuntimeError, match="scaled_to: buffer must be contiguous float32"):
+    with pytest.raises(RuntimeError, match="scaled_to: buffer must be contiguous float32 or"):
         cpu.scaled_to(buffer.double(), 1.0, dtype)
+    with pytest.raises(RuntimeError, match="scaled_to: buffer must be contiguous float32 or"):
+        cpu.scaled_to(buffer.T, 1.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_scaled_to_in_place_from_the_half_dtype(dtype):
+    """A gradient already in ``dtype`` (one product formed it) is scaled in float32 and rounded once, in
+    place: bit for bit ``buffer.float().mul(scale).to(dtype)``, and the same tensor comes back."""
+    from robalign.ops import cpu
+
+    gen = torch.Generator().manual_seed(7)
+    start = (torch.randn(1000, 77, generator=gen) * 100).to(dtype)
+    for scale in (1.0, 0.37, 3e-5):
+        buffer = start.clone()
+        got = cpu.scaled_to(buffer, scale, dtype)
+        assert got.data_ptr() == buffer.data_ptr() and got.dtype == dtype
+        assert torch.equal(got, start.float().mul(torch.tensor(scale, dtype=torch.float32)).to(dtype))
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="scaled_to: buffer must be contiguous float32 or"):
+        cpu.scaled_to(start.to(other), 1.0, dtype)
 
 
 @pytest.mark.parametrize("rows", [200, 384, 700, 1407, 1408])

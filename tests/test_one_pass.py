@@ -239,6 +239,32 @@ def test_bfloat16_within_twice_pytorch_error(backend, fp32_head_grad, chunks):
         assert err(got[i], want[i]) <= 2 * err(theirs[i], want[i]) + 1e-6, f"output {i}"
 
 
+def test_one_chunk_half_head_gradient_is_the_float32_buffers_bit_for_bit(chunks, monkeypatch):
+    """bfloat16 on CPU, every token in one chunk: grad_W is formed by one GEMM in bfloat16 and scaled in
+    place — bit for bit what the float32 buffer gave (the product rounded once, widened, scaled in
+    float32, rounded once); the other outputs do not change either."""
+    chunks(10 ** 6)
+    p = problem("dpo", groups=4, h=32, v=500, dtype=torch.bfloat16)
+    got, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+    monkeypatch.setattr(one_pass, "_grad_weight_dtype", lambda weight, *args: torch.float32)
+    want, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"output {i}"
+
+
+def test_head_gradient_added_in_tiles_equals_one_product(chunks, monkeypatch):
+    """bfloat16 in several chunks: each chunk's grad_W product formed and added to the float32 buffer in
+    row tiles (here of 64 rows over V 500: seven tiles and a part) gives what the whole product at once
+    gives: the same dot products, bit for bit."""
+    chunks(3)
+    p = problem("dpo", groups=4, h=32, v=500, dtype=torch.bfloat16)
+    want, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+    monkeypatch.setattr(one_pass, "_TILE_ELEMENTS", 64 * 32)
+    got, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"output {i}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_gives_the_bfloat16_result_to_float32_leaves(backend, chunks):
     """Under autocast the head runs in bfloat16, as ``F.linear`` would; float32 leaves get that

@@ -28,7 +28,9 @@ first pass, then their logits again for the gradient — one extra logits matmul
 
 The row kernels are the backend's (``kernel``: ``"cpp"``, ``"triton"``, ``"torch"``). ``grad_W``
 (and ``grad_b``) accumulate in float32 for bfloat16/float16 heads unless ``fp32_grad_weight`` is
-False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). The host reads the
+False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does); on CPU, where every
+token fits one chunk, one GEMM forms it in the head's dtype: its float32 sum rounded once, what the
+float32 buffer would hold. The host reads the
 per-group token counts once and the running maximum once a chunk (a CPU-side branch decides the
 rescaling); the objective's derivatives run on ``[b, K]`` tensors.
 
@@ -132,8 +134,17 @@ def _dead_rows_zeroed(u: Tensor, c: Tensor, lse: Tensor) -> Tensor:
     return u
 
 
-def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool) -> torch.dtype:
-    return torch.float32 if (fp32_grad_weight and weight.dtype in (torch.bfloat16, torch.float16)) else weight.dtype
+def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chunk: int) -> torch.dtype:
+    """grad_W's dtype while chunks add into it: float32 for a half-precision head unless
+    ``fp32_grad_weight`` is False — or on CPU the head's dtype where all ``tokens`` (scored or not:
+    the decision is static, for the fake too) fit one ``chunk``: one GEMM then forms the whole
+    gradient, accumulating in float32 and rounding once, which is all a float32 buffer would hold on
+    CPU (each product is rounded before it is added; cuBLAS adds in float32 in its epilogue)."""
+    if not fp32_grad_weight or weight.dtype not in (torch.bfloat16, torch.float16):
+        return weight.dtype
+    if weight.device.type == "cpu" and tokens <= chunk:
+        return weight.dtype
+    return torch.float32
 
 
 _OUT_DTYPE_MM: dict[str, bool] = {}
@@ -167,11 +178,17 @@ def _times_weight(u: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+# grad_W's per-chunk product is formed and added in tiles of about this many elements (16 MB in
+# bfloat16), each added while it is still in cache: at V 151936, H 896, 1024 tokens, 188 ms against
+# 237 for the whole [V, H] product then one pass over it (docs/benchmarks.md)
+_TILE_ELEMENTS = 8 << 20
+
+
 def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product: list) -> None:
     """``buffer ← beta·buffer + a·b``, the product accumulated in ``buffer``'s dtype when it is wider
-    than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added: in one pass by
-    the row-kernel module ``rows``' ``accumulate_`` where it has one, the C++ backend's, the product
-    in a workspace kept in ``product`` for the next chunk)."""
+    than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added: by the
+    row-kernel module ``rows``' ``accumulate_`` where it has one, the C++ backend's, in row tiles of
+    about ``_TILE_ELEMENTS`` through a tile workspace kept in ``product`` for the next chunk)."""
     if buffer.dtype == a.dtype:
         buffer.addmm_(a, b, beta=beta)
         return
@@ -185,9 +202,13 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
             _OUT_DTYPE_MM[device] = False
     fused = getattr(rows, "accumulate_", None)
     if fused is not None:
+        n, width = buffer.shape
+        tile = min(n, max(64, _TILE_ELEMENTS // width // 64 * 64))
         if not product:
-            product.append(workspace.kept(rows, "product", buffer.shape, a.dtype, buffer.device))
-        fused(buffer, torch.mm(a, b, out=product[0]), beta)
+            product.append(workspace.kept(rows, "product", (tile, width), a.dtype, buffer.device))
+        for r0 in range(0, n, tile):
+            r1 = min(n, r0 + tile)
+            fused(buffer[r0:r1], torch.mm(a[r0:r1], b, out=product[0][:r1 - r0]), beta)
         return
     if beta == 0.0:
         buffer.zero_()                  # what was there may be uninitialised memory
@@ -223,7 +244,7 @@ def _linear_dora_loss(
 
     logps64 = torch.zeros(num_seqs, dtype=torch.float64, device=device)
     losses = torch.zeros(num_groups, dtype=torch.float32, device=device)
-    acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight)
+    acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight, h.shape[0], chunk)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
     # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none
     grad_w = workspace.empty(rows, weight.shape, acc_dtype, device) if need_weight else weight.new_empty(0)
@@ -332,8 +353,9 @@ def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights
     return (new(num_seqs, dtype=torch.float32), new(num_seqs, dtype=torch.int64),
             new(num_seqs // group_size, dtype=torch.float32), new((), dtype=torch.float64),
             torch.empty_like(hidden) if need_hidden else new(0),
-            weight.new_empty(weight.shape, dtype=_grad_weight_dtype(weight, fp32_grad_weight)) if need_weight
-            else weight.new_empty(0),
+            weight.new_empty(weight.shape, dtype=_grad_weight_dtype(weight, fp32_grad_weight,
+                                                                    hidden.numel() // hidden.shape[-1], chunk))
+            if need_weight else weight.new_empty(0),
             weight.new_empty(weight.shape[0], dtype=torch.float32) if (need_bias and bias is not None)
             else weight.new_empty(0))
 
@@ -389,8 +411,9 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
 class FormedGradient(torch.autograd.Function):
     """The one-pass loss as an autograd node: ``value`` forward; backward hands each input its
     gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once). ``narrow``
-    (the C++ backend's ``scaled_to``, or None) scales a float32 gradient of a half-precision input
-    and rounds it to that dtype in one pass, as ``mul_`` then ``to`` would in two."""
+    (the C++ backend's ``scaled_to``, or None) scales a float32 or half-precision gradient of a
+    half-precision input in float32 and rounds it to that dtype in one pass, as ``float().mul_``
+    then ``to`` would in three."""
 
     @staticmethod
     def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None):
@@ -413,9 +436,9 @@ class FormedGradient(torch.autograd.Function):
                 out.append(None)
                 continue
             scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
-            if ctx.narrow is not None and grad.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16) \
-                    and grad.device.type == "cpu" and grad.is_contiguous():
-                out.append(ctx.narrow(grad, float(scale), dtype))
+            if ctx.narrow is not None and grad.dtype in (torch.float32, dtype) and \
+                    dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
+                out.append(ctx.narrow(grad, float(scale), dtype))           # in place when grad is in dtype
                 continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
         return (None, None, None, None, None, *out, None)
