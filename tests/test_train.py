@@ -175,6 +175,24 @@ def test_one_pass_and_recompute_paths_train_the_same_model(tmp_path, monkeypatch
         assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4
 
 
+def test_the_loss_buffers_are_freed_before_the_models_backward(tmp_path, monkeypatch):
+    """The one-pass loss keeps its chunk of logits for its next call (robalign.ops.workspace); a training
+    step frees it once its forward is done, so the model's backward, where the step's memory peaks,
+    has that memory: when the loss's backward runs, the thread keeps no buffer."""
+    from robalign.ops import one_pass, workspace
+
+    held = []
+    real = one_pass.FormedGradient.backward
+
+    def spy(ctx, grad_out):
+        held.append(sorted(name for name, buffer in vars(workspace._KEPT).items() if buffer is not None))
+        return real(ctx, grad_out)
+
+    monkeypatch.setattr(one_pass.FormedGradient, "backward", staticmethod(spy))
+    run_training(_settings(tmp_path, "free", max_steps=2, save_steps=100), log=lambda *_: None)
+    assert held == [[]] * 4                                 # 2 steps × 2 micro-batches
+
+
 def test_bad_inputs(tmp_path, capsys):
     from robalign.app.commands.cli import main
 

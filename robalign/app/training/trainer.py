@@ -40,6 +40,7 @@ from .causal_lm import _plain_logits, head_transform, mismatched_batch, one_pass
 from .config import DoRAConfig, check_settings
 from ..data.preferences import PreferenceCollator
 from ...losses.options import BatchExtras
+from ...ops import workspace
 from ...ops.head import HeadTransform
 
 # policy_logps, one_pass_loss and mismatched_batch live in robalign.app.training.causal_lm; importable from here too
@@ -366,6 +367,7 @@ class DoRATrainer(Trainer):
             else:
                 out = self.dora_samples(model, inputs, stats_into=stats)
                 surrogate = self._acc(out.losses, out.weights, **self.loss_fn.group_kwargs(out))
+        workspace.release()                             # the model's backward gets the loss's buffers
         # the surrogate is already this micro-batch's share of the full-batch loss: DeepSpeed must
         # not divide it by the accumulation steps again
         self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
