@@ -369,11 +369,15 @@ def test_backward_twice_is_a_clear_error(chunks):
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_traces_the_one_pass_loss(chunks):
-    """The op is opaque to torch.compile (its fake implementation gives the shapes); the compiled
-    step gives the eager gradients. On CPU with the C++ backend (the Triton path needs a GPU)."""
-    chunks(5)
-    p = problem("dpo")
+@pytest.mark.parametrize("chunk", [5, 10 ** 6], ids=["chunks", "one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_compile_fullgraph_traces_the_one_pass_loss(chunks, chunk, dtype):
+    """The op is opaque to torch.compile (its fake implementation gives the shapes and dtypes, the
+    head gradient's in bfloat16 too, with one chunk or several); the compiled step gives the eager
+    gradients bit for bit (the traced backward takes ATen's ops, not the C++ narrowing, which gives the
+    same float32 product and rounding). On CPU with the C++ backend (the Triton path needs a GPU)."""
+    chunks(chunk)
+    p = problem("dpo", dtype=dtype)
     fn = loss_fn("dpo", 1.0, 2, "cpp")
 
     def step(h, w, b):

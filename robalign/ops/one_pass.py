@@ -428,7 +428,9 @@ class FormedGradient(torch.autograd.Function):
             raise RuntimeError("robalign.DoRALoss: the one-pass loss holds its gradients once; to backward twice "
                                "build the loss with LossParams(one_pass=False)")
         kappa, *grads = ctx.formed
-        ctx.formed = None
+        compiling = torch.compiler.is_compiling()     # dynamo traces this body, maybe more than once,
+        if not compiling:                              # and takes ATen's ops, not the C++ narrowing
+            ctx.formed = None
         needs = ctx.needs_input_grad[5:]
         out = []
         for grad, need, dtype in zip(grads, needs, ctx.dtypes):
@@ -436,7 +438,7 @@ class FormedGradient(torch.autograd.Function):
                 out.append(None)
                 continue
             scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
-            if ctx.narrow is not None and grad.dtype in (torch.float32, dtype) and \
+            if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
                 out.append(ctx.narrow(grad, float(scale), dtype))           # in place when grad is in dtype
                 continue
