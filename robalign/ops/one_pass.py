@@ -140,11 +140,10 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chun
     the decision is static, for the fake too) fit one ``chunk``: one GEMM then forms the whole
     gradient, accumulating in float32 and rounding once, which is all a float32 buffer would hold on
     CPU (each product is rounded before it is added; cuBLAS adds in float32 in its epilogue)."""
-    if not fp32_grad_weight or weight.dtype not in (torch.bfloat16, torch.float16):
-        return weight.dtype
-    if weight.device.type == "cpu" and tokens <= chunk:
-        return weight.dtype
-    return torch.float32
+    one_product_on_cpu = weight.device.type == "cpu" and tokens <= chunk
+    if fp32_grad_weight and weight.dtype in (torch.bfloat16, torch.float16) and not one_product_on_cpu:
+        return torch.float32
+    return weight.dtype
 
 
 _OUT_DTYPE_MM: dict[str, bool] = {}
