@@ -140,7 +140,8 @@ def measure(name: str, repeat: int, dtype_name: str) -> dict:
         return (loss, *torch.autograd.grad(loss, (hidden, weight)))
 
     row = {"point": name, **p, "dtype": dtype_name, "scored_tokens": scored, "group": group,
-           "chunk_tokens": robalign.ops.linear.chunk_tokens(p["vocab"], hidden.element_size(), hidden.device)}
+           "chunk_tokens": robalign.ops.one_pass.default_chunk(hidden.numel() // p["hidden"], p["vocab"], p["hidden"],
+                                                                hidden.dtype, hidden.device)}
     weights = weighting(probs.float())                         # [B]: the mean over each group
     want = reference_dora_chunked(hidden, weight, labels, ref_logps, weights, objective=p["objective"], group=group,
                                   beta=0.1)

@@ -52,7 +52,7 @@ def ref_run(hidden, weight, bias, labels, coeff, **kw):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 tokens, so every test takes several chunks."""
-    monkeypatch.setattr(linear, "chunk_tokens", lambda vocab, element_size, device: 3)
+    monkeypatch.setattr(linear, "chunk_tokens", lambda *args, **kwargs: 3)
 
 
 def assert_close(got, want, rtol=1e-5):
@@ -229,5 +229,12 @@ def test_chunk_rule(monkeypatch):
     assert linear.chunk_tokens(262144, 4, cpu) == 512                   # capped by memory
     assert linear.chunk_tokens(128256, 2, cuda) == 4096
     assert linear.chunk_tokens(10 ** 9, 4, cpu) == 1                    # at least one token
+    spare = 256000 * 512 * 4                                            # a float32 [V, H] buffer
+    assert linear.chunk_tokens(256000, 2, cpu) == 1048
+    assert linear.chunk_tokens(256000, 2, cpu, tokens=2072, spare_bytes=spare) == 2072    # 1024 more: one chunk
+    assert linear.chunk_tokens(256000, 2, cpu, tokens=2073, spare_bytes=spare) == 1048
+    assert linear.chunk_tokens(256000, 2, cpu, tokens=2000) == 1048                        # no spare room
+    assert linear.chunk_tokens(256000, 2, cpu, tokens=500, spare_bytes=spare) == 1048      # fits anyway
     monkeypatch.setenv("ROBALIGN_CHUNK_MB", "64")
     assert linear.chunk_tokens(32000, 4, cpu) == 524
+    assert linear.chunk_tokens(32000, 4, cpu, tokens=530, spare_bytes=1 << 30) == 524      # a limit: not widened

@@ -121,7 +121,7 @@ def assert_close(got, want, rtol=1e-5):
 @pytest.fixture
 def chunks(monkeypatch):
     def pin(tokens):
-        monkeypatch.setattr(one_pass, "chunk_tokens", lambda vocab, size, device: tokens)
+        monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: tokens)
     return pin
 
 
@@ -250,6 +250,30 @@ def test_one_chunk_half_head_gradient_is_the_float32_buffers_bit_for_bit(chunks,
     want, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == w.dtype and torch.equal(g, w), f"output {i}"
+
+
+@pytest.mark.parametrize("h, one_chunk", [(32, True), (12, False)])
+def test_a_half_head_call_within_the_float32_buffers_room_is_one_chunk(h, one_chunk, chunks, monkeypatch):
+    """The default chunk on CPU (``one_pass.default_chunk``), bfloat16: several chunks would hold a
+    float32 [V, H] buffer, the logits of 2H tokens, so a call of at most 2H tokens more than the chunk
+    (here 8 tokens by the rule, 40 tokens in the call) runs as one chunk: bit for bit the pinned one
+    chunk at H 32 (8 + 64 ≥ 40), the pinned 8-token chunks at H 12 (8 + 24 < 40) and, at any H,
+    with ``fp32_head_grad=False`` (no float32 buffer, no room)."""
+    from robalign.ops import linear
+    monkeypatch.delenv("ROBALIGN_CHUNK_MB", raising=False)
+    monkeypatch.setitem(linear.TARGET_TOKENS, "cpu", 4)                 # 8 bfloat16 tokens a chunk
+    p = problem("dpo", groups=4, h=h, v=500, dtype=torch.bfloat16)
+    assert p["hidden"].shape[:2].numel() == 40
+    by_rule = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
+    by_rule_bf16_sums = run(p, "dpo", 1.0, "cpp", device="cpu", fp32_head_grad=False)[0]
+    chunks(10 ** 6)
+    one = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
+    chunks(8)
+    several = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
+    several_bf16_sums = run(p, "dpo", 1.0, "cpp", device="cpu", fp32_head_grad=False)[0]
+    assert not torch.equal(one[2], several[2])                          # the two plans are told apart
+    for i, (g, w) in enumerate(zip(by_rule + by_rule_bf16_sums, (one if one_chunk else several) + several_bf16_sums)):
+        assert torch.equal(g, w), f"output {i}"
 
 
 def test_head_gradient_added_in_tiles_equals_one_product(chunks, monkeypatch):
@@ -440,7 +464,7 @@ def _one_pass_worker(rank):
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    one_pass.chunk_tokens = lambda vocab, size, device: 5
+    one_pass.chunk_tokens = lambda *args, **kwargs: 5
     model, p = _gloo_problem()
     ddp = DDP(model)
     fn = robalign.DoRALoss("plackett_luce", lam=0.3, group_size=3)
@@ -456,7 +480,7 @@ def _one_pass_worker(rank):
 
 @pytest.mark.distributed
 def test_two_ranks_two_micro_batches_equal_one_process(monkeypatch):
-    monkeypatch.setattr(one_pass, "chunk_tokens", lambda vocab, size, device: 5)
+    monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: 5)
     model, p = _gloo_problem()
     whole = _loss(model, model.head, p, slice(0, p["hidden"].shape[0]))
     whole.loss.backward()
@@ -542,7 +566,7 @@ def test_drawn_problems_match_the_reference(data, monkeypatch):
     lam = data.draw(st.sampled_from([1.0, 0.3, -2.0, float("inf")]), label="lam")
     chunk = data.draw(st.integers(1, 12), label="chunk_tokens")
     backend = data.draw(st.sampled_from(["cpp", "torch"] if not CUDA else ["torch"]), label="backend")
-    monkeypatch.setattr(one_pass, "chunk_tokens", lambda vocab, size, device: chunk)
+    monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: chunk)
     cu = None
     if data.draw(st.booleans(), label="packed"):
         lengths = [int(x) for x in torch.randint(0, t + 1, (p["labels"].shape[0],), generator=gen)]

@@ -49,10 +49,16 @@ TARGET_TOKENS = {"cpu": 1024, "cuda": 4096}
 MAX_BYTES = {"cpu": 512 << 20, "cuda": 2 << 30}
 
 
-def chunk_tokens(vocab: int, element_size: int, device: torch.device) -> int:
+def chunk_tokens(vocab: int, element_size: int, device: torch.device, *, tokens: int | None = None,
+                 spare_bytes: int = 0) -> int:
     """Tokens per chunk: ``TARGET_TOKENS`` of the device (on CPU, times ``4 / element_size``), fewer
     when their ``[C, V]`` logits would exceed ``MAX_BYTES``; with ``$ROBALIGN_CHUNK_MB``, the most
-    that fit that many MiB. At least 1."""
+    that fit that many MiB. At least 1.
+
+    ``tokens`` (the call's) and ``spare_bytes`` (memory several chunks hold besides their logits and
+    one chunk does not): all ``tokens`` in one chunk where their logits exceed the rule's chunk by
+    no more than ``spare_bytes`` — one chunk then holds no more than the chunked plan. Not with
+    ``$ROBALIGN_CHUNK_MB``, which is a limit."""
     row_bytes = vocab * element_size
     override = int(os.environ.get("ROBALIGN_CHUNK_MB", 0)) << 20
     if override:
@@ -60,7 +66,10 @@ def chunk_tokens(vocab: int, element_size: int, device: torch.device) -> int:
     target = TARGET_TOKENS.get(device.type, TARGET_TOKENS["cpu"])
     if device.type == "cpu":
         target = target * 4 // element_size
-    return max(1, min(target, MAX_BYTES.get(device.type, MAX_BYTES["cpu"]) // row_bytes))
+    chunk = max(1, min(target, MAX_BYTES.get(device.type, MAX_BYTES["cpu"]) // row_bytes))
+    if tokens is not None and chunk < tokens and (tokens - chunk) * row_bytes <= spare_bytes:
+        return tokens
+    return chunk
 
 
 def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -56,7 +56,7 @@ from .head import HeadTransform
 from . import workspace
 from .linear import chunk_tokens
 
-__all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks"]
+__all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks", "default_chunk"]
 
 
 def plan_chunks(group_tokens: list[int], chunk: int) -> list[tuple[int, int]]:
@@ -134,6 +134,11 @@ def _dead_rows_zeroed(u: Tensor, c: Tensor, lse: Tensor) -> Tensor:
     return u
 
 
+def _float32_buffer(dtype: torch.dtype, fp32_grad_weight: bool) -> bool:
+    """Whether chunks add a head's gradient into a float32 buffer (a half-precision head's, by default)."""
+    return fp32_grad_weight and dtype in (torch.bfloat16, torch.float16)
+
+
 def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chunk: int) -> torch.dtype:
     """grad_W's dtype while chunks add into it: float32 for a half-precision head unless
     ``fp32_grad_weight`` is False — or on CPU the head's dtype where all ``tokens`` (scored or not:
@@ -141,9 +146,21 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chun
     gradient, accumulating in float32 and rounding once, which is all a float32 buffer would hold on
     CPU (each product is rounded before it is added; cuBLAS adds in float32 in its epilogue)."""
     one_product_on_cpu = weight.device.type == "cpu" and tokens <= chunk
-    if fp32_grad_weight and weight.dtype in (torch.bfloat16, torch.float16) and not one_product_on_cpu:
+    if _float32_buffer(weight.dtype, fp32_grad_weight) and not one_product_on_cpu:
         return torch.float32
     return weight.dtype
+
+
+def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                  fp32_grad_weight: bool = True) -> int:
+    """The one-pass loss's chunk for a call of ``tokens`` (all, scored or not) through a ``[V, H]``
+    head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a half-precision head's spare room
+    is grad_W's float32 ``[V, H]`` buffer — the logits of ``4H / element size`` tokens — which
+    several chunks hold and one chunk does without (its one GEMM forms grad_W in the head's dtype).
+    At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up to 2072 tokens in one."""
+    element_size = torch.finfo(dtype).bits // 8
+    spare = vocab * hidden_size * 4 if device.type == "cpu" and _float32_buffer(dtype, fp32_grad_weight) else 0
+    return chunk_tokens(vocab, element_size, device, tokens=tokens, spare_bytes=spare)
 
 
 _OUT_DTYPE_MM: dict[str, bool] = {}
@@ -380,7 +397,8 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
     check_kernel_dtypes("robalign.DoRALoss", kernel, hidden=hidden, head_weight=weight, head_bias=bias)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
     if chunk is None:
-        chunk = chunk_tokens(weight.shape[0], hidden.element_size(), hidden.device)
+        chunk = default_chunk(hidden.numel() // hidden.shape[-1], weight.shape[0], weight.shape[1], hidden.dtype,
+                              hidden.device, fp32_grad_weight)
     names = sorted(hparams)
     with torch.autocast(device_type, enabled=False), torch.no_grad():
         return torch.ops.robalign.linear_dora_loss(
