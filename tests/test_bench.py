@@ -226,10 +226,11 @@ def test_a_cpu_provider_whose_process_crashes_is_a_failed_row(tmp_path):
 TINY_POINT = {"tokens": 512, "prompt": 0.25, "vocab": 1000, "hidden": 32, "objective": "dpo", "chunks": "rule"}
 
 
-def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch):
+def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch, capsys):
     """benchmarks/cpu_sweep.py on a tiny point, in process: the one-pass loss passes its float64
     gate (and in bfloat16 records the materialised logits' error next to its own), both providers
-    are timed interleaved, the table names the worst point, and the chart is drawn."""
+    are timed interleaved, the table gives each point's rounds' spread and names the worst point,
+    and the chart is drawn."""
     import cpu_harness
     import cpu_sweep
     from plot import plot_cpu_sweep
@@ -241,7 +242,13 @@ def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch):
         assert "error" not in row, row
         assert row["scored_tokens"] == 384 and len(row["times_s"]["loss"]) == 2 and row["ratio"] > 0
         assert row["grad_weight_rel_error"] < cpu_sweep.GATE[row["dtype"]]
+        q1, q3 = row["ratio_quartiles"]
+        assert q1 <= row["ratio"] <= q3
     assert rows[1]["group"] == 4
+    cpu_sweep.print_table(rows)
+    table = capsys.readouterr().out
+    assert f"| {rows[0]['ratio']:.3f} | {rows[0]['ratio_quartiles'][0]:.2f}–" in table
+    assert "float32: worst point" in table and "bfloat16: worst point" in table
     bf16 = rows[2]
     assert 0 < bf16["materialised_grad_weight_rel_error"] < 2e-2 and bf16["error_vs_materialised"] <= 2
     path = cpu_harness.write_record("cpu_sweep", {"benchmark": "cpu_sweep", "limits": cpu_sweep.LIMITS,
