@@ -63,7 +63,12 @@ def plot_cpu_sweep(path) -> list[Path]:
     for i, dtype in enumerate(dtypes):
         mine = {r["point"]: r for r in rows if r["dtype"] == dtype}
         xs = [p + (i - (len(dtypes) - 1) / 2) * width for p in range(len(points))]
-        bars = ax.bar(xs, [mine[p].get("ratio", 0) if p in mine else 0 for p in points], width, label=dtype)
+        ratios = [mine[p].get("ratio", 0) if p in mine else 0 for p in points]
+        spread = [mine[p].get("ratio_quartiles") if p in mine else None for p in points]
+        yerr = None
+        if all(q is not None for q in spread):          # the middle half of each point's rounds
+            yerr = [[r - q[0] for r, q in zip(ratios, spread)], [q[1] - r for r, q in zip(ratios, spread)]]
+        bars = ax.bar(xs, ratios, width, label=dtype, yerr=yerr, capsize=2, error_kw={"linewidth": 0.8})
         limit = result["limits"].get(dtype)
         if limit:
             ax.axhline(limit, color=bars[0].get_facecolor(), linestyle="--", linewidth=1,
@@ -73,13 +78,15 @@ def plot_cpu_sweep(path) -> list[Path]:
               if p in first else p for p in points]
     ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="the floor: three bare matmuls, scored tokens")
     ax.set_xticks(range(len(points)), labels, fontsize=7, rotation=30, ha="right")
-    ax.set(ylabel="one-pass loss time / floor (lower is better)", ylim=(0.9, None),
+    lowest = min([r["ratio"] for r in rows if "ratio" in r], default=1.0)
+    ax.set(ylabel="one-pass loss time / floor (lower is better)", ylim=(min(0.9, lowest - 0.05), None),
            title="the one-pass DoRA loss, forward + backward, against its compute floor (C++ row kernels, oneDNN)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return [_save(fig, path.with_suffix(".png"),
                   f"{result.get('threads', '?')} threads, torch {result.get('torch', '?')}, commit "
-                  f"{result.get('commit', '?')}; median of {result.get('repeat', '?')} interleaved rounds per point")]
+                  f"{result.get('commit', '?')}; median of {result.get('repeat', '?')} interleaved rounds per point"
+                  + ("; bars: their middle half" if any("ratio_quartiles" in r for r in rows) else ""))]
 
 
 def plot_gpu_logits(path) -> list[Path]:
