@@ -250,10 +250,11 @@ def measure(arm, model_name, micro, dtype_name, layers, steps, warmup, device="c
     step_s = statistics.median(timed)
     tokens = ACCUMULATION * pairs * 2 * (PROMPT + COMPLETION)
     size = torch.finfo(dtype).bits // 8
-    from robalign.ops.linear import chunk_tokens
+    from robalign.ops.one_pass import default_chunk
 
-    scored = pairs * 2 * COMPLETION
-    ours = min(scored, chunk_tokens(spec["vocab"], size, torch.device(device))) * spec["vocab"] * size
+    scored = pairs * 2 * COMPLETION                             # the loss's chunk for a micro-batch's call
+    chunk = default_chunk(tokens // ACCUMULATION, spec["vocab"], spec["hidden"], dtype, torch.device(device))
+    ours = min(scored, chunk) * spec["vocab"] * size
     pair_rows = 2 * (PROMPT + COMPLETION)                       # Liger's chunk: one pair, policy and reference
     logits = {"robalign": ours, "robalign_dora": ours,
               "trl": 2 * (tokens // ACCUMULATION) * spec["vocab"] * 4,    # float32 logits and their gradient

@@ -449,12 +449,12 @@ class FormedGradient(torch.autograd.Function):
         if not compiling:                              # and takes ATen's ops, not the C++ narrowing
             ctx.formed = None
         needs = ctx.needs_input_grad[5:]
+        scale = (grad_out.double() * kappa).float()               # scaled in float32, rounded once
         out = []
         for grad, need, dtype in zip(grads, needs, ctx.dtypes):
             if not need:
                 out.append(None)
                 continue
-            scale = (grad_out.double() * kappa).float()           # scaled in float32, rounded once
             if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
                 out.append(ctx.narrow(grad, float(scale), dtype))           # in place when grad is in dtype
