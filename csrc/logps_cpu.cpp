@@ -21,7 +21,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <optional>
 #if defined(__linux__)
@@ -551,6 +553,65 @@ void accumulate_(Tensor& buffer, const Tensor& product, double beta) {
   });
 }
 
+// MKL's mixed-precision GEMMs, C = alpha * op(A) * op(B) + beta * C with half-precision A, B and a float32
+// C, products accumulated in float32 and added to C in float32 (LP64 interface, row- or column-major
+// enums as in cblas.h). PyTorch's x86-64 builds link MKL into libtorch_cpu and export these; declared
+// weak, they are null where the torch build has no MKL (then gemm_into_ reports false).
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// A 2-D operand as BLAS takes it: (transposed?, leading dimension), or nullopt when neither of its
+// dimensions is unit-stride or a size does not fit MKL's 32-bit integers.
+std::optional<std::pair<int, int>> blas_layout(const Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (rows > INT_MAX || cols > INT_MAX) return std::nullopt;
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols) && t.stride(0) <= INT_MAX)
+    return std::make_pair(kNoTrans, static_cast<int>(t.stride(0)));
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows) && t.stride(1) <= INT_MAX)
+    return std::make_pair(kTrans, static_cast<int>(t.stride(1)));
+  return std::nullopt;
+}
+
+}  // namespace
+
+// buffer <- beta * buffer + a @ b for a contiguous float32 buffer [m, n] and bfloat16 (or float16) a [m, k],
+// b [k, n], each row- or column-major, by MKL's bf16bf16f32 (f16f16f32) GEMM: the products are accumulated
+// and added in float32, never rounded to the inputs' dtype, in one call (on AMX-BF16 CPUs as fast as
+// the bfloat16 GEMM alone). beta == 0 ignores what the buffer held. False, with the buffer untouched,
+// where this torch has no such GEMM or the layouts do not fit it: the caller then forms the product and
+// adds it (accumulate_).
+bool gemm_into_(Tensor& buffer, const Tensor& a, const Tensor& b, double beta) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && buffer.dim() == 2, "gemm_into_: 2-D tensors expected");
+  TORCH_CHECK(a.size(1) == b.size(0) && buffer.size(0) == a.size(0) && buffer.size(1) == b.size(1),
+              "gemm_into_: shapes ", a.sizes(), " @ ", b.sizes(), " do not give ", buffer.sizes());
+  TORCH_CHECK(buffer.scalar_type() == at::kFloat && buffer.is_contiguous(), "gemm_into_: buffer must be contiguous float32");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "gemm_into_: a and b must share a dtype");
+  auto* gemm = a.scalar_type() == at::kBFloat16 ? cblas_gemm_bf16bf16f32
+               : a.scalar_type() == at::kHalf   ? cblas_gemm_f16f16f32
+                                                : nullptr;
+  const auto la = blas_layout(a), lb = blas_layout(b);
+  if (gemm == nullptr || !la || !lb || buffer.size(0) > INT_MAX || buffer.size(1) > INT_MAX || a.size(1) > INT_MAX)
+    return false;
+  const int m = static_cast<int>(buffer.size(0)), n = static_cast<int>(buffer.size(1)), k = static_cast<int>(a.size(1));
+  if (m == 0 || n == 0) return true;
+  if (k == 0) {
+    if (beta == 0.0) buffer.zero_(); else buffer.mul_(beta);
+    return true;
+  }
+  gemm(kRowMajor, la->first, lb->first, m, n, k, 1.0f, reinterpret_cast<const uint16_t*>(a.const_data_ptr()), la->second,
+       reinterpret_cast<const uint16_t*>(b.const_data_ptr()), lb->second, static_cast<float>(beta), buffer.data_ptr<float>(),
+       std::max(1, n));
+  return true;
+}
+
 // An uninitialised contiguous tensor of `sizes` and `options`, backed by transparent huge pages when
 // it is large (Linux, madvise mode): first touch of a fresh 500 MB gradient then costs ~250 page
 // faults instead of ~128k, which otherwise dominates the backward on CPU.
@@ -641,6 +702,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &parallel_threads, "how many threads at::parallel_for runs n unit tasks on", py::arg("n"));
   m.def("rows_token_stats", &rows_token_stats, "lse, entropy, mean logit and top-1 of each scored row, in one visit",
         py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
+  m.def("gemm_into_", &gemm_into_, "buffer <- beta * buffer + a @ b, half-precision a, b into a float32 buffer by MKL; False where unavailable",
+        py::arg("buffer"), py::arg("a"), py::arg("b"), py::arg("beta"));
   m.def("accumulate_", &accumulate_, "buffer <- beta * buffer + product, a float32 buffer, in one pass",
         py::arg("buffer"), py::arg("product"), py::arg("beta"));
   m.def("empty_huge", [](std::vector<int64_t> sizes, at::ScalarType dtype) { return empty_huge(sizes, at::TensorOptions().dtype(dtype)); },

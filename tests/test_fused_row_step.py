@@ -1,5 +1,5 @@
 """The one-pass loss's chunk step and its helpers (robalign.ops.library.rows_lse_target_grad, the
-C++ backend's fused ``rows_lse_target_grad`` and ``accumulate_``), and what the one-pass loss gains
+C++ backend's fused ``rows_lse_target_grad``, ``accumulate_`` and ``gemm_into_``), and what the one-pass loss gains
 from them in bfloat16.
 
 - ``rows_lse_target_grad`` on every kernel backend (the C++ fused kernel; Triton under the
@@ -11,6 +11,8 @@ from them in bfloat16.
   in bfloat16, so within its half-ulp (2⁻⁸ relative).
 - Non-finite rows (NaN, all −inf, a +inf logit): the fused kernel gives the two kernels' values.
 - ``accumulate_``: ``beta·buffer + product`` for beta 0 (over garbage), 1 and 0.5, against float64.
+- ``gemm_into_`` (MKL's half-precision GEMMs into float32): the same, every row/column-major layout,
+  bfloat16 and float16; False where it cannot run.
 - The one-pass loss in bfloat16: its head gradient's error against float64 is within twice that
   of materialised bfloat16 logits (the naive path, float32 log-softmax), the bound the issue set.
 """
@@ -219,6 +221,47 @@ def test_cpp_accumulate_into_a_float32_buffer(dtype, beta):
     cpu.accumulate_(buffer, product, beta)
     want = (beta * start.double() if beta else 0) + product.double()
     torch.testing.assert_close(buffer.double(), want, rtol=1e-6, atol=1e-6)
+
+
+LAYOUTS = [pytest.param((False, False), id="a-b"), pytest.param((True, False), id="aT-b"),
+           pytest.param((False, True), id="a-bT"), pytest.param((True, True), id="aT-bT")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpp_gemm_into_a_float32_buffer(dtype, beta, layout):
+    """``gemm_into_``: ``beta·buffer + a·b`` with half-precision ``a``, ``b`` (row- or column-major, as
+    views) summed and added in float32, against float64 of the same values: float32 rounding of sums
+    of 300 products, within 1e-5 relative to the largest entry. beta 0 ignores what was there (NaN)."""
+    from robalign.ops import cpu
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(70, 300, generator=gen).to(dtype)
+    b = torch.randn(300, 45, generator=gen).to(dtype)
+    a_in = a.T.contiguous().T if layout[0] else a                   # column-major views of the same values
+    b_in = b.T.contiguous().T if layout[1] else b
+    start = torch.randn(70, 45, generator=gen)
+    buffer = start.clone() if beta else torch.full_like(start, float("nan"))
+    if not cpu.gemm_into_(buffer, a_in, b_in, beta):
+        pytest.skip(f"this torch build exports no MKL GEMM of {dtype} into float32")
+    want = (beta * start.double() if beta else 0) + a.double() @ b.double()
+    torch.testing.assert_close(buffer.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_cpp_gemm_into_declines_what_it_cannot_do():
+    """False, the buffer untouched, for float32 inputs (no mixed GEMM to run) and for an operand with
+    no unit stride; a clear error for shapes that do not multiply."""
+    from robalign.ops import cpu
+
+    buffer = torch.zeros(4, 3)
+    a, b = torch.randn(4, 5), torch.randn(5, 3)
+    assert not cpu.gemm_into_(buffer, a, b, 1.0)
+    strided = torch.randn(8, 10).bfloat16()[::2, ::2]
+    assert not cpu.gemm_into_(buffer, strided, b.bfloat16(), 1.0)
+    assert torch.equal(buffer, torch.zeros(4, 3))
+    with pytest.raises(RuntimeError, match="do not give"):
+        cpu.gemm_into_(buffer, a.bfloat16(), torch.randn(4, 3).bfloat16(), 1.0)
 
 
 def test_bfloat16_one_pass_head_gradient_within_twice_materialised_logits():

@@ -241,15 +241,42 @@ def test_bfloat16_within_twice_pytorch_error(backend, fp32_head_grad, chunks):
 
 def test_one_chunk_half_head_gradient_is_the_float32_buffers_bit_for_bit(chunks, monkeypatch):
     """bfloat16 on CPU, every token in one chunk: grad_W is formed by one GEMM in bfloat16 and scaled in
-    place — bit for bit what the float32 buffer gave (the product rounded once, widened, scaled in
-    float32, rounded once); the other outputs do not change either."""
+    place — bit for bit what the float32 buffer gave with the product formed in bfloat16 then added
+    (rounded once, widened, scaled in float32, rounded once); the other outputs do not change either.
+    (MKL's GEMM into the float32 buffer, ``gemm_into_``, skips the first rounding: see
+    test_head_gradient_added_by_mkl_in_float32_is_closer_to_float64.)"""
+    from robalign.ops import cpu
+
     chunks(10 ** 6)
     p = problem("dpo", groups=4, h=32, v=500, dtype=torch.bfloat16)
     got, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
     monkeypatch.setattr(one_pass, "_grad_weight_dtype", lambda weight, *args: torch.float32)
+    monkeypatch.setattr(cpu, "gemm_into_", lambda *args: False)
     want, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == w.dtype and torch.equal(g, w), f"output {i}"
+
+
+def test_float16_head_gradient_summed_beyond_float16_range_stays_finite(chunks, monkeypatch):
+    """float16 on CPU, every token in one chunk: the unscaled head gradient (a sum over the batch's
+    tokens) can leave float16's range where the scaled one does not — here one hidden unit of 60000 on
+    every chosen token, all labels the same, no logit depending on that unit — so it is summed in the float32 buffer, scaled, then
+    rounded: finite, and within 1e-2 of float64 relative to the largest entry (float16's half-ulp
+    2⁻¹¹, a few roundings). Formed by one float16 GEMM (as a bfloat16 head, with float32's range, is)
+    the same gradient overflows."""
+    chunks(10 ** 6)
+    p = problem("dpo", groups=4, t=20, h=16, v=50, dtype=torch.float64, bias=False, seed=4)
+    p["hidden"] = p["hidden"] * 0.1
+    p["hidden"][0::2, :, 0] = 60000.0                               # the chosen sequences
+    p["weight"][:, 0] = 0.0
+    p["labels"] = torch.where(p["labels"] == -100, p["labels"], torch.full_like(p["labels"], 7))
+    half = dict(p, hidden=p["hidden"].half(), weight=p["weight"].half())
+    got, _ = run(half, "dpo", math.inf, "cpp", device="cpu")
+    want = reference_run(dict(half, hidden=half["hidden"].double(), weight=half["weight"].double()), "dpo", math.inf)
+    assert got[2].dtype == torch.float16 and torch.isfinite(got[2]).all()
+    torch.testing.assert_close(got[2].double(), want[2], rtol=1e-2, atol=1e-2 * want[2].abs().max().item())
+    monkeypatch.setattr(one_pass, "_grad_weight_dtype", lambda weight, *args: weight.dtype)
+    assert not torch.isfinite(run(half, "dpo", math.inf, "cpp", device="cpu")[0][2]).all()
 
 
 @pytest.mark.parametrize("h, one_chunk", [(32, True), (12, False)])
@@ -258,28 +285,36 @@ def test_a_half_head_call_within_the_float32_buffers_room_is_one_chunk(h, one_ch
     float32 [V, H] buffer, the logits of 2H tokens, so a call of at most 2H tokens more than the chunk
     (here 8 tokens by the rule, 40 tokens in the call) runs as one chunk: bit for bit the pinned one
     chunk at H 32 (8 + 64 ≥ 40), the pinned 8-token chunks at H 12 (8 + 24 < 40) and, at any H,
-    with ``fp32_head_grad=False`` (no float32 buffer, no room)."""
+    with ``fp32_head_grad=False`` (no float32 buffer, no room). The chunk each run plans with is
+    recorded too."""
     from robalign.ops import linear
     monkeypatch.delenv("ROBALIGN_CHUNK_MB", raising=False)
     monkeypatch.setitem(linear.TARGET_TOKENS, "cpu", 4)                 # 8 bfloat16 tokens a chunk
+    planned = []
+    plan = one_pass.plan_chunks
+    monkeypatch.setattr(one_pass, "plan_chunks", lambda tokens, chunk: planned.append(chunk) or plan(tokens, chunk))
     p = problem("dpo", groups=4, h=h, v=500, dtype=torch.bfloat16)
     assert p["hidden"].shape[:2].numel() == 40
     by_rule = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
     by_rule_bf16_sums = run(p, "dpo", 1.0, "cpp", device="cpu", fp32_head_grad=False)[0]
+    assert planned == ([40] if one_chunk else [8]) + [8]
     chunks(10 ** 6)
     one = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
     chunks(8)
     several = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
     several_bf16_sums = run(p, "dpo", 1.0, "cpp", device="cpu", fp32_head_grad=False)[0]
-    assert not torch.equal(one[2], several[2])                          # the two plans are told apart
     for i, (g, w) in enumerate(zip(by_rule + by_rule_bf16_sums, (one if one_chunk else several) + several_bf16_sums)):
         assert torch.equal(g, w), f"output {i}"
 
 
 def test_head_gradient_added_in_tiles_equals_one_product(chunks, monkeypatch):
-    """bfloat16 in several chunks: each chunk's grad_W product formed and added to the float32 buffer in
-    row tiles (here of 64 rows over V 500: seven tiles and a part) gives what the whole product at once
-    gives: the same dot products, bit for bit."""
+    """bfloat16 in several chunks, where no GEMM adds into float32 (``gemm_into_`` off): each chunk's
+    grad_W product formed and added to the float32 buffer in row tiles (here of 64 rows over V 500:
+    seven tiles and a part) gives what the whole product at once gives: the same dot products, bit
+    for bit."""
+    from robalign.ops import cpu
+
+    monkeypatch.setattr(cpu, "gemm_into_", lambda *args: False)
     chunks(3)
     p = problem("dpo", groups=4, h=32, v=500, dtype=torch.bfloat16)
     want, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
@@ -287,6 +322,28 @@ def test_head_gradient_added_in_tiles_equals_one_product(chunks, monkeypatch):
     got, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
     for i, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), f"output {i}"
+
+
+def test_head_gradient_added_by_mkl_in_float32_is_closer_to_float64(chunks, monkeypatch):
+    """bfloat16 in several chunks: MKL's bf16bf16f32 GEMM adds each chunk's grad_W product into the
+    float32 buffer unrounded (``gemm_into_``), the fallback rounds each product to bfloat16 before
+    adding it. Both against float64 from the same bfloat16 inputs through the same one-pass loss: the
+    GEMM's head gradient is at least as close, and the other outputs are the same bit for bit (only
+    grad_W's sums change)."""
+    from robalign.ops import cpu
+
+    chunks(4)
+    p = problem("dpo", groups=8, t=9, h=64, v=700, dtype=torch.bfloat16, seed=3)
+    probe = torch.zeros(2, 2)
+    if not cpu.gemm_into_(probe, torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3, 2, dtype=torch.bfloat16), 0.0):
+        pytest.skip("this torch build exports no MKL bf16bf16f32 GEMM")
+    mkl, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+    monkeypatch.setattr(cpu, "gemm_into_", lambda *args: False)
+    rounded, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+    want = reference_run(p, "dpo", 1.0)[2]
+    error = lambda g: float((g.double() - want).norm() / want.norm())                # noqa: E731
+    assert torch.equal(mkl[0], rounded[0]) and torch.equal(mkl[1], rounded[1]) and torch.equal(mkl[3], rounded[3])
+    assert error(mkl[2]) <= error(rounded[2]) and error(mkl[2]) < 1e-2, (error(mkl[2]), error(rounded[2]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

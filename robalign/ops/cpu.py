@@ -33,6 +33,7 @@ def rows_lse_target_grad(logits3d, labels, ignore_index, out3d, *, scale=1.0, so
 
 rows_softmax_grad = _C.rows_softmax_grad
 accumulate_ = _C.accumulate_                   # a float32 buffer += a half-precision product, one pass
+gemm_into_ = _C.gemm_into_                     # (buffer, a, b, beta): float32 buffer += a @ b by MKL; False if it cannot
 parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for used; 1 means a serial build
 rows_token_stats = _C.rows_token_stats         # (logits3d, labels, ignore_index, scale, softcap): the logged statistics
 scaled_to = _C.scaled_to                       # (float32 buffer, scale, dtype): scaled and narrowed, one pass

@@ -28,11 +28,13 @@ first pass, then their logits again for the gradient — one extra logits matmul
 
 The row kernels are the backend's (``kernel``: ``"cpp"``, ``"triton"``, ``"torch"``). ``grad_W``
 (and ``grad_b``) accumulate in float32 for bfloat16/float16 heads unless ``fp32_grad_weight`` is
-False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does); on CPU, where every
-token fits one chunk, one GEMM forms it in the head's dtype: its float32 sum rounded once, what the
-float32 buffer would hold. The host reads the
-per-group token counts once and the running maximum once a chunk (a CPU-side branch decides the
-rescaling); the objective's derivatives run on ``[b, K]`` tensors.
+False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). Each chunk's product
+is summed and added in float32 by one GEMM where the BLAS has one (cuBLAS's ``out_dtype``; on CPU
+MKL's bf16bf16f32, through the C++ backend), else formed in the head's dtype and then added. For a
+bfloat16 head on CPU where every token fits one chunk, one GEMM forms grad_W in bfloat16: its
+float32 sum rounded once, then scaled. The host reads the per-group token counts once and the
+running maximum once a chunk (a CPU-side branch decides the rescaling); the objective's derivatives
+run on ``[b, K]`` tensors.
 
 Registered as ``robalign::linear_dora_loss`` (a fake implementation gives the shapes, so
 ``torch.compile`` sees one opaque operator).
@@ -141,11 +143,11 @@ def _float32_buffer(dtype: torch.dtype, fp32_grad_weight: bool) -> bool:
 
 def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chunk: int) -> torch.dtype:
     """grad_W's dtype while chunks add into it: float32 for a half-precision head unless
-    ``fp32_grad_weight`` is False — or on CPU the head's dtype where all ``tokens`` (scored or not:
+    ``fp32_grad_weight`` is False — or for a bfloat16 head on CPU where all ``tokens`` (scored or not:
     the decision is static, for the fake too) fit one ``chunk``: one GEMM then forms the whole
-    gradient, accumulating in float32 and rounding once, which is all a float32 buffer would hold on
-    CPU (each product is rounded before it is added; cuBLAS adds in float32 in its epilogue)."""
-    one_product_on_cpu = weight.device.type == "cpu" and tokens <= chunk
+    gradient, accumulating in float32 and rounding once before it is scaled (a float32 buffer is
+    rounded once, after scaling). Not for float16, whose range an unscaled sum may leave."""
+    one_product_on_cpu = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and tokens <= chunk
     if _float32_buffer(weight.dtype, fp32_grad_weight) and not one_product_on_cpu:
         return torch.float32
     return weight.dtype
@@ -154,12 +156,12 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chun
 def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
                   fp32_grad_weight: bool = True) -> int:
     """The one-pass loss's chunk for a call of ``tokens`` (all, scored or not) through a ``[V, H]``
-    head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a half-precision head's spare room
-    is grad_W's float32 ``[V, H]`` buffer — the logits of ``4H / element size`` tokens — which
-    several chunks hold and one chunk does without (its one GEMM forms grad_W in the head's dtype).
+    head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a bfloat16 head's spare room is
+    grad_W's float32 ``[V, H]`` buffer — the logits of ``2H`` tokens — which several chunks hold and
+    one chunk does without (its one GEMM forms grad_W in bfloat16, :func:`_grad_weight_dtype`).
     At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up to 2072 tokens in one."""
     element_size = torch.finfo(dtype).bits // 8
-    spare = vocab * hidden_size * 4 if device.type == "cpu" and _float32_buffer(dtype, fp32_grad_weight) else 0
+    spare = vocab * hidden_size * 4 if device.type == "cpu" and dtype == torch.bfloat16 and fp32_grad_weight else 0
     return chunk_tokens(vocab, element_size, device, tokens=tokens, spare_bytes=spare)
 
 
@@ -201,10 +203,13 @@ _TILE_ELEMENTS = 8 << 20
 
 
 def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product: list) -> None:
-    """``buffer ← beta·buffer + a·b``, the product accumulated in ``buffer``'s dtype when it is wider
-    than the inputs' (cuBLAS's ``out_dtype``; else the product is formed, then added: by the
-    row-kernel module ``rows``' ``accumulate_`` where it has one, the C++ backend's, in row tiles of
-    about ``_TILE_ELEMENTS`` through a tile workspace kept in ``product`` for the next chunk)."""
+    """``buffer ← beta·buffer + a·b``. When ``buffer`` is wider than the inputs (a half-precision
+    head's float32 gradient), the product is accumulated and added in ``buffer``'s dtype by one GEMM
+    where one exists: cuBLAS's ``out_dtype``, or on CPU the row-kernel module ``rows``' ``gemm_into_``
+    (the C++ backend's: MKL's bf16bf16f32 GEMM, at V 32000, H 512, 384 tokens 5.7 ms against 26.5 for
+    the bfloat16 product then its addition, docs/benchmarks.md). Else the product is formed in the
+    inputs' dtype, then added: by ``rows``' ``accumulate_`` where it has one, in row tiles of about
+    ``_TILE_ELEMENTS`` through a tile workspace kept in ``product`` for the next chunk."""
     if buffer.dtype == a.dtype:
         buffer.addmm_(a, b, beta=beta)
         return
@@ -216,6 +221,9 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_MM[device] = False
+    gemm_into = getattr(rows, "gemm_into_", None)
+    if gemm_into is not None and device == "cpu" and gemm_into(buffer, a, b, beta):
+        return
     fused = getattr(rows, "accumulate_", None)
     if fused is not None:
         n, width = buffer.shape
@@ -386,7 +394,8 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
     Returns ``(logps [S], counts [S], losses [B], shift, grad_hidden, grad_weight, grad_bias)``: the
     gradients are ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` (``a_i = w_i·ℓ_i/λ``, 0 for λ = ∞), empty where
     ``need`` (hidden, weight, bias) is False; ``grad_weight`` is float32 for a half-precision head
-    with ``fp32_grad_weight``, ``grad_bias`` always float32 (the caller casts after scaling). Under ``torch.autocast`` the inputs are cast to the
+    with ``fp32_grad_weight`` (bfloat16 for a bfloat16 head on CPU whose call is one chunk),
+    ``grad_bias`` always float32 (the caller casts after scaling). Under ``torch.autocast`` the inputs are cast to the
     autocast dtype first, as ``F.linear`` would.
     """
     device_type = hidden.device.type
