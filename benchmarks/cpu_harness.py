@@ -180,13 +180,35 @@ def git_commit() -> dict:
     return git_state()
 
 
+def cpu_description() -> str:
+    """The CPU as Linux names it, with its cache sizes: ``"Intel(R) Xeon(R) Processor; L1d 48K, L1i
+    64K, L2 2048K, L3 491520K"`` (``/proc/cpuinfo``, sysfs); ``platform.processor()`` elsewhere. Two
+    machines under one name can time the same code differently (docs/benchmarks.md, the CPU sweep)."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches.append(f"L{level}{suffix} {size}")
+    return f"{model}; {', '.join(caches)}" if caches else model
+
+
 def write_record(name: str, record: dict, out) -> Path:
-    """``out/name.json`` with date, commit, versions and machine."""
+    """``out/name.json`` with date, commit, versions and machine (its architecture and
+    :func:`cpu_description`)."""
     import torch
 
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), **git_commit(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), **record,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "cpu": cpu_description(), **record,
     }
     from gpu_harness import write_json
 

@@ -255,6 +255,7 @@ def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch, capsys):
                                                   "gate": cpu_sweep.GATE, "repeat": 2, "rows": rows}, tmp_path)
     (chart,) = plot_cpu_sweep(path)
     assert chart.stat().st_size > 5000
+    assert json.loads(path.read_text())["cpu"] == cpu_harness.cpu_description() != ""   # which machine ran it
 
 
 def test_sweep_point_off_the_reference_is_a_failed_row(monkeypatch):
