@@ -30,7 +30,11 @@ that says so. The bfloat16 points also record the error of materialised bfloat16
 against the same float64 truth, and the one-pass error's ratio to it.
 
     python benchmarks/cpu_sweep.py [--dtypes float32,bfloat16] [--points NAME,...] [--repeat 5]
-                                   [--out DIR]          (--out benchmarks/results: the committed record)
+                                   [--flush-mb 1024] [--out DIR]   (--out benchmarks/results: the committed record)
+
+``--flush-mb N`` writes an N-MB scratch buffer before each timed call, so that neither provider
+finds its operands in the last-level cache (a loss in a training step runs after the model's
+layers have been through the caches); by default both run as the interleaving leaves them.
 
 Writes ``<out>/cpu_sweep.json`` and the chart ``cpu_sweep.png`` (ratio to the floor per point).
 """
@@ -120,8 +124,10 @@ def _materialised_error(hidden, weight, labels, ref_logps, weights, objective, g
     return _rel(grad_w, want)
 
 
-def measure(name: str, repeat: int, dtype_name: str) -> dict:
-    """In the child: one point, gated, then ``repeat`` interleaved rounds of the loss and the floor."""
+def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
+    """In the child: one point, gated, then ``repeat`` interleaved rounds of the loss and the floor;
+    with ``flush_mb``, a scratch buffer of that many MB is written, untimed, before each timed call,
+    so that both providers start with their operands out of the caches."""
     import torch
 
     import robalign
@@ -169,10 +175,12 @@ def measure(name: str, repeat: int, dtype_name: str) -> dict:
 
     times = {"loss": [], "floor": []}
     order = [("loss", step), ("floor", floor)]
+    scratch = torch.empty(flush_mb << 18, dtype=torch.float32)          # flush_mb MB of float32
     for _, f in order:
         f()                                                     # warm-up: oneDNN primitives, huge pages
     for i in range(repeat):
         for key, f in (order if i % 2 == 0 else order[::-1]):
+            scratch.fill_(i)                                    # evicts the other provider's operands (and its own)
             start = time.perf_counter()
             out = f()
             times[key].append(time.perf_counter() - start)
@@ -184,7 +192,8 @@ def measure(name: str, repeat: int, dtype_name: str) -> dict:
     ratio = statistics.median(ratios)
     # the middle half of the rounds' ratios: how far the machine's noise moves the point
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else [ratio, ratio]
-    return {**row, "loss_s": loss_s, "floor_s": floor_s, "ratio": ratio, "ratio_quartiles": quartiles,
+    return {**row, "flush_mb": flush_mb, "loss_s": loss_s, "floor_s": floor_s, "ratio": ratio,
+            "ratio_quartiles": quartiles,
             "ratio_of_minima": min(times["loss"]) / min(times["floor"]), "times_s": times}
 
 
@@ -207,11 +216,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--points", default=",".join(points()))
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds per point (median of each)")
+    parser.add_argument("--flush-mb", type=int, default=0,
+                        help="write a scratch buffer of this many MB before each timed call (larger than the last-level "
+                             "cache: both providers start cold, as the loss does after a model's layers); 0: off")
     parser.add_argument("--out", default=cpu_harness.DEFAULT_OUT)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child[0], args.repeat, args.child[1])))
+        print(json.dumps(measure(args.child[0], args.repeat, args.child[1], args.flush_mb)))
         return 0
     names = args.points.split(",")
     unknown = sorted(set(names) - set(points()))
@@ -223,7 +235,8 @@ def main(argv=None) -> int:
             parser.error(f"--dtypes: {dtype_name!r} is not one of {', '.join(LIMITS)}")
         for name in names:
             env = _chunk_env(points()[name], dtype_name)
-            out = subprocess.run([sys.executable, __file__, "--child", name, dtype_name, "--repeat", str(args.repeat)],
+            out = subprocess.run([sys.executable, __file__, "--child", name, dtype_name, "--repeat", str(args.repeat),
+                                  "--flush-mb", str(args.flush_mb)],
                                  capture_output=True, text=True, check=False,
                                  env=None if env is None else dict(os.environ, **env))
             row = cpu_harness.child_result(name, out)
@@ -234,7 +247,8 @@ def main(argv=None) -> int:
             print(f"  {dtype_name} {name}: {said}", file=sys.stderr, flush=True)
     print_table(rows)
     path = cpu_harness.write_record("cpu_sweep", {"benchmark": "cpu_sweep", "limits": LIMITS, "gate": GATE,
-                                                  "repeat": args.repeat, "rows": rows}, args.out)
+                                                  "repeat": args.repeat, "flush_mb": args.flush_mb, "rows": rows},
+                                    args.out)
     print(f"\nwrote {path}")
     try:
         from plot import plot

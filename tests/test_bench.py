@@ -237,7 +237,9 @@ def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cpu_sweep, "points", lambda: {"tiny": dict(TINY_POINT),
                                                       "tiny_pl": {**TINY_POINT, "objective": "plackett_luce"}})
-    rows = [cpu_sweep.measure(name, 2, dtype) for dtype in ("float32", "bfloat16") for name in ("tiny", "tiny_pl")]
+    rows = [cpu_sweep.measure(name, 2, dtype, flush_mb=flush) for dtype, flush in (("float32", 0), ("bfloat16", 1))
+            for name in ("tiny", "tiny_pl")]
+    assert [r["flush_mb"] for r in rows] == [0, 0, 1, 1]
     for row in rows:
         assert "error" not in row, row
         assert row["scored_tokens"] == 384 and len(row["times_s"]["loss"]) == 2 and row["ratio"] > 0
