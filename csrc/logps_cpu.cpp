@@ -586,9 +586,10 @@ std::optional<std::pair<int, int>> blas_layout(const Tensor& t) {
 // b [k, n], each row- or column-major, by MKL's bf16bf16f32 (f16f16f32) GEMM: the products are accumulated
 // and added in float32, never rounded to the inputs' dtype, in one call (on AMX-BF16 CPUs as fast as
 // the bfloat16 GEMM alone). beta == 0 ignores what the buffer held. False, with the buffer untouched,
-// where this torch has no such GEMM or the layouts do not fit it: the caller then forms the product and
-// adds it (accumulate_).
+// for tensors off the CPU, where this torch has no such GEMM or where the layouts do not fit it: the
+// caller then forms the product and adds it (accumulate_).
 bool gemm_into_(Tensor& buffer, const Tensor& a, const Tensor& b, double beta) {
+  if (!buffer.is_cpu() || !a.is_cpu() || !b.is_cpu()) return false;
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && buffer.dim() == 2, "gemm_into_: 2-D tensors expected");
   TORCH_CHECK(a.size(1) == b.size(0) && buffer.size(0) == a.size(0) && buffer.size(1) == b.size(1),
               "gemm_into_: shapes ", a.sizes(), " @ ", b.sizes(), " do not give ", buffer.sizes());

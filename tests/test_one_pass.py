@@ -259,11 +259,11 @@ def test_one_chunk_half_head_gradient_is_the_float32_buffers_bit_for_bit(chunks,
 
 def test_float16_head_gradient_summed_beyond_float16_range_stays_finite(chunks, monkeypatch):
     """float16 on CPU, every token in one chunk: the unscaled head gradient (a sum over the batch's
-    tokens) can leave float16's range where the scaled one does not — here one hidden unit of 60000 on
-    every chosen token, all labels the same, no logit depending on that unit — so it is summed in the float32 buffer, scaled, then
-    rounded: finite, and within 1e-2 of float64 relative to the largest entry (float16's half-ulp
-    2⁻¹¹, a few roundings). Formed by one float16 GEMM (as a bfloat16 head, with float32's range, is)
-    the same gradient overflows."""
+    tokens) can leave float16's range where the scaled one does not — here one hidden unit of 60000
+    on every chosen token, all labels the same, no logit depending on that unit — so it is summed in
+    the float32 buffer, scaled, then rounded: finite, and within 1e-2 of float64 relative to the
+    largest entry (float16's half-ulp 2⁻¹¹, a few roundings). Formed by one float16 GEMM (as a
+    bfloat16 head, with float32's range, is) the same gradient overflows."""
     chunks(10 ** 6)
     p = problem("dpo", groups=4, t=20, h=16, v=50, dtype=torch.float64, bias=False, seed=4)
     p["hidden"] = p["hidden"] * 0.1

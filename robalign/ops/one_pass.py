@@ -141,14 +141,20 @@ def _float32_buffer(dtype: torch.dtype, fp32_grad_weight: bool) -> bool:
     return fp32_grad_weight and dtype in (torch.bfloat16, torch.float16)
 
 
+def _one_gemm_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether one GEMM may form a call's whole head gradient in the head's dtype, unscaled, when the
+    call is one chunk: a bfloat16 head on CPU (float32's range; float16's is too narrow)."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
 def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chunk: int) -> torch.dtype:
     """grad_W's dtype while chunks add into it: float32 for a half-precision head unless
     ``fp32_grad_weight`` is False — or for a bfloat16 head on CPU where all ``tokens`` (scored or not:
     the decision is static, for the fake too) fit one ``chunk``: one GEMM then forms the whole
     gradient, accumulating in float32 and rounding once before it is scaled (a float32 buffer is
     rounded once, after scaling). Not for float16, whose range an unscaled sum may leave."""
-    one_product_on_cpu = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and tokens <= chunk
-    if _float32_buffer(weight.dtype, fp32_grad_weight) and not one_product_on_cpu:
+    one_product = _one_gemm_on_cpu(weight.dtype, weight.device) and tokens <= chunk
+    if _float32_buffer(weight.dtype, fp32_grad_weight) and not one_product:
         return torch.float32
     return weight.dtype
 
@@ -161,7 +167,8 @@ def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype,
     one chunk does without (its one GEMM forms grad_W in bfloat16, :func:`_grad_weight_dtype`).
     At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up to 2072 tokens in one."""
     element_size = torch.finfo(dtype).bits // 8
-    spare = vocab * hidden_size * 4 if device.type == "cpu" and dtype == torch.bfloat16 and fp32_grad_weight else 0
+    room = _float32_buffer(dtype, fp32_grad_weight) and _one_gemm_on_cpu(dtype, device)
+    spare = vocab * hidden_size * 4 if room else 0
     return chunk_tokens(vocab, element_size, device, tokens=tokens, spare_bytes=spare)
 
 
@@ -206,8 +213,8 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
     """``buffer ← beta·buffer + a·b``. When ``buffer`` is wider than the inputs (a half-precision
     head's float32 gradient), the product is accumulated and added in ``buffer``'s dtype by one GEMM
     where one exists: cuBLAS's ``out_dtype``, or on CPU the row-kernel module ``rows``' ``gemm_into_``
-    (the C++ backend's: MKL's bf16bf16f32 GEMM, at V 32000, H 512, 384 tokens 5.7 ms against 26.5 for
-    the bfloat16 product then its addition, docs/benchmarks.md). Else the product is formed in the
+    (the C++ backend's: MKL's bf16bf16f32 GEMM, at V 32000, H 512, 384 tokens 6.2 ms against 11.2 for
+    the bfloat16 product added in tiles, docs/benchmarks.md). Else the product is formed in the
     inputs' dtype, then added: by ``rows``' ``accumulate_`` where it has one, in row tiles of about
     ``_TILE_ELEMENTS`` through a tile workspace kept in ``product`` for the next chunk."""
     if buffer.dtype == a.dtype:
@@ -222,7 +229,7 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_MM[device] = False
     gemm_into = getattr(rows, "gemm_into_", None)
-    if gemm_into is not None and device == "cpu" and gemm_into(buffer, a, b, beta):
+    if gemm_into is not None and gemm_into(buffer, a, b, beta):
         return
     fused = getattr(rows, "accumulate_", None)
     if fused is not None:

@@ -32,7 +32,7 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
     ``name`` (``"logits"``: a chunk of logits, of the one-pass loss or the token statistics, one call
     at a time; ``"product"``: a row tile of grad_W's per-chunk product), grown when too small. What is
     kept: at most one chunk (the chunk rule's ``MAX_BYTES``; up to ``V·H·4`` bytes more for a
-    half-precision head's call in the one-chunk room of :func:`robalign.ops.one_pass.default_chunk`)
+    bfloat16 head's call in the one-chunk room of :func:`robalign.ops.one_pass.default_chunk`)
     and one tile (16 MB in bfloat16, see :mod:`robalign.ops.one_pass`); ``ROBALIGN_KEEP_WORKSPACE=0``
     frees them after each call. Elsewhere a fresh :func:`empty` buffer."""
     if device.type != "cpu" or os.environ.get("ROBALIGN_KEEP_WORKSPACE", "1") == "0":
