@@ -614,8 +614,11 @@ bool gemm_into_(Tensor& buffer, const Tensor& a, const Tensor& b, double beta) {
 }
 
 // An uninitialised contiguous tensor of `sizes` and `options`, backed by transparent huge pages when
-// it is large (Linux, madvise mode): first touch of a fresh 500 MB gradient then costs ~250 page
-// faults instead of ~128k, which otherwise dominates the backward on CPU.
+// it is large (Linux, madvise mode): for workspaces kept across calls (robalign.ops.workspace), whose
+// warm memory then needs far fewer TLB entries. Not for a buffer freed after one call: on a VM whose
+// balloon reports free memory to the host (page_reporting, 2 MiB blocks), a fresh huge page is one the
+// host took back, and its first touch costs host faults: 290-780 ms per 545 MB against ~105 ms on
+// plain pages, when seconds pass between calls (docs/benchmarks.md).
 Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr int64_t kHuge = int64_t(1) << 21;
   int64_t numel = 1;
@@ -634,20 +637,16 @@ Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::empty(sizes, options);
 }
 
-// empty_huge shaped like `like`, in `like`'s dtype or `dtype`.
-Tensor empty_huge_like(const Tensor& like, std::optional<at::ScalarType> dtype) {
-  return empty_huge(like.sizes(), like.options().dtype(dtype.value_or(like.scalar_type())));
-}
-
 // buffer * scale in `dtype` (bfloat16 or float16), for a contiguous buffer in float32 or in `dtype`: the
 // one-pass loss's last step for a half-precision head's gradient, scaled by the reduction's scalar. One
 // pass (float32 product, rounded once to nearest even, as buffer.float().mul_(scale).to(dtype)): into a
-// fresh tensor on huge pages from float32, in place (and returned) from `dtype`.
+// fresh tensor from float32 (on plain pages, as every buffer that lives past the call: see empty_huge),
+// in place (and returned) from `dtype`.
 Tensor scaled_to(const Tensor& buffer, double scale, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "scaled_to: dtype must be bfloat16 or float16");
   TORCH_CHECK((buffer.scalar_type() == at::kFloat || buffer.scalar_type() == dtype) && buffer.is_contiguous(),
               "scaled_to: buffer must be contiguous float32 or ", dtype);
-  Tensor out = buffer.scalar_type() == dtype ? buffer : empty_huge(buffer.sizes(), buffer.options().dtype(dtype));
+  Tensor out = buffer.scalar_type() == dtype ? buffer : at::empty(buffer.sizes(), buffer.options().dtype(dtype));
   const float s = static_cast<float>(scale);
   const int64_t n = buffer.numel();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "scaled_to", [&] {
@@ -709,6 +708,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buffer"), py::arg("product"), py::arg("beta"));
   m.def("empty_huge", [](std::vector<int64_t> sizes, at::ScalarType dtype) { return empty_huge(sizes, at::TensorOptions().dtype(dtype)); },
         "uninitialised contiguous CPU tensor of `sizes` and `dtype`, on huge pages when large", py::arg("sizes"), py::arg("dtype"));
-  m.def("empty_huge_like", &empty_huge_like, "uninitialised contiguous tensor like `like` (in `dtype`), on huge pages when large",
-        py::arg("like"), py::arg("dtype") = py::none());
 }

@@ -10,6 +10,7 @@ backend and skips under "auto".
 from __future__ import annotations
 
 from . import _cpp
+from .chunked import empty_grad_like  # noqa: F401  (plain pages: a logits gradient lives past the call)
 
 _C = _cpp.load()
 if _C is None:
@@ -37,6 +38,5 @@ gemm_into_ = _C.gemm_into_                     # (buffer, a, b, beta): float32 b
 parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for used; 1 means a serial build
 rows_token_stats = _C.rows_token_stats         # (logits3d, labels, ignore_index, scale, softcap): the logged statistics
 scaled_to = _C.scaled_to                       # (float32 buffer, scale, dtype): scaled and narrowed, one pass
-empty_huge = _C.empty_huge                     # (sizes, dtype): the one-pass loss's workspaces
-empty_grad_like = _C.empty_huge_like           # (like, dtype=None); huge pages: far fewer first-touch page faults
+empty_huge = _C.empty_huge                     # (sizes, dtype): workspaces kept across calls (robalign.ops.workspace)
 

@@ -277,8 +277,9 @@ def _linear_dora_loss(
     losses = torch.zeros(num_groups, dtype=torch.float32, device=device)
     acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight, h.shape[0], chunk)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
-    # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none
-    grad_w = workspace.empty(rows, weight.shape, acc_dtype, device) if need_weight else weight.new_empty(0)
+    # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none; on
+    # plain pages, as every buffer that lives for one call (robalign.ops.workspace)
+    grad_w = torch.empty(weight.shape, dtype=acc_dtype, device=device) if need_weight else weight.new_empty(0)
     has_bias = need_bias and bias is not None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if has_bias else weight.new_empty(0)
     w_all = sample_weights.float()
