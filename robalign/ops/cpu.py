@@ -9,8 +9,7 @@ backend and skips under "auto".
 
 from __future__ import annotations
 
-from . import _cpp
-from .chunked import empty_grad_like  # noqa: F401  (plain pages: a logits gradient lives past the call)
+from . import _cpp, chunked
 
 _C = _cpp.load()
 if _C is None:
@@ -39,4 +38,5 @@ parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for u
 rows_token_stats = _C.rows_token_stats         # (logits3d, labels, ignore_index, scale, softcap): the logged statistics
 scaled_to = _C.scaled_to                       # (float32 buffer, scale, dtype): scaled and narrowed, one pass
 empty_huge = _C.empty_huge                     # (sizes, dtype): workspaces kept across calls (robalign.ops.workspace)
+empty_grad_like = chunked.empty_grad_like      # (like, dtype=None); plain pages: a gradient outlives its call
 
