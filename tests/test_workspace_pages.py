@@ -73,6 +73,15 @@ def test_the_kept_logits_workspace_is_on_huge_pages():
     workspace.release()
 
 
+def test_a_workspace_not_kept_is_on_plain_pages(monkeypatch):
+    from robalign.ops import cpu
+
+    monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")                 # it lives for one call
+    buffer = workspace.kept(cpu, "logits", (1024, 9000), torch.float32, torch.device("cpu"))
+    buffer.fill_(1.0)
+    assert _huge_kb(buffer) == 0
+
+
 @pytest.mark.parametrize("dtype,chunk_mb", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 1)],
                          ids=["float32", "bfloat16-one-chunk", "bfloat16-float32-buffer"])
 def test_one_pass_gradients_are_on_plain_pages(dtype, chunk_mb, monkeypatch):

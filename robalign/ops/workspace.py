@@ -22,13 +22,11 @@ __all__ = ["kept", "release"]
 _KEPT = threading.local()
 
 
-def _empty(rows, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised ``shape`` buffer: on CPU on huge pages through the row-kernel module ``rows``'
-    ``empty_huge`` (the C++ backend's) where it has one."""
+def _huge(rows, numel: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU buffer of ``numel`` elements, on huge pages through the row-kernel module
+    ``rows``' ``empty_huge`` (the C++ backend's) where it has one."""
     make = getattr(rows, "empty_huge", None)
-    if make is not None and device.type == "cpu":
-        return make(list(shape), dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return make([numel], dtype) if make is not None else torch.empty(numel, dtype=dtype)
 
 
 def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -38,14 +36,14 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
     kept: at most one chunk (the chunk rule's ``MAX_BYTES``; up to ``V·H·4`` bytes more for a
     bfloat16 head's call in the one-chunk room of :func:`robalign.ops.one_pass.default_chunk`)
     and one tile (16 MB in bfloat16, see :mod:`robalign.ops.one_pass`); ``ROBALIGN_KEEP_WORKSPACE=0``
-    frees them after each call. Elsewhere a fresh buffer."""
+    frees them after each call. Elsewhere, and then, a fresh buffer on plain pages (it lives for one call)."""
     if device.type != "cpu" or os.environ.get("ROBALIGN_KEEP_WORKSPACE", "1") == "0":
-        return _empty(rows, shape, dtype, device)
+        return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
     buffer = getattr(_KEPT, name, None)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
         setattr(_KEPT, name, None)                                      # free the old one first
-        buffer = _empty(rows, (numel,), dtype, device)
+        buffer = _huge(rows, numel, dtype)
         setattr(_KEPT, name, buffer)
     return buffer[:numel].view(shape)
 
