@@ -599,8 +599,7 @@ bool gemm_into_(Tensor& buffer, const Tensor& a, const Tensor& b, double beta) {
                : a.scalar_type() == at::kHalf   ? cblas_gemm_f16f16f32
                                                 : nullptr;
   const auto la = blas_layout(a), lb = blas_layout(b);
-  if (gemm == nullptr || !la || !lb || buffer.size(0) > INT_MAX || buffer.size(1) > INT_MAX || a.size(1) > INT_MAX)
-    return false;
+  if (gemm == nullptr || !la || !lb) return false;  // blas_layout also bounds m, n and k (a's and b's sizes)
   const int m = static_cast<int>(buffer.size(0)), n = static_cast<int>(buffer.size(1)), k = static_cast<int>(a.size(1));
   if (m == 0 || n == 0) return true;
   if (k == 0) {

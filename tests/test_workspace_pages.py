@@ -49,7 +49,7 @@ def _huge_kb(t: torch.Tensor) -> int:
 V, H = 17000, 1024
 
 
-def _gradients(dtype, chunk_mb=None, monkeypatch=None):
+def _gradients(dtype, chunk_mb, monkeypatch):
     torch.manual_seed(0)
     hidden = torch.randn(8, 64, H).to(dtype).requires_grad_(True)
     weight = (torch.randn(V, H) / H ** 0.5).to(dtype).requires_grad_(True)

@@ -36,7 +36,8 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
     kept: at most one chunk (the chunk rule's ``MAX_BYTES``; up to ``V·H·4`` bytes more for a
     bfloat16 head's call in the one-chunk room of :func:`robalign.ops.one_pass.default_chunk`)
     and one tile (16 MB in bfloat16, see :mod:`robalign.ops.one_pass`); ``ROBALIGN_KEEP_WORKSPACE=0``
-    frees them after each call. Elsewhere, and then, a fresh buffer on plain pages (it lives for one call)."""
+    frees them after each call. Off the CPU, or with that setting, a fresh buffer (on plain pages: it
+    lives for one call)."""
     if device.type != "cpu" or os.environ.get("ROBALIGN_KEEP_WORKSPACE", "1") == "0":
         return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
