@@ -277,9 +277,9 @@ def _linear_dora_loss(
     losses = torch.zeros(num_groups, dtype=torch.float32, device=device)
     acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight, h.shape[0], chunk)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
-    # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none; on
-    # plain pages, as every buffer that lives for one call (robalign.ops.workspace)
-    grad_w = torch.empty(weight.shape, dtype=acc_dtype, device=device) if need_weight else weight.new_empty(0)
+    # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none; the
+    # block of the last call's once the caller dropped it (robalign.ops.workspace.recycled)
+    grad_w = workspace.recycled("grad_weight", weight.shape, acc_dtype, device) if need_weight else weight.new_empty(0)
     has_bias = need_bias and bias is not None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if has_bias else weight.new_empty(0)
     w_all = sample_weights.float()
@@ -447,7 +447,8 @@ class FormedGradient(torch.autograd.Function):
     gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once). ``narrow``
     (the C++ backend's ``scaled_to``, or None) scales a float32 or half-precision gradient of a
     half-precision input in float32 and rounds it to that dtype in one pass, as ``float().mul_``
-    then ``to`` would in three."""
+    then ``to`` would in three; into a block recycled from the last call's result where it can
+    (:func:`robalign.ops.workspace.recycled`)."""
 
     @staticmethod
     def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None):
@@ -468,13 +469,15 @@ class FormedGradient(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         scale = (grad_out.double() * kappa).float()               # scaled in float32, rounded once
         out = []
-        for grad, need, dtype in zip(grads, needs, ctx.dtypes):
+        for i, (grad, need, dtype) in enumerate(zip(grads, needs, ctx.dtypes)):
             if not need:
                 out.append(None)
                 continue
             if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
-                out.append(ctx.narrow(grad, float(scale), dtype))           # in place when grad is in dtype
+                into = None if grad.dtype == dtype else workspace.recycled(f"narrowed_{i}", grad.shape, dtype,
+                                                                           grad.device)
+                out.append(ctx.narrow(grad, float(scale), dtype, into))     # in place when grad is in dtype
                 continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
         return (None, None, None, None, None, *out, None)

@@ -1,11 +1,14 @@
-"""CPU buffers of the heavy ops kept by the thread for the next call (``kept``), on huge pages.
+"""CPU buffers of the heavy ops kept by the thread for the next call: workspaces (``kept``), on huge
+pages, and the blocks of results handed to the caller (``recycled``), reused once the caller drops them.
 
 A buffer that lives for one call is a plain ``torch.empty``: fresh huge pages are the wrong memory
 for it on a VM whose balloon reports free 2 MiB blocks to the host (this project's machine). Such a
 block, once the host has taken it back, costs host faults on first touch: 290–780 ms per 545 MB
 against ~105 ms on plain pages when seconds pass between calls, as in a training step
-(docs/benchmarks.md). Kept buffers stay warm, and huge pages spare their TLB entries. On CUDA the
-caching allocator keeps memory already.
+(docs/benchmarks.md). Kept buffers stay warm, and huge pages spare their TLB entries. A fresh
+``[V, H]`` head gradient costs its first touch even on plain pages (64 MB: 13–16 ms here, 10 % of
+the one-pass loss at 384 tokens), which a recycled block does not. On CUDA the caching allocator
+keeps memory already.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["kept", "release"]
+__all__ = ["kept", "recycled", "release"]
 
 _KEPT = threading.local()
+_RECYCLED = threading.local()
 
 
 def _huge(rows, numel: int, dtype: torch.dtype) -> Tensor:
@@ -27,6 +31,10 @@ def _huge(rows, numel: int, dtype: torch.dtype) -> Tensor:
     ``rows``' ``empty_huge`` (the C++ backend's) where it has one."""
     make = getattr(rows, "empty_huge", None)
     return make([numel], dtype) if make is not None else torch.empty(numel, dtype=dtype)
+
+
+def _keeping(device: torch.device) -> bool:
+    return device.type == "cpu" and os.environ.get("ROBALIGN_KEEP_WORKSPACE", "1") != "0"
 
 
 def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -38,7 +46,7 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
     and one tile (16 MB in bfloat16, see :mod:`robalign.ops.one_pass`); ``ROBALIGN_KEEP_WORKSPACE=0``
     frees them after each call. Off the CPU, or with that setting, a fresh buffer (on plain pages: it
     lives for one call)."""
-    if device.type != "cpu" or os.environ.get("ROBALIGN_KEEP_WORKSPACE", "1") == "0":
+    if not _keeping(device):
         return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
     buffer = getattr(_KEPT, name, None)
@@ -49,11 +57,43 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
     return buffer[:numel].view(shape)
 
 
+def _held_elsewhere(storage) -> bool:
+    """Whether anything but this module's reference holds ``storage`` (a tensor, a view, a ``.grad``).
+    Where this torch cannot count its references, always: the block is then never reused."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count is None or count(storage._cdata) > 1
+
+
+def recycled(name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape`` for a result the caller gets (the one-pass
+    loss's head gradient, or its float32 buffer, ``name`` telling them apart). On CPU its memory is
+    the block of the last tensor this thread made under ``name`` when nothing holds that one any
+    more (the caller dropped it: ``optimizer.zero_grad()``, or autograd added it into ``.grad``) and
+    the size matches, else a fresh block on plain pages, remembered in its place. The tensor is not
+    a view, so autograd takes it as a parameter's ``.grad`` without a copy; a block in use is never
+    handed out twice. What is held: one block per name once its tensor is dropped (at most one head
+    gradient, plus its float32 buffer for a half-precision head), until the next call, :func:`release`
+    or, with ``ROBALIGN_KEEP_WORKSPACE=0``, not at all (a fresh block each call). Off the CPU, a
+    fresh tensor."""
+    if not _keeping(device):
+        return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    storage = getattr(_RECYCLED, name, None)
+    if storage is None or storage.nbytes() != nbytes or _held_elsewhere(storage):
+        setattr(_RECYCLED, name, None)                                  # whoever holds it keeps it
+        storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        setattr(_RECYCLED, name, storage)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+
+
 def release() -> None:
-    """Free the buffers this thread keeps (:func:`kept`). A training step calls it once its forward is
-    done: the model's backward, where the step's memory peaks, then has that memory (at Qwen2.5-0.5B's
-    vocabulary a chunk of logits is 512 MiB), and the next forward touches fresh pages again, about
-    6 ms per 512 MiB on huge pages the guest still holds, far more on ones its balloon gave back to the
-    host (docs/benchmarks.md)."""
-    for name in list(vars(_KEPT)):
-        setattr(_KEPT, name, None)
+    """Free the buffers this thread keeps (:func:`kept`) and drop the blocks it would recycle
+    (:func:`recycled`; a tensor in use keeps its block). A training step calls it once its forward is
+    done and again after its backward: the model's backward, where the step's memory peaks, then has
+    the workspaces' memory (at Qwen2.5-0.5B's vocabulary a chunk of logits is 512 MiB), and no block
+    outlives the gradient it held (the step's peak stays the peak without recycling). The next forward
+    touches fresh pages again: about 6 ms per 512 MiB on huge pages the guest still holds, far more
+    on ones its balloon gave back to the host (docs/benchmarks.md)."""
+    for store in (_KEPT, _RECYCLED):
+        for name in list(vars(store)):
+            setattr(store, name, None)

@@ -1,0 +1,154 @@
+"""The blocks of results the one-pass loss hands out, reused once the caller drops them
+(robalign.ops.workspace.recycled): never a block anything still holds, never a view (autograd takes
+it as ``.grad`` without a copy), and the same values as a fresh block, call after call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robalign
+from robalign.ops import one_pass, registry, workspace
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    workspace.release()
+    yield
+    workspace.release()
+
+
+def test_a_dropped_block_is_reused_and_a_held_one_never():
+    a = workspace.recycled("x", (4, 5), torch.float32, CPU)
+    a_ptr = a.data_ptr()
+    b = workspace.recycled("x", (4, 5), torch.float32, CPU)         # `a` is held: a block of its own
+    assert b.data_ptr() != a_ptr
+    b_ptr = b.data_ptr()
+    del b
+    c = workspace.recycled("x", (4, 5), torch.float32, CPU)         # `b` was dropped: its block again
+    assert c.data_ptr() == b_ptr
+    assert not c._is_view() and c.is_contiguous() and c.shape == (4, 5)
+    view = c[1:]
+    del c
+    d = workspace.recycled("x", (4, 5), torch.float32, CPU)         # a view of it still holds the block
+    assert d.data_ptr() != b_ptr
+    del view
+
+
+def test_another_size_or_name_is_another_block():
+    a = workspace.recycled("x", (4, 5), torch.float32, CPU)
+    ptr = a.data_ptr()
+    del a
+    b = workspace.recycled("x", (4, 5), torch.bfloat16, CPU)        # half the bytes: not the same block
+    assert b.dtype == torch.bfloat16 and b.shape == (4, 5)
+    c = workspace.recycled("y", (4, 5), torch.float32, CPU)
+    del b
+    d = workspace.recycled("x", (10, 2), torch.bfloat16, CPU)       # the same bytes: reshaped
+    assert d.shape == (10, 2)
+    assert c.data_ptr() != ptr or d.data_ptr() != ptr
+
+
+def test_release_and_the_switch_forget_the_blocks(monkeypatch):
+    workspace.recycled("x", (4, 5), torch.float32, CPU)
+    assert getattr(workspace._RECYCLED, "x", None) is not None
+    workspace.release()
+    assert getattr(workspace._RECYCLED, "x", None) is None
+    monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")
+    t = workspace.recycled("x", (4, 5), torch.float32, CPU)
+    assert t.shape == (4, 5) and getattr(workspace._RECYCLED, "x", None) is None
+
+
+def test_without_a_use_count_nothing_is_reused(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
+    a = workspace.recycled("x", (64, 64), torch.float32, CPU)
+    a_ptr = a.data_ptr()
+    keep = [workspace.recycled("x", (64, 64), torch.float32, CPU) for _ in range(3)]
+    assert all(t.data_ptr() != a_ptr for t in keep)
+    assert len({t.data_ptr() for t in keep}) == 3
+
+
+def _loss_fn(backend):
+    return robalign.FusedLinearDoRALoss(robalign.Objective("dpo", beta=0.1), robalign.KLDRO(1.0),
+                                        robalign.DoRAWeights(0.25), params=robalign.LossParams(backend=backend))
+
+
+def _problem(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4, 9, 24, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(37, 24, generator=g) / 5).to(dtype).requires_grad_(True)
+    labels = torch.randint(37, (4, 9), generator=g)
+    labels[:, :2] = -100
+    labels[3] = -100                                                  # an all-ignored row
+    return hidden, weight, labels, torch.randn(4, generator=g) - 30, torch.rand(2, 1, generator=g).expand(-1, 2)
+
+
+def _backends():
+    return [b for b in ("cpp", "torch") if registry.get(b).missing(CPU) is None]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype,chunk", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 7)],
+                         ids=["float32", "bfloat16-one-chunk", "bfloat16-float32-buffer"])
+def test_held_gradients_keep_their_values_and_match_fresh_blocks(backend, dtype, chunk, monkeypatch):
+    """Three calls on different inputs; the first two calls' gradients are held while the next runs,
+    the second is dropped before the third (whose head gradient then takes its block). Each equals,
+    bit for bit, the same call with fresh blocks (``ROBALIGN_KEEP_WORKSPACE=0``)."""
+    if chunk is not None:                                             # several chunks: the float32 buffer
+        monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: chunk)
+    fn = _loss_fn(backend)
+
+    def grads(seed):
+        hidden, weight, labels, ref, probs = _problem(dtype, seed)
+        loss = fn(hidden, weight, labels, ref, probs=probs).loss
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")
+    want = [tuple(g.clone() for g in grads(seed)) for seed in range(3)]
+    monkeypatch.delenv("ROBALIGN_KEEP_WORKSPACE")
+    first = grads(0)
+    second = grads(1)
+    second_ptr = second[1].data_ptr()
+    _equal(first, want[0])
+    _equal(second, want[1])
+    del second
+    third = grads(2)
+    if backend == "cpp" or dtype == torch.float32:                    # (the torch backend narrows by .to)
+        assert third[1].data_ptr() == second_ptr, "the dropped head gradient's block is reused"
+    _equal(first, want[0])
+    _equal(third, want[2])
+
+
+def _equal(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_backward_into_grad_across_steps(backend, set_to_none, monkeypatch):
+    """A training loop: ``backward`` puts the head gradient into ``weight.grad`` (taken without a copy
+    when ``.grad`` is None), ``zero_grad`` drops or zeroes it; every step's ``.grad`` equals the fresh
+    blocks' run, and with ``.grad`` kept a recycled block never aliases it."""
+    hidden, weight, labels, ref, probs = _problem(torch.float32, 7)
+    fn = _loss_fn(backend)
+
+    def steps():
+        out = []
+        weight.grad = None
+        for _ in range(3):
+            fn(hidden, weight, labels, ref, probs=probs).loss.backward()
+            out.append(weight.grad.clone())
+            if set_to_none:
+                weight.grad = None
+        return out
+
+    monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")
+    want = steps()
+    monkeypatch.delenv("ROBALIGN_KEEP_WORKSPACE")
+    got = steps()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    if not set_to_none:
+        torch.testing.assert_close(got[2], 3 * got[0], rtol=1e-6, atol=1e-7)
