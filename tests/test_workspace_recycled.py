@@ -93,8 +93,10 @@ def _backends():
                          ids=["float32", "bfloat16-one-chunk", "bfloat16-float32-buffer"])
 def test_held_gradients_keep_their_values_and_match_fresh_blocks(backend, dtype, chunk, monkeypatch):
     """Three calls on different inputs; the first two calls' gradients are held while the next runs,
-    the second is dropped before the third (whose head gradient then takes its block). Each equals,
-    bit for bit, the same call with fresh blocks (``ROBALIGN_KEEP_WORKSPACE=0``)."""
+    the second is dropped before the third, whose head gradient then takes its block where the
+    gradient is the block the loss formed it in (float32; bfloat16 in one chunk, narrowed in place by
+    the C++ backend). Each equals, bit for bit, the same call with fresh blocks
+    (``ROBALIGN_KEEP_WORKSPACE=0``)."""
     if chunk is not None:                                             # several chunks: the float32 buffer
         monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: chunk)
     fn = _loss_fn(backend)
@@ -114,8 +116,10 @@ def test_held_gradients_keep_their_values_and_match_fresh_blocks(backend, dtype,
     _equal(second, want[1])
     del second
     third = grads(2)
-    if backend == "cpp" or dtype == torch.float32:                    # (the torch backend narrows by .to)
+    if dtype == torch.float32 or (backend == "cpp" and chunk is None):
         assert third[1].data_ptr() == second_ptr, "the dropped head gradient's block is reused"
+    else:                                             # a copy was returned: the block was not kept
+        assert getattr(workspace._RECYCLED, "grad_weight", None) is None
     _equal(first, want[0])
     _equal(third, want[2])
 
@@ -128,27 +132,42 @@ def _equal(got, want):
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_backward_into_grad_across_steps(backend, set_to_none, monkeypatch):
-    """A training loop: ``backward`` puts the head gradient into ``weight.grad`` (taken without a copy
-    when ``.grad`` is None), ``zero_grad`` drops or zeroes it; every step's ``.grad`` equals the fresh
-    blocks' run, and with ``.grad`` kept a recycled block never aliases it."""
+    """A training loop: ``backward`` puts the head gradient into ``weight.grad``, taken as it is when
+    ``.grad`` is None (then its block is recycled once ``zero_grad`` drops it), added when ``.grad``
+    exists (then its block is dropped inside the backward and is not kept). Every step's ``.grad``
+    equals the fresh blocks' run."""
     hidden, weight, labels, ref, probs = _problem(torch.float32, 7)
     fn = _loss_fn(backend)
 
-    def steps():
+    def steps(recycling):
         out = []
         weight.grad = None
-        for _ in range(3):
+        for step in range(3):
             fn(hidden, weight, labels, ref, probs=probs).loss.backward()
+            kept = getattr(workspace._RECYCLED, "grad_weight", None)
+            if not recycling or (step and not set_to_none):           # added into .grad: not kept
+                assert kept is None
+            else:                                                     # taken as .grad: kept
+                assert kept is not None and kept.data_ptr() == weight.grad.data_ptr()
             out.append(weight.grad.clone())
             if set_to_none:
                 weight.grad = None
         return out
 
     monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")
-    want = steps()
+    want = steps(recycling=False)
     monkeypatch.delenv("ROBALIGN_KEEP_WORKSPACE")
-    got = steps()
+    got = steps(recycling=True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     if not set_to_none:
         torch.testing.assert_close(got[2], 3 * got[0], rtol=1e-6, atol=1e-7)
+
+
+def test_a_frozen_head_keeps_no_block():
+    """Without the head's gradient (a frozen head) no block is made or kept."""
+    hidden, weight, labels, ref, probs = _problem(torch.float32, 3)
+    weight.requires_grad_(False)
+    loss = _loss_fn(_backends()[0])(hidden, weight, labels, ref, probs=probs).loss
+    torch.autograd.grad(loss, hidden)
+    assert getattr(workspace._RECYCLED, "grad_weight", None) is None

@@ -46,6 +46,7 @@ import concurrent.futures
 import contextlib
 import functools
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -277,9 +278,16 @@ def _linear_dora_loss(
     losses = torch.zeros(num_groups, dtype=torch.float32, device=device)
     acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight, h.shape[0], chunk)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
-    # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none; the
-    # block of the last call's once the caller dropped it (robalign.ops.workspace.recycled)
-    grad_w = workspace.recycled("grad_weight", weight.shape, acc_dtype, device) if need_weight else weight.new_empty(0)
+    # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none. The
+    # head's gradient itself: in the block of the last call's once the caller dropped it; a float32 buffer
+    # for a half-precision head is dropped in the backward, so it is fresh, on plain pages
+    # (robalign.ops.workspace)
+    if not need_weight:
+        grad_w = weight.new_empty(0)
+    elif acc_dtype == weight.dtype:
+        grad_w = workspace.recycled("grad_weight", weight.shape, acc_dtype, device)
+    else:
+        grad_w = torch.empty(weight.shape, dtype=acc_dtype, device=device)
     has_bias = need_bias and bias is not None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if has_bias else weight.new_empty(0)
     w_all = sample_weights.float()
@@ -447,14 +455,17 @@ class FormedGradient(torch.autograd.Function):
     gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once). ``narrow``
     (the C++ backend's ``scaled_to``, or None) scales a float32 or half-precision gradient of a
     half-precision input in float32 and rounds it to that dtype in one pass, as ``float().mul_``
-    then ``to`` would in three; into a block recycled from the last call's result where it can
-    (:func:`robalign.ops.workspace.recycled`)."""
+    then ``to`` would in three. A head gradient formed in a recycled block
+    (:func:`robalign.ops.workspace.recycled`) that autograd will not take as the head's ``.grad`` as
+    it is (it is added into an existing one, or copied) is forgotten: its block is dropped inside
+    this backward and must be freed there, not held through the rest of it."""
 
     @staticmethod
     def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None):
         ctx.formed = (kappa, grad_h, grad_w, grad_b)
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         ctx.narrow = narrow
+        ctx.weight = None if torch.compiler.is_compiling() else weakref.ref(weight)
         return value.detach().clone()
 
     @staticmethod
@@ -469,15 +480,24 @@ class FormedGradient(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         scale = (grad_out.double() * kappa).float()               # scaled in float32, rounded once
         out = []
-        for i, (grad, need, dtype) in enumerate(zip(grads, needs, ctx.dtypes)):
+        for grad, need, dtype in zip(grads, needs, ctx.dtypes):
             if not need:
                 out.append(None)
                 continue
             if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
-                into = None if grad.dtype == dtype else workspace.recycled(f"narrowed_{i}", grad.shape, dtype,
-                                                                           grad.device)
-                out.append(ctx.narrow(grad, float(scale), dtype, into))     # in place when grad is in dtype
+                out.append(ctx.narrow(grad, float(scale), dtype))           # in place when grad is in dtype
                 continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
+        formed_w = grads[1]
+        if not compiling and formed_w.numel() and not (needs[1] and out[1].data_ptr() == formed_w.data_ptr()
+                                                       and _taken_as_grad(ctx.weight)):
+            workspace.forget("grad_weight", formed_w)                 # dropped inside this backward
         return (None, None, None, None, None, *out, None)
+
+
+def _taken_as_grad(weight_ref) -> bool:
+    """Whether autograd will take the head's gradient as the head's ``.grad`` (a leaf whose ``.grad``
+    is None now), to be dropped by ``zero_grad`` outside any backward."""
+    weight = weight_ref() if weight_ref is not None else None
+    return weight is not None and weight.is_leaf and weight.grad is None

@@ -20,7 +20,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["kept", "recycled", "release"]
+__all__ = ["kept", "recycled", "forget", "release"]
 
 _KEPT = threading.local()
 _RECYCLED = threading.local()
@@ -66,15 +66,14 @@ def _held_elsewhere(storage) -> bool:
 
 def recycled(name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised contiguous tensor of ``shape`` for a result the caller gets (the one-pass
-    loss's head gradient, or its float32 buffer, ``name`` telling them apart). On CPU its memory is
-    the block of the last tensor this thread made under ``name`` when nothing holds that one any
-    more (the caller dropped it: ``optimizer.zero_grad()``, or autograd added it into ``.grad``) and
-    the size matches, else a fresh block on plain pages, remembered in its place. The tensor is not
-    a view, so autograd takes it as a parameter's ``.grad`` without a copy; a block in use is never
-    handed out twice. What is held: one block per name once its tensor is dropped (at most one head
-    gradient, plus its float32 buffer for a half-precision head), until the next call, :func:`release`
-    or, with ``ROBALIGN_KEEP_WORKSPACE=0``, not at all (a fresh block each call). Off the CPU, a
-    fresh tensor."""
+    loss's head gradient). On CPU its memory is the block of the last tensor this thread made under
+    ``name`` when nothing holds that one any more (the caller dropped it: ``optimizer.zero_grad()``)
+    and the size matches, else a fresh block on plain pages, remembered in its place. The tensor is
+    not a view, so autograd takes it as a parameter's ``.grad`` without a copy; a block in use is
+    never handed out twice. What is held: one block per name once its tensor is dropped, until the
+    next call, :func:`forget` (a result about to be dropped inside a backward), :func:`release` or,
+    with ``ROBALIGN_KEEP_WORKSPACE=0``, not at all (a fresh block each call). Off the CPU, a fresh
+    tensor."""
     if not _keeping(device):
         return torch.empty(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -86,14 +85,23 @@ def recycled(name: str, shape, dtype: torch.dtype, device: torch.device) -> Tens
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
+def forget(name: str, tensor: Tensor) -> None:
+    """Stop recycling ``tensor``'s block (made by :func:`recycled` under ``name``): it is freed when
+    its holders drop it. For a result that will be dropped inside a backward (added into an existing
+    ``.grad``), whose block must not sit through the rest of that backward, where a training step's
+    memory peaks."""
+    storage = getattr(_RECYCLED, name, None)
+    if storage is not None and tensor.numel() and storage.data_ptr() == tensor.data_ptr():
+        setattr(_RECYCLED, name, None)
+
+
 def release() -> None:
-    """Free the buffers this thread keeps (:func:`kept`) and drop the blocks it would recycle
+    """Free the buffers this thread keeps (:func:`kept`) and forget the blocks it would recycle
     (:func:`recycled`; a tensor in use keeps its block). A training step calls it once its forward is
-    done and again after its backward: the model's backward, where the step's memory peaks, then has
-    the workspaces' memory (at Qwen2.5-0.5B's vocabulary a chunk of logits is 512 MiB), and no block
-    outlives the gradient it held (the step's peak stays the peak without recycling). The next forward
-    touches fresh pages again: about 6 ms per 512 MiB on huge pages the guest still holds, far more
-    on ones its balloon gave back to the host (docs/benchmarks.md)."""
+    done: the model's backward, where the step's memory peaks, then has that memory (at
+    Qwen2.5-0.5B's vocabulary a chunk of logits is 512 MiB), and no gradient's block outlives the
+    gradient. The next forward touches fresh pages again: about 6 ms per 512 MiB on huge pages the
+    guest still holds, far more on ones its balloon gave back to the host (docs/benchmarks.md)."""
     for store in (_KEPT, _RECYCLED):
         for name in list(vars(store)):
             setattr(store, name, None)

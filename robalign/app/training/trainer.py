@@ -371,7 +371,6 @@ class DoRATrainer(Trainer):
         # the surrogate is already this micro-batch's share of the full-batch loss: DeepSpeed must
         # not divide it by the accumulation steps again
         self.accelerator.backward(surrogate, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
-        workspace.release()                             # no recycled block outlives its gradient (the peak)
         rows = self._chosen_rejected_rows(inputs.get("scores"), out.policy_logps.numel(), out.policy_logps.device)
         self._record(out, rows)
         if self._checks_zero_weight_steps:
