@@ -638,14 +638,26 @@ Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 // buffer * scale in `dtype` (bfloat16 or float16), for a contiguous buffer in float32 or in `dtype`: the
 // one-pass loss's last step for a half-precision head's gradient, scaled by the reduction's scalar. One
-// pass (float32 product, rounded once to nearest even, as buffer.float().mul_(scale).to(dtype)): into a
-// fresh tensor from float32 (on plain pages, as every buffer that lives past the call: see empty_huge),
-// in place (and returned) from `dtype`.
-Tensor scaled_to(const Tensor& buffer, double scale, at::ScalarType dtype) {
+// pass (float32 product, rounded once to nearest even, as buffer.float().mul_(scale).to(dtype)): from
+// float32 into `out` (a contiguous tensor of `dtype` and buffer's shape, in other memory) or, without
+// one, into a fresh tensor (on plain pages, as every buffer that lives past the call: see empty_huge);
+// in place (and returned) from `dtype`, where `out` must be absent.
+Tensor scaled_to(const Tensor& buffer, double scale, at::ScalarType dtype, const std::optional<Tensor>& given) {
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "scaled_to: dtype must be bfloat16 or float16");
   TORCH_CHECK((buffer.scalar_type() == at::kFloat || buffer.scalar_type() == dtype) && buffer.is_contiguous(),
               "scaled_to: buffer must be contiguous float32 or ", dtype);
-  Tensor out = buffer.scalar_type() == dtype ? buffer : at::empty(buffer.sizes(), buffer.options().dtype(dtype));
+  const bool has_out = given.has_value() && given->defined();
+  if (has_out) {
+    TORCH_CHECK(buffer.scalar_type() == at::kFloat, "scaled_to: out is for a float32 buffer (a ", dtype,
+                " buffer is scaled in place)");
+    TORCH_CHECK(given->is_cpu() && given->scalar_type() == dtype && given->is_contiguous() &&
+                given->sizes() == buffer.sizes(), "scaled_to: out must be a contiguous CPU ", dtype,
+                " tensor of shape ", buffer.sizes(), ", got ", given->scalar_type(), " ", given->sizes());
+    TORCH_CHECK(!given->storage().is_alias_of(buffer.storage()), "scaled_to: out must not share memory with buffer");
+  }
+  Tensor out = buffer.scalar_type() == dtype ? buffer
+               : has_out                      ? *given
+                                              : at::empty(buffer.sizes(), buffer.options().dtype(dtype));
   const float s = static_cast<float>(scale);
   const int64_t n = buffer.numel();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "scaled_to", [&] {
@@ -696,8 +708,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_lse_target_grad", &rows_lse_target_grad, "lse, label logit and (onehot - softmax) * dz'/dz per row, in one visit",
         py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("out3d"), py::arg("scale") = 1.0,
         py::arg("softcap") = 0.0);
-  m.def("scaled_to", &scaled_to, "buffer * scale in a half-precision dtype, one pass (buffer: contiguous float32, or in dtype: in place)",
-        py::arg("buffer"), py::arg("scale"), py::arg("dtype"));
+  m.def("scaled_to", &scaled_to,
+        "buffer * scale in a half-precision dtype, one pass (buffer: contiguous float32, into out or a fresh tensor; or in dtype: in place)",
+        py::arg("buffer"), py::arg("scale"), py::arg("dtype"), py::arg("out") = py::none());
   m.def("parallel_threads", &parallel_threads, "how many threads at::parallel_for runs n unit tasks on", py::arg("n"));
   m.def("rows_token_stats", &rows_token_stats, "lse, entropy, mean logit and top-1 of each scored row, in one visit",
         py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("scale") = 1.0, py::arg("softcap") = 0.0);

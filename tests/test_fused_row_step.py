@@ -177,6 +177,30 @@ def test_cpp_scaled_to_is_mul_then_to(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_scaled_to_into_a_given_tensor(dtype):
+    """With ``out`` (a recycled block, robalign.ops.workspace), the same values written there and
+    ``out`` returned; an ``out`` of another dtype, shape or layout, one sharing the buffer's memory, or
+    one for a buffer already in ``dtype`` is refused by name."""
+    from robalign.ops import cpu
+
+    gen = torch.Generator().manual_seed(8)
+    buffer = torch.randn(300, 41, generator=gen) * 10
+    out = torch.full((300, 41), float("nan"), dtype=dtype)
+    got = cpu.scaled_to(buffer, 0.37, dtype, out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, buffer.mul(torch.tensor(0.37, dtype=torch.float32)).to(dtype))
+    for bad in (torch.empty(300, 41, dtype=torch.float32), torch.empty(41, 300, dtype=dtype),
+                torch.empty(41, 300, dtype=dtype).T):
+        with pytest.raises(RuntimeError, match="scaled_to: out must be a contiguous CPU"):
+            cpu.scaled_to(buffer, 1.0, dtype, bad)
+    shared = torch.empty(300 * 41 * 2, dtype=dtype)
+    with pytest.raises(RuntimeError, match="scaled_to: out must not share memory with buffer"):
+        cpu.scaled_to(shared.view(torch.float32).view(300, 41), 1.0, dtype, shared[: 300 * 41].view(300, 41))
+    with pytest.raises(RuntimeError, match="scaled_to: out is for a float32 buffer"):
+        cpu.scaled_to(out, 1.0, dtype, torch.empty_like(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpp_scaled_to_in_place_from_the_half_dtype(dtype):
     """A gradient already in ``dtype`` (one product formed it) is scaled in float32 and rounded once, in
     place: bit for bit ``buffer.float().mul(scale).to(dtype)``, and the same tensor comes back."""

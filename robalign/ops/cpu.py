@@ -36,7 +36,7 @@ accumulate_ = _C.accumulate_                   # a float32 buffer += a half-prec
 gemm_into_ = _C.gemm_into_                     # (buffer, a, b, beta): float32 buffer += a @ b by MKL; False if it cannot
 parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for used; 1 means a serial build
 rows_token_stats = _C.rows_token_stats         # (logits3d, labels, ignore_index, scale, softcap): the logged statistics
-scaled_to = _C.scaled_to                       # (float32 buffer, scale, dtype): scaled and narrowed, one pass
+scaled_to = _C.scaled_to                       # (float32 buffer, scale, dtype[, out]): scaled and narrowed, one pass
 empty_huge = _C.empty_huge                     # (sizes, dtype): workspaces kept across calls (robalign.ops.workspace)
 empty_grad_like = chunked.empty_grad_like      # (like, dtype=None); plain pages: a gradient outlives its call
 

@@ -455,10 +455,11 @@ class FormedGradient(torch.autograd.Function):
     gradient formed in the forward, times ``κ`` and the incoming scalar (in place: once). ``narrow``
     (the C++ backend's ``scaled_to``, or None) scales a float32 or half-precision gradient of a
     half-precision input in float32 and rounds it to that dtype in one pass, as ``float().mul_``
-    then ``to`` would in three. A head gradient formed in a recycled block
-    (:func:`robalign.ops.workspace.recycled`) that autograd will not take as the head's ``.grad`` as
-    it is (it is added into an existing one, or copied) is forgotten: its block is dropped inside
-    this backward and must be freed there, not held through the rest of it."""
+    then ``to`` would in three; a head gradient narrowed from float32 goes into a recycled block
+    (:func:`robalign.ops.workspace.recycled`), as the head gradient formed in its own dtype is. Such
+    a block is kept for the next call only when autograd takes it as the head's ``.grad`` as it is;
+    one it will add into an existing ``.grad``, or copy, is dropped inside this backward and is
+    forgotten, so that it is freed there, not held through the rest of it."""
 
     @staticmethod
     def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None):
@@ -480,19 +481,24 @@ class FormedGradient(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         scale = (grad_out.double() * kappa).float()               # scaled in float32, rounded once
         out = []
-        for grad, need, dtype in zip(grads, needs, ctx.dtypes):
+        for i, (grad, need, dtype) in enumerate(zip(grads, needs, ctx.dtypes)):
             if not need:
                 out.append(None)
                 continue
             if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
-                out.append(ctx.narrow(grad, float(scale), dtype))           # in place when grad is in dtype
+                into = None                                            # in place when grad is in dtype
+                if i == 1 and grad.dtype != dtype:                     # the head's, from its float32 buffer
+                    into = workspace.recycled("grad_weight_narrowed", grad.shape, dtype, grad.device)
+                out.append(ctx.narrow(grad, float(scale), dtype, into))
                 continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
-        formed_w = grads[1]
-        if not compiling and formed_w.numel() and not (needs[1] and out[1].data_ptr() == formed_w.data_ptr()
-                                                       and _taken_as_grad(ctx.weight)):
-            workspace.forget("grad_weight", formed_w)                 # dropped inside this backward
+        if not compiling:                       # a recycled block dropped inside this backward is not kept
+            returned = out[1]
+            taken = returned is not None and _taken_as_grad(ctx.weight)
+            for block in (grads[1], returned):
+                if block is not None and not (taken and block.data_ptr() == returned.data_ptr()):
+                    workspace.forget(block)
         return (None, None, None, None, None, *out, None)
 
 

@@ -66,7 +66,7 @@ def _held_elsewhere(storage) -> bool:
 
 def recycled(name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised contiguous tensor of ``shape`` for a result the caller gets (the one-pass
-    loss's head gradient). On CPU its memory is the block of the last tensor this thread made under
+    loss's head gradient, ``"grad_weight"``, or that gradient narrowed from a float32 buffer). On CPU its memory is the block of the last tensor this thread made under
     ``name`` when nothing holds that one any more (the caller dropped it: ``optimizer.zero_grad()``)
     and the size matches, else a fresh block on plain pages, remembered in its place. The tensor is
     not a view, so autograd takes it as a parameter's ``.grad`` without a copy; a block in use is
@@ -85,14 +85,16 @@ def recycled(name: str, shape, dtype: torch.dtype, device: torch.device) -> Tens
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
-def forget(name: str, tensor: Tensor) -> None:
-    """Stop recycling ``tensor``'s block (made by :func:`recycled` under ``name``): it is freed when
-    its holders drop it. For a result that will be dropped inside a backward (added into an existing
-    ``.grad``), whose block must not sit through the rest of that backward, where a training step's
+def forget(tensor: Tensor) -> None:
+    """Stop recycling ``tensor``'s block, if :func:`recycled` made it: it is freed when its holders
+    drop it. For a result that will be dropped inside a backward (added into an existing ``.grad``,
+    or copied), whose block must not sit through the rest of that backward, where a training step's
     memory peaks."""
-    storage = getattr(_RECYCLED, name, None)
-    if storage is not None and tensor.numel() and storage.data_ptr() == tensor.data_ptr():
-        setattr(_RECYCLED, name, None)
+    if not tensor.numel():
+        return
+    for name, storage in list(vars(_RECYCLED).items()):
+        if storage is not None and storage.data_ptr() == tensor.data_ptr():
+            setattr(_RECYCLED, name, None)
 
 
 def release() -> None:
