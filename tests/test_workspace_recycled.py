@@ -4,6 +4,8 @@ it as ``.grad`` without a copy), and the same values as a fresh block, call afte
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -182,3 +184,40 @@ def test_a_frozen_head_keeps_no_block():
     loss = _loss_fn(_backends()[0])(hidden, weight, labels, ref, probs=probs).loss
     torch.autograd.grad(loss, hidden)
     assert _kept() == []
+
+
+def test_threads_keep_their_own_blocks(monkeypatch):
+    """Two threads calling the loss at once, each holding every gradient it got: no block is handed
+    out twice, and every gradient equals the single-threaded run on fresh blocks."""
+    backend = _backends()[0]
+    fn = _loss_fn(backend)
+
+    def grads(seed):
+        hidden, weight, labels, ref, probs = _problem(torch.float32, seed)
+        loss = fn(hidden, weight, labels, ref, probs=probs).loss
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    seeds = {0: [10, 11, 12], 1: [20, 21, 22]}
+    monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")
+    want = {s: tuple(g.clone() for g in grads(s)) for ss in seeds.values() for s in ss}
+    monkeypatch.delenv("ROBALIGN_KEEP_WORKSPACE")
+    got, errors = {}, []
+
+    def run(t):
+        try:
+            held = [grads(s) for s in seeds[t]]             # all held: three blocks of this thread's own
+            for s, g in zip(seeds[t], held):
+                got[s] = g
+            workspace.release()
+        except Exception as e:                             # surfaced below, on the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in seeds]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert len({g[1].data_ptr() for g in got.values()}) == len(got), "a held block was handed out twice"
+    for s, g in got.items():
+        _equal(g, want[s])
