@@ -6,7 +6,8 @@ At each point of the sweep the one-pass loss (``FusedLinearDoRALoss``, C++ row k
 (``h·Wᵀ``, ``G·W``, ``Gᵀ·h`` for M scored tokens; the same ``torch.mm`` → oneDNN path the loss
 takes, ``brg_matmul:avx10_1_512_amx`` for bfloat16 on this CPU, as ``ONEDNN_VERBOSE=1`` shows),
 written into outputs allocated once (so the floor pays no allocation and no page fault; the
-loss allocates its workspaces once per call). ``ratio`` is the median over rounds of the loss's
+loss keeps its workspaces across calls and forms its head gradient in the block of the one the
+previous round dropped, robalign.ops.workspace). ``ratio`` is the median over rounds of the loss's
 time over the floor's measured next to it, interleaved in one fresh process per point (a slow
 minute of the shared machine hits both), ``ratio_quartiles`` the middle half of those rounds' ratios
 (how far the machine's noise moves the point); ``ratio_of_minima`` is the ratio of the fastest runs.

@@ -66,9 +66,10 @@ def _held_elsewhere(storage) -> bool:
 
 def recycled(name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised contiguous tensor of ``shape`` for a result the caller gets (the one-pass
-    loss's head gradient, ``"grad_weight"``, or that gradient narrowed from a float32 buffer). On CPU its memory is the block of the last tensor this thread made under
-    ``name`` when nothing holds that one any more (the caller dropped it: ``optimizer.zero_grad()``)
-    and the size matches, else a fresh block on plain pages, remembered in its place. The tensor is
+    loss's head gradient, ``"grad_weight"``, or that gradient narrowed from a float32 buffer). On CPU
+    its memory is the block of the last tensor this thread made under ``name`` when nothing holds that
+    one any more (the caller dropped it: ``optimizer.zero_grad()``) and the size matches, else a fresh
+    block on plain pages, remembered in its place. The tensor is
     not a view, so autograd takes it as a parameter's ``.grad`` without a copy; a block in use is
     never handed out twice. What is held: one block per name once its tensor is dropped, until the
     next call, :func:`forget` (a result about to be dropped inside a backward), :func:`release` or,
