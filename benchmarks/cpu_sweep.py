@@ -23,6 +23,10 @@ pairs, the chunk rule's chunks):
     chunks       the rule's (one chunk up to 1024 float32 / 2048 bfloat16 tokens) and several
                  (``ROBALIGN_CHUNK_MB`` set to a quarter of the scored tokens' logits)
 
+and, bfloat16 only, the several-chunks point with the head's gradient accumulated in bfloat16
+(``LossParams(fp32_head_grad=False)``): what the default float32 accumulation costs there. It is
+not the default path, so it is left out of the worst point.
+
 Before anything is timed, each point's loss, ``grad_hidden`` and ``grad_W`` are checked against a
 float64 ground truth computed chunk by chunk (``peers.reference_dora_chunked``; the bfloat16
 points against float64 from their bfloat16 values); a point off by more than ``GATE`` is a row
@@ -58,7 +62,9 @@ LIMITS = {"float32": 1.10, "bfloat16": 1.30}            # the issue's targets: r
 # 1e-5 per element, 1e-4 in norm) and bfloat16 inputs (their own rounding 2⁻⁸ and a few per-chunk
 # roundings)
 GATE = {"float32": 1e-4, "bfloat16": 2e-2}
-BASE = {"tokens": 2048, "prompt": 0.25, "vocab": 32000, "hidden": 512, "objective": "dpo", "chunks": "rule"}
+BASE = {"tokens": 2048, "prompt": 0.25, "vocab": 32000, "hidden": 512, "objective": "dpo", "chunks": "rule",
+        "fp32_head_grad": True}
+HALF_ONLY = "several_chunks_bf16_accumulation"          # a float32 head has no other accumulation
 
 
 def points() -> dict[str, dict]:
@@ -73,7 +79,13 @@ def points() -> dict[str, dict]:
     out["hidden_2048"] = {**BASE, "hidden": 2048}
     out["plackett_luce"] = {**BASE, "objective": "plackett_luce"}
     out["several_chunks"] = {**BASE, "chunks": "quarter"}
+    out[HALF_ONLY] = {**BASE, "chunks": "quarter", "fp32_head_grad": False}
     return out
+
+
+def _default_path(row: dict) -> bool:
+    """Whether a row is of the loss's default settings (records before the opt-out point have no key)."""
+    return row.get("fp32_head_grad", True)
 
 
 def _group(objective: str) -> int:
@@ -141,7 +153,8 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
     scored = int((labels != -100).sum())
     weighting = robalign.DoRAWeights(0.25)
     fn = robalign.FusedLinearDoRALoss(robalign.Objective(p["objective"], beta=0.1), robalign.KLDRO(1.0), weighting,
-                                      params=robalign.LossParams(backend="cpp", group_size=group))
+                                      params=robalign.LossParams(backend="cpp", group_size=group,
+                                                                 fp32_head_grad=p["fp32_head_grad"]))
 
     def step():
         loss = fn(hidden, weight, labels, ref_logps, probs=probs).loss
@@ -149,7 +162,7 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
 
     row = {"point": name, **p, "dtype": dtype_name, "scored_tokens": scored, "group": group,
            "chunk_tokens": robalign.ops.one_pass.default_chunk(hidden.numel() // p["hidden"], p["vocab"], p["hidden"],
-                                                                hidden.dtype, hidden.device)}
+                                                                hidden.dtype, hidden.device, p["fp32_head_grad"])}
     weights = weighting(probs.float())                         # [B]: the mean over each group
     want = reference_dora_chunked(hidden, weight, labels, ref_logps, weights, objective=p["objective"], group=group,
                                   beta=0.1)
@@ -235,6 +248,8 @@ def main(argv=None) -> int:
         if dtype_name not in LIMITS:
             parser.error(f"--dtypes: {dtype_name!r} is not one of {', '.join(LIMITS)}")
         for name in names:
+            if name == HALF_ONLY and dtype_name == "float32":
+                continue
             env = _chunk_env(points()[name], dtype_name)
             out = subprocess.run([sys.executable, __file__, "--child", name, dtype_name, "--repeat", str(args.repeat),
                                   "--flush-mb", str(args.flush_mb)],
@@ -277,7 +292,7 @@ def print_table(rows: list[dict]) -> None:
               f"| {r['floor_s'] * 1e3:.0f} | {r['ratio']:.3f} | {q1:.2f}–{q3:.2f} | {r['grad_weight_rel_error']:.1e} "
               f"| {vs} |")
     for dtype_name, limit in LIMITS.items():
-        mine = [r for r in rows if r["dtype"] == dtype_name and "ratio" in r]
+        mine = [r for r in rows if r["dtype"] == dtype_name and "ratio" in r and _default_path(r)]
         if mine:
             worst = max(mine, key=lambda r: r["ratio"])
             verdict = "within" if worst["ratio"] <= limit else "ABOVE"
@@ -285,6 +300,13 @@ def print_table(rows: list[dict]) -> None:
             spans = f" (its rounds' middle half, {q1:.3f}–{q3:.3f}, spans the limit)" if q1 <= limit < q3 else ""
             print(f"\n{dtype_name}: worst point {worst['point']} at {worst['ratio']:.3f}× the floor, {verdict} the "
                   f"limit {limit}×{spans}")
+    by_key = {(r["dtype"], r["point"]): r for r in rows if "ratio" in r}
+    for (dtype_name, point), r in by_key.items():
+        default = by_key.get((dtype_name, "several_chunks"))
+        if point == HALF_ONLY and default is not None:
+            print(f"\n{dtype_name}, several chunks: {default['ratio']:.3f}× the floor accumulating the head's gradient in "
+                  f"float32 (the default), {r['ratio']:.3f}× in {dtype_name} (fp32_head_grad=False): the float32 "
+                  f"accumulation costs {default['ratio'] - r['ratio']:.2f} of the floor")
 
 
 if __name__ == "__main__":

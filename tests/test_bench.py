@@ -223,7 +223,8 @@ def test_a_cpu_provider_whose_process_crashes_is_a_failed_row(tmp_path):
     assert rows[1]["provider"] == "fine" and rows[1]["median_s"] == pytest.approx(0.375)
 
 
-TINY_POINT = {"tokens": 512, "prompt": 0.25, "vocab": 1000, "hidden": 32, "objective": "dpo", "chunks": "rule"}
+TINY_POINT = {"tokens": 512, "prompt": 0.25, "vocab": 1000, "hidden": 32, "objective": "dpo", "chunks": "rule",
+              "fp32_head_grad": True}
 
 
 def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch, capsys):
@@ -258,6 +259,30 @@ def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch, capsys):
     (chart,) = plot_cpu_sweep(path)
     assert chart.stat().st_size > 5000
     assert json.loads(path.read_text())["cpu"] == cpu_harness.cpu_description() != ""   # which machine ran it
+
+
+def test_sweep_states_the_float32_accumulation_cost_and_keeps_it_out_of_the_worst_point(capsys):
+    """The bfloat16-accumulation point is measured with ``fp32_head_grad=False`` (its chunk rule
+    too), left out of the worst point (not the default path), and set beside the default's
+    several-chunks point as the float32 accumulation's cost."""
+    import cpu_sweep
+
+    opt_out = cpu_sweep.points()[cpu_sweep.HALF_ONLY]
+    assert opt_out == {**cpu_sweep.points()["several_chunks"], "fp32_head_grad": False}
+
+    def row(point, ratio, **extra):
+        return {"dtype": "bfloat16", "point": point, **cpu_sweep.BASE, "scored_tokens": 1536, "chunk_tokens": 393,
+                "loss_s": ratio * 0.1, "floor_s": 0.1, "ratio": ratio, "ratio_quartiles": [ratio, ratio],
+                "grad_weight_rel_error": 3e-3, **extra}
+
+    cpu_sweep.print_table([row("base", 1.14), row("several_chunks", 1.20),
+                           row(cpu_sweep.HALF_ONLY, 1.25, fp32_head_grad=False)])
+    out = capsys.readouterr().out
+    assert "bfloat16: worst point several_chunks at 1.200×" in out
+    assert "1.200× the floor accumulating the head's gradient in float32 (the default), 1.250× in bfloat16" in out
+    legacy = {k: v for k, v in row("several_chunks", 1.5).items() if k != "fp32_head_grad"}
+    cpu_sweep.print_table([row("base", 1.1), legacy])           # a record from before the opt-out point
+    assert "worst point several_chunks at 1.500×" in capsys.readouterr().out
 
 
 def test_sweep_point_off_the_reference_is_a_failed_row(monkeypatch):
