@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -63,10 +64,12 @@ def plot_cpu_sweep(path) -> list[Path]:
     for i, dtype in enumerate(dtypes):
         mine = {r["point"]: r for r in rows if r["dtype"] == dtype}
         xs = [p + (i - (len(dtypes) - 1) / 2) * width for p in range(len(points))]
-        ratios = [mine[p].get("ratio", 0) if p in mine else 0 for p in points]
+        # no bar where a dtype has no such point (bfloat16's accumulation point) or the point failed
+        ratios = [mine[p].get("ratio", math.nan) if p in mine else math.nan for p in points]
         spread = [mine[p].get("ratio_quartiles") if p in mine else None for p in points]
         yerr = None
-        if all(q is not None for q in spread):          # the middle half of each point's rounds
+        if any(q is not None for q in spread):          # the middle half of each point's rounds
+            spread = [q if q is not None else (r, r) for r, q in zip(ratios, spread)]
             yerr = [[r - q[0] for r, q in zip(ratios, spread)], [q[1] - r for r, q in zip(ratios, spread)]]
         bars = ax.bar(xs, ratios, width, label=dtype, yerr=yerr, capsize=2, error_kw={"linewidth": 0.8})
         limit = result["limits"].get(dtype)
