@@ -85,12 +85,17 @@ def _gradients(dtype, chunk_mb, monkeypatch):
 def test_the_kept_logits_workspace_is_on_huge_pages():
     from robalign.ops import cpu
 
-    workspace.release()
-    buffer = workspace.kept(cpu, "logits", (1024, 8192), torch.float32, torch.device("cpu"))
-    buffer.fill_(1.0)
-    if not _huge_kb(buffer) and not _kernel_gives_huge_pages():
+    def fresh():
         workspace.release()
-        pytest.skip("the kernel now gives no huge page even to a plain madvised mapping (a hint it may decline)")
+        buffer = workspace.kept(cpu, "logits", (1024, 8192), torch.float32, torch.device("cpu"))
+        return buffer.fill_(1.0)
+
+    buffer = fresh()
+    if not _huge_kb(buffer):
+        if not _kernel_gives_huge_pages():
+            workspace.release()
+            pytest.skip("the kernel now gives no huge page even to a plain madvised mapping (a hint it may decline)")
+        buffer = fresh()                        # the kernel gives them now, so a fresh workspace gets them too
     assert _huge_kb(buffer) > 0, "a workspace kept across calls should be on huge pages (the control)"
     workspace.release()
 
