@@ -720,4 +720,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buffer"), py::arg("product"), py::arg("beta"));
   m.def("empty_huge", [](std::vector<int64_t> sizes, at::ScalarType dtype) { return empty_huge(sizes, at::TensorOptions().dtype(dtype)); },
         "uninitialised contiguous CPU tensor of `sizes` and `dtype`, on huge pages when large", py::arg("sizes"), py::arg("dtype"));
+  // read here, not through torch.UntypedStorage: a Python storage object, once made, stays tied to its
+  // storage and counts as a holder, and autograd then adds a gradient into that tensor out of place
+  m.def("storage_use_count", [](const Tensor& t) { return t.has_storage() ? t.storage().use_count() : 0; },
+        "how many holders t's storage has (tensors sharing it, views, ...)", py::arg("t"));
 }

@@ -1,6 +1,8 @@
 """The blocks of results the one-pass loss hands out, reused once the caller drops them
 (robalign.ops.workspace.recycled): never a block anything still holds, never a view (autograd takes
-it as ``.grad`` without a copy), and the same values as a fresh block, call after call."""
+it as ``.grad`` without a copy), never tied to a Python storage object (autograd adds another
+gradient into it in place), never for a head tied to the input embedding, and the same values as a
+fresh block, call after call."""
 
 from __future__ import annotations
 
@@ -13,6 +15,14 @@ import robalign
 from robalign.ops import one_pass, registry, workspace
 
 CPU = torch.device("cpu")
+CPP = registry.get("cpp").missing(CPU) is None
+needs_cpp = pytest.mark.skipif(not CPP, reason="recycling counts a block's holders in the C++ backend")
+
+
+def _rows():
+    from robalign.ops import cpu
+
+    return cpu
 
 
 @pytest.fixture(autouse=True)
@@ -22,53 +32,102 @@ def _fresh():
     workspace.release()
 
 
+@needs_cpp
 def test_a_dropped_block_is_reused_and_a_held_one_never():
-    a = workspace.recycled("x", (4, 5), torch.float32, CPU)
+    a = workspace.recycled(_rows(), "x", (4, 5), torch.float32, CPU)
     a_ptr = a.data_ptr()
-    b = workspace.recycled("x", (4, 5), torch.float32, CPU)         # `a` is held: a block of its own
+    b = workspace.recycled(_rows(), "x", (4, 5), torch.float32, CPU)         # `a` is held: a block of its own
     assert b.data_ptr() != a_ptr
     b_ptr = b.data_ptr()
     del b
-    c = workspace.recycled("x", (4, 5), torch.float32, CPU)         # `b` was dropped: its block again
+    c = workspace.recycled(_rows(), "x", (4, 5), torch.float32, CPU)         # `b` was dropped: its block again
     assert c.data_ptr() == b_ptr
     assert not c._is_view() and c.is_contiguous() and c.shape == (4, 5)
     view = c[1:]
     del c
-    d = workspace.recycled("x", (4, 5), torch.float32, CPU)         # a view of it still holds the block
+    d = workspace.recycled(_rows(), "x", (4, 5), torch.float32, CPU)         # a view of it still holds the block
     assert d.data_ptr() != b_ptr
     del view
 
 
-def test_another_size_or_name_is_another_block():
-    a = workspace.recycled("x", (4, 5), torch.float32, CPU)
+@needs_cpp
+def test_another_shape_dtype_or_name_is_another_block():
+    a = workspace.recycled(_rows(), "x", (4, 5), torch.float32, CPU)
     ptr = a.data_ptr()
     del a
-    b = workspace.recycled("x", (4, 5), torch.bfloat16, CPU)        # half the bytes: not the same block
+    b = workspace.recycled(_rows(), "x", (4, 5), torch.bfloat16, CPU)        # another dtype: another block
     assert b.dtype == torch.bfloat16 and b.shape == (4, 5)
-    c = workspace.recycled("y", (4, 5), torch.float32, CPU)
+    c = workspace.recycled(_rows(), "y", (4, 5), torch.float32, CPU)
+    assert c.data_ptr() != ptr and c.data_ptr() != b.data_ptr()
+    b_ptr = b.data_ptr()
     del b
-    d = workspace.recycled("x", (10, 2), torch.bfloat16, CPU)       # the same bytes: reshaped
-    assert d.shape == (10, 2)
-    assert c.data_ptr() != ptr or d.data_ptr() != ptr
+    d = workspace.recycled(_rows(), "x", (10, 2), torch.bfloat16, CPU)       # the same bytes, another shape
+    assert d.shape == (10, 2) and d.is_contiguous() and not d._is_view()
+    assert workspace._RECYCLED.x.shape == (10, 2)                             # it replaced b's block
+    del d
+    e = workspace.recycled(_rows(), "x", (10, 2), torch.bfloat16, CPU)
+    assert e.data_ptr() == workspace._RECYCLED.x.data_ptr() and b_ptr is not None
 
 
+@needs_cpp
 def test_release_and_the_switch_forget_the_blocks(monkeypatch):
-    workspace.recycled("x", (4, 5), torch.float32, CPU)
+    workspace.recycled(_rows(), "x", (4, 5), torch.float32, CPU)
     assert getattr(workspace._RECYCLED, "x", None) is not None
     workspace.release()
     assert getattr(workspace._RECYCLED, "x", None) is None
     monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")
-    t = workspace.recycled("x", (4, 5), torch.float32, CPU)
+    t = workspace.recycled(_rows(), "x", (4, 5), torch.float32, CPU)
     assert t.shape == (4, 5) and getattr(workspace._RECYCLED, "x", None) is None
 
 
-def test_without_a_use_count_nothing_is_reused(monkeypatch):
-    monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
-    a = workspace.recycled("x", (64, 64), torch.float32, CPU)
-    a_ptr = a.data_ptr()
-    keep = [workspace.recycled("x", (64, 64), torch.float32, CPU) for _ in range(3)]
-    assert all(t.data_ptr() != a_ptr for t in keep)
-    assert len({t.data_ptr() for t in keep}) == 3
+def test_without_the_cpp_count_nothing_is_kept():
+    """The torch backend's row kernels have no holder count: a fresh block each call, none kept."""
+    import types
+
+    rows = types.SimpleNamespace()
+    a = workspace.recycled(rows, "x", (64, 64), torch.float32, CPU)
+    assert a.shape == (64, 64) and _kept() == []
+    keep = [workspace.recycled(rows, "x", (64, 64), torch.float32, CPU) for _ in range(3)]
+    assert len({t.data_ptr() for t in keep + [a]}) == 4 and _kept() == []
+
+
+@needs_cpp
+def test_a_released_block_takes_a_tied_gradient_in_place():
+    """Autograd adds a second gradient of the same tensor (a tied embedding's) into the first in
+    place only where nothing else holds its storage — a Python storage object made once for it
+    would, for good. A recycled block handed to autograd, once ``release`` dropped the thread's
+    reference (as the trainers do before the backward), is summed into in place and becomes
+    ``.grad``; while the block is kept it is summed out of place, and the sum is right either way."""
+    def run(keep):
+        made = {}
+
+        class Formed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, w):
+                ctx.g = workspace.recycled(_rows(), "x", w.shape, w.dtype, CPU).fill_(1.0)
+                made["ptr"] = ctx.g.data_ptr()
+                return w.sum()
+
+            @staticmethod
+            def backward(ctx, grad_out):
+                g, ctx.g = ctx.g, None
+                return g
+
+        w = torch.zeros(50, 8, requires_grad=True)
+        looked_up = torch.nn.functional.embedding(torch.tensor([1, 2, 2]), w)      # first, as in a model:
+        loss = Formed.apply(w) + looked_up.sum()                # the head's backward runs before its own
+        if not keep:
+            workspace.release()
+        loss.backward()
+        want = torch.ones(50, 8)
+        want[1] += 1
+        want[2] += 2
+        assert torch.equal(w.grad, want)
+        return w.grad.data_ptr() == made["ptr"]
+
+    assert run(keep=False), "the released block was not summed into in place"
+    workspace.release()
+    assert not run(keep=True)
 
 
 def _loss_fn(backend):
@@ -97,8 +156,8 @@ def test_held_gradients_keep_their_values_and_match_fresh_blocks(backend, dtype,
     """Three calls on different inputs; the first two calls' gradients are held while the next runs,
     the second is dropped before the third, whose head gradient then takes its block (float32; with
     the C++ backend bfloat16 too, narrowed in place in one chunk, from the float32 buffer into a
-    recycled block in several). Each equals, bit for bit, the same call with fresh blocks
-    (``ROBALIGN_KEEP_WORKSPACE=0``)."""
+    recycled block in several; the torch backend keeps none). Each equals, bit for bit, the same call
+    with fresh blocks (``ROBALIGN_KEEP_WORKSPACE=0``)."""
     if chunk is not None:                                             # several chunks: the float32 buffer
         monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: chunk)
     fn = _loss_fn(backend)
@@ -118,9 +177,9 @@ def test_held_gradients_keep_their_values_and_match_fresh_blocks(backend, dtype,
     _equal(second, want[1])
     del second
     third = grads(2)
-    if dtype == torch.float32 or backend == "cpp":
+    if backend == "cpp":
         assert third[1].data_ptr() == second_ptr, "the dropped head gradient's block is reused"
-    else:                                             # the torch backend narrows into a copy: none kept
+    else:                                             # no holder count in the torch backend: none kept
         assert _kept() == []
     _equal(first, want[0])
     _equal(third, want[2])
@@ -158,7 +217,7 @@ def test_backward_into_grad_across_steps(backend, dtype, chunk, set_to_none, mon
         for step in range(3):
             fn(hidden, weight, labels, ref, probs=probs).loss.backward()
             kept = _kept()
-            if not recycling or (step and not set_to_none):           # added into .grad: not kept
+            if not recycling or backend != "cpp" or (step and not set_to_none):   # added into .grad: not kept
                 assert kept == []
             else:                                                     # taken as .grad: kept
                 assert [st.data_ptr() for st in kept] == [weight.grad.data_ptr()]
@@ -221,3 +280,36 @@ def test_threads_keep_their_own_blocks(monkeypatch):
     assert len({g[1].data_ptr() for g in got.values()}) == len(got), "a held block was handed out twice"
     for s, g in got.items():
         _equal(g, want[s])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_head_tied_to_the_input_embedding_gets_a_fresh_block(dtype, monkeypatch):
+    """A head that is also the input embedding (SmolLM, Qwen2.5-0.5B) gets two gradients, which
+    autograd sums in place only in a block nothing else holds: its gradient is formed in a fresh
+    block, none is kept, and ``.grad`` is the fresh-block run's, bit for bit. An untied head of the
+    same call keeps its block (the control)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(37, (4, 9), generator=g)
+    labels = torch.randint(37, (4, 9), generator=g)
+    labels[:, :2] = -100
+    ref, probs = torch.randn(4, generator=g) - 30, torch.rand(2, 1, generator=g).expand(-1, 2)
+    fn = _loss_fn("cpp")
+
+    def grad(tied):
+        weight = (torch.randn(37, 24, generator=torch.Generator().manual_seed(6)) / 5).to(dtype).requires_grad_(True)
+        table = weight if tied else weight.detach().clone().requires_grad_(True)
+        hidden = torch.tanh(torch.nn.functional.embedding(ids, table))
+        loss = fn(hidden, weight, labels, ref, probs=probs).loss
+        kept_in_forward = _kept()
+        loss.backward()
+        return weight.grad, kept_in_forward
+
+    monkeypatch.setenv("ROBALIGN_KEEP_WORKSPACE", "0")
+    want = grad(tied=True)[0]
+    monkeypatch.delenv("ROBALIGN_KEEP_WORKSPACE")
+    got, kept = grad(tied=True)
+    assert kept == [] and _kept() == []
+    _equal([got], [want])
+    untied, kept = grad(tied=False)
+    assert len(kept) == 1

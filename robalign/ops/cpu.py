@@ -38,5 +38,6 @@ parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for u
 rows_token_stats = _C.rows_token_stats         # (logits3d, labels, ignore_index, scale, softcap): the logged statistics
 scaled_to = _C.scaled_to                       # (float32 buffer, scale, dtype[, out]): scaled and narrowed, one pass
 empty_huge = _C.empty_huge                     # (sizes, dtype): workspaces kept across calls (robalign.ops.workspace)
+storage_use_count = _C.storage_use_count       # (t): holders of t's storage, for blocks recycled (robalign.ops.workspace)
 empty_grad_like = chunked.empty_grad_like      # (like, dtype=None); plain pages: a gradient outlives its call
 

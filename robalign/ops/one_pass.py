@@ -46,6 +46,7 @@ import concurrent.futures
 import contextlib
 import functools
 import math
+import threading
 import weakref
 from typing import Optional
 
@@ -279,13 +280,13 @@ def _linear_dora_loss(
     acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight, h.shape[0], chunk)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
     # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none. The
-    # head's gradient itself: in the block of the last call's once the caller dropped it; a float32 buffer
-    # for a half-precision head is dropped in the backward, so it is fresh, on plain pages
-    # (robalign.ops.workspace)
+    # head's gradient itself: in the block of the last call's once the caller dropped it, where
+    # fused_dora_loss allows it; a float32 buffer for a half-precision head is dropped in the backward, so
+    # it is fresh, on plain pages (robalign.ops.workspace)
     if not need_weight:
         grad_w = weight.new_empty(0)
-    elif acc_dtype == weight.dtype:
-        grad_w = workspace.recycled("grad_weight", weight.shape, acc_dtype, device)
+    elif acc_dtype == weight.dtype and getattr(_RECYCLING, "on", False):
+        grad_w = workspace.recycled(rows, "grad_weight", weight.shape, acc_dtype, device)
     else:
         grad_w = torch.empty(weight.shape, dtype=acc_dtype, device=device)
     has_bias = need_bias and bias is not None
@@ -442,12 +443,43 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
     :meth:`robalign.losses.reductions.Reduction.gradient_scale`). Returns ``(loss, logps [S],
     counts [S], losses [B])``; ``loss.backward()`` hands ``hidden``, ``weight`` and ``bias`` their
     gradients formed in the forward, times κ (:class:`FormedGradient`)."""
-    logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(hidden, weight, labels, bias=bias,
-                                                                            **op_kwargs)
+    recycle = _may_recycle(hidden, weight)
+    _RECYCLING.on = recycle
+    try:
+        logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(hidden, weight, labels, bias=bias,
+                                                                                **op_kwargs)
+    finally:
+        _RECYCLING.on = False
     value, kappa = scale(logps, losses, shift)
-    narrow = getattr(row_kernels(op_kwargs["kernel"]), "scaled_to", None)
-    loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow)
+    rows = row_kernels(op_kwargs["kernel"])
+    narrow = getattr(rows, "scaled_to", None)
+    loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow,
+                                rows if recycle else None)
     return loss, logps, counts, losses
+
+
+# whether the running call may form the head gradient in a recycled block (set by fused_dora_loss)
+_RECYCLING = threading.local()
+
+
+def _may_recycle(hidden: Tensor, weight: Tensor) -> bool:
+    """Whether the head gradient may go into a recycled block (robalign.ops.workspace.recycled): in
+    eager mode, for a head that requires grad and that the graph behind ``hidden`` does not use too —
+    a tied input embedding. Autograd adds that other gradient into the head's in place only where
+    nothing else holds the block, and the block kept for reuse does; a tied head's gradient is then
+    formed in a fresh block, as every gradient was before blocks were recycled."""
+    if torch.compiler.is_compiling() or not weight.requires_grad:
+        return False
+    seen, stack = set(), [hidden.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is weight:
+            return False
+        stack.extend(f for f, _ in node.next_functions)
+    return True
 
 
 class FormedGradient(torch.autograd.Function):
@@ -462,10 +494,11 @@ class FormedGradient(torch.autograd.Function):
     forgotten, so that it is freed there, not held through the rest of it."""
 
     @staticmethod
-    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None):
+    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None, recycle=None):
         ctx.formed = (kappa, grad_h, grad_w, grad_b)
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         ctx.narrow = narrow
+        ctx.recycle = recycle
         ctx.weight = None if torch.compiler.is_compiling() else weakref.ref(weight)
         return value.detach().clone()
 
@@ -488,8 +521,8 @@ class FormedGradient(torch.autograd.Function):
             if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
                 into = None                                            # in place when grad is in dtype
-                if i == 1 and grad.dtype != dtype:                     # the head's, from its float32 buffer
-                    into = workspace.recycled("grad_weight_narrowed", grad.shape, dtype, grad.device)
+                if i == 1 and grad.dtype != dtype and ctx.recycle is not None:   # the head's, from float32
+                    into = workspace.recycled(ctx.recycle, "grad_weight_narrowed", grad.shape, dtype, grad.device)
                 out.append(ctx.narrow(grad, float(scale), dtype, into))
                 continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
@@ -499,7 +532,7 @@ class FormedGradient(torch.autograd.Function):
             for block in (grads[1], returned):
                 if block is not None and not (taken and block.data_ptr() == returned.data_ptr()):
                     workspace.forget(block)
-        return (None, None, None, None, None, *out, None)
+        return (None, None, None, None, None, *out, None, None)
 
 
 def _taken_as_grad(weight_ref) -> bool:

@@ -57,33 +57,35 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
     return buffer[:numel].view(shape)
 
 
-def _held_elsewhere(storage) -> bool:
-    """Whether anything but this module's reference holds ``storage`` (a tensor, a view, a ``.grad``).
-    Where this torch cannot count its references, always: the block is then never reused."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return count is None or count(storage._cdata) > 1
+def _holders(rows):
+    """The row-kernel module's ``storage_use_count`` (the C++ backend's), or None: only it can count
+    a storage's holders without making a Python storage object, which would stay tied to the storage
+    as one more holder, so that autograd could no longer add a tied head's other gradient into the
+    block in place."""
+    return getattr(rows, "storage_use_count", None)
 
 
-def recycled(name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+def recycled(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised contiguous tensor of ``shape`` for a result the caller gets (the one-pass
     loss's head gradient, ``"grad_weight"``, or that gradient narrowed from a float32 buffer). On CPU
-    its memory is the block of the last tensor this thread made under ``name`` when nothing holds that
-    one any more (the caller dropped it: ``optimizer.zero_grad()``) and the size matches, else a fresh
-    block on plain pages, remembered in its place. The tensor is
-    not a view, so autograd takes it as a parameter's ``.grad`` without a copy; a block in use is
-    never handed out twice. What is held: one block per name once its tensor is dropped, until the
-    next call, :func:`forget` (a result about to be dropped inside a backward), :func:`release` or,
-    with ``ROBALIGN_KEEP_WORKSPACE=0``, not at all (a fresh block each call). Off the CPU, a fresh
-    tensor."""
-    if not _keeping(device):
+    with the row-kernel module ``rows`` of the C++ backend, its memory is the block of the last
+    tensor this thread made under ``name`` when nothing holds that one any more (the caller dropped
+    it: ``optimizer.zero_grad()``) and shape and dtype match, else a fresh block on plain pages,
+    remembered in its place. The tensor is not a view and shares its block with no Python storage
+    object, so autograd takes it as a parameter's ``.grad`` without a copy and adds another gradient
+    into it in place; a block in use is never handed out twice. What is held: one block per name
+    once its tensor is dropped, until the next call, :func:`forget` (a result about to be dropped
+    inside a backward), :func:`release` or, with ``ROBALIGN_KEEP_WORKSPACE=0``, not at all (a fresh
+    block each call). Off the CPU, or without the C++ backend's count, a fresh tensor."""
+    count = _holders(rows)
+    if not _keeping(device) or count is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * dtype.itemsize
-    storage = getattr(_RECYCLED, name, None)
-    if storage is None or storage.nbytes() != nbytes or _held_elsewhere(storage):
+    block = getattr(_RECYCLED, name, None)
+    if block is None or block.shape != tuple(shape) or block.dtype != dtype or count(block) > 1:
         setattr(_RECYCLED, name, None)                                  # whoever holds it keeps it
-        storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-        setattr(_RECYCLED, name, storage)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+        block = torch.empty(shape, dtype=dtype, device=device)
+        setattr(_RECYCLED, name, block)
+    return torch.empty(0, dtype=dtype, device=device).set_(block)
 
 
 def forget(tensor: Tensor) -> None:
@@ -93,8 +95,8 @@ def forget(tensor: Tensor) -> None:
     memory peaks."""
     if not tensor.numel():
         return
-    for name, storage in list(vars(_RECYCLED).items()):
-        if storage is not None and storage.data_ptr() == tensor.data_ptr():
+    for name, block in list(vars(_RECYCLED).items()):
+        if block is not None and block.data_ptr() == tensor.data_ptr():
             setattr(_RECYCLED, name, None)
 
 
