@@ -301,12 +301,12 @@ def print_table(rows: list[dict]) -> None:
             print(f"\n{dtype_name}: worst point {worst['point']} at {worst['ratio']:.3f}× the floor, {verdict} the "
                   f"limit {limit}×{spans}")
     by_key = {(r["dtype"], r["point"]): r for r in rows if "ratio" in r}
-    for (dtype_name, point), r in by_key.items():
-        default = by_key.get((dtype_name, "several_chunks"))
-        if point == HALF_ONLY and default is not None:
+    for dtype_name in LIMITS:
+        default, half = by_key.get((dtype_name, "several_chunks")), by_key.get((dtype_name, HALF_ONLY))
+        if default and half:
             print(f"\n{dtype_name}, several chunks: {default['ratio']:.3f}× the floor accumulating the head's gradient in "
-                  f"float32 (the default), {r['ratio']:.3f}× in {dtype_name} (fp32_head_grad=False): the float32 "
-                  f"accumulation costs {default['ratio'] - r['ratio']:.2f} of the floor")
+                  f"float32 (the default), {half['ratio']:.3f}× in {dtype_name} (fp32_head_grad=False): the float32 "
+                  f"accumulation costs {default['ratio'] - half['ratio']:.2f} of the floor")
 
 
 if __name__ == "__main__":

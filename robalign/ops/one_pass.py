@@ -443,7 +443,8 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
     :meth:`robalign.losses.reductions.Reduction.gradient_scale`). Returns ``(loss, logps [S],
     counts [S], losses [B])``; ``loss.backward()`` hands ``hidden``, ``weight`` and ``bias`` their
     gradients formed in the forward, times κ (:class:`FormedGradient`)."""
-    recycle = _may_recycle(hidden, weight)
+    rows = row_kernels(op_kwargs["kernel"])
+    recycle = _may_recycle(hidden, weight, rows)
     _RECYCLING.on = recycle
     try:
         logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(hidden, weight, labels, bias=bias,
@@ -451,7 +452,6 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
     finally:
         _RECYCLING.on = False
     value, kappa = scale(logps, losses, shift)
-    rows = row_kernels(op_kwargs["kernel"])
     narrow = getattr(rows, "scaled_to", None)
     loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow,
                                 rows if recycle else None)
@@ -462,13 +462,14 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
 _RECYCLING = threading.local()
 
 
-def _may_recycle(hidden: Tensor, weight: Tensor) -> bool:
-    """Whether the head gradient may go into a recycled block (robalign.ops.workspace.recycled): in
-    eager mode, for a head that requires grad and that the graph behind ``hidden`` does not use too —
-    a tied input embedding. Autograd adds that other gradient into the head's in place only where
-    nothing else holds the block, and the block kept for reuse does; a tied head's gradient is then
-    formed in a fresh block, as every gradient was before blocks were recycled."""
-    if torch.compiler.is_compiling() or not weight.requires_grad:
+def _may_recycle(hidden: Tensor, weight: Tensor, rows) -> bool:
+    """Whether the head gradient may go into a recycled block (robalign.ops.workspace.recycled): where
+    ``rows`` can recycle at all, in eager mode, for a head that requires grad and that the graph
+    behind ``hidden`` (walked only then) does not use too — a tied input embedding. Autograd adds
+    that other gradient into the head's in place only where nothing else holds the block, and the
+    block kept for reuse does; a tied head's gradient is then formed in a fresh block, as every
+    gradient was before blocks were recycled."""
+    if torch.compiler.is_compiling() or not weight.requires_grad or not workspace.recycles(rows, weight.device):
         return False
     seen, stack = set(), [hidden.grad_fn]
     while stack:

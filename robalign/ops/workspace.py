@@ -20,7 +20,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["kept", "recycled", "forget", "release"]
+__all__ = ["kept", "recycles", "recycled", "forget", "release"]
 
 _KEPT = threading.local()
 _RECYCLED = threading.local()
@@ -57,12 +57,12 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
     return buffer[:numel].view(shape)
 
 
-def _holders(rows):
-    """The row-kernel module's ``storage_use_count`` (the C++ backend's), or None: only it can count
-    a storage's holders without making a Python storage object, which would stay tied to the storage
-    as one more holder, so that autograd could no longer add a tied head's other gradient into the
-    block in place."""
-    return getattr(rows, "storage_use_count", None)
+def recycles(rows, device: torch.device) -> bool:
+    """Whether :func:`recycled` can hand out a kept block here: on CPU, blocks kept, and the row-kernel
+    module ``rows`` has ``storage_use_count`` (the C++ backend's). Only it counts a storage's holders
+    without making a Python storage object, which would stay tied to the storage as one more holder,
+    so that autograd could no longer add a tied head's other gradient into the block in place."""
+    return _keeping(device) and hasattr(rows, "storage_use_count")
 
 
 def recycled(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -77,11 +77,10 @@ def recycled(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -
     once its tensor is dropped, until the next call, :func:`forget` (a result about to be dropped
     inside a backward), :func:`release` or, with ``ROBALIGN_KEEP_WORKSPACE=0``, not at all (a fresh
     block each call). Off the CPU, or without the C++ backend's count, a fresh tensor."""
-    count = _holders(rows)
-    if not _keeping(device) or count is None:
+    if not recycles(rows, device):
         return torch.empty(shape, dtype=dtype, device=device)
     block = getattr(_RECYCLED, name, None)
-    if block is None or block.shape != tuple(shape) or block.dtype != dtype or count(block) > 1:
+    if block is None or block.shape != tuple(shape) or block.dtype != dtype or rows.storage_use_count(block) > 1:
         setattr(_RECYCLED, name, None)                                  # whoever holds it keeps it
         block = torch.empty(shape, dtype=dtype, device=device)
         setattr(_RECYCLED, name, block)
