@@ -4,8 +4,10 @@ At each point of the sweep the one-pass loss (``FusedLinearDoRALoss``, C++ row k
 λ = 1, DoRA weights from classifier probabilities), forward + backward, is timed against the
 **floor**: the three bare matmuls over the scored tokens only, in the same dtype
 (``h·Wᵀ``, ``G·W``, ``Gᵀ·h`` for M scored tokens; the same ``torch.mm`` → oneDNN path the loss
-takes, ``brg_matmul:avx10_1_512_amx`` for bfloat16 on this CPU, as ``ONEDNN_VERBOSE=1`` shows),
-written into outputs allocated once (so the floor pays no allocation and no page fault; the
+takes, ``brg_matmul:avx10_1_512_amx`` for bfloat16 on this CPU, as ``ONEDNN_VERBOSE=1`` shows), in
+the faster of two layouts, timed each round: the logits and ``G`` as ``[M, V]`` (a row per token) or
+as ``[V, M]`` (``W·hᵀ``, ``(Gᵀ)ᵀ·W``, ``Gᵀ·h`` from a contiguous ``Gᵀ``; MKL runs float32 faster so,
+and the float32 loss forms its chunks so), written into outputs allocated once (so the floor pays no allocation and no page fault; the
 loss keeps its workspaces across calls and forms its head gradient in the block of the one the
 previous round dropped, robalign.ops.workspace). ``ratio`` is the median over rounds of the loss's
 time over the floor's measured next to it, interleaved in one fresh process per point (a slow
@@ -187,8 +189,14 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
     def floor():                        # into outputs allocated once: no allocation, no page fault
         return torch.mm(h, w.T, out=outs[0]), torch.mm(g, w, out=outs[1]), torch.mm(g.T, h, out=outs[2])
 
-    times = {"loss": [], "floor": []}
-    order = [("loss", step), ("floor", floor)]
+    # the same products with the logits and G laid out [V, M] (a column per token), in the same memory
+    g_t, logits_t = g.view(p["vocab"], scored), outs[0].view(p["vocab"], scored)
+
+    def floor_columns():
+        return torch.mm(w, h.T, out=logits_t), torch.mm(g_t.T, w, out=outs[1]), torch.mm(g_t, h, out=outs[2])
+
+    times = {"loss": [], "floor_rows": [], "floor_columns": []}
+    order = [("loss", step), ("floor_rows", floor), ("floor_columns", floor_columns)]
     scratch = torch.empty(flush_mb << 18, dtype=torch.float32)          # flush_mb MB of float32
     for _, f in order:
         f()                                                     # warm-up: oneDNN primitives, huge pages
@@ -199,6 +207,8 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
             out = f()
             times[key].append(time.perf_counter() - start)
             del out
+    # each round's floor: the faster layout of the three products in that round
+    times["floor"] = [min(a, b) for a, b in zip(times["floor_rows"], times["floor_columns"])]
     loss_s, floor_s = statistics.median(times["loss"]), statistics.median(times["floor"])
     # each round's loss over the floor measured next to it: a slow minute of the shared machine
     # hits both; the median of the rounds' ratios is the point's ratio
@@ -206,7 +216,9 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
     ratio = statistics.median(ratios)
     # the middle half of the rounds' ratios: how far the machine's noise moves the point
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else [ratio, ratio]
-    return {**row, "flush_mb": flush_mb, "loss_s": loss_s, "floor_s": floor_s, "ratio": ratio,
+    return {**row, "flush_mb": flush_mb, "loss_s": loss_s, "floor_s": floor_s,
+            "floor_rows_s": statistics.median(times["floor_rows"]),
+            "floor_columns_s": statistics.median(times["floor_columns"]), "ratio": ratio,
             "ratio_quartiles": quartiles,
             "ratio_of_minima": min(times["loss"]) / min(times["floor"]), "times_s": times}
 
@@ -279,18 +291,20 @@ def main(argv=None) -> int:
 def print_table(rows: list[dict]) -> None:
     """A Markdown table of the points and, per dtype, the worst point against its limit."""
     print("\n| dtype | point | tokens (scored) | prompt | V | H | objective | chunk tokens | loss (ms) | floor (ms) "
-          "| ratio | rounds' middle half | grad_W error | vs materialised |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| floor by rows / columns (ms) | ratio | rounds' middle half | grad_W error | vs materialised |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "ratio" not in r:
-            print(f"| {r['dtype']} | {r['point']} | {r['error']} |" + " |" * 11)
+            print(f"| {r['dtype']} | {r['point']} | {r['error']} |" + " |" * 12)
             continue
         vs = f"{r['error_vs_materialised']:.2f}" if "error_vs_materialised" in r else ""
+        layouts = (f"{r['floor_rows_s'] * 1e3:.0f} / {r['floor_columns_s'] * 1e3:.0f}" if "floor_columns_s" in r
+                   else "")                                     # a record from before the column floor
         q1, q3 = r["ratio_quartiles"]
         print(f"| {r['dtype']} | {r['point']} | {r['tokens']} ({r['scored_tokens']}) | {r['prompt']:g} | {r['vocab']} "
               f"| {r['hidden']} | {r['objective']} | {r['chunk_tokens']} | {r['loss_s'] * 1e3:.0f} "
-              f"| {r['floor_s'] * 1e3:.0f} | {r['ratio']:.3f} | {q1:.2f}–{q3:.2f} | {r['grad_weight_rel_error']:.1e} "
-              f"| {vs} |")
+              f"| {r['floor_s'] * 1e3:.0f} | {layouts} | {r['ratio']:.3f} | {q1:.2f}–{q3:.2f} "
+              f"| {r['grad_weight_rel_error']:.1e} | {vs} |")
     for dtype_name, limit in LIMITS.items():
         mine = [r for r in rows if r["dtype"] == dtype_name and "ratio" in r and _default_path(r)]
         if mine:

@@ -464,6 +464,104 @@ std::tuple<Tensor, Tensor> rows_lse_target_grad(const Tensor& logits3d, const Te
   return {o.lse, o.target};
 }
 
+// The one-pass loss's chunk kernel for float32 logits in the transposed layout, zt [V, C] (column c is
+// token c; rows unit-stride): MKL's float32 GEMM forms W·hᵀ faster than h·Wᵀ for a call's chunks, and the
+// gradient's products read it as it is (robalign/ops/one_pass.py). Per column, what rows_lse_target_grad
+// gives per row under the identity transform: lse[c] = logsumexp_v zt[v, c], target[c] = zt[y_c, c] and
+// out[v, c] = onehot(y_c)[v] - softmax(zt[:, c])[v]; `out` may be zt itself. Each thread takes a range of
+// columns and sweeps their rows (unit stride) in blocks of kColBlock rows, in cache while read twice: the
+// block's maximum per column, the running maximum and sum rescaled where it grows (half_row_grad's
+// scheme, per column), exp(z - m) written out and summed (float32 within a block, the block sums in
+// double); then a second sweep scales each block by exp(m_block - m) * (-1/sum) and adds the onehot.
+// One exponential per element; two reads and two writes of the chunk, against the row kernel's one of
+// each (a row fits in cache, a column does not). Only for columns with a label in [0, V) and finite
+// logits: returns ok = false where a label is ignored or out of range (before writing anything) or a
+// column's maximum is not finite (NaN, +inf, all -inf; `out` then holds garbage), and the caller forms
+// that chunk in the row layout, whose kernels give those columns' limits.
+std::tuple<Tensor, Tensor, bool> cols_lse_target_grad(const Tensor& zt, const Tensor& labels, int64_t ignore_index,
+                                                      Tensor& out) {
+  TORCH_CHECK(zt.dim() == 2 && zt.scalar_type() == at::kFloat && zt.stride(1) == 1 && zt.is_cpu(),
+              "cols_lse_target_grad: logits must be a float32 CPU [V, C] tensor with unit-stride rows");
+  TORCH_CHECK(out.sizes() == zt.sizes() && out.scalar_type() == at::kFloat && out.stride(1) == 1 && out.is_cpu(),
+              "cols_lse_target_grad: out must be a float32 CPU tensor of the logits' shape with unit-stride rows");
+  const int64_t V = zt.size(0), C = zt.size(1);
+  TORCH_CHECK(labels.numel() == C, "cols_lse_target_grad: ", labels.numel(), " labels for ", C, " columns");
+  const int64_t ldz = zt.stride(0), ldo = out.stride(0);
+  const Tensor y_all = labels.reshape({C}).to(at::kLong).contiguous();
+  Tensor lse = at::zeros({C}, zt.options()), target = at::zeros({C}, zt.options());
+  const int64_t* ys = y_all.const_data_ptr<int64_t>();
+  for (int64_t c = 0; c < C; ++c)
+    if (ys[c] == ignore_index || ys[c] < 0 || ys[c] >= V) return {lse, target, false};
+  if (C == 0) return {lse, target, true};
+  if (V == 0) return {lse, target, false};
+  float* p_lse = lse.data_ptr<float>();
+  float* p_tgt = target.data_ptr<float>();
+  const float* z = zt.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) p_tgt[c] = z[ys[c] * ldz + c];  // before out covers them
+  constexpr int64_t L = Vec::size();
+  constexpr int64_t kColBlock = 256;
+  const int64_t blocks = (V + kColBlock - 1) / kColBlock;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, (C + L - 1) / L, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t c0 = t0 * L, c1 = std::min(C, t1 * L), W = c1 - c0;
+    const int64_t full = W / L * L;  // columns in whole vectors; the rest in one partial vector
+    auto each = [&](auto&& body) {   // body(i, n): the vector of n columns from c0 + i
+      for (int64_t i = 0; i < full; i += L) body(i, L);
+      if (full < W) body(full, W - full);
+    };
+    std::vector<float> m(W, -INFINITY), shift(W), bmax(W), bsum(W), block_m(blocks * W);
+    std::vector<double> sum(W, 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t v0 = b * kColBlock, v1 = std::min(V, v0 + kColBlock);
+      std::fill(bmax.begin(), bmax.end(), -INFINITY);
+      for (int64_t v = v0; v < v1; ++v) {
+        const float* row = z + v * ldz + c0;
+        each([&](int64_t i, int64_t n) {
+          at::vec::maximum(Vec::loadu(bmax.data() + i, n), Vec::loadu(row + i, n)).store(bmax.data() + i, n);
+        });
+      }
+      for (int64_t i = 0; i < W; ++i) {
+        if (std::isnan(bmax[i]) || bmax[i] == INFINITY) finite.store(false, std::memory_order_relaxed);
+        if (bmax[i] > m[i]) {
+          if (sum[i] != 0.0) sum[i] *= std::exp(static_cast<double>(m[i]) - bmax[i]);
+          m[i] = bmax[i];
+        }
+        block_m[b * W + i] = m[i];
+        shift[i] = m[i] == -INFINITY ? 0.f : m[i];  // only -inf so far: exp(-inf - 0) = 0
+      }
+      std::fill(bsum.begin(), bsum.end(), 0.f);
+      for (int64_t v = v0; v < v1; ++v) {
+        const float* row = z + v * ldz + c0;
+        float* dst = o + v * ldo + c0;
+        each([&](int64_t i, int64_t n) {
+          const Vec e = (Vec::loadu(row + i, n) - Vec::loadu(shift.data() + i, n)).exp_u20();
+          e.store(dst + i, n);
+          (Vec::loadu(bsum.data() + i, n) + e).store(bsum.data() + i, n);
+        });
+      }
+      for (int64_t i = 0; i < W; ++i) sum[i] += bsum[i];
+    }
+    for (int64_t i = 0; i < W; ++i) {
+      if (!std::isfinite(m[i])) finite.store(false, std::memory_order_relaxed);
+      p_lse[c0 + i] = m[i] + static_cast<float>(std::log(sum[i]));
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t v0 = b * kColBlock, v1 = std::min(V, v0 + kColBlock);
+      for (int64_t i = 0; i < W; ++i) {  // this block's factor, per column
+        const float mb = block_m[b * W + i];
+        bmax[i] = mb == -INFINITY ? 0.f : static_cast<float>(-std::exp(static_cast<double>(mb) - m[i]) / sum[i]);
+      }
+      for (int64_t v = v0; v < v1; ++v) {
+        float* dst = o + v * ldo + c0;
+        each([&](int64_t i, int64_t n) { (Vec::loadu(dst + i, n) * Vec::loadu(bmax.data() + i, n)).store(dst + i, n); });
+      }
+    }
+    for (int64_t c = c0; c < c1; ++c) o[ys[c] * ldo + c] += 1.f;
+  });
+  return {lse, target, finite.load()};
+}
+
 // The logged per-token statistics of each scored row of the [B, T, V] view, in one visit of the row
 // (robalign/ops/token_stats.py; z' the transformed logits): lse = logsumexp z', entropy = lse -
 // sum softmax(z') z', mean = sum z' / V, top1 = whether the label is the first maximum (argmax's
@@ -708,6 +806,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_lse_target_grad", &rows_lse_target_grad, "lse, label logit and (onehot - softmax) * dz'/dz per row, in one visit",
         py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("out3d"), py::arg("scale") = 1.0,
         py::arg("softcap") = 0.0);
+  m.def("cols_lse_target_grad", &cols_lse_target_grad,
+        "lse, label logit and onehot - softmax of each column of float32 [V, C] logits (a column per token); "
+        "ok False where it does not apply", py::arg("logits_t"), py::arg("labels"), py::arg("ignore_index"), py::arg("out"));
   m.def("scaled_to", &scaled_to,
         "buffer * scale in a half-precision dtype, one pass (buffer: contiguous float32, into out or a fresh tensor; or in dtype: in place)",
         py::arg("buffer"), py::arg("scale"), py::arg("dtype"), py::arg("out") = py::none());

@@ -247,6 +247,9 @@ def test_sweep_point_is_gated_timed_and_charted(tmp_path, monkeypatch, capsys):
         assert row["grad_weight_rel_error"] < cpu_sweep.GATE[row["dtype"]]
         q1, q3 = row["ratio_quartiles"]
         assert q1 <= row["ratio"] <= q3
+        t = row["times_s"]                  # each round's floor: the faster layout of the three products
+        assert t["floor"] == [min(a, b) for a, b in zip(t["floor_rows"], t["floor_columns"])] and len(t["floor"]) == 2
+        assert row["floor_s"] <= max(row["floor_rows_s"], row["floor_columns_s"])
     assert rows[1]["group"] == 4
     cpu_sweep.print_table(rows)
     table = capsys.readouterr().out

@@ -32,6 +32,7 @@ def rows_lse_target_grad(logits3d, labels, ignore_index, out3d, *, scale=1.0, so
 
 
 rows_softmax_grad = _C.rows_softmax_grad
+cols_lse_target_grad = _C.cols_lse_target_grad   # (zt [V, C] float32, labels, ignore_index, out): lse, target, ok
 accumulate_ = _C.accumulate_                   # a float32 buffer += a half-precision product, one pass
 gemm_into_ = _C.gemm_into_                     # (buffer, a, b, beta): float32 buffer += a @ b by MKL; False if it cannot
 parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for used; 1 means a serial build

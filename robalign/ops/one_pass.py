@@ -192,6 +192,30 @@ _HALF_SLOW_ROWS = (384, 1408)
 _HALF_PIECE_ROWS = 320
 
 
+def _by_columns(rows, weight: Tensor, transform: HeadTransform) -> bool:
+    """Whether chunks form their logits transposed, ``zᵀ = W·hᵀ`` ``[V, C]``: for a float32 head on CPU
+    under the identity transform, with a row-kernel module that has ``cols_lse_target_grad`` (the C++
+    backend's). MKL's float32 GEMM forms ``W·hᵀ`` faster than ``h·Wᵀ`` in the chunk sizes a call has,
+    and the gradient's products take ``Uᵀ`` as it is (docs/benchmarks.md)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and transform.identity and \
+        hasattr(rows, "cols_lse_target_grad")
+
+
+def _chunk_by_columns(rows, h_p: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, ignore_index: int,
+                      buffer: Tensor):
+    """``(Uᵀ [V, C], lse [C], target [C])`` of one chunk formed transposed in ``buffer``'s memory, or
+    three Nones where the column kernel does not apply (an ignored or out-of-range label, a column
+    whose maximum is not finite): the caller then forms the chunk by rows, whose kernels give those
+    limits."""
+    zt = buffer.view(-1)[:weight.shape[0] * h_p.shape[0]].view(weight.shape[0], h_p.shape[0])
+    if bias is None:
+        torch.mm(weight, h_p.T, out=zt)
+    else:
+        torch.addmm(bias.unsqueeze(1), weight, h_p.T, out=zt)
+    lse, target, ok = rows.cols_lse_target_grad(zt, y, ignore_index, zt)
+    return (zt, lse, target) if ok else (None, None, None)
+
+
 def _times_weight(u: Tensor, weight: Tensor) -> Tensor:
     """``U·W`` ``[C, H]``; for a half-precision chunk on CPU of ``_HALF_SLOW_ROWS`` rows, in equal
     pieces of at most ``_HALF_PIECE_ROWS`` rows (each output row is the same dot products)."""
@@ -259,7 +283,9 @@ def _linear_dora_loss(
         logit_scale: float, softcap: float, temperature: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
-    f = HeadTransform(logit_scale, softcap, temperature).kernel_args
+    transform = HeadTransform(logit_scale, softcap, temperature)
+    f = transform.kernel_args
+    columns = _by_columns(rows, weight, transform)
     hparams = dict(zip(hparam_names.split(",") if hparam_names else [], hparam_values))
     k = group_size
     num_groups = num_seqs // k
@@ -316,15 +342,21 @@ def _linear_dora_loss(
             if p1 == p0:
                 continue
             h_p = h.index_select(0, i_c[p0:p1])
-            z = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
-            if len(pieces) == 1:                                        # z becomes U, in place
+            kept_t = None
+            if columns and len(pieces) == 1:                            # [V, C]: zᵀ becomes Uᵀ, in place
+                kept_t, lse_p, target_p = _chunk_by_columns(rows, h_p, weight, bias, y_c, ignore_index, logits_buffer)
+            if kept_t is not None:                                      # U as a [C, V] view: the products
+                kept, kept_h = kept_t.T, h_p                            # below take either layout
+            elif len(pieces) == 1:                                      # z becomes U, in place
+                z = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
                 lse_p, target_p = rows_lse_target_grad(rows, z.unsqueeze(0), y_c, ignore_index, z.unsqueeze(0), **f)
                 kept, kept_h = z, h_p
             else:
+                z = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
                 lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
             lse_c[p0:p1] = lse_p
             logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
-            del z, h_p
+            del h_p
         lp = logps64[s0:s1].float().view(-1, k)
         ref = None if ref_logps is None else ref_logps[s0:s1].float().view(-1, k)
         sc = None if scores is None else scores[s0:s1].view(-1, k)
@@ -354,8 +386,8 @@ def _linear_dora_loss(
                 u = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
                 rows.rows_softmax_grad(u.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], torch.ones(p1 - p0, device=device),
                                        ignore_index, u.unsqueeze(0), **f)
-            kept = kept_h = None
             c = coeff_tok[p0:p1]
+            kept = kept_h = None
             u = _dead_rows_zeroed(u, c, lse_c[p0:p1])
             if need_hidden:                                             # G·W = c ⊙ (U·W)
                 grad_h.index_copy_(0, i_p, _times_weight(u, weight).mul(c[:, None]).to(h.dtype))

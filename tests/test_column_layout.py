@@ -1,0 +1,134 @@
+"""The one-pass loss's float32 chunks laid out by columns (``zᵀ = W·hᵀ``, ``[V, C]``) on CPU: the C++
+kernel ``cols_lse_target_grad`` and the loss that uses it (robalign.ops.one_pass._by_columns).
+
+- The kernel against float64: lse, label logit and the unit gradient ``onehot − softmax`` of each
+  column, V and C not multiples of the vector width or of its 256-row blocks, a column whose maximum
+  rises in a late block (the running sum rescaled), −inf logits in a finite column, in place, into
+  other memory, and from a strided view. Tolerances as tests/test_fused_row_step.py's float32 rows:
+  1e-6 relative on lse (its float32 rounding), 1e-5 on the gradient (float32 exponentials, one
+  float32 scale per block).
+- Where it does not apply (an ignored or out-of-range label, a NaN, +inf or all −inf column) it says
+  so: ``ok`` False, having written nothing for a label it refuses.
+- The loss: a float32 call on CPU forms its chunks by columns, and gives what the row layout gives
+  (loss and the three gradients within 1e-5 relative: the same float32 products summed in another
+  order); a chunk with a non-finite column is formed by rows instead (same values, NaN where the
+  row path has NaN). The float64 comparisons of tests/test_one_pass.py run the column path too.
+"""
+
+import pytest
+import torch
+
+import robalign
+from robalign.ops import one_pass
+
+cpu = pytest.importorskip("robalign.ops.cpu", reason="the C++ backend is not built")
+
+
+def reference(zt: torch.Tensor, labels: torch.Tensor):
+    z = zt.double().T                                                # [C, V]
+    lse = torch.logsumexp(z, 1)
+    grad = -torch.softmax(z, 1)
+    grad[torch.arange(len(labels)), labels] += 1
+    return lse, z.gather(1, labels[:, None]).squeeze(1), grad.T
+
+
+@pytest.mark.parametrize("v", [1, 3, 255, 257, 1000, 2049])
+@pytest.mark.parametrize("c", [1, 5, 16, 17, 37])
+@pytest.mark.parametrize("where", ["in_place", "other_memory", "strided"])
+def test_column_kernel_against_float64(v, c, where):
+    gen = torch.Generator().manual_seed(v * 100 + c)
+    wide = torch.randn(v, c + 3, generator=gen) * 4
+    zt = wide[:, :c] if where == "strided" else wide[:, :c].contiguous()
+    if v > 300:
+        zt[:, 0] = torch.linspace(-5, 30, v)                         # the maximum in the last block
+        zt[::7, -1] = -float("inf")                                  # −inf logits in a finite column
+    labels = torch.randint(v, (c,), generator=gen)
+    lse_want, target_want, grad_want = reference(zt, labels)
+    before = zt.clone()
+    out = zt if where == "in_place" else torch.full((v, c), float("nan"))
+    lse, target, ok = cpu.cols_lse_target_grad(zt, labels, -100, out)
+    assert ok
+    torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(target.double(), target_want, rtol=0, atol=0)
+    torch.testing.assert_close(out.double(), grad_want, rtol=1e-5, atol=1e-7)
+    if where != "in_place":
+        torch.testing.assert_close(zt, before, rtol=0, atol=0, equal_nan=True)     # out was other memory
+
+
+@pytest.mark.parametrize("case", ["ignored", "below_zero", "past_v", "nan", "plus_inf", "all_minus_inf"])
+def test_column_kernel_declines_what_the_row_kernels_handle(case):
+    gen = torch.Generator().manual_seed(4)
+    v, c = 600, 20
+    zt = torch.randn(v, c, generator=gen)
+    labels = torch.randint(v, (c,), generator=gen)
+    if case == "ignored":
+        labels[3] = -100
+    elif case == "below_zero":
+        labels[3] = -2
+    elif case == "past_v":
+        labels[3] = v
+    elif case == "nan":
+        zt[400, 3] = float("nan")
+    elif case == "plus_inf":
+        zt[10, 3] = float("inf")
+    else:
+        zt[:, 3] = -float("inf")
+    before = zt.clone()
+    out = torch.zeros(v, c)
+    _, _, ok = cpu.cols_lse_target_grad(zt, labels, -100, out)
+    assert not ok
+    if case in ("ignored", "below_zero", "past_v"):                  # refused before anything is written
+        assert torch.equal(out, torch.zeros(v, c))
+    torch.testing.assert_close(zt, before, rtol=0, atol=0, equal_nan=True)     # out was other memory
+
+
+def _problem(seed=0, groups=6, t=9, h=24, v=300, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(groups * 2, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / h ** 0.5 * 2
+    b = torch.randn(v, generator=gen) if bias else None
+    labels = torch.randint(v, (groups * 2, t), generator=gen)
+    labels[:, :2] = -100
+    labels[torch.rand(groups * 2, t, generator=gen) < 0.2] = -100
+    return hidden, weight, b, labels
+
+
+def _run(hidden, weight, bias, labels):
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    fn = robalign.DoRALoss("dpo", lam=0.7, group_size=2, backend="cpp")
+    ref = -torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(9)) * 20
+    weights = torch.linspace(0.3, 1.5, labels.shape[0] // 2)
+    out = fn(hidden=leaves[0], head_weight=leaves[1], head_bias=leaves[2], labels=labels, ref_logps=ref,
+             weights=weights)
+    out.loss.backward()
+    return [out.loss.detach(), *[None if x is None else x.grad for x in leaves]]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk", [10 ** 6, 30])
+def test_float32_loss_by_columns_gives_what_rows_give(bias, chunk, monkeypatch):
+    monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: chunk)
+    calls = []
+    kernel = cpu.cols_lse_target_grad
+    monkeypatch.setattr(cpu, "cols_lse_target_grad", lambda *args: calls.append(1) or kernel(*args))
+    problem = _problem(bias=bias)
+    by_columns = _run(*problem)
+    assert calls, "a float32 call on CPU forms its chunks by columns"
+    monkeypatch.setattr(one_pass, "_by_columns", lambda *args: False)
+    by_rows = _run(*problem)
+    for got, want in zip(by_columns, by_rows):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+def test_a_chunk_with_a_non_finite_column_is_formed_by_rows(monkeypatch):
+    hidden, weight, bias, labels = _problem(seed=1)
+    hidden[3, 5, 0] = float("inf")                                   # that token's logits: ±inf, NaN
+    labels[3, 5] = 7
+    by_columns = _run(hidden, weight, bias, labels)
+    monkeypatch.setattr(one_pass, "_by_columns", lambda *args: False)
+    by_rows = _run(hidden, weight, bias, labels)
+    for got, want in zip(by_columns, by_rows):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
