@@ -2,7 +2,7 @@
 AVX-512, AVX2, generic), not only the one the installed extension was built for: a CI machine
 may build another, and the kernels use width-specific ATen code (Sleef-free exp, blends, bfloat16
 conversion). Each build's row kernels — forward, backward and the one-pass step's fused kernel, float32 and
-bfloat16, the head transforms, an ignored row, in place — against float64 autograd at the tolerances of
+bfloat16, the head transforms, an ignored row, in place, and the float32 column kernel — against float64 autograd at the tolerances of
 test_head_transform (float32 rows 1e-6 relative; bfloat16 inputs are exact in float64, so the
 same, the gradient written in bfloat16 within its half-ulp), and the non-finite rows equal to
 the installed extension's.
@@ -63,6 +63,17 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
                 unit = transformed_rows_reference(logits, labels, torch.ones(6), scale, cap)[2]
                 torch.testing.assert_close(lse1.double(), lse_want, rtol=1e-6, atol=1e-5)
                 torch.testing.assert_close(out.double().reshape(6, v), unit, **tol)
+    # the float32 column kernel: columns in whole vectors and a partial one, rows across its 256-row blocks
+    from test_column_layout import reference as columns_reference
+    zt = torch.randn(v, 37, generator=gen) * 5
+    zt[:, 0] = torch.linspace(-5, 30, v)                                # the maximum in the last block
+    labels = torch.randint(v, (37,), generator=gen)
+    lse_want, tgt_want, want = columns_reference(zt, labels)
+    lse, target, ok = module.cols_lse_target_grad(zt, labels, -100, zt)
+    assert ok
+    torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(target.double(), tgt_want, rtol=0, atol=0)
+    torch.testing.assert_close(zt.double(), want, rtol=1e-5, atol=1e-7)
     # non-finite logits: the same NaN / inf pattern and values as the installed extension
     logits = torch.randn(1, 5, v, generator=gen)
     logits[0, 0, 3], logits[0, 1, :], logits[0, 2, 7] = float("nan"), -float("inf"), float("inf")

@@ -26,7 +26,9 @@ only multiplies by the incoming gradient.
 A group with more scored tokens than ``chunk`` is processed in sub-chunks: their log-probs in a
 first pass, then their logits again for the gradient — one extra logits matmul for that group only.
 
-The row kernels are the backend's (``kernel``: ``"cpp"``, ``"triton"``, ``"torch"``). ``grad_W``
+The row kernels are the backend's (``kernel``: ``"cpp"``, ``"triton"``, ``"torch"``). A float32 head
+on CPU with the C++ backend and the identity transform forms each chunk by columns, ``zᵀ = W·hᵀ``
+``[V, C]`` and the C++ column kernel, which MKL's float32 GEMM runs faster (:func:`_by_columns`). ``grad_W``
 (and ``grad_b``) accumulate in float32 for bfloat16/float16 heads unless ``fp32_grad_weight`` is
 False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). Each chunk's product
 is summed and added in float32 by one GEMM where the BLAS has one (cuBLAS's ``out_dtype``; on CPU
