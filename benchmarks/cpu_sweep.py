@@ -7,9 +7,9 @@ At each point of the sweep the one-pass loss (``FusedLinearDoRALoss``, C++ row k
 takes, ``brg_matmul:avx10_1_512_amx`` for bfloat16 on this CPU, as ``ONEDNN_VERBOSE=1`` shows), in
 the faster of two layouts, timed each round: the logits and ``G`` as ``[M, V]`` (a row per token) or
 as ``[V, M]`` (``W·hᵀ``, ``(Gᵀ)ᵀ·W``, ``Gᵀ·h`` from a contiguous ``Gᵀ``; MKL runs float32 faster so,
-and the float32 loss forms its chunks so), written into outputs allocated once (so the floor pays no allocation and no page fault; the
-loss keeps its workspaces across calls and forms its head gradient in the block of the one the
-previous round dropped, robalign.ops.workspace). ``ratio`` is the median over rounds of the loss's
+and the float32 loss forms its chunks so), written into outputs allocated once (so the floor pays
+no allocation and no page fault; the loss keeps its workspaces across calls and forms its head
+gradient in the block of the one the previous round dropped, robalign.ops.workspace). ``ratio`` is the median over rounds of the loss's
 time over the floor's measured next to it, interleaved in one fresh process per point (a slow
 minute of the shared machine hits both), ``ratio_quartiles`` the middle half of those rounds' ratios
 (how far the machine's noise moves the point); ``ratio_of_minima`` is the ratio of the fastest runs.
@@ -291,7 +291,8 @@ def main(argv=None) -> int:
 def print_table(rows: list[dict]) -> None:
     """A Markdown table of the points and, per dtype, the worst point against its limit."""
     print("\n| dtype | point | tokens (scored) | prompt | V | H | objective | chunk tokens | loss (ms) | floor (ms) "
-          "| floor by rows / by columns, ms (loss over the rows' floor) | ratio | rounds' middle half | grad_W error | vs materialised |")
+          "| floor by rows / by columns, ms (loss over the rows' floor) | ratio | rounds' middle half "
+          "| grad_W error | vs materialised |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "ratio" not in r:

@@ -28,8 +28,8 @@ first pass, then their logits again for the gradient — one extra logits matmul
 
 The row kernels are the backend's (``kernel``: ``"cpp"``, ``"triton"``, ``"torch"``). A float32 head
 on CPU with the C++ backend and the identity transform forms each chunk by columns, ``zᵀ = W·hᵀ``
-``[V, C]`` and the C++ column kernel, which MKL's float32 GEMM runs faster (:func:`_by_columns`). ``grad_W``
-(and ``grad_b``) accumulate in float32 for bfloat16/float16 heads unless ``fp32_grad_weight`` is
+``[V, C]``, with the C++ column kernel: MKL's float32 GEMM runs that layout faster (:func:`_by_columns`).
+``grad_W`` (and ``grad_b``) accumulate in float32 for bfloat16/float16 heads unless ``fp32_grad_weight`` is
 False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). Each chunk's product
 is summed and added in float32 by one GEMM where the BLAS has one (cuBLAS's ``out_dtype``; on CPU
 MKL's bf16bf16f32, through the C++ backend), else formed in the head's dtype and then added. For a
@@ -388,8 +388,8 @@ def _linear_dora_loss(
                 u = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
                 rows.rows_softmax_grad(u.unsqueeze(0), y_c[p0:p1], lse_c[p0:p1], torch.ones(p1 - p0, device=device),
                                        ignore_index, u.unsqueeze(0), **f)
-            c = coeff_tok[p0:p1]
             kept = kept_h = None
+            c = coeff_tok[p0:p1]
             u = _dead_rows_zeroed(u, c, lse_c[p0:p1])
             if need_hidden:                                             # G·W = c ⊙ (U·W)
                 grad_h.index_copy_(0, i_p, _times_weight(u, weight).mul(c[:, None]).to(h.dtype))
