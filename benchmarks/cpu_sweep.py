@@ -11,8 +11,9 @@ and the float32 loss forms its chunks so), written into outputs allocated once (
 no allocation and no page fault; the loss keeps its workspaces across calls and forms its head
 gradient in the block of the one the previous round dropped, robalign.ops.workspace). ``ratio``
 is the median over rounds of the loss's time over the floor's measured next to it, interleaved in
-one fresh process per point (a slow minute of the shared machine hits both), ``ratio_quartiles`` the middle half of those rounds' ratios
-(how far the machine's noise moves the point); ``ratio_of_minima`` is the ratio of the fastest runs.
+one fresh process per point (a slow minute of the shared machine hits both), ``ratio_quartiles``
+the middle half of those rounds' ratios (how far the machine's noise moves the point);
+``ratio_of_minima`` is the ratio of the fastest runs.
 
 The points vary one axis at a time around a base (2048 tokens, prompt 1/4, V 32000, H 512, DPO
 pairs, the chunk rule's chunks):
