@@ -522,7 +522,7 @@ std::tuple<Tensor, Tensor, bool> cols_lse_target_grad(const Tensor& zt, const Te
         });
       }
       for (int64_t i = 0; i < W; ++i) {
-        if (std::isnan(bmax[i]) || bmax[i] == INFINITY) finite.store(false, std::memory_order_relaxed);
+        if (std::isnan(bmax[i])) finite.store(false, std::memory_order_relaxed);  // ±inf: m says so at the end
         if (bmax[i] > m[i]) {
           if (sum[i] != 0.0) sum[i] *= std::exp(static_cast<double>(m[i]) - bmax[i]);
           m[i] = bmax[i];

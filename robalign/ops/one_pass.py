@@ -179,11 +179,14 @@ def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype,
 _OUT_DTYPE_MM: dict[str, bool] = {}
 
 
-def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
-    """``h_chunk·Wᵀ (+ b)`` written into ``out`` (the chunk's rows of the logits workspace)."""
+def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor,
+                  by_columns: bool = False) -> Tensor:
+    """``h_chunk·Wᵀ (+ b)`` written into ``out`` (the chunk's rows of the logits workspace), or with
+    ``by_columns`` its transpose ``W·h_chunkᵀ (+ b)`` ``[V, C]``."""
+    a, b = (weight, h_chunk.T) if by_columns else (h_chunk, weight.T)
     if bias is None:
-        return torch.mm(h_chunk, weight.T, out=out)
-    return torch.addmm(bias, h_chunk, weight.T, out=out)
+        return torch.mm(a, b, out=out)
+    return torch.addmm(bias.unsqueeze(1) if by_columns else bias, a, b, out=out)
 
 
 # oneDNN's AMX GEMM for bfloat16/float16 ``U·W`` (a long reduction over V into 512 columns) runs on one of
@@ -210,10 +213,7 @@ def _chunk_by_columns(rows, h_p: Tensor, weight: Tensor, bias: Optional[Tensor],
     whose maximum is not finite): the caller then forms the chunk by rows, whose kernels give those
     limits."""
     zt = buffer.view(-1)[:weight.shape[0] * h_p.shape[0]].view(weight.shape[0], h_p.shape[0])
-    if bias is None:
-        torch.mm(weight, h_p.T, out=zt)
-    else:
-        torch.addmm(bias.unsqueeze(1), weight, h_p.T, out=zt)
+    _chunk_logits(h_p, weight, bias, zt, by_columns=True)
     lse, target, ok = rows.cols_lse_target_grad(zt, y, ignore_index, zt)
     return (zt, lse, target) if ok else (None, None, None)
 
@@ -349,13 +349,15 @@ def _linear_dora_loss(
                 kept_t, lse_p, target_p = _chunk_by_columns(rows, h_p, weight, bias, y_c, ignore_index, logits_buffer)
             if kept_t is not None:                                      # U as a [C, V] view: the products
                 kept, kept_h = kept_t.T, h_p                            # below take either layout
-            elif len(pieces) == 1:                                      # z becomes U, in place
-                z = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
-                lse_p, target_p = rows_lse_target_grad(rows, z.unsqueeze(0), y_c, ignore_index, z.unsqueeze(0), **f)
-                kept, kept_h = z, h_p
             else:
                 z = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
-                lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
+                if len(pieces) == 1:                                    # z becomes U, in place
+                    lse_p, target_p = rows_lse_target_grad(rows, z.unsqueeze(0), y_c, ignore_index, z.unsqueeze(0),
+                                                           **f)
+                    kept, kept_h = z, h_p
+                else:
+                    lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
+                del z
             lse_c[p0:p1] = lse_p
             logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
             del h_p
