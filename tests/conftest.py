@@ -38,6 +38,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def chunks(monkeypatch):
+    """``chunks(n)`` pins the one-pass loss's chunk to ``n`` scored tokens."""
+    from robalign.ops import one_pass
+
+    def pin(tokens):
+        monkeypatch.setattr(one_pass, "chunk_tokens", lambda *args, **kwargs: tokens)
+    return pin
+
+
 def random_batch(num_seqs, seqlen, vocab, *, dtype=torch.float64, hole_rate=0.3, all_ignored=(), seed=0,
                  device="cpu"):
     """Padded logits/labels with random ignore_index holes and some all-ignored rows."""

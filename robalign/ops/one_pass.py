@@ -21,7 +21,9 @@ next ``addmm`` (its ``beta``) — or at the end, when no chunk with scored token
 ``Σ_i w_i·e^{a_i − shift}·∇ℓ_i`` with ``shift`` the final m: the caller (:mod:`robalign.losses`)
 turns it into the exact gradient of the DRO loss over the whole batch, every micro-batch and every
 rank with one scalar ``e^{shift − M}/S`` (M, S the global maximum and Σ e^{a − M}); the backward
-only multiplies by the incoming gradient.
+only multiplies by the incoming gradient. Where grad_W is formed in the head's dtype on CPU (float32,
+or bfloat16 in one chunk), the last chunk's ``Gᵀ·h`` is left to the backward, which adds it with that
+scalar as the GEMM's ``alpha`` and ``beta`` instead of a pass over ``[V, H]`` (:func:`_defers`).
 
 A group with more scored tokens than ``chunk`` is processed in sub-chunks: their log-probs in a
 first pass, then their logits again for the gradient — one extra logits matmul for that group only.
@@ -276,13 +278,32 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
     buffer.add_(a @ b)
 
 
+def _defers(asked: bool, weight: Tensor, acc_dtype: torch.dtype) -> bool:
+    """Whether the call leaves its last chunk's grad_W product to the backward (``asked``: by
+    :func:`fused_dora_loss` in eager mode): on CPU, where grad_W is formed in the head's dtype, float32
+    or bfloat16. The backward knows the scale ``s`` (κ times the incoming gradient) and forms
+    ``grad_W = s·β·grad_W + s·Uᵀ·(c ⊙ h)`` with one ``addmm`` whose ``alpha`` and ``beta`` carry it,
+    where the scale was one more pass over the ``[V, H]`` gradient: 64 MB in float32 at V 32000,
+    H 512, about 5 % of a 512-token call. A bfloat16 gradient is then rounded once, from the GEMM's
+    float32 sum times ``s``, not once before the scaling and once after (at V 32000, H 512, 384
+    tokens: 1.7e-3 against 2.4e-3 relative to float64). The chunk's ``Uᵀ`` stays in the logits
+    workspace, lent to the backward (:func:`robalign.ops.workspace.lend`)."""
+    return asked and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and \
+        acc_dtype == weight.dtype
+
+
+# the product a call left to its backward: (Uᵀ, c ⊙ h, beta, alpha, the workspace's loan), taken by
+# fused_dora_loss right after the operator returns, on the same thread
+_DEFERRED = threading.local()
+
+
 @torch.library.custom_op("robalign::linear_dora_loss", mutates_args=())
 def _linear_dora_loss(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_idx: Tensor, num_seqs: int,
         ref_logps: Optional[Tensor], sample_weights: Tensor, scores: Optional[Tensor], objective: str,
         hparam_names: str, hparam_values: list[float], group_size: int, lam: float, ignore_index: int, kernel: str,
         chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool, fp32_grad_weight: bool,
-        logit_scale: float, softcap: float, temperature: float,
+        logit_scale: float, softcap: float, temperature: float, defer_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
     transform = HeadTransform(logit_scale, softcap, temperature)
@@ -327,12 +348,16 @@ def _linear_dora_loss(
     rescale_h: list[tuple[Tensor, float]] = []                          # (token rows, m when written)
     # one [C, V] workspace for every chunk's logits (then its unit gradient), allocated once
     plan = plan_chunks(group_tokens, chunk)
+    # the last chunk with scored tokens leaves its grad_W product to the backward (see _defers)
+    defer = _defers(defer_weight and need_weight, weight, acc_dtype)
+    last_scored = max((i for i, (g0, g1) in enumerate(plan) if token_start[g1] > token_start[g0]), default=-1)
+    deferred = None                                                     # [Uᵀ, c ⊙ h, beta, alpha]
     widest = max([p1 - p0 for g0, g1 in plan for p0, p1 in _pieces(token_start[g1] - token_start[g0], chunk)],
                  default=0)
     logits_buffer = workspace.kept(rows, "logits", (widest, weight.shape[0]), weight.dtype, device)
     product = []                                                        # grad_W's per-chunk product, if needed
 
-    for g0, g1 in plan:
+    for i_chunk, (g0, g1) in enumerate(plan):
         t0, t1 = token_start[g0], token_start[g1]
         s0, s1 = g0 * k, g1 * k
         i_c = idx[t0:t1]
@@ -397,7 +422,12 @@ def _linear_dora_loss(
                 grad_h.index_copy_(0, i_p, _times_weight(u, weight).mul(c[:, None]).to(h.dtype))
                 rescale_h.append((i_p, m))
             if need_weight:                                             # Gᵀ·h = Uᵀ·(c ⊙ h)
-                _accumulate(grad_w, u.T, h_p.mul(c[:, None]).to(h_p.dtype), beta, rows, product)
+                hc = h_p.mul(c[:, None]).to(h_p.dtype)
+                if defer and i_chunk == last_scored and len(pieces) == 1:
+                    deferred = [u.T, hc, beta, 1.0]
+                else:
+                    _accumulate(grad_w, u.T, hc, beta, rows, product)
+                del hc
             if has_bias:                                                # Σ_t G[t] = Uᵀ·c
                 if beta != 1.0:
                     grad_b.mul_(beta)
@@ -409,7 +439,10 @@ def _linear_dora_loss(
     if need_weight and not accumulated:
         grad_w.zero_()
     if accumulated and pending != 1.0:          # the maximum grew after the last chunk with tokens
-        if need_weight:
+        if deferred is not None:
+            deferred[2] *= pending
+            deferred[3] = pending
+        elif need_weight:
             grad_w.mul_(pending)
         if has_bias:
             grad_b.mul_(pending)
@@ -417,6 +450,8 @@ def _linear_dora_loss(
         for rows_i, m_i in rescale_h:
             if m_i != m:
                 grad_h.index_copy_(0, rows_i, grad_h.index_select(0, rows_i) * math.exp(m_i - m))
+    if deferred is not None:
+        _DEFERRED.product = (*deferred, workspace.lend("logits"))
     shift = torch.tensor(m if math.isfinite(m) else 0.0, dtype=torch.float64, device=device)
     grad_h = grad_h.reshape(hidden.shape) if need_hidden else grad_h
     return logps64.float(), counts, losses, shift, grad_h, grad_w, grad_b
@@ -425,7 +460,7 @@ def _linear_dora_loss(
 @_linear_dora_loss.register_fake
 def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights, scores, objective, hparam_names,
       hparam_values, group_size, lam, ignore_index, kernel, chunk, need_hidden, need_weight, need_bias,
-      fp32_grad_weight, logit_scale, softcap, temperature):
+      fp32_grad_weight, logit_scale, softcap, temperature, defer_weight):
     new = hidden.new_empty
     return (new(num_seqs, dtype=torch.float32), new(num_seqs, dtype=torch.int64),
             new(num_seqs // group_size, dtype=torch.float32), new((), dtype=torch.float64),
@@ -441,7 +476,7 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
                      cu_seqlens: Tensor | None, ref_logps: Tensor | None, sample_weights: Tensor,
                      scores: Tensor | None, objective: str, hparams: dict, group_size: int, lam: float, kernel: str,
                      need: tuple[bool, bool, bool], fp32_grad_weight: bool = True, chunk: int | None = None,
-                     transform: HeadTransform = HeadTransform()):
+                     transform: HeadTransform = HeadTransform(), defer_weight: bool = False):
     """Run the operator on validated inputs (:class:`robalign.DoRALoss` validates them).
 
     Returns ``(logps [S], counts [S], losses [B], shift, grad_hidden, grad_weight, grad_bias)``: the
@@ -449,7 +484,8 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
     ``need`` (hidden, weight, bias) is False; ``grad_weight`` is float32 for a half-precision head
     with ``fp32_grad_weight`` (bfloat16 for a bfloat16 head on CPU whose call is one chunk),
     ``grad_bias`` always float32 (the caller casts after scaling). Under ``torch.autocast`` the inputs are cast to the
-    autocast dtype first, as ``F.linear`` would.
+    autocast dtype first, as ``F.linear`` would. ``defer_weight`` (:func:`fused_dora_loss`'s, see
+    :func:`_defers`): ``grad_weight`` may then lack its last chunk's product, left to the backward.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -468,7 +504,7 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
             num_seqs, None if ref_logps is None else ref_logps.detach().float(), sample_weights.detach().float(),
             None if scores is None else scores.detach(), objective, ",".join(names),
             [float(hparams[n]) for n in names], group_size, float(lam), ignore_index, kernel, chunk, *need,
-            fp32_grad_weight, *transform.args)
+            fp32_grad_weight, *transform.args, defer_weight)
 
 
 def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bias: Tensor | None = None,
@@ -482,15 +518,17 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
     rows = row_kernels(op_kwargs["kernel"])
     recycle = _may_recycle(hidden, weight, rows)
     _RECYCLING.on = recycle
+    _DEFERRED.product = None
     try:
-        logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(hidden, weight, labels, bias=bias,
-                                                                                **op_kwargs)
+        logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
+            hidden, weight, labels, bias=bias, defer_weight=not torch.compiler.is_compiling(), **op_kwargs)
     finally:
         _RECYCLING.on = False
+        deferred, _DEFERRED.product = _DEFERRED.product, None
     value, kappa = scale(logps, losses, shift)
     narrow = getattr(rows, "scaled_to", None)
     loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow,
-                                rows if recycle else None)
+                                rows if recycle else None, deferred)
     return loss, logps, counts, losses
 
 
@@ -528,11 +566,16 @@ class FormedGradient(torch.autograd.Function):
     (:func:`robalign.ops.workspace.recycled`), as the head gradient formed in its own dtype is. Such
     a block is kept for the next call only when autograd takes it as the head's ``.grad`` as it is;
     one it will add into an existing ``.grad``, or copy, is dropped inside this backward and is
-    forgotten, so that it is freed there, not held through the rest of it."""
+    forgotten, so that it is freed there, not held through the rest of it. ``deferred``: the head
+    gradient's last product, ``(Uᵀ, c ⊙ h, β, α, loan)``, which this backward adds with the scale ``s``
+    in one ``addmm``: ``grad_W ← s·β·grad_W + s·α·Uᵀ·(c ⊙ h)`` (:func:`_defers`), then gives the
+    workspace holding ``Uᵀ`` back (:func:`robalign.ops.workspace.give_back`)."""
 
     @staticmethod
-    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None, recycle=None):
+    def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None, recycle=None,
+                deferred=None):
         ctx.formed = (kappa, grad_h, grad_w, grad_b)
+        ctx.deferred = deferred
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         ctx.narrow = narrow
         ctx.recycle = recycle
@@ -545,6 +588,7 @@ class FormedGradient(torch.autograd.Function):
             raise RuntimeError("robalign.DoRALoss: the one-pass loss holds its gradients once; to backward twice "
                                "build the loss with LossParams(one_pass=False)")
         kappa, *grads = ctx.formed
+        deferred, ctx.deferred = ctx.deferred, None
         compiling = torch.compiler.is_compiling()     # dynamo traces this body, maybe more than once,
         if not compiling:                              # and takes ATen's ops, not the C++ narrowing
             ctx.formed = None
@@ -555,6 +599,11 @@ class FormedGradient(torch.autograd.Function):
             if not need:
                 out.append(None)
                 continue
+            if i == 1 and deferred is not None:                     # the scale in the last product
+                ut, hc, beta, alpha, _ = deferred
+                s = float(scale)
+                out.append(torch.addmm(grad, ut, hc, beta=s * beta, alpha=s * alpha, out=grad))
+                continue
             if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():
                 into = None                                            # in place when grad is in dtype
@@ -563,13 +612,17 @@ class FormedGradient(torch.autograd.Function):
                 out.append(ctx.narrow(grad, float(scale), dtype, into))
                 continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
+        if deferred is not None:
+            loan = deferred[-1]
+            del deferred
+            workspace.give_back("logits", loan)
         if not compiling:                       # a recycled block dropped inside this backward is not kept
             returned = out[1]
             taken = returned is not None and _taken_as_grad(ctx.weight)
             for block in (grads[1], returned):
                 if block is not None and not (taken and block.data_ptr() == returned.data_ptr()):
                     workspace.forget(block)
-        return (None, None, None, None, None, *out, None, None)
+        return (None, None, None, None, None, *out, None, None, None)
 
 
 def _taken_as_grad(weight_ref) -> bool:

@@ -20,10 +20,11 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["kept", "recycles", "recycled", "forget", "release"]
+__all__ = ["kept", "lend", "give_back", "recycles", "recycled", "forget", "release"]
 
 _KEPT = threading.local()
 _RECYCLED = threading.local()
+_RELEASES = threading.local()                                           # release() calls so far
 
 
 def _huge(rows, numel: int, dtype: torch.dtype) -> Tensor:
@@ -55,6 +56,30 @@ def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Te
         buffer = _huge(rows, numel, dtype)
         setattr(_KEPT, name, buffer)
     return buffer[:numel].view(shape)
+
+
+def lend(name: str) -> tuple[Tensor, int] | None:
+    """Take the buffer kept under ``name`` out of the keeping, for a result that reads it after the call
+    (the one-pass loss's last chunk, whose head-gradient product its backward forms): the next call
+    gets a buffer of its own, so nothing overwrites this one while it is lent. Returns ``(buffer,
+    ticket)`` for :func:`give_back`, or None where nothing is kept (off the CPU, or
+    ``ROBALIGN_KEEP_WORKSPACE=0``: the caller's view then holds a buffer no one else has)."""
+    buffer = getattr(_KEPT, name, None)
+    if buffer is None:
+        return None
+    setattr(_KEPT, name, None)
+    return buffer, getattr(_RELEASES, "count", 0)
+
+
+def give_back(name: str, loan: tuple[Tensor, int] | None) -> None:
+    """Keep a buffer lent by :func:`lend` again, unless another is kept under ``name`` by now (a call
+    ran while it was lent) or :func:`release` ran since it was lent (a training step between its
+    forward and its backward: the model's backward, after this, gets the memory)."""
+    if loan is None:
+        return
+    buffer, ticket = loan
+    if getattr(_KEPT, name, None) is None and ticket == getattr(_RELEASES, "count", 0):
+        setattr(_KEPT, name, buffer)
 
 
 def recycles(rows, device: torch.device) -> bool:
@@ -105,7 +130,9 @@ def release() -> None:
     done: the model's backward, where the step's memory peaks, then has that memory (at
     Qwen2.5-0.5B's vocabulary a chunk of logits is 512 MiB), and no gradient's block outlives the
     gradient. The next forward touches fresh pages again: about 6 ms per 512 MiB on huge pages the
-    guest still holds, far more on ones its balloon gave back to the host (docs/benchmarks.md)."""
+    guest still holds, far more on ones its balloon gave back to the host (docs/benchmarks.md). A
+    buffer lent (:func:`lend`) is freed when its borrower is done with it, not given back."""
     for store in (_KEPT, _RECYCLED):
         for name in list(vars(store)):
             setattr(store, name, None)
+    _RELEASES.count = getattr(_RELEASES, "count", 0) + 1
