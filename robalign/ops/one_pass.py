@@ -36,7 +36,7 @@ False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). 
 is summed and added in float32 by one GEMM where the BLAS has one (cuBLAS's ``out_dtype``; on CPU
 MKL's bf16bf16f32, through the C++ backend), else formed in the head's dtype and then added. For a
 bfloat16 head on CPU where every token fits one chunk, one GEMM forms grad_W in bfloat16: its
-float32 sum rounded once, then scaled. The host reads the per-group token counts once and the
+float32 sum rounded once — with the scale, where the backward forms it. The host reads the per-group token counts once and the
 running maximum once a chunk (a CPU-side branch decides the rescaling); the objective's derivatives
 run on ``[b, K]`` tensors.
 
@@ -157,8 +157,9 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chun
     """grad_W's dtype while chunks add into it: float32 for a half-precision head unless
     ``fp32_grad_weight`` is False — or for a bfloat16 head on CPU where all ``tokens`` (scored or not:
     the decision is static, for the fake too) fit one ``chunk``: one GEMM then forms the whole
-    gradient, accumulating in float32 and rounding once before it is scaled (a float32 buffer is
-    rounded once, after scaling). Not for float16, whose range an unscaled sum may leave."""
+    gradient, accumulating in float32 and rounding once — after the scaling where the backward forms
+    it (:func:`_defers`), before it under torch.compile (a float32 buffer is rounded once, after
+    scaling). Not for float16, whose range an unscaled sum may leave."""
     one_product = _one_gemm_on_cpu(weight.dtype, weight.device) and tokens <= chunk
     if _float32_buffer(weight.dtype, fp32_grad_weight) and not one_product:
         return torch.float32
