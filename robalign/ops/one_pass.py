@@ -36,9 +36,9 @@ False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). 
 is summed and added in float32 by one GEMM where the BLAS has one (cuBLAS's ``out_dtype``; on CPU
 MKL's bf16bf16f32, through the C++ backend), else formed in the head's dtype and then added. For a
 bfloat16 head on CPU where every token fits one chunk, one GEMM forms grad_W in bfloat16: its
-float32 sum rounded once — with the scale, where the backward forms it. The host reads the per-group token counts once and the
-running maximum once a chunk (a CPU-side branch decides the rescaling); the objective's derivatives
-run on ``[b, K]`` tensors.
+float32 sum rounded once — with the scale, where the backward forms it. The host reads the
+per-group token counts once and the running maximum once a chunk (a CPU-side branch decides the
+rescaling); the objective's derivatives run on ``[b, K]`` tensors.
 
 Registered as ``robalign::linear_dora_loss`` (a fake implementation gives the shapes, so
 ``torch.compile`` sees one opaque operator).
