@@ -24,7 +24,11 @@ Tolerances, with the reason:
   the thorough run: 4.2e-7 and 1.5e-5);
 - bfloat16: the head's logits are rounded to 8 significant bits (relative 2⁻⁹) before the row
   kernels read them, as in any bfloat16 head, and every gradient is rounded once to bfloat16, so
-  against float64 only 5e-2 of the scale is promised (measured: 5.5e-3 loss, 2.2e-2 gradients). The
+  against float64 only 5e-2 of the scale is promised (measured: 5.5e-3 loss, 2.2e-2 gradients) — or
+  twice the error of the loss from materialised bfloat16 logits (the reference backend on the logits
+  path: what PyTorch computes in bfloat16) where that is larger: an objective with a steep gate
+  (DiscoPOP's σ(ρ/0.05)) multiplies the logits' rounding by 20, and case 4006 puts every path and
+  backend, that reference included, 7.7 % off. The
   backends on one device are then compared with one another on the same path, where they read
   the same bfloat16 logits (one ATen matmul): 1e-5 for the loss (float32 accumulation) and 2⁻⁷ of each
   gradient's largest element (two bfloat16 roundings of one float32 value, 2⁻⁸ each; measured:
@@ -224,17 +228,27 @@ def run(case, backend, path, dtype, device):
     return out.loss.detach().double().cpu(), grads_of(leaves)
 
 
-def assert_close(got, want, rtol_loss, rtol_grad, what):
+def _error(x, ref) -> float:
+    """The largest absolute difference, NaN where both are NaN counted as none."""
+    return (x.double() - ref.double()).nan_to_num().abs().max().item() if ref.numel() else 0.0
+
+
+def assert_close(got, want, rtol_loss, rtol_grad, what, baseline=None):
     """Loss within ``rtol_loss`` of max(|loss|, 1); each gradient within ``rtol_grad`` of its
-    largest element (not compared when ``rtol_grad`` is None); NaN only where the reference has NaN."""
+    largest element (not compared when ``rtol_grad`` is None); NaN only where the reference has NaN.
+    ``baseline`` (the reference backend's result on the same low-precision inputs): each bound is at
+    least twice its error, the error the dtype itself brings to this case."""
     (loss, grads), (ref_loss, ref_grads) = got, want
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=rtol_loss * max(ref_loss.abs().nan_to_num().item(), 1.0),
-                               equal_nan=True, msg=lambda m: f"{what} loss: {m}")
+    floor_loss = 0.0 if baseline is None else 2 * _error(baseline[0], ref_loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, equal_nan=True, msg=lambda m: f"{what} loss: {m}",
+                               atol=max(rtol_loss * max(ref_loss.abs().nan_to_num().item(), 1.0), floor_loss))
     if rtol_grad is None:
         return
-    for name, g, r in zip(("hidden", "weight", "bias")[:len(ref_grads)], grads, ref_grads, strict=True):
+    for i, (name, g, r) in enumerate(zip(("hidden", "weight", "bias")[:len(ref_grads)], grads, ref_grads,
+                                         strict=True)):
         scale = r.abs().nan_to_num().max().item() if r.numel() else 0.0
-        torch.testing.assert_close(g, r, rtol=0, atol=rtol_grad * scale + GRAD_FLOOR, equal_nan=True,
+        floor = 0.0 if baseline is None else 2 * _error(baseline[1][i], r)
+        torch.testing.assert_close(g, r, rtol=0, atol=max(rtol_grad * scale, floor) + GRAD_FLOOR, equal_nan=True,
                                    msg=lambda m, name=name: f"{what} grad {name}: {m}")
 
 
@@ -252,6 +266,10 @@ def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective
     case, want, paths = prepared(objective, n, monkeypatch)
     bf16 = case["dtype"] == torch.bfloat16
     sorts = O.is_batch_coupled(O.resolve(objective))
+    # bfloat16: the error of the loss from materialised bfloat16 logits (the reference backend on the
+    # logits path, as PyTorch would compute it), which every path's bound is at least twice of
+    baseline = run(case, "reference", "logits", case["dtype"], "cpu") if bf16 and "logits" in paths and \
+        want != REFUSED else None
     for path in paths:
         results = {}
         if want == REFUSED:                     # +∞ in float64: refused on every path and backend alike
@@ -260,7 +278,7 @@ def test_every_path_and_backend_gives_the_reference_loss_and_gradients(objective
         for backend, device in KERNELS:
             got = results[backend] = run(case, backend, path, case["dtype"], device)
             assert_close(got, want, 5e-2 if bf16 else 5e-5, None if bf16 and sorts else 5e-2 if bf16 else 5e-5,
-                         (backend, path))
+                         (backend, path), baseline)
         if bf16:                                 # backends on one device read the same logits
             first = {}
             for backend, device in KERNELS:
