@@ -140,8 +140,10 @@ class StepClock:
         self.times.append(time.perf_counter() - self._start)
 
 
-def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, device, clock, out_dir):
+def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, device, clock, out_dir, dtype):
     import math
+
+    import torch
 
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -149,7 +151,10 @@ def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, device, clock, out_d
     common = dict(output_dir=out_dir, per_device_train_batch_size=pairs, gradient_accumulation_steps=ACCUMULATION,
                   max_steps=steps, learning_rate=1e-6, optim="adamw_torch", lr_scheduler_type="constant",
                   logging_steps=1, report_to=[], use_cpu=device == "cpu", seed=0, save_strategy="no", beta=0.1,
-                  precompute_ref_log_probs=True, dataloader_num_workers=0, disable_tqdm=True)
+                  precompute_ref_log_probs=True, dataloader_num_workers=0, disable_tqdm=True,
+                  # the row's dtype end to end: TRL's configs default to bf16=True, which runs a float32
+                  # model under bfloat16 autocast (until 276ada7 the float32 rows of the trainer arms did)
+                  bf16=dtype == torch.bfloat16, fp16=False)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -241,7 +246,8 @@ def measure(arm, model_name, micro, dtype_name, layers, steps, warmup, device="c
         if arm == "liger":
             losses, logps = _liger_arm(model, rows, tokenizer, pairs, total_steps, device, clock), None
         else:
-            losses, logps = _trainer_arm(arm, model, tokenizer, rows, pairs, total_steps, device, clock, out_dir)
+            losses, logps = _trainer_arm(arm, model, tokenizer, rows, pairs, total_steps, device, clock, out_dir,
+                                         dtype)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20 - loaded
     else:
