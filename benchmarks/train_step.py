@@ -153,7 +153,7 @@ def _trainer_arm(arm, model, tokenizer, rows, pairs, steps, device, clock, out_d
                   logging_steps=1, report_to=[], use_cpu=device == "cpu", seed=0, save_strategy="no", beta=0.1,
                   precompute_ref_log_probs=True, dataloader_num_workers=0, disable_tqdm=True,
                   # the row's dtype end to end: TRL's configs default to bf16=True, which runs a float32
-                  # model under bfloat16 autocast (until 276ada7 the float32 rows of the trainer arms did)
+                  # model under bfloat16 autocast (before d42f67b the float32 rows of the trainer arms did)
                   bf16=dtype == torch.bfloat16, fp16=False)
 
     class Clock(TrainerCallback):

@@ -81,8 +81,8 @@ def test_the_maximum_rising_after_the_last_product(lam, chunks, lent, monkeypatc
     assert_close(got, reference_run(p, "dpo", lam), rtol=1e-5)
 
 
-def _call(p, seed_shift=0):
-    h = (p["hidden"] + seed_shift).clone().requires_grad_(True)
+def _call(p, shift=0.0):
+    h = (p["hidden"] + shift).clone().requires_grad_(True)
     w = p["weight"].clone().requires_grad_(True)
     out = loss_fn("dpo", 1.0, 2, "cpp")(hidden=h, head_weight=w, labels=p["labels"], ref_logps=p["ref"],
                                         weights=p["weights"])

@@ -352,7 +352,7 @@ def _linear_dora_loss(
     # the last chunk with scored tokens leaves its grad_W product to the backward (see _defers)
     defer = _defers(defer_weight and need_weight, weight, acc_dtype)
     last_scored = max((i for i, (g0, g1) in enumerate(plan) if token_start[g1] > token_start[g0]), default=-1)
-    deferred = None                                                     # [Uᵀ, c ⊙ h, beta, alpha]
+    deferred = None                                                     # (Uᵀ, c ⊙ h, beta)
     widest = max([p1 - p0 for g0, g1 in plan for p0, p1 in _pieces(token_start[g1] - token_start[g0], chunk)],
                  default=0)
     logits_buffer = workspace.kept(rows, "logits", (widest, weight.shape[0]), weight.dtype, device)
@@ -425,10 +425,9 @@ def _linear_dora_loss(
             if need_weight:                                             # Gᵀ·h = Uᵀ·(c ⊙ h)
                 hc = h_p.mul(c[:, None]).to(h_p.dtype)
                 if defer and i_chunk == last_scored and len(pieces) == 1:
-                    deferred = [u.T, hc, beta, 1.0]
+                    deferred = (u.T, hc, beta)
                 else:
                     _accumulate(grad_w, u.T, hc, beta, rows, product)
-                del hc
             if has_bias:                                                # Σ_t G[t] = Uᵀ·c
                 if beta != 1.0:
                     grad_b.mul_(beta)
@@ -439,20 +438,19 @@ def _linear_dora_loss(
 
     if need_weight and not accumulated:
         grad_w.zero_()
-    if accumulated and pending != 1.0:          # the maximum grew after the last chunk with tokens
-        if deferred is not None:
-            deferred[2] *= pending
-            deferred[3] = pending
-        elif need_weight:
-            grad_w.mul_(pending)
+    late = pending if accumulated else 1.0      # the maximum grew after the last chunk with tokens
+    if late != 1.0:
+        if need_weight and deferred is None:
+            grad_w.mul_(late)
         if has_bias:
-            grad_b.mul_(pending)
+            grad_b.mul_(late)
     if need_hidden:
         for rows_i, m_i in rescale_h:
             if m_i != m:
                 grad_h.index_copy_(0, rows_i, grad_h.index_select(0, rows_i) * math.exp(m_i - m))
-    if deferred is not None:
-        _DEFERRED.product = (*deferred, workspace.lend("logits"))
+    if deferred is not None:                    # grad_W = late·(beta·grad_W + Uᵀ·(c ⊙ h)), in the backward
+        ut, hc, beta = deferred
+        _DEFERRED.product = (ut, hc, late * beta, late, workspace.lend("logits"))
     shift = torch.tensor(m if math.isfinite(m) else 0.0, dtype=torch.float64, device=device)
     grad_h = grad_h.reshape(hidden.shape) if need_hidden else grad_h
     return logps64.float(), counts, losses, shift, grad_h, grad_w, grad_b
@@ -614,9 +612,7 @@ class FormedGradient(torch.autograd.Function):
                 continue
             out.append((grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)).to(dtype))
         if deferred is not None:
-            loan = deferred[-1]
-            del deferred
-            workspace.give_back("logits", loan)
+            workspace.give_back("logits", deferred[-1])
         if not compiling:                       # a recycled block dropped inside this backward is not kept
             returned = out[1]
             taken = returned is not None and _taken_as_grad(ctx.weight)
