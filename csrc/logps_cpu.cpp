@@ -614,6 +614,80 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rows_token_stats(const Tensor& logits
   return {o.lse, o.target, mean, top1};
 }
 
+// Whether each token's label is the first maximum of its logits, torch.argmax's rule (a NaN counts as
+// the largest value, the first NaN wins; a column of -inf has its maximum at 0): the logged top-1
+// accuracy of the one-pass loss's chunk, read before the chunk kernel overwrites the logits with the
+// unit gradient (robalign/ops/one_pass.py). `logits` is [C, V] with unit-stride rows (a token per row)
+// or, with `columns`, [V, C] with unit-stride rows (a token per column, the float32 column layout);
+// `labels` [C]: a label outside [0, V) (an ignored one) is never the maximum. float32, bfloat16 or
+// float16; one read of the chunk (a row's prefix again when its label holds the maximum).
+Tensor labels_are_argmax(const Tensor& logits, const Tensor& labels, bool columns) {
+  TORCH_CHECK(logits.dim() == 2 && (logits.stride(1) == 1 || logits.size(1) <= 1) && logits.is_cpu(),
+              "labels_are_argmax: logits must be a 2-D CPU tensor with unit-stride rows");
+  const int64_t C = columns ? logits.size(1) : logits.size(0), V = columns ? logits.size(0) : logits.size(1);
+  TORCH_CHECK(labels.numel() == C, "labels_are_argmax: ", labels.numel(), " labels for ", C, " tokens");
+  TORCH_CHECK(V < (int64_t{1} << 24), "labels_are_argmax: V must be under 2^24 (a float holds the index)");
+  const Tensor y_all = labels.reshape({C}).to(at::kLong).contiguous();
+  const int64_t* ys = y_all.const_data_ptr<int64_t>();
+  Tensor hit = at::zeros({C}, logits.options().dtype(at::kBool));
+  bool* out = hit.data_ptr<bool>();
+  const int64_t ld = logits.stride(0);
+  if (C == 0 || V == 0) return hit;
+  ROBALIGN_DISPATCH(logits.scalar_type(), "labels_are_argmax", [&] {
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    if (!columns) {
+      at::parallel_for(0, C, grain_for(V), [&](int64_t begin, int64_t end) {
+        std::vector<float> buffer;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t y = ys[c];
+          if (y < 0 || y >= V) continue;
+          const float* x = as_float(base + c * ld, V, buffer);
+          const float max = row_max(x, V);  // NaN where any is NaN
+          const bool nan = std::isnan(max);
+          auto is_max = [max, nan](float value) { return nan ? std::isnan(value) : value == max; };
+          bool first = is_max(x[y]);
+          for (int64_t v = 0; first && v < y; ++v) first = !is_max(x[v]);
+          out[c] = first;
+        }
+      });
+      return;
+    }
+    // each thread a range of columns, swept row by row (unit stride within a row), the running maximum,
+    // its first index and the first NaN's per column in arrays
+    constexpr int64_t L = Vec::size();
+    at::parallel_for(0, (C + L - 1) / L, 1, [&](int64_t t0, int64_t t1) {
+      const int64_t c0 = t0 * L, W = std::min(C, t1 * L) - c0;
+      std::vector<float> m(W, -INFINITY), arg(W, 0.f), nan_at(W, -1.f), tmp(L);
+      const Vec none(0.f);
+      for (int64_t v = 0; v < V; ++v) {
+        const scalar_t* row = base + v * ld + c0;
+        const Vec at_v(static_cast<float>(v));
+        for (int64_t i = 0; i < W; i += L) {
+          const int64_t n = std::min(L, W - i);
+          Vec x;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            x = Vec::loadu(row + i, n);
+          } else {
+            at::vec::convert(row + i, tmp.data(), n);
+            x = Vec::loadu(tmp.data(), n);
+          }
+          const Vec mi = Vec::loadu(m.data() + i, n), nan_i = Vec::loadu(nan_at.data() + i, n);
+          const Vec larger = x > mi;  // strictly: the first maximum stays
+          Vec::blendv(Vec::loadu(arg.data() + i, n), at_v, larger).store(arg.data() + i, n);
+          Vec::blendv(mi, x, larger).store(m.data() + i, n);
+          Vec::blendv(nan_i, at_v, x.isnan() & (nan_i < none)).store(nan_at.data() + i, n);
+        }
+      }
+      for (int64_t i = 0; i < W; ++i) {
+        const int64_t y = ys[c0 + i];
+        const float index = nan_at[i] >= 0.f ? nan_at[i] : arg[i];
+        out[c0 + i] = y >= 0 && y < V && static_cast<int64_t>(index) == y;
+      }
+    });
+  });
+  return hit;
+}
+
 // buffer <- beta * buffer + product for a float32 buffer and a bfloat16/float16 (or float32) product of
 // the same shape, in one pass (beta == 0 ignores what the buffer held, which may be uninitialised):
 // the one-pass loss's float32 accumulation of a half-precision head's gradient, one chunk's matmul
@@ -815,6 +889,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &parallel_threads, "how many threads at::parallel_for runs n unit tasks on", py::arg("n"));
   m.def("rows_token_stats", &rows_token_stats, "lse, entropy, mean logit and top-1 of each scored row, in one visit",
         py::arg("logits3d"), py::arg("labels"), py::arg("ignore_index"), py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
+  m.def("labels_are_argmax", &labels_are_argmax,
+        "whether each token's label is the first maximum of its logits ([C, V] rows, or [V, C] with columns)",
+        py::arg("logits"), py::arg("labels"), py::arg("columns") = false);
   m.def("gemm_into_", &gemm_into_, "buffer <- beta * buffer + a @ b, half-precision a, b into a float32 buffer by MKL; False where unavailable",
         py::arg("buffer"), py::arg("a"), py::arg("b"), py::arg("beta"));
   m.def("accumulate_", &accumulate_, "buffer <- beta * buffer + product, a float32 buffer, in one pass",

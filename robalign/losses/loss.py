@@ -20,6 +20,7 @@ from ..ops import linear_sequence_logps, sequence_logps, sequence_logps_with_ref
 from ..ops.api import check_linear_inputs
 from ..ops.head import HeadTransform
 from ..ops.one_pass import fused_dora_loss
+from ..ops.token_stats import token_stats as per_token_stats
 from ..ops.wpo import wpo_weights
 from ..ops.registry import resolve
 from . import objectives as _objectives
@@ -66,10 +67,14 @@ class DoRASamples:
 @dataclass
 class DoRAOutput(DoRASamples):
     """What :class:`DoRALoss` returns: :class:`DoRASamples` and the reduction's ``loss`` (the scalar
-    to ``backward()``) and ``dro`` (:class:`robalign.DROStats` of the reduction's sample weights)."""
+    to ``backward()``) and ``dro`` (:class:`robalign.DROStats` of the reduction's sample weights);
+    ``token_stats``: where :class:`FusedLinearDoRALoss` was asked for them, the policy's per-token
+    statistics ``(entropy [S], mean_logit [S], counts [S], top1 [S])`` summed per sequence
+    (:func:`robalign.ops.token_stats.token_stats`), else ``None``."""
 
     loss: torch.Tensor = None
     dro: DROStats = None
+    token_stats: tuple | None = None
 
     @classmethod
     def of(cls, samples: DoRASamples, loss: torch.Tensor, dro: DROStats) -> DoRAOutput:
@@ -372,7 +377,7 @@ class DoRALoss(nn.Module):
                 ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
                 weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
                 kl_logps=None, kl_ref_logps=None, kl_counts=None,
-                 weight_factors=None) -> DoRAOutput:
+                 weight_factors=None, token_stats=False) -> DoRAOutput:
         """The loss of one batch from any of its sources (every public entry ends here)."""
         where = "robalign.DoRALoss"
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
@@ -401,7 +406,7 @@ class DoRALoss(nn.Module):
         if kernel is not None:
             return self._forward_one_pass(where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens,
                                           ref_logps, probs, weights, scores, group_ids, accumulator, extra,
-                                          self._kl(where, kl_logps, kl_ref_logps, kl_counts))
+                                          self._kl(where, kl_logps, kl_ref_logps, kl_counts), token_stats)
         if with_ref:
             policy_logps, ref_logps, counts = sequence_logps_with_ref(
                 logits, ref_logits, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, backend=self.backend)
@@ -470,7 +475,8 @@ class DoRALoss(nn.Module):
         return None if name == "reference" else name
 
     def _forward_one_pass(self, where, kernel, hidden, head_weight, head_bias, labels, cu_seqlens, ref_logps,
-                          probs, weights, scores, group_ids, accumulator, extra=None, kl=None) -> DoRAOutput:
+                          probs, weights, scores, group_ids, accumulator, extra=None, kl=None,
+                          token_stats=False) -> DoRAOutput:
         check_linear_inputs(where, hidden, head_weight, labels, head_bias, self.ignore_index, cu_seqlens)
         num_seqs = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         k = self.group_size
@@ -499,17 +505,17 @@ class DoRALoss(nn.Module):
                 losses, sample_weights, shift, group=self.process_group, ddp_average=self.ddp_average)
             return value, kappa
 
-        loss, logps, counts, losses = fused_dora_loss(
+        loss, logps, counts, losses, token_stats = fused_dora_loss(
             hidden, head_weight, labels, scale=scale, bias=head_bias, ignore_index=self.ignore_index,
             cu_seqlens=cu_seqlens, ref_logps=shifted_ref, sample_weights=sample_weights,
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
             hparams=self.hparams, group_size=k, lam=self.reduction.one_pass_temperature, kernel=kernel, need=need,
-            fp32_grad_weight=self.fp32_head_grad, transform=self.head_transform)
+            fp32_grad_weight=self.fp32_head_grad, transform=self.head_transform, token_stats=token_stats)
         stats = dro["stats"]
         logratios = None if ref_logps is None else logps - ref_logps
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         return DoRAOutput(losses=losses, weights=sample_weights, policy_logps=logps, logratios=logratios, **rewards,
-                          group_ids=group_ids, kl=kl, counts=counts, loss=loss, dro=stats)
+                          group_ids=group_ids, kl=kl, counts=counts, loss=loss, dro=stats, token_stats=token_stats)
 
     def per_sample(self, policy_logps, counts, ref_logps=None, *, probs=None, weights=None,
                    extras: BatchExtras | None = None, **flat) -> DoRASamples:
@@ -691,7 +697,7 @@ class FusedLinearDoRALoss(DoRALoss):
         self._configure(objective, reduction, weighting, params, HeadTransform() if head is None else head)
 
     def forward(self, hidden, head_weight, labels, ref_logps=None, *, probs=None, weights=None,
-                extras: BatchExtras | None = None, bias=None) -> DoRAOutput:
+                extras: BatchExtras | None = None, bias=None, token_stats: bool = False) -> DoRAOutput:
         """The loss of one batch of S = B·K sequences from hidden states, rows group-major.
 
         Args:
@@ -701,13 +707,27 @@ class FusedLinearDoRALoss(DoRALoss):
             labels: ``[S, T]`` (``[N]`` packed); ``ignore_index`` marks unscored tokens.
             ref_logps, probs, weights, extras: as in :meth:`DoRALoss.forward` (the reference may come as
                 ``extras.ref_hidden`` with ``extras.ref_head_weight``).
+            token_stats: also give the policy's per-token statistics (``DoRAOutput.token_stats``:
+                entropy, mean logit and top-1 hits summed per sequence, TRL's logged ones). The one-pass
+                loss forms them from its own products, with no pass of their own, for a head without
+                bias or soft-cap whose hidden states take a gradient; otherwise
+                :func:`robalign.ops.token_stats.token_stats` takes one more pass over the head.
 
         Returns a :class:`DoRAOutput`. On the one-pass path its ``policy_logps`` and ``logratios``
         carry no graph; only ``loss`` does.
         """
-        inputs = self._inputs("robalign.FusedLinearDoRALoss", extras, {})
-        return self._compute(labels=labels, hidden=hidden, head_weight=head_weight, head_bias=bias,
-                             ref_logps=ref_logps, probs=probs, weights=weights, **inputs)
+        where = "robalign.FusedLinearDoRALoss"
+        if not isinstance(token_stats, bool):
+            V.fail(where, f"`token_stats` must be True or False, got {token_stats!r}", TypeError)
+        inputs = self._inputs(where, extras, {})
+        out = self._compute(labels=labels, hidden=hidden, head_weight=head_weight, head_bias=bias,
+                            ref_logps=ref_logps, probs=probs, weights=weights, token_stats=token_stats, **inputs)
+        if token_stats and out.token_stats is None:
+            out.token_stats = per_token_stats(labels, hidden=hidden.detach(), head_weight=head_weight.detach(),
+                                              head_bias=None if bias is None else bias.detach(),
+                                              ignore_index=self.ignore_index, cu_seqlens=inputs.get("cu_seqlens"),
+                                              transform=self.head_transform)
+        return out
 
 
 def fused_linear_dora_loss(hidden, head_weight, labels, ref_logps=None, *, objective="dpo", reduction=None,

@@ -27,8 +27,8 @@ from torch import Tensor
 from ..ground_truth.logps import sequence_index
 from .registry import get
 
-__all__ = ["sequence_logps", "sequence_logps_with_ref", "row_kernels", "rows_lse_target_grad", "check_kernel_dtypes",
-           "flat_labels"]
+__all__ = ["sequence_logps", "sequence_logps_with_ref", "row_kernels", "rows_lse_target_grad", "labels_are_argmax",
+           "check_kernel_dtypes", "flat_labels"]
 
 
 def row_kernels(kernel: str):
@@ -50,6 +50,17 @@ def rows_lse_target_grad(rows, logits3d: Tensor, labels: Tensor, ignore_index: i
     rows.rows_softmax_grad(logits3d, labels, lse, torch.ones_like(lse), ignore_index, out3d, scale=scale,
                            softcap=softcap)
     return lse, target
+
+
+def labels_are_argmax(rows, z: Tensor, labels: Tensor, *, columns: bool = False) -> Tensor:
+    """``[C]`` bool: whether each token's label is ``argmax`` of its logits (the first maximum; NaN the
+    largest), ``z`` ``[C, V]``, or ``[V, C]`` with ``columns``. The row-kernel module ``rows``' own
+    kernel where it has one (the C++ backend: one read of the chunk; ATen's argmax takes 4–20× as long
+    on CPU), else ``argmax``."""
+    fused = getattr(rows, "labels_are_argmax", None)
+    if fused is not None and z.device.type == "cpu":
+        return fused(z, labels, columns)
+    return z.argmax(0 if columns else 1) == labels
 
 
 def _as_rows(t: Tensor) -> Tensor:

@@ -40,6 +40,14 @@ float32 sum rounded once — with the scale, where the backward forms it. The ho
 per-group token counts once and the running maximum once a chunk (a CPU-side branch decides the
 rescaling); the objective's derivatives run on ``[b, K]`` tensors.
 
+With ``token_stats`` the call also gives the per-token statistics the trainer logs (TRL's entropy,
+mean logit and top-1 accuracy, :func:`robalign.ops.token_stats.token_stats`) without a pass of their
+own, where a linear head forms ``grad_h`` (no soft-cap, no bias: :func:`_folds_stats`):
+
+    H_t = lse'_t − Σ_v p_v·z'_v = (lse'_t − z'_y) + h_t·(U·W)_t     (U·W = s·(W_y − p·W), the product at hand)
+    m_t = (1/V)·Σ_v z'_v = s·h_t·w̄,   w̄ = (1/V)·Σ_v W_v            (s the transform's scale, z' = s·z)
+    a_t = [argmax_v z_t = y_t]        read from each chunk's logits before the kernel overwrites them
+
 Registered as ``robalign::linear_dora_loss`` (a fake implementation gives the shapes, so
 ``torch.compile`` sees one opaque operator).
 """
@@ -59,7 +67,7 @@ from torch import Tensor
 
 from ..ground_truth.logps import sequence_index
 from ..ground_truth.objectives import OBJECTIVES
-from .library import check_kernel_dtypes, flat_labels, row_kernels, rows_lse_target_grad
+from .library import check_kernel_dtypes, flat_labels, labels_are_argmax, row_kernels, rows_lse_target_grad
 from .head import HeadTransform
 from . import workspace
 from .linear import chunk_tokens
@@ -210,13 +218,15 @@ def _by_columns(rows, weight: Tensor, transform: HeadTransform) -> bool:
 
 
 def _chunk_by_columns(rows, h_p: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, ignore_index: int,
-                      buffer: Tensor):
+                      buffer: Tensor, hits: Optional[Tensor] = None):
     """``(Uᵀ [V, C], lse [C], target [C])`` of one chunk formed transposed in ``buffer``'s memory, or
     three Nones where the column kernel does not apply (an ignored or out-of-range label, a column
     whose maximum is not finite): the caller then forms the chunk by rows, whose kernels give those
-    limits."""
+    limits. ``hits`` ``[C]``: filled with whether each label is its column's argmax, from the logits."""
     zt = buffer.view(-1)[:weight.shape[0] * h_p.shape[0]].view(weight.shape[0], h_p.shape[0])
     _chunk_logits(h_p, weight, bias, zt, by_columns=True)
+    if hits is not None:
+        hits.copy_(labels_are_argmax(rows, zt, y, columns=True))
     lse, target, ok = rows.cols_lse_target_grad(zt, y, ignore_index, zt)
     return (zt, lse, target) if ok else (None, None, None)
 
@@ -293,6 +303,14 @@ def _defers(asked: bool, weight: Tensor, acc_dtype: torch.dtype) -> bool:
         acc_dtype == weight.dtype
 
 
+def _folds_stats(asked: bool, need_hidden: bool, bias: Optional[Tensor], softcap: float) -> bool:
+    """Whether the call forms the logged token statistics itself (``asked``): from the ``U·W`` product of
+    ``grad_h`` (so ``need_hidden``), under a linear transform (no soft-cap: ``Σ_v p_v·z'_v`` is then
+    ``z'_y − h·(U·W)``), without a bias (which would add ``U·b``, a pass over the chunk). Otherwise the
+    caller takes them in a pass of their own (:func:`robalign.ops.token_stats.token_stats`)."""
+    return asked and need_hidden and bias is None and softcap == 0.0
+
+
 # the product a call left to its backward: (Uᵀ, c ⊙ h, beta, alpha, the workspace's loan), taken by
 # fused_dora_loss right after the operator returns, on the same thread
 _DEFERRED = threading.local()
@@ -304,8 +322,8 @@ def _linear_dora_loss(
         ref_logps: Optional[Tensor], sample_weights: Tensor, scores: Optional[Tensor], objective: str,
         hparam_names: str, hparam_values: list[float], group_size: int, lam: float, ignore_index: int, kernel: str,
         chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool, fp32_grad_weight: bool,
-        logit_scale: float, softcap: float, temperature: float, defer_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        logit_scale: float, softcap: float, temperature: float, defer_weight: bool, token_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
     transform = HeadTransform(logit_scale, softcap, temperature)
     f = transform.kernel_args
@@ -357,6 +375,12 @@ def _linear_dora_loss(
                  default=0)
     logits_buffer = workspace.kept(rows, "logits", (widest, weight.shape[0]), weight.dtype, device)
     product = []                                                        # grad_W's per-chunk product, if needed
+    fold = _folds_stats(token_stats, need_hidden, bias, softcap)        # the logged token statistics
+    if fold:
+        entropy64 = torch.zeros(num_seqs, dtype=torch.float64, device=device)
+        mean_logit64 = torch.zeros_like(entropy64)
+        top1 = torch.zeros(num_seqs, dtype=torch.int64, device=device)
+        mean_row = weight.sum(0, dtype=torch.float32).div_(max(1, weight.shape[0]))    # w̄ = Σ_v W_v / V [H]
 
     for i_chunk, (g0, g1) in enumerate(plan):
         t0, t1 = token_start[g0], token_start[g1]
@@ -366,17 +390,23 @@ def _linear_dora_loss(
         pieces = _pieces(t1 - t0, chunk)
         kept = kept_h = None                                            # the chunk's logits and rows, one piece
         lse_c = torch.empty(t1 - t0, dtype=torch.float32, device=device)
+        if fold:                                                        # lse' − z'_y, and the top-1 checks
+            nll_c = torch.empty(t1 - t0, dtype=torch.float32, device=device)
+            hit_c = torch.zeros(t1 - t0, dtype=torch.bool, device=device)
         for p0, p1 in pieces:
             if p1 == p0:
                 continue
             h_p = h.index_select(0, i_c[p0:p1])
             kept_t = None
             if columns and len(pieces) == 1:                            # [V, C]: zᵀ becomes Uᵀ, in place
-                kept_t, lse_p, target_p = _chunk_by_columns(rows, h_p, weight, bias, y_c, ignore_index, logits_buffer)
+                kept_t, lse_p, target_p = _chunk_by_columns(rows, h_p, weight, bias, y_c, ignore_index, logits_buffer,
+                                                            hit_c if fold else None)
             if kept_t is not None:                                      # U as a [C, V] view: the products
                 kept, kept_h = kept_t.T, h_p                            # below take either layout
             else:
                 z = _chunk_logits(h_p, weight, bias, logits_buffer[:p1 - p0])
+                if fold:
+                    hit_c[p0:p1] = labels_are_argmax(rows, z, y_c[p0:p1])
                 if len(pieces) == 1:                                    # z becomes U, in place
                     lse_p, target_p = rows_lse_target_grad(rows, z.unsqueeze(0), y_c, ignore_index, z.unsqueeze(0),
                                                            **f)
@@ -385,6 +415,8 @@ def _linear_dora_loss(
                     lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
                 del z
             lse_c[p0:p1] = lse_p
+            if fold:
+                nll_c[p0:p1] = lse_p - target_p
             logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
             del h_p
         lp = logps64[s0:s1].float().view(-1, k)
@@ -420,7 +452,11 @@ def _linear_dora_loss(
             c = coeff_tok[p0:p1]
             u = _dead_rows_zeroed(u, c, lse_c[p0:p1])
             if need_hidden:                                             # G·W = c ⊙ (U·W)
-                grad_h.index_copy_(0, i_p, _times_weight(u, weight).mul(c[:, None]).to(h.dtype))
+                uw = _times_weight(u, weight)
+                if fold:
+                    _add_token_stats((entropy64, mean_logit64, top1), tok_seq[t0 + p0:t0 + p1], h_p, uw,
+                                     nll_c[p0:p1], hit_c[p0:p1], mean_row, f["scale"])
+                grad_h.index_copy_(0, i_p, uw.mul(c[:, None]).to(h.dtype))
                 rescale_h.append((i_p, m))
             if need_weight:                                             # Gᵀ·h = Uᵀ·(c ⊙ h)
                 hc = h_p.mul(c[:, None]).to(h_p.dtype)
@@ -453,14 +489,30 @@ def _linear_dora_loss(
         _DEFERRED.product = (ut, hc, late * beta, late, workspace.lend("logits"))
     shift = torch.tensor(m if math.isfinite(m) else 0.0, dtype=torch.float64, device=device)
     grad_h = grad_h.reshape(hidden.shape) if need_hidden else grad_h
-    return logps64.float(), counts, losses, shift, grad_h, grad_w, grad_b
+    stats = (entropy64.float(), mean_logit64.float(), top1) if fold else tuple(h.new_empty(0) for _ in range(3))
+    return logps64.float(), counts, losses, shift, grad_h, grad_w, grad_b, *stats
+
+
+def _add_token_stats(sums: tuple[Tensor, Tensor, Tensor], seq: Tensor, h: Tensor, uw: Tensor, nll: Tensor,
+                     hit: Tensor, mean_row: Tensor, scale: float) -> None:
+    """Add one piece's token statistics into the per-sequence ``sums`` (entropy, mean logit, top-1):
+    ``H_t = (lse'_t − z'_y) + h_t·(U·W)_t`` and ``m_t = s·h_t·w̄`` (the module's docstring), by the
+    tokens' sequences ``seq``; ``h`` ``[C, H]``, ``uw`` ``[C, H]`` the unscaled ``U·W``."""
+    entropy, mean_logit, top1 = sums
+    hf = h.float()
+    entropy.index_add_(0, seq, (nll + (hf * uw.float()).sum(1)).double())
+    mean_logit.index_add_(0, seq, (hf @ mean_row).mul_(scale).double())
+    top1.index_add_(0, seq, hit.long())
 
 
 @_linear_dora_loss.register_fake
 def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights, scores, objective, hparam_names,
       hparam_values, group_size, lam, ignore_index, kernel, chunk, need_hidden, need_weight, need_bias,
-      fp32_grad_weight, logit_scale, softcap, temperature, defer_weight):
+      fp32_grad_weight, logit_scale, softcap, temperature, defer_weight, token_stats):
     new = hidden.new_empty
+    fold = _folds_stats(token_stats, need_hidden, bias, softcap)
+    stats = (new(num_seqs, dtype=torch.float32), new(num_seqs, dtype=torch.float32),
+             new(num_seqs, dtype=torch.int64)) if fold else tuple(new(0) for _ in range(3))
     return (new(num_seqs, dtype=torch.float32), new(num_seqs, dtype=torch.int64),
             new(num_seqs // group_size, dtype=torch.float32), new((), dtype=torch.float64),
             torch.empty_like(hidden) if need_hidden else new(0),
@@ -468,14 +520,15 @@ def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights
                                                                     hidden.numel() // hidden.shape[-1], chunk))
             if need_weight else weight.new_empty(0),
             weight.new_empty(weight.shape[0], dtype=torch.float32) if (need_bias and bias is not None)
-            else weight.new_empty(0))
+            else weight.new_empty(0), *stats)
 
 
 def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
                      cu_seqlens: Tensor | None, ref_logps: Tensor | None, sample_weights: Tensor,
                      scores: Tensor | None, objective: str, hparams: dict, group_size: int, lam: float, kernel: str,
                      need: tuple[bool, bool, bool], fp32_grad_weight: bool = True, chunk: int | None = None,
-                     transform: HeadTransform = HeadTransform(), defer_weight: bool = False):
+                     transform: HeadTransform = HeadTransform(), defer_weight: bool = False,
+                     token_stats: bool = False):
     """Run the operator on validated inputs (:class:`robalign.DoRALoss` validates them).
 
     Returns ``(logps [S], counts [S], losses [B], shift, grad_hidden, grad_weight, grad_bias)``: the
@@ -485,6 +538,9 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
     ``grad_bias`` always float32 (the caller casts after scaling). Under ``torch.autocast`` the inputs are cast to the
     autocast dtype first, as ``F.linear`` would. ``defer_weight`` (:func:`fused_dora_loss`'s, see
     :func:`_defers`): ``grad_weight`` may then lack its last chunk's product, left to the backward.
+    ``token_stats``: a last result, ``(entropy [S], mean_logit [S], counts [S], top1 [S])`` summed per
+    sequence as :func:`robalign.ops.token_stats.token_stats` gives them, where the call forms them
+    (:func:`_folds_stats`), else None.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -498,12 +554,14 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
                               hidden.device, fp32_grad_weight)
     names = sorted(hparams)
     with torch.autocast(device_type, enabled=False), torch.no_grad():
-        return torch.ops.robalign.linear_dora_loss(
+        *out, entropy, mean_logit, top1 = torch.ops.robalign.linear_dora_loss(
             hidden.detach(), weight.detach(), None if bias is None else bias.detach(), flat_labels(labels), seq_idx,
             num_seqs, None if ref_logps is None else ref_logps.detach().float(), sample_weights.detach().float(),
             None if scores is None else scores.detach(), objective, ",".join(names),
             [float(hparams[n]) for n in names], group_size, float(lam), ignore_index, kernel, chunk, *need,
-            fp32_grad_weight, *transform.args, defer_weight)
+            fp32_grad_weight, *transform.args, defer_weight, token_stats)
+    folded = _folds_stats(token_stats, need[0], bias, transform.softcap)
+    return (*out, (entropy, mean_logit, out[1], top1) if folded else None)
 
 
 def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bias: Tensor | None = None,
@@ -512,14 +570,15 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
     keyword arguments), then ``scale(logps, losses, shift) → (value, κ)`` — the reduction's value of
     the per-sample losses and the scalar κ of the gradient formed ahead of it (see
     :meth:`robalign.losses.reductions.Reduction.gradient_scale`). Returns ``(loss, logps [S],
-    counts [S], losses [B])``; ``loss.backward()`` hands ``hidden``, ``weight`` and ``bias`` their
+    counts [S], losses [B], stats)``, ``stats`` the token statistics where ``token_stats`` asked for them
+    and the call forms them (:func:`linear_dora_loss`), else None; ``loss.backward()`` hands ``hidden``, ``weight`` and ``bias`` their
     gradients formed in the forward, times κ (:class:`FormedGradient`)."""
     rows = row_kernels(op_kwargs["kernel"])
     recycle = _may_recycle(hidden, weight, rows)
     _RECYCLING.on = recycle
     _DEFERRED.product = None
     try:
-        logps, counts, losses, shift, grad_h, grad_w, grad_b = linear_dora_loss(
+        logps, counts, losses, shift, grad_h, grad_w, grad_b, stats = linear_dora_loss(
             hidden, weight, labels, bias=bias, defer_weight=not torch.compiler.is_compiling(), **op_kwargs)
     finally:
         _RECYCLING.on = False
@@ -528,7 +587,7 @@ def fused_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale, bi
     narrow = getattr(rows, "scaled_to", None)
     loss = FormedGradient.apply(value.float(), kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow,
                                 rows if recycle else None, deferred)
-    return loss, logps, counts, losses
+    return loss, logps, counts, losses, stats
 
 
 # whether the running call may form the head gradient in a recycled block (set by fused_dora_loss)

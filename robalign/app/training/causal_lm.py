@@ -270,11 +270,12 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
     group_ids = batch.get("group_ids") if loss_fn.reduction.takes_group_ids else None
 
     def head_fn(head, hidden, weight, bias):
-        _head_stats(stats_into, labels, cu, _flat(hidden, cu), weight, bias, loss_fn.head_transform)
         extras = BatchExtras(scores=batch.get("scores"), group_ids=group_ids, cu_seqlens=cu, accumulator=accumulator,
                              **(kl or {}))
         out = loss_fn(_flat(hidden, cu), weight, labels, batch.get("ref_logps"), probs=probs, weights=weights,
-                      extras=extras, bias=bias)
+                      extras=extras, bias=bias, token_stats=stats_into is not None)
+        if stats_into is not None:                  # formed by the loss's own products where it can
+            stats_into["token_stats"] = out.token_stats
         out.loss = _gathered_for_backward(head, out.loss)
         return out
 

@@ -50,9 +50,11 @@ class DoRAConfig:
     one-pass fused loss (False: the recompute path, for comparison). shuffle: shuffle the training samples.
     padding_free: pack each batch's rows into one row without padding (``position_ids`` restart at
     each row; the attention stays within each row), see :class:`~robalign.app.data.preferences.PreferenceCollator`.
-    token_stats: log the policy's per-token entropy and mean logit (TRL's ``entropy``, ``logits/chosen``,
-    ``logits/rejected``) from the first micro-batch of each optimizer step and every evaluation batch:
-    one more pass over the LM head there, without gradient (:func:`robalign.ops.token_stats.token_stats`).
+    token_stats: log the policy's per-token entropy, mean logit and top-1 accuracy (TRL's ``entropy``,
+    ``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``) from the first micro-batch of each
+    optimizer step and every evaluation batch. The one-pass loss forms them from its own products
+    (a head without bias or soft-cap); elsewhere, and in evaluation, they take one more pass over the
+    LM head, without gradient (:func:`robalign.ops.token_stats.token_stats`).
     objective_kwargs: the objective's other hyper-parameters.
     allow_zero_weight_steps: let an optimizer step whose samples all have DoRA weight 0 pass (it
     trains on nothing); by default such a step is an error, with ``use_weights``.
@@ -92,7 +94,8 @@ class DoRAConfig:
     padding_free: bool = setting(False, "pack each batch's rows into one without padding (the attention stays "
                                  "within each row)", FLAG)
     token_stats: bool = setting(True, "log entropy, mean logits and token accuracy (off: one fewer pass over the "
-                                "head)", FLAG, flag="--no-token-stats", negated=True)
+                                "head where the one-pass loss cannot form them)", FLAG, flag="--no-token-stats",
+                                negated=True)
     reference_free: bool = setting(False, "no reference model: the objective's reference log-probs are 0 (the DPO "
                                    "family)", FLAG)
     objective_kwargs: dict = setting(None, "another hyper-parameter of the objective, e.g. label_smoothing=0.1 or, "
