@@ -177,7 +177,8 @@ CPP = _cpp.load()
 
 
 @pytest.mark.skipif(CPP is None, reason="the C++ extension is not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float32", "bfloat16", "float16"])
 def test_labels_are_argmax_is_torchs_argmax(dtype):
     """The C++ top-1 check, rows and columns, against ``torch.argmax``: the first maximum among ties,
     a NaN the largest (the first NaN), a row of -inf at 0, labels out of range never; contiguous and

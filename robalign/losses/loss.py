@@ -505,7 +505,7 @@ class DoRALoss(nn.Module):
                 losses, sample_weights, shift, group=self.process_group, ddp_average=self.ddp_average)
             return value, kappa
 
-        loss, logps, counts, losses, token_stats = fused_dora_loss(
+        loss, logps, counts, losses, formed_stats = fused_dora_loss(
             hidden, head_weight, labels, scale=scale, bias=head_bias, ignore_index=self.ignore_index,
             cu_seqlens=cu_seqlens, ref_logps=shifted_ref, sample_weights=sample_weights,
             scores=None if scores_g is None else scores_g.reshape(-1), objective=self.objective,
@@ -515,7 +515,7 @@ class DoRALoss(nn.Module):
         logratios = None if ref_logps is None else logps - ref_logps
         rewards = self._rewards(logps, logratios, counts, scores_g, kl)
         return DoRAOutput(losses=losses, weights=sample_weights, policy_logps=logps, logratios=logratios, **rewards,
-                          group_ids=group_ids, kl=kl, counts=counts, loss=loss, dro=stats, token_stats=token_stats)
+                          group_ids=group_ids, kl=kl, counts=counts, loss=loss, dro=stats, token_stats=formed_stats)
 
     def per_sample(self, policy_logps, counts, ref_logps=None, *, probs=None, weights=None,
                    extras: BatchExtras | None = None, **flat) -> DoRASamples:
