@@ -1,5 +1,5 @@
-"""The logged token statistics formed by the one-pass loss itself (``FusedLinearDoRALoss(...,
-token_stats=True)``, robalign.ops.one_pass): entropy from the ``U·W`` product the hidden-state gradient
+"""The logged token statistics formed by the one-pass loss itself (``extras=BatchExtras(token_stats=True)``,
+robalign.ops.one_pass): entropy from the ``U·W`` product the hidden-state gradient
 needs, ``H_t = (lse'_t − z'_y) + h_t·(U·W)_t``; the mean logit from the head's mean row,
 ``m_t = s·h_t·w̄``; top-1 from each chunk's logits before the kernel overwrites them — against the
 materialised float64 computation, for every kernel backend, float32 and bfloat16, one chunk, two and
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import robalign
-from robalign import FusedLinearDoRALoss, LossParams
+from robalign import BatchExtras, DoRALoss, FusedLinearDoRALoss, LossParams
 from robalign.losses import loss as loss_module
 from robalign.losses.reductions import KLDRO
 from robalign.ops import _cpp
@@ -28,6 +28,7 @@ from robalign.ops.head import HeadTransform
 from conftest import KERNEL_BACKENDS, packed_from_padded
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
+STATS = BatchExtras(token_stats=True)
 CHUNKS = {"one": 10 ** 6, "two": 20, "sub-chunks": 3}
 
 
@@ -108,7 +109,7 @@ def test_folded_statistics_are_the_materialised_ones(backend, dtype, chunking, c
     hidden, weight, labels = problem(dtype)
     h = hidden.to(device).requires_grad_()
     w = weight.to(device).requires_grad_()
-    out = _loss(name)(h, w, labels.to(device), torch.zeros(labels.shape[0], device=device), token_stats=True)
+    out = _loss(name)(h, w, labels.to(device), torch.zeros(labels.shape[0], device=device), extras=STATS)
     assert out.policy_logps.grad_fn is None                                # the one-pass path ran
     _check(out.token_stats, materialised(hidden, weight, labels, HeadTransform()), dtype)
     assert out.token_stats[0][3] == 0 and out.token_stats[2][3] == 0       # the all-ignored sequence
@@ -131,11 +132,10 @@ def test_a_linear_transform_and_packed_rows(dtype, chunks, monkeypatch):
     for row, n in enumerate(lengths):
         cut[row, n:] = -100
     out = _loss("cpp", transform)(h_packed.requires_grad_(), weight.requires_grad_(), y_packed,
-                                  torch.zeros(len(lengths)), token_stats=True,
-                                  extras=robalign.BatchExtras(cu_seqlens=cu))
+                                  torch.zeros(len(lengths)), extras=BatchExtras(cu_seqlens=cu, token_stats=True))
     _check(out.token_stats, materialised(hidden, weight, cut, transform), dtype)
     padded = _loss("cpp", transform)(hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels,
-                                     torch.zeros(labels.shape[0]), token_stats=True)
+                                     torch.zeros(labels.shape[0]), extras=STATS)
     _check(padded.token_stats, want, dtype)
 
 
@@ -154,8 +154,7 @@ def test_where_the_loss_cannot_form_them_they_take_a_pass_of_their_own(case, mon
     params = LossParams(backend="cpp", one_pass=case != "recompute path")
     loss_fn = FusedLinearDoRALoss("dpo", reduction=KLDRO(1.0), head=transform, params=params)
     h = hidden.clone().requires_grad_(case != "frozen hidden states")
-    out = loss_fn(h, weight.clone().requires_grad_(), labels, torch.zeros(labels.shape[0]), bias=bias,
-                  token_stats=True)
+    out = loss_fn(h, weight.clone().requires_grad_(), labels, torch.zeros(labels.shape[0]), bias=bias, extras=STATS)
     assert calls == [1]
     z = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
     z = transform.apply_(z)
@@ -164,13 +163,26 @@ def test_where_the_loss_cannot_form_them_they_take_a_pass_of_their_own(case, mon
     torch.testing.assert_close(out.token_stats[0].double(), entropy, rtol=1e-5, atol=1e-5)
 
 
+def test_the_logits_path_gives_them_from_its_logits():
+    """``DoRALoss`` on logits: the statistics of those logits (robalign.ops.token_stats's ATen or C++ pass)."""
+    hidden, weight, labels = problem(torch.float32, seed=4)
+    logits = (hidden @ weight.T).requires_grad_()
+    out = DoRALoss("dpo", params=LossParams(backend="cpp"))(logits, labels, torch.zeros(labels.shape[0]),
+                                                             extras=STATS)
+    _check(out.token_stats, materialised(hidden, weight, labels, HeadTransform()), torch.float32)
+    out.loss.backward()
+    assert logits.grad is not None
+
+
 def test_no_statistics_unless_asked_and_a_clear_error_for_a_non_bool(monkeypatch):
     _no_separate_pass(monkeypatch)
     hidden, weight, labels = problem(torch.float32)
     out = _loss("cpp")(hidden.requires_grad_(), weight.requires_grad_(), labels, torch.zeros(labels.shape[0]))
     assert out.token_stats is None
-    with pytest.raises(TypeError, match="`token_stats` must be True or False"):
-        _loss("cpp")(hidden, weight, labels, torch.zeros(labels.shape[0]), token_stats="yes")
+    with pytest.raises(TypeError, match="`extras.token_stats` must be True or False"):
+        _loss("cpp")(hidden, weight, labels, torch.zeros(labels.shape[0]), extras=BatchExtras(token_stats="yes"))
+    with pytest.raises(ValueError, match="`extras.token_stats` needs the logits"):
+        DoRALoss("dpo").from_logps(torch.zeros(4), torch.ones(4, dtype=torch.long), torch.zeros(4), extras=STATS)
 
 
 CPP = _cpp.load()
@@ -212,7 +224,7 @@ def test_torch_compile_traces_the_statistics(chunks, monkeypatch):
     loss_fn = _loss("cpp")
 
     def step(h, w):
-        out = loss_fn(h, w, labels, torch.zeros(labels.shape[0]), token_stats=True)
+        out = loss_fn(h, w, labels, torch.zeros(labels.shape[0]), extras=STATS)
         return out.loss, out.token_stats
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

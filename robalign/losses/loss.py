@@ -367,18 +367,40 @@ class DoRALoss(nn.Module):
 
     @staticmethod
     def _logps_inputs(where, inputs) -> dict:
+        if inputs.get("token_stats"):
+            V.fail(where, "`extras.token_stats` needs the logits or the hidden states and head; the loss from "
+                          "log-probs has neither")
+        inputs.pop("token_stats", None)
         for key in ("cu_seqlens", "ref_logits", "ref_hidden", "ref_head_weight", "ref_head_bias"):
             if inputs.get(key) is not None:
                 V.fail(where, f"`extras.{key}` is an input of the logits or hidden-state paths; the loss from "
                               "log-probs reads per-sequence values only")
         return inputs
 
-    def _compute(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
-                ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
-                weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
-                kl_logps=None, kl_ref_logps=None, kl_counts=None,
-                 weight_factors=None, token_stats=False) -> DoRAOutput:
-        """The loss of one batch from any of its sources (every public entry ends here)."""
+    def _compute(self, *, token_stats=False, **inputs) -> DoRAOutput:
+        """The loss of one batch from any of its sources (every public entry ends here), with the
+        token statistics where ``token_stats`` asks for them: formed by the one-pass loss, else a pass
+        of their own, without gradient."""
+        if not isinstance(token_stats, bool):
+            V.fail("robalign.DoRALoss", f"`extras.token_stats` must be True or False, got {token_stats!r}",
+                   TypeError)
+        out = self._loss_of(token_stats=token_stats, **inputs)
+        if token_stats and out.token_stats is None:
+            logits, hidden, bias = inputs.get("logits"), inputs.get("hidden"), inputs.get("head_bias")
+            head = {} if logits is not None else dict(
+                hidden=hidden.detach(), head_weight=inputs["head_weight"].detach(), transform=self.head_transform,
+                head_bias=None if bias is None else bias.detach())
+            out.token_stats = per_token_stats(inputs["labels"], logits=None if logits is None else logits.detach(),
+                                              ignore_index=self.ignore_index, cu_seqlens=inputs.get("cu_seqlens"),
+                                              **head)
+        return out
+
+    def _loss_of(self, *, labels, logits=None, hidden=None, head_weight=None, head_bias=None, ref_logps=None,
+                 ref_logits=None, ref_hidden=None, ref_head_weight=None, ref_head_bias=None, probs=None,
+                 weights=None, scores=None, group_ids=None, cu_seqlens=None, accumulator=None,
+                 kl_logps=None, kl_ref_logps=None, kl_counts=None, weight_factors=None,
+                 token_stats=False) -> DoRAOutput:
+        """The loss itself (``token_stats``: asks the one-pass operator to form the statistics)."""
         where = "robalign.DoRALoss"
         given = [name for name, t in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden)) if t is not None]
         if self.reference_free and (given or ref_logps is not None):
@@ -697,7 +719,7 @@ class FusedLinearDoRALoss(DoRALoss):
         self._configure(objective, reduction, weighting, params, HeadTransform() if head is None else head)
 
     def forward(self, hidden, head_weight, labels, ref_logps=None, *, probs=None, weights=None,
-                extras: BatchExtras | None = None, bias=None, token_stats: bool = False) -> DoRAOutput:
+                extras: BatchExtras | None = None, bias=None) -> DoRAOutput:
         """The loss of one batch of S = B·K sequences from hidden states, rows group-major.
 
         Args:
@@ -707,27 +729,13 @@ class FusedLinearDoRALoss(DoRALoss):
             labels: ``[S, T]`` (``[N]`` packed); ``ignore_index`` marks unscored tokens.
             ref_logps, probs, weights, extras: as in :meth:`DoRALoss.forward` (the reference may come as
                 ``extras.ref_hidden`` with ``extras.ref_head_weight``).
-            token_stats: also give the policy's per-token statistics (``DoRAOutput.token_stats``:
-                entropy, mean logit and top-1 hits summed per sequence, TRL's logged ones). The one-pass
-                loss forms them from its own products, with no pass of their own, for a head without
-                bias or soft-cap whose hidden states take a gradient; otherwise
-                :func:`robalign.ops.token_stats.token_stats` takes one more pass over the head.
 
         Returns a :class:`DoRAOutput`. On the one-pass path its ``policy_logps`` and ``logratios``
         carry no graph; only ``loss`` does.
         """
-        where = "robalign.FusedLinearDoRALoss"
-        if not isinstance(token_stats, bool):
-            V.fail(where, f"`token_stats` must be True or False, got {token_stats!r}", TypeError)
-        inputs = self._inputs(where, extras, {})
-        out = self._compute(labels=labels, hidden=hidden, head_weight=head_weight, head_bias=bias,
-                            ref_logps=ref_logps, probs=probs, weights=weights, token_stats=token_stats, **inputs)
-        if token_stats and out.token_stats is None:
-            out.token_stats = per_token_stats(labels, hidden=hidden.detach(), head_weight=head_weight.detach(),
-                                              head_bias=None if bias is None else bias.detach(),
-                                              ignore_index=self.ignore_index, cu_seqlens=inputs.get("cu_seqlens"),
-                                              transform=self.head_transform)
-        return out
+        inputs = self._inputs("robalign.FusedLinearDoRALoss", extras, {})
+        return self._compute(labels=labels, hidden=hidden, head_weight=head_weight, head_bias=bias,
+                             ref_logps=ref_logps, probs=probs, weights=weights, **inputs)
 
 
 def fused_linear_dora_loss(hidden, head_weight, labels, ref_logps=None, *, objective="dpo", reduction=None,

@@ -77,6 +77,11 @@ class BatchExtras:
     ref_logits, ref_hidden, ref_head_weight, ref_head_bias: the reference's log-probs computed here,
         without gradient, from its logits or hidden states and head (instead of ``ref_logps``).
     weight_factors: ``[B]`` factors multiplying the sample weights (WPO's, computed elsewhere).
+    token_stats: also give the policy's per-token statistics, ``DoRAOutput.token_stats`` (entropy, mean
+        logit and top-1 hits summed per sequence: TRL's logged ones, :func:`robalign.ops.token_stats.token_stats`),
+        from the logits or the hidden states and head. The one-pass loss forms them from its own
+        products, with no pass of their own, for a head without bias or soft-cap whose hidden states
+        take a gradient; elsewhere they take one more pass, without gradient.
     """
 
     scores: torch.Tensor | None = None
@@ -91,6 +96,7 @@ class BatchExtras:
     ref_head_weight: torch.Tensor | None = None
     ref_head_bias: torch.Tensor | None = None
     weight_factors: torch.Tensor | None = None
+    token_stats: bool = False
 
     def as_dict(self) -> dict:
         """The fields by name (a dict of the same values, no copies)."""

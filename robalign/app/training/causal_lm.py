@@ -271,9 +271,9 @@ def one_pass_loss(model, batch, loss_fn, *, accumulator=None, use_weights: bool 
 
     def head_fn(head, hidden, weight, bias):
         extras = BatchExtras(scores=batch.get("scores"), group_ids=group_ids, cu_seqlens=cu, accumulator=accumulator,
-                             **(kl or {}))
+                             token_stats=stats_into is not None, **(kl or {}))
         out = loss_fn(_flat(hidden, cu), weight, labels, batch.get("ref_logps"), probs=probs, weights=weights,
-                      extras=extras, bias=bias, token_stats=stats_into is not None)
+                      extras=extras, bias=bias)
         if stats_into is not None:                  # formed by the loss's own products where it can
             stats_into["token_stats"] = out.token_stats
         out.loss = _gathered_for_backward(head, out.loss)
