@@ -51,7 +51,7 @@ def problem(objective, *, groups=4, t=5, h=12, v=37, dtype=torch.float32, bias=T
     labels = torch.randint(v, (s, t), generator=gen)
     labels[:, :1] = -100                                             # a prompt token
     labels[torch.rand(s, t, generator=gen) < 0.25] = -100            # holes
-    labels[1] = -100                                                 # an all-ignored sequence
+    labels[min(1, s - 1)] = -100                                     # an all-ignored sequence (the only one of one)
     ref = -torch.rand(s, generator=gen, dtype=torch.float64) * 3 * t
     weights = torch.rand(groups, generator=gen, dtype=torch.float64) + 0.1
     cast = lambda x: None if x is None else x.to(dtype)
