@@ -298,6 +298,17 @@ float row_max(const float* x, int64_t V) {
   return max;
 }
 
+// Whether label y is the first maximum of x[0, V) whose maximum (row_max's, NaN where any is NaN) is
+// `max`: torch.argmax's rule, a NaN the largest. Reads the prefix before y only when x[y] holds the maximum.
+bool label_is_first_max(const float* x, int64_t V, int64_t y, float max) {
+  if (y < 0 || y >= V) return false;
+  const bool nan = std::isnan(max);
+  auto is_max = [max, nan](float value) { return nan ? std::isnan(value) : value == max; };
+  bool first = is_max(x[y]);
+  for (int64_t v = 0; first && v < y; ++v) first = !is_max(x[v]);
+  return first;
+}
+
 // e[v] = exp(x[v] - max) into e (which may be x), returning sum_v e[v]: float32 lanes within blocks
 // of kSumBlock elements, the block sums in double (as row_logsumexp). One exponential per element.
 double exp_and_sum(const float* x, float* e, int64_t V, float max) {
@@ -606,10 +617,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rows_token_stats(const Tensor& logits
     p_lse[n] = lse;
     p_ent[n] = lse - static_cast<float>(sum_ex / sum);
     p_mean[n] = static_cast<float>(sum_x / static_cast<double>(r.V));
-    auto is_max = [max](float value) { return value == max || (std::isnan(max) && std::isnan(value)); };
-    bool first = y[n] >= 0 && y[n] < r.V && is_max(x[y[n]]);
-    for (int64_t v = 0; first && v < y[n]; ++v) first = !is_max(x[v]);
-    p_top1[n] = first;
+    p_top1[n] = label_is_first_max(x, r.V, y[n], max);
   });
   return {o.lse, o.target, mean, top1};
 }
@@ -639,15 +647,9 @@ Tensor labels_are_argmax(const Tensor& logits, const Tensor& labels, bool column
       at::parallel_for(0, C, grain_for(V), [&](int64_t begin, int64_t end) {
         std::vector<float> buffer;
         for (int64_t c = begin; c < end; ++c) {
-          const int64_t y = ys[c];
-          if (y < 0 || y >= V) continue;
+          if (ys[c] < 0 || ys[c] >= V) continue;
           const float* x = as_float(base + c * ld, V, buffer);
-          const float max = row_max(x, V);  // NaN where any is NaN
-          const bool nan = std::isnan(max);
-          auto is_max = [max, nan](float value) { return nan ? std::isnan(value) : value == max; };
-          bool first = is_max(x[y]);
-          for (int64_t v = 0; first && v < y; ++v) first = !is_max(x[v]);
-          out[c] = first;
+          out[c] = label_is_first_max(x, V, ys[c], row_max(x, V));
         }
       });
       return;

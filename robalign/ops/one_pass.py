@@ -415,9 +415,10 @@ def _linear_dora_loss(
                     lse_p, target_p, _ = rows.rows_lse_target(z.unsqueeze(0), y_c[p0:p1], ignore_index, **f)
                 del z
             lse_c[p0:p1] = lse_p
+            token_logps = target_p - lse_p
             if fold:
-                nll_c[p0:p1] = lse_p - target_p
-            logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], (target_p - lse_p).double())
+                nll_c[p0:p1] = token_logps.neg()
+            logps64.index_add_(0, tok_seq[t0 + p0:t0 + p1], token_logps.double())
             del h_p
         lp = logps64[s0:s1].float().view(-1, k)
         ref = None if ref_logps is None else ref_logps[s0:s1].float().view(-1, k)
