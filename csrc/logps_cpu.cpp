@@ -690,6 +690,45 @@ Tensor labels_are_argmax(const Tensor& logits, const Tensor& labels, bool column
   return hit;
 }
 
+// out <- src^T for a bfloat16 or float16 src [M, N] with unit-stride rows (a column slice of a larger
+// matrix, say) and out [N, M] with unit-stride rows, in 32 x 32 tiles (at::vec::transpose_mxn, AVX-512
+// permutes where built for it). The one-pass loss hands oneDNN the head gradient's product U^T (c . h)
+// with U^T contiguous, a block of V rows at a time, where its GEMM runs a transposed A at half speed
+// (robalign/ops/one_pass.py). Each thread takes a range of src's columns and sweeps all rows 32 at a time,
+// the next tiles' lines prefetched: reading src's rows in long runs is what makes it near a copy's speed.
+void transpose_into_(Tensor& out, const Tensor& src) {
+  TORCH_CHECK(src.dim() == 2 && out.dim() == 2 && src.is_cpu() && out.is_cpu(), "transpose_into_: 2-D CPU tensors expected");
+  TORCH_CHECK(src.scalar_type() == out.scalar_type() &&
+                  (src.scalar_type() == at::kBFloat16 || src.scalar_type() == at::kHalf),
+              "transpose_into_: src and out must both be bfloat16 or both float16, got ", src.scalar_type(), " and ",
+              out.scalar_type());
+  const int64_t M = src.size(0), N = src.size(1);
+  TORCH_CHECK(out.size(0) == N && out.size(1) == M, "transpose_into_: out must be [", N, ", ", M, "], got ", out.sizes());
+  TORCH_CHECK((src.stride(1) == 1 || N <= 1) && (out.stride(1) == 1 || M <= 1),
+              "transpose_into_: src and out must have unit-stride rows");
+  if (M == 0 || N == 0) return;
+  TORCH_CHECK(!out.storage().is_alias_of(src.storage()), "transpose_into_: out must not share memory with src");
+  const int64_t lds = src.stride(0), ldo = out.stride(0);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(src.scalar_type(), "transpose_into_", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    constexpr int64_t kTile = 32, kAhead = 4;  // tiles of src's columns prefetched ahead
+    at::parallel_for(0, (N + kTile - 1) / kTile, 16, [&](int64_t b0, int64_t b1) {
+      const int64_t n_end = std::min(N, b1 * kTile);
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        const int m = static_cast<int>(std::min(kTile, M - m0));
+        for (int64_t n0 = b0 * kTile; n0 < n_end; n0 += kTile) {
+          const int n = static_cast<int>(std::min(kTile, n_end - n0));
+          if (n0 + kAhead * kTile < n_end) {
+            for (int i = 0; i < m; ++i) __builtin_prefetch(s + (m0 + i) * lds + n0 + kAhead * kTile);
+          }
+          at::vec::transpose_mxn<scalar_t>(s + m0 * lds + n0, lds, o + n0 * ldo + m0, ldo, m, n);
+        }
+      }
+    });
+  });
+}
+
 // buffer <- beta * buffer + product for a float32 buffer and a bfloat16/float16 (or float32) product of
 // the same shape, in one pass (beta == 0 ignores what the buffer held, which may be uninitialised):
 // the one-pass loss's float32 accumulation of a half-precision head's gradient, one chunk's matmul
@@ -896,6 +935,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("labels"), py::arg("columns") = false);
   m.def("gemm_into_", &gemm_into_, "buffer <- beta * buffer + a @ b, half-precision a, b into a float32 buffer by MKL; False where unavailable",
         py::arg("buffer"), py::arg("a"), py::arg("b"), py::arg("beta"));
+  m.def("transpose_into_", &transpose_into_, "out <- src^T for bfloat16/float16 src [M, N] and out [N, M], unit-stride rows",
+        py::arg("out"), py::arg("src"));
   m.def("accumulate_", &accumulate_, "buffer <- beta * buffer + product, a float32 buffer, in one pass",
         py::arg("buffer"), py::arg("product"), py::arg("beta"));
   m.def("empty_huge", [](std::vector<int64_t> sizes, at::ScalarType dtype) { return empty_huge(sizes, at::TensorOptions().dtype(dtype)); },

@@ -4,8 +4,8 @@ may build another, and the kernels use width-specific ATen code (Sleef-free exp,
 conversion). Each build's row kernels — forward, backward and the one-pass step's fused kernel, float32 and
 bfloat16, the head transforms, an ignored row, in place, and the float32 column kernel — against float64 autograd at the tolerances of
 test_head_transform (float32 rows 1e-6 relative; bfloat16 inputs are exact in float64, so the
-same, the gradient written in bfloat16 within its half-ulp), and the non-finite rows equal to
-the installed extension's.
+same, the gradient written in bfloat16 within its half-ulp), the half-precision transposed copy
+equal to ``srcᵀ``, and the non-finite rows equal to the installed extension's.
 
 The width the installed extension has is skipped: the rest of the suite tests it.
 """
@@ -74,6 +74,13 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
     torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(target.double(), tgt_want, rtol=0, atol=0)
     torch.testing.assert_close(zt.double(), want, rtol=1e-5, atol=1e-7)
+    # the transposed copy of a half-precision chunk (AVX-512 permutes or ATen's scalar loop): full and
+    # partial 32 x 32 tiles of a column slice
+    for dtype in (torch.bfloat16, torch.float16):
+        src = torch.randn(45, v, generator=gen).to(dtype)[:, 7:7 + 70]
+        out = torch.empty(70, 45, dtype=dtype)
+        module.transpose_into_(out, src)
+        assert torch.equal(out, src.T)
     # non-finite logits: the same NaN / inf pattern and values as the installed extension
     logits = torch.randn(1, 5, v, generator=gen)
     logits[0, 0, 3], logits[0, 1, :], logits[0, 2, 7] = float("nan"), -float("inf"), float("inf")

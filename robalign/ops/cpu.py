@@ -35,6 +35,7 @@ rows_softmax_grad = _C.rows_softmax_grad
 cols_lse_target_grad = _C.cols_lse_target_grad   # (zt [V, C] float32, labels, ignore_index, out): lse, target, ok
 accumulate_ = _C.accumulate_                   # a float32 buffer += a half-precision product, one pass
 gemm_into_ = _C.gemm_into_                     # (buffer, a, b, beta): float32 buffer += a @ b by MKL; False if it cannot
+transpose_into_ = _C.transpose_into_           # (out [N, M], src [M, N]): out = srcᵀ, bfloat16/float16, 32 x 32 tiles
 parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for used; 1 means a serial build
 labels_are_argmax = _C.labels_are_argmax       # (z, labels, columns): whether each label is its row's (column's) argmax
 rows_token_stats = _C.rows_token_stats         # (logits3d, labels, ignore_index, scale, softcap): the logged statistics

@@ -250,6 +250,35 @@ def _times_weight(u: Tensor, weight: Tensor) -> Tensor:
 _TILE_ELEMENTS = 8 << 20
 
 
+# oneDNN's bfloat16 GEMM forms Uᵀ·(c ⊙ h), Uᵀ a transposed view of the row-major chunk, slower than from a
+# contiguous Uᵀ by more than a transposed copy costs (a block of V rows at a time), from about 768 tokens:
+# the whole one-pass loss 3–4 % faster at 768 tokens and V 128256 or 151936, 4–16 % at 1536–2048 tokens;
+# at V 32000 no change below 1024 tokens (docs/benchmarks.md)
+_TRANSPOSE_MIN_TOKENS = 768
+_TRANSPOSE_BLOCK_ELEMENTS = 4 << 20            # one block of Uᵀ: 8 MB of bfloat16
+
+
+def _addmm_head(out: Tensor, ut: Tensor, hc: Tensor, beta: float, alpha: float, rows) -> Tensor:
+    """``out ← beta·out + alpha·Uᵀ·(c ⊙ h)`` in ``out``'s dtype (``beta`` 0 ignores what ``out`` holds),
+    ``ut`` ``[V, C]`` the head gradient's operand: the transposed view of a row-major chunk, or a
+    contiguous one (the float32 column layout). For a bfloat16 chunk on CPU of at least
+    ``_TRANSPOSE_MIN_TOKENS`` tokens laid out by rows, each block of V rows of ``Uᵀ`` is first copied
+    contiguous into a kept workspace (the row-kernel module ``rows``' ``transpose_into_``, the C++
+    backend's), then multiplied: the same float32 sums over C, rounded once, into ``out``'s rows."""
+    transpose = getattr(rows, "transpose_into_", None)
+    vocab, tokens = ut.shape
+    if transpose is None or out.device.type != "cpu" or ut.dtype != torch.bfloat16 or out.dtype != ut.dtype or \
+            ut.stride(0) != 1 or tokens < _TRANSPOSE_MIN_TOKENS:
+        return torch.addmm(out, ut, hc, beta=beta, alpha=alpha, out=out)
+    block = max(32, _TRANSPOSE_BLOCK_ELEMENTS // tokens // 32 * 32)
+    scratch = workspace.kept(rows, "transposed", (min(block, vocab), tokens), ut.dtype, out.device)
+    for v0 in range(0, vocab, block):
+        v1 = min(vocab, v0 + block)
+        transpose(scratch[:v1 - v0], ut[v0:v1].T)
+        torch.addmm(out[v0:v1], scratch[:v1 - v0], hc, beta=beta, alpha=alpha, out=out[v0:v1])
+    return out
+
+
 def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product: list) -> None:
     """``buffer ← beta·buffer + a·b``. When ``buffer`` is wider than the inputs (a half-precision
     head's float32 gradient), the product is accumulated and added in ``buffer``'s dtype by one GEMM
@@ -259,7 +288,7 @@ def _accumulate(buffer: Tensor, a: Tensor, b: Tensor, beta: float, rows, product
     inputs' dtype, then added: by ``rows``' ``accumulate_`` where it has one, in row tiles of about
     ``_TILE_ELEMENTS`` through a tile workspace kept in ``product`` for the next chunk."""
     if buffer.dtype == a.dtype:
-        buffer.addmm_(a, b, beta=beta)
+        _addmm_head(buffer, a, b, beta, 1.0, rows)
         return
     device = buffer.device.type
     if _OUT_DTYPE_MM.get(device, True):
@@ -311,8 +340,8 @@ def _folds_stats(asked: bool, need_hidden: bool, bias: Optional[Tensor], softcap
     return asked and need_hidden and bias is None and softcap == 0.0
 
 
-# the product a call left to its backward: (Uᵀ, c ⊙ h, beta, alpha, the workspace's loan), taken by
-# fused_dora_loss right after the operator returns, on the same thread
+# the product a call left to its backward: (Uᵀ, c ⊙ h, beta, alpha, the row-kernel module, the workspace's
+# loan), taken by fused_dora_loss right after the operator returns, on the same thread
 _DEFERRED = threading.local()
 
 
@@ -487,7 +516,7 @@ def _linear_dora_loss(
                 grad_h.index_copy_(0, rows_i, grad_h.index_select(0, rows_i) * math.exp(m_i - m))
     if deferred is not None:                    # grad_W = late·(beta·grad_W + Uᵀ·(c ⊙ h)), in the backward
         ut, hc, beta = deferred
-        _DEFERRED.product = (ut, hc, late * beta, late, workspace.lend("logits"))
+        _DEFERRED.product = (ut, hc, late * beta, late, rows, workspace.lend("logits"))
     shift = torch.tensor(m if math.isfinite(m) else 0.0, dtype=torch.float64, device=device)
     grad_h = grad_h.reshape(hidden.shape) if need_hidden else grad_h
     stats = (entropy64.float(), mean_logit64.float(), top1) if fold else tuple(h.new_empty(0) for _ in range(3))
@@ -640,9 +669,9 @@ class FormedGradient(torch.autograd.Function):
     a block is kept for the next call only when autograd takes it as the head's ``.grad`` as it is;
     one it will add into an existing ``.grad``, or copy, is dropped inside this backward and is
     forgotten, so that it is freed there, not held through the rest of it. ``deferred``: the head
-    gradient's last product, ``(Uᵀ, c ⊙ h, β, α, loan)``, which this backward adds with the scale ``s``
-    in one ``addmm``: ``grad_W ← s·β·grad_W + s·α·Uᵀ·(c ⊙ h)`` (:func:`_defers`), then gives the
-    workspace holding ``Uᵀ`` back (:func:`robalign.ops.workspace.give_back`)."""
+    gradient's last product, ``(Uᵀ, c ⊙ h, β, α, rows, loan)``, which this backward adds with the scale
+    ``s`` in one ``addmm`` (:func:`_addmm_head`): ``grad_W ← s·β·grad_W + s·α·Uᵀ·(c ⊙ h)``
+    (:func:`_defers`), then gives the workspace holding ``Uᵀ`` back (:func:`robalign.ops.workspace.give_back`)."""
 
     @staticmethod
     def forward(ctx, value, kappa, grad_h, grad_w, grad_b, hidden, weight, bias, narrow=None, recycle=None,
@@ -673,9 +702,9 @@ class FormedGradient(torch.autograd.Function):
                 out.append(None)
                 continue
             if i == 1 and deferred is not None:                     # the scale in the last product
-                ut, hc, beta, alpha, _ = deferred
+                ut, hc, beta, alpha, rows, _ = deferred
                 s = float(scale)
-                out.append(torch.addmm(grad, ut, hc, beta=s * beta, alpha=s * alpha, out=grad))
+                out.append(_addmm_head(grad, ut, hc, s * beta, s * alpha, rows))
                 continue
             if ctx.narrow is not None and not compiling and grad.dtype in (torch.float32, dtype) and \
                     dtype in (torch.bfloat16, torch.float16) and grad.device.type == "cpu" and grad.is_contiguous():

@@ -41,12 +41,13 @@ def _keeping(device: torch.device) -> bool:
 def kept(rows, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A workspace of ``shape``: on CPU a view of a buffer this thread keeps for the next call under
     ``name`` (``"logits"``: a chunk of logits, of the one-pass loss or the token statistics, one call
-    at a time; ``"product"``: a row tile of grad_W's per-chunk product), grown when too small. What is
-    kept: at most one chunk (the chunk rule's ``MAX_BYTES``; up to ``V·H·4`` bytes more for a
-    bfloat16 head's call in the one-chunk room of :func:`robalign.ops.one_pass.default_chunk`)
-    and one tile (16 MB in bfloat16, see :mod:`robalign.ops.one_pass`); ``ROBALIGN_KEEP_WORKSPACE=0``
-    frees them after each call. Off the CPU, or with that setting, a fresh buffer (on plain pages: it
-    lives for one call)."""
+    at a time; ``"product"``: a row tile of grad_W's per-chunk product; ``"transposed"``: a block of a
+    chunk's unit gradient, transposed), grown when too small. What is kept: at most one chunk (the
+    chunk rule's ``MAX_BYTES``; up to ``V·H·4`` bytes more for a bfloat16 head's call in the one-chunk
+    room of :func:`robalign.ops.one_pass.default_chunk`), one tile (16 MB in bfloat16) and one
+    transposed block (8 MB; see :mod:`robalign.ops.one_pass`); ``ROBALIGN_KEEP_WORKSPACE=0`` frees them
+    after each call. Off the CPU, or with that setting, a fresh buffer (on plain pages: it lives for
+    one call)."""
     if not _keeping(device):
         return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
