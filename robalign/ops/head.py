@@ -26,7 +26,33 @@ from torch import Tensor
 
 from .. import _validation as V
 
-__all__ = ["HeadTransform", "scored_logit_chunks"]
+__all__ = ["HeadTransform", "head_logits", "scored_logit_chunks"]
+
+# oneDNN's bfloat16 GEMM on CPU forms h·Wᵀ faster a block of vocabulary columns at a time than whole, from
+# a few hundred rows on (V 128256, H 576: 1536 rows 120 → 79 ms, 384 rows 36.8 → 29.2; V 32000, H 512:
+# 1536 rows 25.2 → 20.5, 384 rows 6.2 → 6.1), slower below (128 rows at V 128256: 17.8 → 21.7)
+_BLOCKED_MIN_ROWS = 384
+_BLOCK_COLUMNS = 4096
+
+
+def head_logits(h: Tensor, weight: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """The LM head's logits ``h·Wᵀ (+ b)`` ``[C, V]`` for ``h`` ``[C, H]``, ``weight`` ``[V, H]``, into
+    ``out`` (unit-stride rows) where given. For bfloat16 on CPU from ``_BLOCKED_MIN_ROWS`` rows, a block
+    of ``_BLOCK_COLUMNS`` vocabulary columns at a time (docs/kernels.md): each logit is the same float32
+    dot product over H, rounded once, where the GEMM may add it in another order."""
+    rows, vocab = h.shape[0], weight.shape[0]
+    if h.device.type != "cpu" or h.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or \
+            rows < _BLOCKED_MIN_ROWS or vocab <= _BLOCK_COLUMNS:
+        return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+    if out is None:
+        out = h.new_empty(rows, vocab)
+    for v0 in range(0, vocab, _BLOCK_COLUMNS):
+        v1 = min(vocab, v0 + _BLOCK_COLUMNS)
+        if bias is None:
+            torch.mm(h, weight[v0:v1].T, out=out[:, v0:v1])
+        else:
+            torch.addmm(bias[v0:v1], h, weight[v0:v1].T, out=out[:, v0:v1])
+    return out
 
 
 @dataclass(frozen=True)
@@ -133,7 +159,7 @@ def scored_logit_chunks(where: str, labels: Tensor, *, logits: Tensor | None, hi
                 continue
             z = z.to(matmul_dtype)
             into = None if out is None else out[:z.shape[0]]
-            z = torch.mm(z, weight.T, out=into) if bias is None else torch.addmm(bias, z, weight.T, out=into)
+            z = head_logits(z, weight, bias, out=into)
             if raw:
                 yield index, z
                 continue

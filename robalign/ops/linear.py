@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..ground_truth.logps import sequence_index
-from .head import HeadTransform
+from .head import HeadTransform, head_logits
 from .library import check_kernel_dtypes, flat_labels, per_sequence, row_kernels
 
 __all__ = ["linear_sequence_logps", "chunk_tokens"]
@@ -73,7 +73,7 @@ def chunk_tokens(vocab: int, element_size: int, device: torch.device, *, tokens:
 
 
 def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return h_chunk @ weight.T if bias is None else torch.addmm(bias, h_chunk, weight.T)
+    return head_logits(h_chunk, weight, bias)
 
 
 @torch.library.custom_op("robalign::linear_sequence_logps_fwd", mutates_args=())

@@ -68,7 +68,7 @@ from torch import Tensor
 from ..ground_truth.logps import sequence_index
 from ..ground_truth.objectives import OBJECTIVES
 from .library import check_kernel_dtypes, flat_labels, labels_are_argmax, row_kernels, rows_lse_target_grad
-from .head import HeadTransform
+from .head import HeadTransform, head_logits
 from . import workspace
 from .linear import chunk_tokens
 
@@ -194,10 +194,11 @@ def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: 
                   by_columns: bool = False) -> Tensor:
     """``h_chunk·Wᵀ (+ b)`` written into ``out`` (the chunk's rows of the logits workspace), or with
     ``by_columns`` its transpose ``W·h_chunkᵀ (+ b)`` ``[V, C]``."""
-    a, b = (weight, h_chunk.T) if by_columns else (h_chunk, weight.T)
+    if not by_columns:
+        return head_logits(h_chunk, weight, bias, out=out)
     if bias is None:
-        return torch.mm(a, b, out=out)
-    return torch.addmm(bias.unsqueeze(1) if by_columns else bias, a, b, out=out)
+        return torch.mm(weight, h_chunk.T, out=out)
+    return torch.addmm(bias.unsqueeze(1), weight, h_chunk.T, out=out)
 
 
 # oneDNN's AMX GEMM for bfloat16/float16 ``U·W`` (a long reduction over V into 512 columns) runs on one of
