@@ -5,9 +5,14 @@ At each point of the sweep the one-pass loss (``FusedLinearDoRALoss``, C++ row k
 **floor**: the three bare matmuls over the scored tokens only, in the same dtype
 (``h·Wᵀ``, ``G·W``, ``Gᵀ·h`` for M scored tokens; the same ``torch.mm`` → oneDNN path the loss
 takes, ``brg_matmul:avx10_1_512_amx`` for bfloat16 on this CPU, as ``ONEDNN_VERBOSE=1`` shows), in
-the faster of two layouts, timed each round: the logits and ``G`` as ``[M, V]`` (a row per token) or
-as ``[V, M]`` (``W·hᵀ``, ``(Gᵀ)ᵀ·W``, ``Gᵀ·h`` from a contiguous ``Gᵀ``; MKL runs float32 faster so,
-and the float32 loss forms its chunks so), written into outputs allocated once (so the floor pays
+the fastest of three forms, timed each round: the logits and ``G`` as ``[M, V]`` (a row per token,
+each product one GEMM), as ``[V, M]`` (``W·hᵀ``, ``(Gᵀ)ᵀ·W``, ``Gᵀ·h`` from a contiguous ``Gᵀ``;
+MKL runs float32 faster so, and the float32 loss forms its chunks so), or as ``[M, V]`` decomposed
+as the loss decomposes its bfloat16 products (``h·Wᵀ`` a block of 4096 vocabulary columns at a
+time, ``G·W`` in pieces of rows where oneDNN runs the whole on one thread, ``Gᵀ·h`` from a
+transposed copy of ``G`` a block at a time, the copy counted: robalign.ops.head.head_logits,
+one_pass._times_weight, one_pass._addmm_head; for float32 the same as the first form), so that no
+form of the products the loss uses is missing from the floor; written into outputs allocated once (so the floor pays
 no allocation and no page fault; the loss keeps its workspaces across calls and forms its head
 gradient in the block of the one the previous round dropped, robalign.ops.workspace). ``ratio``
 is the median over rounds of the loss's time over the floor's measured next to it, interleaved in
@@ -148,6 +153,8 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
 
     import robalign
     from peers import reference_dora_chunked
+    from robalign.ops import cpu, one_pass
+    from robalign.ops.head import head_logits
 
     p = points()[name]
     dtype = getattr(torch, dtype_name)
@@ -196,8 +203,13 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
     def floor_columns():
         return torch.mm(w, h.T, out=logits_t), torch.mm(g_t.T, w, out=outs[1]), torch.mm(g_t, h, out=outs[2])
 
-    times = {"loss": [], "floor_rows": [], "floor_columns": []}
-    order = [("loss", step), ("floor_rows", floor), ("floor_columns", floor_columns)]
+    def floor_rows_decomposed():        # the row layout as the loss runs its products (docstring)
+        return (head_logits(h, w, out=outs[0]), _u_times_w(g, w, outs[1]),
+                one_pass._addmm_head(outs[2], g.T, h, 0.0, 1.0, cpu))
+
+    times = {"loss": [], "floor_rows": [], "floor_columns": [], "floor_rows_decomposed": []}
+    order = [("loss", step), ("floor_rows", floor), ("floor_columns", floor_columns),
+             ("floor_rows_decomposed", floor_rows_decomposed)]
     scratch = torch.empty(flush_mb << 18, dtype=torch.float32)          # flush_mb MB of float32
     for _, f in order:
         f()                                                     # warm-up: oneDNN primitives, huge pages
@@ -208,8 +220,9 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
             out = f()
             times[key].append(time.perf_counter() - start)
             del out
-    # each round's floor: the faster layout of the three products in that round
-    times["floor"] = [min(a, b) for a, b in zip(times["floor_rows"], times["floor_columns"])]
+    # each round's floor: the fastest form of the three products in that round
+    times["floor"] = [min(forms) for forms in zip(times["floor_rows"], times["floor_columns"],
+                                                   times["floor_rows_decomposed"])]
     loss_s, floor_s = statistics.median(times["loss"]), statistics.median(times["floor"])
     # each round's loss over the floor measured next to it: a slow minute of the shared machine
     # hits both; the median of the rounds' ratios is the point's ratio
@@ -219,9 +232,24 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else [ratio, ratio]
     return {**row, "flush_mb": flush_mb, "loss_s": loss_s, "floor_s": floor_s,
             "floor_rows_s": statistics.median(times["floor_rows"]),
-            "floor_columns_s": statistics.median(times["floor_columns"]), "ratio": ratio,
+            "floor_columns_s": statistics.median(times["floor_columns"]),
+            "floor_rows_decomposed_s": statistics.median(times["floor_rows_decomposed"]), "ratio": ratio,
             "ratio_quartiles": quartiles,
             "ratio_of_minima": min(times["loss"]) / min(times["floor"]), "times_s": times}
+
+
+def _u_times_w(g, w, out):
+    """``G·W`` into ``out`` as the loss forms it (``one_pass._times_weight``: bfloat16 rows of oneDNN's
+    slow range in pieces), without its allocation."""
+    from robalign.ops import one_pass
+
+    rows = g.shape[0]
+    low, high = one_pass._HALF_SLOW_ROWS
+    if g.dtype not in (one_pass.torch.bfloat16, one_pass.torch.float16) or not low <= rows < high:
+        return one_pass.torch.mm(g, w, out=out)
+    for r0, r1 in one_pass._pieces(rows, one_pass._HALF_PIECE_ROWS):
+        one_pass.torch.mm(g[r0:r1], w, out=out[r0:r1])
+    return out
 
 
 def _chunk_env(p: dict, dtype_name: str) -> dict | None:
@@ -292,7 +320,7 @@ def main(argv=None) -> int:
 def print_table(rows: list[dict]) -> None:
     """A Markdown table of the points and, per dtype, the worst point against its limit."""
     print("\n| dtype | point | tokens (scored) | prompt | V | H | objective | chunk tokens | loss (ms) | floor (ms) "
-          "| floor by rows / by columns, ms (loss over the rows' floor) | ratio | rounds' middle half "
+          "| floor by rows / by columns / rows decomposed, ms (loss over the rows' floor) | ratio | rounds' middle half "
           "| grad_W error | vs materialised |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -304,7 +332,8 @@ def print_table(rows: list[dict]) -> None:
         if "floor_columns_s" in r:                              # and the ratio to the row layout's, as before it
             t = r["times_s"]
             by_rows = statistics.median(a / b for a, b in zip(t["loss"], t["floor_rows"]))
-            layouts = f"{r['floor_rows_s'] * 1e3:.0f} / {r['floor_columns_s'] * 1e3:.0f} ({by_rows:.3f})"
+            decomposed = f" / {r['floor_rows_decomposed_s'] * 1e3:.0f}" if "floor_rows_decomposed_s" in r else ""
+            layouts = f"{r['floor_rows_s'] * 1e3:.0f} / {r['floor_columns_s'] * 1e3:.0f}{decomposed} ({by_rows:.3f})"
         q1, q3 = r["ratio_quartiles"]
         print(f"| {r['dtype']} | {r['point']} | {r['tokens']} ({r['scored_tokens']}) | {r['prompt']:g} | {r['vocab']} "
               f"| {r['hidden']} | {r['objective']} | {r['chunk_tokens']} | {r['loss_s'] * 1e3:.0f} "

@@ -254,7 +254,7 @@ _TILE_ELEMENTS = 8 << 20
 # oneDNN's bfloat16 GEMM forms Uᵀ·(c ⊙ h), Uᵀ a transposed view of the row-major chunk, slower than from a
 # contiguous Uᵀ by more than a transposed copy costs (a block of V rows at a time), from about 768 tokens:
 # the whole one-pass loss 3–4 % faster at 768 tokens and V 128256 or 151936, 4–16 % at 1536–2048 tokens;
-# at V 32000 no change below 1024 tokens (docs/benchmarks.md)
+# at V 32000 no change below 1024 tokens (docs/kernels.md)
 _TRANSPOSE_MIN_TOKENS = 768
 _TRANSPOSE_BLOCK_ELEMENTS = 4 << 20            # one block of Uᵀ: 8 MB of bfloat16
 
