@@ -11,8 +11,9 @@ MKL runs float32 faster so, and the float32 loss forms its chunks so), or as ``[
 as the loss decomposes its bfloat16 products (``h·Wᵀ`` a block of 4096 vocabulary columns at a
 time, ``G·W`` in pieces of rows where oneDNN runs the whole on one thread, ``Gᵀ·h`` from a
 transposed copy of ``G`` a block at a time, the copy counted: robalign.ops.head.head_logits,
-one_pass._times_weight, one_pass._addmm_head; for float32 the same as the first form), so that no
-form of the products the loss uses is missing from the floor; written into outputs allocated once (so the floor pays
+one_pass._times_weight, one_pass._addmm_head; half precision only: for float32 it is the first form,
+not timed twice), so that no form of the products the loss uses is missing from the floor; written
+into outputs allocated once (so the floor pays
 no allocation and no page fault; the loss keeps its workspaces across calls and forms its head
 gradient in the block of the one the previous round dropped, robalign.ops.workspace). ``ratio``
 is the median over rounds of the loss's time over the floor's measured next to it, interleaved in
@@ -207,9 +208,11 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
         return (head_logits(h, w, out=outs[0]), _u_times_w(g, w, outs[1]),
                 one_pass._addmm_head(outs[2], g.T, h, 0.0, 1.0, cpu))
 
-    times = {"loss": [], "floor_rows": [], "floor_columns": [], "floor_rows_decomposed": []}
-    order = [("loss", step), ("floor_rows", floor), ("floor_columns", floor_columns),
-             ("floor_rows_decomposed", floor_rows_decomposed)]
+    times = {"loss": [], "floor_rows": [], "floor_columns": []}
+    order = [("loss", step), ("floor_rows", floor), ("floor_columns", floor_columns)]
+    if dtype != torch.float32:          # float32's decomposed form is the first one: timing it twice would
+        times["floor_rows_decomposed"] = []     # take the minimum of two samples of the same products
+        order.append(("floor_rows_decomposed", floor_rows_decomposed))
     scratch = torch.empty(flush_mb << 18, dtype=torch.float32)          # flush_mb MB of float32
     for _, f in order:
         f()                                                     # warm-up: oneDNN primitives, huge pages
@@ -221,8 +224,7 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
             times[key].append(time.perf_counter() - start)
             del out
     # each round's floor: the fastest form of the three products in that round
-    times["floor"] = [min(forms) for forms in zip(times["floor_rows"], times["floor_columns"],
-                                                   times["floor_rows_decomposed"])]
+    times["floor"] = [min(forms) for forms in zip(*(times[k] for k, _ in order[1:]))]
     loss_s, floor_s = statistics.median(times["loss"]), statistics.median(times["floor"])
     # each round's loss over the floor measured next to it: a slow minute of the shared machine
     # hits both; the median of the rounds' ratios is the point's ratio
@@ -233,7 +235,8 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
     return {**row, "flush_mb": flush_mb, "loss_s": loss_s, "floor_s": floor_s,
             "floor_rows_s": statistics.median(times["floor_rows"]),
             "floor_columns_s": statistics.median(times["floor_columns"]),
-            "floor_rows_decomposed_s": statistics.median(times["floor_rows_decomposed"]), "ratio": ratio,
+            **({"floor_rows_decomposed_s": statistics.median(times["floor_rows_decomposed"])}
+               if "floor_rows_decomposed" in times else {}), "ratio": ratio,
             "ratio_quartiles": quartiles,
             "ratio_of_minima": min(times["loss"]) / min(times["floor"]), "times_s": times}
 
