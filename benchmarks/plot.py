@@ -80,7 +80,7 @@ def plot_cpu_sweep(path) -> list[Path]:
     labels = [f"{p}\n{first[p]['scored_tokens']} tok, V {first[p]['vocab'] // 1000}k, H {first[p]['hidden']}"
               if p in first else p for p in points]
     ax.axhline(1.0, color="black", linestyle=":", linewidth=1,
-               label="the floor: three bare matmuls, scored tokens, the faster layout")
+               label="the floor: three bare matmuls, scored tokens, their fastest form")
     ax.set_xticks(range(len(points)), labels, fontsize=7, rotation=30, ha="right")
     lowest = min([r["ratio"] for r in rows if "ratio" in r], default=1.0)
     ax.set(ylabel="one-pass loss time / floor (lower is better)", ylim=(min(0.9, lowest - 0.05), None),

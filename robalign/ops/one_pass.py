@@ -31,6 +31,9 @@ first pass, then their logits again for the gradient — one extra logits matmul
 The row kernels are the backend's (``kernel``: ``"cpp"``, ``"triton"``, ``"torch"``). A float32 head
 on CPU with the C++ backend and the identity transform forms each chunk by columns, ``zᵀ = W·hᵀ``
 ``[V, C]``, with the C++ column kernel: MKL's float32 GEMM runs that layout faster (:func:`_by_columns`).
+A bfloat16 chunk stays by rows; its logits are formed a block of vocabulary columns at a time
+(:func:`robalign.ops.head.head_logits`) and its head gradient's product, where formed in bfloat16, from a
+transposed copy of ``U`` (:func:`_addmm_head`): oneDNN runs both faster so.
 ``grad_W`` (and ``grad_b``) accumulate in float32 for bfloat16/float16 heads unless ``fp32_grad_weight`` is
 False (then in the head's dtype, one rounding per chunk, as Liger-Kernel does). Each chunk's product
 is summed and added in float32 by one GEMM where the BLAS has one (cuBLAS's ``out_dtype``; on CPU
