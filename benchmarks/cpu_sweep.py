@@ -205,7 +205,7 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
         return torch.mm(w, h.T, out=logits_t), torch.mm(g_t.T, w, out=outs[1]), torch.mm(g_t, h, out=outs[2])
 
     def floor_rows_decomposed():        # the row layout as the loss runs its products (docstring)
-        return (head_logits(h, w, out=outs[0]), _u_times_w(g, w, outs[1]),
+        return (head_logits(h, w, out=outs[0]), one_pass._times_weight(g, w, out=outs[1]),
                 one_pass._addmm_head(outs[2], g.T, h, 0.0, 1.0, cpu))
 
     times = {"loss": [], "floor_rows": [], "floor_columns": []}
@@ -239,20 +239,6 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
                if "floor_rows_decomposed" in times else {}), "ratio": ratio,
             "ratio_quartiles": quartiles,
             "ratio_of_minima": min(times["loss"]) / min(times["floor"]), "times_s": times}
-
-
-def _u_times_w(g, w, out):
-    """``G·W`` into ``out`` as the loss forms it (``one_pass._times_weight``: bfloat16 rows of oneDNN's
-    slow range in pieces), without its allocation."""
-    from robalign.ops import one_pass
-
-    rows = g.shape[0]
-    low, high = one_pass._HALF_SLOW_ROWS
-    if g.dtype not in (one_pass.torch.bfloat16, one_pass.torch.float16) or not low <= rows < high:
-        return one_pass.torch.mm(g, w, out=out)
-    for r0, r1 in one_pass._pieces(rows, one_pass._HALF_PIECE_ROWS):
-        one_pass.torch.mm(g[r0:r1], w, out=out[r0:r1])
-    return out
 
 
 def _chunk_env(p: dict, dtype_name: str) -> dict | None:

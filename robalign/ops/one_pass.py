@@ -235,14 +235,16 @@ def _chunk_by_columns(rows, h_p: Tensor, weight: Tensor, bias: Optional[Tensor],
     return (zt, lse, target) if ok else (None, None, None)
 
 
-def _times_weight(u: Tensor, weight: Tensor) -> Tensor:
-    """``U·W`` ``[C, H]``; for a half-precision chunk on CPU of ``_HALF_SLOW_ROWS`` rows, in equal
-    pieces of at most ``_HALF_PIECE_ROWS`` rows (each output row is the same dot products)."""
+def _times_weight(u: Tensor, weight: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``U·W`` ``[C, H]`` (into ``out`` where given); for a half-precision chunk on CPU of
+    ``_HALF_SLOW_ROWS`` rows, in equal pieces of at most ``_HALF_PIECE_ROWS`` rows (each output row is
+    the same dot products)."""
     rows = u.shape[0]
     if u.device.type != "cpu" or u.dtype not in (torch.bfloat16, torch.float16) or \
             not _HALF_SLOW_ROWS[0] <= rows < _HALF_SLOW_ROWS[1]:
-        return u @ weight
-    out = u.new_empty(rows, weight.shape[1])
+        return torch.mm(u, weight, out=out)
+    if out is None:
+        out = u.new_empty(rows, weight.shape[1])
     for r0, r1 in _pieces(rows, _HALF_PIECE_ROWS):
         torch.mm(u[r0:r1], weight, out=out[r0:r1])
     return out
