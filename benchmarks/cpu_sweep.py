@@ -172,7 +172,7 @@ def measure(name: str, repeat: int, dtype_name: str, flush_mb: int = 0) -> dict:
         return (loss, *torch.autograd.grad(loss, (hidden, weight)))
 
     row = {"point": name, **p, "dtype": dtype_name, "scored_tokens": scored, "group": group,
-           "chunk_tokens": robalign.ops.one_pass.default_chunk(hidden.numel() // p["hidden"], p["vocab"], p["hidden"],
+           "chunk_tokens": robalign.ops.one_pass.default_chunk(scored, p["vocab"], p["hidden"],
                                                                 hidden.dtype, hidden.device, p["fp32_head_grad"])}
     weights = weighting(probs.float())                         # [B]: the mean over each group
     want = reference_dora_chunked(hidden, weight, labels, ref_logps, weights, objective=p["objective"], group=group,

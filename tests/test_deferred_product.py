@@ -153,8 +153,8 @@ def test_a_zero_incoming_gradient(chunks):
 
 @pytest.mark.parametrize("chunking, fp32_head_grad, defers", [
     (10 ** 6, True, True),          # one chunk: one GEMM forms grad_W in bfloat16
-    (20, True, False),              # several: a float32 buffer, narrowed in the backward
-    (20, False, True),              # several, accumulated in bfloat16 (LossParams(fp32_head_grad=False))
+    (8, True, False),               # several: a float32 buffer, narrowed in the backward
+    (8, False, True),               # several, accumulated in bfloat16 (LossParams(fp32_head_grad=False))
 ], ids=["one-chunk", "float32-buffer", "bfloat16-accumulation"])
 def test_bfloat16_head(chunking, fp32_head_grad, defers, chunks, lent, monkeypatch):
     """Where a bfloat16 head's gradient is formed in bfloat16, the backward's ``addmm`` rounds it once,

@@ -274,12 +274,14 @@ def test_float16_head_gradient_summed_beyond_float16_range_stays_finite(chunks, 
     assert not torch.isfinite(run(half, "dpo", math.inf, "cpp", device="cpu")[0][2]).all()
 
 
-@pytest.mark.parametrize("h, one_chunk", [(32, True), (12, False)])
+@pytest.mark.parametrize("h, one_chunk", [(32, True), (8, True), (4, False)])
 def test_a_half_head_call_within_the_float32_buffers_room_is_one_chunk(h, one_chunk, chunks, monkeypatch):
     """The default chunk on CPU (``one_pass.default_chunk``), bfloat16: several chunks would hold a
-    float32 [V, H] buffer, the logits of 2H tokens, so a call of at most 2H tokens more than the chunk
-    (here 8 tokens by the rule, 40 tokens in the call) runs as one chunk: bit for bit the pinned one
-    chunk at H 32 (8 + 64 ≥ 40), the pinned 8-token chunks at H 12 (8 + 24 < 40) and, at any H,
+    float32 [V, H] buffer, the logits of 2H tokens, so a call whose scored tokens (``plan_tokens``:
+    19–22 of the call's 40 here) are at most 2H more than the chunk (8 tokens by the rule) runs as one
+    chunk: bit for bit the pinned one chunk at H 32 (8 + 64 ≥ 40) and at H 8 (8 + 16 < 40, but not
+    below the scored count: the masked tokens are not counted), the pinned 8-token chunks at H 4
+    (8 + 8 below it) and, at any H,
     with ``fp32_head_grad=False`` (no float32 buffer, no room). The chunk each run plans with is
     recorded too."""
     from robalign.ops import linear
@@ -289,10 +291,12 @@ def test_a_half_head_call_within_the_float32_buffers_room_is_one_chunk(h, one_ch
     plan = one_pass.plan_chunks
     monkeypatch.setattr(one_pass, "plan_chunks", lambda tokens, chunk: planned.append(chunk) or plan(tokens, chunk))
     p = problem("dpo", groups=4, h=h, v=500, dtype=torch.bfloat16)
-    assert p["hidden"].shape[:2].numel() == 40
+    scored = int((p["labels"] != -100).sum())
+    room = 8 + 2 * h
+    assert p["hidden"].shape[:2].numel() == 40 and one_chunk == (scored <= room) and (h != 8 or room < 40)
     by_rule = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
     by_rule_bf16_sums = run(p, "dpo", 1.0, "cpp", device="cpu", fp32_head_grad=False)[0]
-    assert planned == ([40] if one_chunk else [8]) + [8]
+    assert planned == ([scored] if one_chunk else [8]) + [8]
     chunks(10 ** 6)
     one = run(p, "dpo", 1.0, "cpp", device="cpu")[0]
     chunks(8)
@@ -300,6 +304,18 @@ def test_a_half_head_call_within_the_float32_buffers_room_is_one_chunk(h, one_ch
     several_bf16_sums = run(p, "dpo", 1.0, "cpp", device="cpu", fp32_head_grad=False)[0]
     for i, (g, w) in enumerate(zip(by_rule + by_rule_bf16_sums, (one if one_chunk else several) + several_bf16_sums)):
         assert torch.equal(g, w), f"output {i}"
+
+
+def test_the_plan_counts_all_tokens_where_it_must_be_static(monkeypatch):
+    """``plan_tokens``: the scored tokens on CPU in eager mode; all tokens while torch.compile traces
+    (the fake sees no labels' values) and off the CPU (no wait for the device)."""
+    hidden, labels = torch.zeros(2, 5, 3), torch.tensor([[-100, 1, 2, -100, 3], [4, -100, -100, -100, -100]])
+    assert one_pass.plan_tokens(hidden, labels, -100) == 4
+    assert one_pass.plan_tokens(hidden, labels, 1) == 9
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert one_pass.plan_tokens(hidden, labels, -100) == 10
+    monkeypatch.undo()
+    assert one_pass.plan_tokens(hidden.to("meta"), labels, -100) == 10
 
 
 def test_head_gradient_added_in_tiles_equals_one_product(chunks, monkeypatch):

@@ -75,7 +75,7 @@ from .head import HeadTransform, head_logits
 from . import workspace
 from .linear import chunk_tokens
 
-__all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks", "default_chunk"]
+__all__ = ["linear_dora_loss", "fused_dora_loss", "FormedGradient", "plan_chunks", "plan_tokens", "default_chunk"]
 
 
 def plan_chunks(group_tokens: list[int], chunk: int) -> list[tuple[int, int]]:
@@ -166,9 +166,9 @@ def _one_gemm_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chunk: int) -> torch.dtype:
     """grad_W's dtype while chunks add into it: float32 for a half-precision head unless
-    ``fp32_grad_weight`` is False — or for a bfloat16 head on CPU where all ``tokens`` (scored or not:
-    the decision is static, for the fake too) fit one ``chunk``: one GEMM then forms the whole
-    gradient, accumulating in float32 and rounding once — after the scaling where the backward forms
+    ``fp32_grad_weight`` is False — or for a bfloat16 head on CPU where the call's ``tokens`` (those its
+    plan counts, :func:`plan_tokens`: an argument of the operator, so the fake decides the same) fit one
+    ``chunk``: one GEMM then forms the whole gradient, accumulating in float32 and rounding once — after the scaling where the backward forms
     it (:func:`_defers`), before it under torch.compile (a float32 buffer is rounded once, after
     scaling). Not for float16, whose range an unscaled sum may leave."""
     one_product = _one_gemm_on_cpu(weight.dtype, weight.device) and tokens <= chunk
@@ -177,13 +177,24 @@ def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chun
     return weight.dtype
 
 
+def plan_tokens(hidden: Tensor, labels: Tensor, ignore_index: int) -> int:
+    """The tokens a call's chunk plan counts (:func:`default_chunk`, :func:`_grad_weight_dtype`): its
+    scored tokens on CPU in eager mode, where counting them is one pass over the labels; else all its
+    tokens, scored or not — a static number, as torch.compile's fake needs, and on a GPU no wait for
+    the device (whose chunk rule has no one-chunk room either)."""
+    total = hidden.numel() // hidden.shape[-1]
+    if hidden.device.type != "cpu" or torch.compiler.is_compiling():
+        return total
+    return int((labels != ignore_index).sum())
+
+
 def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
                   fp32_grad_weight: bool = True) -> int:
-    """The one-pass loss's chunk for a call of ``tokens`` (all, scored or not) through a ``[V, H]``
-    head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a bfloat16 head's spare room is
+    """The one-pass loss's chunk for a call of ``tokens`` (those its plan counts, :func:`plan_tokens`)
+    through a ``[V, H]`` head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a bfloat16 head's spare room is
     grad_W's float32 ``[V, H]`` buffer — the logits of ``2H`` tokens — which several chunks hold and
     one chunk does without (its one GEMM forms grad_W in bfloat16, :func:`_grad_weight_dtype`).
-    At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up to 2072 tokens in one."""
+    At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up to 2072 scored tokens in one."""
     element_size = torch.finfo(dtype).bits // 8
     room = _float32_buffer(dtype, fp32_grad_weight) and _one_gemm_on_cpu(dtype, device)
     spare = vocab * hidden_size * 4 if room else 0
@@ -356,7 +367,7 @@ def _linear_dora_loss(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_idx: Tensor, num_seqs: int,
         ref_logps: Optional[Tensor], sample_weights: Tensor, scores: Optional[Tensor], objective: str,
         hparam_names: str, hparam_values: list[float], group_size: int, lam: float, ignore_index: int, kernel: str,
-        chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool, fp32_grad_weight: bool,
+        chunk: int, planned: int, need_hidden: bool, need_weight: bool, need_bias: bool, fp32_grad_weight: bool,
         logit_scale: float, softcap: float, temperature: float, defer_weight: bool, token_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = row_kernels(kernel)
@@ -380,7 +391,7 @@ def _linear_dora_loss(
 
     logps64 = torch.zeros(num_seqs, dtype=torch.float64, device=device)
     losses = torch.zeros(num_groups, dtype=torch.float32, device=device)
-    acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight, h.shape[0], chunk)
+    acc_dtype = _grad_weight_dtype(weight, fp32_grad_weight, planned, chunk)
     grad_h = torch.zeros_like(h) if need_hidden else h.new_empty(0)
     # written by the first chunk's addmm with beta = 0 (which ignores what is there), zeroed if none. The
     # head's gradient itself: in the block of the last call's once the caller dropped it, where
@@ -556,7 +567,7 @@ def _add_token_stats(sums: tuple[Tensor, Tensor, Tensor], seq: Tensor, h: Tensor
 
 @_linear_dora_loss.register_fake
 def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights, scores, objective, hparam_names,
-      hparam_values, group_size, lam, ignore_index, kernel, chunk, need_hidden, need_weight, need_bias,
+      hparam_values, group_size, lam, ignore_index, kernel, chunk, planned, need_hidden, need_weight, need_bias,
       fp32_grad_weight, logit_scale, softcap, temperature, defer_weight, token_stats):
     new = hidden.new_empty
     fold = _folds_stats(token_stats, need_hidden, bias, softcap)
@@ -565,8 +576,7 @@ def _(hidden, weight, bias, labels, seq_idx, num_seqs, ref_logps, sample_weights
     return (new(num_seqs, dtype=torch.float32), new(num_seqs, dtype=torch.int64),
             new(num_seqs // group_size, dtype=torch.float32), new((), dtype=torch.float64),
             torch.empty_like(hidden) if need_hidden else new(0),
-            weight.new_empty(weight.shape, dtype=_grad_weight_dtype(weight, fp32_grad_weight,
-                                                                    hidden.numel() // hidden.shape[-1], chunk))
+            weight.new_empty(weight.shape, dtype=_grad_weight_dtype(weight, fp32_grad_weight, planned, chunk))
             if need_weight else weight.new_empty(0),
             weight.new_empty(weight.shape[0], dtype=torch.float32) if (need_bias and bias is not None)
             else weight.new_empty(0), *stats)
@@ -598,16 +608,16 @@ def linear_dora_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Te
         bias = None if bias is None else bias.to(dtype)
     check_kernel_dtypes("robalign.DoRALoss", kernel, hidden=hidden, head_weight=weight, head_bias=bias)
     seq_idx, num_seqs = sequence_index(labels, cu_seqlens)
+    planned = plan_tokens(hidden, labels, ignore_index)
     if chunk is None:
-        chunk = default_chunk(hidden.numel() // hidden.shape[-1], weight.shape[0], weight.shape[1], hidden.dtype,
-                              hidden.device, fp32_grad_weight)
+        chunk = default_chunk(planned, weight.shape[0], weight.shape[1], hidden.dtype, hidden.device, fp32_grad_weight)
     names = sorted(hparams)
     with torch.autocast(device_type, enabled=False), torch.no_grad():
         *out, entropy, mean_logit, top1 = torch.ops.robalign.linear_dora_loss(
             hidden.detach(), weight.detach(), None if bias is None else bias.detach(), flat_labels(labels), seq_idx,
             num_seqs, None if ref_logps is None else ref_logps.detach().float(), sample_weights.detach().float(),
             None if scores is None else scores.detach(), objective, ",".join(names),
-            [float(hparams[n]) for n in names], group_size, float(lam), ignore_index, kernel, chunk, *need,
+            [float(hparams[n]) for n in names], group_size, float(lam), ignore_index, kernel, chunk, planned, *need,
             fp32_grad_weight, *transform.args, defer_weight, token_stats)
     folded = _folds_stats(token_stats, need[0], bias, transform.softcap)
     return (*out, (entropy, mean_logit, out[1], top1) if folded else None)
