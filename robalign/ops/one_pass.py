@@ -166,11 +166,12 @@ def _one_gemm_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _grad_weight_dtype(weight: Tensor, fp32_grad_weight: bool, tokens: int, chunk: int) -> torch.dtype:
     """grad_W's dtype while chunks add into it: float32 for a half-precision head unless
-    ``fp32_grad_weight`` is False — or for a bfloat16 head on CPU where the call's ``tokens`` (those its
-    plan counts, :func:`plan_tokens`: an argument of the operator, so the fake decides the same) fit one
-    ``chunk``: one GEMM then forms the whole gradient, accumulating in float32 and rounding once — after the scaling where the backward forms
-    it (:func:`_defers`), before it under torch.compile (a float32 buffer is rounded once, after
-    scaling). Not for float16, whose range an unscaled sum may leave."""
+    ``fp32_grad_weight`` is False — or for a bfloat16 head on CPU where the call's ``tokens`` (those
+    its plan counts, :func:`plan_tokens`: an argument of the operator, so the fake decides the same)
+    fit one ``chunk``: one GEMM then forms the whole gradient, accumulating in float32 and rounding
+    once — after the scaling where the backward forms it (:func:`_defers`), before it under
+    torch.compile (a float32 buffer is rounded once, after scaling). Not for float16, whose range an
+    unscaled sum may leave."""
     one_product = _one_gemm_on_cpu(weight.dtype, weight.device) and tokens <= chunk
     if _float32_buffer(weight.dtype, fp32_grad_weight) and not one_product:
         return torch.float32
@@ -191,9 +192,10 @@ def plan_tokens(hidden: Tensor, labels: Tensor, ignore_index: int) -> int:
 def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
                   fp32_grad_weight: bool = True) -> int:
     """The one-pass loss's chunk for a call of ``tokens`` (those its plan counts, :func:`plan_tokens`)
-    through a ``[V, H]`` head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a bfloat16 head's spare room is
-    grad_W's float32 ``[V, H]`` buffer — the logits of ``2H`` tokens — which several chunks hold and
-    one chunk does without (its one GEMM forms grad_W in bfloat16, :func:`_grad_weight_dtype`).
+    through a ``[V, H]`` head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a bfloat16
+    head's spare room is grad_W's float32 ``[V, H]`` buffer — the logits of ``2H`` tokens — which
+    several chunks hold and one chunk does without (its one GEMM forms grad_W in bfloat16,
+    :func:`_grad_weight_dtype`).
     At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up to 2072 scored tokens in one."""
     element_size = torch.finfo(dtype).bits // 8
     room = _float32_buffer(dtype, fp32_grad_weight) and _one_gemm_on_cpu(dtype, device)
