@@ -259,8 +259,7 @@ def measure(arm, model_name, micro, dtype_name, layers, steps, warmup, device="c
     from robalign.ops.one_pass import default_chunk
 
     scored = pairs * 2 * COMPLETION                             # the loss's chunk for a micro-batch's call
-    chunk = default_chunk(scored if device == "cpu" else tokens // ACCUMULATION, spec["vocab"], spec["hidden"], dtype,
-                          torch.device(device))
+    chunk = default_chunk(scored, spec["vocab"], spec["hidden"], dtype, torch.device(device))
     ours = min(scored, chunk) * spec["vocab"] * size
     pair_rows = 2 * (PROMPT + COMPLETION)                       # Liger's chunk: one pair, policy and reference
     logits = {"robalign": ours, "robalign_dora": ours,

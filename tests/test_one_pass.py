@@ -281,9 +281,8 @@ def test_a_half_head_call_within_the_float32_buffers_room_is_one_chunk(h, one_ch
     19–22 of the call's 40 here) are at most 2H more than the chunk (8 tokens by the rule) runs as one
     chunk: bit for bit the pinned one chunk at H 32 (8 + 64 ≥ 40) and at H 8 (8 + 16 < 40, but not
     below the scored count: the masked tokens are not counted), the pinned 8-token chunks at H 4
-    (8 + 8 below it) and, at any H,
-    with ``fp32_head_grad=False`` (no float32 buffer, no room). The chunk each run plans with is
-    recorded too."""
+    (8 + 8 below it) and, at any H, with ``fp32_head_grad=False`` (no float32 buffer, no room). The
+    chunk each run plans with is recorded too."""
     from robalign.ops import linear
     monkeypatch.delenv("ROBALIGN_CHUNK_MB", raising=False)
     monkeypatch.setitem(linear.TARGET_TOKENS, "cpu", 4)                 # 8 bfloat16 tokens a chunk

@@ -195,8 +195,8 @@ def default_chunk(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype,
     through a ``[V, H]`` head: :func:`robalign.ops.linear.chunk_tokens`, where on CPU a bfloat16
     head's spare room is grad_W's float32 ``[V, H]`` buffer — the logits of ``2H`` tokens — which
     several chunks hold and one chunk does without (its one GEMM forms grad_W in bfloat16,
-    :func:`_grad_weight_dtype`).
-    At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up to 2072 scored tokens in one."""
+    :func:`_grad_weight_dtype`). At V 256000, H 512, bfloat16: 1048 tokens a chunk, and calls of up
+    to 2072 scored tokens in one."""
     element_size = torch.finfo(dtype).bits // 8
     room = _float32_buffer(dtype, fp32_grad_weight) and _one_gemm_on_cpu(dtype, device)
     spare = vocab * hidden_size * 4 if room else 0
