@@ -36,6 +36,7 @@ cols_lse_target_grad = _C.cols_lse_target_grad   # (zt [V, C] float32, labels, i
 accumulate_ = _C.accumulate_                   # a float32 buffer += a half-precision product, one pass
 gemm_into_ = _C.gemm_into_                     # (buffer, a, b, beta): float32 buffer += a @ b by MKL; False if it cannot
 transpose_into_ = _C.transpose_into_           # (out [N, M], src [M, N]): out = srcᵀ, bfloat16/float16, 32 x 32 tiles
+times_weight_split_ = _C.times_weight_split_   # (out, u, w, parts): out = u @ w, half precision, the reduction split
 parallel_threads = _C.parallel_threads         # (n): threads at::parallel_for used; 1 means a serial build
 labels_are_argmax = _C.labels_are_argmax       # (z, labels, columns): whether each label is its row's (column's) argmax
 rows_token_stats = _C.rows_token_stats         # (logits3d, labels, ignore_index, scale, softcap): the logged statistics

@@ -217,12 +217,16 @@ def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], out: 
     return torch.addmm(bias.unsqueeze(1), weight, h_chunk.T, out=out)
 
 
-# oneDNN's AMX GEMM for bfloat16/float16 ``U·W`` (a long reduction over V into 512 columns) runs on one of
-# this CPU's two threads from 384 to 1407 rows: 24–27 ms per 1000 rows at V 32000, against 13–16 in
-# pieces of 192–368 rows and 12–14 whole from 1408 rows on (docs/benchmarks.md). MKL's float32 GEMM has
-# no such gap.
+# oneDNN's AMX GEMM for bfloat16/float16 ``U·W`` (a long reduction over V into H columns) runs on one of
+# this CPU's two threads from 384 to 1407 rows where H ≤ 768: at V 32000, H 512, 15.7 / 26.2 / 34.1 ms
+# whole at 384 / 768 / 1024 rows, 9.2 / 17.1 / 22.4 in pieces of at most 320 rows, 7.6 / 14.3 / 18.1
+# with the reduction split between the threads (the row-kernel module's ``times_weight_split_``); whole
+# from 1408 rows on, and at H ≥ 896 at any row count, it runs on both (docs/benchmarks.md). MKL's
+# float32 GEMM has no such gap.
 _HALF_SLOW_ROWS = (384, 1408)
+_HALF_SLOW_MAX_WIDTH = 768
 _HALF_PIECE_ROWS = 320
+_SPLIT_MIN_REDUCTION = 2048                     # V per thread's share, at least
 
 
 def _by_columns(rows, weight: Tensor, transform: HeadTransform) -> bool:
@@ -248,17 +252,27 @@ def _chunk_by_columns(rows, h_p: Tensor, weight: Tensor, bias: Optional[Tensor],
     return (zt, lse, target) if ok else (None, None, None)
 
 
-def _times_weight(u: Tensor, weight: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``U·W`` ``[C, H]`` (into ``out`` where given); for a half-precision chunk on CPU of
-    ``_HALF_SLOW_ROWS`` rows, in equal pieces of at most ``_HALF_PIECE_ROWS`` rows (each output row is
-    the same dot products)."""
-    rows = u.shape[0]
+def _times_weight(u: Tensor, weight: Tensor, out: Optional[Tensor] = None, rows=None) -> Tensor:
+    """``U·W`` ``[C, H]`` (into ``out`` where given). For a half-precision chunk on CPU of
+    ``_HALF_SLOW_ROWS`` rows and a head of at most ``_HALF_SLOW_MAX_WIDTH`` columns, the reduction over
+    V split between torch's threads by the row-kernel module ``rows``' ``times_weight_split_`` (the C++
+    backend's: each thread's share a GEMM of its own, the shares added in float32, returned in float32
+    without ``out``), or without one in equal pieces of at most ``_HALF_PIECE_ROWS`` rows (each output
+    row is the same dot products)."""
+    n, vocab = u.shape
     if u.device.type != "cpu" or u.dtype not in (torch.bfloat16, torch.float16) or \
-            not _HALF_SLOW_ROWS[0] <= rows < _HALF_SLOW_ROWS[1]:
+            not _HALF_SLOW_ROWS[0] <= n < _HALF_SLOW_ROWS[1] or weight.shape[1] > _HALF_SLOW_MAX_WIDTH:
         return torch.mm(u, weight, out=out)
+    split = getattr(rows, "times_weight_split_", None)
+    parts = min(torch.get_num_threads(), vocab // _SPLIT_MIN_REDUCTION)
+    if split is not None and parts > 1:
+        if out is None:
+            out = u.new_empty(n, weight.shape[1], dtype=torch.float32)
+        split(out, u, weight, parts)
+        return out
     if out is None:
-        out = u.new_empty(rows, weight.shape[1])
-    for r0, r1 in _pieces(rows, _HALF_PIECE_ROWS):
+        out = u.new_empty(n, weight.shape[1])
+    for r0, r1 in _pieces(n, _HALF_PIECE_ROWS):
         torch.mm(u[r0:r1], weight, out=out[r0:r1])
     return out
 
@@ -501,7 +515,7 @@ def _linear_dora_loss(
             c = coeff_tok[p0:p1]
             u = _dead_rows_zeroed(u, c, lse_c[p0:p1])
             if need_hidden:                                             # G·W = c ⊙ (U·W)
-                uw = _times_weight(u, weight)
+                uw = _times_weight(u, weight, rows=rows)
                 if fold:
                     _add_token_stats((entropy64, mean_logit64, top1), tok_seq[t0 + p0:t0 + p1], h_p, uw,
                                      nll_c[p0:p1], hit_c[p0:p1], mean_row, f["scale"])
