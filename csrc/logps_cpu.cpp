@@ -843,6 +843,8 @@ void times_weight_split_(Tensor& out, const Tensor& u, const Tensor& w, int64_t 
               "times_weight_split_: out must be float32 or ", u.scalar_type(), ", got ", out.scalar_type());
   TORCH_CHECK(u.size(1) == w.size(0) && out.size(0) == u.size(0) && out.size(1) == w.size(1),
               "times_weight_split_: shapes ", u.sizes(), " @ ", w.sizes(), " do not give ", out.sizes());
+  TORCH_CHECK(!out.storage().is_alias_of(u.storage()) && !out.storage().is_alias_of(w.storage()),
+              "times_weight_split_: out must not share memory with u or w");
   const int64_t K = u.size(1);
   parts = std::max<int64_t>(1, std::min(parts, K));
   std::vector<Tensor> partial;

@@ -65,6 +65,10 @@ def test_split_product_refuses_what_it_cannot_do():
     for out, a, b, message in cases:
         with pytest.raises(RuntimeError, match=message):
             cpu.times_weight_split_(out, a, b, 2)
+    square = torch.randn(8, 8).bfloat16()
+    for a, b in ((square, torch.randn(8, 8).bfloat16()), (torch.randn(8, 8).bfloat16(), square)):
+        with pytest.raises(RuntimeError, match="out must not share memory with u or w"):
+            cpu.times_weight_split_(square, a, b, 2)
 
 
 def test_times_weight_takes_the_split_where_it_applies(monkeypatch):
