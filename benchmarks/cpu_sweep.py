@@ -14,8 +14,9 @@ thread, ``Gᵀ·h`` from a transposed copy of ``G`` a block at a time, the copy 
 robalign.ops.head.head_logits, one_pass._times_weight, one_pass._addmm_head; half precision only: for
 float32 it is the first form, not timed twice), so that no form of the products the loss uses is
 missing from the floor (the split does not speed up the ``[V, M]`` form's ``(Gᵀ)ᵀ·W``: 10.6 against
-10.2 ms at 384 tokens); written into outputs allocated once (so the floor pays no allocation and no page fault; the loss keeps its workspaces across calls and forms its head
-gradient in the block of the one the previous round dropped, robalign.ops.workspace). ``ratio``
+10.2 ms at 384 tokens); written into outputs allocated once (so the floor pays no allocation and no
+page fault; the loss keeps its workspaces across calls and forms its head gradient in the block of the
+one the previous round dropped, robalign.ops.workspace). ``ratio``
 is the median over rounds of the loss's time over the floor's measured next to it, interleaved in
 one fresh process per point (a slow minute of the shared machine hits both), ``ratio_quartiles``
 the middle half of those rounds' ratios (how far the machine's noise moves the point);

@@ -857,14 +857,10 @@ void times_weight_split_(Tensor& out, const Tensor& u, const Tensor& w, int64_t 
       at::mm_out(partial[p], u.narrow(1, k0, k1 - k0), w.narrow(0, k0, k1 - k0));
     }
   });
-  if (out.scalar_type() == at::kFloat) {
-    out.copy_(partial[0]);
-    for (int64_t p = 1; p < parts; ++p) out.add_(partial[p]);
-    return;
-  }
-  Tensor sum = partial[0].to(at::kFloat);
-  for (int64_t p = 1; p < parts; ++p) sum.add_(partial[p]);
-  out.copy_(sum);
+  const bool in_place = out.scalar_type() == at::kFloat && out.is_contiguous();
+  Tensor sum = in_place ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  for (int64_t p = 0; p < parts; ++p) accumulate_(sum, partial[p], p == 0 ? 0.0 : 1.0);
+  if (!in_place) out.copy_(sum);
 }
 
 // An uninitialised contiguous tensor of `sizes` and `options`, backed by transparent huge pages when

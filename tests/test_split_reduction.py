@@ -29,6 +29,20 @@ from test_one_pass import bf16_pytorch_run, problem, reference_run, run
 UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
+@pytest.fixture
+def split_calls(monkeypatch):
+    """The ``parts`` of every call to ``times_weight_split_``, which still runs."""
+    calls = []
+    real = cpu.times_weight_split_
+
+    def spy(out, u, w, parts):
+        calls.append(parts)
+        return real(out, u, w, parts)
+
+    monkeypatch.setattr(cpu, "times_weight_split_", spy)
+    return calls
+
+
 def bound(u: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     """Per element: the partials' rounding (``UNIT`` of ``Σ|u||w|``), and ``out``'s own rounding."""
     scale = u.double().abs() @ w.double().abs()
@@ -71,17 +85,10 @@ def test_split_product_refuses_what_it_cannot_do():
             cpu.times_weight_split_(square, a, b, 2)
 
 
-def test_times_weight_takes_the_split_where_it_applies(monkeypatch):
+def test_times_weight_takes_the_split_where_it_applies(split_calls):
     """In the slow rows, at most 768 columns, V of at least two shares and more than one thread: the
     split, in float32 without ``out``; at 896 columns the whole product; without the C++ module, pieces."""
-    calls = []
-    real = cpu.times_weight_split_
-
-    def spy(out, u, w, parts):
-        calls.append(parts)
-        return real(out, u, w, parts)
-
-    monkeypatch.setattr(cpu, "times_weight_split_", spy)
+    calls = split_calls
     gen = torch.Generator().manual_seed(5)
     u = torch.randn(400, 4096, generator=gen).bfloat16()
     threads = torch.get_num_threads()
@@ -100,15 +107,13 @@ def test_times_weight_takes_the_split_where_it_applies(monkeypatch):
 
 @pytest.mark.parametrize("lam", [1.0, math.inf])
 @pytest.mark.parametrize("chunk", [10 ** 6, 9])
-def test_grad_hidden_from_the_split_product(lam, chunk, chunks, monkeypatch):
+def test_grad_hidden_from_the_split_product(lam, chunk, chunks, split_calls, monkeypatch):
     """The bfloat16 one-pass loss on CPU with every chunk's ``U·W`` split in two (one chunk, and chunks
     of 9 tokens): the loss and ``grad_W`` bit for bit those of the pieces path, ``grad_h`` within ``2⁻⁷``
     of it in norm, and against float64 within twice PyTorch's bfloat16 error."""
     if torch.get_num_threads() < 2:
         pytest.skip("the split needs two threads")
-    calls = []
-    real = cpu.times_weight_split_
-    monkeypatch.setattr(cpu, "times_weight_split_", lambda *a: calls.append(a[-1]) or real(*a))
+    calls = split_calls
     chunks(chunk)
     p = problem("dpo", groups=4, h=32, v=500, dtype=torch.bfloat16, bias=False)
     monkeypatch.setattr(one_pass, "_HALF_SLOW_ROWS", (1, 1 << 40))
