@@ -131,3 +131,29 @@ def test_grad_hidden_from_the_split_product(lam, chunk, chunks, split_calls, mon
     err = lambda a, b: (a.double() - b).norm().item()
     for i in range(3):
         assert err(got[i], ref[i]) <= 2 * err(theirs[i], ref[i]) + 1e-6, f"output {i}"
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_loss_takes_the_split_at_its_real_thresholds(threads, split_calls, monkeypatch):
+    """Nothing lowered: a bfloat16 call of 600-odd scored tokens through a head of V 6144 splits ``U·W``
+    into one share per thread (three shares of 2048 on three threads, more threads than this machine's
+    cores included), and gives what the pieces path gives: the loss and ``grad_W`` bit for bit,
+    ``grad_h`` within ``2⁻⁷`` in norm; each output within bfloat16's few roundings of float64."""
+    calls = split_calls
+    p = problem("dpo", groups=4, t=110, h=64, v=6144, dtype=torch.bfloat16, bias=False, seed=7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+        assert calls and set(calls) == {threads}
+        monkeypatch.setattr(one_pass, "_SPLIT_MIN_REDUCTION", 1 << 40)      # the pieces of rows instead
+        calls.clear()
+        want, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
+        assert not calls
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    assert (got[1].double() - want[1].double()).norm() <= 2 ** -7 * want[1].double().norm()
+    ref = reference_run(p, "dpo", 1.0)
+    for i in range(3):      # a few bfloat16 roundings, 2⁻⁹ relative each, of every element (the sweep's gate)
+        assert (got[i].double() - ref[i]).norm() <= 2e-2 * ref[i].norm(), f"output {i}"
