@@ -819,6 +819,13 @@ bool gemm_into_(Tensor& buffer, const Tensor& a, const Tensor& b, double beta) {
     if (beta == 0.0) buffer.zero_(); else buffer.mul_(beta);
     return true;
   }
+  // MKL's beta == 0 is slower than zeroing the buffer on torch's threads, then adding into it: a chunk's
+  // head gradient [V, C]·[C, H] into a fresh float32 buffer took 518-536 against 474 ms at V 151936,
+  // H 896, 1766 tokens, and 308 against 257-259 at V 256000, H 512, 768 tokens (docs/benchmarks.md)
+  if (beta == 0.0) {
+    buffer.zero_();
+    beta = 1.0;
+  }
   gemm(kRowMajor, la->first, lb->first, m, n, k, 1.0f, reinterpret_cast<const uint16_t*>(a.const_data_ptr()), la->second,
        reinterpret_cast<const uint16_t*>(b.const_data_ptr()), lb->second, static_cast<float>(beta), buffer.data_ptr<float>(),
        std::max(1, n));
