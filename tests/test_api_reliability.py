@@ -2,8 +2,6 @@
 and every invalid argument refused with a message that names it — at construction where the
 value is known then, and without rounding the number first."""
 
-import math
-
 import mpmath
 import pytest
 import torch

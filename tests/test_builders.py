@@ -14,7 +14,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from robalign.app.training.config import DoRAConfig
 from robalign.losses.reductions import CVaR, Chi2Ball, GroupDRO, KLBall, KLDRO
