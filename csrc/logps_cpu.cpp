@@ -820,8 +820,8 @@ bool gemm_into_(Tensor& buffer, const Tensor& a, const Tensor& b, double beta) {
     return true;
   }
   // MKL's beta == 0 is slower than zeroing the buffer on torch's threads, then adding into it: a chunk's
-  // head gradient [V, C]·[C, H] into a fresh float32 buffer took 518-536 against 474 ms at V 151936,
-  // H 896, 1766 tokens, and 308 against 257-259 at V 256000, H 512, 768 tokens (docs/benchmarks.md)
+  // head gradient [V, C]·[C, H] into a fresh float32 buffer took 564-575 against 493-501 ms at V 151936,
+  // H 896, 1766 tokens, and 323-352 against 280 at V 256000, H 512, 768 tokens (docs/benchmarks.md)
   if (beta == 0.0) {
     buffer.zero_();
     beta = 1.0;

@@ -135,7 +135,7 @@ def test_grad_hidden_from_the_split_product(lam, chunk, chunks, split_calls, mon
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_loss_takes_the_split_at_its_real_thresholds(threads, split_calls, monkeypatch):
-    """Nothing lowered: a bfloat16 call of 600-odd scored tokens through a head of V 6144 splits ``U·W``
+    """Nothing lowered: a bfloat16 call of 558 scored tokens through a head of V 6144 splits ``U·W``
     into one share per thread (three shares of 2048 on three threads, more threads than this machine's
     cores included), and gives what the pieces path gives: the loss and ``grad_W`` bit for bit,
     ``grad_h`` within ``2⁻⁷`` in norm; each output within bfloat16's few roundings of float64."""
