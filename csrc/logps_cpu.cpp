@@ -815,16 +815,17 @@ bool gemm_into_(Tensor& buffer, const Tensor& a, const Tensor& b, double beta) {
   if (gemm == nullptr || !la || !lb) return false;  // blas_layout also bounds m, n and k (a's and b's sizes)
   const int m = static_cast<int>(buffer.size(0)), n = static_cast<int>(buffer.size(1)), k = static_cast<int>(a.size(1));
   if (m == 0 || n == 0) return true;
-  if (k == 0) {
-    if (beta == 0.0) buffer.zero_(); else buffer.mul_(beta);
-    return true;
-  }
-  // MKL's beta == 0 is slower than zeroing the buffer on torch's threads, then adding into it: a chunk's
-  // head gradient [V, C]·[C, H] into a fresh float32 buffer took 564-575 against 493-501 ms at V 151936,
-  // H 896, 1766 tokens, and 323-352 against 280 at V 256000, H 512, 768 tokens (docs/benchmarks.md)
+  // beta == 0 as a buffer zeroed on torch's threads and beta == 1, which MKL runs faster than its own
+  // beta == 0: a chunk's head gradient [V, C]·[C, H] into a fresh float32 buffer took 564-575 against
+  // 493-501 ms at V 151936, H 896, 1766 tokens, and 323-352 against 280 at V 256000, H 512, 768 tokens
+  // (docs/benchmarks.md)
   if (beta == 0.0) {
     buffer.zero_();
     beta = 1.0;
+  }
+  if (k == 0) {
+    if (beta != 1.0) buffer.mul_(beta);
+    return true;
   }
   gemm(kRowMajor, la->first, lb->first, m, n, k, 1.0f, reinterpret_cast<const uint16_t*>(a.const_data_ptr()), la->second,
        reinterpret_cast<const uint16_t*>(b.const_data_ptr()), lb->second, static_cast<float>(beta), buffer.data_ptr<float>(),
