@@ -2,11 +2,13 @@
 kernel ``cols_lse_target_grad`` and the loss that uses it (robalign.ops.one_pass._by_columns).
 
 - The kernel against float64: lse, label logit and the unit gradient ``onehot − softmax`` of each
-  column, V and C not multiples of the vector width or of its 256-row blocks, a column whose maximum
-  rises in a late block (the running sum rescaled), −inf logits in a finite column, in place, into
-  other memory, and from a strided view. Tolerances as tests/test_fused_row_step.py's float32 rows:
-  1e-6 relative on lse (its float32 rounding), 1e-5 on the gradient (float32 exponentials, one
-  float32 scale per block).
+  column, V and C not multiples of the vector width, of four rows or of its blocks (about 512 KB of
+  rows each), a column whose maximum rises in a late block (the running sum rescaled), −inf logits in
+  a finite column, in place, into other memory, and from a strided view; and on 1, 2 and 3 threads,
+  which split the vocabulary's rows into as many shares: the maximum in the last share's last block,
+  a share of only −inf for one column, many blocks per share. Tolerances as
+  tests/test_fused_row_step.py's float32 rows: 1e-6 relative on lse (its float32 rounding), 1e-5 on
+  the gradient (float32 exponentials, one float32 scale per block).
 - Where it does not apply (an ignored or out-of-range label, a NaN, +inf or all −inf column) it says
   so: ``ok`` False, having written nothing for a label it refuses.
 - The loss: a float32 call on CPU forms its chunks by columns, and gives what the row layout gives
@@ -53,6 +55,31 @@ def test_column_kernel_against_float64(v, c, where):
     torch.testing.assert_close(out.double(), grad_want, rtol=1e-5, atol=1e-7)
     if where != "in_place":
         torch.testing.assert_close(zt, before, rtol=0, atol=0, equal_nan=True)     # out was other memory
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("v, c", [(3001, 520), (1203, 1041), (4099, 131)])
+def test_column_kernel_splits_the_vocabulary_between_threads(threads, v, c):
+    # blocks of 252, 125 and 1000 rows: 12, 10 and 5 blocks, split into 1–3 shares
+    gen = torch.Generator().manual_seed(v + c + threads)
+    zt = torch.randn(v, c, generator=gen) * 4
+    zt[:, 0] = torch.linspace(-5, 30, v)                             # the maximum in the last share's last block
+    zt[:, 1] = torch.linspace(30, -5, v)                             # ... in the first block
+    zt[: v // 2 + 7, 2] = -float("inf")                              # a share of only −inf
+    zt[::3, 3] = -float("inf")
+    labels = torch.randint(v, (c,), generator=gen)
+    labels[2] = v - 1
+    lse_want, target_want, grad_want = reference(zt, labels)
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lse, target, ok = cpu.cols_lse_target_grad(zt, labels, -100, zt)
+    finally:
+        torch.set_num_threads(was)
+    assert ok
+    torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(target.double(), target_want, rtol=0, atol=0)
+    torch.testing.assert_close(zt.double(), grad_want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("case", ["ignored", "below_zero", "past_v", "nan", "plus_inf", "all_minus_inf"])
