@@ -701,38 +701,63 @@ Tensor labels_are_argmax(const Tensor& logits, const Tensor& labels, bool column
       });
       return;
     }
-    // each thread a range of columns, swept row by row (unit stride within a row), the running maximum,
-    // its first index and the first NaN's per column in arrays
+    // the vocabulary's rows split between the threads (each streams a contiguous share, as the column
+    // kernel does), the running maximum, its first index and the first NaN's per column in arrays,
+    // updated once per four rows; then per column the first share with a NaN, else the first share
+    // holding the maximum, gives the index
     constexpr int64_t L = Vec::size();
-    at::parallel_for(0, (C + L - 1) / L, 1, [&](int64_t t0, int64_t t1) {
-      const int64_t c0 = t0 * L, W = std::min(C, t1 * L) - c0;
-      std::vector<float> m(W, -INFINITY), arg(W, 0.f), nan_at(W, -1.f), tmp(L);
-      const Vec none(0.f);
-      for (int64_t v = 0; v < V; ++v) {
-        const scalar_t* row = base + v * ld + c0;
-        const Vec at_v(static_cast<float>(v));
-        for (int64_t i = 0; i < W; i += L) {
-          const int64_t n = std::min(L, W - i);
-          Vec x;
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            x = Vec::loadu(row + i, n);
-          } else {
-            at::vec::convert(row + i, tmp.data(), n);
-            x = Vec::loadu(tmp.data(), n);
-          }
-          const Vec mi = Vec::loadu(m.data() + i, n), nan_i = Vec::loadu(nan_at.data() + i, n);
-          const Vec larger = x > mi;  // strictly: the first maximum stays
-          Vec::blendv(Vec::loadu(arg.data() + i, n), at_v, larger).store(arg.data() + i, n);
-          Vec::blendv(mi, x, larger).store(m.data() + i, n);
-          Vec::blendv(nan_i, at_v, x.isnan() & (nan_i < none)).store(nan_at.data() + i, n);
+    const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), V / 64));
+    std::vector<float> m(shares * C, -INFINITY), arg(shares * C), nan_at(shares * C, -1.f);
+    at::parallel_for(0, shares, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<float> tmp(L);
+      auto load = [&](const scalar_t* p, int64_t n) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          return Vec::loadu(p, n);
+        } else {
+          at::vec::convert(p, tmp.data(), n);
+          return Vec::loadu(tmp.data(), n);
         }
-      }
-      for (int64_t i = 0; i < W; ++i) {
-        const int64_t y = ys[c0 + i];
-        const float index = nan_at[i] >= 0.f ? nan_at[i] : arg[i];
-        out[c0 + i] = y >= 0 && y < V && static_cast<int64_t>(index) == y;
+      };
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t v0 = V * s / shares, v1 = V * (s + 1) / shares;
+        float* ms = m.data() + s * C;
+        float* as = arg.data() + s * C;
+        float* ns = nan_at.data() + s * C;
+        std::fill(as, as + C, static_cast<float>(v0));  // a share of only -inf: its first row
+        auto rows_from = [&](int64_t v, int64_t k) {   // rows v .. v + k - 1, in order
+          for (int64_t i = 0; i < C; i += L) {
+            const int64_t n = std::min(L, C - i);
+            Vec mi = Vec::loadu(ms + i, n), ai = Vec::loadu(as + i, n);
+            for (int64_t r = 0; r < k; ++r) {
+              const Vec x = load(base + (v + r) * ld + i, n);
+              const Vec larger = x > mi;  // strictly: the first maximum stays; a NaN is never larger
+              ai = Vec::blendv(ai, Vec(static_cast<float>(v + r)), larger);
+              mi = Vec::blendv(mi, x, larger);
+              if (const int nans = (x == x).zero_mask()) {  // rare: the lanes' first NaN, a lane at a time
+                for (int64_t lane = 0; lane < n; ++lane)
+                  if ((nans >> lane & 1) && ns[i + lane] < 0.f) ns[i + lane] = static_cast<float>(v + r);
+              }
+            }
+            mi.store(ms + i, n);
+            ai.store(as + i, n);
+          }
+        };
+        rows_by_four(v0, v1, [&](int64_t v) { rows_from(v, 4); }, [&](int64_t v) { rows_from(v, 1); });
       }
     });
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t y = ys[c];
+      if (y < 0 || y >= V) continue;
+      float index = -1.f, best = -INFINITY;
+      for (int64_t s = 0; s < shares && index < 0.f; ++s)
+        if (nan_at[s * C + c] >= 0.f) index = nan_at[s * C + c];
+      if (index < 0.f) {
+        for (int64_t s = 0; s < shares; ++s) best = std::max(best, m[s * C + c]);
+        for (int64_t s = 0; s < shares && index < 0.f; ++s)
+          if (m[s * C + c] == best) index = arg[s * C + c];
+      }
+      out[c] = static_cast<int64_t>(index) == y;
+    }
   });
   return hit;
 }

@@ -2,7 +2,7 @@
 AVX-512, AVX2, generic), not only the one the installed extension was built for: a CI machine
 may build another, and the kernels use width-specific ATen code (Sleef-free exp, blends, bfloat16
 conversion). Each build's row kernels — forward, backward and the one-pass step's fused kernel, float32 and
-bfloat16, the head transforms, an ignored row, in place, and the float32 column kernel — against float64 autograd at the tolerances of
+bfloat16, the head transforms, an ignored row, in place, the float32 column kernel and the top-1 check by columns — against float64 autograd or torch.argmax, at the tolerances of
 test_head_transform (float32 rows 1e-6 relative; bfloat16 inputs are exact in float64, so the
 same, the gradient written in bfloat16 within its half-ulp), the half-precision transposed copy
 equal to ``srcᵀ``, and the non-finite rows equal to the installed extension's.
@@ -63,10 +63,11 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
                 unit = transformed_rows_reference(logits, labels, torch.ones(6), scale, cap)[2]
                 torch.testing.assert_close(lse1.double(), lse_want, rtol=1e-6, atol=1e-5)
                 torch.testing.assert_close(out.double().reshape(6, v), unit, **tol)
-    # the float32 column kernel: columns in whole vectors and a partial one, rows across its 256-row blocks
+    # the float32 column kernel: columns in whole vectors and a partial one, rows in four-row steps and
+    # one at a time, split between the threads
     from test_column_layout import reference as columns_reference
     zt = torch.randn(v, 37, generator=gen) * 5
-    zt[:, 0] = torch.linspace(-5, 30, v)                                # the maximum in the last block
+    zt[:, 0] = torch.linspace(-5, 30, v)                                # the maximum in the last share
     labels = torch.randint(v, (37,), generator=gen)
     lse_want, tgt_want, want = columns_reference(zt, labels)
     lse, target, ok = module.cols_lse_target_grad(zt, labels, -100, zt)
@@ -74,6 +75,13 @@ def test_each_vector_width_gives_the_reference_values(arch, build_root):
     torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(target.double(), tgt_want, rtol=0, atol=0)
     torch.testing.assert_close(zt.double(), want, rtol=1e-5, atol=1e-7)
+    # the top-1 check by columns (the NaN lanes found by the width's zero_mask): ties, NaNs, -inf
+    zt = torch.randint(-3, 4, (v, 37), generator=gen).float()
+    zt[torch.rand(v, 37, generator=gen) < 0.002] = float("nan")
+    zt[:, 5] = -float("inf")
+    labels = zt.argmax(0)
+    labels[1::3] = (labels[1::3] + 1) % v
+    assert torch.equal(module.labels_are_argmax(zt, labels, True), zt.argmax(0) == labels)
     # the transposed copy of a half-precision chunk (AVX-512 permutes or ATen's scalar loop): full and
     # partial 32 x 32 tiles of a column slice
     for dtype in (torch.bfloat16, torch.float16):

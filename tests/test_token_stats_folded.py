@@ -215,6 +215,37 @@ def test_labels_are_argmax_is_torchs_argmax(dtype):
             assert torch.equal(got, want), (trial, c, v)
 
 
+@pytest.mark.skipif(CPP is None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("v", [257, 1003])
+def test_labels_are_argmax_by_columns_across_the_threads_shares(threads, v):
+    """The column layout's top-1 check splits the vocabulary's rows into one share per thread: ties
+    across shares (the first share's index wins), the maximum or the only NaN in the last share, NaNs
+    in two shares (the first wins), a column of -inf (index 0) and one that is -inf in the first share
+    only, against ``torch.argmax``."""
+    gen = torch.Generator().manual_seed(v + threads)
+    c = 9
+    z = torch.randint(-3, 4, (c, v), generator=gen).float()
+    z[0, [5, v - 3]] = 9.0                                               # a tie across the shares
+    z[1, v - 2] = 9.0                                                    # the maximum in the last share
+    z[2, v - 1] = math.nan                                               # the only NaN, in the last share
+    z[3, [v - 5, 7]] = math.nan                                          # NaNs in two shares
+    z[4] = -math.inf
+    z[5, : v // 2 + 3] = -math.inf                                       # -inf in the first share only
+    z[6, v // 3] = 9.0
+    z[6, 2 * v // 3] = 9.0
+    want_index = z.argmax(1)
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shift in (0, 1, -1):                                     # the label at the argmax, and off it
+            y = (want_index + shift).clamp(0, v - 1)
+            got = CPP.labels_are_argmax(z.T.contiguous(), y, True)
+            assert torch.equal(got, z.argmax(1) == y), (shift, got)
+    finally:
+        torch.set_num_threads(was)
+
+
 @pytest.mark.slow
 def test_torch_compile_traces_the_statistics(chunks, monkeypatch):
     """The operator's fake gives the statistics' shapes and dtypes: the compiled call (C++ backend, CPU)
