@@ -82,6 +82,57 @@ def test_column_kernel_splits_the_vocabulary_between_threads(threads, v, c):
     torch.testing.assert_close(zt.double(), grad_want, rtol=1e-5, atol=1e-7)
 
 
+def test_column_kernel_and_top1_on_random_chunks():
+    """An adversarial sweep of both column kernels, 150 random chunks: V 1–3000, C 1–300, 1–3 threads,
+    logit scales 0.1–30, runs of −inf, a whole −inf column, a NaN, a +inf, integer ties. The top-1
+    check equals ``torch.argmax``; the unit-gradient kernel declines exactly the non-finite chunks and
+    is otherwise within float32's summation bound of float64: each element within
+    ``(V + 8)·u·p + u`` (``u = 2⁻²⁴``, ``p`` the float64 softmax: ``p`` comes from a float32 sum over
+    V terms, and ``1 − p`` at the label is rounded once more), ``lse`` within ``(V + 8)·u`` relative."""
+    import math
+    import random
+
+    from robalign.ops import _C
+
+    rng = random.Random(35)
+    u = 2.0 ** -24
+    was = torch.get_num_threads()
+    try:
+        for trial in range(150):
+            v = rng.choice([1, 2, 5, 64, 65, 255, 257, 1000, rng.randint(1, 3000)])
+            c = rng.choice([1, 15, 16, 17, 33, 100, rng.randint(1, 300)])
+            torch.set_num_threads(rng.randint(1, 3))
+            gen = torch.Generator().manual_seed(trial)
+            zt = torch.randn(v, c, generator=gen) * rng.choice([0.1, 1.0, 4.0, 30.0])
+            kind = rng.random()
+            if kind < 0.2:
+                zt[torch.rand(v, c, generator=gen) < 0.3] = -math.inf
+            elif kind < 0.3:
+                zt[:, rng.randrange(c)] = -math.inf
+            elif kind < 0.4:
+                zt[rng.randrange(v), rng.randrange(c)] = math.nan
+            elif kind < 0.45:
+                zt[rng.randrange(v), rng.randrange(c)] = math.inf
+            elif kind < 0.6:
+                zt = torch.randint(-2, 3, (v, c), generator=gen).float()
+            labels = torch.randint(v, (c,), generator=gen)
+            labels[::2] = torch.nan_to_num(zt, nan=math.inf).argmax(0)[::2]
+            assert torch.equal(_C.labels_are_argmax(zt, labels, True), zt.argmax(0) == labels), trial
+            out = zt.clone()
+            lse, target, ok = cpu.cols_lse_target_grad(out, labels, -100, out)
+            finite = bool(torch.isfinite(zt.amax(0)).all()) and not bool(zt.isnan().any())
+            assert ok == finite, trial
+            if not ok:
+                continue
+            lse_want, target_want, grad_want = reference(zt, labels)
+            p = torch.softmax(zt.double(), 0)
+            assert ((lse.double() - lse_want).abs() <= (v + 8) * u * lse_want.abs().clamp_min(1)).all(), trial
+            assert torch.equal(target.double(), target_want), trial
+            assert ((out.double() - grad_want).abs() <= (v + 8) * u * p + u).all(), trial
+    finally:
+        torch.set_num_threads(was)
+
+
 @pytest.mark.parametrize("case", ["ignored", "below_zero", "past_v", "nan", "plus_inf", "all_minus_inf"])
 def test_column_kernel_declines_what_the_row_kernels_handle(case):
     gen = torch.Generator().manual_seed(4)
