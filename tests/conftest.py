@@ -1,3 +1,4 @@
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -31,6 +32,18 @@ def backend_id(backend: tuple[str, str]) -> str:
 
 
 KERNEL_BACKENDS = [pytest.param(b, id=backend_id(b)) for b in kernel_backends()]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch (and so the C++ kernels' ``at::parallel_for``) on ``n`` threads inside the block, the
+    previous count restored after it."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
 
 
 @pytest.fixture(autouse=True)

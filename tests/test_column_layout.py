@@ -17,10 +17,14 @@ kernel ``cols_lse_target_grad`` and the loss that uses it (robalign.ops.one_pass
   row path has NaN). The float64 comparisons of tests/test_one_pass.py run the column path too.
 """
 
+import math
+import random
+
 import pytest
 import torch
 
 import robalign
+from conftest import torch_threads
 from robalign.ops import one_pass
 
 cpu = pytest.importorskip("robalign.ops.cpu", reason="the C++ backend is not built")
@@ -70,12 +74,8 @@ def test_column_kernel_splits_the_vocabulary_between_threads(threads, v, c):
     labels = torch.randint(v, (c,), generator=gen)
     labels[2] = v - 1
     lse_want, target_want, grad_want = reference(zt, labels)
-    was = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         lse, target, ok = cpu.cols_lse_target_grad(zt, labels, -100, zt)
-    finally:
-        torch.set_num_threads(was)
     assert ok
     torch.testing.assert_close(lse.double(), lse_want, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(target.double(), target_want, rtol=0, atol=0)
@@ -89,48 +89,41 @@ def test_column_kernel_and_top1_on_random_chunks():
     is otherwise within float32's summation bound of float64: each element within
     ``(V + 8)·u·p + u`` (``u = 2⁻²⁴``, ``p`` the float64 softmax: ``p`` comes from a float32 sum over
     V terms, and ``1 − p`` at the label is rounded once more), ``lse`` within ``(V + 8)·u`` relative."""
-    import math
-    import random
-
-    from robalign.ops import _C
-
     rng = random.Random(35)
     u = 2.0 ** -24
-    was = torch.get_num_threads()
-    try:
-        for trial in range(150):
-            v = rng.choice([1, 2, 5, 64, 65, 255, 257, 1000, rng.randint(1, 3000)])
-            c = rng.choice([1, 15, 16, 17, 33, 100, rng.randint(1, 300)])
-            torch.set_num_threads(rng.randint(1, 3))
-            gen = torch.Generator().manual_seed(trial)
-            zt = torch.randn(v, c, generator=gen) * rng.choice([0.1, 1.0, 4.0, 30.0])
-            kind = rng.random()
-            if kind < 0.2:
-                zt[torch.rand(v, c, generator=gen) < 0.3] = -math.inf
-            elif kind < 0.3:
-                zt[:, rng.randrange(c)] = -math.inf
-            elif kind < 0.4:
-                zt[rng.randrange(v), rng.randrange(c)] = math.nan
-            elif kind < 0.45:
-                zt[rng.randrange(v), rng.randrange(c)] = math.inf
-            elif kind < 0.6:
-                zt = torch.randint(-2, 3, (v, c), generator=gen).float()
-            labels = torch.randint(v, (c,), generator=gen)
-            labels[::2] = torch.nan_to_num(zt, nan=math.inf).argmax(0)[::2]
-            assert torch.equal(_C.labels_are_argmax(zt, labels, True), zt.argmax(0) == labels), trial
-            out = zt.clone()
+    for trial in range(150):
+        v = rng.choice([1, 2, 5, 64, 65, 255, 257, 1000, rng.randint(1, 3000)])
+        c = rng.choice([1, 15, 16, 17, 33, 100, rng.randint(1, 300)])
+        threads = rng.randint(1, 3)
+        gen = torch.Generator().manual_seed(trial)
+        zt = torch.randn(v, c, generator=gen) * rng.choice([0.1, 1.0, 4.0, 30.0])
+        kind = rng.random()
+        if kind < 0.2:
+            zt[torch.rand(v, c, generator=gen) < 0.3] = -math.inf
+        elif kind < 0.3:
+            zt[:, rng.randrange(c)] = -math.inf
+        elif kind < 0.4:
+            zt[rng.randrange(v), rng.randrange(c)] = math.nan
+        elif kind < 0.45:
+            zt[rng.randrange(v), rng.randrange(c)] = math.inf
+        elif kind < 0.6:
+            zt = torch.randint(-2, 3, (v, c), generator=gen).float()
+        labels = torch.randint(v, (c,), generator=gen)
+        labels[::2] = torch.nan_to_num(zt, nan=math.inf).argmax(0)[::2]
+        out = zt.clone()
+        with torch_threads(threads):
+            hits = cpu.labels_are_argmax(zt, labels, True)
             lse, target, ok = cpu.cols_lse_target_grad(out, labels, -100, out)
-            finite = bool(torch.isfinite(zt.amax(0)).all()) and not bool(zt.isnan().any())
-            assert ok == finite, trial
-            if not ok:
-                continue
-            lse_want, target_want, grad_want = reference(zt, labels)
-            p = torch.softmax(zt.double(), 0)
-            assert ((lse.double() - lse_want).abs() <= (v + 8) * u * lse_want.abs().clamp_min(1)).all(), trial
-            assert torch.equal(target.double(), target_want), trial
-            assert ((out.double() - grad_want).abs() <= (v + 8) * u * p + u).all(), trial
-    finally:
-        torch.set_num_threads(was)
+        assert torch.equal(hits, zt.argmax(0) == labels), trial
+        finite = bool(torch.isfinite(zt.amax(0)).all()) and not bool(zt.isnan().any())
+        assert ok == finite, trial
+        if not ok:
+            continue
+        lse_want, target_want, grad_want = reference(zt, labels)
+        p = torch.softmax(zt.double(), 0)
+        assert ((lse.double() - lse_want).abs() <= (v + 8) * u * lse_want.abs().clamp_min(1)).all(), trial
+        assert torch.equal(target.double(), target_want), trial
+        assert ((out.double() - grad_want).abs() <= (v + 8) * u * p + u).all(), trial
 
 
 @pytest.mark.parametrize("case", ["ignored", "below_zero", "past_v", "nan", "plus_inf", "all_minus_inf"])

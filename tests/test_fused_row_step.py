@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import robalign
-from conftest import KERNEL_BACKENDS
+from conftest import KERNEL_BACKENDS, torch_threads
 from robalign.ops import library
 from robalign.ops.registry import get
 from test_head_transform import transformed_rows_reference
@@ -146,12 +146,8 @@ def test_cpp_kernels_run_on_torchs_threads():
     if torch.get_num_threads() < 2:
         pytest.skip("torch runs one thread here")
     assert cpu.parallel_threads(64) == torch.get_num_threads()
-    was = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         assert cpu.parallel_threads(64) == 1
-    finally:
-        torch.set_num_threads(was)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -12,7 +12,7 @@ import torch
 
 import robalign
 from robalign import backends, ground_truth
-from conftest import KERNEL_BACKENDS, packed_from_padded, random_batch
+from conftest import KERNEL_BACKENDS, packed_from_padded, random_batch, torch_threads
 
 CUDA = torch.cuda.is_available()
 # (backend, device): the C++ kernels on CPU; the Triton kernels compiled on CUDA, or under
@@ -132,14 +132,10 @@ def test_cpp_one_and_two_threads_agree_bitwise():
     backend = ("cpp", "cpu")
     logits, labels = random_batch(6, 11, 517, dtype=torch.float32)
     coeff = torch.randn(6)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = run(backend, logits, labels, coeff)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = run(backend, logits, labels, coeff)
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
 

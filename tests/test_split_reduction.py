@@ -23,6 +23,7 @@ import math
 import pytest
 import torch
 
+from conftest import torch_threads
 from robalign.ops import cpu, one_pass
 from test_one_pass import bf16_pytorch_run, problem, reference_run, run
 
@@ -147,17 +148,13 @@ def test_loss_takes_the_split_at_its_real_thresholds(threads, split_calls, monke
     ``grad_h`` within ``2⁻⁷`` in norm; each output within bfloat16's few roundings of float64."""
     calls = split_calls
     p = problem("dpo", groups=4, t=110, h=64, v=6144, dtype=torch.bfloat16, bias=False, seed=7)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
         assert calls and set(calls) == {threads}
         monkeypatch.setattr(one_pass, "_SPLIT_MIN_REDUCTION", 1 << 40)      # the pieces of rows instead
         calls.clear()
         want, _ = run(p, "dpo", 1.0, "cpp", device="cpu")
         assert not calls
-    finally:
-        torch.set_num_threads(before)
     assert_as_the_pieces(got, want)
     ref = reference_run(p, "dpo", 1.0)
     for i in range(3):      # a few bfloat16 roundings, 2⁻⁹ relative each, of every element (the sweep's gate)

@@ -26,7 +26,7 @@ from robalign.losses import loss as loss_module
 from robalign.losses.reductions import KLDRO
 from robalign.ops import _cpp
 from robalign.ops.head import HeadTransform
-from conftest import KERNEL_BACKENDS, packed_from_padded
+from conftest import KERNEL_BACKENDS, packed_from_padded, torch_threads
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
 STATS = BatchExtras(token_stats=True)
@@ -235,15 +235,11 @@ def test_labels_are_argmax_by_columns_across_the_threads_shares(threads, v):
     z[6, v // 3] = 9.0
     z[6, 2 * v // 3] = 9.0
     want_index = z.argmax(1)
-    was = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for shift in (0, 1, -1):                                     # the label at the argmax, and off it
             y = (want_index + shift).clamp(0, v - 1)
             got = CPP.labels_are_argmax(z.T.contiguous(), y, True)
             assert torch.equal(got, z.argmax(1) == y), (shift, got)
-    finally:
-        torch.set_num_threads(was)
 
 
 @pytest.mark.slow
