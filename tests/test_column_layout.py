@@ -82,6 +82,38 @@ def test_column_kernel_splits_the_vocabulary_between_threads(threads, v, c):
     torch.testing.assert_close(zt.double(), grad_want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("threads", [8, 16])
+@pytest.mark.parametrize("c", [7, 37])
+def test_column_kernels_on_more_threads_than_ci_has(threads, c):
+    """8 and 16 shares of the vocabulary, as a server's threads split it (the tests above use 1–3):
+    V 20003 is 20 blocks of 1024 rows for the unit-gradient kernel and 312 rows of 64 for the top-1
+    check. A maximum in the last share and in the first, a column whose maximum ties across two shares
+    (the first share's index wins), −inf in all but the last share, −inf runs; each element within
+    float32's summation bound of float64 (``test_column_kernel_and_top1_on_random_chunks``)."""
+    v, u = 20003, 2.0 ** -24
+    gen = torch.Generator().manual_seed(threads + c)
+    zt = torch.randn(v, c, generator=gen) * 4
+    zt[:, 0] = torch.linspace(-5, 30, v)
+    zt[:, 1] = torch.linspace(30, -5, v)
+    zt[:, 2] = -3.0
+    zt[[100, v - 100], 2] = 9.0                                        # a tie, first and last share
+    zt[: v - 500, 3] = -math.inf
+    zt[::3, 4] = -math.inf
+    labels = torch.randint(v, (c,), generator=gen)
+    labels[:3] = torch.tensor([v - 1, 0, 100])
+    out = zt.clone()
+    with torch_threads(threads):
+        hits = cpu.labels_are_argmax(zt, labels, True)
+        lse, target, ok = cpu.cols_lse_target_grad(out, labels, -100, out)
+    assert torch.equal(hits, zt.argmax(0) == labels) and bool(hits[:3].all())
+    assert ok
+    lse_want, target_want, grad_want = reference(zt, labels)
+    p = torch.softmax(zt.double(), 0)
+    assert ((lse.double() - lse_want).abs() <= (v + 8) * u * lse_want.abs().clamp_min(1)).all()
+    assert torch.equal(target.double(), target_want)
+    assert ((out.double() - grad_want).abs() <= (v + 8) * u * p + u).all()
+
+
 def test_column_kernel_and_top1_on_random_chunks():
     """An adversarial sweep of both column kernels, 150 random chunks: V 1–3000, C 1–300, 1–3 threads,
     logit scales 0.1–30, runs of −inf, a whole −inf column, a NaN, a +inf, integer ties. The top-1

@@ -53,10 +53,11 @@ def bound(u: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, out_dtype: torch
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_dtype", ["float32", "same"])
-@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8, 17])
 def test_split_product_is_the_product(dtype, out_dtype, parts):
     """Each element within the partials' rounding of the exact ``U·W``, for strided ``U`` (a column
-    slice of a wider chunk) and a head stored transposed; ``V`` not a multiple of ``parts``."""
+    slice of a wider chunk) and a head stored transposed; ``V`` not a multiple of ``parts``; 8 and 17
+    parts, as a server's threads split it, run several to a thread here."""
     gen = torch.Generator().manual_seed(3)
     wide = torch.randn(45, 1100, generator=gen).to(dtype)
     u = wide[:, 3:1004]                                     # [45, 1001], row stride 1100
