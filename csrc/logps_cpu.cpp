@@ -486,6 +486,14 @@ void rows_by_four(int64_t v0, int64_t v1, Four&& four, One&& one) {
   for (; v < v1; ++v) one(v);
 }
 
+// The C columns of a [V, C] layout a float32 vector at a time: body(i, n) for the n columns from i, n the
+// vector width but in the last, partial vector.
+template <typename Body>
+void column_vectors(int64_t C, Body&& body) {
+  constexpr int64_t L = Vec::size();
+  for (int64_t i = 0; i < C; i += L) body(i, std::min(L, C - i));
+}
+
 // The one-pass loss's chunk kernel for float32 logits in the transposed layout, zt [V, C] (column c is
 // token c; rows unit-stride): MKL's float32 GEMM forms W·hᵀ faster than h·Wᵀ for a call's chunks, and the
 // gradient's products read it as it is (robalign/ops/one_pass.py). Per column, what rows_lse_target_grad
@@ -524,15 +532,10 @@ std::tuple<Tensor, Tensor, bool> cols_lse_target_grad(const Tensor& zt, const Te
   const float* z = zt.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) p_tgt[c] = z[ys[c] * ldz + c];  // before out covers them
-  constexpr int64_t L = Vec::size();
   const int64_t rows = std::clamp<int64_t>(kColBlockBytes / (4 * C), 4, 1024);  // a block's rows
   const int64_t blocks = (V + rows - 1) / rows;
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), blocks);
-  const int64_t full = C / L * L;  // columns in whole vectors; the rest in one partial vector
-  auto each = [&](auto&& body) {   // body(i, n): the vector of n columns from i
-    for (int64_t i = 0; i < full; i += L) body(i, L);
-    if (full < C) body(full, C - full);
-  };
+  auto each = [&](auto&& body) { column_vectors(C, body); };
   // per block, the share's running maximum when the block was written; per share, its maximum and sum
   std::vector<float> block_m(blocks * C), share_m(shares * C, -INFINITY);
   std::vector<double> share_sum(shares * C, 0.0);
@@ -725,8 +728,7 @@ Tensor labels_are_argmax(const Tensor& logits, const Tensor& labels, bool column
         float* ns = nan_at.data() + s * C;
         std::fill(as, as + C, static_cast<float>(v0));  // a share of only -inf: its first row
         auto rows_from = [&](int64_t v, int64_t k) {   // rows v .. v + k - 1, in order
-          for (int64_t i = 0; i < C; i += L) {
-            const int64_t n = std::min(L, C - i);
+          column_vectors(C, [&](int64_t i, int64_t n) {
             Vec mi = Vec::loadu(ms + i, n), ai = Vec::loadu(as + i, n);
             for (int64_t r = 0; r < k; ++r) {
               const Vec x = load(base + (v + r) * ld + i, n);
@@ -740,7 +742,7 @@ Tensor labels_are_argmax(const Tensor& logits, const Tensor& labels, bool column
             }
             mi.store(ms + i, n);
             ai.store(as + i, n);
-          }
+          });
         };
         rows_by_four(v0, v1, [&](int64_t v) { rows_from(v, 4); }, [&](int64_t v) { rows_from(v, 1); });
       }

@@ -38,6 +38,19 @@ def reference(zt: torch.Tensor, labels: torch.Tensor):
     return lse, z.gather(1, labels[:, None]).squeeze(1), grad.T
 
 
+def within_summation_bound(zt: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
+                           out: torch.Tensor) -> bool:
+    """Whether the column kernel's outputs for ``zt`` [V, C] are within float32's summation bound of
+    float64: each gradient element within ``(V + 8)·u·p + u`` (``u = 2⁻²⁴``, ``p`` the float64 softmax:
+    ``p`` comes from a float32 sum over V terms, and ``1 − p`` at the label is rounded once more),
+    ``lse`` within ``(V + 8)·u`` relative, the label logit exact."""
+    v, u = zt.shape[0], 2.0 ** -24
+    lse_want, target_want, grad_want = reference(zt, labels)
+    p = torch.softmax(zt.double(), 0)
+    return bool(((lse.double() - lse_want).abs() <= (v + 8) * u * lse_want.abs().clamp_min(1)).all()) and \
+        torch.equal(target.double(), target_want) and bool(((out.double() - grad_want).abs() <= (v + 8) * u * p + u).all())
+
+
 @pytest.mark.parametrize("v", [1, 3, 255, 257, 1000, 2049])
 @pytest.mark.parametrize("c", [1, 5, 16, 17, 37])
 @pytest.mark.parametrize("where", ["in_place", "other_memory", "strided"])
@@ -89,8 +102,8 @@ def test_column_kernels_on_more_threads_than_ci_has(threads, c):
     V 20003 is 20 blocks of 1024 rows for the unit-gradient kernel and 312 rows of 64 for the top-1
     check. A maximum in the last share and in the first, a column whose maximum ties across two shares
     (the first share's index wins), −inf in all but the last share, −inf runs; each element within
-    float32's summation bound of float64 (``test_column_kernel_and_top1_on_random_chunks``)."""
-    v, u = 20003, 2.0 ** -24
+    float32's summation bound of float64 (:func:`within_summation_bound`)."""
+    v = 20003
     gen = torch.Generator().manual_seed(threads + c)
     zt = torch.randn(v, c, generator=gen) * 4
     zt[:, 0] = torch.linspace(-5, 30, v)
@@ -107,22 +120,15 @@ def test_column_kernels_on_more_threads_than_ci_has(threads, c):
         lse, target, ok = cpu.cols_lse_target_grad(out, labels, -100, out)
     assert torch.equal(hits, zt.argmax(0) == labels) and bool(hits[:3].all())
     assert ok
-    lse_want, target_want, grad_want = reference(zt, labels)
-    p = torch.softmax(zt.double(), 0)
-    assert ((lse.double() - lse_want).abs() <= (v + 8) * u * lse_want.abs().clamp_min(1)).all()
-    assert torch.equal(target.double(), target_want)
-    assert ((out.double() - grad_want).abs() <= (v + 8) * u * p + u).all()
+    assert within_summation_bound(zt, labels, lse, target, out)
 
 
 def test_column_kernel_and_top1_on_random_chunks():
     """An adversarial sweep of both column kernels, 150 random chunks: V 1–3000, C 1–300, 1–3 threads,
     logit scales 0.1–30, runs of −inf, a whole −inf column, a NaN, a +inf, integer ties. The top-1
     check equals ``torch.argmax``; the unit-gradient kernel declines exactly the non-finite chunks and
-    is otherwise within float32's summation bound of float64: each element within
-    ``(V + 8)·u·p + u`` (``u = 2⁻²⁴``, ``p`` the float64 softmax: ``p`` comes from a float32 sum over
-    V terms, and ``1 − p`` at the label is rounded once more), ``lse`` within ``(V + 8)·u`` relative."""
+    is otherwise within float32's summation bound of float64 (:func:`within_summation_bound`)."""
     rng = random.Random(35)
-    u = 2.0 ** -24
     for trial in range(150):
         v = rng.choice([1, 2, 5, 64, 65, 255, 257, 1000, rng.randint(1, 3000)])
         c = rng.choice([1, 15, 16, 17, 33, 100, rng.randint(1, 300)])
@@ -151,11 +157,7 @@ def test_column_kernel_and_top1_on_random_chunks():
         assert ok == finite, trial
         if not ok:
             continue
-        lse_want, target_want, grad_want = reference(zt, labels)
-        p = torch.softmax(zt.double(), 0)
-        assert ((lse.double() - lse_want).abs() <= (v + 8) * u * lse_want.abs().clamp_min(1)).all(), trial
-        assert torch.equal(target.double(), target_want), trial
-        assert ((out.double() - grad_want).abs() <= (v + 8) * u * p + u).all(), trial
+        assert within_summation_bound(zt, labels, lse, target, out), trial
 
 
 @pytest.mark.parametrize("case", ["ignored", "below_zero", "past_v", "nan", "plus_inf", "all_minus_inf"])
